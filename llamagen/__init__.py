@@ -1,0 +1,33 @@
+"""llamagen: stream tokens out of llama.cpp into Python, fast and correctly."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from llamagen import _core
+from llamagen._core import Context, Model, build_info, system_info
+from llamagen.errors import (
+    ContextError, DecodeError, GrammarError, KVCacheFullError, LlamaError, ModelLoadError,
+    StaleStateError,
+)
+
+__version__ = "0.1.0"
+
+
+class Device(NamedTuple):
+    """A ggml backend device: name, description, type ("cpu", "gpu", ...), total memory in bytes."""
+    name: str
+    description: str
+    type: str
+    memory: int
+
+
+def backend_devices() -> list[Device]:
+    """The compute devices llama.cpp can use in this build."""
+    return [Device(*d[:4]) for d in _core._backend_devices()]
+
+
+__all__ = [
+    "Model", "Context", "Device", "backend_devices", "build_info", "system_info", "__version__",
+    "LlamaError", "ModelLoadError", "ContextError", "DecodeError", "KVCacheFullError",
+    "StaleStateError", "GrammarError",
+]

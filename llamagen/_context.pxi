@@ -1,0 +1,248 @@
+# Context: a llama_context (KV cache, compute buffers) over a Model.  Included by _core.pyx.
+
+from llamagen._util import physical_cores as _physical_cores
+
+cdef extern from *:
+    """
+    #include <time.h>
+    static inline long long llamagen_monotonic_us(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (long long)ts.tv_sec * 1000000LL + ts.tv_nsec / 1000;
+    }
+    """
+    long long llamagen_monotonic_us() nogil
+
+
+cdef struct AbortState:
+    int armed            # check for signals while a long call runs
+    int interrupted      # a signal handler raised: abort the running call
+    long long last_us    # last time the GIL was taken to look for signals
+
+
+cdef cbool _abort_callback(void * data) noexcept nogil:
+    """Called by ggml between graph nodes.  While armed, look for a pending Ctrl-C every 50 ms."""
+    cdef AbortState * st = <AbortState *> data
+    cdef long long now
+    if not st.armed:
+        return False
+    if st.interrupted:
+        return True
+    now = llamagen_monotonic_us()
+    if now - st.last_us < 50000:
+        return False
+    st.last_us = now
+    with gil:
+        if PyErr_CheckSignals() != 0:
+            st.interrupted = 1   # the exception stays set; the caller re-raises it
+    return st.interrupted != 0
+
+
+from cpython.exc cimport PyErr_CheckSignals
+
+
+cdef class Context:
+    """A llama.cpp context over a Model: the KV cache and compute state for generation.
+
+    ``Context(model, *, n_ctx=2048, n_batch=512, n_ubatch=512, n_seq_max=1, n_threads=None,
+    n_threads_batch=None, flash_attn=None, kv_unified=False)``.  ``n_ctx=0`` takes the model's
+    training context; ``n_threads=None`` uses the machine's physical cores.  Read the values
+    llama.cpp actually uses back from the properties.  One lock per context serializes every
+    call into it; creation releases the GIL.
+    """
+    cdef llama.llama_context * _ctx
+    cdef readonly Model model
+    cdef const llama.llama_vocab * _vocab
+    cdef int32_t _n_vocab
+    cdef PyThread_type_lock _lock
+    cdef AbortState _abort
+    cdef uint64_t _epoch          # bumped by every gen_begin: older states become stale
+    cdef bint _closed
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self._ctx = NULL
+        self._lock = PyThread_allocate_lock()
+        if self._lock == NULL:
+            raise MemoryError()
+        memset(&self._abort, 0, sizeof(AbortState))
+        self._epoch = 0
+        self._closed = False
+
+    def __init__(self, Model model not None, *, n_ctx=2048, n_batch=512, n_ubatch=512,
+                 n_seq_max=1, n_threads=None, n_threads_batch=None, flash_attn=None,
+                 bint kv_unified=False, bint offload_kqv=True, bint swa_full=True):
+        cdef llama.llama_context_params params = llama.llama_context_default_params()
+        cdef llama.llama_context * c
+        if self._ctx != NULL:
+            raise LlamaError("Context is already initialised")
+        model._check()
+        n_ctx = _check_int("n_ctx", n_ctx, 0, 1 << 24, "0 (the model's training context) or more")
+        n_batch = _check_int("n_batch", n_batch, 1, 1 << 20, "at least 1")
+        n_ubatch = _check_int("n_ubatch", n_ubatch, 1, 1 << 20, "at least 1")
+        max_seq = llama.llama_max_parallel_sequences()
+        n_seq_max = _check_int("n_seq_max", n_seq_max, 1, max_seq, f"between 1 and {max_seq}")
+        if n_threads is None:
+            n_threads = _physical_cores()
+        n_threads = _check_int("n_threads", n_threads, 1, 4096, "at least 1 (or None)")
+        if n_threads_batch is None:
+            n_threads_batch = n_threads
+        n_threads_batch = _check_int("n_threads_batch", n_threads_batch, 1, 4096, "at least 1 (or None)")
+        if n_ctx and n_ctx < n_seq_max:
+            raise ValueError(f"n_ctx ({n_ctx}) must be at least n_seq_max ({n_seq_max})")
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_ubatch, n_batch)
+        params.n_seq_max = n_seq_max
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads_batch
+        if flash_attn is None:
+            params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_AUTO
+        elif flash_attn is True or flash_attn is False:
+            params.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                      else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        else:
+            raise ValueError(f"flash_attn must be None (auto), True or False, got {flash_attn!r}")
+        params.kv_unified = kv_unified
+        params.offload_kqv = offload_kqv
+        params.swa_full = swa_full
+        params.no_perf = True
+        params.abort_callback = _abort_callback
+        params.abort_callback_data = &self._abort
+        _refresh_log_levels()
+        _take_errors()
+        with nogil:
+            c = llama.llama_init_from_model(model._model, params)
+        if c == NULL:
+            raise ContextError(f"could not create the context: {_take_errors() or 'out of memory?'}")
+        self._ctx = c
+        self.model = model
+        model._users += 1
+        self._vocab = model._vocab
+        self._n_vocab = model.n_vocab
+
+    def __dealloc__(self):
+        if self._ctx != NULL:
+            llama.llama_free(self._ctx)
+            self._ctx = NULL
+            if self.model is not None:
+                self.model._release_user()
+        if self._lock != NULL:
+            PyThread_free_lock(self._lock)
+            self._lock = NULL
+
+    # -- locking -----------------------------------------------------------------------------
+
+    cdef int _acquire(self) except -1:
+        """Take this context's lock (waiting without the GIL) and check that it is open."""
+        if not PyThread_acquire_lock(self._lock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self._lock, WAIT_LOCK)
+        if self._ctx == NULL:
+            PyThread_release_lock(self._lock)
+            raise LlamaError("the context is closed")
+        return 0
+
+    cdef inline void _release(self) noexcept:
+        PyThread_release_lock(self._lock)
+
+    cdef int _check(self) except -1:
+        if self._ctx == NULL:
+            raise LlamaError("the context is closed")
+        return 0
+
+    def close(self):
+        """Free the context (and let its Model go).  Idempotent; waits for a running step."""
+        if self._ctx == NULL:
+            return
+        self._acquire()
+        try:
+            llama.llama_free(self._ctx)
+            self._ctx = NULL
+            self._epoch += 1
+            self.model._release_user()
+        finally:
+            self._release()
+
+    @property
+    def closed(self):
+        return self._ctx == NULL
+
+    def __enter__(self):
+        self._check()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        if self._ctx == NULL:
+            return "<llamagen.Context closed>"
+        return f"<llamagen.Context n_ctx={self.n_ctx} n_batch={self.n_batch} n_seq_max={self.n_seq_max}>"
+
+    # -- values llama.cpp actually uses ------------------------------------------------------
+
+    @property
+    def n_ctx(self):
+        self._check()
+        return llama.llama_n_ctx(self._ctx)
+
+    @property
+    def n_ctx_seq(self):
+        """Context length available to one sequence (n_ctx / n_seq_max unless kv_unified)."""
+        self._check()
+        return llama.llama_n_ctx_seq(self._ctx)
+
+    @property
+    def n_batch(self):
+        self._check()
+        return llama.llama_n_batch(self._ctx)
+
+    @property
+    def n_ubatch(self):
+        self._check()
+        return llama.llama_n_ubatch(self._ctx)
+
+    @property
+    def n_seq_max(self):
+        self._check()
+        return llama.llama_n_seq_max(self._ctx)
+
+    @property
+    def n_threads(self):
+        self._check()
+        return llama.llama_n_threads(self._ctx)
+
+    @property
+    def n_threads_batch(self):
+        self._check()
+        return llama.llama_n_threads_batch(self._ctx)
+
+    def set_n_threads(self, int n_threads, n_threads_batch=None):
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be at least 1, got {n_threads}")
+        nb = n_threads if n_threads_batch is None else int(n_threads_batch)
+        if nb < 1:
+            raise ValueError(f"n_threads_batch must be at least 1, got {nb}")
+        self._acquire()
+        try:
+            llama.llama_set_n_threads(self._ctx, n_threads, nb)
+        finally:
+            self._release()
+
+    def clear(self):
+        """Empty the KV cache (every sequence).  Any running generation becomes stale."""
+        self._acquire()
+        try:
+            llama.llama_memory_clear(llama.llama_get_memory(self._ctx), True)
+            self._epoch += 1
+        finally:
+            self._release()
+
+
+def _check_int(str name, value, long long lo, long long hi, str expect):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo or value > hi:
+        raise ValueError(f"{name} must be {expect}, got {value}")
+    return value

@@ -1,0 +1,27 @@
+# The one place where llama.cpp return codes become Python exceptions.  Included by _core.pyx.
+
+cdef int check_decode(int32_t rc, const char * what) except -1:
+    """Map a llama_decode return code to an exception (0 is success)."""
+    if rc == 0:
+        return 0
+    where = what.decode()
+    if rc == 1:
+        raise KVCacheFullError(rc, f"{where}: no room in the KV cache for the batch")
+    if rc == 2:
+        # aborted by our abort callback: a pending signal (Ctrl-C) explains why
+        raise KeyboardInterrupt(f"{where}: interrupted")
+    if rc == -1:
+        raise DecodeError(rc, f"{where}: invalid batch ({_take_errors() or 'rejected by llama.cpp'})")
+    raise DecodeError(rc, f"{where}: llama.cpp failed ({_take_errors() or 'allocation or compute error'})")
+
+
+cdef int check_ok(bint ok, what) except -1:
+    if not ok:
+        raise LlamaError(f"{what} failed: {_take_errors() or 'llama.cpp gave no reason'}")
+    return 0
+
+
+cdef inline int check_token(llama.llama_token tok, int32_t n_vocab) except -1:
+    if tok < 0 or tok >= n_vocab:
+        raise ValueError(f"token id {tok} is outside the vocabulary [0, {n_vocab})")
+    return 0

@@ -1,0 +1,315 @@
+# Model: a loaded GGUF file and its vocabulary.  Included by _core.pyx.
+
+cdef inline int32_t _meta_get(const llama.llama_model * model, int32_t i, bint key,
+                              vector[char] & buf) noexcept:
+    if key:
+        return llama.llama_model_meta_key_by_index(model, i, buf.data(), buf.size())
+    return llama.llama_model_meta_val_str_by_index(model, i, buf.data(), buf.size())
+
+
+cdef str _meta_string(const llama.llama_model * model, int32_t i, bint key):
+    cdef vector[char] buf
+    cdef int32_t n
+    buf.resize(256)
+    n = _meta_get(model, i, key, buf)
+    if n < 0:
+        return None
+    if <size_t>n >= buf.size():
+        buf.resize(n + 1)
+        n = _meta_get(model, i, key, buf)
+    return buf.data()[:n].decode("utf-8", "replace")
+
+
+cdef class Model:
+    """A GGUF model loaded with llama.cpp.
+
+    ``Model(path, *, n_gpu_layers=0, use_mmap=True, use_mlock=False, vocab_only=False,
+    check_tensors=False, main_gpu=0)``.  Loading releases the GIL.  ``close()`` is idempotent;
+    while a Context still uses the model the memory is kept until the last one closes.
+    """
+    cdef llama.llama_model * _model
+    cdef const llama.llama_vocab * _vocab
+    cdef readonly object path
+    cdef readonly int32_t n_vocab
+    cdef int _users          # open Contexts using this model
+    cdef bint _closed        # close() was called
+    cdef object _metadata
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self._model = NULL
+        self._vocab = NULL
+        self._users = 0
+        self._closed = False
+
+    def __init__(self, path, *, int n_gpu_layers=0, bint use_mmap=True, bint use_mlock=False,
+                 bint vocab_only=False, bint check_tensors=False, int main_gpu=0):
+        cdef llama.llama_model_params params = llama.llama_model_default_params()
+        cdef bytes bpath
+        cdef const char * cpath
+        cdef llama.llama_model * m
+        if self._model != NULL:
+            raise LlamaError("Model is already initialised")
+        path = _os.fspath(path)
+        self.path = path
+        if isinstance(path, bytes):
+            bpath = path
+        else:
+            bpath = _os.fsencode(path)
+        if not _os.path.exists(bpath):
+            raise FileNotFoundError(2, "model file not found", path)
+        if _os.path.isdir(bpath):
+            raise ModelLoadError(path, "is a directory, not a GGUF file")
+        if _os.path.getsize(bpath) == 0:
+            raise ModelLoadError(path, "the file is empty")
+        if main_gpu < 0:
+            raise ValueError(f"main_gpu must be >= 0, got {main_gpu}")
+        params.n_gpu_layers = n_gpu_layers
+        params.main_gpu = main_gpu
+        params.vocab_only = vocab_only
+        params.check_tensors = check_tensors
+        if use_mmap and use_mlock:
+            params.load_mode = llama.LLAMA_LOAD_MODE_MMAP_MLOCK
+        elif use_mmap:
+            params.load_mode = llama.LLAMA_LOAD_MODE_MMAP
+        elif use_mlock:
+            params.load_mode = llama.LLAMA_LOAD_MODE_MLOCK
+        else:
+            params.load_mode = llama.LLAMA_LOAD_MODE_NONE
+        _refresh_log_levels()
+        _take_errors()
+        cpath = bpath
+        with nogil:
+            m = llama.llama_model_load_from_file(cpath, params)
+        if m == NULL:
+            raise ModelLoadError(path, _take_errors() or "llama.cpp could not read it")
+        self._model = m
+        self._vocab = llama.llama_model_get_vocab(m)
+        self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
+
+    def __dealloc__(self):
+        if self._model != NULL:
+            llama.llama_model_free(self._model)
+            self._model = NULL
+
+    cdef int _check(self) except -1:
+        if self._closed or self._model == NULL:
+            raise LlamaError("the model is closed")
+        return 0
+
+    cdef void _release_user(self) noexcept:
+        """A Context stopped using this model; free it if close() was called meanwhile."""
+        self._users -= 1
+        if self._users <= 0 and self._closed and self._model != NULL:
+            llama.llama_model_free(self._model)
+            self._model = NULL
+
+    def close(self):
+        """Free the model (deferred while a Context still uses it).  Idempotent."""
+        self._closed = True
+        if self._users <= 0 and self._model != NULL:
+            llama.llama_model_free(self._model)
+            self._model = NULL
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def __enter__(self):
+        self._check()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self._closed else f"n_vocab={self.n_vocab}"
+        return f"<llamagen.Model {self.path!r} {state}>"
+
+    # -- description -------------------------------------------------------------------------
+
+    @property
+    def n_ctx_train(self):
+        self._check()
+        return llama.llama_model_n_ctx_train(self._model)
+
+    @property
+    def n_embd(self):
+        self._check()
+        return llama.llama_model_n_embd(self._model)
+
+    @property
+    def n_layer(self):
+        self._check()
+        return llama.llama_model_n_layer(self._model)
+
+    @property
+    def n_params(self):
+        self._check()
+        return llama.llama_model_n_params(self._model)
+
+    @property
+    def size(self):
+        """Bytes of all the model's tensors."""
+        self._check()
+        return llama.llama_model_size(self._model)
+
+    @property
+    def description(self):
+        cdef char buf[512]
+        self._check()
+        n = llama.llama_model_desc(self._model, buf, sizeof(buf))
+        return buf[:max(0, min(n, <int>sizeof(buf) - 1))].decode("utf-8", "replace")
+
+    @property
+    def architecture(self):
+        return self.metadata.get("general.architecture")
+
+    @property
+    def metadata(self):
+        """Every GGUF key -> value, as strings (arrays are summarised by llama.cpp)."""
+        cdef int32_t i, n
+        self._check()
+        if self._metadata is None:
+            n = llama.llama_model_meta_count(self._model)
+            meta = {}
+            for i in range(n):
+                key = _meta_string(self._model, i, True)
+                if key is not None:
+                    meta[key] = _meta_string(self._model, i, False)
+            self._metadata = meta
+        return dict(self._metadata)
+
+    @property
+    def chat_template(self):
+        cdef const char * t
+        self._check()
+        t = llama.llama_model_chat_template(self._model, NULL)
+        return None if t == NULL else t.decode("utf-8", "replace")
+
+    # -- vocabulary --------------------------------------------------------------------------
+
+    @property
+    def bos(self):
+        """The beginning-of-sequence token id, or None when the model has none."""
+        self._check()
+        t = llama.llama_vocab_bos(self._vocab)
+        return None if t == llama.LLAMA_TOKEN_NULL else t
+
+    @property
+    def eos(self):
+        """The end-of-sequence token id, or None when the model has none."""
+        self._check()
+        t = llama.llama_vocab_eos(self._vocab)
+        return None if t == llama.LLAMA_TOKEN_NULL else t
+
+    @property
+    def eot(self):
+        self._check()
+        t = llama.llama_vocab_eot(self._vocab)
+        return None if t == llama.LLAMA_TOKEN_NULL else t
+
+    @property
+    def add_bos(self):
+        self._check()
+        return bool(llama.llama_vocab_get_add_bos(self._vocab))
+
+    def is_eog(self, llama.llama_token token):
+        """True when ``token`` ends generation (EOS, EOT, ...)."""
+        self._check()
+        check_token(token, self.n_vocab)
+        return bool(llama.llama_vocab_is_eog(self._vocab, token))
+
+    def is_control(self, llama.llama_token token):
+        self._check()
+        check_token(token, self.n_vocab)
+        return bool(llama.llama_vocab_is_control(self._vocab, token))
+
+    def token_text(self, llama.llama_token token):
+        """The vocabulary entry of ``token`` as stored in the model (not detokenized)."""
+        self._check()
+        check_token(token, self.n_vocab)
+        return llama.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace")
+
+    def tokenize(self, text, *, bint add_special=True, bint parse_special=False):
+        """Text (str or UTF-8 bytes) -> list of token ids."""
+        self._check()
+        return _tokenize(self._vocab, text, add_special, parse_special)
+
+    def detokenize(self, tokens, *, bint remove_special=False, bint unparse_special=False):
+        """Token ids -> str (bytes that do not form valid UTF-8 become U+FFFD)."""
+        cdef vector[llama.llama_token] toks
+        cdef vector[char] buf
+        cdef int32_t n, n_tok
+        self._check()
+        _fill_tokens(toks, tokens, self.n_vocab)
+        if toks.size() == 0:
+            return ""
+        if toks.size() > <size_t>INT32_MAX:
+            raise ValueError("too many tokens")
+        n_tok = <int32_t>toks.size()
+        buf.resize(n_tok * 8 + 16)
+        with nogil:
+            n = llama.llama_detokenize(self._vocab, toks.data(), n_tok, buf.data(),
+                                       <int32_t>buf.size(), remove_special, unparse_special)
+            if n < 0 and n != INT32_MIN:
+                buf.resize(-n)
+                n = llama.llama_detokenize(self._vocab, toks.data(), n_tok, buf.data(),
+                                           <int32_t>buf.size(), remove_special, unparse_special)
+        if n < 0:
+            raise LlamaError("detokenize failed: output too large")
+        return buf.data()[:n].decode("utf-8", "replace")
+
+    def token_to_piece(self, llama.llama_token token, *, bint special=False):
+        """The bytes one token renders to (may be part of a multi-byte UTF-8 character)."""
+        cdef char buf[256]
+        cdef int32_t n
+        cdef vector[char] big
+        self._check()
+        check_token(token, self.n_vocab)
+        n = llama.llama_token_to_piece(self._vocab, token, buf, sizeof(buf), 0, special)
+        if n >= 0:
+            return buf[:n]
+        big.resize(-n)
+        n = llama.llama_token_to_piece(self._vocab, token, big.data(), <int32_t>big.size(), 0, special)
+        return big.data()[:max(n, 0)]
+
+
+cdef int _fill_tokens(vector[llama.llama_token] & out, tokens, int32_t n_vocab) except -1:
+    """Copy a Python sequence of token ids into ``out``, checking each id."""
+    cdef llama.llama_token t
+    out.reserve(len(tokens))
+    for x in tokens:
+        t = x
+        check_token(t, n_vocab)
+        out.push_back(t)
+    return 0
+
+
+cdef list _tokenize(const llama.llama_vocab * vocab, text, bint add_special, bint parse_special):
+    cdef bytes b
+    cdef const char * p
+    cdef int32_t n, n_max
+    cdef Py_ssize_t length
+    cdef vector[llama.llama_token] out
+    if isinstance(text, str):
+        b = (<str>text).encode("utf-8")
+    elif isinstance(text, (bytes, bytearray, memoryview)):
+        b = bytes(text)
+    else:
+        raise TypeError(f"text must be str or bytes, not {type(text).__name__}")
+    length = len(b)
+    if length > INT32_MAX - 16:
+        raise ValueError("text is too long to tokenize (over 2 GiB)")
+    p = PyBytes_AS_STRING(b)
+    n_max = <int32_t>length + 8
+    out.resize(n_max)
+    with nogil:
+        n = llama.llama_tokenize(vocab, p, <int32_t>length, out.data(), n_max, add_special, parse_special)
+        if n < 0 and n != INT32_MIN:
+            out.resize(-n)
+            n = llama.llama_tokenize(vocab, p, <int32_t>length, out.data(), -n, add_special, parse_special)
+    if n < 0:
+        raise LlamaError("tokenize failed: too many tokens")
+    out.resize(n)
+    return out

@@ -1,0 +1,41 @@
+"""Exceptions raised by llamagen."""
+
+
+class LlamaError(Exception):
+    """Base class of every error llamagen raises about llama.cpp or its use."""
+
+
+class ModelLoadError(LlamaError, ValueError):
+    """A model file could not be loaded (not GGUF, truncated, unsupported architecture, ...)."""
+
+    def __init__(self, path, reason=""):
+        self.path = path
+        self.reason = reason
+        msg = f"could not load model {path!r}"
+        if reason:
+            msg += f": {reason}"
+        super().__init__(msg)
+
+
+class ContextError(LlamaError):
+    """A context could not be created, or was used in a way llama.cpp rejects."""
+
+
+class DecodeError(LlamaError):
+    """llama_decode failed; ``code`` is llama.cpp's return code."""
+
+    def __init__(self, code, message):
+        self.code = code
+        super().__init__(f"{message} (llama_decode returned {code})")
+
+
+class KVCacheFullError(DecodeError):
+    """No room left in the KV cache for the batch (llama_decode returned 1)."""
+
+
+class StaleStateError(LlamaError):
+    """A GenerationState was used after a newer generation started on its context, or after close."""
+
+
+class GrammarError(LlamaError, ValueError):
+    """A GBNF grammar did not parse."""
