@@ -4,7 +4,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from llamagen import _core
-from llamagen._core import Context, Model, build_info, system_info
+from llamagen._core import Context, GenerationState, Model, build_info, system_info
+from llamagen.generation import gen_begin, gen_end, gen_next, generate
+from llamagen.sampling import SamplingParams
 from llamagen.errors import (
     ContextError, DecodeError, GrammarError, KVCacheFullError, LlamaError, ModelLoadError,
     StaleStateError,
@@ -27,7 +29,8 @@ def backend_devices() -> list[Device]:
 
 
 __all__ = [
-    "Model", "Context", "Device", "backend_devices", "build_info", "system_info", "__version__",
+    "Model", "Context", "GenerationState", "SamplingParams", "gen_begin", "gen_next", "gen_end",
+    "generate", "Device", "backend_devices", "build_info", "system_info", "__version__",
     "LlamaError", "ModelLoadError", "ContextError", "DecodeError", "KVCacheFullError",
     "StaleStateError", "GrammarError",
 ]

@@ -44,8 +44,8 @@ include "_log.pxi"
 include "_errors.pxi"
 include "_model.pxi"
 include "_context.pxi"
-# include "_sampling.pxi"
-# include "_generation.pxi"
+include "_sampling.pxi"
+include "_generation.pxi"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,486 @@
+# GenerationState: begin / next / end streaming over one context.  Included by _core.pyx.
+#
+# Each step runs in one nogil block: decode the previous token, sample (chain, then the grammar
+# check), accept, end-of-generation check, token -> piece, UTF-8 hold-back, stop-string hold-back.
+# Nothing in a step grows with the length of the output: only the held-back bytes (at most a
+# partial character plus the longest stop string) are looked at again.
+
+from libc.math cimport INFINITY
+
+cdef enum:
+    FINISH_NONE = 0
+    FINISH_STOP = 1
+    FINISH_LENGTH = 2
+
+_FINISH_NAMES = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length"}
+
+
+cdef inline int _utf8_len(unsigned char c) noexcept nogil:
+    if c < 0x80:
+        return 1
+    if 0xC2 <= c <= 0xDF:
+        return 2
+    if 0xE0 <= c <= 0xEF:
+        return 3
+    if 0xF0 <= c <= 0xF4:
+        return 4
+    return 0     # continuation byte or invalid lead
+
+
+cdef inline bint _utf8_cont_ok(unsigned char lead, Py_ssize_t k, unsigned char c) noexcept nogil:
+    """Is ``c`` valid as the k-th byte (k >= 1) of a sequence starting with ``lead``?"""
+    if k == 1:
+        if lead == 0xE0:
+            return 0xA0 <= c <= 0xBF
+        if lead == 0xED:
+            return 0x80 <= c <= 0x9F
+        if lead == 0xF0:
+            return 0x90 <= c <= 0xBF
+        if lead == 0xF4:
+            return 0x80 <= c <= 0x8F
+    return 0x80 <= c <= 0xBF
+
+
+cdef size_t _utf8_take(string & raw, string & out, bint final) noexcept nogil:
+    """Move the valid UTF-8 prefix of ``raw`` to ``out``; broken sequences become U+FFFD.
+
+    An incomplete character at the end stays in ``raw`` unless ``final``.  Returns bytes consumed.
+    """
+    cdef size_t i = 0, n = raw.size(), k
+    cdef int need
+    cdef unsigned char c
+    cdef bint ok
+    while i < n:
+        c = <unsigned char> raw[i]
+        need = _utf8_len(c)
+        if need == 1:
+            out.push_back(<char> c)
+            i += 1
+            continue
+        if need == 0:
+            out.append(b"\xef\xbf\xbd")
+            i += 1
+            continue
+        ok = True
+        k = 1
+        while k < <size_t> need and i + k < n:
+            if not _utf8_cont_ok(c, k, <unsigned char> raw[i + k]):
+                ok = False
+                break
+            k += 1
+        if not ok:
+            out.append(b"\xef\xbf\xbd")    # the lead byte and what followed it so far
+            i += k
+            continue
+        if k < <size_t> need:               # ran out of bytes: the character may still complete
+            if not final:
+                break
+            out.append(b"\xef\xbf\xbd")
+            i = n
+            break
+        out.append(raw, i, need)
+        i += need
+    raw.erase(0, i)
+    return i
+
+
+cdef class GenerationState:
+    """One streaming generation over a Context: ``for chunk in state`` or gen_next(state).
+
+    Created by :func:`gen_begin`.  Each ``__next__`` does one decode + sample step without the
+    GIL and returns the new text (valid UTF-8; may be empty while bytes are held back).  The
+    step that finishes also flushes what was held back; ``end()`` flushes the rest after an early
+    stop and frees the sampler.  A newer gen_begin on the same context makes this state stale.
+    """
+    cdef Context _context
+    cdef uint64_t _epoch
+    cdef llama.llama_context * _lctx
+    cdef const llama.llama_vocab * _vocab
+    cdef llama.llama_sampler * _chain
+    cdef llama.llama_sampler * _grammar
+    cdef vector[llama.llama_token_data] _cand
+    cdef vector[llama.llama_token] _tokens
+    cdef llama.llama_token _pending        # sampled, emitted, not yet decoded (-1: none)
+    cdef int32_t _n_vocab
+    cdef int32_t _n_past                   # tokens in the KV cache
+    cdef int32_t _n_ctx
+    cdef int32_t _max_new
+    cdef readonly int n_prompt_tokens
+    cdef bint _ignore_eos
+    cdef int _finish
+    cdef bint _ended
+    cdef string _raw                       # bytes of an unfinished UTF-8 character
+    cdef string _text                      # valid UTF-8 held back: could start a stop string
+    cdef string _out                       # the chunk being produced by the current step
+    cdef vector[string] _stops
+    cdef int32_t _rc                       # llama_decode's code when a step failed
+    cdef int64_t _t_prefill_us
+    cdef int64_t _t_gen_us
+    cdef readonly object params
+    cdef readonly object seed
+
+    def __cinit__(self):
+        self._chain = NULL
+        self._grammar = NULL
+        self._lctx = NULL
+        self._pending = -1
+        self._finish = FINISH_NONE
+        self._ended = False
+
+    def __init__(self):
+        raise TypeError("use llamagen.gen_begin(ctx, prompt, ...) to start a generation")
+
+    def __dealloc__(self):
+        self._free_samplers()
+
+    cdef void _free_samplers(self) noexcept:
+        if self._chain != NULL:
+            llama.llama_sampler_free(self._chain)
+            self._chain = NULL
+        if self._grammar != NULL:
+            llama.llama_sampler_free(self._grammar)
+            self._grammar = NULL
+
+    # -- the step (no GIL) -------------------------------------------------------------------
+
+    cdef llama.llama_token _sample(self) noexcept nogil:
+        cdef const float * logits = llama.llama_get_logits_ith(self._lctx, -1)
+        cdef llama.llama_token_data * cand = self._cand.data()
+        cdef llama.llama_token_data_array arr
+        cdef llama.llama_token_data single
+        cdef llama.llama_token_data_array one
+        cdef llama.llama_token tok
+        cdef int32_t i
+        for i in range(self._n_vocab):
+            cand[i].id = i
+            cand[i].logit = logits[i]
+            cand[i].p = 0.0
+        arr.data = cand
+        arr.size = self._n_vocab
+        arr.selected = -1
+        arr.sorted = False
+        llama.llama_sampler_apply(self._chain, &arr)
+        tok = arr.data[arr.selected].id
+        if self._grammar != NULL:
+            # grammar-based rejection sampling, as llama.cpp's common sampler does it
+            single.id = tok
+            single.logit = 1.0
+            single.p = 0.0
+            one.data = &single
+            one.size = 1
+            one.selected = -1
+            one.sorted = False
+            llama.llama_sampler_apply(self._grammar, &one)
+            if single.logit == -INFINITY:
+                for i in range(self._n_vocab):
+                    cand[i].id = i
+                    cand[i].logit = logits[i]
+                    cand[i].p = 0.0
+                arr.data = cand
+                arr.size = self._n_vocab
+                arr.selected = -1
+                arr.sorted = False
+                llama.llama_sampler_apply(self._grammar, &arr)
+                llama.llama_sampler_apply(self._chain, &arr)
+                tok = arr.data[arr.selected].id
+            llama.llama_sampler_accept(self._grammar, tok)
+        llama.llama_sampler_accept(self._chain, tok)
+        return tok
+
+    cdef void _flush(self) noexcept nogil:
+        """Move everything held back into the output (the generation is over)."""
+        _utf8_take(self._raw, self._text, True)
+        self._out.append(self._text)
+        self._text.clear()
+
+    cdef void _emit(self) noexcept nogil:
+        """Move held text to the output, except what could still begin a stop string."""
+        cdef size_t best = <size_t> -1, pos, j, keep = 0, L, n
+        cdef size_t s
+        _utf8_take(self._raw, self._text, False)
+        if self._stops.size() == 0:
+            self._out.append(self._text)
+            self._text.clear()
+            return
+        for s in range(self._stops.size()):
+            pos = self._text.find(self._stops[s])
+            if pos != <size_t> -1 and pos < best:
+                best = pos
+        if best != <size_t> -1:
+            self._out.append(self._text, 0, best)
+            self._text.clear()
+            self._raw.clear()
+            self._finish = FINISH_STOP
+            return
+        # longest suffix of _text that is a proper prefix of some stop string
+        n = self._text.size()
+        for s in range(self._stops.size()):
+            L = self._stops[s].size()
+            j = L - 1 if L - 1 < n else n
+            while j > keep:
+                if self._text.compare(n - j, j, self._stops[s], 0, j) == 0:
+                    keep = j
+                    break
+                j -= 1
+        self._out.append(self._text, 0, n - keep)
+        self._text.erase(0, n - keep)
+
+    cdef int _step(self) noexcept nogil:
+        """One token.  Returns 0, or llama_decode's non-zero code (the state then stops)."""
+        cdef llama.llama_token tok
+        cdef int32_t rc
+        cdef char buf[128]
+        cdef int32_t n
+        cdef vector[char] big
+        cdef int64_t t0 = llama.llama_time_us()
+        self._out.clear()
+        if self._pending >= 0:
+            rc = llama.llama_decode(self._lctx, llama.llama_batch_get_one(&self._pending, 1))
+            if rc != 0:
+                self._rc = rc
+                self._finish = FINISH_LENGTH if rc == 1 else FINISH_STOP
+                self._flush()
+                self._t_gen_us += llama.llama_time_us() - t0
+                return rc
+            self._n_past += 1
+            self._pending = -1
+        tok = self._sample()
+        self._tokens.push_back(tok)
+        if not self._ignore_eos and llama.llama_vocab_is_eog(self._vocab, tok):
+            self._finish = FINISH_STOP
+            self._flush()
+        else:
+            n = llama.llama_token_to_piece(self._vocab, tok, buf, sizeof(buf), 0, False)
+            if n >= 0:
+                self._raw.append(buf, n)
+            else:
+                big.resize(-n)
+                n = llama.llama_token_to_piece(self._vocab, tok, big.data(), <int32_t> big.size(), 0, False)
+                if n > 0:
+                    self._raw.append(big.data(), n)
+            self._emit()
+            if self._finish == FINISH_NONE:
+                if <int32_t> self._tokens.size() >= self._max_new or self._n_past >= self._n_ctx:
+                    # out of budget, or no cell left to decode this token into
+                    self._finish = FINISH_LENGTH
+                    self._flush()
+                else:
+                    self._pending = tok
+        self._t_gen_us += llama.llama_time_us() - t0
+        return 0
+
+    # -- Python API --------------------------------------------------------------------------
+
+    cdef int _enter(self) except -1:
+        """Lock the context and check that this state may step.  Returns 1 if finished."""
+        self._context._acquire()
+        if self._finish != FINISH_NONE or self._ended:
+            self._context._release()
+            return 1
+        if self._epoch != self._context._epoch:
+            self._context._release()
+            raise StaleStateError(
+                "this generation is no longer active: a newer gen_begin (or clear/close) on its "
+                "context replaced it")
+        return 0
+
+    cdef object _next_chunk(self):
+        """The next chunk as str, or None when the generation is over."""
+        cdef int rc
+        if self._enter():
+            return None
+        try:
+            with nogil:
+                rc = self._step()
+        finally:
+            self._context._release()
+        if rc != 0:
+            check_decode(rc, b"generation step")
+        return PyUnicode_DecodeUTF8(self._out.data(), <Py_ssize_t> self._out.size(), NULL)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        chunk = self._next_chunk()
+        if chunk is None:
+            raise StopIteration
+        return chunk
+
+    def next(self):
+        """The next chunk (str), or None once the generation has finished."""
+        return self._next_chunk()
+
+    cdef _run_all(self):
+        """Run to the end without the GIL (used by generate()); returns the whole text."""
+        cdef string acc
+        cdef int rc = 0
+        if self._enter():
+            return ""
+        self._context._abort.armed = 1
+        self._context._abort.interrupted = 0
+        try:
+            with nogil:
+                while self._finish == FINISH_NONE:
+                    rc = self._step()
+                    acc.append(self._out)
+                    if rc != 0 or self._context._abort.interrupted:
+                        break
+        finally:
+            self._context._abort.armed = 0
+            self._context._release()
+        if self._context._abort.interrupted:
+            self._context._abort.interrupted = 0
+            raise KeyboardInterrupt
+        if rc != 0:
+            check_decode(rc, b"generation")
+        return PyUnicode_DecodeUTF8(acc.data(), <Py_ssize_t> acc.size(), NULL)
+
+    def end(self):
+        """Finish: flush held-back text (returned as str) and free the sampler.  Idempotent."""
+        if self._ended:
+            return ""
+        self._ended = True
+        self._flush()
+        self._free_samplers()
+        return PyUnicode_DecodeUTF8(self._out.data(), <Py_ssize_t> self._out.size(), NULL)
+
+    def close(self):
+        self.end()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.end()
+
+    # -- introspection -----------------------------------------------------------------------
+
+    @property
+    def tokens(self):
+        """Generated token ids so far."""
+        return list(self._tokens)
+
+    @property
+    def n_tokens(self):
+        return self._tokens.size()
+
+    @property
+    def finish_reason(self):
+        """"stop" (end of generation or stop string), "length" (max_new_tokens or context full)
+        or None while running."""
+        return _FINISH_NAMES[self._finish]
+
+    @property
+    def finished(self):
+        return self._finish != FINISH_NONE or self._ended
+
+    @property
+    def timings(self):
+        """prefill_ms, decode_ms (all steps: decode + sampling), n_tokens, tokens_per_second."""
+        n = self._tokens.size()
+        gen_s = self._t_gen_us / 1e6
+        return {
+            "prefill_ms": self._t_prefill_us / 1e3,
+            "decode_ms": self._t_gen_us / 1e3,
+            "n_prompt_tokens": self.n_prompt_tokens,
+            "n_tokens": n,
+            "prefill_tokens_per_second": (self.n_prompt_tokens / (self._t_prefill_us / 1e6)
+                                          if self._t_prefill_us > 0 else None),
+            "tokens_per_second": n / gen_s if gen_s > 0 else None,
+        }
+
+    def __repr__(self):
+        return (f"<llamagen.GenerationState tokens={self._tokens.size()} "
+                f"finish_reason={self.finish_reason!r}>")
+
+
+cdef int _prefill(Context ctx, vector[llama.llama_token] & toks) except -1:
+    """Clear the KV cache and decode the prompt in n_batch chunks (GIL released, Ctrl-C aware)."""
+    cdef int32_t n_batch = llama.llama_n_batch(ctx._ctx)
+    cdef int32_t i = 0, n, total = <int32_t> toks.size(), rc = 0
+    ctx._abort.armed = 1
+    ctx._abort.interrupted = 0
+    ctx._abort.last_us = llamagen_monotonic_us()
+    try:
+        with nogil:
+            llama.llama_memory_clear(llama.llama_get_memory(ctx._ctx), True)
+            while i < total:
+                n = total - i
+                if n > n_batch:
+                    n = n_batch
+                rc = llama.llama_decode(ctx._ctx, llama.llama_batch_get_one(toks.data() + i, n))
+                if rc != 0:
+                    break
+                i += n
+    finally:
+        ctx._abort.armed = 0
+    if rc != 0 or ctx._abort.interrupted:
+        with nogil:
+            llama.llama_memory_clear(llama.llama_get_memory(ctx._ctx), True)
+        if ctx._abort.interrupted:
+            ctx._abort.interrupted = 0
+            raise KeyboardInterrupt
+        check_decode(rc, b"prompt prefill")
+    return 0
+
+
+def _gen_begin(Context ctx not None, prompt, params, bint add_special=True, bint parse_special=True):
+    """Start a generation (see llamagen.gen_begin).  ``params`` is a validated SamplingParams."""
+    cdef GenerationState st = GenerationState.__new__(GenerationState)
+    cdef vector[llama.llama_token] toks
+    cdef int64_t t0
+    cdef uint32_t seed
+    cdef int32_t n_ctx
+    if not isinstance(params, SamplingParams):
+        raise TypeError("params must be a llamagen.SamplingParams")
+    ctx._check()
+    model = ctx.model
+    if isinstance(prompt, (str, bytes)):
+        toks = _tokenize(ctx._vocab, prompt, add_special, parse_special)
+    else:
+        _fill_tokens(toks, prompt, ctx._n_vocab)
+    if toks.size() == 0:
+        raise ValueError("the prompt is empty (no tokens to condition on)")
+    n_ctx = llama.llama_n_ctx_seq(ctx._ctx)
+    if <int32_t> toks.size() >= n_ctx:
+        raise ValueError(f"the prompt has {toks.size()} tokens but the context holds {n_ctx}: "
+                         "it must leave room for at least one new token (use a larger n_ctx)")
+    seed = _draw_seed() if params.seed is None else <uint32_t> params.seed
+    st.seed = seed
+    st.params = params
+    st._chain = _build_chain(params, ctx._vocab, ctx._n_vocab, n_ctx, seed)
+    st._grammar = _build_grammar(params, ctx._vocab)
+    st._context = ctx
+    st._lctx = ctx._ctx
+    st._vocab = ctx._vocab
+    st._n_vocab = ctx._n_vocab
+    st._n_ctx = n_ctx
+    st._max_new = params.max_new_tokens
+    st._ignore_eos = params.ignore_eos
+    st.n_prompt_tokens = <int> toks.size()
+    for s in params.stop:
+        st._stops.push_back(s.encode("utf-8"))
+    st._cand.resize(ctx._n_vocab)
+    st._tokens.reserve(min(params.max_new_tokens, n_ctx))
+    ctx._acquire()
+    try:
+        ctx._epoch += 1
+        st._epoch = ctx._epoch
+        t0 = llama.llama_time_us()
+        _prefill(ctx, toks)
+        st._t_prefill_us = llama.llama_time_us() - t0
+        st._n_past = <int32_t> toks.size()
+    finally:
+        ctx._release()
+    return st
+
+
+def _generate(Context ctx not None, prompt, params, bint add_special=True, bint parse_special=True):
+    """Whole generation in one call (see llamagen.generate): text identical to the stream."""
+    cdef GenerationState st = _gen_begin(ctx, prompt, params, add_special, parse_special)
+    try:
+        text = st._run_all()
+        return text + st.end(), st
+    finally:
+        st._free_samplers()

@@ -1,0 +1,184 @@
+"""Sampling parameters: validated once, immutable, reusable across generations and sequences."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence, Tuple
+
+__all__ = ["SamplingParams", "DEFAULT_DRY_BREAKERS"]
+
+DEFAULT_DRY_BREAKERS = ("\n", ":", '"', "*")
+
+
+def _num(name, value, lo=-math.inf, hi=math.inf, *, lo_open=False, what=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+        raise ValueError(f"{name} must be {what or f'a finite number in [{lo}, {hi}]'}, got {value!r}")
+    return v
+
+
+def _int(name, value, lo=None, hi=None, what=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be {what}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Every knob of generation.  Build once (validated here), pass to gen_begin/generate/batches.
+
+    The sampler chain follows llama.cpp's own order: logit_bias -> penalties -> DRY -> top_n_sigma ->
+    top_k -> typical_p -> top_p -> min_p -> XTC -> temperature -> dist(seed).  ``mirostat`` 1 or 2
+    replaces it with temperature -> mirostat.  ``temp <= 0`` is greedy.
+    """
+    max_new_tokens: int = 256
+    temp: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.9
+    seed: Optional[int] = 42
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    grammar: Optional[str] = None
+    # beyond the R API
+    stop: Tuple[str, ...] = ()
+    logit_bias: Tuple[Tuple[int, float], ...] = ()
+    ignore_eos: bool = False
+    min_keep: int = 0
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: Tuple[str, ...] = DEFAULT_DRY_BREAKERS
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    top_n_sigma: float = -1.0
+    grammar_root: str = "root"
+
+    def __post_init__(self):
+        s = object.__setattr__
+        _int("max_new_tokens", self.max_new_tokens, 1, None, "at least 1")
+        s(self, "temp", _num("temp", self.temp, what="a finite number (<= 0 means greedy)"))
+        _int("top_k", self.top_k)
+        s(self, "top_p", _num("top_p", self.top_p, 0.0, 1.0))
+        if self.seed is not None:
+            _int("seed", self.seed, 0, 0xFFFFFFFE, "None or an int in [0, 2**32 - 2]")
+        s(self, "min_p", _num("min_p", self.min_p, 0.0, 1.0))
+        s(self, "typical_p", _num("typical_p", self.typical_p, 0.0, 1.0))
+        s(self, "repeat_penalty", _num("repeat_penalty", self.repeat_penalty, 0.0, math.inf, lo_open=True,
+                                       what="a finite number > 0 (1 = off)"))
+        _int("repeat_last_n", self.repeat_last_n, -1, None, "-1 (whole context), 0 (off) or more")
+        s(self, "frequency_penalty", _num("frequency_penalty", self.frequency_penalty,
+                                          what="a finite number (0 = off)"))
+        s(self, "presence_penalty", _num("presence_penalty", self.presence_penalty,
+                                         what="a finite number (0 = off)"))
+        if isinstance(self.mirostat, bool) or self.mirostat not in (0, 1, 2):
+            raise ValueError(f"mirostat must be 0, 1 or 2, got {self.mirostat!r}")
+        s(self, "mirostat_tau", _num("mirostat_tau", self.mirostat_tau, 0.0, math.inf))
+        s(self, "mirostat_eta", _num("mirostat_eta", self.mirostat_eta, 0.0, math.inf))
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise TypeError(f"grammar must be a GBNF string or None, got {type(self.grammar).__name__}")
+        if self.grammar is not None and not self.grammar.strip():
+            raise ValueError("grammar must not be empty (use None for no grammar)")
+        stop = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        stop = tuple(stop)
+        for x in stop:
+            if not isinstance(x, str):
+                raise TypeError(f"stop strings must be str, got {type(x).__name__}")
+            if not x:
+                raise ValueError("stop strings must not be empty")
+        s(self, "stop", stop)
+        bias = self.logit_bias
+        if bias is None:
+            bias = ()
+        items = bias.items() if isinstance(bias, Mapping) else bias
+        clean = []
+        for pair in items:
+            try:
+                tok, b = pair
+            except (TypeError, ValueError):
+                raise TypeError("logit_bias must be a dict {token id: bias}") from None
+            _int("logit_bias token", tok, 0, None, "a token id >= 0")
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or math.isnan(b) or b == math.inf:
+                raise ValueError(f"logit_bias for token {tok} must be a number or -inf, got {b!r}")
+            clean.append((tok, float(b)))
+        s(self, "logit_bias", tuple(clean))
+        s(self, "ignore_eos", bool(self.ignore_eos))
+        _int("min_keep", self.min_keep, 0, None, "0 or more")
+        s(self, "dynatemp_range", _num("dynatemp_range", self.dynatemp_range, 0.0, math.inf))
+        s(self, "dynatemp_exponent", _num("dynatemp_exponent", self.dynatemp_exponent))
+        s(self, "dry_multiplier", _num("dry_multiplier", self.dry_multiplier, 0.0, math.inf))
+        s(self, "dry_base", _num("dry_base", self.dry_base, 1.0, math.inf, what="a finite number >= 1"))
+        _int("dry_allowed_length", self.dry_allowed_length, 0, None, "0 or more")
+        _int("dry_penalty_last_n", self.dry_penalty_last_n, -1, None, "-1 (whole context), 0 (off) or more")
+        br = self.dry_sequence_breakers
+        br = (br,) if isinstance(br, str) else tuple(br or ())
+        for x in br:
+            if not isinstance(x, str) or not x:
+                raise ValueError("dry_sequence_breakers must be non-empty strings")
+        s(self, "dry_sequence_breakers", br)
+        s(self, "xtc_probability", _num("xtc_probability", self.xtc_probability, 0.0, 1.0))
+        s(self, "xtc_threshold", _num("xtc_threshold", self.xtc_threshold, 0.0, 1.0))
+        s(self, "top_n_sigma", _num("top_n_sigma", self.top_n_sigma, what="a finite number (<= 0 = off)"))
+        if not isinstance(self.grammar_root, str) or not self.grammar_root:
+            raise ValueError("grammar_root must be a non-empty rule name")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temp <= 0.0 and self.mirostat == 0
+
+    def replace(self, **changes) -> "SamplingParams":
+        """A copy with some fields changed (validated again)."""
+        unknown = set(changes) - _FIELDS_SET
+        if unknown:
+            raise TypeError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["logit_bias"] = dict(self.logit_bias)
+        d["stop"] = list(self.stop)
+        d["dry_sequence_breakers"] = list(self.dry_sequence_breakers)
+        return d
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+_FIELDS_SET = frozenset(FIELDS)
+DEFAULT = SamplingParams()
+
+
+def resolve(params: Optional[SamplingParams], args: Sequence, kwargs: dict) -> SamplingParams:
+    """SamplingParams from a params object and/or positional and keyword overrides.
+
+    Positional arguments follow the R API order: max_new_tokens, temp, top_k, top_p, seed, ...
+    """
+    if params is not None and not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a llamagen.SamplingParams, got {type(params).__name__}")
+    base = params if params is not None else DEFAULT
+    if len(args) > len(FIELDS):
+        raise TypeError(f"too many positional sampling arguments ({len(args)})")
+    if not args and not kwargs:
+        return base
+    changes = dict(zip(FIELDS, args))
+    for k, v in kwargs.items():
+        if k in changes:
+            raise TypeError(f"sampling parameter {k!r} given twice")
+        changes[k] = v
+    return base.replace(**changes)
