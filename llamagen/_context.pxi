@@ -1,5 +1,7 @@
 # Context: a llama_context (KV cache, compute buffers) over a Model.  Included by _core.pyx.
 
+cimport cython
+
 from llamagen._util import physical_cores as _physical_cores
 
 cdef extern from *:
@@ -33,14 +35,21 @@ cdef cbool _abort_callback(void * data) noexcept nogil:
         return False
     st.last_us = now
     with gil:
-        if PyErr_CheckSignals() != 0:
-            st.interrupted = 1   # the exception stays set; the caller re-raises it
+        try:
+            PyErr_CheckSignals()     # runs Python's signal handlers (Ctrl-C raises here)
+        except BaseException:
+            st.interrupted = 1       # the caller raises KeyboardInterrupt once decode returns
     return st.interrupted != 0
 
 
 from cpython.exc cimport PyErr_CheckSignals
 
 
+# no_gc_clear: __dealloc__ needs ``self.model`` to hand the model back.  Without it, a Context
+# caught in a reference cycle (a subclass instance referring to itself, say) gets ``model`` set to
+# None by the cycle collector first: the Model could then be freed before this context (which
+# llama.cpp still ties to it), or, when kept elsewhere, never be freed by its close().
+@cython.no_gc_clear
 cdef class Context:
     """A llama.cpp context over a Model: the KV cache and compute state for generation.
 

@@ -1,5 +1,7 @@
 # The one place where llama.cpp return codes become Python exceptions.  Included by _core.pyx.
 
+from cpython.number cimport PyNumber_Index
+
 cdef int check_decode(int32_t rc, const char * what) except -1:
     """Map a llama_decode return code to an exception (0 is success)."""
     if rc == 0:
@@ -25,3 +27,15 @@ cdef inline int check_token(llama.llama_token tok, int32_t n_vocab) except -1:
     if tok < 0 or tok >= n_vocab:
         raise ValueError(f"token id {tok} is outside the vocabulary [0, {n_vocab})")
     return 0
+
+
+cdef llama.llama_token as_token(object value, int32_t n_vocab) except? -1:
+    """A Python token id -> llama_token.  TypeError unless it is an integer (a float is not
+    truncated), ValueError outside ``[0, n_vocab)`` however large (never OverflowError)."""
+    try:
+        v = PyNumber_Index(value)
+    except TypeError:
+        raise TypeError(f"a token id must be an int, not {type(value).__name__}") from None
+    if v < 0 or v >= n_vocab:
+        raise ValueError(f"token id {v} is outside the vocabulary [0, {n_vocab})")
+    return <llama.llama_token>v

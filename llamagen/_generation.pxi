@@ -341,6 +341,7 @@ cdef class GenerationState:
         if self._ended:
             return ""
         self._ended = True
+        self._out.clear()
         self._flush()
         self._free_samplers()
         return PyUnicode_DecodeUTF8(self._out.data(), <Py_ssize_t> self._out.size(), NULL)

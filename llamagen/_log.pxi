@@ -11,6 +11,10 @@ if not logger.handlers:
 
 cdef int _log_want_debug = 0
 cdef int _log_want_info = 0
+# Level of the last line llama.cpp started (delivered or not): a CONT piece belongs to that line,
+# so it is dropped with it and never inherits the level of an older line (llama.cpp's progress
+# dots used to come out as WARNING after any warning, and landed in the error reasons).
+cdef int _log_line_level = ggml.GGML_LOG_LEVEL_INFO
 
 _LEVELS = {
     ggml.GGML_LOG_LEVEL_DEBUG: _logging.DEBUG,
@@ -32,9 +36,17 @@ cdef _refresh_log_levels():
 
 
 cdef void _log_callback(ggml.ggml_log_level level, const char * text, void * ud) noexcept nogil:
-    if level == ggml.GGML_LOG_LEVEL_DEBUG and not _log_want_debug:
+    global _log_line_level
+    cdef int line_level
+    if level == ggml.GGML_LOG_LEVEL_CONT:
+        line_level = _log_line_level
+    else:
+        line_level = level
+        _log_line_level = level
+    if line_level == ggml.GGML_LOG_LEVEL_DEBUG and not _log_want_debug:
         return
-    if level == ggml.GGML_LOG_LEVEL_INFO and not _log_want_info:
+    if (line_level == ggml.GGML_LOG_LEVEL_INFO or line_level == ggml.GGML_LOG_LEVEL_NONE) \
+            and not _log_want_info:
         return
     if text == NULL:
         return

