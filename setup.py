@@ -88,15 +88,22 @@ class CMakeBuild(build_ext):
             args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache",
                      "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
         args += user_args
+        # pip builds in a fresh isolated environment each time, so cmake and ninja may live at a
+        # new path: the cache must point at the current ones (objects are kept and reused).
+        cmake_exe = shutil.which("cmake")
+        ninja = shutil.which("ninja")
+        if ninja:
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         cache = os.path.join(build_dir, "CMakeCache.txt")
         stamp = os.path.join(build_dir, "llamagen-configure-args.txt")
-        configured = os.path.exists(cache) and os.path.exists(stamp) \
-            and open(stamp).read() == "\n".join(args)
+        wanted = "\n".join([cmake_exe or ""] + args)
+        configured = os.path.exists(cache) and os.path.exists(stamp) and open(stamp).read() == wanted
         if not configured:
-            gen = ["-G", "Ninja"] if shutil.which("ninja") and not os.path.exists(cache) else []
-            self._run(["cmake", "-S", os.path.join(ROOT, "llamagen"), "-B", build_dir] + gen + args)
+            if os.path.exists(cache):
+                os.remove(cache)
+            self._run(["cmake", "-S", os.path.join(ROOT, "llamagen"), "-B", build_dir] + args)
             with open(stamp, "w") as f:
-                f.write("\n".join(args))
+                f.write(wanted)
         jobs = os.environ.get("LLAMAGEN_JOBS") or str(os.cpu_count() or 2)
         self._run(["cmake", "--build", build_dir, "--target", "_core", "-j", jobs])
 
@@ -106,9 +113,10 @@ class CMakeBuild(build_ext):
         dest = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         shutil.copyfile(os.path.join(build_dir, built[0]), dest)
-        # llama.cpp's license travels with the code built from it
-        shutil.copyfile(os.path.join(llama_dir, "LICENSE"),
-                        os.path.join(os.path.dirname(dest), "LICENSE.llama.cpp"))
+        # llama.cpp's license travels with the code built from it (wheel, and the source
+        # package dir for editable installs)
+        for d in {os.path.dirname(dest), os.path.join(ROOT, "llamagen")}:
+            shutil.copyfile(os.path.join(llama_dir, "LICENSE"), os.path.join(d, "LICENSE.llama.cpp"))
 
     def _run(self, cmd):
         print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)

@@ -116,6 +116,7 @@ cdef class GenerationState:
     cdef int32_t _rc                       # llama_decode's code when a step failed
     cdef int64_t _t_prefill_us
     cdef int64_t _t_gen_us
+    cdef int64_t _t_sample_us              # part of _t_gen_us spent sampling (chain + grammar)
     cdef readonly object params
     cdef readonly object seed
 
@@ -233,6 +234,7 @@ cdef class GenerationState:
         cdef int32_t n
         cdef vector[char] big
         cdef int64_t t0 = llama.llama_time_us()
+        cdef int64_t t1
         self._out.clear()
         if self._pending >= 0:
             rc = llama.llama_decode(self._lctx, llama.llama_batch_get_one(&self._pending, 1))
@@ -244,7 +246,9 @@ cdef class GenerationState:
                 return rc
             self._n_past += 1
             self._pending = -1
+        t1 = llama.llama_time_us()
         tok = self._sample()
+        self._t_sample_us += llama.llama_time_us() - t1
         self._tokens.push_back(tok)
         if not self._ignore_eos and llama.llama_vocab_is_eog(self._vocab, tok):
             self._finish = FINISH_STOP
@@ -378,12 +382,14 @@ cdef class GenerationState:
 
     @property
     def timings(self):
-        """prefill_ms, decode_ms (all steps: decode + sampling), n_tokens, tokens_per_second."""
+        """prefill_ms; decode_ms (all steps: decode + sampling + detokenizing); sample_ms (the
+        sampling part of it); n_tokens; tokens_per_second."""
         n = self._tokens.size()
         gen_s = self._t_gen_us / 1e6
         return {
             "prefill_ms": self._t_prefill_us / 1e3,
             "decode_ms": self._t_gen_us / 1e3,
+            "sample_ms": self._t_sample_us / 1e3,
             "n_prompt_tokens": self.n_prompt_tokens,
             "n_tokens": n,
             "prefill_tokens_per_second": (self.n_prompt_tokens / (self._t_prefill_us / 1e6)

@@ -119,13 +119,11 @@ def test_seed_none_draws_fresh_entropy(real_ctx):
 # -- agreement with llama.cpp's own loop ---------------------------------------------------------
 
 def _native_loop():
-    build = os.path.join(ROOT, "build", "cmake-cpu")
-    exe = os.path.join(build, "native", "llamagen-native-loop")
-    if not os.path.exists(os.path.join(build, "CMakeCache.txt")):
-        pytest.fail(f"no CMake build dir at {build}: install the package from this checkout first")
-    subprocess.run(["cmake", "--build", build, "--target", "llamagen-native-loop", "-j", "2"],
-                   check=True, capture_output=True)
-    return exe
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("native_build", os.path.join(ROOT, "bench", "native", "build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.native_loop()
 
 
 @pytest.mark.real_model

@@ -1,0 +1,96 @@
+"""What the built extension says about itself, and what ships with it."""
+from __future__ import annotations
+
+import importlib.machinery
+import os
+import re
+from pathlib import Path
+
+import llamagen
+
+PACKAGE_DIR = Path(llamagen.__file__).resolve().parent
+
+
+def test_version():
+    assert isinstance(llamagen.__version__, str)
+    assert re.fullmatch(r"\d+\.\d+\.\d+([.-]?\w+)*", llamagen.__version__)
+
+
+def test_build_info_keys_and_types():
+    info = llamagen.build_info()
+    expected = {"backend", "llama_cpp_commit", "llama_cpp_version", "ggml_native", "cuda", "metal",
+                "build_type", "compiler", "cmake_args", "gpu_offload"}
+    assert expected <= set(info)
+    for key in ("backend", "llama_cpp_commit", "llama_cpp_version", "build_type", "compiler",
+                "cmake_args"):
+        assert isinstance(info[key], str), key
+    for key in ("ggml_native", "cuda", "metal", "gpu_offload"):
+        assert isinstance(info[key], bool), key
+
+
+def test_build_info_values():
+    info = llamagen.build_info()
+    assert info["backend"] == "cpu"
+    assert info["llama_cpp_commit"] == "0c1e57098bba"
+    assert info["llama_cpp_version"]
+    assert info["cuda"] is False
+    assert info["metal"] is False
+    # a CPU build cannot offload layers to a GPU
+    assert info["gpu_offload"] is False
+    assert info["build_type"] == "Release"
+
+
+def test_build_info_returns_a_fresh_dict():
+    info = llamagen.build_info()
+    info["backend"] = "changed"
+    assert llamagen.build_info()["backend"] == "cpu"
+
+
+def test_backend_devices():
+    devices = llamagen.backend_devices()
+    assert isinstance(devices, list) and devices
+    for dev in devices:
+        assert isinstance(dev, llamagen.Device)
+        assert isinstance(dev, tuple) and len(dev) == 4
+        assert dev._fields == ("name", "description", "type", "memory")
+        assert isinstance(dev.name, str) and dev.name
+        assert isinstance(dev.description, str)
+        assert isinstance(dev.memory, int) and dev.memory >= 0
+    cpus = [d for d in devices if d.type == "cpu"]
+    assert len(cpus) == 1
+    assert cpus[0].name.lower().startswith("cpu")
+    # a CPU build has no GPU device
+    assert not [d for d in devices if d.type in ("gpu", "igpu")]
+
+
+def test_system_info():
+    info = llamagen.system_info()
+    assert isinstance(info, str)
+    assert info.strip()
+    assert "CPU" in info
+
+
+def test_llama_cpp_license_ships_next_to_the_extension():
+    lic = PACKAGE_DIR / "LICENSE.llama.cpp"
+    assert lic.is_file(), f"{lic} is missing: llama.cpp's MIT license must travel with the binary"
+    text = lic.read_text(encoding="utf-8")
+    assert text.startswith("MIT License")
+    assert "ggml authors" in text
+    core = Path(llamagen._core.__file__).resolve()
+    assert core.parent == lic.parent
+
+
+def test_exactly_one_extension_module():
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    found = []
+    for root, dirs, files in os.walk(PACKAGE_DIR):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        found += [Path(root, f) for f in files if f.endswith(suffixes)]
+    assert len(found) == 1, found
+    assert found[0].name.split(".")[0] == "_core"
+    assert found[0].resolve() == Path(llamagen._core.__file__).resolve()
+
+
+def test_core_module_constants():
+    assert llamagen._core.MAX_PARALLEL_SEQUENCES == 256
+    assert isinstance(llamagen._core.DEFAULT_SEED, int)
