@@ -120,8 +120,12 @@ class CMakeBuild(build_ext):
 
     def _run(self, cmd):
         print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
+        # let ccache hit across checkouts (a fresh CI clone reuses a developer's objects)
+        env = dict(os.environ)
+        env.setdefault("CCACHE_BASEDIR", ROOT)
+        env.setdefault("CCACHE_NOHASHDIR", "1")
         try:
-            subprocess.run(cmd, check=True)
+            subprocess.run(cmd, check=True, env=env)
         except FileNotFoundError as e:
             raise BuildError(f"{cmd[0]} could not be run: {e}")
         except subprocess.CalledProcessError as e:

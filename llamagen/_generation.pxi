@@ -84,6 +84,210 @@ cdef size_t _utf8_take(string & raw, string & out, bint final) noexcept nogil:
     return i
 
 
+cdef cppclass SeqCore:
+    # One sequence's sampling and text state: sampler chain, grammar, generated tokens, the
+    # UTF-8 / stop-string hold-back, and (for batches) its prompt feed and KV slot.  A plain C++
+    # object, so single streams and batches step it without the GIL (and batches in parallel).
+    llama.llama_sampler * chain
+    llama.llama_sampler * grammar
+    const llama.llama_vocab * vocab
+    int32_t n_vocab
+    vector[llama.llama_token] tokens
+    vector[llama.llama_token] prompt       # batches: the prompt still being fed
+    int32_t n_fed                           # batches: prompt tokens already in the KV cache
+    int32_t slot                            # batches: the llama seq_id in use (-1: none)
+    int32_t batch_idx                       # batches: output row in the current batch (-1: none)
+    llama.llama_token pending               # sampled and emitted, not yet decoded (-1: none)
+    int32_t n_past                          # this sequence's tokens in the KV cache
+    int32_t n_ctx                           # cells available to this sequence
+    int32_t max_new
+    int32_t n_prompt
+    bint ignore_eos
+    int finish
+    string raw                              # bytes of an unfinished UTF-8 character
+    string text                             # valid UTF-8 held back: could start a stop string
+    string out                              # the chunk produced by the current step
+    vector[string] stops
+    int64_t t_sample_us
+
+    __init__():
+        this.chain = NULL
+        this.grammar = NULL
+        this.pending = -1
+        this.finish = FINISH_NONE
+        this.n_fed = 0
+        this.slot = -1
+        this.batch_idx = -1
+        this.t_sample_us = 0
+
+    __dealloc__():
+        this.free_samplers()
+
+    void free_samplers() noexcept nogil:
+        if this.chain != NULL:
+            llama.llama_sampler_free(this.chain)
+            this.chain = NULL
+        if this.grammar != NULL:
+            llama.llama_sampler_free(this.grammar)
+            this.grammar = NULL
+
+    llama.llama_token sample(const float * logits, llama.llama_token_data * cand) noexcept nogil:
+        # the chain, then the grammar check; re-sample with the grammar only on rejection
+        cdef llama.llama_token_data_array arr
+        cdef llama.llama_token_data single
+        cdef llama.llama_token_data_array one
+        cdef llama.llama_token tok
+        cdef int32_t i
+        for i in range(this.n_vocab):
+            cand[i].id = i
+            cand[i].logit = logits[i]
+            cand[i].p = 0.0
+        arr.data = cand
+        arr.size = this.n_vocab
+        arr.selected = -1
+        arr.sorted = False
+        llama.llama_sampler_apply(this.chain, &arr)
+        tok = arr.data[arr.selected].id
+        if this.grammar != NULL:
+            single.id = tok
+            single.logit = 1.0
+            single.p = 0.0
+            one.data = &single
+            one.size = 1
+            one.selected = -1
+            one.sorted = False
+            llama.llama_sampler_apply(this.grammar, &one)
+            if single.logit == -INFINITY:
+                for i in range(this.n_vocab):
+                    cand[i].id = i
+                    cand[i].logit = logits[i]
+                    cand[i].p = 0.0
+                arr.data = cand
+                arr.size = this.n_vocab
+                arr.selected = -1
+                arr.sorted = False
+                llama.llama_sampler_apply(this.grammar, &arr)
+                llama.llama_sampler_apply(this.chain, &arr)
+                tok = arr.data[arr.selected].id
+            llama.llama_sampler_accept(this.grammar, tok)
+        llama.llama_sampler_accept(this.chain, tok)
+        return tok
+
+    void flush() noexcept nogil:
+        # move everything held back into the output (the generation is over)
+        _utf8_take(this.raw, this.text, True)
+        this.out.append(this.text)
+        this.text.clear()
+
+    void emit() noexcept nogil:
+        # move held text to the output, except what could still begin a stop string
+        cdef size_t best = <size_t> -1, pos, j, keep = 0, L, n
+        cdef size_t s
+        _utf8_take(this.raw, this.text, False)
+        if this.stops.size() == 0:
+            this.out.append(this.text)
+            this.text.clear()
+            return
+        for s in range(this.stops.size()):
+            pos = this.text.find(this.stops[s])
+            if pos != <size_t> -1 and pos < best:
+                best = pos
+        if best != <size_t> -1:
+            this.out.append(this.text, 0, best)
+            this.text.clear()
+            this.raw.clear()
+            this.finish = FINISH_STOP
+            return
+        # longest suffix of the held text that is a proper prefix of some stop string
+        n = this.text.size()
+        for s in range(this.stops.size()):
+            L = this.stops[s].size()
+            j = L - 1 if L - 1 < n else n
+            while j > keep:
+                if this.text.compare(n - j, j, this.stops[s], 0, j) == 0:
+                    keep = j
+                    break
+                j -= 1
+        this.out.append(this.text, 0, n - keep)
+        this.text.erase(0, n - keep)
+
+    void consume(const float * logits, llama.llama_token_data * cand) noexcept nogil:
+        # the pending token (if any) has been decoded: sample the next one from `logits`,
+        # produce its text into `out` and decide whether the sequence is finished
+        cdef llama.llama_token tok
+        cdef char buf[128]
+        cdef int32_t n
+        cdef vector[char] big
+        cdef int64_t t1 = llama.llama_time_us()
+        if this.pending >= 0:
+            this.n_past += 1
+            this.pending = -1
+        tok = this.sample(logits, cand)
+        this.t_sample_us += llama.llama_time_us() - t1
+        this.tokens.push_back(tok)
+        if not this.ignore_eos and llama.llama_vocab_is_eog(this.vocab, tok):
+            this.finish = FINISH_STOP
+            this.flush()
+            return
+        n = llama.llama_token_to_piece(this.vocab, tok, buf, sizeof(buf), 0, False)
+        if n >= 0:
+            this.raw.append(buf, n)
+        else:
+            big.resize(-n)
+            n = llama.llama_token_to_piece(this.vocab, tok, big.data(), <int32_t> big.size(), 0, False)
+            if n > 0:
+                this.raw.append(big.data(), n)
+        this.emit()
+        if this.finish == FINISH_NONE:
+            if <int32_t> this.tokens.size() >= this.max_new or this.n_past >= this.n_ctx:
+                # out of budget, or no cell left to decode this token into
+                this.finish = FINISH_LENGTH
+                this.flush()
+            else:
+                this.pending = tok
+
+
+cdef class _Seq:
+    """Python-side owner of a SeqCore, with the parameters and seed it was built from."""
+    cdef SeqCore * c
+    cdef readonly object params
+    cdef readonly object seed
+
+    def __cinit__(self):
+        self.c = new SeqCore()
+
+    def __dealloc__(self):
+        del self.c
+
+    cdef str take_out(self):
+        """The produced chunk as str (always valid UTF-8), clearing it."""
+        s = PyUnicode_DecodeUTF8(self.c.out.data(), <Py_ssize_t> self.c.out.size(), NULL)
+        self.c.out.clear()
+        return s
+
+
+cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
+    """A _Seq with its sampler chain and grammar built for ``params`` (validated SamplingParams)."""
+    cdef _Seq q = _Seq.__new__(_Seq)
+    cdef SeqCore * c = q.c
+    cdef uint32_t seed = _draw_seed() if params.seed is None else <uint32_t> params.seed
+    q.seed = seed
+    q.params = params
+    c.vocab = ctx._vocab
+    c.n_vocab = ctx._n_vocab
+    c.n_ctx = n_ctx
+    c.n_prompt = n_prompt
+    c.n_past = n_prompt
+    c.max_new = params.max_new_tokens
+    c.ignore_eos = params.ignore_eos
+    for s in params.stop:
+        c.stops.push_back(s.encode("utf-8"))
+    c.tokens.reserve(min(params.max_new_tokens, n_ctx))
+    c.chain = _build_chain(params, ctx._vocab, ctx._n_vocab, n_ctx, seed)
+    c.grammar = _build_grammar(params, ctx._vocab)
+    return q
+
+
 cdef class GenerationState:
     """One streaming generation over a Context: ``for chunk in state`` or gen_next(state).
 
@@ -93,183 +297,43 @@ cdef class GenerationState:
     stop and frees the sampler.  A newer gen_begin on the same context makes this state stale.
     """
     cdef Context _context
+    cdef _Seq _seq
+    cdef SeqCore * _core                    # self._seq.c
     cdef uint64_t _epoch
     cdef llama.llama_context * _lctx
-    cdef const llama.llama_vocab * _vocab
-    cdef llama.llama_sampler * _chain
-    cdef llama.llama_sampler * _grammar
     cdef vector[llama.llama_token_data] _cand
-    cdef vector[llama.llama_token] _tokens
-    cdef llama.llama_token _pending        # sampled, emitted, not yet decoded (-1: none)
-    cdef int32_t _n_vocab
-    cdef int32_t _n_past                   # tokens in the KV cache
-    cdef int32_t _n_ctx
-    cdef int32_t _max_new
-    cdef readonly int n_prompt_tokens
-    cdef bint _ignore_eos
-    cdef int _finish
     cdef bint _ended
-    cdef string _raw                       # bytes of an unfinished UTF-8 character
-    cdef string _text                      # valid UTF-8 held back: could start a stop string
-    cdef string _out                       # the chunk being produced by the current step
-    cdef vector[string] _stops
-    cdef int32_t _rc                       # llama_decode's code when a step failed
     cdef int64_t _t_prefill_us
     cdef int64_t _t_gen_us
-    cdef int64_t _t_sample_us              # part of _t_gen_us spent sampling (chain + grammar)
-    cdef readonly object params
-    cdef readonly object seed
 
     def __cinit__(self):
-        self._chain = NULL
-        self._grammar = NULL
         self._lctx = NULL
-        self._pending = -1
-        self._finish = FINISH_NONE
+        self._core = NULL
         self._ended = False
 
     def __init__(self):
         raise TypeError("use llamagen.gen_begin(ctx, prompt, ...) to start a generation")
 
-    def __dealloc__(self):
-        self._free_samplers()
-
     cdef void _free_samplers(self) noexcept:
-        if self._chain != NULL:
-            llama.llama_sampler_free(self._chain)
-            self._chain = NULL
-        if self._grammar != NULL:
-            llama.llama_sampler_free(self._grammar)
-            self._grammar = NULL
+        if self._seq is not None:
+            self._seq.c.free_samplers()
 
     # -- the step (no GIL) -------------------------------------------------------------------
 
-    cdef llama.llama_token _sample(self) noexcept nogil:
-        cdef const float * logits = llama.llama_get_logits_ith(self._lctx, -1)
-        cdef llama.llama_token_data * cand = self._cand.data()
-        cdef llama.llama_token_data_array arr
-        cdef llama.llama_token_data single
-        cdef llama.llama_token_data_array one
-        cdef llama.llama_token tok
-        cdef int32_t i
-        for i in range(self._n_vocab):
-            cand[i].id = i
-            cand[i].logit = logits[i]
-            cand[i].p = 0.0
-        arr.data = cand
-        arr.size = self._n_vocab
-        arr.selected = -1
-        arr.sorted = False
-        llama.llama_sampler_apply(self._chain, &arr)
-        tok = arr.data[arr.selected].id
-        if self._grammar != NULL:
-            # grammar-based rejection sampling, as llama.cpp's common sampler does it
-            single.id = tok
-            single.logit = 1.0
-            single.p = 0.0
-            one.data = &single
-            one.size = 1
-            one.selected = -1
-            one.sorted = False
-            llama.llama_sampler_apply(self._grammar, &one)
-            if single.logit == -INFINITY:
-                for i in range(self._n_vocab):
-                    cand[i].id = i
-                    cand[i].logit = logits[i]
-                    cand[i].p = 0.0
-                arr.data = cand
-                arr.size = self._n_vocab
-                arr.selected = -1
-                arr.sorted = False
-                llama.llama_sampler_apply(self._grammar, &arr)
-                llama.llama_sampler_apply(self._chain, &arr)
-                tok = arr.data[arr.selected].id
-            llama.llama_sampler_accept(self._grammar, tok)
-        llama.llama_sampler_accept(self._chain, tok)
-        return tok
-
-    cdef void _flush(self) noexcept nogil:
-        """Move everything held back into the output (the generation is over)."""
-        _utf8_take(self._raw, self._text, True)
-        self._out.append(self._text)
-        self._text.clear()
-
-    cdef void _emit(self) noexcept nogil:
-        """Move held text to the output, except what could still begin a stop string."""
-        cdef size_t best = <size_t> -1, pos, j, keep = 0, L, n
-        cdef size_t s
-        _utf8_take(self._raw, self._text, False)
-        if self._stops.size() == 0:
-            self._out.append(self._text)
-            self._text.clear()
-            return
-        for s in range(self._stops.size()):
-            pos = self._text.find(self._stops[s])
-            if pos != <size_t> -1 and pos < best:
-                best = pos
-        if best != <size_t> -1:
-            self._out.append(self._text, 0, best)
-            self._text.clear()
-            self._raw.clear()
-            self._finish = FINISH_STOP
-            return
-        # longest suffix of _text that is a proper prefix of some stop string
-        n = self._text.size()
-        for s in range(self._stops.size()):
-            L = self._stops[s].size()
-            j = L - 1 if L - 1 < n else n
-            while j > keep:
-                if self._text.compare(n - j, j, self._stops[s], 0, j) == 0:
-                    keep = j
-                    break
-                j -= 1
-        self._out.append(self._text, 0, n - keep)
-        self._text.erase(0, n - keep)
-
     cdef int _step(self) noexcept nogil:
+        cdef SeqCore * q = self._core
         """One token.  Returns 0, or llama_decode's non-zero code (the state then stops)."""
-        cdef llama.llama_token tok
         cdef int32_t rc
-        cdef char buf[128]
-        cdef int32_t n
-        cdef vector[char] big
         cdef int64_t t0 = llama.llama_time_us()
-        cdef int64_t t1
-        self._out.clear()
-        if self._pending >= 0:
-            rc = llama.llama_decode(self._lctx, llama.llama_batch_get_one(&self._pending, 1))
+        q.out.clear()
+        if q.pending >= 0:
+            rc = llama.llama_decode(self._lctx, llama.llama_batch_get_one(&q.pending, 1))
             if rc != 0:
-                self._rc = rc
-                self._finish = FINISH_LENGTH if rc == 1 else FINISH_STOP
-                self._flush()
+                q.finish = FINISH_LENGTH if rc == 1 else FINISH_STOP
+                q.flush()
                 self._t_gen_us += llama.llama_time_us() - t0
                 return rc
-            self._n_past += 1
-            self._pending = -1
-        t1 = llama.llama_time_us()
-        tok = self._sample()
-        self._t_sample_us += llama.llama_time_us() - t1
-        self._tokens.push_back(tok)
-        if not self._ignore_eos and llama.llama_vocab_is_eog(self._vocab, tok):
-            self._finish = FINISH_STOP
-            self._flush()
-        else:
-            n = llama.llama_token_to_piece(self._vocab, tok, buf, sizeof(buf), 0, False)
-            if n >= 0:
-                self._raw.append(buf, n)
-            else:
-                big.resize(-n)
-                n = llama.llama_token_to_piece(self._vocab, tok, big.data(), <int32_t> big.size(), 0, False)
-                if n > 0:
-                    self._raw.append(big.data(), n)
-            self._emit()
-            if self._finish == FINISH_NONE:
-                if <int32_t> self._tokens.size() >= self._max_new or self._n_past >= self._n_ctx:
-                    # out of budget, or no cell left to decode this token into
-                    self._finish = FINISH_LENGTH
-                    self._flush()
-                else:
-                    self._pending = tok
+        q.consume(llama.llama_get_logits_ith(self._lctx, -1), self._cand.data())
         self._t_gen_us += llama.llama_time_us() - t0
         return 0
 
@@ -278,7 +342,7 @@ cdef class GenerationState:
     cdef int _enter(self) except -1:
         """Lock the context and check that this state may step.  Returns 1 if finished."""
         self._context._acquire()
-        if self._finish != FINISH_NONE or self._ended:
+        if self._core.finish != FINISH_NONE or self._ended:
             self._context._release()
             return 1
         if self._epoch != self._context._epoch:
@@ -300,7 +364,7 @@ cdef class GenerationState:
             self._context._release()
         if rc != 0:
             check_decode(rc, b"generation step")
-        return PyUnicode_DecodeUTF8(self._out.data(), <Py_ssize_t> self._out.size(), NULL)
+        return self._seq.take_out()
 
     def __iter__(self):
         return self
@@ -319,17 +383,19 @@ cdef class GenerationState:
         """Run to the end without the GIL (used by generate()); returns the whole text."""
         cdef string acc
         cdef int rc = 0
+        cdef SeqCore * q = self._core
         if self._enter():
             return ""
         self._context._abort.armed = 1
         self._context._abort.interrupted = 0
         try:
             with nogil:
-                while self._finish == FINISH_NONE:
+                while q.finish == FINISH_NONE:
                     rc = self._step()
-                    acc.append(self._out)
+                    acc.append(q.out)
                     if rc != 0 or self._context._abort.interrupted:
                         break
+                q.out.clear()
         finally:
             self._context._abort.armed = 0
             self._context._release()
@@ -345,10 +411,10 @@ cdef class GenerationState:
         if self._ended:
             return ""
         self._ended = True
-        self._out.clear()
-        self._flush()
+        self._core.out.clear()
+        self._core.flush()
         self._free_samplers()
-        return PyUnicode_DecodeUTF8(self._out.data(), <Py_ssize_t> self._out.size(), NULL)
+        return self._seq.take_out()
 
     def close(self):
         self.end()
@@ -362,43 +428,57 @@ cdef class GenerationState:
     # -- introspection -----------------------------------------------------------------------
 
     @property
+    def params(self):
+        return self._seq.params
+
+    @property
+    def seed(self):
+        """The seed used (drawn from fresh entropy when params.seed is None)."""
+        return self._seq.seed
+
+    @property
+    def n_prompt_tokens(self):
+        return self._core.n_prompt
+
+    @property
     def tokens(self):
         """Generated token ids so far."""
-        return list(self._tokens)
+        return list(self._core.tokens)
 
     @property
     def n_tokens(self):
-        return self._tokens.size()
+        return self._core.tokens.size()
 
     @property
     def finish_reason(self):
         """"stop" (end of generation or stop string), "length" (max_new_tokens or context full)
         or None while running."""
-        return _FINISH_NAMES[self._finish]
+        return _FINISH_NAMES[self._core.finish]
 
     @property
     def finished(self):
-        return self._finish != FINISH_NONE or self._ended
+        return self._core.finish != FINISH_NONE or self._ended
 
     @property
     def timings(self):
         """prefill_ms; decode_ms (all steps: decode + sampling + detokenizing); sample_ms (the
         sampling part of it); n_tokens; tokens_per_second."""
-        n = self._tokens.size()
+        n = self._core.tokens.size()
         gen_s = self._t_gen_us / 1e6
+        n_prompt = self._core.n_prompt
         return {
             "prefill_ms": self._t_prefill_us / 1e3,
             "decode_ms": self._t_gen_us / 1e3,
-            "sample_ms": self._t_sample_us / 1e3,
-            "n_prompt_tokens": self.n_prompt_tokens,
+            "sample_ms": self._core.t_sample_us / 1e3,
+            "n_prompt_tokens": n_prompt,
             "n_tokens": n,
-            "prefill_tokens_per_second": (self.n_prompt_tokens / (self._t_prefill_us / 1e6)
+            "prefill_tokens_per_second": (n_prompt / (self._t_prefill_us / 1e6)
                                           if self._t_prefill_us > 0 else None),
             "tokens_per_second": n / gen_s if gen_s > 0 else None,
         }
 
     def __repr__(self):
-        return (f"<llamagen.GenerationState tokens={self._tokens.size()} "
+        return (f"<llamagen.GenerationState tokens={self._core.tokens.size()} "
                 f"finish_reason={self.finish_reason!r}>")
 
 
@@ -432,44 +512,38 @@ cdef int _prefill(Context ctx, vector[llama.llama_token] & toks) except -1:
     return 0
 
 
-def _gen_begin(Context ctx not None, prompt, params, bint add_special=True, bint parse_special=True):
-    """Start a generation (see llamagen.gen_begin).  ``params`` is a validated SamplingParams."""
-    cdef GenerationState st = GenerationState.__new__(GenerationState)
+cdef vector[llama.llama_token] _prompt_tokens(Context ctx, prompt, bint add_special,
+                                             bint parse_special, int32_t n_ctx) except *:
+    """Tokenize (or check) a prompt and make sure it leaves room for one new token."""
     cdef vector[llama.llama_token] toks
-    cdef int64_t t0
-    cdef uint32_t seed
-    cdef int32_t n_ctx
-    if not isinstance(params, SamplingParams):
-        raise TypeError("params must be a llamagen.SamplingParams")
-    ctx._check()
-    model = ctx.model
     if isinstance(prompt, (str, bytes)):
         toks = _tokenize(ctx._vocab, prompt, add_special, parse_special)
     else:
         _fill_tokens(toks, prompt, ctx._n_vocab)
     if toks.size() == 0:
         raise ValueError("the prompt is empty (no tokens to condition on)")
-    n_ctx = llama.llama_n_ctx_seq(ctx._ctx)
     if <int32_t> toks.size() >= n_ctx:
         raise ValueError(f"the prompt has {toks.size()} tokens but the context holds {n_ctx}: "
                          "it must leave room for at least one new token (use a larger n_ctx)")
-    seed = _draw_seed() if params.seed is None else <uint32_t> params.seed
-    st.seed = seed
-    st.params = params
-    st._chain = _build_chain(params, ctx._vocab, ctx._n_vocab, n_ctx, seed)
-    st._grammar = _build_grammar(params, ctx._vocab)
+    return toks
+
+
+def _gen_begin(Context ctx not None, prompt, params, bint add_special=True, bint parse_special=True):
+    """Start a generation (see llamagen.gen_begin).  ``params`` is a validated SamplingParams."""
+    cdef GenerationState st = GenerationState.__new__(GenerationState)
+    cdef vector[llama.llama_token] toks
+    cdef int64_t t0
+    cdef int32_t n_ctx
+    if not isinstance(params, SamplingParams):
+        raise TypeError("params must be a llamagen.SamplingParams")
+    ctx._check()
+    n_ctx = llama.llama_n_ctx_seq(ctx._ctx)
+    toks = _prompt_tokens(ctx, prompt, add_special, parse_special, n_ctx)
+    st._seq = _new_seq(ctx, params, <int32_t> toks.size(), n_ctx)
+    st._core = st._seq.c
     st._context = ctx
     st._lctx = ctx._ctx
-    st._vocab = ctx._vocab
-    st._n_vocab = ctx._n_vocab
-    st._n_ctx = n_ctx
-    st._max_new = params.max_new_tokens
-    st._ignore_eos = params.ignore_eos
-    st.n_prompt_tokens = <int> toks.size()
-    for s in params.stop:
-        st._stops.push_back(s.encode("utf-8"))
     st._cand.resize(ctx._n_vocab)
-    st._tokens.reserve(min(params.max_new_tokens, n_ctx))
     ctx._acquire()
     try:
         ctx._epoch += 1
@@ -477,7 +551,6 @@ def _gen_begin(Context ctx not None, prompt, params, bint add_special=True, bint
         t0 = llama.llama_time_us()
         _prefill(ctx, toks)
         st._t_prefill_us = llama.llama_time_us() - t0
-        st._n_past = <int32_t> toks.size()
     finally:
         ctx._release()
     return st

@@ -2,6 +2,7 @@
 
   llamagen generate [--model PATH] PROMPT [sampling options]   stream text to the terminal
   llamagen info [--model PATH]                                  model, build and system facts
+  llamagen bench samplers [--model PATH] [--configs FILE] ...    time sampler configurations
 """
 from __future__ import annotations
 
@@ -137,6 +138,53 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_samplers(a: argparse.Namespace) -> int:
+    from llamagen import bench
+    if a.plot:
+        try:
+            bench._require_matplotlib()
+        except ImportError as e:  # before the sweep: do not run it only to fail at the end
+            print(f"llamagen: error: {e}", file=sys.stderr)
+            return 2
+    configs = bench.load_configs(a.configs) if a.configs else None
+    model = _load(a)
+    try:
+        rows = bench.sweep_samplers(
+            model, configs, prompt=a.prompt, max_new_tokens=a.max_new_tokens, repeats=a.repeats,
+            warmup=a.warmup, n_ctx=a.n_ctx, n_threads=a.threads, progress=not a.no_progress)
+    finally:
+        model.close()
+    if a.json:
+        sys.stdout.write(bench.to_json(rows))
+    elif a.csv:
+        sys.stdout.write(bench.to_csv(rows))
+    else:
+        sys.stdout.write(bench.format_table(rows))
+    sys.stdout.flush()
+    if a.plot:
+        bench.plot(rows, a.plot)
+        print(f"llamagen: wrote {a.plot}", file=sys.stderr)
+    failed = [r["name"] for r in rows if r["error"]]
+    if failed:
+        print(f"llamagen: {len(failed)} configuration(s) failed: {', '.join(failed)}",
+              file=sys.stderr)
+    return 0
+
+
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _non_negative_int(v: str) -> int:
+    n = int(v)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llamagen", description="Stream text from llama.cpp models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -158,6 +206,35 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-model", action="store_true", help="do not load the default model")
     i.add_argument("--n-gpu-layers", type=int, default=0)
     i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    s = bsub.add_parser(
+        "samplers", help="time sampler configurations (sampling ms/token, decode ms/token, tokens/s)",
+        description="Run each sampler configuration (default: a built-in grid of llama.cpp's "
+                    "samplers) on one context and report the median and spread of the sampling "
+                    "time per token, the decode time per token and the tokens per second.")
+    s.add_argument("--model", "-m", default=None, help="GGUF file (default: the demo model package)")
+    s.add_argument("--configs", default=None, metavar="FILE",
+                   help='JSON file: {"name": {field: value}} or [{"name": ..., field: value}] '
+                        "(fields of llamagen.SamplingParams); default: the built-in grid")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N")
+    s.add_argument("--repeats", type=_positive_int, default=3, metavar="N", help="timed runs per config")
+    s.add_argument("--warmup", type=_non_negative_int, default=1, metavar="N",
+                   help="untimed runs per config first")
+    from llamagen.bench import DEFAULT_PROMPT
+    s.add_argument("--prompt", default=DEFAULT_PROMPT, metavar="TEXT")
+    s.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="default: physical cores")
+    s.add_argument("--n-ctx", type=int, default=2048)
+    s.add_argument("--n-gpu-layers", type=int, default=0)
+    fmt = s.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    fmt.add_argument("--csv", action="store_true", help="print CSV instead of the table")
+    s.add_argument("--plot", default=None, metavar="OUT.png",
+                   help='also write a bar chart (needs pip install "llamagen[plot]")')
+    s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    s.set_defaults(func=cmd_bench_samplers)
     return p
 
 

