@@ -31,8 +31,9 @@ def main():
         if run["stream"]:
             t0 = time.perf_counter()
             n = 0
-            for _chunk in llm.create_completion(job["prompt"], stream=True, **kw):
-                n += 1
+            for chunk in llm.create_completion(job["prompt"], stream=True, **kw):
+                if chunk["choices"][0]["finish_reason"] is None:
+                    n += 1          # the last chunk only carries the finish reason
             total = time.perf_counter() - t0
         else:
             t0 = time.perf_counter()

@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from llamagen import _core
-from llamagen._core import Context, GenerationState, Model, build_info, system_info
+from llamagen._core import BatchGenerator, Context, GenerationState, Model, build_info, system_info
+from llamagen.batch import BatchResult, generate_batch, map_generate
 from llamagen.generation import gen_begin, gen_end, gen_next, generate
 from llamagen.sampling import SamplingParams
 from llamagen.errors import (
@@ -30,7 +31,7 @@ def backend_devices() -> list[Device]:
 
 __all__ = [
     "Model", "Context", "GenerationState", "SamplingParams", "gen_begin", "gen_next", "gen_end",
-    "generate", "Device", "backend_devices", "build_info", "system_info", "__version__",
+    "generate", "BatchGenerator", "BatchResult", "generate_batch", "map_generate", "Device", "backend_devices", "build_info", "system_info", "__version__",
     "LlamaError", "ModelLoadError", "ContextError", "DecodeError", "KVCacheFullError",
     "StaleStateError", "GrammarError",
 ]

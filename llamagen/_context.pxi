@@ -67,6 +67,7 @@ cdef class Context:
     cdef AbortState _abort
     cdef uint64_t _epoch          # bumped by every gen_begin: older states become stale
     cdef bint _closed
+    cdef readonly bint kv_unified
     cdef object __weakref__
 
     def __cinit__(self):
@@ -113,6 +114,7 @@ cdef class Context:
         else:
             raise ValueError(f"flash_attn must be None (auto), True or False, got {flash_attn!r}")
         params.kv_unified = kv_unified
+        self.kv_unified = kv_unified
         params.offload_kqv = offload_kqv
         params.swa_full = swa_full
         params.no_perf = True

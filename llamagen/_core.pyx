@@ -46,6 +46,7 @@ include "_model.pxi"
 include "_context.pxi"
 include "_sampling.pxi"
 include "_generation.pxi"
+include "_batch.pxi"
 
 
 # ---------------------------------------------------------------------------------------------

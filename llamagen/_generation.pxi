@@ -97,6 +97,8 @@ cdef cppclass SeqCore:
     int32_t n_fed                           # batches: prompt tokens already in the KV cache
     int32_t slot                            # batches: the llama seq_id in use (-1: none)
     int32_t batch_idx                       # batches: output row in the current batch (-1: none)
+    int32_t fed_now                         # batches: prompt tokens put in the current batch
+    int64_t uid                             # batches: the id BatchGenerator.add returned
     llama.llama_token pending               # sampled and emitted, not yet decoded (-1: none)
     int32_t n_past                          # this sequence's tokens in the KV cache
     int32_t n_ctx                           # cells available to this sequence
@@ -118,6 +120,8 @@ cdef cppclass SeqCore:
         this.n_fed = 0
         this.slot = -1
         this.batch_idx = -1
+        this.fed_now = 0
+        this.uid = -1
         this.t_sample_us = 0
 
     __dealloc__():

@@ -41,7 +41,7 @@ int main(int argc, char ** argv) {
     int n_predict = 128, n_threads = 2, n_ctx = 2048, top_k = 50, repeat = 1;
     float temp = 0.8f, top_p = 0.9f;
     uint32_t seed = 42;
-    bool ignore_eos = false;
+    bool ignore_eos = false, step_times = false;
     for (int i = 3; i < argc; i++) {
         std::string a = argv[i];
         auto next = [&]() { if (i + 1 >= argc) { fprintf(stderr, "missing value for %s\n", a.c_str()); exit(2); } return argv[++i]; };
@@ -54,6 +54,7 @@ int main(int argc, char ** argv) {
         else if (a == "--seed") seed = (uint32_t) strtoul(next(), nullptr, 10);
         else if (a == "--repeat") repeat = atoi(next());
         else if (a == "--ignore-eos") ignore_eos = true;
+        else if (a == "--step-times") step_times = true;
         else { fprintf(stderr, "unknown option %s\n", a.c_str()); return 2; }
     }
     llama_log_set(quiet, nullptr);
@@ -75,6 +76,7 @@ int main(int argc, char ** argv) {
     toks.resize(n);
 
     std::vector<llama_token> out;
+    std::vector<int64_t> steps;
     std::string text;
     double best_decode_ms = 1e300, prefill_ms = 0;
     for (int r = 0; r < repeat; r++) {
@@ -86,7 +88,7 @@ int main(int argc, char ** argv) {
         llama_sampler_chain_add(chain, llama_sampler_init_dist(seed));
 
         llama_memory_clear(llama_get_memory(ctx), true);
-        out.clear(); text.clear();
+        out.clear(); text.clear(); steps.clear();
         int64_t t0 = llama_time_us();
         for (size_t i = 0; i < toks.size(); i += 512) {
             int m = (int) std::min<size_t>(512, toks.size() - i);
@@ -102,6 +104,7 @@ int main(int argc, char ** argv) {
             if (!ignore_eos && llama_vocab_is_eog(vocab, tok)) break;
             int k = llama_token_to_piece(vocab, tok, buf, sizeof buf, 0, false);
             if (k > 0) text.append(buf, k);
+            if (step_times) steps.push_back(llama_time_us());
         }
         int64_t t2 = llama_time_us();
         prefill_ms = (t1 - t0) / 1e3;
@@ -111,6 +114,8 @@ int main(int argc, char ** argv) {
     }
     printf("{\"n_prompt\": %zu, \"tokens\": [", toks.size());
     for (size_t i = 0; i < out.size(); i++) printf(i ? ", %d" : "%d", out[i]);
+    printf("], \"step_us\": [");
+    for (size_t i = 0; i < steps.size(); i++) printf(i ? ", %lld" : "%lld", (long long) steps[i]);
     printf("], \"text\": \"%s\", \"prefill_ms\": %.3f, \"decode_ms\": %.3f, \"tokens_per_second\": %.3f}\n",
            json_escape(text).c_str(), prefill_ms, best_decode_ms, out.size() / (best_decode_ms / 1e3));
     llama_free(ctx);

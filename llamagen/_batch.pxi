@@ -1,0 +1,359 @@
+# BatchGenerator: continuous batching of many sequences over one context.  Included by _core.pyx.
+#
+# Each step puts one token for every generating sequence into one llama_batch, fills the rest of
+# the batch (up to n_batch) with prompt tokens of sequences still being prefilled, decodes it once
+# without the GIL, then samples every sequence that has an output row -- in parallel (OpenMP) when
+# the vocabulary is large enough for that to pay.  A finished sequence frees its KV cells and its
+# slot, which the next waiting prompt takes.
+
+cimport cython
+from cython.parallel cimport prange, threadid
+
+from collections import deque as _deque
+
+from llamagen.sampling import resolve as _resolve_params
+
+# below this vocabulary size sampling a sequence costs microseconds: threads would cost more
+cdef int32_t _PARALLEL_MIN_VOCAB = 16384
+
+
+@cython.no_gc_clear
+cdef class BatchGenerator:
+    """Continuous batching over one Context: ``add`` prompts (any time), iterate to get
+    ``(seq_id, chunk)`` pairs; one decode step serves every live sequence.
+
+    ``BatchGenerator(ctx, *, n_parallel=None, params=None, **sampling)``: ``n_parallel`` sequences
+    run at once (default and maximum: ``ctx.n_seq_max``); more prompts wait for a free slot.
+    ``sampling`` / ``params`` are the defaults; ``add(prompt, **overrides)`` changes them for one
+    sequence.  Creating a BatchGenerator takes the context over: single-stream states on it become
+    stale, and a later gen_begin on the context makes this generator stale.
+    """
+    cdef Context _context
+    cdef object _defaults
+    cdef llama.llama_batch _batch
+    cdef bint _has_batch
+    cdef int32_t _n_batch
+    cdef int32_t _n_slots
+    cdef int32_t _n_ctx_seq
+    cdef int _n_threads
+    cdef list _slots                  # slot -> _Seq or None
+    cdef dict _seqs                   # id -> _Seq
+    cdef object _waiting              # ids waiting for a slot
+    cdef object _ready                # (id, chunk) produced, not yet handed out
+    cdef int64_t _next_id
+    cdef uint64_t _epoch
+    cdef vector[SeqCore *] _active
+    cdef vector[int32_t] _sampled
+    cdef vector[vector[llama.llama_token_data]] _cands
+    cdef bint _add_special
+    cdef bint _parse_special
+    cdef readonly int64_t n_steps
+    cdef readonly int64_t n_decoded_tokens
+
+    def __cinit__(self):
+        self._has_batch = False
+
+    def __init__(self, Context ctx not None, *, n_parallel=None, params=None,
+                 bint add_special=True, bint parse_special=True, **sampling):
+        cdef int i
+        ctx._check()
+        self._context = ctx
+        self._defaults = _resolve_params(params, (), sampling)
+        max_seq = llama.llama_n_seq_max(ctx._ctx)
+        if n_parallel is None:
+            n_parallel = max_seq
+        n_parallel = _check_int("n_parallel", n_parallel, 1, max_seq,
+                                f"between 1 and the context's n_seq_max ({max_seq})")
+        self._n_slots = n_parallel
+        self._n_batch = llama.llama_n_batch(ctx._ctx)
+        self._n_ctx_seq = llama.llama_n_ctx_seq(ctx._ctx)
+        self._n_threads = max(1, llama.llama_n_threads(ctx._ctx))
+        self._slots = [None] * n_parallel
+        self._seqs = {}
+        self._waiting = _deque()
+        self._ready = _deque()
+        self._next_id = 0
+        self._add_special = add_special
+        self._parse_special = parse_special
+        self._batch = llama.llama_batch_init(self._n_batch, 0, 1)
+        self._has_batch = True
+        self._cands.resize(self._n_threads)
+        ctx._acquire()
+        try:
+            ctx._epoch += 1
+            self._epoch = ctx._epoch
+            llama.llama_memory_clear(llama.llama_get_memory(ctx._ctx), True)
+        finally:
+            ctx._release()
+
+    def __dealloc__(self):
+        if self._has_batch:
+            llama.llama_batch_free(self._batch)
+            self._has_batch = False
+
+    # -- adding and inspecting sequences -----------------------------------------------------
+
+    def add(self, prompt, params=None, **overrides):
+        """Queue a prompt; returns its sequence id.  Allowed while the batch is running.
+
+        Raises ValueError for a prompt that does not fit one sequence's context (others go on).
+        """
+        cdef vector[llama.llama_token] toks
+        cdef _Seq q
+        p = _resolve_params(params if params is not None else self._defaults, (), overrides)
+        self._context._check()
+        toks = _prompt_tokens(self._context, prompt, self._add_special, self._parse_special,
+                              self._n_ctx_seq)
+        q = _new_seq(self._context, p, <int32_t> toks.size(), self._n_ctx_seq)
+        q.c.prompt = toks
+        q.c.n_past = 0
+        q.c.uid = self._next_id
+        self._next_id += 1
+        self._seqs[q.c.uid] = q
+        self._waiting.append(q.c.uid)
+        return q.c.uid
+
+    cdef _Seq _get(self, seq_id):
+        q = self._seqs.get(seq_id)
+        if q is None:
+            raise KeyError(f"no sequence {seq_id!r} in this batch")
+        return q
+
+    def finish_reason(self, seq_id):
+        """"stop", "length", "cancelled", or None while the sequence runs or waits."""
+        cdef _Seq q = self._get(seq_id)
+        if q.c.finish == FINISH_NONE and q.c.slot < 0 and q.c.uid not in self._waiting:
+            return "cancelled"
+        return _FINISH_NAMES[q.c.finish]
+
+    def tokens(self, seq_id):
+        """Token ids generated so far for ``seq_id``."""
+        return list(self._get(seq_id).c.tokens)
+
+    def seed(self, seq_id):
+        return self._get(seq_id).seed
+
+    def cancel(self, seq_id):
+        """Stop a sequence now (waiting or running) and free its slot.  Idempotent."""
+        cdef _Seq q = self._get(seq_id)
+        try:
+            self._waiting.remove(seq_id)
+        except ValueError:
+            pass
+        if q.c.slot >= 0:
+            self._release_slot(q)
+        q.c.free_samplers()
+
+    def forget(self, seq_id):
+        """Drop a finished sequence's bookkeeping (long-running pipelines)."""
+        cdef _Seq q = self._get(seq_id)
+        if q.c.finish == FINISH_NONE and (q.c.slot >= 0 or seq_id in self._waiting):
+            raise ValueError(f"sequence {seq_id} is still running; cancel() it first")
+        del self._seqs[seq_id]
+
+    @property
+    def n_active(self):
+        """Sequences holding a slot."""
+        return sum(1 for s in self._slots if s is not None)
+
+    @property
+    def n_waiting(self):
+        return len(self._waiting)
+
+    def __len__(self):
+        return self.n_active + len(self._waiting)
+
+    # -- stepping ------------------------------------------------------------------------------
+
+    cdef _release_slot(self, _Seq q):
+        cdef int32_t slot = q.c.slot
+        if slot < 0:
+            return
+        llama.llama_memory_seq_rm(llama.llama_get_memory(self._context._ctx), slot, -1, -1)
+        self._slots[slot] = None
+        q.c.slot = -1
+
+    cdef int _fill_batch(self, int n_gen_limit, bint with_prompts) noexcept nogil:
+        """Put generating tokens (at most n_gen_limit sequences) and prompt chunks in the batch."""
+        cdef size_t i
+        cdef int32_t n = 0, k, j, n_gen = 0
+        cdef SeqCore * q
+        cdef llama.llama_batch * b = &self._batch
+        for i in range(self._active.size()):
+            q = self._active[i]
+            q.batch_idx = -1
+            q.fed_now = 0
+        for i in range(self._active.size()):
+            q = self._active[i]
+            if q.pending >= 0 and q.finish == FINISH_NONE and n_gen < n_gen_limit and n < self._n_batch:
+                b.token[n] = q.pending
+                b.pos[n] = q.n_past
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = q.slot
+                b.logits[n] = 1
+                q.batch_idx = n
+                n += 1
+                n_gen += 1
+        if with_prompts:
+            for i in range(self._active.size()):
+                q = self._active[i]
+                if q.n_fed >= <int32_t> q.prompt.size() or n >= self._n_batch:
+                    continue
+                k = <int32_t> q.prompt.size() - q.n_fed
+                if k > self._n_batch - n:
+                    k = self._n_batch - n
+                for j in range(k):
+                    b.token[n + j] = q.prompt[q.n_fed + j]
+                    b.pos[n + j] = q.n_fed + j
+                    b.n_seq_id[n + j] = 1
+                    b.seq_id[n + j][0] = q.slot
+                    b.logits[n + j] = 0
+                if q.n_fed + k == <int32_t> q.prompt.size():
+                    b.logits[n + k - 1] = 1
+                    q.batch_idx = n + k - 1
+                q.fed_now = k
+                n += k
+                if not self._context.kv_unified:
+                    # with one KV stream per sequence, llama.cpp (this commit) mixes up several
+                    # sequences' prompts in one batch (wrong, nondeterministic logits, seen on
+                    # gemma3): feed one prompt per batch; generating tokens still share it
+                    break
+        b.n_tokens = n
+        return n
+
+    cdef int _decode_step(self) noexcept nogil:
+        """Fill and decode one batch, retrying smaller when the KV cache is full.  Returns the
+        decode code (0 ok, <0 fatal), or -100 when nothing was left to decode."""
+        cdef llama.llama_context * lctx = self._context._ctx
+        cdef int n_gen = 0, limit, rc
+        cdef size_t i
+        cdef bint prompts = True
+        cdef SeqCore * q
+        for i in range(self._active.size()):
+            if self._active[i].pending >= 0:
+                n_gen += 1
+        limit = n_gen
+        while True:
+            if self._fill_batch(limit, prompts) == 0:
+                return -100
+            rc = llama.llama_decode(lctx, self._batch)
+            if rc != 1:
+                break
+            # no KV room: first defer the prompts, then half of the generating sequences
+            if prompts:
+                prompts = False
+            elif limit > 1:
+                limit = limit // 2
+            else:
+                # a single token does not fit: that sequence is out of context
+                for i in range(self._active.size()):
+                    q = self._active[i]
+                    if q.batch_idx >= 0:
+                        q.out.clear()
+                        q.finish = FINISH_LENGTH
+                        q.pending = -1
+                        q.flush()
+                        q.batch_idx = -1
+                        break
+                return 1
+        if rc != 0:
+            return rc
+        self.n_decoded_tokens += self._batch.n_tokens
+        for i in range(self._active.size()):
+            q = self._active[i]
+            if q.fed_now > 0:
+                q.n_fed += q.fed_now
+                if q.n_fed == <int32_t> q.prompt.size():
+                    q.n_past = q.n_fed
+                    q.prompt.clear()
+                    q.prompt.shrink_to_fit()
+        return 0
+
+    cdef void _sample_all(self) noexcept nogil:
+        cdef llama.llama_context * lctx = self._context._ctx
+        cdef Py_ssize_t i, n = 0
+        cdef int tid
+        cdef SeqCore * q
+        self._sampled.clear()
+        for i in range(<Py_ssize_t> self._active.size()):
+            q = self._active[i]
+            q.out.clear()
+            if q.batch_idx >= 0:
+                self._sampled.push_back(<int32_t> i)
+        n = <Py_ssize_t> self._sampled.size()
+        if n > 1 and self._n_threads > 1 and self._context._n_vocab >= _PARALLEL_MIN_VOCAB:
+            for i in prange(n, num_threads=self._n_threads, schedule="dynamic"):
+                tid = threadid()
+                q = self._active[self._sampled[i]]
+                q.consume(llama.llama_get_logits_ith(lctx, q.batch_idx), self._cands[tid].data())
+        else:
+            for i in range(n):
+                q = self._active[self._sampled[i]]
+                q.consume(llama.llama_get_logits_ith(lctx, q.batch_idx), self._cands[0].data())
+
+    cdef int _step(self) except -1:
+        """One decode step for every live sequence; queues (id, chunk) pairs.  0 when idle."""
+        cdef Context ctx = self._context
+        cdef _Seq q
+        cdef int rc
+        cdef size_t i
+        cdef int32_t slot
+        ctx._acquire()
+        try:
+            if self._epoch != ctx._epoch:
+                raise StaleStateError("this batch is no longer active: a newer generation (gen_begin, "
+                                      "clear, another BatchGenerator) took over its context")
+            # waiting prompts take free slots
+            for slot in range(self._n_slots):
+                if self._slots[slot] is None and self._waiting:
+                    q = self._seqs[self._waiting.popleft()]
+                    q.c.slot = slot
+                    self._slots[slot] = q
+                    llama.llama_memory_seq_rm(llama.llama_get_memory(ctx._ctx), slot, -1, -1)
+            self._active.clear()
+            for q in self._slots:
+                if q is not None:
+                    self._active.push_back(q.c)
+            if self._active.size() == 0:
+                return 0
+            if self._cands[0].size() == 0:
+                for i in range(self._cands.size()):
+                    self._cands[i].resize(ctx._n_vocab)
+            with nogil:
+                rc = self._decode_step()
+                if rc == 0:
+                    self._sample_all()
+            self.n_steps += 1
+            if rc < 0 and rc != -100:
+                for q in self._slots:
+                    if q is not None:
+                        self._release_slot(q)
+                check_decode(rc, b"batch step")
+            for slot in range(self._n_slots):
+                q = self._slots[slot]
+                if q is None:
+                    continue
+                if q.c.batch_idx >= 0 or q.c.finish != FINISH_NONE:
+                    self._ready.append((q.c.uid, q.take_out()))
+                if q.c.finish != FINISH_NONE:
+                    self._release_slot(q)
+                    q.c.free_samplers()
+            return 1
+        finally:
+            ctx._release()
+
+    def step(self):
+        """Run one decode step; returns the list of (seq_id, chunk) it produced ([] when idle)."""
+        self._step()
+        out = list(self._ready)
+        self._ready.clear()
+        return out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while not self._ready:
+            if not self._step():
+                raise StopIteration
+        return self._ready.popleft()
