@@ -49,12 +49,14 @@ cdef class BatchGenerator:
     cdef bint _parse_special
     cdef readonly int64_t n_steps
     cdef readonly int64_t n_decoded_tokens
+    cdef readonly int64_t n_shared_tokens     # prompt tokens copied from another sequence's cache
+    cdef int32_t _min_share
 
     def __cinit__(self):
         self._has_batch = False
 
     def __init__(self, Context ctx not None, *, n_parallel=None, params=None,
-                 bint add_special=True, bint parse_special=True, **sampling):
+                 bint add_special=True, bint parse_special=True, share_prefix=16, **sampling):
         cdef int i
         ctx._check()
         self._context = ctx
@@ -65,6 +67,10 @@ cdef class BatchGenerator:
         n_parallel = _check_int("n_parallel", n_parallel, 1, max_seq,
                                 f"between 1 and the context's n_seq_max ({max_seq})")
         self._n_slots = n_parallel
+        if share_prefix is None or share_prefix is False:
+            share_prefix = 0
+        self._min_share = _check_int("share_prefix", share_prefix, 0, 1 << 30,
+                                     "0/None (off) or the shortest common prefix worth sharing")
         self._n_batch = llama.llama_n_batch(ctx._ctx)
         self._n_ctx_seq = llama.llama_n_ctx_seq(ctx._ctx)
         self._n_threads = max(1, llama.llama_n_threads(ctx._ctx))
@@ -173,6 +179,52 @@ cdef class BatchGenerator:
         self._slots[slot] = None
         q.c.slot = -1
 
+    cdef bint _wait_for_prefix(self, SeqCore * q) noexcept nogil:
+        """True when another sequence is prefilling a prompt that shares a prefix worth sharing
+        with ``q``: ``q`` then waits a step and copies it instead of decoding it alongside."""
+        cdef size_t i
+        cdef int32_t L, n
+        cdef SeqCore * o
+        for i in range(self._active.size()):
+            o = self._active[i]
+            if o == q or o.slot < 0 or not (o.fed_now > 0 or 0 < o.n_fed < <int32_t> o.prompt.size()):
+                continue
+            n = min(<int32_t> o.prompt.size(), <int32_t> q.prompt.size() - 1)
+            L = 0
+            while L < n and o.prompt[L] == q.prompt[L]:
+                L += 1
+            if L >= self._min_share:
+                return True
+        return False
+
+    cdef void _share_prefix(self, SeqCore * q) noexcept nogil:
+        """Before ``q``'s prompt is fed: copy the longest common prompt prefix another live
+        sequence already has in the KV cache, so that prefix is decoded once (system prompts)."""
+        cdef size_t i
+        cdef int32_t L, best = 0, limit
+        cdef SeqCore * o
+        cdef SeqCore * src = NULL
+        cdef llama.llama_memory_t mem
+        limit = <int32_t> q.prompt.size() - 1          # at least one token left to decode
+        for i in range(self._active.size()):
+            o = self._active[i]
+            if o == q or o.slot < 0 or o.n_fed <= best:
+                continue
+            L = 0
+            while L < limit and L < o.n_fed and L < <int32_t> o.prompt.size() and o.prompt[L] == q.prompt[L]:
+                L += 1
+            if L > best:
+                best = L
+                src = o
+        if src == NULL or best < self._min_share:
+            return
+        mem = llama.llama_get_memory(self._context._ctx)
+        llama.llama_memory_seq_rm(mem, q.slot, -1, -1)
+        llama.llama_memory_seq_cp(mem, src.slot, q.slot, -1, -1)
+        llama.llama_memory_seq_rm(mem, q.slot, best, -1)
+        q.n_fed = best
+        self.n_shared_tokens += best
+
     cdef int _fill_batch(self, int n_gen_limit, bint with_prompts) noexcept nogil:
         """Put generating tokens (at most n_gen_limit sequences) and prompt chunks in the batch."""
         cdef size_t i
@@ -199,6 +251,10 @@ cdef class BatchGenerator:
                 q = self._active[i]
                 if q.n_fed >= <int32_t> q.prompt.size() or n >= self._n_batch:
                     continue
+                if q.n_fed == 0 and self._min_share > 0:
+                    self._share_prefix(q)
+                    if q.n_fed == 0 and self._wait_for_prefix(q):
+                        continue
                 k = <int32_t> q.prompt.size() - q.n_fed
                 if k > self._n_batch - n:
                     k = self._n_batch - n
@@ -264,9 +320,7 @@ cdef class BatchGenerator:
             if q.fed_now > 0:
                 q.n_fed += q.fed_now
                 if q.n_fed == <int32_t> q.prompt.size():
-                    q.n_past = q.n_fed
-                    q.prompt.clear()
-                    q.prompt.shrink_to_fit()
+                    q.n_past = q.n_fed       # the prompt stays: later sequences may share it
         return 0
 
     cdef void _sample_all(self) noexcept nogil:

@@ -182,3 +182,28 @@ def test_real_model_batch_agrees_with_single_streams(real_model):
     assert min(prefix) >= 12, prefix
     assert agreement >= 0.75, prefix
     assert sum(p == 32 for p in prefix) >= 4, prefix
+
+
+@pytest.mark.parametrize("unified", [False, True])
+def test_shared_prompt_prefix_is_decoded_once(tiny_model, tiny_single_ctx, unified):
+    system = "the quick brown fox jumps over the lazy dog and the cat sat on the mat " * 2
+    prompts = [system + q for q in ("hello", "what now", "zebra", "one more", "x y z")]
+    kw = dict(temp=0.0, max_new_tokens=10, ignore_eos=True)
+    singles = [llamagen.generate(tiny_single_ctx, p, **kw) for p in prompts]
+    n_system = len(tiny_model.tokenize(system))
+    with llamagen.Context(tiny_model, n_ctx=1024, n_seq_max=4, kv_unified=unified) as ctx:
+        batch = llamagen.BatchGenerator(ctx, **kw)
+        ids = [batch.add(p) for p in prompts]
+        out = {i: [] for i in ids}
+        for sid, chunk in batch:
+            out[sid].append(chunk)
+        assert ["".join(out[i]) for i in ids] == singles
+        # every sequence after the first copied (at least) the system prompt instead of decoding it
+        assert batch.n_shared_tokens >= (len(prompts) - 1) * (n_system - 2)
+        off = llamagen.BatchGenerator(ctx, share_prefix=0, **kw)
+        ids = [off.add(p) for p in prompts]
+        out = {i: [] for i in ids}
+        for sid, chunk in off:
+            out[sid].append(chunk)
+        assert ["".join(out[i]) for i in ids] == singles
+        assert off.n_shared_tokens == 0

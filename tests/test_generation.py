@@ -372,51 +372,59 @@ def test_running_into_the_end_of_the_context_stops_with_length(tiny_model):
 
 # -- threads and the GIL ----------------------------------------------------------------------------
 
+class Stamper:
+    """A pure-Python thread that records perf_counter() stamps while it runs.  A stamp strictly
+    inside the span of a call proves the call let go of the GIL: holding it, no Python code of
+    another thread can run (forced switches happen only between bytecodes of the caller)."""
+
+    def __enter__(self):
+        self.stamps = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+        time.sleep(0.02)
+        return self
+
+    def _run(self):
+        n = 0
+        stamps, stop, clock = self.stamps, self.stop, time.perf_counter
+        while not stop.is_set():
+            n += 1
+            if n % 64 == 0:
+                stamps.append(clock())
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def inside(self, t0, t1):
+        import bisect
+        return bisect.bisect_right(self.stamps, t1) - bisect.bisect_left(self.stamps, t0)
+
+
 @pytest.mark.real_model
 def test_gil_is_released_during_steps(real_ctx):
     st = llamagen.gen_begin(real_ctx, REAL_PROMPT, max_new_tokens=40, ignore_eos=True)
-    counter = [0]
-    stop = threading.Event()
-
-    def count():
-        while not stop.is_set():
-            counter[0] += 1
-
-    t = threading.Thread(target=count)
-    t.start()
-    try:
-        time.sleep(0.01)
-        progressed = 0
+    spans = []
+    with Stamper() as s:
         for _ in range(40):
-            before = counter[0]
+            t0 = time.perf_counter()
             st.next()
-            progressed += counter[0] > before
-    finally:
-        stop.set()
-        t.join()
+            spans.append((t0, time.perf_counter()))
     st.end()
-    # the counting thread ran during (nearly) every step, which it cannot do if the step holds the GIL
-    assert progressed >= 30
+    # the other thread ran Python code while (nearly) every step was running
+    assert sum(s.inside(a, b) > 0 for a, b in spans) >= 30
 
 
 @pytest.mark.real_model
 def test_gil_is_released_during_generate(real_ctx):
-    counter = [0]
-    stop = threading.Event()
-
-    def count():
-        while not stop.is_set():
-            counter[0] += 1
-
-    t = threading.Thread(target=count)
-    t.start()
-    time.sleep(0.01)
-    before = counter[0]
-    llamagen.generate(real_ctx, REAL_PROMPT, max_new_tokens=40, ignore_eos=True)
-    during = counter[0] - before
-    stop.set()
-    t.join()
-    assert during > 1000
+    with Stamper() as s:
+        t0 = time.perf_counter()
+        llamagen.generate(real_ctx, REAL_PROMPT, max_new_tokens=40, ignore_eos=True)
+        t1 = time.perf_counter()
+    # stamps all through the call: check every tenth of it saw the other thread run
+    tenth = (t1 - t0) / 10
+    assert all(s.inside(t0 + i * tenth, t0 + (i + 1) * tenth) > 0 for i in range(10))
 
 
 def test_two_threads_stepping_one_state(tiny_ctx):
