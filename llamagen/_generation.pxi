@@ -89,6 +89,7 @@ cdef cppclass SeqCore:
     # UTF-8 / stop-string hold-back, and (for batches) its prompt feed and KV slot.  A plain C++
     # object, so single streams and batches step it without the GIL (and batches in parallel).
     llama.llama_sampler * chain
+    fs.lgfs_engine * fast                   # llamagen's engine (sampler_impl="fast"), or NULL
     llama.llama_sampler * grammar
     const llama.llama_vocab * vocab
     int32_t n_vocab
@@ -114,6 +115,7 @@ cdef cppclass SeqCore:
 
     __init__():
         this.chain = NULL
+        this.fast = NULL
         this.grammar = NULL
         this.pending = -1
         this.finish = FINISH_NONE
@@ -131,51 +133,17 @@ cdef cppclass SeqCore:
         if this.chain != NULL:
             llama.llama_sampler_free(this.chain)
             this.chain = NULL
+        if this.fast != NULL:
+            fs.lgfs_free(this.fast)
+            this.fast = NULL
         if this.grammar != NULL:
             llama.llama_sampler_free(this.grammar)
             this.grammar = NULL
 
     llama.llama_token sample(const float * logits, llama.llama_token_data * cand) noexcept nogil:
-        # the chain, then the grammar check; re-sample with the grammar only on rejection
-        cdef llama.llama_token_data_array arr
-        cdef llama.llama_token_data single
-        cdef llama.llama_token_data_array one
-        cdef llama.llama_token tok
-        cdef int32_t i
-        for i in range(this.n_vocab):
-            cand[i].id = i
-            cand[i].logit = logits[i]
-            cand[i].p = 0.0
-        arr.data = cand
-        arr.size = this.n_vocab
-        arr.selected = -1
-        arr.sorted = False
-        llama.llama_sampler_apply(this.chain, &arr)
-        tok = arr.data[arr.selected].id
-        if this.grammar != NULL:
-            single.id = tok
-            single.logit = 1.0
-            single.p = 0.0
-            one.data = &single
-            one.size = 1
-            one.selected = -1
-            one.sorted = False
-            llama.llama_sampler_apply(this.grammar, &one)
-            if single.logit == -INFINITY:
-                for i in range(this.n_vocab):
-                    cand[i].id = i
-                    cand[i].logit = logits[i]
-                    cand[i].p = 0.0
-                arr.data = cand
-                arr.size = this.n_vocab
-                arr.selected = -1
-                arr.sorted = False
-                llama.llama_sampler_apply(this.grammar, &arr)
-                llama.llama_sampler_apply(this.chain, &arr)
-                tok = arr.data[arr.selected].id
-            llama.llama_sampler_accept(this.grammar, tok)
-        llama.llama_sampler_accept(this.chain, tok)
-        return tok
+        # the chain (llama.cpp's objects or llamagen's fast engine), then the grammar check;
+        # re-sample with the grammar only on rejection; accept (see _sample_token)
+        return _sample_token(this.chain, this.fast, this.grammar, this.n_vocab, logits, cand, -1)
 
     void flush() noexcept nogil:
         # move everything held back into the output (the generation is over)
@@ -287,7 +255,10 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
     for s in params.stop:
         c.stops.push_back(s.encode("utf-8"))
     c.tokens.reserve(min(params.max_new_tokens, n_ctx))
-    c.chain = _build_chain(params, ctx._vocab, ctx._n_vocab, n_ctx, seed)
+    if params.sampler_impl == "fast" and _fast_supported(params):
+        c.fast = _build_fast(params, ctx._vocab, ctx._n_vocab, n_ctx, seed)
+    else:
+        c.chain = _build_chain(params, ctx._vocab, ctx._n_vocab, n_ctx, seed)
     c.grammar = _build_grammar(params, ctx._vocab)
     return q
 

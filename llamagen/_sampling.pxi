@@ -5,7 +5,13 @@
 #   -> temp_ext -> dist(seed);  mirostat 1/2: logit_bias -> temp -> mirostat.
 # The grammar sampler is kept out of the chain: the generation step checks the sampled token
 # against it and re-samples with the grammar only when the token is rejected.
+#
+# Two engines run that chain: llama.cpp's own sampler objects (sampler_impl="llama.cpp"), and
+# llamagen's own engine (sampler_impl="fast", the default; llamagen/csrc/fast_sampler.h), which
+# selects the same token for the same logits, parameters, seed and history, much faster.
 
+from libc.math cimport INFINITY
+from llamagen.includes cimport fast_sampler as fs
 from llamagen.sampling import SamplingParams
 
 
@@ -100,3 +106,299 @@ cdef llama.llama_sampler * _build_grammar(object p, const llama.llama_vocab * vo
     if g == NULL:
         raise GrammarError(f"the grammar does not parse: {_take_errors() or 'invalid GBNF'}")
     return g
+
+
+# -- llamagen's own engine -------------------------------------------------------------------
+
+def _fast_supported(object p):
+    """Can the fast engine run ``p`` token-identically to llama.cpp's chain?  (Dynamic temperature
+    is left to llama.cpp's implementation, and so is everything on a C++ library other than
+    libstdc++: the engine reproduces libstdc++'s sort and random algorithms.)"""
+    cdef float drange = p.dynatemp_range
+    if not fs.lgfs_supported():
+        return False
+    if p.mirostat == 0 and drange > 0.0:
+        return False
+    return True
+
+
+def _fast_info():
+    """Internal: whether the fast engine is available and which expf its vector kernels use."""
+    mode = fs.lgfs_expf_mode()
+    return {"supported": bool(fs.lgfs_supported()),
+            "expf": {0: "libm (scalar)", 1: "glibc expf, no FMA (vector)",
+                     2: "glibc expf, FMA (vector)"}.get(mode, str(mode))}
+
+
+cdef fs.lgfs_engine * _build_fast(object p, const llama.llama_vocab * vocab, int32_t n_vocab,
+                                  int32_t n_ctx, uint32_t seed) except NULL:
+    """The fast engine for ``p`` (a SamplingParams the engine supports).  The caller owns it."""
+    cdef fs.lgfs_config c
+    cdef vector[const char *] breakers
+    cdef int32_t last_n
+    cdef float f_rep, f_freq, f_pres
+    cdef llama.llama_sampler * dry = NULL
+    c.n_vocab = n_vocab
+    c.seed = seed
+    c.min_keep = p.min_keep
+    c.temp = p.temp
+    if p.logit_bias:
+        for tok, bias in p.logit_bias:
+            check_token(tok, n_vocab)
+            fs.lgfs_config_add_bias(c, tok, bias)
+    if p.mirostat == 0:
+        last_n = p.repeat_last_n
+        if last_n < 0:
+            last_n = n_ctx
+        f_rep = p.repeat_penalty
+        f_freq = p.frequency_penalty
+        f_pres = p.presence_penalty
+        if last_n > 0 and (p.repeat_penalty != 1.0 or p.frequency_penalty != 0.0
+                           or p.presence_penalty != 0.0) \
+                and not (f_rep == 1.0 and f_freq == 0.0 and f_pres == 0.0):
+            c.pen_last_n = last_n
+            c.pen_repeat = f_rep
+            c.pen_freq = f_freq
+            c.pen_present = f_pres
+        if p.top_n_sigma > 0.0:
+            c.top_n_sigma = p.top_n_sigma
+        if p.top_k > 0:
+            c.top_k = p.top_k
+        if p.typical_p < 1.0:
+            c.typical_p = p.typical_p
+        if p.top_p < 1.0:
+            c.top_p = p.top_p
+        if p.min_p > 0.0:
+            c.min_p = p.min_p
+        if p.xtc_probability > 0.0:
+            c.xtc = True
+            c.xtc_p = p.xtc_probability
+            c.xtc_t = p.xtc_threshold
+        if p.dry_multiplier > 0.0:
+            # DRY itself is llama.cpp's sampler, applied by the engine to the tokens it can reach
+            enc = [b.encode("utf-8") for b in p.dry_sequence_breakers]
+            for b in enc:
+                breakers.push_back(<const char *> b)
+            last_n = p.dry_penalty_last_n
+            if last_n < 0:
+                last_n = n_ctx
+            dry = llama.llama_sampler_init_dry(vocab, p.dry_multiplier, p.dry_base,
+                                               p.dry_allowed_length, last_n, breakers.data(),
+                                               breakers.size())
+            if dry == NULL:
+                raise MemoryError()
+            c.dry = dry
+            c.dry_last_n = last_n
+    else:
+        c.mirostat = p.mirostat
+        c.tau = p.mirostat_tau
+        c.eta = p.mirostat_eta
+    try:
+        return fs.lgfs_new(c)
+    except BaseException:
+        if dry != NULL:
+            llama.llama_sampler_free(dry)
+        raise
+
+
+cdef llama.llama_token _sample_token(llama.llama_sampler * chain, fs.lgfs_engine * fast,
+                                     llama.llama_sampler * grammar, int32_t n_vocab,
+                                     const float * logits, llama.llama_token_data * cand,
+                                     llama.llama_token forced) noexcept nogil:
+    """One sampling step with either engine: the chain, then the grammar check; re-sample with
+    the grammar applied to every candidate only on rejection; accept the token (``forced`` >= 0:
+    accept that one instead -- the replay tests drive several samplers along one history)."""
+    cdef llama.llama_token_data_array arr
+    cdef llama.llama_token_data single
+    cdef llama.llama_token_data_array one
+    cdef llama.llama_token tok, acc
+    cdef int32_t i
+    if fast != NULL:
+        tok = fast.sample(logits, cand)
+    else:
+        for i in range(n_vocab):
+            cand[i].id = i
+            cand[i].logit = logits[i]
+            cand[i].p = 0.0
+        arr.data = cand
+        arr.size = n_vocab
+        arr.selected = -1
+        arr.sorted = False
+        llama.llama_sampler_apply(chain, &arr)
+        tok = arr.data[arr.selected].id
+    acc = forced if forced >= 0 else tok
+    if grammar != NULL:
+        single.id = tok
+        single.logit = 1.0
+        single.p = 0.0
+        one.data = &single
+        one.size = 1
+        one.selected = -1
+        one.sorted = False
+        llama.llama_sampler_apply(grammar, &one)
+        if single.logit == -INFINITY:
+            for i in range(n_vocab):
+                cand[i].id = i
+                cand[i].logit = logits[i]
+                cand[i].p = 0.0
+            arr.data = cand
+            arr.size = n_vocab
+            arr.selected = -1
+            arr.sorted = False
+            llama.llama_sampler_apply(grammar, &arr)
+            if fast != NULL:
+                tok = fast.sample_from_cand(cand)
+            else:
+                llama.llama_sampler_apply(chain, &arr)
+                tok = arr.data[arr.selected].id
+            acc = forced if forced >= 0 else tok
+        llama.llama_sampler_accept(grammar, acc)
+    if fast != NULL:
+        fast.accept(acc)
+    else:
+        llama.llama_sampler_accept(chain, acc)
+    return tok
+
+
+cdef class _ReplaySampler:
+    """Internal (tests, benchmarks): one engine's sampler state for ``params``, stepped on given
+    logits.  ``step(logits, forced=-1)`` samples exactly as a generation step does (chain, grammar
+    check, re-sample on rejection) and accepts ``forced`` (>= 0) or the chosen token."""
+    cdef llama.llama_sampler * chain
+    cdef llama.llama_sampler * grammar
+    cdef fs.lgfs_engine * fast
+    cdef int32_t n_vocab
+    cdef vector[llama.llama_token_data] cand
+    cdef readonly list chosen
+    cdef readonly object params
+    cdef readonly str impl
+    cdef readonly object model
+
+    def __cinit__(self):
+        self.chain = NULL
+        self.grammar = NULL
+        self.fast = NULL
+
+    def __init__(self, Context ctx not None, params, impl=None):
+        cdef int32_t n_ctx
+        if not isinstance(params, SamplingParams):
+            raise TypeError("params must be a llamagen.SamplingParams")
+        if params.seed is None:
+            raise ValueError("a replay needs a fixed seed")
+        ctx._check()
+        impl = params.sampler_impl if impl is None else impl
+        n_ctx = llama.llama_n_ctx_seq(ctx._ctx)
+        self.n_vocab = ctx._n_vocab
+        self.model = ctx.model
+        if impl == "fast":
+            if not _fast_supported(params):
+                raise ValueError("the fast engine does not run this configuration")
+            self.fast = _build_fast(params, ctx._vocab, ctx._n_vocab, n_ctx, <uint32_t> params.seed)
+        elif impl == "llama.cpp":
+            self.chain = _build_chain(params, ctx._vocab, ctx._n_vocab, n_ctx, <uint32_t> params.seed)
+        else:
+            raise ValueError(f"impl must be 'fast' or 'llama.cpp', got {impl!r}")
+        self.grammar = _build_grammar(params, ctx._vocab)
+        self.cand.resize(ctx._n_vocab)
+        self.chosen = []
+        self.params = params
+        self.impl = impl
+
+    def __dealloc__(self):
+        if self.chain != NULL:
+            llama.llama_sampler_free(self.chain)
+        if self.grammar != NULL:
+            llama.llama_sampler_free(self.grammar)
+        if self.fast != NULL:
+            fs.lgfs_free(self.fast)
+
+    cdef llama.llama_token step_ptr(self, const float * logits, llama.llama_token forced):
+        cdef llama.llama_token tok
+        with nogil:
+            tok = _sample_token(self.chain, self.fast, self.grammar, self.n_vocab, logits,
+                                self.cand.data(), forced)
+        self.chosen.append(tok)
+        return tok
+
+    def step(self, const float[::1] logits not None, int forced=-1):
+        if logits.shape[0] != self.n_vocab:
+            raise ValueError(f"expected {self.n_vocab} logits, got {logits.shape[0]}")
+        if forced >= self.n_vocab:
+            raise ValueError("forced token out of range")
+        return self.step_ptr(&logits[0], forced)
+
+    @property
+    def slow_steps(self):
+        """Steps where the fast engine fell back to its exact port of llama.cpp's code."""
+        return None if self.fast == NULL else self.fast.stats.slow
+
+    @property
+    def slow_reasons(self):
+        """Internal diagnostics: counts of fast-path fallbacks by reason (see fast_sampler.h)."""
+        if self.fast == NULL:
+            return None
+        return [self.fast.stats.why[i] for i in range(8)]
+
+    @property
+    def mirostat_mu(self):
+        return None if self.fast == NULL else self.fast.mirostat_mu()
+
+
+def _replay_run(Context ctx not None, prompt, driver_params, samplers, int n_steps,
+                bint stop_at_eog=True, logits_out=None):
+    """Internal: generate ``n_steps`` tokens from ``prompt`` with ``driver_params`` (llama.cpp's
+    engine) and, at every step, let each _ReplaySampler in ``samplers`` sample from the same
+    logits and accept the driver's token (same logits, same history).  Returns the driver's
+    tokens; each sampler's choices are in its ``chosen``.  ``logits_out``: a list to append each
+    step's logits to (bytes of float32)."""
+    cdef _ReplaySampler driver = _ReplaySampler(ctx, driver_params, "llama.cpp")
+    cdef _ReplaySampler s
+    cdef vector[llama.llama_token] toks
+    cdef int32_t n_batch, i, n, total, rc = 0, n_ctx
+    cdef llama.llama_token tok
+    cdef const float * logits
+    cdef list out = []
+    for s in samplers:
+        if s.n_vocab != ctx._n_vocab:
+            raise ValueError("a sampler was built for another vocabulary")
+    ctx._check()
+    n_ctx = llama.llama_n_ctx_seq(ctx._ctx)
+    if isinstance(prompt, (str, bytes)):
+        toks = _tokenize(ctx._vocab, prompt, True, True)
+    else:
+        toks = prompt
+    total = <int32_t> toks.size()
+    if total == 0 or total >= n_ctx:
+        raise ValueError("bad prompt length for this context")
+    ctx._acquire()
+    try:
+        ctx._epoch += 1
+        n_batch = llama.llama_n_batch(ctx._ctx)
+        llama.llama_memory_clear(llama.llama_get_memory(ctx._ctx), True)
+        i = 0
+        while i < total:
+            n = min(total - i, n_batch)
+            rc = llama.llama_decode(ctx._ctx, llama.llama_batch_get_one(toks.data() + i, n))
+            if rc != 0:
+                check_decode(rc, b"replay prefill")
+            i += n
+        for i in range(n_steps):
+            logits = llama.llama_get_logits_ith(ctx._ctx, -1)
+            if logits_out is not None:
+                logits_out.append(PyBytes_FromStringAndSize(<const char *> logits,
+                                                            ctx._n_vocab * sizeof(float)))
+            tok = driver.step_ptr(logits, -1)
+            for s in samplers:
+                s.step_ptr(logits, tok)
+            out.append(tok)
+            if stop_at_eog and llama.llama_vocab_is_eog(ctx._vocab, tok):
+                break
+            if total + i + 1 >= n_ctx:
+                break
+            rc = llama.llama_decode(ctx._ctx, llama.llama_batch_get_one(&tok, 1))
+            if rc != 0:
+                check_decode(rc, b"replay step")
+    finally:
+        llama.llama_memory_clear(llama.llama_get_memory(ctx._ctx), True)
+        ctx._release()
+    return out

@@ -27,13 +27,13 @@ import math
 import os
 import statistics
 import sys
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from llamagen.sampling import FIELDS, SamplingParams
+from llamagen.sampling import FIELDS, SAMPLER_IMPLS, SamplingParams
 
 __all__ = [
     "DEFAULT_PROMPT", "JSON_OBJECT_GRAMMAR", "DEFAULT_CONFIGS", "METRICS", "sweep_samplers",
-    "load_configs", "format_table", "to_json", "to_csv", "plot",
+    "load_configs", "format_table", "format_engine_table", "to_json", "to_csv", "plot",
 ]
 
 DEFAULT_PROMPT = "The three most important inventions in history are"
@@ -271,7 +271,8 @@ def _row(name: str, params: Optional[SamplingParams], runs: List[Dict[str, Any]]
 def sweep_samplers(model, configs: Optional[Configs] = None, *, prompt: str = DEFAULT_PROMPT,
                    max_new_tokens: int = 64, repeats: int = 3, warmup: int = 1, n_ctx: int = 2048,
                    n_threads: Optional[int] = None, ignore_eos: bool = True,
-                   progress: bool = True) -> List[Dict[str, Any]]:
+                   progress: bool = True,
+                   sampler_impls: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """Time every sampler configuration; one row (dict) per configuration, in order.
 
     ``model`` is a ``llamagen.Model`` or a GGUF path (loaded here, and closed afterwards).
@@ -282,7 +283,12 @@ def sweep_samplers(model, configs: Optional[Configs] = None, *, prompt: str = DE
     Row keys: ``name``; for each of ``METRICS``: ``<metric>_median``, ``_min``, ``_max`` and
     ``_stdev`` (None with a single repeat); ``n_tokens``; ``finish_reason``; ``repeats`` (timed
     runs done); ``error`` (None, or the exception that stopped this configuration); ``params``
-    (fields changed from the SamplingParams defaults); ``runs`` (the per-run measurements).
+    (fields changed from the SamplingParams defaults); ``runs`` (the per-run measurements);
+    ``sampler_impl`` (the engine that ran it).
+
+    ``sampler_impls``: run every configuration once per engine, e.g. ``("llama.cpp", "fast")``
+    (one row each, in that order; compare them with ``format_engine_table``).  None: each
+    configuration's own ``sampler_impl`` (default "fast").
     """
     import llamagen
     from llamagen import _core
@@ -300,6 +306,14 @@ def sweep_samplers(model, configs: Optional[Configs] = None, *, prompt: str = DE
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"configuration name(s) used twice: {', '.join(dup)}")
+    if sampler_impls is not None:
+        impls = list(sampler_impls)
+        bad = [i for i in impls if i not in SAMPLER_IMPLS]
+        if not impls or bad or len(set(impls)) != len(impls):
+            raise ValueError(f"sampler_impls must list distinct values of {SAMPLER_IMPLS}, got {sampler_impls!r}")
+        items = [(name, spec, impl) for name, spec in items for impl in impls]
+    else:
+        items = [(name, spec, None) for name, spec in items]
 
     own_model = not isinstance(model, llamagen.Model)
     if own_model:
@@ -309,14 +323,16 @@ def sweep_samplers(model, configs: Optional[Configs] = None, *, prompt: str = DE
     bar = _Progress(len(items) * per_config, progress)
     try:
         with llamagen.Context(model, n_ctx=n_ctx, n_threads=n_threads) as ctx:
-            for name, spec in items:
-                bar.set(name)
+            for name, spec, impl in items:
+                bar.set(name if impl is None else f"{name} [{impl}]")
                 runs: List[Dict[str, Any]] = []
                 params = None
                 error = None
                 done = 0
                 try:
                     params = _make_params(name, spec, max_new_tokens, ignore_eos)
+                    if impl is not None:
+                        params = params.replace(sampler_impl=impl)
                     for i in range(per_config):
                         _text, state = _core._generate(ctx, prompt, params)
                         if i >= warmup:
@@ -326,7 +342,10 @@ def sweep_samplers(model, configs: Optional[Configs] = None, *, prompt: str = DE
                 except Exception as e:  # a bad configuration must not stop the sweep
                     error = f"{type(e).__name__}: {e}"
                     bar.update(per_config - done)
-                rows.append(_row(name, params, runs, error))
+                row = _row(name, params, runs, error)
+                row["sampler_impl"] = (impl if impl is not None else
+                                       (params.sampler_impl if params is not None else None))
+                rows.append(row)
     finally:
         bar.close()
         if own_model:
@@ -386,6 +405,36 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def format_engine_table(rows: List[Dict[str, Any]], *, markdown: bool = False) -> str:
+    """Both engines side by side (rows of a sweep run with ``sampler_impls``): per configuration,
+    sampling ms per token with llama.cpp's chain and with the fast engine, the speed-up, and
+    tokens/s of the whole generation loop with each."""
+    by: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    order: List[str] = []
+    for r in rows:
+        if r["name"] not in by:
+            by[r["name"]] = {}
+            order.append(r["name"])
+        by[r["name"]][r.get("sampler_impl") or "fast"] = r
+    headers = ["config", "llama.cpp ms/tok", "fast ms/tok", "speed-up", "llama.cpp tok/s", "fast tok/s"]
+    body = []
+    for name in order:
+        a, b = by[name].get("llama.cpp", {}), by[name].get("fast", {})
+        ma, mb = a.get("sample_ms_per_token_median"), b.get("sample_ms_per_token_median")
+        body.append([name, _fmt(ma, 3), _fmt(mb, 3),
+                     f"{ma / mb:.1f}x" if ma and mb else "-",
+                     _fmt(a.get("tokens_per_second_median"), 1), _fmt(b.get("tokens_per_second_median"), 1)])
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * 5) + "|"]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(headers)]
+    fmt = lambda cells: "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
+                                  for i, c in enumerate(cells)).rstrip()
+    lines = [fmt(headers), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
+    return "\n".join(lines) + "\n"
+
+
 def to_json(rows: List[Dict[str, Any]], *, indent: Optional[int] = 2) -> str:
     """The rows as a JSON array (per-run measurements included under "runs")."""
     return json.dumps(rows, indent=indent) + "\n"
@@ -395,7 +444,7 @@ def _csv_columns(rows: List[Dict[str, Any]]) -> List[str]:
     cols = ["name"]
     for m in METRICS:
         cols += [f"{m}_median", f"{m}_min", f"{m}_max", f"{m}_stdev"]
-    cols += ["n_tokens", "finish_reason", "repeats", "error", "params"]
+    cols += ["n_tokens", "finish_reason", "repeats", "error", "params", "sampler_impl"]
     return cols
 
 

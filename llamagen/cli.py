@@ -149,9 +149,12 @@ def cmd_bench_samplers(a: argparse.Namespace) -> int:
     configs = bench.load_configs(a.configs) if a.configs else None
     model = _load(a)
     try:
+        impls = {"both": ("llama.cpp", "fast"), "fast": ("fast",), "llama.cpp": ("llama.cpp",),
+                 None: None}[a.engines]
         rows = bench.sweep_samplers(
             model, configs, prompt=a.prompt, max_new_tokens=a.max_new_tokens, repeats=a.repeats,
-            warmup=a.warmup, n_ctx=a.n_ctx, n_threads=a.threads, progress=not a.no_progress)
+            warmup=a.warmup, n_ctx=a.n_ctx, n_threads=a.threads, progress=not a.no_progress,
+            sampler_impls=impls)
     finally:
         model.close()
     if a.json:
@@ -160,6 +163,8 @@ def cmd_bench_samplers(a: argparse.Namespace) -> int:
         sys.stdout.write(bench.to_csv(rows))
     else:
         sys.stdout.write(bench.format_table(rows))
+        if a.engines == "both":
+            sys.stdout.write("\n" + bench.format_engine_table(rows))
     sys.stdout.flush()
     if a.plot:
         bench.plot(rows, a.plot)
@@ -234,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", default=None, metavar="OUT.png",
                    help='also write a bar chart (needs pip install "llamagen[plot]")')
     s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    s.add_argument("--engines", choices=("fast", "llama.cpp", "both"), default=None,
+                   help="sampling engine(s) to time: both = every configuration with llama.cpp's "
+                        "chain and with llamagen's engine, side by side (default: each "
+                        "configuration's own sampler_impl, i.e. fast)")
     s.set_defaults(func=cmd_bench_samplers)
     return p
 

@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Tuple
 
-__all__ = ["SamplingParams", "DEFAULT_DRY_BREAKERS"]
+__all__ = ["SamplingParams", "DEFAULT_DRY_BREAKERS", "SAMPLER_IMPLS"]
 
 DEFAULT_DRY_BREAKERS = ("\n", ":", '"', "*")
+SAMPLER_IMPLS = ("fast", "llama.cpp")
 
 
 def _num(name, value, lo=-math.inf, hi=math.inf, *, lo_open=False, what=None):
@@ -67,6 +68,9 @@ class SamplingParams:
     xtc_threshold: float = 0.1
     top_n_sigma: float = -1.0
     grammar_root: str = "root"
+    # which engine runs the chain: "fast" (llamagen's own, token-identical to llama.cpp's) or
+    # "llama.cpp" (llama.cpp's own sampler objects: the reference, and the fallback)
+    sampler_impl: str = "fast"
 
     def __post_init__(self):
         s = object.__setattr__
@@ -139,6 +143,9 @@ class SamplingParams:
         s(self, "top_n_sigma", _num("top_n_sigma", self.top_n_sigma, what="a finite number (<= 0 = off)"))
         if not isinstance(self.grammar_root, str) or not self.grammar_root:
             raise ValueError("grammar_root must be a non-empty rule name")
+        if self.sampler_impl not in SAMPLER_IMPLS:
+            raise ValueError(f"sampler_impl must be one of {', '.join(map(repr, SAMPLER_IMPLS))}, "
+                             f"got {self.sampler_impl!r}")
 
     @property
     def greedy(self) -> bool:

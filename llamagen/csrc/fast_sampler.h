@@ -1,0 +1,2490 @@
+// llamagen's own sampling engine: the same token as llama.cpp's sampler chain, much faster.
+//
+// The engine emulates the chain that llamagen builds (llamagen/_sampling.pxi, llama.cpp's own
+// order): logit_bias -> penalties -> DRY -> top_n_sigma -> top_k -> typical -> top_p -> min_p ->
+// XTC -> temperature -> dist, or temperature -> mirostat 1/2.  It never builds the 262k-entry
+// candidate array unless it must: while the candidates are still "the whole vocabulary in id
+// order" (FULL state) every sampler has an O(n) vectorized path over the raw logits that computes
+// the same result as llama.cpp's code:
+//
+//  * float operations that decide a token are the ones llama.cpp performs, in the same order.
+//    Sequential float/double sums over the vocabulary are reproduced bit for bit with an exact
+//    "grid" decomposition: while the running sum s stays in one binade, s + x rounds to
+//    s + RN_ulp(s)(x), so a block's contribution is an integer sum of per-element roundings (order
+//    independent); blocks where the binade changes or a rounding tie occurs run sequentially.
+//  * expf is glibc's algorithm (with or without FMA, chosen by a self-test against the libm in
+//    the process at start-up), vectorized: bit-identical to the expf llama.cpp calls.
+//  * sorts: llama.cpp's top-k is std::partial_sort (a heap select) or its 128-bucket sort; the
+//    candidate order among equal logits depends on those algorithms.  top_k <= 128 replays the
+//    heap select exactly (skipping elements it would skip, 16 at a time).  Elsewhere the engine
+//    sorts only the prefix it needs and checks that the prefix has no equal keys where the order
+//    matters; when it has (rare), the step falls back to the exact port below.
+//
+// Whenever a fast path's precondition does not hold (ties, NaN, huge logits, probabilities that
+// can underflow to 0, ...), the candidates are materialized and the step runs through a line-by-
+// line port of llama.cpp's implementation (ARRAY state), which is exact by construction.
+//
+// State (RNGs, mirostat mu, penalty counts) is the engine's own, advanced exactly as llama.cpp's
+// samplers advance theirs.  DRY is delegated to llama.cpp's own DRY sampler object, applied to a
+// small probe array of the tokens it can penalize.
+//
+// Exactness claims hold for libstdc++ (the std::sort / std::partial_sort / <random> algorithms
+// are the ones llama.cpp was compiled with) and IEEE float without FMA contraction in this
+// translation unit; fast_sampler_supported() reports whether this build can make that claim.
+
+#pragma once
+
+#include "llama.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define LGFS_X86 1
+#define LGFS_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+#endif
+
+namespace lgfs {
+
+typedef llama_token_data tdata;
+
+#if defined(__GLIBCXX__)
+static inline bool fast_sampler_supported() { return true; }
+#else
+static inline bool fast_sampler_supported() { return false; }
+#endif
+
+// ------------------------------------------------------------------------------------------
+// thread-local scratch (grows to O(n_vocab) once per thread, never per token)
+
+struct Scratch {
+    std::vector<float> work;          // the FULL state's edited logits
+    std::vector<int32_t> gidx;        // gathered ids
+    std::vector<tdata> pre;           // sorted prefixes
+    std::vector<tdata> abuf;          // small ARRAY states
+    std::vector<float> f1, f2, f3;
+    std::vector<double> d1;
+    std::vector<size_t> s1;
+    std::vector<int> ibuf;            // port: bucket index
+    std::vector<tdata> res;           // port: partial-sort result
+    std::vector<tdata> tnew;          // port: typical output
+    std::vector<unsigned char> seen;
+    std::vector<tdata> probe;
+    std::vector<double> chunk_end;
+    std::vector<float> masked;        // grammar-masked logits
+};
+
+static inline Scratch & scratch() {
+    static thread_local Scratch s;
+    return s;
+}
+
+struct Arr {                          // mirrors llama_token_data_array
+    tdata * data;
+    size_t size;
+    int64_t selected;
+    bool sorted;
+};
+
+static inline bool cmp_logit_desc(const tdata & a, const tdata & b) { return a.logit > b.logit; }
+
+// ------------------------------------------------------------------------------------------
+// exact ports of llama.cpp's helpers (src/llama-sampler.cpp), allocation-free
+
+static constexpr int   BK_N     = 128;
+static constexpr float BK_LOW   = -10.0f;
+static constexpr float BK_HIGH  =  10.0f;
+static constexpr float BK_SCALE = BK_N / (BK_HIGH - BK_LOW);
+static constexpr float BK_INTER = -BK_LOW * BK_SCALE;
+
+static inline int bucket_of(float val) {
+    int ib = int(BK_SCALE * val + BK_INTER);
+    return std::max(0, std::min(BK_N - 1, ib));
+}
+
+// llama_token_data_array_partial_sort
+static void port_partial_sort(const Arr & cur, int npartial, std::vector<tdata> & res) {
+    static const auto comp = [](const tdata & a, const tdata & b) { return a.logit > b.logit; };
+    std::vector<int> & bucket_idx = scratch().ibuf;
+    bucket_idx.clear();
+    int histo[BK_N] = {0};
+    tdata * bucket_ptrs[BK_N];
+    bucket_idx.reserve(cur.size);
+    for (int i = 0; i < (int) cur.size; ++i) {
+        const float val = cur.data[i].logit;
+        int ib = int(BK_SCALE * val + BK_INTER);
+        ib = std::max(0, std::min(BK_N - 1, ib));
+        bucket_idx.push_back(ib);
+        ++histo[ib];
+    }
+    int nhave = 0;
+    int ib = BK_N - 1;
+    for (; ib >= 0; --ib) {
+        nhave += histo[ib];
+        if (nhave >= npartial) {
+            break;
+        }
+    }
+    res.resize(nhave);
+    tdata * ptr = res.data();
+    int nptr = 0;
+    for (int j = BK_N - 1; j >= ib; --j) {
+        bucket_ptrs[nptr++] = ptr;
+        ptr += histo[j];
+    }
+    for (int i = 0; i < (int) cur.size; ++i) {
+        int j = bucket_idx[i];
+        if (j >= ib) {
+            *bucket_ptrs[BK_N - 1 - j]++ = cur.data[i];
+        }
+    }
+    ptr = res.data();
+    int ndone = 0;
+    for (int j = BK_N - 1; j > ib; --j) {
+        std::sort(ptr, ptr + histo[j], comp);
+        ptr += histo[j];
+        ndone += histo[j];
+    }
+    std::partial_sort(ptr, ptr + npartial - ndone, ptr + histo[ib], comp);
+}
+
+// llama_token_data_array_partial_sort_inplace
+static void port_partial_sort_inplace(Arr * cur_p, int npartial) {
+    static const auto comp = [](const tdata & a, const tdata & b) { return a.logit > b.logit; };
+    if (npartial <= 128) {
+        std::partial_sort(cur_p->data, cur_p->data + npartial, cur_p->data + cur_p->size, comp);
+        cur_p->size = npartial;
+        cur_p->sorted = true;
+        return;
+    }
+    std::vector<tdata> & tmp = scratch().res;
+    port_partial_sort(*cur_p, npartial, tmp);
+    std::copy(tmp.data(), tmp.data() + npartial, cur_p->data);
+    cur_p->size = npartial;
+    cur_p->sorted = true;
+}
+
+static void port_temp_impl(Arr * cur_p, float temp) {
+    if (cur_p->size == 0) {
+        return;
+    }
+    if (temp <= 0.0f) {
+        size_t max_i = 0;
+        float max_l = cur_p->data[0].logit;
+        for (size_t i = 1; i < cur_p->size; ++i) {
+            if (cur_p->data[i].logit > max_l) {
+                cur_p->data[max_i].logit = -INFINITY;
+                max_i = i;
+                max_l = cur_p->data[i].logit;
+            } else {
+                cur_p->data[i].logit = -INFINITY;
+            }
+        }
+        return;
+    }
+    for (size_t i = 0; i < cur_p->size; ++i) {
+        cur_p->data[i].logit /= temp;
+    }
+}
+
+static void port_softmax_impl(Arr * cur_p, bool do_sort) {
+    if (do_sort && !cur_p->sorted) {
+        port_partial_sort_inplace(cur_p, (int) cur_p->size);
+    }
+    float max_l = cur_p->data[0].logit;
+    if (!cur_p->sorted) {
+        for (size_t i = 1; i < cur_p->size; ++i) {
+            max_l = std::max(max_l, cur_p->data[i].logit);
+        }
+    }
+    float cum_sum = 0.0f;
+    for (size_t i = 0; i < cur_p->size; ++i) {
+        float p = expf(cur_p->data[i].logit - max_l);
+        cur_p->data[i].p = p;
+        cum_sum += p;
+    }
+    for (size_t i = 0; i < cur_p->size; ++i) {
+        cur_p->data[i].p /= cum_sum;
+    }
+}
+
+static void port_top_k_impl(Arr * cur_p, int32_t k) {
+    if (k <= 0) {
+        return;
+    }
+    k = std::min(k, (int) cur_p->size);
+    if (!cur_p->sorted) {
+        port_partial_sort_inplace(cur_p, k);
+    }
+    cur_p->size = k;
+}
+
+// std::discrete_distribution<int>(p...)(rng) as libstdc++ implements it (llama_sample_dist)
+static int port_sample_discrete(const Arr * cur_p, std::mt19937 & rng) {
+    const size_t n = cur_p->size;
+    if (n < 2) {
+        return 0;
+    }
+    std::vector<double> & cp = scratch().d1;
+    cp.resize(n);
+    double sum = 0.0;
+    for (size_t i = 0; i < n; ++i) {
+        sum = sum + (double) cur_p->data[i].p;
+    }
+    double acc = 0.0;
+    for (size_t i = 0; i < n; ++i) {
+        const double q = (double) cur_p->data[i].p / sum;
+        acc = (i == 0) ? q : acc + q;
+        cp[i] = acc;
+    }
+    cp[n - 1] = 1.0;
+    const double u = std::generate_canonical<double, std::numeric_limits<double>::digits>(rng);
+    return (int) (std::lower_bound(cp.begin(), cp.end(), u) - cp.begin());
+}
+
+static void port_dist(Arr * cur_p, std::mt19937 & rng) {
+    if (cur_p->size == 0) {
+        cur_p->selected = -1;
+        return;
+    }
+    cur_p->selected = 0;
+    std::uniform_real_distribution<double> dist(0.0f, 1.0f);
+    if (cur_p->size == 1) {
+        dist(rng);
+        cur_p->data[0].p = 1.0f;
+        return;
+    }
+    float max_l = cur_p->data[0].logit;
+    if (!cur_p->sorted) {
+        for (size_t i = 1; i < cur_p->size; ++i) {
+            max_l = std::max(max_l, cur_p->data[i].logit);
+        }
+    }
+    double sum_cum = 0.0f;
+    for (size_t i = 0; i < cur_p->size; ++i) {
+        float p = expf(cur_p->data[i].logit - max_l);
+        cur_p->data[i].p = p;
+        sum_cum += p;
+    }
+    const double rnd = dist(rng);
+    double sum_run = 0.0f;
+    const double sum_tgt = sum_cum * rnd;
+    bool found = false;
+    for (size_t i = 0; i < cur_p->size; ++i) {
+        if (!found) {
+            sum_run += cur_p->data[i].p;
+            if (sum_run >= sum_tgt) {
+                cur_p->selected = i;
+                found = true;
+            }
+        }
+        cur_p->data[i].p /= sum_cum;
+    }
+    if (!found) {
+        cur_p->selected = cur_p->size - 1;
+    }
+}
+
+static void port_top_p(Arr * cur_p, float p, size_t min_keep) {
+    if (p >= 1.0f) {
+        return;
+    }
+    port_softmax_impl(cur_p, false);
+    size_t k = cur_p->size;
+    tdata * pdata = cur_p->data;
+    std::vector<tdata> & buf_sort = scratch().pre;
+    if (!cur_p->sorted && cur_p->size > 1024) {
+        k = std::min<size_t>(256, cur_p->size);
+        port_partial_sort(*cur_p, (int) k, buf_sort);
+        pdata = buf_sort.data();
+    } else if (!cur_p->sorted) {
+        port_partial_sort_inplace(cur_p, (int) k);
+    }
+    float cum_sum = 0.0f;
+    size_t last_idx = cur_p->size;
+    for (size_t i = 0; i < cur_p->size; ++i) {
+        cum_sum += pdata[i].p;
+        if (cum_sum >= p && i + 1 >= min_keep) {
+            last_idx = i + 1;
+            break;
+        }
+        if (!cur_p->sorted && i == k - 1) {
+            k = cur_p->size;
+            port_partial_sort(*cur_p, (int) k, buf_sort);
+            pdata = buf_sort.data();
+        }
+    }
+    if (!cur_p->sorted) {
+        std::copy(buf_sort.data(), buf_sort.data() + last_idx, cur_p->data);
+        cur_p->sorted = true;
+    }
+    cur_p->size = last_idx;
+}
+
+static void port_min_p(Arr * cur_p, float p, size_t min_keep) {
+    if (p <= 0.0f || !cur_p->size) {
+        return;
+    }
+    bool min_p_applied = false;
+    if (!cur_p->sorted) {
+        std::vector<tdata> & filtered = scratch().tnew;
+        filtered.clear();
+        float max_logit = -FLT_MAX;
+        for (size_t i = 0; i < cur_p->size; ++i) {
+            max_logit = std::max(max_logit, cur_p->data[i].logit);
+        }
+        const float min_logit = max_logit + logf(p);
+        for (size_t i = 0; i < cur_p->size; ++i) {
+            if (cur_p->data[i].logit >= min_logit) {
+                filtered.push_back(cur_p->data[i]);
+            }
+        }
+        if (!filtered.empty() && filtered.size() >= min_keep) {
+            std::copy(filtered.begin(), filtered.end(), cur_p->data);
+            cur_p->size = filtered.size();
+            min_p_applied = true;
+        }
+    }
+    if (!min_p_applied) {
+        if (!cur_p->sorted) {
+            port_partial_sort_inplace(cur_p, (int) cur_p->size);
+        }
+        const float min_logit = cur_p->data[0].logit + logf(p);
+        size_t i = 1;
+        for (; i < cur_p->size; ++i) {
+            if (cur_p->data[i].logit < min_logit && i >= min_keep) {
+                break;
+            }
+        }
+        cur_p->size = i;
+    }
+}
+
+static void port_typical(Arr * cur_p, float p, size_t min_keep) {
+    if (p >= 1.0f) {
+        return;
+    }
+    port_softmax_impl(cur_p, true);
+    float entropy = 0.0f;
+    for (size_t i = 0; i < cur_p->size; ++i) {
+        entropy += -cur_p->data[i].p * logf(cur_p->data[i].p);
+    }
+    std::vector<float> & shifted_scores = scratch().f1;
+    shifted_scores.clear();
+    for (size_t i = 0; i < cur_p->size; ++i) {
+        float shifted_score = fabsf(-logf(cur_p->data[i].p) - entropy);
+        shifted_scores.push_back(shifted_score);
+    }
+    std::vector<size_t> & indices = scratch().s1;
+    indices.resize(cur_p->size);
+    std::iota(indices.begin(), indices.end(), 0);
+    std::sort(indices.begin(), indices.end(), [&](size_t a, size_t b) {
+        return shifted_scores[a] < shifted_scores[b];
+    });
+    float cum_sum = 0.0f;
+    size_t last_idx = indices.size();
+    for (size_t i = 0; i < indices.size(); ++i) {
+        size_t idx = indices[i];
+        cum_sum += cur_p->data[idx].p;
+        if (cum_sum > p && (min_keep == 0 || i >= min_keep - 1)) {
+            last_idx = i + 1;
+            break;
+        }
+    }
+    std::vector<tdata> & cur_p_new = scratch().tnew;
+    cur_p_new.clear();
+    for (size_t i = 0; i < last_idx; ++i) {
+        cur_p_new.push_back(cur_p->data[indices[i]]);
+    }
+    std::copy(cur_p_new.begin(), cur_p_new.end(), cur_p->data);
+    cur_p->size = cur_p_new.size();
+    cur_p->sorted = false;
+}
+
+static void port_top_n_sigma(Arr * cur_p, float n) {
+    if (n <= 0.0f || cur_p->size <= 1) {
+        return;
+    }
+    float max = cur_p->data[0].logit;
+    float logits_sum = 0;
+    size_t valid_count = 0;
+    for (size_t i = 0; i < cur_p->size; ++i) {
+        if (cur_p->data[i].logit != -INFINITY) {
+            max = std::max(max, cur_p->data[i].logit);
+            logits_sum += cur_p->data[i].logit;
+            valid_count++;
+        }
+    }
+    float mean = valid_count > 0 ? logits_sum / valid_count : 0;
+    float acc = 0;
+    for (size_t i = 0; i < cur_p->size; ++i) {
+        if (cur_p->data[i].logit != -INFINITY) {
+            acc += pow(cur_p->data[i].logit - mean, 2);
+        }
+    }
+    float std = valid_count > 0 ? sqrt(acc / valid_count) : 0;
+    for (size_t i = 0; i < cur_p->size; ++i) {
+        if (cur_p->data[i].logit < max - (n * std)) {
+            cur_p->data[i].logit = -INFINITY;
+        }
+    }
+}
+
+static void port_xtc(Arr * cur_p, float probability, float threshold, size_t min_keep, std::mt19937 & rng) {
+    if (probability <= 0.0f || threshold > 0.5f || cur_p->size < 2) {
+        return;
+    }
+    std::uniform_real_distribution<float> distribution(0.0f, 1.0f);
+    float chance = distribution(rng);
+    if (chance > probability) {
+        return;
+    }
+    port_softmax_impl(cur_p, true);
+    int pos_last = 0;
+    for (size_t i = 0; i < cur_p->size; ++i) {
+        if (cur_p->data[i].p >= threshold) {
+            pos_last = i;
+        } else {
+            break;
+        }
+    }
+    if (cur_p->size - pos_last >= min_keep && pos_last > 0) {
+        cur_p->data += pos_last;
+        cur_p->size -= pos_last;
+    }
+}
+
+static void port_mirostat(Arr * cur_p, int32_t n_vocab, float tau, float eta, int32_t m, float & mu,
+                          std::mt19937 & rng) {
+    port_softmax_impl(cur_p, true);
+    float s_hat = 0.0;
+    float sum_ti_bi = 0.0;
+    float sum_ti_sq = 0.0;
+    for (size_t i = 0; i < size_t(m - 1) && i < cur_p->size - 1; ++i) {
+        float t_i = logf(float(i + 2) / float(i + 1));
+        float b_i = logf(cur_p->data[i].p / cur_p->data[i + 1].p);
+        sum_ti_bi += t_i * b_i;
+        sum_ti_sq += t_i * t_i;
+    }
+    s_hat = sum_ti_bi / sum_ti_sq;
+    float epsilon_hat = s_hat - 1;
+    float k = powf((epsilon_hat * powf(2, mu)) / (1 - powf(n_vocab, -epsilon_hat)), 1 / s_hat);
+    port_top_k_impl(cur_p, std::max(int(k), 1));
+    port_softmax_impl(cur_p, true);
+    const int idx = port_sample_discrete(cur_p, rng);
+    cur_p->selected = idx;
+    float observed_surprise = -log2f(cur_p->data[idx].p);
+    float e = observed_surprise - tau;
+    mu = mu - eta * e;
+}
+
+static void port_mirostat_v2(Arr * cur_p, float tau, float eta, float & mu, std::mt19937 & rng) {
+    port_softmax_impl(cur_p, true);
+    cur_p->size = std::distance(cur_p->data, std::find_if(cur_p->data, cur_p->data + cur_p->size,
+        [&](const tdata & candidate) { return -log2f(candidate.p) > mu; }));
+    if (cur_p->size == 0) {
+        cur_p->size = 1;
+    }
+    port_softmax_impl(cur_p, true);
+    const int idx = port_sample_discrete(cur_p, rng);
+    cur_p->selected = idx;
+    float observed_surprise = -log2f(cur_p->data[idx].p);
+    float e = observed_surprise - tau;
+    mu = mu - eta * e;
+}
+
+// ------------------------------------------------------------------------------------------
+// glibc's expf (sysdeps/ieee754/flt-32/e_expf.c, EXP2F_TABLE_BITS = 5), vectorized
+
+static const uint64_t EXPF_TAB[32] = {
+    0x3ff0000000000000ULL, 0x3fefd9b0d3158574ULL, 0x3fefb5586cf9890fULL, 0x3fef9301d0125b51ULL,
+    0x3fef72b83c7d517bULL, 0x3fef54873168b9aaULL, 0x3fef387a6e756238ULL, 0x3fef1e9df51fdee1ULL,
+    0x3fef06fe0a31b715ULL, 0x3feef1a7373aa9cbULL, 0x3feedea64c123422ULL, 0x3feece086061892dULL,
+    0x3feebfdad5362a27ULL, 0x3feeb42b569d4f82ULL, 0x3feeab07dd485429ULL, 0x3feea47eb03a5585ULL,
+    0x3feea09e667f3bcdULL, 0x3fee9f75e8ec5f74ULL, 0x3feea11473eb0187ULL, 0x3feea589994cce13ULL,
+    0x3feeace5422aa0dbULL, 0x3feeb737b0cdc5e5ULL, 0x3feec49182a3f090ULL, 0x3feed503b23e255dULL,
+    0x3feee89f995ad3adULL, 0x3feeff76f2fb5e47ULL, 0x3fef199bdd85529cULL, 0x3fef3720dcef9069ULL,
+    0x3fef5818dcfba487ULL, 0x3fef7c97337b9b5fULL, 0x3fefa4afa2a490daULL, 0x3fefd0765b6e4540ULL,
+};
+static constexpr double EXPF_INVLN2N = 0x1.71547652b82fep+5;
+static constexpr double EXPF_SHIFT = 0x1.8p+52;
+static constexpr double EXPF_C0 = 0x1.c6af84b912394p-20;
+static constexpr double EXPF_C1 = 0x1.ebfce50fac4f3p-13;
+static constexpr double EXPF_C2 = 0x1.62e42ff0c52d6p-6;
+static constexpr float EXPF_UFLOW0 = -0x1.9fe368p6f;   // below: 0
+static constexpr float EXPF_UFLOW1 = -0x1.9d1d9ep6f;   // below: the smallest subnormal
+
+enum { EXPF_LIBM = 0, EXPF_NOFMA = 1, EXPF_FMA = 2 };
+
+#ifdef LGFS_X86
+template <bool FMA>
+LGFS_AVX512 static inline __m256 expf8(__m256 x) {
+    const __m512d invln2n = _mm512_set1_pd(EXPF_INVLN2N);
+    const __m512d shift = _mm512_set1_pd(EXPF_SHIFT);
+    const __m512d c0 = _mm512_set1_pd(EXPF_C0);
+    const __m512d c1 = _mm512_set1_pd(EXPF_C1);
+    const __m512d c2 = _mm512_set1_pd(EXPF_C2);
+    const __m512d one = _mm512_set1_pd(1.0);
+    const __m512i t0 = _mm512_loadu_si512((const void *) (EXPF_TAB + 0));
+    const __m512i t1 = _mm512_loadu_si512((const void *) (EXPF_TAB + 8));
+    const __m512i t2 = _mm512_loadu_si512((const void *) (EXPF_TAB + 16));
+    const __m512i t3 = _mm512_loadu_si512((const void *) (EXPF_TAB + 24));
+    __m512d xd = _mm512_cvtps_pd(x);
+    __m512d kds, kd, r, z, y;
+    if (FMA) {
+        kds = _mm512_fmadd_pd(invln2n, xd, shift);
+        kd = _mm512_sub_pd(kds, shift);
+        r = _mm512_fmsub_pd(invln2n, xd, kd);
+        z = _mm512_fmadd_pd(r, c0, c1);
+        y = _mm512_fmadd_pd(r, c2, one);
+        __m512d r2 = _mm512_mul_pd(r, r);
+        y = _mm512_fmadd_pd(z, r2, y);
+    } else {
+        __m512d zz = _mm512_mul_pd(xd, invln2n);
+        kds = _mm512_add_pd(zz, shift);
+        kd = _mm512_sub_pd(kds, shift);
+        r = _mm512_sub_pd(zz, kd);
+        __m512d a = _mm512_add_pd(_mm512_mul_pd(c2, r), one);
+        __m512d b = _mm512_add_pd(_mm512_mul_pd(c0, r), c1);
+        __m512d r2 = _mm512_mul_pd(r, r);
+        y = _mm512_add_pd(_mm512_mul_pd(b, r2), a);
+        z = b;
+    }
+    __m512i ki = _mm512_castpd_si512(kds);
+    __m512i idx = _mm512_and_si512(ki, _mm512_set1_epi64(31));
+    __m512i lo = _mm512_permutex2var_epi64(t0, idx, t1);
+    __m512i hi = _mm512_permutex2var_epi64(t2, idx, t3);
+    __mmask8 upper = _mm512_test_epi64_mask(idx, _mm512_set1_epi64(16));
+    __m512i tab = _mm512_mask_blend_epi64(upper, lo, hi);
+    __m512i t = _mm512_add_epi64(tab, _mm512_slli_epi64(ki, 47));
+    y = _mm512_mul_pd(y, _mm512_castsi512_pd(t));
+    __m256 res = _mm512_cvtpd_ps(y);
+    // |x| >= 88: -inf and x < log(2^-150) give 0, x < log(2^-149) the smallest subnormal
+    __mmask8 u0 = _mm256_cmp_ps_mask(x, _mm256_set1_ps(EXPF_UFLOW0), _CMP_LT_OQ);
+    __mmask8 u1 = _mm256_cmp_ps_mask(x, _mm256_set1_ps(EXPF_UFLOW1), _CMP_LT_OQ);
+    res = _mm256_mask_blend_ps(u1, res, _mm256_castsi256_ps(_mm256_set1_epi32(1)));
+    res = _mm256_mask_blend_ps(u0, res, _mm256_setzero_ps());
+    return res;
+}
+
+template <bool FMA>
+LGFS_AVX512 static inline __m512 expf16(__m512 x) {
+    __m256 a = expf8<FMA>(_mm512_castps512_ps256(x));
+    __m256 b = expf8<FMA>(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(a)),
+                                               _mm256_castps_pd(b), 1));
+}
+
+static inline bool cpu_has_avx512() {
+    static const int ok = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                           __builtin_cpu_supports("fma")) ? 1 : 0;
+    return ok != 0;
+}
+
+template <bool FMA>
+LGFS_AVX512 static bool expf_selftest_variant() {
+    // a deterministic spread of inputs over the range the engine uses (<= 0), plus edges
+    uint32_t st = 12345u;
+    alignas(64) float in[16], out[16];
+    for (int it = 0; it < 40000; ++it) {
+        for (int j = 0; j < 16; ++j) {
+            st = st * 1664525u + 1013904223u;
+            float v;
+            if (it < 32000) {
+                v = -(float) ((st >> 8) * (1.0 / 16777216.0)) * 110.0f;
+            } else {
+                v = -(float) ((st >> 8) * (1.0 / 16777216.0)) * 2.0f;
+            }
+            in[j] = v;
+        }
+        if (it == 0) {
+            in[0] = 0.0f; in[1] = -0.0f; in[2] = -INFINITY; in[3] = EXPF_UFLOW0; in[4] = EXPF_UFLOW1;
+            in[5] = -88.0f; in[6] = -87.9f; in[7] = -103.5f; in[8] = -1e-30f; in[9] = -104.5f;
+            in[10] = std::nextafter(EXPF_UFLOW1, 0.0f); in[11] = std::nextafter(EXPF_UFLOW0, 0.0f);
+        }
+        _mm512_storeu_ps(out, expf16<FMA>(_mm512_loadu_ps(in)));
+        for (int j = 0; j < 16; ++j) {
+            const float ref = ::expf(in[j]);
+            uint32_t a, b;
+            std::memcpy(&a, &ref, 4);
+            std::memcpy(&b, &out[j], 4);
+            if (a != b) {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+#endif
+
+// which expf the vector kernels use: EXPF_FMA / EXPF_NOFMA (bit-identical to the libm one in this
+// process) or EXPF_LIBM (no vector kernels: scalar paths)
+static inline int expf_mode() {
+    static const int mode = []() {
+#ifdef LGFS_X86
+        if (!cpu_has_avx512()) {
+            return (int) EXPF_LIBM;
+        }
+        if (expf_selftest_variant<true>()) {
+            return (int) EXPF_FMA;
+        }
+        if (expf_selftest_variant<false>()) {
+            return (int) EXPF_NOFMA;
+        }
+#endif
+        return (int) EXPF_LIBM;
+    }();
+    return mode;
+}
+
+// ------------------------------------------------------------------------------------------
+// exact sequential sums: s = s + x over a sequence, in Acc (float or double), x floats >= 0
+
+template <typename Acc> struct Grid;
+
+template <> struct Grid<float> {
+    static constexpr uint64_t LIMIT = 1ULL << 24;
+    // s >= 0; grid exponent G and s in grid units
+    static inline bool of(float s, int & G, uint64_t & units) {
+        int ex;
+        if (s == 0.0f) {
+            G = -149;
+            units = 0;
+            return true;
+        }
+        std::frexp(s, &ex);
+        int E = std::max(ex - 1, -126);
+        G = E - 23;
+        units = (uint64_t) std::ldexp((double) s, -G);
+        return true;
+    }
+    static inline float make(uint64_t units, int G) { return (float) std::ldexp((double) units, G); }
+    static constexpr int KMIN = 0;      // p larger than the grid by 2^-KMIN: fail
+};
+
+template <> struct Grid<double> {
+    static constexpr uint64_t LIMIT = 1ULL << 53;
+    static inline bool of(double s, int & G, uint64_t & units) {
+        int ex;
+        if (s == 0.0) {
+            return false;
+        }
+        std::frexp(s, &ex);
+        G = (ex - 1) - 52;
+        units = (uint64_t) std::ldexp(s, -G);
+        return true;
+    }
+    static inline double make(uint64_t units, int G) { return std::ldexp((double) units, G); }
+    static constexpr int KMIN = -29;
+};
+
+// scalar: units of p (float, >= 0) on grid 2^G with round-to-nearest; tie/fail flags
+template <typename Acc>
+static inline uint64_t grid_units(float p, int G, bool & tie, bool & fail) {
+    uint32_t b;
+    std::memcpy(&b, &p, 4);
+    int e = (int) (b >> 23);
+    uint64_t M = b & 0x7fffff;
+    if (e > 0) {
+        M |= 0x800000;
+    }
+    int k = (G + 150) - std::max(e, 1);
+    if (k <= 0) {
+        if (M != 0 && k < Grid<Acc>::KMIN) {
+            fail = true;
+            return 0;
+        }
+        return M << (-k);
+    }
+    if (k > 25) {
+        k = 25;
+    }
+    uint64_t q = M >> k, rem = M & ((1ULL << k) - 1), half = 1ULL << (k - 1);
+    if (rem == half) {
+        tie = true;
+    }
+    return q + (rem > half ? 1 : 0);
+}
+
+// exact s + p[0] + p[1] + ... (sequential, in Acc) for a plain array of floats
+template <typename Acc>
+static Acc exact_sum(Acc s, const float * p, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        size_t cnt = std::min<size_t>(64, n - i);
+        int G;
+        uint64_t units;
+        bool ok = Grid<Acc>::of(s, G, units);
+        if (ok) {
+            bool tie = false, fail = false;
+            uint64_t T = 0;
+            for (size_t j = 0; j < cnt; ++j) {
+                T += grid_units<Acc>(p[i + j], G, tie, fail);
+            }
+            if (!tie && !fail && units + T < Grid<Acc>::LIMIT) {
+                s = Grid<Acc>::make(units + T, G);
+                i += cnt;
+                continue;
+            }
+        }
+        for (size_t j = 0; j < cnt; ++j) {
+            s = s + (Acc) p[i + j];
+        }
+        i += cnt;
+    }
+    return s;
+}
+
+#ifdef LGFS_X86
+// vector grid units for 16 floats (>= 0); float accumulator (int32 lanes)
+LGFS_AVX512 static inline __m512i units16_f32(__m512 p, __m512i K0, __mmask16 & bad) {
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512i b = _mm512_castps_si512(p);
+    __m512i e = _mm512_srli_epi32(b, 23);
+    __m512i m = _mm512_and_si512(b, _mm512_set1_epi32(0x7fffff));
+    __mmask16 norm = _mm512_cmpgt_epi32_mask(e, zero);
+    __m512i M = _mm512_mask_or_epi32(m, norm, m, _mm512_set1_epi32(0x800000));
+    __m512i k = _mm512_sub_epi32(K0, _mm512_max_epi32(e, one));
+    bad |= _mm512_cmplt_epi32_mask(k, zero) & _mm512_test_epi32_mask(M, M);
+    __m512i kc = _mm512_min_epi32(_mm512_max_epi32(k, zero), _mm512_set1_epi32(25));
+    __m512i pw = _mm512_sllv_epi32(one, kc);
+    __m512i q = _mm512_srlv_epi32(M, kc);
+    __m512i rem = _mm512_and_si512(M, _mm512_sub_epi32(pw, one));
+    __m512i half = _mm512_srli_epi32(pw, 1);
+    __mmask16 up = _mm512_cmpgt_epi32_mask(rem, half);
+    bad |= _mm512_cmpeq_epi32_mask(rem, half) & _mm512_cmpgt_epi32_mask(kc, zero);
+    return _mm512_mask_add_epi32(q, up, q, one);
+}
+
+// double accumulator: two 8-lane int64 halves, summed into acc
+LGFS_AVX512 static inline void units16_f64(__m512 p, __m512i K0_64, __m512i & acc, __mmask16 & bad) {
+    const __m512i zero32 = _mm512_setzero_si512();
+    __m512i b = _mm512_castps_si512(p);
+    __m512i e = _mm512_srli_epi32(b, 23);
+    __m512i m = _mm512_and_si512(b, _mm512_set1_epi32(0x7fffff));
+    __mmask16 norm = _mm512_cmpgt_epi32_mask(e, zero32);
+    __m512i M = _mm512_mask_or_epi32(m, norm, m, _mm512_set1_epi32(0x800000));
+    __m512i Ee = _mm512_max_epi32(e, _mm512_set1_epi32(1));
+    for (int h = 0; h < 2; ++h) {
+        __m512i M64 = _mm512_cvtepu32_epi64(h == 0 ? _mm512_castsi512_si256(M) : _mm512_extracti64x4_epi64(M, 1));
+        __m512i E64 = _mm512_cvtepi32_epi64(h == 0 ? _mm512_castsi512_si256(Ee) : _mm512_extracti64x4_epi64(Ee, 1));
+        const __m512i zero = _mm512_setzero_si512();
+        const __m512i one = _mm512_set1_epi64(1);
+        __m512i k = _mm512_sub_epi64(K0_64, E64);
+        __mmask8 nz = _mm512_test_epi64_mask(M64, M64);
+        __mmask8 f = _mm512_cmplt_epi64_mask(k, _mm512_set1_epi64(-29)) & nz;
+        __m512i left = _mm512_sllv_epi64(M64, _mm512_min_epi64(_mm512_sub_epi64(zero, k), _mm512_set1_epi64(29)));
+        __m512i kc = _mm512_min_epi64(_mm512_max_epi64(k, zero), _mm512_set1_epi64(25));
+        __m512i pw = _mm512_sllv_epi64(one, kc);
+        __m512i q = _mm512_srlv_epi64(M64, kc);
+        __m512i rem = _mm512_and_si512(M64, _mm512_sub_epi64(pw, one));
+        __m512i half = _mm512_srli_epi64(pw, 1);
+        __mmask8 up = _mm512_cmpgt_epi64_mask(rem, half);
+        __mmask8 tie = _mm512_cmpeq_epi64_mask(rem, half) & _mm512_cmpgt_epi64_mask(kc, zero);
+        __m512i right = _mm512_mask_add_epi64(q, up, q, one);
+        __mmask8 pos = _mm512_cmpgt_epi64_mask(k, zero);
+        __m512i u = _mm512_mask_blend_epi64(pos, left, right);
+        acc = _mm512_add_epi64(acc, u);
+        bad |= (__mmask16) ((uint32_t) (f | tie) << (8 * h));
+    }
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
+// FULL-state kernels over a float array W of n logits
+
+struct MaxMin {
+    float max;
+    float min;
+    bool nan;
+};
+
+static MaxMin scan_max_min_scalar(const float * W, size_t n) {
+    MaxMin r{W[0], W[0], false};
+    for (size_t i = 0; i < n; ++i) {
+        float v = W[i];
+        if (v != v) {
+            r.nan = true;
+        }
+        r.max = std::max(r.max, v);
+        r.min = std::min(r.min, v);
+    }
+    return r;
+}
+
+#ifdef LGFS_X86
+LGFS_AVX512 static MaxMin scan_max_min_avx512(const float * W, size_t n) {
+    __m512 mx = _mm512_set1_ps(-INFINITY), mn = _mm512_set1_ps(INFINITY);
+    __m512 mx2 = mx, mn2 = mn;
+    __mmask16 nan = 0;
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512 a = _mm512_loadu_ps(W + i), b = _mm512_loadu_ps(W + i + 16);
+        nan |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);
+        mx = _mm512_max_ps(mx, a);
+        mn = _mm512_min_ps(mn, a);
+        mx2 = _mm512_max_ps(mx2, b);
+        mn2 = _mm512_min_ps(mn2, b);
+    }
+    MaxMin r;
+    r.max = _mm512_reduce_max_ps(_mm512_max_ps(mx, mx2));
+    r.min = _mm512_reduce_min_ps(_mm512_min_ps(mn, mn2));
+    r.nan = nan != 0;
+    for (; i < n; ++i) {
+        float v = W[i];
+        if (v != v) {
+            r.nan = true;
+        }
+        r.max = std::max(r.max, v);
+        r.min = std::min(r.min, v);
+    }
+    return r;
+}
+#endif
+
+static inline MaxMin scan_max_min(const float * W, size_t n) {
+#ifdef LGFS_X86
+    if (cpu_has_avx512()) {
+        return scan_max_min_avx512(W, n);
+    }
+#endif
+    return scan_max_min_scalar(W, n);
+}
+
+// top-k (k <= 128) exactly as std::partial_sort(data, data + k, data + n, comp) leaves it
+static void topk_heap_scalar(const float * W, size_t n, int k, tdata * H) {
+    for (int i = 0; i < k; ++i) {
+        H[i] = tdata{(llama_token) i, W[i], 0.0f};
+    }
+    std::make_heap(H, H + k, cmp_logit_desc);
+    for (size_t i = k; i < n; ++i) {
+        if (W[i] > H[0].logit) {
+            H[k] = tdata{(llama_token) i, W[i], 0.0f};
+            std::pop_heap(H, H + k + 1, cmp_logit_desc);
+        }
+    }
+    std::sort_heap(H, H + k, cmp_logit_desc);
+}
+
+#ifdef LGFS_X86
+LGFS_AVX512 static void topk_heap_avx512(const float * W, size_t n, int k, tdata * H) {
+    for (int i = 0; i < k; ++i) {
+        H[i] = tdata{(llama_token) i, W[i], 0.0f};
+    }
+    std::make_heap(H, H + k, cmp_logit_desc);
+    size_t i = k;
+    for (; i < n && (i & 15); ++i) {
+        if (W[i] > H[0].logit) {
+            H[k] = tdata{(llama_token) i, W[i], 0.0f};
+            std::pop_heap(H, H + k + 1, cmp_logit_desc);
+        }
+    }
+    __m512 th = _mm512_set1_ps(H[0].logit);
+    for (; i + 64 <= n; i += 64) {
+        __m512 a = _mm512_loadu_ps(W + i), b = _mm512_loadu_ps(W + i + 16);
+        __m512 c = _mm512_loadu_ps(W + i + 32), d = _mm512_loadu_ps(W + i + 48);
+        uint64_t m = (uint64_t) _mm512_cmp_ps_mask(a, th, _CMP_GT_OQ)
+                   | ((uint64_t) _mm512_cmp_ps_mask(b, th, _CMP_GT_OQ) << 16)
+                   | ((uint64_t) _mm512_cmp_ps_mask(c, th, _CMP_GT_OQ) << 32)
+                   | ((uint64_t) _mm512_cmp_ps_mask(d, th, _CMP_GT_OQ) << 48);
+        if (m == 0) {
+            continue;
+        }
+        while (m) {
+            int j = __builtin_ctzll(m);
+            m &= m - 1;
+            size_t idx = i + j;
+            if (W[idx] > H[0].logit) {
+                H[k] = tdata{(llama_token) idx, W[idx], 0.0f};
+                std::pop_heap(H, H + k + 1, cmp_logit_desc);
+            }
+        }
+        th = _mm512_set1_ps(H[0].logit);
+    }
+    for (; i < n; ++i) {
+        if (W[i] > H[0].logit) {
+            H[k] = tdata{(llama_token) i, W[i], 0.0f};
+            std::pop_heap(H, H + k + 1, cmp_logit_desc);
+        }
+    }
+    std::sort_heap(H, H + k, cmp_logit_desc);
+}
+#endif
+
+static inline void topk_heap(const float * W, size_t n, int k, tdata * H) {
+#ifdef LGFS_X86
+    if (cpu_has_avx512()) {
+        topk_heap_avx512(W, n, k, H);
+        return;
+    }
+#endif
+    topk_heap_scalar(W, n, k, H);
+}
+
+// ids i (in id order) with W[i] >= t
+static size_t gather_ge(const float * W, size_t n, float t, std::vector<int32_t> & out);
+
+#ifdef LGFS_X86
+LGFS_AVX512 static size_t gather_ge_avx512(const float * W, size_t n, float t, int32_t * out) {
+    // out has room for n + 16 (a compressed vector is stored whole)
+    size_t cnt = 0, i = 0;
+    __m512 th = _mm512_set1_ps(t);
+    __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i step = _mm512_set1_epi32(16);
+    for (; i + 16 <= n; i += 16) {
+        __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(W + i), th, _CMP_GE_OQ);
+        if (m) {
+            _mm512_storeu_si512((void *) (out + cnt), _mm512_maskz_compress_epi32(m, idx));
+            cnt += (size_t) __builtin_popcount((unsigned) m);
+        }
+        idx = _mm512_add_epi32(idx, step);
+    }
+    for (; i < n; ++i) {
+        if (W[i] >= t) {
+            out[cnt++] = (int32_t) i;
+        }
+    }
+    return cnt;
+}
+#endif
+
+static size_t gather_ge(const float * W, size_t n, float t, std::vector<int32_t> & out) {
+    if (out.size() < n + 16) {
+        out.resize(n + 16);
+    }
+#ifdef LGFS_X86
+    if (cpu_has_avx512()) {
+        return gather_ge_avx512(W, n, t, out.data());
+    }
+#endif
+    size_t cnt = 0;
+    for (size_t i = 0; i < n; ++i) {
+        if (W[i] >= t) {
+            out[cnt++] = (int32_t) i;
+        }
+    }
+    return cnt;
+}
+
+// Sum over the whole vocabulary, in id order, of p_i = expf(x_i - mx) where x_i = W_i / t
+// (DIV) or W_i, accumulated as llama.cpp does (float: softmax; double: dist).  If chunk_end is
+// given, the running sum after each 64-element chunk is stored there (for the dist walk).
+template <typename Acc>
+static Acc full_exp_sum_scalar(const float * W, size_t n, bool div, float t, float mx, double * chunk_end) {
+    Acc s = 0;
+    for (size_t i = 0; i < n; ++i) {
+        float x = div ? W[i] / t : W[i];
+        float p = expf(x - mx);
+        s += p;
+        if (chunk_end && ((i & 63) == 63 || i + 1 == n)) {
+            chunk_end[i >> 6] = (double) s;
+        }
+    }
+    return s;
+}
+
+#ifdef LGFS_X86
+// One 16-float vector of p (>= 0) rounded to the grid 2^G of the running sum: r = RN(p) as exact
+// multiples of 2^G in Acc lanes (fl(fl(p + C) - C), C = 1.5 * 2^(G + mantissa bits)).  Flags a
+// p that is not small against the binade (fail) and exact half-way cases (tie: their rounding
+// depends on the running sum's last bit).
+LGFS_AVX512 static inline __m512 round16_f32(__m512 p, __m512 C, __m512 half, __m512 big, __mmask16 & bad) {
+    __m512 r = _mm512_sub_ps(_mm512_add_ps(p, C), C);
+    __m512 diff = _mm512_abs_ps(_mm512_sub_ps(p, r));
+    bad |= _mm512_cmp_ps_mask(diff, half, _CMP_EQ_OQ) | _mm512_cmp_ps_mask(p, big, _CMP_GE_OQ);
+    return r;
+}
+// double version: half-way cases are resolved afterwards (see full_exp_sum_avx512): tie gets
+// their lanes, up the lanes rounded down (p > r), par the parity of r in grid units
+LGFS_AVX512 static inline __m512d round8_f64(__m512d p, __m512d C, __m512d half, __m512d big, __m512d inv_g,
+                                             __mmask8 & bad, __mmask8 & tie, __mmask8 & up, __mmask8 & par) {
+    __m512d r = _mm512_sub_pd(_mm512_add_pd(p, C), C);
+    __m512d dif = _mm512_sub_pd(p, r);
+    tie = _mm512_cmp_pd_mask(_mm512_abs_pd(dif), half, _CMP_EQ_OQ);
+    up = _mm512_cmp_pd_mask(dif, _mm512_setzero_pd(), _CMP_GT_OQ);
+    bad |= _mm512_cmp_pd_mask(p, big, _CMP_GE_OQ);
+    __m512i q = _mm512_cvtpd_epu64(_mm512_mul_pd(r, inv_g));
+    par = _mm512_test_epi64_mask(q, _mm512_set1_epi64(1));
+    return r;
+}
+
+template <typename Acc, bool FMA, bool DIV>
+LGFS_AVX512 static Acc full_exp_sum_avx512(const float * W, size_t n, float t, float mx, double * chunk_end) {
+    const bool F64 = sizeof(Acc) == 8;
+    alignas(64) float pbuf[64];
+    const __m512 vt = _mm512_set1_ps(t), vmx = _mm512_set1_ps(mx);
+    Acc s = 0;
+    int G = 0;
+    uint64_t units = 0;
+    bool grid_ok = false;
+    double dskip = -INFINITY;       // chunks whose x - mx are all below this add exactly 0
+    double kC = 0, kHalf = 0, kBig = 0, kInv = 0, kLim = 0;
+    auto regrid = [&]() {
+        grid_ok = Grid<Acc>::of(s, G, units);
+        // p < 2^(G-1) rounds to 0 (never a tie); expf(d) <= e^d (1 + 2^-23)
+        dskip = grid_ok ? ((double) (G - 1) * 0.69314718055994531 - 1e-3) : -INFINITY;
+        if (grid_ok) {
+            const int mant = F64 ? 52 : 23;
+            kC = std::ldexp(1.5, G + mant);
+            kHalf = std::ldexp(1.0, G - 1);
+            kBig = std::ldexp(1.0, G + mant - 1);
+            kInv = std::ldexp(1.0, -G);
+            kLim = std::ldexp(1.0, G + mant + 1);   // the end of s's binade
+        }
+    };
+    regrid();
+    size_t i = 0, c = 0;
+    for (; i + 64 <= n; i += 64, ++c) {
+        __m512 x[4];
+        for (int v = 0; v < 4; ++v) {
+            x[v] = _mm512_loadu_ps(W + i + 16 * v);
+            if (DIV) {
+                x[v] = _mm512_div_ps(x[v], vt);
+            }
+        }
+        if (grid_ok && (double) mx + dskip > -3e38) {
+            // skip test on x - mx (the float subtraction llama.cpp does), with margin
+            const __m512 th = _mm512_set1_ps((float) ((double) mx + dskip));
+            __mmask16 any = 0;
+            for (int v = 0; v < 4; ++v) {
+                any |= _mm512_cmp_ps_mask(x[v], th, _CMP_GE_OQ);
+            }
+            if (any == 0 && std::isfinite(dskip) && (double) mx + dskip > -3e38) {
+                if (chunk_end) {
+                    chunk_end[c] = (double) s;
+                }
+                continue;
+            }
+        }
+        bool ok = grid_ok;
+        Acc T = 0;
+        if (F64) {
+            const __m512d C = _mm512_set1_pd(kC);
+            const __m512d half = _mm512_set1_pd(kHalf);
+            const __m512d big = _mm512_set1_pd(kBig);
+            const __m512d inv_g = _mm512_set1_pd(kInv);
+            __m512d acc = _mm512_setzero_pd();
+            __mmask8 bad = 0;
+            uint64_t tie64 = 0, up64 = 0, par64 = 0;
+            for (int v = 0; v < 4; ++v) {
+                __m512 p = expf16<FMA>(_mm512_sub_ps(x[v], vmx));
+                _mm512_store_ps(pbuf + 16 * v, p);
+                if (ok) {
+                    __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(p));
+                    __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1)));
+                    __mmask8 t0, u0, q0, t1, u1, q1;
+                    acc = _mm512_add_pd(acc, round8_f64(lo, C, half, big, inv_g, bad, t0, u0, q0));
+                    acc = _mm512_add_pd(acc, round8_f64(hi, C, half, big, inv_g, bad, t1, u1, q1));
+                    const int sh = 16 * v;
+                    tie64 |= ((uint64_t) t0 | ((uint64_t) t1 << 8)) << sh;
+                    up64 |= ((uint64_t) u0 | ((uint64_t) u1 << 8)) << sh;
+                    par64 |= ((uint64_t) q0 | ((uint64_t) q1 << 8)) << sh;
+                }
+            }
+            if (ok) {
+                ok = bad == 0;
+                T = (Acc) _mm512_reduce_add_pd(acc);
+            }
+            if (ok && tie64) {
+                // a half-way case rounds to the even running sum: its direction depends on the
+                // parity of the sum before it, i.e. of the units added since the chunk start
+                // (or since the previous half-way case, after which the sum is even)
+                int pi = (int) (((uint64_t) ((double) s * kInv)) & 1);
+                int corr = 0, pos = 0;
+                uint64_t tm = tie64;
+                while (tm) {
+                    const int j = __builtin_ctzll(tm);
+                    tm &= tm - 1;
+                    const uint64_t range = ((j == 64 ? ~0ULL : ((1ULL << j) - 1))) & ~((pos == 0) ? 0ULL : ((1ULL << pos) - 1));
+                    const int par = (pi + __builtin_popcountll(par64 & range)) & 1;
+                    if (par) {
+                        corr += ((up64 >> j) & 1) ? 1 : -1;
+                    }
+                    pi = 0;
+                    pos = j + 1;
+                }
+                T = T + (Acc) ((double) corr * (2.0 * kHalf));
+            }
+        } else {
+            const __m512 C = _mm512_set1_ps((float) kC);
+            const __m512 half = _mm512_set1_ps((float) kHalf);
+            const __m512 big = _mm512_set1_ps((float) kBig);
+            __m512 acc = _mm512_setzero_ps();
+            __mmask16 bad = 0;
+            for (int v = 0; v < 4; ++v) {
+                __m512 p = expf16<FMA>(_mm512_sub_ps(x[v], vmx));
+                _mm512_store_ps(pbuf + 16 * v, p);
+                if (ok) {
+                    acc = _mm512_add_ps(acc, round16_f32(p, C, half, big, bad));
+                }
+            }
+            if (ok) {
+                ok = bad == 0;
+                T = (Acc) _mm512_reduce_add_ps(acc);
+            }
+        }
+        if (ok) {
+            const Acc ns = s + T;      // exact when below the binade's end
+            if ((double) ns < kLim) {
+                s = ns;
+                if (chunk_end) {
+                    chunk_end[c] = (double) s;
+                }
+                continue;
+            }
+        }
+        for (int j = 0; j < 64; ++j) {
+            s = s + (Acc) pbuf[j];
+        }
+        regrid();
+        if (chunk_end) {
+            chunk_end[c] = (double) s;
+        }
+    }
+    for (; i < n; ++i) {
+        float x = DIV ? W[i] / t : W[i];
+        s = s + (Acc) expf(x - mx);
+        if (chunk_end && ((i & 63) == 63 || i + 1 == n)) {
+            chunk_end[i >> 6] = (double) s;
+        }
+    }
+    return s;
+}
+
+// expf of many floats, bit-identical to libm's
+template <bool FMA>
+LGFS_AVX512 static void expf_batch_avx512(const float * d, float * out, size_t m) {
+    size_t i = 0;
+    for (; i + 16 <= m; i += 16) {
+        _mm512_storeu_ps(out + i, expf16<FMA>(_mm512_loadu_ps(d + i)));
+    }
+    for (; i < m; ++i) {
+        out[i] = expf(d[i]);
+    }
+}
+#endif
+
+static void expf_batch(const float * d, float * out, size_t m) {
+#ifdef LGFS_X86
+    const int mode = expf_mode();
+    if (mode == EXPF_FMA) {
+        expf_batch_avx512<true>(d, out, m);
+        return;
+    }
+    if (mode == EXPF_NOFMA) {
+        expf_batch_avx512<false>(d, out, m);
+        return;
+    }
+#endif
+    for (size_t i = 0; i < m; ++i) {
+        out[i] = expf(d[i]);
+    }
+}
+
+// s + (the values of v, in any order) as a sequential float sum: possible without knowing the
+// order when every value rounds on s's grid without a tie and the sum stays in s's binade
+#ifdef LGFS_X86
+LGFS_AVX512 static bool order_free_sum_avx512(float s, const float * v, size_t m, float & out) {
+    int G;
+    uint64_t units;
+    Grid<float>::of(s, G, units);
+    const __m512 C = _mm512_set1_ps((float) std::ldexp(1.5, G + 23));
+    const __m512 half = _mm512_set1_ps((float) std::ldexp(1.0, G - 1));
+    const __m512 big = _mm512_set1_ps((float) std::ldexp(1.0, G + 22));
+    const double lim = std::ldexp(1.0, G + 24);
+    double T = 0.0;       // exact: multiples of 2^G far below 2^53 of them
+    size_t j = 0;
+    for (; j + 64 <= m; j += 64) {
+        __mmask16 bad = 0;
+        __m512 acc = _mm512_setzero_ps();
+        for (int q = 0; q < 4; ++q) {
+            acc = _mm512_add_ps(acc, round16_f32(_mm512_loadu_ps(v + j + 16 * q), C, half, big, bad));
+        }
+        if (bad) {
+            return false;
+        }
+        T += (double) _mm512_reduce_add_ps(acc);    // each chunk's sum is < 2^(G+28): exact
+        if ((double) s + T >= lim) {
+            return false;
+        }
+    }
+    bool tie = false, fail = false;
+    uint64_t Tt = 0;
+    for (; j < m; ++j) {
+        Tt += grid_units<float>(v[j], G, tie, fail);
+    }
+    if (tie || fail) {
+        return false;
+    }
+    const double tot = (double) s + T + std::ldexp((double) Tt, G);
+    if (tot >= lim) {
+        return false;
+    }
+    out = (float) tot;
+    return true;
+}
+#endif
+
+#ifdef LGFS_X86
+// sum of v rounded to the grid 2^G (chunks of 16), as long as it stays below room; returns the
+// number of values consumed, or -1 on a tie / a value too large
+LGFS_AVX512 static size_t order_free_sum_d_avx512(const float * v, size_t m, int G, double room, double & T) {
+    const __m512d C = _mm512_set1_pd(std::ldexp(1.5, G + 52));
+    const __m512d half = _mm512_set1_pd(std::ldexp(1.0, G - 1));
+    const __m512d big = _mm512_set1_pd(std::ldexp(1.0, G + 51));
+    const __m512d inv = _mm512_set1_pd(std::ldexp(1.0, -G));
+    size_t j = 0;
+    T = 0.0;
+    for (; j + 16 <= m; j += 16) {
+        __m512 p = _mm512_loadu_ps(v + j);
+        __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(p));
+        __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1)));
+        __mmask8 bad = 0, t0, u0, q0, t1, u1, q1;
+        __m512d a = _mm512_add_pd(round8_f64(lo, C, half, big, inv, bad, t0, u0, q0),
+                                  round8_f64(hi, C, half, big, inv, bad, t1, u1, q1));
+        if (bad | t0 | t1) {
+            return (size_t) -1;
+        }
+        T += _mm512_reduce_add_pd(a);
+        if (!(T < room)) {
+            return (size_t) -1;
+        }
+    }
+    return j;
+}
+#endif
+
+// the same for a double accumulator (dist's / discrete_distribution's sums of float values)
+static bool order_free_sum_d(double s, const float * v, size_t m, double & out) {
+    int G;
+    uint64_t units;
+    if (!Grid<double>::of(s, G, units)) {
+        return false;
+    }
+    const double lim = std::ldexp(1.0, G + 53);
+    size_t j = 0;
+    double T = 0.0;
+#ifdef LGFS_X86
+    if (cpu_has_avx512()) {
+        j = order_free_sum_d_avx512(v, m, G, lim - s, T);
+        if (j == (size_t) -1) {
+            return false;
+        }
+    }
+#endif
+    bool tie = false, fail = false;
+    uint64_t Tt = 0;
+    for (; j < m; ++j) {
+        Tt += grid_units<double>(v[j], G, tie, fail);
+        if (Tt >= (1ULL << 54)) {
+            return false;
+        }
+    }
+    if (tie || fail) {
+        return false;
+    }
+    const double add = T + std::ldexp((double) Tt, G);
+    if (!(add < lim - s)) {
+        return false;
+    }
+    out = s + add;
+    return true;
+}
+
+static bool order_free_sum(float s, const float * v, size_t m, float & out) {
+#ifdef LGFS_X86
+    if (cpu_has_avx512()) {
+        return order_free_sum_avx512(s, v, m, out);
+    }
+#endif
+    int G;
+    uint64_t units;
+    Grid<float>::of(s, G, units);
+    bool tie = false, fail = false;
+    uint64_t T = 0;
+    for (size_t j = 0; j < m; ++j) {
+        T += grid_units<float>(v[j], G, tie, fail);
+    }
+    if (tie || fail || units + T >= Grid<float>::LIMIT) {
+        return false;
+    }
+    out = Grid<float>::make(units + T, G);
+    return true;
+}
+
+template <typename Acc>
+static Acc full_exp_sum(const float * W, size_t n, bool div, float t, float mx, double * chunk_end) {
+#ifdef LGFS_X86
+    const int mode = expf_mode();
+    if (mode == EXPF_FMA) {
+        return div ? full_exp_sum_avx512<Acc, true, true>(W, n, t, mx, chunk_end)
+                   : full_exp_sum_avx512<Acc, true, false>(W, n, t, mx, chunk_end);
+    }
+    if (mode == EXPF_NOFMA) {
+        return div ? full_exp_sum_avx512<Acc, false, true>(W, n, t, mx, chunk_end)
+                   : full_exp_sum_avx512<Acc, false, false>(W, n, t, mx, chunk_end);
+    }
+#endif
+    return full_exp_sum_scalar<Acc>(W, n, div, t, mx, chunk_end);
+}
+
+// ------------------------------------------------------------------------------------------
+// the engine
+
+struct Config {
+    int32_t n_vocab = 0;
+    std::vector<llama_logit_bias> bias;
+    int32_t pen_last_n = 0;             // 0: no penalties sampler
+    float pen_repeat = 1.0f, pen_freq = 0.0f, pen_present = 0.0f;
+    llama_sampler * dry = nullptr;      // llama.cpp's DRY sampler (owned), or none
+    int32_t dry_last_n = 0;
+    float top_n_sigma = -1.0f;
+    int32_t top_k = 0;
+    float typical_p = 1.0f, top_p = 1.0f, min_p = 0.0f;
+    size_t min_keep = 0;
+    bool xtc = false;
+    float xtc_p = 0.0f, xtc_t = 0.1f;
+    float temp = 0.8f;
+    int mirostat = 0;
+    float tau = 5.0f, eta = 0.1f;
+    uint32_t seed = 0;
+};
+
+struct Stats {
+    uint64_t steps = 0;
+    uint64_t slow = 0;                  // steps where some sampler took the exact port
+    uint64_t why[8] = {0};              // why: 1 equal logits where the order matters,
+                                        // 2 search exhausted, 3 precondition (NaN/range), 4 other
+};
+
+class Engine {
+public:
+    explicit Engine(const Config & c)
+        : cfg(c), rng_dist(c.seed), rng_xtc(c.seed), rng_miro(c.seed), mu(2.0f * c.tau) {
+        if (cfg.pen_last_n > 0) {
+            pen_count.assign(cfg.n_vocab, 0);
+            pen_pos.assign(cfg.n_vocab, -1);
+            pen_ring.assign(cfg.pen_last_n, 0);
+        }
+        if (cfg.dry != nullptr && cfg.dry_last_n > 0) {
+            dry_ring.assign(cfg.dry_last_n, 0);
+        }
+        (void) expf_mode();
+    }
+    ~Engine() {
+        if (cfg.dry != nullptr) {
+            llama_sampler_free(cfg.dry);
+        }
+    }
+    Engine(const Engine &) = delete;
+    Engine & operator=(const Engine &) = delete;
+
+    Stats stats;
+
+    // apply: the token llama.cpp's chain would select for these logits (state advanced as the
+    // chain's apply advances it).  cand: n_vocab entries of scratch for the exact fallback.
+    llama_token sample(const float * logits, tdata * cand) {
+        const size_t n = (size_t) cfg.n_vocab;
+        Scratch & S = scratch();
+        st.slow = false;
+        st.full = true;
+        st.W = logits;
+        st.cand = cand;
+        st.arr = Arr{nullptr, 0, -1, false};
+        st.tdiv_pending = false;
+        float * Wm = nullptr;
+        auto edit = [&]() -> float * {
+            if (Wm == nullptr) {
+                if (S.work.size() < n) {
+                    S.work.resize(n);
+                }
+                Wm = S.work.data();
+                std::memcpy(Wm, logits, n * sizeof(float));
+                st.W = Wm;
+            }
+            return Wm;
+        };
+        if (!cfg.bias.empty()) {
+            float * w = edit();
+            for (const auto & lb : cfg.bias) {
+                if (lb.token >= 0 && (size_t) lb.token < n) {
+                    w[lb.token] += lb.bias;
+                }
+            }
+        }
+        llama_token tok;
+        if (cfg.mirostat == 0) {
+            if (cfg.pen_last_n > 0 && !pen_active.empty()) {
+                float * w = edit();
+                for (llama_token t : pen_active) {
+                    const int count = pen_count[t];
+                    if (w[t] <= 0) {
+                        w[t] *= cfg.pen_repeat;
+                    } else {
+                        w[t] /= cfg.pen_repeat;
+                    }
+                    w[t] -= float(count) * cfg.pen_freq + float(count > 0) * cfg.pen_present;
+                }
+            }
+            if (cfg.dry != nullptr) {
+                apply_dry(edit);
+            }
+            if (cfg.top_n_sigma > 0.0f) {
+                step_top_n_sigma(edit);
+            }
+            if (cfg.top_k > 0) {
+                step_top_k();
+            }
+            if (cfg.typical_p < 1.0f) {
+                step_typical();
+            }
+            if (cfg.top_p < 1.0f) {
+                step_top_p();
+            }
+            if (cfg.min_p > 0.0f) {
+                step_min_p();
+            }
+            if (cfg.xtc) {
+                step_xtc();
+            }
+            tok = step_temp_dist();
+        } else {
+            tok = step_mirostat();
+        }
+        stats.steps++;
+        if (st.slow) {
+            stats.slow++;
+        }
+        return tok;
+    }
+
+    // the same, for candidates already in an array in id order (the grammar re-sample: cand holds
+    // the grammar-masked logits; it is reused as scratch)
+    llama_token sample_from_cand(tdata * cand) {
+        std::vector<float> & m = scratch().masked;
+        const size_t n = nv();
+        if (m.size() < n) {
+            m.resize(n);
+        }
+        for (size_t i = 0; i < n; ++i) {
+            m[i] = cand[i].logit;
+        }
+        return sample(m.data(), cand);
+    }
+
+    void accept(llama_token tok) {
+        if (cfg.pen_last_n > 0) {
+            if (pen_count[tok]++ == 0) {
+                pen_pos[tok] = (int32_t) pen_active.size();
+                pen_active.push_back(tok);
+            }
+            if (pen_size >= (size_t) cfg.pen_last_n) {
+                const llama_token old = pen_ring[pen_first];
+                if (--pen_count[old] == 0) {
+                    const int32_t pos = pen_pos[old];
+                    const llama_token last = pen_active.back();
+                    pen_active[pos] = last;
+                    pen_pos[last] = pos;
+                    pen_active.pop_back();
+                    pen_pos[old] = -1;
+                }
+            }
+            // ring_buffer::push_back
+            if (pen_size == (size_t) cfg.pen_last_n) {
+                pen_first = (pen_first + 1) % cfg.pen_last_n;
+            } else {
+                pen_size++;
+            }
+            pen_ring[pen_next] = tok;
+            pen_next = (pen_next + 1) % cfg.pen_last_n;
+        }
+        if (cfg.dry != nullptr) {
+            llama_sampler_accept(cfg.dry, tok);
+            if (!dry_ring.empty()) {
+                if (dry_size == dry_ring.size()) {
+                    dry_first = (dry_first + 1) % dry_ring.size();
+                } else {
+                    dry_size++;
+                }
+                dry_ring[dry_next] = tok;
+                dry_next = (dry_next + 1) % dry_ring.size();
+            }
+        }
+    }
+
+    float mirostat_mu() const { return mu; }
+
+private:
+    Config cfg;
+    std::mt19937 rng_dist, rng_xtc, rng_miro;
+    float mu;
+    // penalties: ring buffer of the last pen_last_n tokens and their counts
+    std::vector<int32_t> pen_count, pen_pos;
+    std::vector<llama_token> pen_active, pen_ring;
+    size_t pen_first = 0, pen_next = 0, pen_size = 0;
+    // DRY: mirror of its window (the tokens it can penalize)
+    std::vector<llama_token> dry_ring;
+    size_t dry_first = 0, dry_next = 0, dry_size = 0;
+
+    struct State {
+        bool full;              // candidates = the whole vocabulary in id order, logits W
+        const float * W;
+        tdata * cand;           // caller's n_vocab scratch (materialized FULL state)
+        Arr arr;                // ARRAY state
+        bool tdiv_pending;
+        bool slow;
+    } st;
+
+    size_t nv() const { return (size_t) cfg.n_vocab; }
+
+    // leave the FULL state: the candidate array llama.cpp would have at this point
+    void materialize() {
+        if (!st.full) {
+            return;
+        }
+        const size_t n = nv();
+        tdata * c = st.cand;
+        const float * W = st.W;
+        for (size_t i = 0; i < n; ++i) {
+            c[i].id = (llama_token) i;
+            c[i].logit = W[i];
+            c[i].p = 0.0f;
+        }
+        st.arr = Arr{c, n, -1, false};
+        st.full = false;
+        st.slow = true;
+    }
+
+    // a small ARRAY state from the engine's buffer
+    void set_array(const tdata * src, size_t cnt, bool sorted) {
+        std::vector<tdata> & buf = scratch().abuf;
+        if (buf.size() < cnt) {
+            buf.resize(std::max<size_t>(cnt, 256));
+        }
+        std::copy(src, src + cnt, buf.data());
+        st.arr = Arr{buf.data(), cnt, -1, sorted};
+        st.full = false;
+    }
+
+    template <typename F>
+    void apply_dry(F & edit) {
+        if (dry_size == 0) {
+            llama_token_data_array a{nullptr, 0, -1, false};
+            llama_sampler_apply(cfg.dry, &a);
+            return;
+        }
+        Scratch & S = scratch();
+        if (S.seen.size() < nv()) {
+            S.seen.assign(nv(), 0);
+        }
+        S.probe.clear();
+        float * w = edit();
+        for (size_t j = 0; j < dry_size; ++j) {
+            const llama_token t = dry_ring[(dry_first + j) % dry_ring.size()];
+            if (!S.seen[t]) {
+                S.seen[t] = 1;
+                S.probe.push_back(tdata{t, w[t], 0.0f});
+            }
+        }
+        llama_token_data_array a{S.probe.data(), S.probe.size(), -1, false};
+        llama_sampler_apply(cfg.dry, &a);
+        for (const tdata & d : S.probe) {
+            w[d.id] = d.logit;
+            S.seen[d.id] = 0;
+        }
+    }
+
+    template <typename F>
+    void step_top_n_sigma(F & edit) {
+        if (!st.full) {
+            port_top_n_sigma(&st.arr, cfg.top_n_sigma);
+            return;
+        }
+        const size_t n = nv();
+        if (n <= 1) {
+            return;
+        }
+        // exactly llama.cpp's passes (sequential float sums), over the raw array
+        const float * W = st.W;
+        float max = W[0];
+        float logits_sum = 0;
+        size_t valid_count = 0;
+        for (size_t i = 0; i < n; ++i) {
+            if (W[i] != -INFINITY) {
+                max = std::max(max, W[i]);
+                logits_sum += W[i];
+                valid_count++;
+            }
+        }
+        float mean = valid_count > 0 ? logits_sum / valid_count : 0;
+        float acc = 0;
+        for (size_t i = 0; i < n; ++i) {
+            if (W[i] != -INFINITY) {
+                const double d = (double) (W[i] - mean);
+                acc = (float) ((double) acc + d * d);
+            }
+        }
+        float std = valid_count > 0 ? sqrt(acc / valid_count) : 0;
+        const float cut = max - (cfg.top_n_sigma * std);
+        float * w = edit();
+        for (size_t i = 0; i < n; ++i) {
+            if (w[i] < cut) {
+                w[i] = -INFINITY;
+            }
+        }
+    }
+
+    void step_top_k() {
+        const int32_t k0 = cfg.top_k;
+        if (!st.full) {
+            port_top_k_impl(&st.arr, k0);
+            return;
+        }
+        const size_t n = nv();
+        const int k = std::min(k0, (int) n);
+        if (k <= 128 && (size_t) k < n) {
+            std::vector<tdata> & buf = scratch().abuf;
+            if (buf.size() < (size_t) k + 1) {
+                buf.resize(std::max<size_t>(k + 1, 256));
+            }
+            topk_heap(st.W, n, k, buf.data());
+            st.arr = Arr{buf.data(), (size_t) k, -1, true};
+            st.full = false;
+            return;
+        }
+        if ((size_t) k < n && k > 128) {
+            // llama.cpp's bucket sort, first k: unique unless equal logits straddle the cut or
+            // sit inside the prefix; otherwise the exact port
+            if (sorted_prefix_by_value(st.W, n, (size_t) k + 1)) {
+                std::vector<tdata> & pre = scratch().pre;
+                bool tie = false;
+                for (int i = 0; i < k && i + 1 < (int) pre.size(); ++i) {
+                    if (pre[i].logit == pre[i + 1].logit) {
+                        tie = true;
+                        break;
+                    }
+                }
+                if (tie) {
+                    stats.why[1]++;
+                    tie = !fix_tie_order(pre, (size_t) k, st.W, n, false, 1.0f, (size_t) k);
+                }
+                if (!tie) {
+                    set_array(pre.data(), (size_t) k, true);
+                    return;
+                }
+            }
+        }
+        materialize();
+        port_top_k_impl(&st.arr, k0);
+    }
+
+    // scratch().pre <- at least `need` (or all) of the largest W values, sorted descending
+    // (order among equal values unspecified).  False if that is not possible cheaply.
+    bool sorted_prefix_by_value(const float * W, size_t n, size_t need, float lo_hint = NAN) {
+        Scratch & S = scratch();
+        MaxMin mm = scan_max_min(W, n);
+        if (mm.nan || !std::isfinite(mm.max)) {
+            return false;
+        }
+        float t = std::isnan(lo_hint) ? mm.max - 8.0f : lo_hint;
+        size_t cnt = 0;
+        for (int it = 0; it < 12; ++it) {
+            cnt = gather_ge(W, n, t, S.gidx);
+            if (cnt >= need || cnt == n) {
+                break;
+            }
+            float span = mm.max - t;
+            t = mm.max - std::max(2.0f * span, 1.0f);
+            if (it == 11 || t < mm.min) {
+                t = -INFINITY;
+            }
+        }
+        if (cnt < std::min(need, n)) {
+            cnt = gather_ge(W, n, -INFINITY, S.gidx);
+            if (cnt < std::min(need, n)) {
+                return false;
+            }
+        }
+        S.pre.resize(cnt);
+        for (size_t j = 0; j < cnt; ++j) {
+            const int32_t id = S.gidx[j];
+            S.pre[j] = tdata{id, W[id], 0.0f};
+        }
+        if (need < cnt) {
+            std::partial_sort(S.pre.begin(), S.pre.begin() + need, S.pre.end(), cmp_logit_desc);
+            S.pre.resize(need);
+        } else {
+            std::sort(S.pre.begin(), S.pre.end(), cmp_logit_desc);
+        }
+        return true;
+    }
+
+    // all W >= t, sorted descending, into scratch().pre (unordered ties)
+    size_t gather_sorted(const float * W, size_t n, float t) {
+        Scratch & S = scratch();
+        size_t cnt = gather_ge(W, n, t, S.gidx);
+        S.pre.resize(cnt);
+        for (size_t j = 0; j < cnt; ++j) {
+            const int32_t id = S.gidx[j];
+            S.pre[j] = tdata{id, W[id], 0.0f};
+        }
+        std::sort(S.pre.begin(), S.pre.end(), cmp_logit_desc);
+        return cnt;
+    }
+
+    // llama.cpp's exact candidate order for the top of the vocabulary when equal logits make it
+    // matter: llama_token_data_array_partial_sort(cur, npartial) buckets the logits (128 buckets
+    // over [-10, 10]), std::sorts every bucket above the one where npartial is reached and
+    // std::partial_sorts that one; the order inside a bucket depends on all of its elements (in
+    // id order).  Writes to `out` the exact sorted order of every element whose bucket is at
+    // least the bucket of x_last (x = W or W / t); false if that cannot be done.
+    bool exact_bucket_order(const float * W, size_t n, bool div, float t, float x_last, size_t npartial,
+                            std::vector<tdata> & out) {
+        if (!(std::fabs(x_last) < 1e8f)) {
+            return false;
+        }
+        const int bL = bucket_of(x_last);
+        Scratch & S = scratch();
+        size_t cnt;
+        if (bL == 0) {
+            cnt = gather_ge(W, n, -INFINITY, S.gidx);
+        } else {
+            const double edge = ((double) bL - (double) BK_INTER) / (double) BK_SCALE - 0.01;
+            const double tw = div ? edge * (double) t : edge;
+            cnt = gather_ge(W, n, (float) (tw - 1e-5 * (std::fabs(tw) + 1.0)), S.gidx);
+        }
+        int histo[BK_N] = {0};
+        std::vector<tdata> & tmp = S.tnew;
+        tmp.clear();
+        std::vector<int> & bidx = S.ibuf;
+        bidx.clear();
+        for (size_t j = 0; j < cnt; ++j) {
+            const int32_t id = S.gidx[j];
+            const float x = div ? W[id] / t : W[id];
+            const int b = bucket_of(x);
+            if (b >= bL) {
+                tmp.push_back(tdata{id, x, 0.0f});
+                bidx.push_back(b);
+                ++histo[b];
+            }
+        }
+        const size_t m = tmp.size();
+        // llama.cpp's ib for npartial (known only if it lies within the gathered buckets)
+        int ib = -1;
+        size_t nhave = 0;
+        for (int j = BK_N - 1; j >= bL; --j) {
+            nhave += histo[j];
+            if (nhave >= npartial) {
+                ib = j;
+                break;
+            }
+        }
+        if (ib < 0 && m == n) {
+            return false;   // cannot happen (npartial <= n)
+        }
+        out.resize(m);
+        tdata * ptrs[BK_N];
+        tdata * ptr = out.data();
+        for (int j = BK_N - 1; j >= bL; --j) {
+            ptrs[j] = ptr;
+            ptr += histo[j];
+        }
+        for (size_t j = 0; j < m; ++j) {
+            *ptrs[bidx[j]]++ = tmp[j];
+        }
+        ptr = out.data();
+        size_t ndone = 0;
+        for (int j = BK_N - 1; j >= bL; --j) {
+            if (j == ib) {
+                std::partial_sort(ptr, ptr + (npartial - ndone), ptr + histo[j], cmp_logit_desc);
+                out.resize(npartial);
+                return true;
+            }
+            std::sort(ptr, ptr + histo[j], cmp_logit_desc);
+            ptr += histo[j];
+            ndone += histo[j];
+        }
+        return true;
+    }
+
+    // replace pre[0..len) by llama.cpp's exact order (same multiset of values, so sums and
+    // probabilities computed from pre stay valid); npartial as in exact_bucket_order
+    bool fix_tie_order(std::vector<tdata> & pre, size_t len, const float * W, size_t n, bool div, float t,
+                       size_t npartial) {
+        if (len == 0) {
+            return true;
+        }
+        if (npartial <= 128 || n <= 128) {
+            return false;   // llama.cpp uses std::partial_sort over the whole array there
+        }
+        std::vector<tdata> & ex = scratch().res;
+        if (!exact_bucket_order(W, n, div, t, pre[len - 1].logit, npartial, ex) || ex.size() < len) {
+            return false;
+        }
+        for (size_t i = 0; i < len; ++i) {
+            if (ex[i].logit != pre[i].logit) {
+                return false;   // not the same sequence of values: give up (exact port)
+            }
+            const float p = pre[i].p;
+            pre[i] = ex[i];
+            pre[i].p = p;
+        }
+        return true;
+    }
+
+    void step_top_p() {
+        if (!st.full) {
+            port_top_p(&st.arr, cfg.top_p, cfg.min_keep);
+            return;
+        }
+        if (!fast_top_p()) {
+            materialize();
+            port_top_p(&st.arr, cfg.top_p, cfg.min_keep);
+        }
+    }
+
+    bool fast_top_p() {
+        const size_t n = nv();
+        const float * W = st.W;
+        MaxMin mm = scan_max_min(W, n);
+        if (mm.nan || !std::isfinite(mm.max) || mm.max > 1e8f) {
+            return false;
+        }
+        const float mx = mm.max;      // softmax_impl(unsorted): max over the array
+        const float Z = full_exp_sum<float>(W, n, false, 0.0f, mx, nullptr);
+        Scratch & S = scratch();
+        float depth = 12.0f;
+        for (int attempt = 0; attempt < 4; ++attempt) {
+            const float t = (attempt == 3) ? -INFINITY : mx - depth;
+            const size_t cnt = gather_sorted(W, n, t);
+            std::vector<tdata> & pre = S.pre;
+            float cum = 0.0f;
+            size_t last = 0;
+            for (size_t i = 0; i < cnt; ++i) {
+                const float p = expf(pre[i].logit - mx) / Z;
+                pre[i].p = p;
+                cum += p;
+                if (cum >= cfg.top_p && i + 1 >= cfg.min_keep) {
+                    last = i + 1;
+                    break;
+                }
+            }
+            if (last == 0) {
+                if (cnt == n) {
+                    return false;   // never reached: the port handles the degenerate case
+                }
+                depth *= 2.0f;
+                continue;
+            }
+            // equal logits in the kept prefix or at its end: llama.cpp's own order for them (the
+            // 256-partial sort, or the full sort once the sum went past 256)
+            bool tie = false;
+            for (size_t i = 0; i < last && i + 1 < cnt; ++i) {
+                if (pre[i].logit == pre[i + 1].logit) {
+                    tie = true;
+                    break;
+                }
+            }
+            if (tie) {
+                stats.why[1]++;
+                const size_t npart = (n > 1024 && last <= 256) ? 256 : n;
+                const size_t len = std::min(cnt, last + 1);
+                if (!fix_tie_order(pre, len, W, n, false, 1.0f, npart)) {
+                    return false;
+                }
+            }
+            if (last == cnt && cnt < n) {
+                // the next element lies below t: strictly smaller, no tie possible
+            }
+            set_array(pre.data(), last, true);
+            return true;
+        }
+        return false;
+    }
+
+    void step_min_p() {
+        if (!st.full) {
+            port_min_p(&st.arr, cfg.min_p, cfg.min_keep);
+            return;
+        }
+        const size_t n = nv();
+        const float * W = st.W;
+        MaxMin mm = scan_max_min(W, n);
+        if (!mm.nan) {
+            const float max_logit = std::max(-FLT_MAX, mm.max);
+            const float min_logit = max_logit + logf(cfg.min_p);
+            Scratch & S = scratch();
+            const size_t cnt = gather_ge(W, n, min_logit, S.gidx);
+            if (cnt > 0 && cnt >= cfg.min_keep) {
+                std::vector<tdata> & buf = S.abuf;
+                if (buf.size() < cnt) {
+                    buf.resize(std::max<size_t>(cnt, 256));
+                }
+                for (size_t j = 0; j < cnt; ++j) {
+                    const int32_t id = S.gidx[j];
+                    buf[j] = tdata{id, W[id], 0.0f};
+                }
+                st.arr = Arr{buf.data(), cnt, -1, false};
+                st.full = false;
+                return;
+            }
+        }
+        materialize();
+        port_min_p(&st.arr, cfg.min_p, cfg.min_keep);
+    }
+
+    void step_typical() {
+        if (!st.full) {
+            port_typical(&st.arr, cfg.typical_p, cfg.min_keep);
+            return;
+        }
+        if (!fast_typical()) {
+            materialize();
+            port_typical(&st.arr, cfg.typical_p, cfg.min_keep);
+        }
+    }
+
+    // The softmax llama.cpp computes over the whole vocabulary after sorting it (softmax_impl with
+    // do_sort): candidates x = W (or W / t) >= mx - depth go to scratch().pre, the K largest of
+    // them sorted descending by x (pre[0..K)), the rest after them unsorted; f2 holds their
+    // e = expf(x - mx).  Z is the sorted-order float sum, exactly: the sorted top K in order,
+    // then the rest when their sum does not depend on the order (see order_free_sum); every
+    // element below mx - depth must be absorbed (< half an ulp of Z).  Returns 0 on success,
+    // 1 if a larger K is needed, 2 if a larger depth is needed, 3 if impossible.
+    int sorted_softmax(const float * W, size_t n, bool div, float t, float mx, float depth, size_t & K,
+                       size_t & m, bool & all, float & Z) {
+        Scratch & S = scratch();
+        const float tx = mx - depth;
+        const double tw = div ? (double) tx * (double) t : (double) tx;
+        const float twf = (float) (tw - 1e-5 * (std::fabs(tw) + 1.0));
+        const size_t cnt0 = gather_ge(W, n, twf, S.gidx);
+        std::vector<tdata> & pre = S.pre;
+        pre.resize(cnt0);
+        m = 0;
+        for (size_t j = 0; j < cnt0; ++j) {
+            const int32_t id = S.gidx[j];
+            const float x = div ? W[id] / t : W[id];
+            if (x >= tx) {
+                pre[m++] = tdata{id, x, 0.0f};
+            }
+        }
+        pre.resize(m);
+        all = m == n;
+        if (m == 0) {
+            return 3;
+        }
+        K = std::min(K, m);
+        std::partial_sort(pre.begin(), pre.begin() + K, pre.end(), cmp_logit_desc);
+        std::vector<float> & d = S.f1;
+        std::vector<float> & e = S.f2;
+        d.resize(m);
+        e.resize(m);
+        for (size_t j = 0; j < m; ++j) {
+            d[j] = pre[j].logit - mx;
+        }
+        expf_batch(d.data(), e.data(), m);
+        float s = 0.0f;
+        for (size_t j = 0; j < K; ++j) {
+            s += e[j];
+        }
+        if (K < m) {
+            if (!order_free_sum(s, e.data() + K, m - K, Z)) {
+                return 1;
+            }
+        } else {
+            Z = s;
+        }
+        if (!all) {
+            const double dd = (double) tx - (double) mx + 1e-6 * (std::fabs(mx) + 1.0);
+            const double bound = std::exp(dd) * (1.0 + 0x1p-22);
+            int ex;
+            std::frexp(Z, &ex);
+            if (!(bound < std::ldexp(1.0, (ex - 1) - 24))) {
+                return 2;
+            }
+        }
+        for (size_t j = 0; j < m; ++j) {
+            pre[j].p = e[j] / Z;
+        }
+        return 0;
+    }
+
+    bool fast_typical() {
+        const size_t n = nv();
+        const float * W = st.W;
+        MaxMin mm = scan_max_min(W, n);
+        if (mm.nan || !std::isfinite(mm.max) || mm.max > 1e8f || !(mm.max - mm.min <= 80.0f)) {
+            return false;   // possible p == 0 (llama.cpp's entropy becomes NaN): exact port
+        }
+        const float mx = mm.max;
+        Scratch & S = scratch();
+        float depth = 20.0f;
+        size_t K = 256;
+        for (int attempt = 0; attempt < 10; ++attempt) {
+            size_t m;
+            bool all;
+            float Z;
+            const int rc = sorted_softmax(W, n, false, 1.0f, mx, depth, K, m, all, Z);
+            if (rc == 1) {
+                K *= 4;
+                continue;
+            }
+            if (rc == 2) {
+                depth += 10.0f;
+                continue;
+            }
+            if (rc != 0) {
+                return false;
+            }
+            std::vector<tdata> & pre = S.pre;
+            // entropy, in sorted order: the sorted K first, then the rest when order-free
+            std::vector<float> & lg = S.f3;
+            std::vector<float> & term = S.f1;
+            lg.resize(m);
+            term.resize(m);
+            for (size_t i = 0; i < m; ++i) {
+                lg[i] = logf(pre[i].p);
+                term[i] = -pre[i].p * lg[i];
+            }
+            float entropy = 0.0f;
+            for (size_t i = 0; i < K; ++i) {
+                entropy += term[i];
+            }
+            if (K < m && !order_free_sum(entropy, term.data() + K, m - K, entropy)) {
+                K *= 4;
+                continue;
+            }
+            double P = 0.0;     // a bound on the probabilities below the gathered ones
+            const float t = mx - depth;
+            if (!all) {
+                const double dd = (double) t - (double) mx + 1e-6 * (std::fabs(mx) + 1.0);
+                P = std::exp(dd) * (1.0 + 0x1p-21) / (double) Z;
+                const double tb = P * (-std::log(P)) * (1.0 + 1e-5);
+                if (entropy <= 0.0f) {
+                    return false;
+                }
+                int ex;
+                std::frexp(entropy, &ex);
+                if (!(P < 0.3 && tb < std::ldexp(1.0, (ex - 1) - 24))) {
+                    depth += 10.0f;
+                    continue;
+                }
+            }
+            std::vector<float> & sc = S.f2;
+            sc.resize(m);
+            for (size_t i = 0; i < m; ++i) {
+                sc[i] = fabsf(-lg[i] - entropy);
+            }
+            const double LB = all ? INFINITY : (-std::log(P)) * (1.0 - 1e-6) - (double) entropy - 1e-4;
+            std::vector<size_t> & ord = S.s1;
+            ord.resize(m);
+            std::iota(ord.begin(), ord.end(), 0);
+            auto by_score = [&](size_t a, size_t b) { return sc[a] < sc[b] || (sc[a] == sc[b] && a < b); };
+            size_t L = std::min<size_t>(m, 128);
+            size_t last = 0;
+            for (;;) {
+                std::partial_sort(ord.begin(), ord.begin() + L, ord.end(), by_score);
+                float cum = 0.0f;
+                last = 0;
+                for (size_t i = 0; i < L; ++i) {
+                    cum += pre[ord[i]].p;
+                    if (cum > cfg.typical_p && (cfg.min_keep == 0 || i >= cfg.min_keep - 1)) {
+                        last = i + 1;
+                        break;
+                    }
+                }
+                if (last != 0 && (last < L || L == m)) {
+                    break;
+                }
+                if (L == m) {
+                    break;
+                }
+                L = std::min(m, L * 4);
+            }
+            if (last == 0) {
+                if (all) {
+                    return false;
+                }
+                depth += 10.0f;
+                continue;
+            }
+            // unique: strictly increasing scores over the kept prefix and the next one, all
+            // below every score outside the gathered set
+            for (size_t i = 0; i < last; ++i) {
+                if (i + 1 < m && !(sc[ord[i]] < sc[ord[i + 1]])) {
+                    return false;
+                }
+            }
+            if (!((double) sc[ord[last - 1]] < LB)) {
+                depth += 10.0f;
+                continue;
+            }
+            std::vector<tdata> & buf = S.abuf;
+            if (buf.size() < last) {
+                buf.resize(std::max<size_t>(last, 256));
+            }
+            for (size_t i = 0; i < last; ++i) {
+                buf[i] = pre[ord[i]];
+            }
+            st.arr = Arr{buf.data(), last, -1, false};
+            st.full = false;
+            return true;
+        }
+        return false;
+    }
+
+    void step_xtc() {
+        if (!st.full) {
+            port_xtc(&st.arr, cfg.xtc_p, cfg.xtc_t, cfg.min_keep, rng_xtc);
+            return;
+        }
+        if (cfg.xtc_p <= 0.0f || cfg.xtc_t > 0.5f || nv() < 2) {
+            return;
+        }
+        // the coin is drawn first; only when it says "cut" does XTC need the sorted softmax
+        std::mt19937 probe = rng_xtc;
+        std::uniform_real_distribution<float> distribution(0.0f, 1.0f);
+        float chance = distribution(probe);
+        if (chance > cfg.xtc_p) {
+            rng_xtc = probe;
+            return;
+        }
+        materialize();
+        port_xtc(&st.arr, cfg.xtc_p, cfg.xtc_t, cfg.min_keep, rng_xtc);
+    }
+
+    llama_token step_temp_dist() {
+        const float temp = cfg.temp;
+        const bool temp_empty = (temp == 1.0f);
+        if (!st.full) {
+            if (!temp_empty) {
+                port_temp_impl(&st.arr, temp);
+            }
+            port_dist(&st.arr, rng_dist);
+            return st.arr.data[st.arr.selected].id;
+        }
+        const size_t n = nv();
+        const float * W = st.W;
+        MaxMin mm = scan_max_min(W, n);
+        if (mm.nan || !std::isfinite(mm.max)) {
+            materialize();
+            if (!temp_empty) {
+                port_temp_impl(&st.arr, temp);
+            }
+            port_dist(&st.arr, rng_dist);
+            return st.arr.data[st.arr.selected].id;
+        }
+        std::uniform_real_distribution<double> dist(0.0f, 1.0f);
+        if (!temp_empty && temp <= 0.0f) {
+            // greedy: temp keeps the first maximum, every other logit becomes -inf
+            size_t m = 0;
+            for (size_t i = 0; i < n; ++i) {
+                if (W[i] == mm.max) {
+                    m = i;
+                    break;
+                }
+            }
+            const double rnd = dist(rng_dist);
+            const double sum_tgt = 1.0 * rnd;
+            // running sum: 0 before m, 1 from m on
+            return (llama_token) ((0.0 >= sum_tgt) ? 0 : m);
+        }
+        const bool div = !temp_empty;
+        const float mx = div ? mm.max / temp : mm.max;
+        std::vector<double> & ce = scratch().chunk_end;
+        ce.resize((n + 63) / 64);
+        const double sum_cum = full_exp_sum<double>(W, n, div, temp, mx, ce.data());
+        const double rnd = dist(rng_dist);
+        const double sum_tgt = sum_cum * rnd;
+        size_t c = 0;
+        const size_t nc = ce.size();
+        while (c < nc && !(ce[c] >= sum_tgt)) {
+            ++c;
+        }
+        if (c == nc) {
+            return (llama_token) (n - 1);
+        }
+        double s = (c == 0) ? 0.0 : ce[c - 1];
+        const size_t end = std::min(n, (c + 1) * 64);
+        for (size_t i = c * 64; i < end; ++i) {
+            const float x = div ? W[i] / temp : W[i];
+            s += expf(x - mx);
+            if (s >= sum_tgt) {
+                return (llama_token) i;
+            }
+        }
+        return (llama_token) (end - 1);   // unreachable: ce[c] >= sum_tgt
+    }
+
+    llama_token step_mirostat() {
+        const float temp = cfg.temp;
+        const bool temp_empty = (temp == 1.0f);
+        if (temp_empty || temp > 0.0f) {
+            llama_token tok;
+            if (fast_mirostat(temp_empty ? 1.0f : temp, !temp_empty, tok)) {
+                return tok;
+            }
+        }
+        materialize();
+        if (!temp_empty) {
+            port_temp_impl(&st.arr, temp);
+        }
+        if (cfg.mirostat == 1) {
+            port_mirostat(&st.arr, cfg.n_vocab, cfg.tau, cfg.eta, 100, mu, rng_miro);
+        } else {
+            port_mirostat_v2(&st.arr, cfg.tau, cfg.eta, mu, rng_miro);
+        }
+        return st.arr.data[st.arr.selected].id;
+    }
+
+    // mirostat 1 when its top-k keeps many candidates: softmax over the first ksz of the sorted
+    // vocabulary and discrete_distribution over them, sorting only the head that the draw lands
+    // in (sums over the rest are order-free, checked).  scratch().pre holds the gathered
+    // candidates (sorted_softmax).  1: done, 2: gather deeper, 0: give up.
+    int mirostat1_large_k(const float * W, size_t n, bool div, float t, size_t ksz, size_t m, bool all,
+                          float depth, llama_token & out) {
+        Scratch & S = scratch();
+        std::vector<tdata> & pre = S.pre;
+        if (ksz > m) {
+            return all ? 0 : 2;
+        }
+        // the ksz largest (a boundary tie does not change any sum: equal values)
+        std::nth_element(pre.begin(), pre.begin() + (ksz - 1), pre.end(), cmp_logit_desc);
+        const float mx0 = pre[0].logit;
+        (void) mx0;
+        for (size_t K0 = 512; ; K0 *= 4) {
+            K0 = std::min(K0, ksz);
+            std::partial_sort(pre.begin(), pre.begin() + K0, pre.begin() + ksz, cmp_logit_desc);
+            const float mxs = pre[0].logit;
+            std::vector<float> & e = S.f2;
+            std::vector<float> & dd = S.f3;
+            e.resize(ksz);
+            dd.resize(ksz);
+            for (size_t i = 0; i < ksz; ++i) {
+                dd[i] = pre[i].logit - mxs;
+            }
+            expf_batch(dd.data(), e.data(), ksz);
+            float Z2 = 0.0f;
+            for (size_t i = 0; i < K0; ++i) {
+                Z2 += e[i];
+            }
+            if (K0 < ksz && !order_free_sum(Z2, e.data() + K0, ksz - K0, Z2)) {
+                if (K0 == ksz) {
+                    return 0;
+                }
+                continue;
+            }
+            std::vector<float> & pp = S.f1;
+            pp.resize(ksz);
+            for (size_t i = 0; i < ksz; ++i) {
+                pp[i] = e[i] / Z2;
+            }
+            double sum = 0.0;
+            for (size_t i = 0; i < K0; ++i) {
+                sum = sum + (double) pp[i];
+            }
+            if (K0 < ksz && !order_free_sum_d(sum, pp.data() + K0, ksz - K0, sum)) {
+                continue;
+            }
+            // the draw, without consuming it yet
+            std::mt19937 peek = rng_miro;
+            const double u = std::generate_canonical<double, std::numeric_limits<double>::digits>(peek);
+            double acc = 0.0;
+            size_t idx = K0;
+            for (size_t i = 0; i < K0; ++i) {
+                const double q = (double) pp[i] / sum;
+                acc = (i == 0) ? q : acc + q;
+                const double c = (i + 1 == ksz) ? 1.0 : acc;
+                if (!(c < u)) {
+                    idx = i;
+                    break;
+                }
+            }
+            if (idx == K0) {
+                if (K0 == ksz) {
+                    return 0;
+                }
+                continue;       // the draw lands further down: sort more
+            }
+            bool tie = (idx > 0 && pre[idx - 1].logit == pre[idx].logit) ||
+                       (idx + 1 < K0 && pre[idx + 1].logit == pre[idx].logit) ||
+                       (idx + 1 == K0 && K0 < ksz);
+            if (tie) {
+                stats.why[1]++;
+                if (!fix_tie_order(pre, K0, W, n, div, t, n)) {
+                    return 0;
+                }
+            }
+            rng_miro = peek;
+            float observed_surprise = -log2f(pp[idx]);
+            float ee = observed_surprise - cfg.tau;
+            mu = mu - cfg.eta * ee;
+            out = pre[idx].id;
+            (void) depth;
+            return 1;
+        }
+    }
+
+    // mirostat 1/2 over the whole vocabulary, logits x = W / t
+    bool fast_mirostat(float t, bool div, llama_token & out) {
+        const size_t n = nv();
+        const float * W = st.W;
+        MaxMin mm = scan_max_min(W, n);
+        if (mm.nan || !std::isfinite(mm.max) || mm.max > 1e8f || !std::isfinite(mm.min)) {
+            return false;
+        }
+        Scratch & S = scratch();
+        const float mx = div ? mm.max / t : mm.max;
+        float depth = 18.0f;
+        size_t K = 256;
+        for (int attempt = 0; attempt < 4; ++attempt) {
+            size_t m;
+            bool all;
+            float Z;
+            const int rc = sorted_softmax(W, n, div, t, mx, depth, K, m, all, Z);
+            if (rc == 1) {
+                K *= 4;
+                continue;
+            }
+            if (rc == 2) {
+                depth += 8.0f;
+                continue;
+            }
+            if (rc != 0) {
+                stats.why[3]++;
+                return false;
+            }
+            std::vector<tdata> & pre = S.pre;
+            if (cfg.mirostat == 2) {
+                size_t size = 0;
+                while (size < K && !(-log2f(pre[size].p) > mu)) {
+                    ++size;
+                }
+                if (size == K && K < m) {
+                    K *= 4;
+                    continue;
+                }
+                if (size == K && !all) {
+                    stats.why[6]++;     // the cut lies below the gathered candidates: port
+                    return false;
+                }
+                if (size == 0) {
+                    size = 1;
+                }
+                for (size_t i = 0; i + 1 < size; ++i) {
+                    if (pre[i].logit == pre[i + 1].logit) {
+                        stats.why[1]++;
+                        if (!fix_tie_order(pre, size, W, n, div, t, n)) {
+                            return false;
+                        }
+                        break;
+                    }
+                }
+                Arr a{pre.data(), size, -1, true};
+                port_softmax_impl(&a, true);
+                const int idx = port_sample_discrete(&a, rng_miro);
+                float observed_surprise = -log2f(a.data[idx].p);
+                float e = observed_surprise - cfg.tau;
+                mu = mu - cfg.eta * e;
+                out = a.data[idx].id;
+                return true;
+            }
+            // mirostat 1: s_hat from the 100 most probable, then top-k of the sorted array
+            const int32_t mm_ = 100;
+            if (K < std::min<size_t>((size_t) mm_, n)) {
+                if (K < m) {
+                    K = 256;
+                    continue;
+                }
+                if (all) {
+                    return false;
+                }
+                depth += 8.0f;
+                continue;
+            }
+            float s_hat = 0.0;
+            float sum_ti_bi = 0.0;
+            float sum_ti_sq = 0.0;
+            for (size_t i = 0; i < size_t(mm_ - 1) && i < n - 1; ++i) {
+                float t_i = logf(float(i + 2) / float(i + 1));
+                float b_i = logf(pre[i].p / pre[i + 1].p);
+                sum_ti_bi += t_i * b_i;
+                sum_ti_sq += t_i * t_i;
+            }
+            s_hat = sum_ti_bi / sum_ti_sq;
+            float epsilon_hat = s_hat - 1;
+            float k = powf((epsilon_hat * powf(2, mu)) / (1 - powf(cfg.n_vocab, -epsilon_hat)), 1 / s_hat);
+            const size_t ksz = std::min<size_t>((size_t) std::max(int(k), 1), n);
+            if (ksz > 16384 && ksz < n) {
+                // very large top-k: the sums reach deep into the vocabulary; exact port
+                stats.why[4]++;
+                return false;
+            }
+            if (ksz > 512 && ksz < n) {
+                int r = mirostat1_large_k(W, n, div, t, ksz, m, all, depth, out);
+                if (r == 1) {
+                    return true;
+                }
+                if (r == 2) {
+                    stats.why[6]++;
+                    return false;
+                }
+                stats.why[4]++;
+                return false;
+            }
+            if (ksz >= K && K < m) {
+                K = ksz + 1;
+                continue;
+            }
+            if (ksz > K) {
+                stats.why[6]++;
+                return false;
+            }
+            bool tie = ksz < K && pre[ksz - 1].logit == pre[ksz].logit;
+            for (size_t i = 0; !tie && i + 1 < ksz; ++i) {
+                tie = pre[i].logit == pre[i + 1].logit;
+            }
+            if (tie) {
+                stats.why[1]++;
+                if (!fix_tie_order(pre, ksz, W, n, div, t, n)) {
+                    stats.why[5]++;
+                    return false;
+                }
+            }
+            Arr a{pre.data(), ksz, -1, true};
+            port_softmax_impl(&a, true);
+            const int idx = port_sample_discrete(&a, rng_miro);
+            float observed_surprise = -log2f(a.data[idx].p);
+            float e = observed_surprise - cfg.tau;
+            mu = mu - cfg.eta * e;
+            out = a.data[idx].id;
+            return true;
+        }
+        stats.why[2]++;
+        return false;
+    }
+};
+
+} // namespace lgfs
+
+// C-style entry points for Cython
+typedef lgfs::Engine lgfs_engine;
+typedef lgfs::Config lgfs_config;
+
+static inline lgfs::Engine * lgfs_new(const lgfs::Config & c) { return new lgfs::Engine(c); }
+static inline void lgfs_free(lgfs::Engine * e) { delete e; }
+static inline int lgfs_supported() { return lgfs::fast_sampler_supported() ? 1 : 0; }
+static inline int lgfs_expf_mode() { return lgfs::expf_mode(); }
+static inline void lgfs_config_add_bias(lgfs::Config & c, llama_token t, float b) {
+    c.bias.push_back(llama_logit_bias{t, b});
+}
