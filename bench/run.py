@@ -455,6 +455,17 @@ def write_report(res, args, elapsed):
     return "\n".join(lines)
 
 
+def _keep_other_sections(path, report):
+    """Sections written by other scripts (## 7 onwards: bench/sampling_engines.py) survive."""
+    try:
+        with open(path) as fh:
+            old = fh.read()
+    except OSError:
+        return report
+    i = old.find("\n## 7.")
+    return report.rstrip("\n") + "\n" + old[i:] if i >= 0 else report
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 round, 128 tokens only")
@@ -486,7 +497,7 @@ def main(argv=None):
         old["batch"]["command"] = res["command"]
         old.setdefault("notes", []).append(
             f"- Section 6 was measured separately by `{res['command']}` on {res['date']}.")
-        report = write_report(old, args, old.get("elapsed_s", 0))
+        report = _keep_other_sections(args.out, write_report(old, args, old.get("elapsed_s", 0)))
         with open(args.out, "w") as fh:
             fh.write(report)
         with open(args.json, "w") as fh:
@@ -511,7 +522,7 @@ def main(argv=None):
     section("batch", bench_batch, model, rounds)
     elapsed = time.time() - t0
     res["elapsed_s"] = elapsed
-    report = write_report(res, args, elapsed)
+    report = _keep_other_sections(args.out, write_report(res, args, elapsed))
     with open(args.out, "w") as fh:
         fh.write(report)
     with open(args.json, "w") as fh:
