@@ -66,7 +66,6 @@ cdef class Context:
     cdef PyThread_type_lock _lock
     cdef AbortState _abort
     cdef uint64_t _epoch          # bumped by every gen_begin: older states become stale
-    cdef bint _closed
     cdef readonly bint kv_unified
     cdef object __weakref__
 
@@ -77,7 +76,6 @@ cdef class Context:
             raise MemoryError()
         memset(&self._abort, 0, sizeof(AbortState))
         self._epoch = 0
-        self._closed = False
 
     def __init__(self, Model model not None, *, n_ctx=2048, n_batch=512, n_ubatch=512,
                  n_seq_max=1, n_threads=None, n_threads_batch=None, flash_attn=None,

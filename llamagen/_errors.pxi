@@ -17,12 +17,6 @@ cdef int check_decode(int32_t rc, const char * what) except -1:
     raise DecodeError(rc, f"{where}: llama.cpp failed ({_take_errors() or 'allocation or compute error'})")
 
 
-cdef int check_ok(bint ok, what) except -1:
-    if not ok:
-        raise LlamaError(f"{what} failed: {_take_errors() or 'llama.cpp gave no reason'}")
-    return 0
-
-
 cdef inline int check_token(llama.llama_token tok, int32_t n_vocab) except -1:
     if tok < 0 or tok >= n_vocab:
         raise ValueError(f"token id {tok} is outside the vocabulary [0, {n_vocab})")
