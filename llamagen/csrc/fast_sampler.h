@@ -80,6 +80,8 @@ struct Scratch {
     std::vector<tdata> probe;
     std::vector<double> chunk_end;
     std::vector<float> masked;        // grammar-masked logits
+    std::vector<tdata> ma;            // mirostat: the head of the distribution
+    std::vector<float> mv;            // mirostat: values to sum
 };
 
 static inline Scratch & scratch() {
@@ -1338,6 +1340,356 @@ static Acc full_exp_sum(const float * W, size_t n, bool div, float t, float mx, 
     return full_exp_sum_scalar<Acc>(W, n, div, t, mx, chunk_end);
 }
 
+#ifdef LGFS_X86
+// dist over the whole vocabulary, approximately: ce[c] = the sum of e_i = expf(x_i - mx) over the
+// chunks 0..c (64 ids each), in double, chunk by chunk; returns the total.  Its distance to
+// llama.cpp's sequential double sum at any chunk end is below dist_bound() (see step_temp_dist).
+template <bool FMA, bool DIV>
+LGFS_AVX512 static double approx_exp_sum_avx512(const float * W, size_t n, float t, float mx, double * ce) {
+    const __m512 vt = _mm512_set1_ps(t), vmx = _mm512_set1_ps(mx);
+    double s = 0.0;
+    size_t i = 0, c = 0;
+    for (; i + 64 <= n; i += 64, ++c) {
+        __m512d acc[4];
+        for (int v = 0; v < 4; ++v) {
+            __m512 x = _mm512_loadu_ps(W + i + 16 * v);
+            if (DIV) {
+                x = _mm512_div_ps(x, vt);
+            }
+            const __m512 e = expf16<FMA>(_mm512_sub_ps(x, vmx));
+            acc[v] = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(e)),
+                                   _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+        }
+        s += _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3])));
+        ce[c] = s;
+    }
+    for (; i < n; ++i) {
+        const float x = DIV ? W[i] / t : W[i];
+        s += (double) expf(x - mx);
+        if ((i & 63) == 63 || i + 1 == n) {
+            ce[i >> 6] = s;
+        }
+    }
+    return s;
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
+// top-n-sigma's sums, as llama.cpp's sequential loops compute them (valid = not -inf):
+//   sum: float s += W_i;   acc: float acc += pow(W_i - mean, 2) (a double addition, then float)
+// 64 at a time on the running value's grid g = ulp(binade): while every partial sum stays in the
+// binade, s + x rounds to s + RN_g(x) (acc: to acc + RN_g(RN_g'(x)), g' = the double ulp), so a
+// chunk adds the sum of its roundings whatever the order; chunks with a rounding tie, a value too
+// large for the grid or a binade change run sequentially.
+
+// 2^k as double / float (k within the normal range), the binade exponent of a normal float
+static inline double pow2d(int k) {
+    const uint64_t b = (uint64_t) (k + 1023) << 52;
+    double d;
+    std::memcpy(&d, &b, 8);
+    return d;
+}
+static inline float pow2f(int k) {
+    const uint32_t b = (uint32_t) (k + 127) << 23;
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+}
+static inline int binade_of(float x) {
+    uint32_t b;
+    std::memcpy(&b, &x, 4);
+    return (int) ((b >> 23) & 0xff) - 127;
+}
+
+#ifdef LGFS_X86
+LGFS_AVX512 static float sigma_sum_avx512(const float * W, size_t n, size_t & valid) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    float s = 0.0f;
+    size_t cnt = 0, i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __mmask16 vm[4];
+        for (int v = 0; v < 4; ++v) {
+            vm[v] = _mm512_cmp_ps_mask(_mm512_loadu_ps(W + i + 16 * v), ninf, _CMP_NEQ_UQ);
+            cnt += (size_t) __builtin_popcount((unsigned) vm[v]);
+        }
+        const float as = std::fabs(s);
+        if (as >= 0x1p-100f && as < 0x1p100f) {
+            const int E = binade_of(as), G = E - 23;
+            const __m512 C = _mm512_set1_ps(1.5f * pow2f(G + 23));
+            const __m512 big = _mm512_set1_ps(pow2f(G + 22));
+            const __m512 half = _mm512_set1_ps(pow2f(G - 1));
+            __m512d pos = _mm512_setzero_pd(), neg = _mm512_setzero_pd();
+            __mmask16 bad = 0;
+            for (int v = 0; v < 4; ++v) {
+                const __m512 x = _mm512_maskz_loadu_ps(vm[v], W + i + 16 * v);
+                bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(x), big, _CMP_GE_OQ);
+                const __m512 r = _mm512_sub_ps(_mm512_add_ps(x, C), C);
+                bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(x, r)), half, _CMP_EQ_OQ);
+                const __m512 rp = _mm512_max_ps(r, _mm512_setzero_ps());
+                const __m512 rn = _mm512_min_ps(r, _mm512_setzero_ps());
+                pos = _mm512_add_pd(pos, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(rp)),
+                    _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(rp), 1)))));
+                neg = _mm512_add_pd(neg, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(rn)),
+                    _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(rn), 1)))));
+            }
+            if (bad == 0) {
+                const double P = _mm512_reduce_add_pd(pos), N = _mm512_reduce_add_pd(neg);
+                const double lo = (double) s + N, hi = (double) s + P;
+                const double b0 = pow2d(E), b1 = pow2d(E + 1);
+                const bool inside = s > 0.0f ? (lo >= b0 && hi < b1) : (hi <= -b0 && lo > -b1);
+                if (inside) {
+                    s = (float) ((double) s + P + N);
+                    continue;
+                }
+            }
+        }
+        for (int j = 0; j < 64; ++j) {
+            if (W[i + j] != -INFINITY) {
+                s += W[i + j];
+            }
+        }
+    }
+    for (; i < n; ++i) {
+        if (W[i] != -INFINITY) {
+            s += W[i];
+            ++cnt;
+        }
+    }
+    valid = cnt;
+    return s;
+}
+
+LGFS_AVX512 static float sigma_acc_avx512(const float * W, size_t n, float mean) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), vmean = _mm512_set1_ps(mean);
+    float acc = 0.0f;
+    size_t i = 0;
+    auto seq = [&](size_t a, size_t b) {
+        for (size_t j = a; j < b; ++j) {
+            if (W[j] != -INFINITY) {
+                const double d = (double) (W[j] - mean);
+                acc = (float) ((double) acc + d * d);
+            }
+        }
+    };
+    for (; i + 64 <= n; i += 64) {
+        if (acc >= 0x1p-100f && acc < 0x1p100f) {
+            const int E = binade_of(acc), G = E - 23, Gd = G - 29;
+            const __m512d Cd = _mm512_set1_pd(1.5 * pow2d(Gd + 52));
+            const __m512d Cf = _mm512_set1_pd(1.5 * pow2d(G + 52));
+            const __m512d big = _mm512_set1_pd(pow2d(G + 22));
+            const __m512d half_f = _mm512_set1_pd(pow2d(G - 1));
+            __m512d T = _mm512_setzero_pd();
+            __mmask8 bad = 0;
+            for (int v = 0; v < 4; ++v) {
+                const __m512 w = _mm512_loadu_ps(W + i + 16 * v);
+                const __mmask16 vm = _mm512_cmp_ps_mask(w, ninf, _CMP_NEQ_UQ);
+                const __m512 df = _mm512_maskz_sub_ps(vm, w, vmean);
+                for (int h = 0; h < 2; ++h) {
+                    const __m512d d = _mm512_cvtps_pd(h == 0 ? _mm512_castps512_ps256(df)
+                        : _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(df), 1)));
+                    const __m512d sq = _mm512_mul_pd(d, d);
+                    bad |= _mm512_cmp_pd_mask(sq, big, _CMP_GE_OQ);
+                    // a half-way case here rounds to even units of g': acc, a float, always has
+                    // even units on that grid, so this is the rounding of acc + sq too
+                    const __m512d r1 = _mm512_sub_pd(_mm512_add_pd(sq, Cd), Cd);
+                    const __m512d r2 = _mm512_sub_pd(_mm512_add_pd(r1, Cf), Cf);
+                    bad |= _mm512_cmp_pd_mask(_mm512_abs_pd(_mm512_sub_pd(r1, r2)), half_f, _CMP_EQ_OQ);
+                    T = _mm512_add_pd(T, r2);
+                }
+            }
+            if (bad == 0) {
+                const double t = _mm512_reduce_add_pd(T);
+                if ((double) acc + t + pow2d(G) < pow2d(E + 1)) {
+                    acc = (float) ((double) acc + t);
+                    continue;
+                }
+            }
+        }
+        seq(i, i + 64);
+    }
+    seq(i, n);
+    return acc;
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
+// mirostat: one pass over the whole vocabulary
+
+// What a mirostat step needs from the candidates it keeps (T), when T reaches below the head of
+// the distribution: how many there are and sum_i (double) p_i, p_i = expf(x_i - mx) / Z, with
+// x = W / t (DIV) or W.  Membership: MODE 0 all; MODE 1 (mirostat 2) !(-log2f(p) > mu), decided
+// by two float thresholds on p and, between them, by log2f itself; MODE 2 W > wk.
+// min_pass / max_fail (MODE 1): the smallest kept and the largest dropped p (the kept set must be
+// a prefix of the sorted order, as llama.cpp's find_if keeps it).
+struct MiroPass {
+    size_t count = 0;
+    size_t tiny = 0;            // kept p < 2^-29 (their double additions may round)
+    double sum = 0.0;
+    float min_pass = INFINITY;
+    float max_fail = -INFINITY;
+};
+
+static inline bool miro_keep_scalar(float p, float mu) { return !(-log2f(p) > mu); }
+
+template <int MODE>
+static void miro_pass_scalar(const float * W, size_t n, bool div, float t, float mx, float Z, float thr_pass,
+                             float thr_fail, float mu, float wk, MiroPass & r) {
+    for (size_t i = 0; i < n; ++i) {
+        const float x = div ? W[i] / t : W[i];
+        const float p = expf(x - mx) / Z;
+        bool keep = true;
+        if (MODE == 1) {
+            keep = p >= thr_pass ? true : (p < thr_fail ? false : miro_keep_scalar(p, mu));
+        } else if (MODE == 2) {
+            keep = W[i] > wk;
+        }
+        if (keep) {
+            r.count++;
+            r.sum += (double) p;
+            r.tiny += p < 0x1p-29f;
+            r.min_pass = std::min(r.min_pass, p);
+        } else {
+            r.max_fail = std::max(r.max_fail, p);
+        }
+    }
+}
+
+#ifdef LGFS_X86
+template <int MODE, bool FMA, bool DIV>
+LGFS_AVX512 static void miro_pass_avx512(const float * W, size_t n, float t, float mx, float Z, float thr_pass,
+                                         float thr_fail, float mu, float wk, MiroPass & r) {
+    const __m512 vt = _mm512_set1_ps(t), vmx = _mm512_set1_ps(mx), vZ = _mm512_set1_ps(Z);
+    const __m512 vtp = _mm512_set1_ps(thr_pass), vtf = _mm512_set1_ps(thr_fail), vwk = _mm512_set1_ps(wk);
+    const __m512 vtiny = _mm512_set1_ps(0x1p-29f);
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+    __m512 mnp = _mm512_set1_ps(INFINITY), mxf = _mm512_set1_ps(-INFINITY);
+    size_t count = 0, tiny = 0;
+    alignas(64) float pb[16];
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 w = _mm512_loadu_ps(W + i);
+        const __m512 x = DIV ? _mm512_div_ps(w, vt) : w;
+        const __m512 p = _mm512_div_ps(expf16<FMA>(_mm512_sub_ps(x, vmx)), vZ);
+        __mmask16 keep = 0xffff;
+        if (MODE == 1) {
+            keep = _mm512_cmp_ps_mask(p, vtp, _CMP_GE_OQ);
+            const __mmask16 drop = _mm512_cmp_ps_mask(p, vtf, _CMP_LT_OQ);
+            __mmask16 amb = (__mmask16) ~(keep | drop);
+            if (amb) {
+                _mm512_store_ps(pb, p);
+                while (amb) {
+                    const int j = __builtin_ctz((unsigned) amb);
+                    amb &= (__mmask16) (amb - 1);
+                    if (miro_keep_scalar(pb[j], mu)) {
+                        keep |= (__mmask16) (1u << j);
+                    }
+                }
+            }
+            mxf = _mm512_mask_max_ps(mxf, (__mmask16) ~keep, mxf, p);
+        } else if (MODE == 2) {
+            keep = _mm512_cmp_ps_mask(w, vwk, _CMP_GT_OQ);
+        }
+        mnp = _mm512_mask_min_ps(mnp, keep, mnp, p);
+        count += (size_t) __builtin_popcount((unsigned) keep);
+        tiny += (size_t) __builtin_popcount((unsigned) (keep & _mm512_cmp_ps_mask(p, vtiny, _CMP_LT_OQ)));
+        const __m512 pk = _mm512_maskz_mov_ps(keep, p);
+        s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(pk)));
+        s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pk), 1))));
+    }
+    r.count += count;
+    r.tiny += tiny;
+    r.sum += _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+    r.min_pass = std::min(r.min_pass, _mm512_reduce_min_ps(mnp));
+    r.max_fail = std::max(r.max_fail, _mm512_reduce_max_ps(mxf));
+    if (i < n) {
+        miro_pass_scalar<MODE>(W + i, n - i, DIV, t, mx, Z, thr_pass, thr_fail, mu, wk, r);
+    }
+}
+#endif
+
+template <int MODE>
+static void miro_pass(const float * W, size_t n, bool div, float t, float mx, float Z, float thr_pass,
+                      float thr_fail, float mu, float wk, MiroPass & r) {
+#ifdef LGFS_X86
+    const int mode = expf_mode();
+    if (mode == EXPF_FMA) {
+        div ? miro_pass_avx512<MODE, true, true>(W, n, t, mx, Z, thr_pass, thr_fail, mu, wk, r)
+            : miro_pass_avx512<MODE, true, false>(W, n, t, mx, Z, thr_pass, thr_fail, mu, wk, r);
+        return;
+    }
+    if (mode == EXPF_NOFMA) {
+        div ? miro_pass_avx512<MODE, false, true>(W, n, t, mx, Z, thr_pass, thr_fail, mu, wk, r)
+            : miro_pass_avx512<MODE, false, false>(W, n, t, mx, Z, thr_pass, thr_fail, mu, wk, r);
+        return;
+    }
+#endif
+    miro_pass_scalar<MODE>(W, n, div, t, mx, Z, thr_pass, thr_fail, mu, wk, r);
+}
+
+// the sequential float sum of v (values >= 0) in descending order; v is reordered.  The large
+// values are sorted and summed in order; the rest is added order-free when possible (see
+// order_free_sum), else the sorted part grows (the rounding ties that defeat the order-free sum
+// are likeliest among the larger values).
+static float desc_seq_sum(float * v, size_t m) {
+    static const auto gt = [](float a, float b) { return a > b; };
+    float s = 0.0f;
+    size_t h = 0;
+    for (float cut = 0x1p-9f;; cut *= 0x1p-5f) {
+        float * mid = std::partition(v + h, v + m, [cut](float a) { return a >= cut; });
+        std::sort(v + h, mid, gt);
+        const size_t h2 = (size_t) (mid - v);
+        for (size_t i = h; i < h2; ++i) {
+            s += v[i];
+        }
+        h = h2;
+        float out;
+        if (h == m) {
+            return s;
+        }
+        if (h > 0 && order_free_sum(s, mid, m - h, out)) {
+            return out;
+        }
+        if (cut < 1e-30f) {
+            std::sort(mid, v + m, gt);
+            for (size_t i = h; i < m; ++i) {
+                s += v[i];
+            }
+            return s;
+        }
+    }
+}
+
+// the k-th largest (k >= 1) of W (no NaN): a histogram of the top 12 bits of an order-preserving
+// key, then a selection inside the bucket that holds it
+static float kth_largest(const float * W, size_t n, size_t k, std::vector<float> & buf) {
+    auto key = [](float f) {
+        uint32_t b;
+        std::memcpy(&b, &f, 4);
+        return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    };
+    std::vector<uint32_t> hist(4096, 0);
+    for (size_t i = 0; i < n; ++i) {
+        hist[key(W[i]) >> 20]++;
+    }
+    size_t above = 0;
+    int b = 4095;
+    for (; b > 0; --b) {
+        if (above + hist[b] >= k) {
+            break;
+        }
+        above += hist[b];
+    }
+    buf.clear();
+    for (size_t i = 0; i < n; ++i) {
+        if ((int) (key(W[i]) >> 20) == b) {
+            buf.push_back(W[i]);
+        }
+    }
+    const size_t r = k - above - 1;
+    std::nth_element(buf.begin(), buf.begin() + r, buf.end(), [](float x, float y) { return x > y; });
+    return buf[r];
+}
+
 // ------------------------------------------------------------------------------------------
 // the engine
 
@@ -1363,8 +1715,10 @@ struct Config {
 struct Stats {
     uint64_t steps = 0;
     uint64_t slow = 0;                  // steps where some sampler took the exact port
-    uint64_t why[8] = {0};              // why: 1 equal logits where the order matters,
-                                        // 2 search exhausted, 3 precondition (NaN/range), 4 other
+    uint64_t why[8] = {0};              // why: 1 equal logits where the order matters, 5 dist:
+                                        // too close to call from bounded sums (exact sums used),
+                                        // 6 mirostat: the draw lands below the head, 7 mirostat:
+                                        // too close to call (both: exact port)
 };
 
 class Engine {
@@ -1619,19 +1973,30 @@ private:
         float max = W[0];
         float logits_sum = 0;
         size_t valid_count = 0;
-        for (size_t i = 0; i < n; ++i) {
-            if (W[i] != -INFINITY) {
-                max = std::max(max, W[i]);
-                logits_sum += W[i];
-                valid_count++;
+        float mean, acc = 0;
+#ifdef LGFS_X86
+        const MaxMin mm = cpu_has_avx512() ? scan_max_min(W, n) : MaxMin{0.0f, 0.0f, true};
+        if (!mm.nan && mm.max < INFINITY) {
+            max = mm.max;       // the -inf among W change neither
+            logits_sum = sigma_sum_avx512(W, n, valid_count);
+            mean = valid_count > 0 ? logits_sum / valid_count : 0;
+            acc = sigma_acc_avx512(W, n, mean);
+        } else
+#endif
+        {
+            for (size_t i = 0; i < n; ++i) {
+                if (W[i] != -INFINITY) {
+                    max = std::max(max, W[i]);
+                    logits_sum += W[i];
+                    valid_count++;
+                }
             }
-        }
-        float mean = valid_count > 0 ? logits_sum / valid_count : 0;
-        float acc = 0;
-        for (size_t i = 0; i < n; ++i) {
-            if (W[i] != -INFINITY) {
-                const double d = (double) (W[i] - mean);
-                acc = (float) ((double) acc + d * d);
+            mean = valid_count > 0 ? logits_sum / valid_count : 0;
+            for (size_t i = 0; i < n; ++i) {
+                if (W[i] != -INFINITY) {
+                    const double d = (double) (W[i] - mean);
+                    acc = (float) ((double) acc + d * d);
+                }
             }
         }
         float std = valid_count > 0 ? sqrt(acc / valid_count) : 0;
@@ -1954,71 +2319,12 @@ private:
         }
     }
 
-    // The softmax llama.cpp computes over the whole vocabulary after sorting it (softmax_impl with
-    // do_sort): candidates x = W (or W / t) >= mx - depth go to scratch().pre, the K largest of
-    // them sorted descending by x (pre[0..K)), the rest after them unsorted; f2 holds their
-    // e = expf(x - mx).  Z is the sorted-order float sum, exactly: the sorted top K in order,
-    // then the rest when their sum does not depend on the order (see order_free_sum); every
-    // element below mx - depth must be absorbed (< half an ulp of Z).  Returns 0 on success,
-    // 1 if a larger K is needed, 2 if a larger depth is needed, 3 if impossible.
-    int sorted_softmax(const float * W, size_t n, bool div, float t, float mx, float depth, size_t & K,
-                       size_t & m, bool & all, float & Z) {
-        Scratch & S = scratch();
-        const float tx = mx - depth;
-        const double tw = div ? (double) tx * (double) t : (double) tx;
-        const float twf = (float) (tw - 1e-5 * (std::fabs(tw) + 1.0));
-        const size_t cnt0 = gather_ge(W, n, twf, S.gidx);
-        std::vector<tdata> & pre = S.pre;
-        pre.resize(cnt0);
-        m = 0;
-        for (size_t j = 0; j < cnt0; ++j) {
-            const int32_t id = S.gidx[j];
-            const float x = div ? W[id] / t : W[id];
-            if (x >= tx) {
-                pre[m++] = tdata{id, x, 0.0f};
-            }
-        }
-        pre.resize(m);
-        all = m == n;
-        if (m == 0) {
-            return 3;
-        }
-        K = std::min(K, m);
-        std::partial_sort(pre.begin(), pre.begin() + K, pre.end(), cmp_logit_desc);
-        std::vector<float> & d = S.f1;
-        std::vector<float> & e = S.f2;
-        d.resize(m);
-        e.resize(m);
-        for (size_t j = 0; j < m; ++j) {
-            d[j] = pre[j].logit - mx;
-        }
-        expf_batch(d.data(), e.data(), m);
-        float s = 0.0f;
-        for (size_t j = 0; j < K; ++j) {
-            s += e[j];
-        }
-        if (K < m) {
-            if (!order_free_sum(s, e.data() + K, m - K, Z)) {
-                return 1;
-            }
-        } else {
-            Z = s;
-        }
-        if (!all) {
-            const double dd = (double) tx - (double) mx + 1e-6 * (std::fabs(mx) + 1.0);
-            const double bound = std::exp(dd) * (1.0 + 0x1p-22);
-            int ex;
-            std::frexp(Z, &ex);
-            if (!(bound < std::ldexp(1.0, (ex - 1) - 24))) {
-                return 2;
-            }
-        }
-        for (size_t j = 0; j < m; ++j) {
-            pre[j].p = e[j] / Z;
-        }
-        return 0;
-    }
-
+    // typical over the whole vocabulary (llama.cpp: sorted softmax, entropy summed in sorted
+    // order, shifted scores |-log p - H| sorted, kept while the cumulative p <= typical_p).
+    // Gathers the candidates within `depth` of the maximum (the rest change neither Z nor the
+    // entropy, and their scores are above every kept one: checked), sums Z and H in sorted order
+    // of their values (sorted head, order-free tail), and finds the kept prefix among the
+    // candidates whose score is below a growing window.
     bool fast_typical() {
         const size_t n = nv();
         const float * W = st.W;
@@ -2028,105 +2334,143 @@ private:
         }
         const float mx = mm.max;
         Scratch & S = scratch();
-        float depth = 20.0f;
-        size_t K = 256;
-        for (int attempt = 0; attempt < 10; ++attempt) {
-            size_t m;
-            bool all;
-            float Z;
-            const int rc = sorted_softmax(W, n, false, 1.0f, mx, depth, K, m, all, Z);
-            if (rc == 1) {
-                K *= 4;
-                continue;
-            }
-            if (rc == 2) {
-                depth += 10.0f;
-                continue;
-            }
-            if (rc != 0) {
-                return false;
-            }
-            std::vector<tdata> & pre = S.pre;
-            // entropy, in sorted order: the sorted K first, then the rest when order-free
-            std::vector<float> & lg = S.f3;
-            std::vector<float> & term = S.f1;
+        std::vector<float> & d = S.f1;
+        std::vector<float> & p = S.f2;
+        std::vector<float> & lg = S.f3;
+        std::vector<float> & v = S.mv;
+        std::vector<tdata> & pt = S.pre;
+        std::vector<tdata> & cand = S.ma;
+        for (float depth = 20.0f; depth <= 80.0f; depth += 10.0f) {
+            const float tx = mx - depth;
+            const bool all = !(tx > mm.min);
+            const size_t m = gather_ge(W, n, all ? -INFINITY : tx, S.gidx);
+            const int32_t * ids = S.gidx.data();
+            d.resize(m);
+            p.resize(m);
             lg.resize(m);
-            term.resize(m);
-            for (size_t i = 0; i < m; ++i) {
-                lg[i] = logf(pre[i].p);
-                term[i] = -pre[i].p * lg[i];
+            v.resize(m);
+            for (size_t j = 0; j < m; ++j) {
+                d[j] = W[ids[j]] - mx;
             }
-            float entropy = 0.0f;
-            for (size_t i = 0; i < K; ++i) {
-                entropy += term[i];
+            expf_batch(d.data(), p.data(), m);
+            size_t mz = 0;
+            for (size_t j = 0; j < m; ++j) {
+                v[mz] = p[j];
+                mz += p[j] >= 0x1p-24f;     // the others add exactly 0 to a sum >= 1
             }
-            if (K < m && !order_free_sum(entropy, term.data() + K, m - K, entropy)) {
-                K *= 4;
-                continue;
+            const float Z = desc_seq_sum(v.data(), mz);
+            pt.resize(m);
+            for (size_t j = 0; j < m; ++j) {
+                p[j] = p[j] / Z;
+                lg[j] = logf(p[j]);
+                pt[j] = tdata{(llama_token) j, p[j], -p[j] * lg[j]};
             }
-            double P = 0.0;     // a bound on the probabilities below the gathered ones
-            const float t = mx - depth;
+            // entropy: terms in descending order of p (equal p, equal terms)
+            float H = 0.0f;
+            size_t h = 0;
+            for (float cut = 0x1p-10f;; cut *= 0x1p-5f) {
+                auto mid = std::partition(pt.begin() + h, pt.end(), [cut](const tdata & q) { return q.logit >= cut; });
+                std::sort(pt.begin() + h, mid, cmp_logit_desc);
+                const size_t h2 = (size_t) (mid - pt.begin());
+                for (size_t j = h; j < h2; ++j) {
+                    H += pt[j].p;
+                }
+                h = h2;
+                if (h == m) {
+                    break;
+                }
+                for (size_t j = h; j < m; ++j) {
+                    v[j - h] = pt[j].p;
+                }
+                float out;
+                if (H > 0.0f && order_free_sum(H, v.data(), m - h, out)) {
+                    H = out;
+                    break;
+                }
+                if (cut < 1e-30f) {
+                    std::sort(mid, pt.end(), cmp_logit_desc);
+                    for (auto it = mid; it != pt.end(); ++it) {
+                        H += it->p;
+                    }
+                    break;
+                }
+            }
+            double LB = INFINITY;   // every score outside the gathered set is at least LB
             if (!all) {
-                const double dd = (double) t - (double) mx + 1e-6 * (std::fabs(mx) + 1.0);
-                P = std::exp(dd) * (1.0 + 0x1p-21) / (double) Z;
+                const double dd = (double) tx - (double) mx + 1e-6 * (std::fabs(mx) + 1.0);
+                const double P = std::exp(dd) * (1.0 + 0x1p-21) / (double) Z;
                 const double tb = P * (-std::log(P)) * (1.0 + 1e-5);
-                if (entropy <= 0.0f) {
+                if (!(H > 0.0f)) {
                     return false;
                 }
-                int ex;
-                std::frexp(entropy, &ex);
-                if (!(P < 0.3 && tb < std::ldexp(1.0, (ex - 1) - 24))) {
-                    depth += 10.0f;
-                    continue;
+                if (!(P < 0.3 && tb < (double) pow2f(binade_of(H) - 24))) {
+                    continue;       // the entropy may reach deeper: gather more
                 }
+                LB = (-std::log(P)) * (1.0 - 1e-6) - (double) H - 1e-4;
             }
-            std::vector<float> & sc = S.f2;
-            sc.resize(m);
-            for (size_t i = 0; i < m; ++i) {
-                sc[i] = fabsf(-lg[i] - entropy);
-            }
-            const double LB = all ? INFINITY : (-std::log(P)) * (1.0 - 1e-6) - (double) entropy - 1e-4;
-            std::vector<size_t> & ord = S.s1;
-            ord.resize(m);
-            std::iota(ord.begin(), ord.end(), 0);
-            auto by_score = [&](size_t a, size_t b) { return sc[a] < sc[b] || (sc[a] == sc[b] && a < b); };
-            size_t L = std::min<size_t>(m, 128);
+            // the kept prefix among the candidates whose score is below w
             size_t last = 0;
-            for (;;) {
-                std::partial_sort(ord.begin(), ord.begin() + L, ord.end(), by_score);
+            bool deeper = false;
+            float * scp = d.data();           // d is free now: the scores
+            const float * lgp = lg.data();
+            for (size_t j = 0; j < m; ++j) {
+                scp[j] = fabsf(-lgp[j] - H);
+            }
+            if (cand.size() < m) {
+                cand.resize(m);
+            }
+            tdata * cd = cand.data();
+            size_t nc = 0;
+            auto by_score = [](const tdata & x, const tdata & y) {
+                return x.logit < y.logit || (x.logit == y.logit && x.id < y.id);
+            };
+            for (float w = 0.125f;; w *= 4.0f) {
+                nc = 0;
+                for (size_t j = 0; j < m; ++j) {
+                    cd[nc] = tdata{(llama_token) j, scp[j], 0.0f};
+                    nc += scp[j] < w;
+                }
+                // sorted as far as needed: the kept prefix and the next one
+                size_t ns = std::min<size_t>(nc, 64);
+                std::partial_sort(cd, cd + ns, cd + nc, by_score);
                 float cum = 0.0f;
                 last = 0;
-                for (size_t i = 0; i < L; ++i) {
-                    cum += pre[ord[i]].p;
+                for (size_t i = 0; i < nc; ++i) {
+                    if (i + 1 >= ns && ns < nc) {
+                        std::sort(cd + ns, cd + nc, by_score);
+                        ns = nc;
+                    }
+                    cum += p[cd[i].id];
                     if (cum > cfg.typical_p && (cfg.min_keep == 0 || i >= cfg.min_keep - 1)) {
                         last = i + 1;
                         break;
                     }
                 }
-                if (last != 0 && (last < L || L == m)) {
+                if (last != 0) {
                     break;
                 }
-                if (L == m) {
+                if (nc == m) {
+                    if (all) {
+                        return false;
+                    }
+                    deeper = true;
                     break;
                 }
-                L = std::min(m, L * 4);
-            }
-            if (last == 0) {
-                if (all) {
+                if (!std::isfinite(w)) {
                     return false;
                 }
-                depth += 10.0f;
+            }
+            if (deeper) {
                 continue;
             }
-            // unique: strictly increasing scores over the kept prefix and the next one, all
-            // below every score outside the gathered set
-            for (size_t i = 0; i < last; ++i) {
-                if (i + 1 < m && !(sc[ord[i]] < sc[ord[i + 1]])) {
+            // unique order: strictly increasing scores over the kept prefix and the next one (a
+            // next one outside the window scores at least w), all below the scores outside
+            for (size_t i = 0; i + 1 < nc && i < last; ++i) {
+                if (!(cd[i].logit < cd[i + 1].logit)) {
                     return false;
                 }
             }
-            if (!((double) sc[ord[last - 1]] < LB)) {
-                depth += 10.0f;
+            if (!((double) cd[last - 1].logit < LB)) {
                 continue;
             }
             std::vector<tdata> & buf = S.abuf;
@@ -2134,7 +2478,8 @@ private:
                 buf.resize(std::max<size_t>(last, 256));
             }
             for (size_t i = 0; i < last; ++i) {
-                buf[i] = pre[ord[i]];
+                const size_t j = (size_t) cd[i].id;
+                buf[i] = tdata{ids[j], W[ids[j]], p[j]};
             }
             st.arr = Arr{buf.data(), last, -1, false};
             st.full = false;
@@ -2161,6 +2506,75 @@ private:
         }
         materialize();
         port_xtc(&st.arr, cfg.xtc_p, cfg.xtc_t, cfg.min_keep, rng_xtc);
+    }
+
+    // dist from approximate sums with a proven error bound.  llama.cpp's running sum s_i (a
+    // sequential double sum of float e_i in id order) is within i * 2^-53 * s_i of the exact
+    // prefix sum; the chunked sum here is within (c + 10) * 2^-53 * S of it.  With d bounding
+    // both, s_i lies in [a_i - d, a_i + d] and the target sum_cum * rnd in [t_lo, t_hi]; walking
+    // from both ends of a chunk's bound (rounded additions are monotone) gives the first and the
+    // last index that can be selected.  Equal: that is the token.  Otherwise (rare: the target
+    // within ~1e-11 of a boundary) the exact sum decides.
+    bool approx_dist(const float * W, size_t n, bool div, float t, float mx, double rnd, std::vector<double> & ce,
+                     llama_token & out) {
+#ifdef LGFS_X86
+        const int mode = expf_mode();
+        if (mode == EXPF_LIBM) {
+            return false;
+        }
+        double S;
+        if (mode == EXPF_FMA) {
+            S = div ? approx_exp_sum_avx512<true, true>(W, n, t, mx, ce.data())
+                    : approx_exp_sum_avx512<true, false>(W, n, t, mx, ce.data());
+        } else {
+            S = div ? approx_exp_sum_avx512<false, true>(W, n, t, mx, ce.data())
+                    : approx_exp_sum_avx512<false, false>(W, n, t, mx, ce.data());
+        }
+        if (!std::isfinite(S) || S <= 0.0) {
+            return false;
+        }
+        const size_t nc = ce.size();
+        const double d = ((double) n + 4.0 * (double) nc + 64.0) * 0x1p-53 * S * 1.01;
+        const double t_lo = std::nextafter(S - d, 0.0) * rnd;
+        const double t_hi = std::nextafter(S + d, INFINITY) * rnd;
+        size_t c = 0;
+        while (c < nc && ce[c] + d < t_lo) {
+            ++c;
+        }
+        if (c == nc) {
+            return false;
+        }
+        double s_lo = (c == 0) ? 0.0 : std::nextafter(ce[c - 1] - d, -INFINITY);
+        double s_hi = (c == 0) ? 0.0 : std::nextafter(ce[c - 1] + d, INFINITY);
+        if (c == 0) {
+            s_lo = 0.0;
+            s_hi = 0.0;
+        }
+        size_t first = SIZE_MAX;
+        for (size_t i = c * 64; i < n; ++i) {
+            const float x = div ? W[i] / t : W[i];
+            const double e = (double) expf(x - mx);
+            s_lo += e;
+            s_hi += e;
+            if (first == SIZE_MAX && s_hi >= t_lo) {
+                first = i;
+            }
+            if (s_lo >= t_hi) {
+                if (first != i) {
+                    return false;
+                }
+                out = (llama_token) i;
+                return true;
+            }
+            if (first != SIZE_MAX && i > first) {
+                return false;       // two candidates: too close to call
+            }
+        }
+        return false;
+#else
+        (void) W; (void) n; (void) div; (void) t; (void) mx; (void) rnd; (void) ce; (void) out;
+        return false;
+#endif
     }
 
     llama_token step_temp_dist() {
@@ -2203,8 +2617,13 @@ private:
         const float mx = div ? mm.max / temp : mm.max;
         std::vector<double> & ce = scratch().chunk_end;
         ce.resize((n + 63) / 64);
-        const double sum_cum = full_exp_sum<double>(W, n, div, temp, mx, ce.data());
         const double rnd = dist(rng_dist);
+        llama_token tok;
+        if (approx_dist(W, n, div, temp, mx, rnd, ce, tok)) {
+            return tok;
+        }
+        stats.why[5]++;
+        const double sum_cum = full_exp_sum<double>(W, n, div, temp, mx, ce.data());
         const double sum_tgt = sum_cum * rnd;
         size_t c = 0;
         const size_t nc = ce.size();
@@ -2226,12 +2645,248 @@ private:
         return (llama_token) (end - 1);   // unreachable: ce[c] >= sum_tgt
     }
 
+    // mirostat 1/2 over the whole vocabulary, x = W / t (div) or W.  llama.cpp sorts all n
+    // candidates, softmaxes them (float sum Z in sorted order), keeps a prefix T (mirostat 2: p
+    // not below 2^-mu; mirostat 1: the top k), softmaxes T again (Z2) and draws with
+    // discrete_distribution (a double sum of T's p, then cumulative p / sum in sorted order).
+    //  * float sums starting at the maximum (e = 1) ignore every e < 2^-24: Z and Z2 need only
+    //    the head A of the distribution (e >= 2^-24), summed in sorted order of their values;
+    //  * T beyond A: Z2 = Z, and one vectorized pass counts T and sums its p (any order): the
+    //    sum's exact sequential value lies within a proven bound of it, and the draw walks the
+    //    sorted head with both ends of that bound: equal indices decide the token (the index is
+    //    monotone in the sum);
+    //  * only the head is sorted, only as far as the draw reaches; equal logits at the drawn
+    //    position get llama.cpp's exact order.
+    bool fast_miro(float t, bool div, llama_token & out) {
+        const size_t n = nv();
+        const float * W = st.W;
+        MaxMin mm = scan_max_min(W, n);
+        if (mm.nan || !std::isfinite(mm.max) || std::fabs(mm.max) > 1e8f || n < 2) {
+            return false;
+        }
+        Scratch & S = scratch();
+        const float mx = div ? mm.max / t : mm.max;
+        // A: e = expf(x - mx) >= 2^-24 (ln 2^-24 = -16.6355)
+        const double tx = (double) mx - 16.7;
+        const double tw = div ? tx * (double) t : tx;
+        const size_t cnt = gather_ge(W, n, (float) (tw - 1e-5 * (std::fabs(tw) + 1.0)), S.gidx);
+        std::vector<tdata> & A = S.ma;
+        std::vector<float> & d = S.f1;
+        std::vector<float> & e = S.f2;
+        A.resize(cnt);
+        d.resize(cnt);
+        e.resize(cnt);
+        for (size_t j = 0; j < cnt; ++j) {
+            const int32_t id = S.gidx[j];
+            const float x = div ? W[id] / t : W[id];
+            A[j] = tdata{id, x, 0.0f};
+            d[j] = x - mx;
+        }
+        expf_batch(d.data(), e.data(), cnt);
+        size_t a = 0;
+        for (size_t j = 0; j < cnt; ++j) {
+            if (e[j] >= 0x1p-24f) {
+                A[a] = A[j];
+                A[a].p = e[j];
+                ++a;
+            }
+        }
+        A.resize(a);
+        if (a == 0) {
+            return false;
+        }
+        std::vector<float> & v = S.mv;
+        v.resize(a);
+        for (size_t j = 0; j < a; ++j) {
+            v[j] = A[j].p;
+        }
+        const float Z = desc_seq_sum(v.data(), a);
+
+        size_t tsize = 0;           // |T|
+        bool in_A = false;          // T lies within A (then T = the tsize largest of A)
+        MiroPass pr;                // T beyond A
+        if (cfg.mirostat == 2) {
+            size_t keep = 0;
+            float minp = INFINITY, maxf = -INFINITY;
+            for (size_t j = 0; j < a; ++j) {
+                const float p = A[j].p / Z;
+                if (miro_keep_scalar(p, mu)) {
+                    ++keep;
+                    minp = std::min(minp, p);
+                } else {
+                    maxf = std::max(maxf, p);
+                }
+            }
+            if (keep > 0 && maxf >= minp) {
+                return false;       // not a prefix of the sorted order
+            }
+            if (keep < a) {
+                in_A = true;
+                tsize = keep == 0 ? 1 : keep;
+            } else {
+                const float thr_pass = std::nextafter((float) std::exp2(-(double) mu + 1e-3), INFINITY);
+                const float thr_fail = std::nextafter((float) std::exp2(-(double) mu - 1e-3), 0.0f);
+                miro_pass<1>(W, n, div, t, mx, Z, thr_pass, thr_fail, mu, 0.0f, pr);
+                if (pr.count < a || !(pr.max_fail < pr.min_pass)) {
+                    return false;
+                }
+                tsize = pr.count;
+            }
+        } else {
+            // s_hat from the 100 most probable (values only: ties do not matter)
+            const int32_t m_ = 100;
+            const size_t ntop = std::min<size_t>((size_t) m_, n);
+            std::vector<float> & top = S.f3;
+            top.resize(ntop);
+            if (a >= ntop) {
+                for (size_t j = 0; j < a; ++j) {
+                    v[j] = A[j].p;
+                }
+                std::partial_sort(v.begin(), v.begin() + ntop, v.begin() + a, [](float x, float y) { return x > y; });
+                for (size_t j = 0; j < ntop; ++j) {
+                    top[j] = v[j] / Z;
+                }
+            } else {
+                std::vector<tdata> & H = S.res;
+                H.resize(ntop + 1);
+                topk_heap(W, n, (int) ntop, H.data());
+                for (size_t j = 0; j < ntop; ++j) {
+                    const float x = div ? H[j].logit / t : H[j].logit;
+                    top[j] = expf(x - mx) / Z;
+                }
+            }
+            float sum_ti_bi = 0.0;
+            float sum_ti_sq = 0.0;
+            for (size_t i = 0; i < size_t(m_ - 1) && i < n - 1; ++i) {
+                float t_i = logf(float(i + 2) / float(i + 1));
+                float b_i = logf(top[i] / top[i + 1]);
+                sum_ti_bi += t_i * b_i;
+                sum_ti_sq += t_i * t_i;
+            }
+            const float s_hat = sum_ti_bi / sum_ti_sq;
+            float epsilon_hat = s_hat - 1;
+            float k = powf((epsilon_hat * powf(2, mu)) / (1 - powf(cfg.n_vocab, -epsilon_hat)), 1 / s_hat);
+            const size_t ksz = std::min<size_t>((size_t) std::max(int(k), 1), n);
+            if (ksz <= a) {
+                in_A = true;
+                tsize = ksz;
+            } else if (ksz >= n) {
+                miro_pass<0>(W, n, div, t, mx, Z, 0.0f, 0.0f, mu, 0.0f, pr);
+                tsize = n;
+            } else {
+                // the top ksz: every W above the ksz-th largest, and copies of it
+                const float wk = kth_largest(W, n, ksz, S.f3);
+                miro_pass<2>(W, n, div, t, mx, Z, 0.0f, 0.0f, mu, wk, pr);
+                if (pr.count < a || pr.count > ksz) {
+                    return false;
+                }
+                const float pk = expf((div ? wk / t : wk) - mx) / Z;
+                const size_t copies = ksz - pr.count;
+                pr.sum += (double) copies * (double) pk;
+                pr.tiny += pk < 0x1p-29f ? copies : 0;
+                pr.count = ksz;
+                tsize = ksz;
+            }
+        }
+
+        // T's second softmax and the draw's sum
+        float Z2 = Z;
+        double sum = pr.sum;
+        size_t tiny = pr.tiny;
+        if (in_A) {
+            for (size_t j = 0; j < a; ++j) {
+                v[j] = A[j].p;
+            }
+            if (tsize < a) {
+                std::nth_element(v.begin(), v.begin() + (tsize - 1), v.begin() + a, [](float x, float y) { return x > y; });
+            }
+            Z2 = desc_seq_sum(v.data(), tsize);
+            sum = 0.0;
+            tiny = 0;
+            for (size_t j = 0; j < tsize; ++j) {
+                const float p2 = v[j] / Z2;
+                sum += (double) p2;
+                tiny += p2 < 0x1p-29f;
+            }
+        }
+
+        // walk the sorted head
+        std::vector<tdata> & pre = S.pre;
+        const size_t LT = std::min(tsize, a);
+        size_t idx = 0;
+        std::mt19937 peek = rng_miro;
+        if (tsize < 2) {
+            pre.assign(A.begin(), A.end());
+            std::partial_sort(pre.begin(), pre.begin() + 1, pre.end(), cmp_logit_desc);
+        } else {
+            const double delta = ((double) tsize * 1.01 * std::max(sum, 1.0) + 2.0 * (double) tiny) * 0x1p-53;
+            const double slo = std::nextafter(sum - delta, 0.0), shi = std::nextafter(sum + delta, INFINITY);
+            const double u = std::generate_canonical<double, std::numeric_limits<double>::digits>(peek);
+            size_t H = std::min<size_t>(LT, 32);
+            for (;;) {
+                pre.assign(A.begin(), A.end());
+                std::partial_sort(pre.begin(), pre.begin() + H, pre.end(), cmp_logit_desc);
+                double acc_l = 0.0, acc_h = 0.0;
+                size_t il = SIZE_MAX, ih = SIZE_MAX;
+                for (size_t i = 0; i < H; ++i) {
+                    const float p2 = pre[i].p / Z2;
+                    const double ql = (double) p2 / slo;
+                    const double qh = (double) p2 / shi;
+                    acc_l = (i == 0) ? ql : acc_l + ql;
+                    acc_h = (i == 0) ? qh : acc_h + qh;
+                    const bool last = i + 1 == tsize;
+                    if (il == SIZE_MAX && !((last ? 1.0 : acc_l) < u)) {
+                        il = i;
+                    }
+                    if (!((last ? 1.0 : acc_h) < u)) {
+                        ih = i;
+                        break;
+                    }
+                }
+                if (ih == SIZE_MAX) {
+                    if (H < LT) {
+                        H = std::min(LT, H * 8);
+                        continue;
+                    }
+                    stats.why[6]++;     // the draw lands below the head
+                    return false;
+                }
+                if (il != ih) {
+                    stats.why[7]++;     // too close to call
+                    return false;
+                }
+                idx = ih;
+                break;
+            }
+        }
+        // equal logits at the drawn position: llama.cpp's order decides the token
+        size_t eq = 0;
+        for (size_t j = 0; j < a; ++j) {
+            eq += A[j].logit == pre[idx].logit;
+        }
+        if (eq > 1) {
+            stats.why[1]++;
+            if (!fix_tie_order(pre, idx + 1, W, n, div, t, n)) {
+                return false;
+            }
+        }
+        if (tsize >= 2) {
+            rng_miro = peek;
+        }
+        const float p_idx = pre[idx].p / Z2;
+        float observed_surprise = -log2f(p_idx);
+        float ee = observed_surprise - cfg.tau;
+        mu = mu - cfg.eta * ee;
+        out = pre[idx].id;
+        return true;
+    }
+
     llama_token step_mirostat() {
         const float temp = cfg.temp;
         const bool temp_empty = (temp == 1.0f);
         if (temp_empty || temp > 0.0f) {
             llama_token tok;
-            if (fast_mirostat(temp_empty ? 1.0f : temp, !temp_empty, tok)) {
+            if (fast_miro(temp_empty ? 1.0f : temp, !temp_empty, tok)) {
                 return tok;
             }
         }
@@ -2245,233 +2900,6 @@ private:
             port_mirostat_v2(&st.arr, cfg.tau, cfg.eta, mu, rng_miro);
         }
         return st.arr.data[st.arr.selected].id;
-    }
-
-    // mirostat 1 when its top-k keeps many candidates: softmax over the first ksz of the sorted
-    // vocabulary and discrete_distribution over them, sorting only the head that the draw lands
-    // in (sums over the rest are order-free, checked).  scratch().pre holds the gathered
-    // candidates (sorted_softmax).  1: done, 2: gather deeper, 0: give up.
-    int mirostat1_large_k(const float * W, size_t n, bool div, float t, size_t ksz, size_t m, bool all,
-                          float depth, llama_token & out) {
-        Scratch & S = scratch();
-        std::vector<tdata> & pre = S.pre;
-        if (ksz > m) {
-            return all ? 0 : 2;
-        }
-        // the ksz largest (a boundary tie does not change any sum: equal values)
-        std::nth_element(pre.begin(), pre.begin() + (ksz - 1), pre.end(), cmp_logit_desc);
-        const float mx0 = pre[0].logit;
-        (void) mx0;
-        for (size_t K0 = 512; ; K0 *= 4) {
-            K0 = std::min(K0, ksz);
-            std::partial_sort(pre.begin(), pre.begin() + K0, pre.begin() + ksz, cmp_logit_desc);
-            const float mxs = pre[0].logit;
-            std::vector<float> & e = S.f2;
-            std::vector<float> & dd = S.f3;
-            e.resize(ksz);
-            dd.resize(ksz);
-            for (size_t i = 0; i < ksz; ++i) {
-                dd[i] = pre[i].logit - mxs;
-            }
-            expf_batch(dd.data(), e.data(), ksz);
-            float Z2 = 0.0f;
-            for (size_t i = 0; i < K0; ++i) {
-                Z2 += e[i];
-            }
-            if (K0 < ksz && !order_free_sum(Z2, e.data() + K0, ksz - K0, Z2)) {
-                if (K0 == ksz) {
-                    return 0;
-                }
-                continue;
-            }
-            std::vector<float> & pp = S.f1;
-            pp.resize(ksz);
-            for (size_t i = 0; i < ksz; ++i) {
-                pp[i] = e[i] / Z2;
-            }
-            double sum = 0.0;
-            for (size_t i = 0; i < K0; ++i) {
-                sum = sum + (double) pp[i];
-            }
-            if (K0 < ksz && !order_free_sum_d(sum, pp.data() + K0, ksz - K0, sum)) {
-                continue;
-            }
-            // the draw, without consuming it yet
-            std::mt19937 peek = rng_miro;
-            const double u = std::generate_canonical<double, std::numeric_limits<double>::digits>(peek);
-            double acc = 0.0;
-            size_t idx = K0;
-            for (size_t i = 0; i < K0; ++i) {
-                const double q = (double) pp[i] / sum;
-                acc = (i == 0) ? q : acc + q;
-                const double c = (i + 1 == ksz) ? 1.0 : acc;
-                if (!(c < u)) {
-                    idx = i;
-                    break;
-                }
-            }
-            if (idx == K0) {
-                if (K0 == ksz) {
-                    return 0;
-                }
-                continue;       // the draw lands further down: sort more
-            }
-            bool tie = (idx > 0 && pre[idx - 1].logit == pre[idx].logit) ||
-                       (idx + 1 < K0 && pre[idx + 1].logit == pre[idx].logit) ||
-                       (idx + 1 == K0 && K0 < ksz);
-            if (tie) {
-                stats.why[1]++;
-                if (!fix_tie_order(pre, K0, W, n, div, t, n)) {
-                    return 0;
-                }
-            }
-            rng_miro = peek;
-            float observed_surprise = -log2f(pp[idx]);
-            float ee = observed_surprise - cfg.tau;
-            mu = mu - cfg.eta * ee;
-            out = pre[idx].id;
-            (void) depth;
-            return 1;
-        }
-    }
-
-    // mirostat 1/2 over the whole vocabulary, logits x = W / t
-    bool fast_mirostat(float t, bool div, llama_token & out) {
-        const size_t n = nv();
-        const float * W = st.W;
-        MaxMin mm = scan_max_min(W, n);
-        if (mm.nan || !std::isfinite(mm.max) || mm.max > 1e8f || !std::isfinite(mm.min)) {
-            return false;
-        }
-        Scratch & S = scratch();
-        const float mx = div ? mm.max / t : mm.max;
-        float depth = 18.0f;
-        size_t K = 256;
-        for (int attempt = 0; attempt < 4; ++attempt) {
-            size_t m;
-            bool all;
-            float Z;
-            const int rc = sorted_softmax(W, n, div, t, mx, depth, K, m, all, Z);
-            if (rc == 1) {
-                K *= 4;
-                continue;
-            }
-            if (rc == 2) {
-                depth += 8.0f;
-                continue;
-            }
-            if (rc != 0) {
-                stats.why[3]++;
-                return false;
-            }
-            std::vector<tdata> & pre = S.pre;
-            if (cfg.mirostat == 2) {
-                size_t size = 0;
-                while (size < K && !(-log2f(pre[size].p) > mu)) {
-                    ++size;
-                }
-                if (size == K && K < m) {
-                    K *= 4;
-                    continue;
-                }
-                if (size == K && !all) {
-                    stats.why[6]++;     // the cut lies below the gathered candidates: port
-                    return false;
-                }
-                if (size == 0) {
-                    size = 1;
-                }
-                for (size_t i = 0; i + 1 < size; ++i) {
-                    if (pre[i].logit == pre[i + 1].logit) {
-                        stats.why[1]++;
-                        if (!fix_tie_order(pre, size, W, n, div, t, n)) {
-                            return false;
-                        }
-                        break;
-                    }
-                }
-                Arr a{pre.data(), size, -1, true};
-                port_softmax_impl(&a, true);
-                const int idx = port_sample_discrete(&a, rng_miro);
-                float observed_surprise = -log2f(a.data[idx].p);
-                float e = observed_surprise - cfg.tau;
-                mu = mu - cfg.eta * e;
-                out = a.data[idx].id;
-                return true;
-            }
-            // mirostat 1: s_hat from the 100 most probable, then top-k of the sorted array
-            const int32_t mm_ = 100;
-            if (K < std::min<size_t>((size_t) mm_, n)) {
-                if (K < m) {
-                    K = 256;
-                    continue;
-                }
-                if (all) {
-                    return false;
-                }
-                depth += 8.0f;
-                continue;
-            }
-            float s_hat = 0.0;
-            float sum_ti_bi = 0.0;
-            float sum_ti_sq = 0.0;
-            for (size_t i = 0; i < size_t(mm_ - 1) && i < n - 1; ++i) {
-                float t_i = logf(float(i + 2) / float(i + 1));
-                float b_i = logf(pre[i].p / pre[i + 1].p);
-                sum_ti_bi += t_i * b_i;
-                sum_ti_sq += t_i * t_i;
-            }
-            s_hat = sum_ti_bi / sum_ti_sq;
-            float epsilon_hat = s_hat - 1;
-            float k = powf((epsilon_hat * powf(2, mu)) / (1 - powf(cfg.n_vocab, -epsilon_hat)), 1 / s_hat);
-            const size_t ksz = std::min<size_t>((size_t) std::max(int(k), 1), n);
-            if (ksz > 16384 && ksz < n) {
-                // very large top-k: the sums reach deep into the vocabulary; exact port
-                stats.why[4]++;
-                return false;
-            }
-            if (ksz > 512 && ksz < n) {
-                int r = mirostat1_large_k(W, n, div, t, ksz, m, all, depth, out);
-                if (r == 1) {
-                    return true;
-                }
-                if (r == 2) {
-                    stats.why[6]++;
-                    return false;
-                }
-                stats.why[4]++;
-                return false;
-            }
-            if (ksz >= K && K < m) {
-                K = ksz + 1;
-                continue;
-            }
-            if (ksz > K) {
-                stats.why[6]++;
-                return false;
-            }
-            bool tie = ksz < K && pre[ksz - 1].logit == pre[ksz].logit;
-            for (size_t i = 0; !tie && i + 1 < ksz; ++i) {
-                tie = pre[i].logit == pre[i + 1].logit;
-            }
-            if (tie) {
-                stats.why[1]++;
-                if (!fix_tie_order(pre, ksz, W, n, div, t, n)) {
-                    stats.why[5]++;
-                    return false;
-                }
-            }
-            Arr a{pre.data(), ksz, -1, true};
-            port_softmax_impl(&a, true);
-            const int idx = port_sample_discrete(&a, rng_miro);
-            float observed_surprise = -log2f(a.data[idx].p);
-            float e = observed_surprise - cfg.tau;
-            mu = mu - cfg.eta * e;
-            out = a.data[idx].id;
-            return true;
-        }
-        stats.why[2]++;
-        return false;
     }
 };
 
