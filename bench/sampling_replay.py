@@ -22,22 +22,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
 HEADING = "### 7b. Sampling engines on recorded logits (ms/token, 262k vocabulary)"
 
-NF = {"top_k": 0, "top_p": 1.0}
-CONFIGS = {
-    "top_k 50 -> top_p 0.9 -> temp 0.8 -> dist": {},
-    "greedy": {"temp": 0.0},
-    "min_p 0.05 -> temp -> dist": {**NF, "min_p": 0.05},
-    "penalties(64, 1.1) -> top_k 50 -> temp -> dist": {"top_p": 1.0, "repeat_penalty": 1.1},
-    "temp 0.8 -> dist": dict(NF),
-    "top_p 0.9 -> temp -> dist": {"top_k": 0},
-    "temp -> mirostat v1": {"mirostat": 1},
-    "temp -> mirostat v2": {"mirostat": 2},
-    "typical 0.9 -> temp -> dist": {**NF, "typical_p": 0.9},
-    "top_n_sigma 1.5 + default chain": {"top_n_sigma": 1.5},
-    "top_n_sigma 1.0 -> temp -> dist": {**NF, "top_n_sigma": 1.0},
-    "XTC 0.5/0.1 + default chain": {"xtc_probability": 0.5, "xtc_threshold": 0.1},
-    "DRY 0.8 + default chain": {"dry_multiplier": 0.8},
-}
+sys.path.insert(0, HERE)
+from sampling_engines import CONFIGS as _ENGINE_CONFIGS  # noqa: E402  (one grid for both scripts)
+
+# the engine benchmark's grid without its grammar entry (a grammar needs its own generation),
+# plus top-n-sigma on its own (the FULL-state path)
+CONFIGS = {k: v for k, v in _ENGINE_CONFIGS.items() if v != "grammar"}
+CONFIGS["top_n_sigma 1.0 -> temp -> dist"] = {"top_k": 0, "top_p": 1.0, "top_n_sigma": 1.0}
+
 PROMPTS = [("Once upon a time", 1), ("The capital of France is", 2), ("def fib(n):", 3)]
 
 
