@@ -279,6 +279,35 @@ def _prompts_32(m, n):
     return out
 
 
+def batch_rates(ctx, prompts, n_gen, rounds, chain="default"):
+    """Generate n_gen tokens for every prompt with one BatchGenerator, rounds + 1 times (round 0
+    warms the context up and is not counted).  Returns (generation t/s after every sequence has
+    its first token, total t/s over prompt + generated tokens), one value per counted round."""
+    n_prompt = sum(len(p) for p in prompts)
+    tg_rates, all_rates = [], []
+    for r in range(rounds + 1):
+        batch = llamagen.BatchGenerator(ctx, **CHAINS[chain], max_new_tokens=n_gen, ignore_eos=True,
+                                        seed=42)
+        ids = [batch.add(p) for p in prompts]
+        t0 = time.perf_counter()
+        # prefill phase: until every sequence has its first token (one prompt enters per step
+        # on a non-unified cache; generating sequences keep going meanwhile)
+        while any(not batch.tokens(i) for i in ids):
+            batch.step()
+        t1 = time.perf_counter()
+        n1 = sum(len(batch.tokens(i)) for i in ids)
+        while batch.step():
+            pass
+        t2 = time.perf_counter()
+        n2 = sum(len(batch.tokens(i)) for i in ids)
+        assert n2 == len(prompts) * n_gen
+        if r == 0:
+            continue
+        tg_rates.append((n2 - n1) / (t2 - t1))
+        all_rates.append((n_prompt + n2) / (t2 - t0))
+    return tg_rates, all_rates
+
+
 def bench_batch(model, rounds, npls=(1, 2, 4, 8, 16)):
     """Aggregate t/s for npl parallel sequences (32-token prompts, 64 new tokens, default chain),
     next to llama-batched-bench (decode only, no sampling); map_generate vs one by one."""
@@ -298,27 +327,7 @@ def bench_batch(model, rounds, npls=(1, 2, 4, 8, 16)):
         ctx = llamagen.Context(m, n_ctx=4096, n_batch=2048, n_ubatch=512, n_seq_max=max(npl, 1),
                                n_threads=THREADS)
         prompts = _prompts_32(m, npl)
-        tg_rates, all_rates = [], []
-        for r in range(rounds + 1):              # round 0 warms the new context up, not counted
-            batch = llamagen.BatchGenerator(ctx, **CHAINS["default"], max_new_tokens=64, ignore_eos=True,
-                                            seed=42)
-            ids = [batch.add(p) for p in prompts]
-            t0 = time.perf_counter()
-            # prefill phase: until every sequence has its first token (one prompt enters per step
-            # on a non-unified cache; generating sequences keep going meanwhile)
-            while any(not batch.tokens(i) for i in ids):
-                batch.step()
-            t1 = time.perf_counter()
-            n1 = sum(len(batch.tokens(i)) for i in ids)
-            while batch.step():
-                pass
-            t2 = time.perf_counter()
-            n2 = sum(len(batch.tokens(i)) for i in ids)
-            assert n2 == npl * 64
-            if r == 0:
-                continue
-            tg_rates.append((n2 - n1) / (t2 - t1))
-            all_rates.append(npl * (32 + 64) / (t2 - t0))
+        tg_rates, all_rates = batch_rates(ctx, prompts, 64, rounds)
         ctx.close()
         r = ref.get(npl, {})
         rows.append(dict(npl=npl, llamagen_tg=median(tg_rates), llamagen_total=median(all_rates),

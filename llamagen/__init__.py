@@ -4,13 +4,16 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from llamagen import _core
-from llamagen._core import BatchGenerator, Context, GenerationState, Model, build_info, system_info
+from llamagen._core import (
+    QUANT_TYPES, BatchGenerator, Context, GenerationState, Model, QuantizeResult, build_info, quantize,
+    system_info,
+)
 from llamagen.batch import BatchResult, generate_batch, map_generate
 from llamagen.generation import gen_begin, gen_end, gen_next, generate
 from llamagen.sampling import SamplingParams
 from llamagen.errors import (
     ContextError, DecodeError, GrammarError, KVCacheFullError, LlamaError, ModelLoadError,
-    StaleStateError,
+    QuantizeError, StaleStateError,
 )
 
 __version__ = "0.1.0"
@@ -32,6 +35,7 @@ def backend_devices() -> list[Device]:
 __all__ = [
     "Model", "Context", "GenerationState", "SamplingParams", "gen_begin", "gen_next", "gen_end",
     "generate", "BatchGenerator", "BatchResult", "generate_batch", "map_generate", "Device", "backend_devices", "build_info", "system_info", "__version__",
+    "quantize", "QuantizeResult", "QUANT_TYPES",
     "LlamaError", "ModelLoadError", "ContextError", "DecodeError", "KVCacheFullError",
-    "StaleStateError", "GrammarError",
+    "StaleStateError", "GrammarError", "QuantizeError",
 ]

@@ -1,6 +1,6 @@
 """Type stubs for the compiled core (llamagen/_core.pyx)."""
 from os import PathLike
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from llamagen.sampling import SamplingParams
 
@@ -136,3 +136,17 @@ class BatchGenerator(Iterator[Tuple[int, str]]):
     def step(self) -> List[Tuple[int, str]]: ...
     def __iter__(self) -> "BatchGenerator": ...
     def __next__(self) -> Tuple[int, str]: ...
+
+QUANT_TYPES: Dict[str, int]
+
+class QuantizeResult(NamedTuple):
+    path: str
+    ftype: str
+    src_size: int
+    dst_size: int
+    seconds: float
+
+def quantize(src: Union[str, bytes, PathLike], dst: Union[str, bytes, PathLike],
+             ftype: Union[str, int] = "Q4_K_M", *, n_threads: Optional[int] = None,
+             allow_requantize: bool = False, quantize_output_tensor: bool = True,
+             pure: bool = False) -> QuantizeResult: ...

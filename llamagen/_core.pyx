@@ -27,8 +27,9 @@ import threading as _threading
 
 from llamagen.errors import (
     ContextError, DecodeError, GrammarError, KVCacheFullError, LlamaError, ModelLoadError,
-    StaleStateError,
+    QuantizeError, StaleStateError,
 )
+from llamagen._gguf import check_loadable as _gguf_check_loadable
 
 cdef extern from "llamagen_build_info.h":
     const char * LLAMAGEN_BUILD_BACKEND
@@ -47,6 +48,7 @@ include "_context.pxi"
 include "_sampling.pxi"
 include "_generation.pxi"
 include "_batch.pxi"
+include "_quantize.pxi"
 
 
 # ---------------------------------------------------------------------------------------------

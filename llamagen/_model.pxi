@@ -62,6 +62,9 @@ cdef class Model:
             raise ModelLoadError(path, "is a directory, not a GGUF file")
         if _os.path.getsize(bpath) == 0:
             raise ModelLoadError(path, "the file is empty")
+        reason = _gguf_check_loadable(bpath)      # what llama.cpp would abort on
+        if reason is not None:
+            raise ModelLoadError(path, reason)
         if main_gpu < 0:
             raise ValueError(f"main_gpu must be >= 0, got {main_gpu}")
         params.n_gpu_layers = n_gpu_layers

@@ -3,6 +3,7 @@
   llamagen generate [--model PATH] PROMPT [sampling options]   stream text to the terminal
   llamagen info [--model PATH]                                  model, build and system facts
   llamagen bench samplers [--model PATH] [--configs FILE] ...    time sampler configurations
+  llamagen quantize SRC DST [TYPE] [--threads N] ...             quantize a GGUF model (Q4_K_M, ...)
 """
 from __future__ import annotations
 
@@ -176,6 +177,31 @@ def cmd_bench_samplers(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(a: argparse.Namespace) -> int:
+    import llamagen
+    if a.list_types:
+        print(" ".join(llamagen.QUANT_TYPES))
+        return 0
+    if a.src is None or a.dst is None:
+        print("llamagen: error: quantize needs SRC and DST (or --list-types)", file=sys.stderr)
+        return 2
+    ftype = int(a.type) if a.type.isdigit() else a.type
+    try:
+        r = llamagen.quantize(a.src, a.dst, ftype, n_threads=a.threads,
+                              allow_requantize=a.allow_requantize,
+                              quantize_output_tensor=not a.leave_output_tensor, pure=a.pure)
+    except llamagen.LlamaError as e:
+        print(f"llamagen: error: {e}", file=sys.stderr)
+        return 1
+    if a.json:
+        json.dump(r._asdict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"{r.path}: {r.ftype}, {r.src_size / 2**20:.2f} MiB -> {r.dst_size / 2**20:.2f} MiB "
+              f"({r.dst_size / max(r.src_size, 1):.1%}) in {r.seconds:.1f} s")
+    return 0
+
+
 def _positive_int(v: str) -> int:
     n = int(v)
     if n < 1:
@@ -244,6 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "chain and with llamagen's engine, side by side (default: each "
                         "configuration's own sampler_impl, i.e. fast)")
     s.set_defaults(func=cmd_bench_samplers)
+
+    q = sub.add_parser("quantize", help="quantize a GGUF model (llama-quantize)",
+                       description="Write a quantized copy of a GGUF model (llama.cpp's "
+                                   "llama_model_quantize).")
+    q.add_argument("src", nargs="?", help="input GGUF (F32, F16 or BF16 weights)")
+    q.add_argument("dst", nargs="?", help="output GGUF (a new file)")
+    q.add_argument("type", nargs="?", default="Q4_K_M",
+                   help="Q4_K_M (default), Q8_0, Q6_K, Q5_K_M, F16, BF16, ... or a llama_ftype number")
+    q.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="default: physical cores")
+    q.add_argument("--allow-requantize", action="store_true",
+                   help="re-quantize tensors that are already quantized")
+    q.add_argument("--leave-output-tensor", action="store_true",
+                   help="keep output.weight unquantized")
+    q.add_argument("--pure", action="store_true", help="every tensor in TYPE (no per-tensor mix)")
+    q.add_argument("--json", action="store_true", help="print the result as JSON")
+    q.add_argument("--list-types", action="store_true", help="print the valid type names and exit")
+    q.set_defaults(func=cmd_quantize)
     return p
 
 

@@ -39,3 +39,16 @@ class StaleStateError(LlamaError):
 
 class GrammarError(LlamaError, ValueError):
     """A GBNF grammar did not parse."""
+
+
+class QuantizeError(LlamaError):
+    """llama_model_quantize refused or failed; ``reason`` is llama.cpp's message."""
+
+    def __init__(self, path, ftype, reason=""):
+        self.path = path
+        self.ftype = ftype
+        self.reason = reason
+        msg = f"could not quantize {path!r} to {ftype}"
+        if reason:
+            msg += f": {reason}"
+        super().__init__(msg)

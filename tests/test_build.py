@@ -6,9 +6,16 @@ import os
 import re
 from pathlib import Path
 
+import pytest
+
 import llamagen
 
 PACKAGE_DIR = Path(llamagen.__file__).resolve().parent
+# The backend this test run expects the extension to be built with: the build's own variable
+# (bench/gpu/run.sh builds and tests with LLAMAGEN_BACKEND=cuda), "cpu" by default.
+EXPECTED_BACKEND = (os.environ.get("LLAMAGEN_TEST_BACKEND") or os.environ.get("LLAMAGEN_BACKEND")
+                    or "cpu").strip().lower()
+GPU_BUILD = EXPECTED_BACKEND in ("cuda", "metal")
 
 
 def test_version():
@@ -30,20 +37,20 @@ def test_build_info_keys_and_types():
 
 def test_build_info_values():
     info = llamagen.build_info()
-    assert info["backend"] == "cpu"
+    assert info["backend"] == EXPECTED_BACKEND
     assert info["llama_cpp_commit"] == "0c1e57098bba"
     assert info["llama_cpp_version"]
-    assert info["cuda"] is False
-    assert info["metal"] is False
-    # a CPU build cannot offload layers to a GPU
-    assert info["gpu_offload"] is False
+    assert info["cuda"] is (EXPECTED_BACKEND == "cuda")
+    assert info["metal"] is (EXPECTED_BACKEND == "metal")
+    # a CPU build cannot offload layers to a GPU; a GPU build can
+    assert info["gpu_offload"] is GPU_BUILD
     assert info["build_type"] == "Release"
 
 
 def test_build_info_returns_a_fresh_dict():
     info = llamagen.build_info()
     info["backend"] = "changed"
-    assert llamagen.build_info()["backend"] == "cpu"
+    assert llamagen.build_info()["backend"] == EXPECTED_BACKEND
 
 
 def test_backend_devices():
@@ -59,8 +66,32 @@ def test_backend_devices():
     cpus = [d for d in devices if d.type == "cpu"]
     assert len(cpus) == 1
     assert cpus[0].name.lower().startswith("cpu")
-    # a CPU build has no GPU device
-    assert not [d for d in devices if d.type in ("gpu", "igpu")]
+    gpus = [d for d in devices if d.type in ("gpu", "igpu")]
+    if GPU_BUILD:
+        # the GPU with its memory (CUDA0: "NVIDIA H100 80GB HBM3", ...)
+        assert gpus, devices
+        assert all(d.memory > 2**30 for d in gpus), gpus
+    else:
+        # a CPU build has no GPU device
+        assert not gpus
+
+
+@pytest.mark.skipif(not GPU_BUILD, reason="a GPU build (LLAMAGEN_BACKEND=cuda/metal) only")
+def test_gpu_offloads_every_layer(make_tiny_model, caplog):
+    import logging
+    path = make_tiny_model(n_layer=3)
+    caplog.set_level(logging.INFO, logger="llamagen")
+    with llamagen.Model(path, n_gpu_layers=-1) as model:
+        lines = [r.getMessage() for r in caplog.records if "offloaded" in r.getMessage()]
+        assert any("offloaded 4/4 layers to GPU" in m for m in lines), lines
+        with llamagen.Context(model, n_ctx=256) as ctx:
+            st = llamagen.gen_begin(ctx, "hello world", max_new_tokens=16, temp=0, ignore_eos=True)
+            text = "".join(st) + st.end()
+            assert len(st.tokens) == 16 and isinstance(text, str)
+    caplog.clear()
+    with llamagen.Model(path, n_gpu_layers=0):
+        lines = [r.getMessage() for r in caplog.records if "offloaded" in r.getMessage()]
+        assert any("offloaded 0/4 layers to GPU" in m for m in lines), lines
 
 
 def test_system_info():

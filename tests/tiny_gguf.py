@@ -78,8 +78,9 @@ def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def _weights(rng: np.random.Generator, *shape: int, scale: float = 0.02) -> np.ndarray:
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
+def _weights(rng: np.random.Generator, *shape: int, scale: float = 0.02,
+             dtype=np.float32) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32).astype(dtype)
 
 
 def write_tiny_gguf(
@@ -97,12 +98,19 @@ def write_tiny_gguf(
     chat_template: str | None = None,
     add_bos: bool = True,
     add_space_prefix: bool = True,
+    dtype: str = "f32",
 ) -> Path:
     """Write a tiny model to ``path`` and return it as a Path.
 
     ``arch`` is written as general.architecture and as the prefix of the hyper-parameter keys, so
     an unknown name gives a well-formed GGUF that llama.cpp refuses ("unknown model architecture").
+    ``dtype="f16"`` stores the 2-D weights as F16 (norms stay F32, as converted models have them);
+    the default "f32" stores everything as F32.  For K-quants (``llamagen.quantize`` to Q4_K_M,
+    ...) every weight's row length must be a multiple of 256: use e.g. n_embd=256, n_ff=512
+    (``QUANTIZABLE`` below), otherwise llama.cpp falls back to other types for those tensors.
     """
+    if dtype not in ("f32", "f16"):
+        raise ValueError(f"dtype must be 'f32' or 'f16', not {dtype!r}")
     path = Path(path)
     rng = np.random.default_rng(seed)
     tokens, scores, types = tiny_vocab()
@@ -112,7 +120,8 @@ def write_tiny_gguf(
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(name)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    wt = np.float16 if dtype == "f16" else np.float32
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
@@ -137,20 +146,20 @@ def write_tiny_gguf(
 
     # numpy shape is (rows, cols) = GGUF (ne1, ne0): a weight of ggml shape {n_in, n_out} is
     # written as an array of shape (n_out, n_in).
-    w.add_tensor("token_embd.weight", _weights(rng, n_vocab, n_embd, scale=0.5))
+    w.add_tensor("token_embd.weight", _weights(rng, n_vocab, n_embd, scale=0.5, dtype=wt))
     for i in range(n_layer):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        w.add_tensor(p + "attn_q.weight", _weights(rng, n_embd, n_embd))
-        w.add_tensor(p + "attn_k.weight", _weights(rng, n_embd_kv, n_embd))
-        w.add_tensor(p + "attn_v.weight", _weights(rng, n_embd_kv, n_embd))
-        w.add_tensor(p + "attn_output.weight", _weights(rng, n_embd, n_embd))
+        w.add_tensor(p + "attn_q.weight", _weights(rng, n_embd, n_embd, dtype=wt))
+        w.add_tensor(p + "attn_k.weight", _weights(rng, n_embd_kv, n_embd, dtype=wt))
+        w.add_tensor(p + "attn_v.weight", _weights(rng, n_embd_kv, n_embd, dtype=wt))
+        w.add_tensor(p + "attn_output.weight", _weights(rng, n_embd, n_embd, dtype=wt))
         w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        w.add_tensor(p + "ffn_gate.weight", _weights(rng, n_ff, n_embd))
-        w.add_tensor(p + "ffn_up.weight", _weights(rng, n_ff, n_embd))
-        w.add_tensor(p + "ffn_down.weight", _weights(rng, n_embd, n_ff))
+        w.add_tensor(p + "ffn_gate.weight", _weights(rng, n_ff, n_embd, dtype=wt))
+        w.add_tensor(p + "ffn_up.weight", _weights(rng, n_ff, n_embd, dtype=wt))
+        w.add_tensor(p + "ffn_down.weight", _weights(rng, n_embd, n_ff, dtype=wt))
     w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    w.add_tensor("output.weight", _weights(rng, n_vocab, n_embd, scale=0.5))
+    w.add_tensor("output.weight", _weights(rng, n_vocab, n_embd, scale=0.5, dtype=wt))
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -160,6 +169,9 @@ def write_tiny_gguf(
 
 
 N_VOCAB = len(tiny_vocab()[0])
+
+# Hyper-parameters whose weight rows are all multiples of 256 (K-quants apply to every tensor).
+QUANTIZABLE = dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2)
 
 if __name__ == "__main__":  # pragma: no cover - manual use
     import sys

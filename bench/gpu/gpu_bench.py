@@ -1,0 +1,762 @@
+"""GPU benchmarks (GitHub issue 7), driven by bench/gpu/run.sh; also runs on CPU as a smoke test.
+
+    python bench/gpu/gpu_bench.py synth   --work W --models llama-3.2-1b,llama-3.1-8b
+    python bench/gpu/gpu_bench.py prepare --work W --out OUT --models ...   # tools + Q4_K_M
+    python bench/gpu/gpu_bench.py bench   --work W --out OUT --models ... --deadline EPOCH
+    python bench/gpu/gpu_bench.py report  --out OUT                          # re-render the .md
+
+Every step merges what it measured into OUT/results.json and re-renders OUT/RESULTS-gpu.md at
+once, so a run cut short still returns everything measured up to then.
+
+What is measured (bench/gpu/README.md has the why):
+
+- bandwidth: a large device-to-device copy (PyTorch, else bench/gpu/membw.cu compiled with nvcc;
+  on CPU a host memcpy), and the time to copy one token's logits to the host;
+- single stream: llamagen generate() (greedy and the default chain, 128 tokens, end of generation
+  ignored, every layer offloaded) vs llama-bench tg128 built from the same source; the bandwidth
+  ceiling (model bytes read per token over the measured bandwidth) and the fraction of it reached;
+- batched: aggregate generation t/s at 1, 8, 32, 64 sequences (llamagen BatchGenerator, default
+  chain) vs llama-batched-bench (no sampling);
+- where the time goes per token: decode + logits to host vs sampling at a 128k vocabulary, with
+  llamagen's fast engine and with llama.cpp's sampler chain.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.dirname(HERE)
+ROOT = os.path.dirname(BENCH)
+# the checkout's llamagen first (run.sh builds it in place, it is not installed), then bench/run.py
+# and bench/native/build.py (whose helpers are reused), and this folder
+for _p in (ROOT, HERE, os.path.join(BENCH, "native"), BENCH):
+    sys.path.insert(0, _p)
+
+import synth_model  # noqa: E402
+
+N_GEN = 128
+N_CTX = 1024
+BATCH_PROMPT = 32
+BATCH_GEN = 64
+GPU_MODELS = ("llama-3.2-1b", "llama-3.1-8b")
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, nd=1):
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def pct(x):
+    return "—" if x is None else f"{x:.1%}"
+
+
+# -- results file ----------------------------------------------------------------------------------
+
+class Results:
+    """OUT/results.json, merged section by section; RESULTS-gpu.md re-rendered on every save."""
+
+    def __init__(self, out: str):
+        self.out = out
+        os.makedirs(out, exist_ok=True)
+        self.path = os.path.join(out, "results.json")
+        try:
+            with open(self.path) as fh:
+                self.data = json.load(fh)
+        except (OSError, ValueError):
+            self.data = {}
+
+    def set(self, key, value):
+        self.data[key] = value
+        self.save()
+
+    def update(self, key, **kv):
+        self.data.setdefault(key, {}).update(kv)
+        self.save()
+
+    def save(self):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(self.data, fh, indent=1, default=str)
+        os.replace(tmp, self.path)
+        with open(os.path.join(self.out, "RESULTS-gpu.md"), "w") as fh:
+            fh.write(render(self.data))
+
+
+@contextlib.contextmanager
+def section(res: Results, name: str, errors: list):
+    t0 = time.time()
+    log(f"{name} ...")
+    try:
+        yield
+    except Exception as e:  # keep going: later sections still run
+        import traceback
+        msg = f"{name}: {type(e).__name__}: {e}"
+        log("FAILED", msg)
+        traceback.print_exc()
+        errors.append(msg)
+        res.data.setdefault("errors", []).append(msg)
+        res.save()
+    finally:
+        res.data.setdefault("section_seconds", {})[name] = round(time.time() - t0, 1)
+        res.save()
+
+
+# -- environment -----------------------------------------------------------------------------------
+
+def is_gpu_build():
+    import llamagen
+    info = llamagen.build_info()
+    return info["gpu_offload"] and any(d.type in ("gpu", "igpu") for d in llamagen.backend_devices())
+
+
+def env_info():
+    import llamagen
+    out = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, "
+                f"Python {platform.python_version()}",
+        build_info=llamagen.build_info(),
+        devices=[d._asdict() for d in llamagen.backend_devices()],
+        system_info=llamagen.system_info(),
+    )
+    if shutil.which("nvidia-smi"):
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,"
+                            "clocks.max.sm,clocks.max.memory", "--format=csv,noheader"],
+                           capture_output=True, text=True)
+        out["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
+    if shutil.which("nvcc"):
+        v = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
+        out["nvcc"] = v.strip().splitlines()[-1] if v.strip() else None
+    return out
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+def f16_path(work, preset):
+    return os.path.join(work, f"{preset}-f16.gguf")
+
+
+def q4_path(work, preset):
+    return os.path.join(work, f"{preset}-q4_k_m.gguf")
+
+
+def cmd_synth(a):
+    os.makedirs(a.work, exist_ok=True)
+    for preset in a.models:
+        path = f16_path(a.work, preset)
+        stamp = path + ".json"
+        if os.path.exists(stamp) and os.path.exists(path):
+            log(f"{path} exists")
+            continue
+        log(f"writing {path} ({preset}, F16)")
+        info = synth_model.write_synth_model(path, preset, seed=a.seed)
+        with open(stamp, "w") as fh:
+            json.dump(info, fh)
+        log(f"  {info['bytes'] / 1e9:.2f} GB, {info['n_params'] / 1e9:.3f} B params in {info['seconds']:.1f} s")
+    return 0
+
+
+def _lock(path):
+    """An exclusive file lock (the build lock shared with other builds of the checkout)."""
+    if not path:
+        return contextlib.nullcontext()
+    import fcntl
+
+    @contextlib.contextmanager
+    def held():
+        with open(path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    return held()
+
+
+def tools_build_command(backend, jobs):
+    """The shell command that builds llama-bench and llama-batched-bench in the package's own
+    CMake build directory (as bench/native/build.py does: re-point it at the current cmake and
+    ninja, then build the targets)."""
+    from build import build_dir
+    bdir = build_dir(backend)
+    if not os.path.exists(os.path.join(bdir, "CMakeCache.txt")):
+        raise RuntimeError(f"no CMake build at {bdir}: build llamagen first")
+    cmake = shutil.which("cmake") or "cmake"
+    conf = [cmake, "-S", os.path.join(ROOT, "llamagen"), "-B", bdir]
+    ninja = shutil.which("ninja")
+    if ninja:
+        conf.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
+    build = [cmake, "--build", bdir, "-j", str(jobs), "--target", "llama-bench", "llama-batched-bench"]
+    return bdir, conf, build
+
+
+def tool_exe(backend, name):
+    from build import build_dir
+    return os.path.join(build_dir(backend), "bin", name)
+
+
+def cmd_prepare(a):
+    import llamagen
+    res = Results(a.out)
+    errors = []
+    backend = llamagen.build_info()["backend"]
+    prep = {}
+    t0 = time.time()
+    log_path = os.path.join(a.out, "tools-build.log")
+    with _lock(os.environ.get("LLAMAGEN_BUILD_LOCK")):
+        with open(log_path, "w") as lf:
+            # configure first (fast), then compile in the background while the models quantize
+            try:
+                bdir, conf, build = tools_build_command(backend, a.jobs)
+                rc = subprocess.run(conf, stdout=lf, stderr=subprocess.STDOUT).returncode
+            except Exception as e:
+                bdir, rc = None, f"{type(e).__name__}: {e}"
+                lf.write(f"{rc}\n")
+            env = dict(os.environ)            # as setup.py: ccache hits across checkouts
+            env.setdefault("CCACHE_BASEDIR", ROOT)
+            env.setdefault("CCACHE_NOHASHDIR", "1")
+            proc = subprocess.Popen(build, stdout=lf, stderr=subprocess.STDOUT, env=env) if rc == 0 else None
+            for preset in a.models:
+                with section(res, f"quantize {preset}", errors):
+                    src, dst = f16_path(a.work, preset), q4_path(a.work, preset)
+                    if not os.path.exists(src):
+                        raise FileNotFoundError(f"{src} was not written (see the synth step)")
+                    if os.path.exists(dst) and os.path.getmtime(dst) > os.path.getmtime(src):
+                        r = dict(path=dst, ftype="Q4_K_M", dst_size=os.path.getsize(dst), seconds=None,
+                                 reused=True)
+                    else:
+                        r = llamagen.quantize(src, dst, "Q4_K_M", n_threads=a.quant_threads)._asdict()
+                    with open(src + ".json") as fh:
+                        r["synth"] = json.load(fh)
+                    prep[preset] = r
+                    res.update("models", **{preset: r})
+                    log(f"  {preset}: {r['dst_size'] / 1e9:.2f} GB Q4_K_M in {fmt(r['seconds'])} s")
+            if proc is not None:
+                rc = proc.wait()
+    tools = dict(returncode=rc, seconds=round(time.time() - t0, 1), build_dir=bdir,
+                 llama_bench=os.path.exists(tool_exe(backend, "llama-bench")),
+                 llama_batched_bench=os.path.exists(tool_exe(backend, "llama-batched-bench")))
+    res.set("tools", tools)
+    log(f"tools: {tools}")
+    if rc != 0:
+        log(f"tools build failed (rc {rc}); the end of {log_path}:")
+        with open(log_path) as fh:
+            sys.stderr.write("".join(fh.readlines()[-30:]))
+    return 0 if not errors and rc == 0 else 1
+
+
+# -- measurements ----------------------------------------------------------------------------------
+
+TORCH_BW = r"""
+import json, sys, time, torch
+n, nv = int(sys.argv[1]), int(sys.argv[2])
+a = torch.empty(n, dtype=torch.uint8, device="cuda"); a.fill_(1); b = torch.empty_like(a)
+for _ in range(3): b.copy_(a)
+torch.cuda.synchronize()
+e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+e0.record()
+for _ in range(20): b.copy_(a)
+e1.record(); e1.synchronize()
+ms = e0.elapsed_time(e1)
+lg = torch.ones(nv, dtype=torch.float32, device="cuda")
+def d2h(host):
+    for _ in range(10):
+        host.copy_(lg); torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(200):
+        host.copy_(lg, non_blocking=True); torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / 200 * 1e6
+pinned = torch.empty(nv, dtype=torch.float32, pin_memory=True)
+pageable = torch.empty(nv, dtype=torch.float32)
+print(json.dumps(dict(method="torch " + torch.__version__, device=torch.cuda.get_device_name(),
+                      bytes=n, iters=20, ms=ms, d2d_bytes_per_s=2 * n * 20 / (ms / 1e3),
+                      logits_bytes=nv * 4, d2h_logits_us_pinned=d2h(pinned),
+                      d2h_logits_us_pageable=d2h(pageable))))
+"""
+
+
+def measure_bandwidth(gpu, work, n_vocab):
+    """{"d2d_bytes_per_s": ..., ...}: device memory bandwidth (read + written bytes per second)."""
+    tried = []
+    if gpu:
+        size = str(4 << 30)
+        try:
+            env = dict(os.environ)
+            if "TORCH_LD_LIBRARY_PATH" in env:   # PyTorch with its own CUDA libraries (run.sh)
+                env["LD_LIBRARY_PATH"] = env["TORCH_LD_LIBRARY_PATH"]
+            p = subprocess.run([sys.executable, "-c", TORCH_BW, size, str(n_vocab)],
+                               capture_output=True, text=True, timeout=120, env=env)
+            if p.returncode == 0:
+                return json.loads(p.stdout.strip().splitlines()[-1])
+            tried.append(f"torch: {p.stderr.strip()[-300:]}")
+        except Exception as e:
+            tried.append(f"torch: {e}")
+        nvcc = shutil.which("nvcc")
+        if nvcc:
+            exe = os.path.join(work, "membw")
+            c = subprocess.run([nvcc, "-O2", "-arch=sm_90", os.path.join(HERE, "membw.cu"), "-o", exe],
+                               capture_output=True, text=True, timeout=180)
+            if c.returncode == 0:
+                p = subprocess.run([exe, size, str(n_vocab)], capture_output=True, text=True, timeout=120)
+                out = json.loads(p.stdout.strip().splitlines()[-1])
+                if "error" not in out:
+                    return out
+                tried.append(f"membw: {out['error']}")
+            else:
+                tried.append(f"nvcc: {c.stderr.strip()[-300:]}")
+        raise RuntimeError("no bandwidth measurement: " + " | ".join(tried))
+    # CPU (smoke mode): a host memcpy with numpy, one thread
+    import numpy as np
+    n = 512 << 20
+    src = np.ones(n, dtype=np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        np.copyto(dst, src)
+    t = time.perf_counter() - t0
+    return dict(method="numpy host memcpy (1 thread)", bytes=n, iters=5, ms=t * 1e3,
+                d2d_bytes_per_s=2 * n * 5 / t, logits_bytes=n_vocab * 4,
+                d2h_logits_us_pinned=None, d2h_logits_us_pageable=None)
+
+
+def read_gguf_index(path):
+    """(metadata, {tensor name: (ggml shape, type name, bytes)}) of a GGUF file, read with
+    llamagen._gguf (gguf.GGUFReader takes seconds on a 128k-token vocabulary)."""
+    import gguf
+    from llamagen._gguf import read_gguf
+    _version, meta, index = read_gguf(path)
+    tensors = {}
+    for t in index:
+        qt = gguf.GGMLQuantizationType(t.type)
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        n = 1
+        for d in t.dims:
+            n *= d
+        tensors[t.name] = (list(t.dims), qt.name, n // block * size)
+    return meta, tensors
+
+
+def bytes_per_token(path, n_kv_avg):
+    """Bytes a decode step reads: every weight matrix once (the token embedding only as the output
+    matrix of a tied model), plus the F16 KV cache of ``n_kv_avg`` positions."""
+    meta, tensors = read_gguf_index(path)
+    sizes = {name: t[2] for name, t in tensors.items()}
+    total = sum(sizes.values())
+    tied = "output.weight" not in sizes
+    weights = total if tied else total - sizes["token_embd.weight"]
+    n_layer = meta["llama.block_count"]
+    n_embd = meta["llama.embedding_length"]
+    n_embd_kv = n_embd // meta["llama.attention.head_count"] * meta["llama.attention.head_count_kv"]
+    kv = 2 * n_layer * n_embd_kv * 2 * n_kv_avg
+    return dict(file_bytes=os.path.getsize(path), weight_bytes_read=weights, kv_bytes_read=kv,
+                total=weights + kv, tied=tied)
+
+
+def run_json(cmd, timeout):
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"{os.path.basename(cmd[0])} failed ({p.returncode}): "
+                           f"{(p.stderr or p.stdout).strip()[-600:]}")
+    return p.stdout
+
+
+def llama_bench_tg(exe, model, ngl, reps, timeout):
+    out = run_json([exe, "-m", model, "-ngl", str(ngl), "-p", "0", "-n", str(N_GEN), "-r", str(reps),
+                    "-o", "json"], timeout)
+    d = json.loads(out)[0]
+    return dict(avg_ts=d["avg_ts"], stddev_ts=d.get("stddev_ts"), n_threads=d.get("n_threads"),
+                flash_attn=d.get("flash_attn"), backends=d.get("backends"), gpu_info=d.get("gpu_info"))
+
+
+def llama_batched_bench(exe, model, ngl, n_ctx, npls, timeout):
+    p = subprocess.run([exe, "-m", model, "-ngl", str(ngl), "-c", str(n_ctx), "-b", "2048", "-ub", "512",
+                        "-npp", str(BATCH_PROMPT), "-ntg", str(BATCH_GEN), "-npl", ",".join(map(str, npls)),
+                        "--output-format", "jsonl"], capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"llama-batched-bench failed ({p.returncode}): {p.stderr.strip()[-600:]}")
+    ref = {}
+    for line in (p.stdout + "\n" + p.stderr).splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"speed_tg"' in line:
+            d = json.loads(line)
+            ref[d["pl"]] = d
+    return ref
+
+
+def llamagen_tg(ctx, chain, n, **extra):
+    """One generate() of n tokens: (tokens/s excluding prefill, the state's timings)."""
+    import llamagen
+    from run import CHAINS, PROMPT
+    t0 = time.perf_counter()
+    _text, st = llamagen._core._generate(ctx, PROMPT, llamagen.SamplingParams(
+        max_new_tokens=n, seed=42, ignore_eos=True, **CHAINS[chain], **extra))
+    wall = time.perf_counter() - t0 - st.timings["prefill_ms"] / 1e3
+    return len(st.tokens) / wall, st.timings
+
+
+def llamagen_stream_tg(ctx, chain, n):
+    import llamagen
+    from run import CHAINS, PROMPT
+    st = llamagen.gen_begin(ctx, PROMPT, max_new_tokens=n, seed=42, ignore_eos=True, **CHAINS[chain])
+    t0 = time.perf_counter()
+    for _chunk in st:
+        pass
+    wall = time.perf_counter() - t0
+    st.end()
+    return len(st.tokens) / wall
+
+
+def bench_single(preset, path, gpu, reps, bw, deadline):
+    import llamagen
+    from run import CHAINS, PROMPT
+    ngl = 99 if gpu else 0
+    row = {}
+    lb = None
+    try:
+        lb = llama_bench_tg(tool_exe(llamagen.build_info()["backend"], "llama-bench"), path, ngl, reps,
+                            timeout=max(30, min(300, deadline - time.time())))
+        row.update(llama_bench_tg128=lb["avg_ts"], llama_bench_stddev=lb["stddev_ts"], llama_bench=lb)
+    except Exception as e:              # still measure llamagen
+        row["llama_bench_error"] = f"{type(e).__name__}: {e}"
+        log(f"  llama-bench: {row['llama_bench_error']}")
+    m = llamagen.Model(path, n_gpu_layers=-1 if gpu else 0)
+    ctx = llamagen.Context(m, n_ctx=N_CTX)
+    n_prompt = len(m.tokenize(PROMPT))
+    row.update(n_prompt_tokens=n_prompt, n_threads=ctx.n_threads)
+    try:
+        for chain in CHAINS:
+            llamagen_tg(ctx, chain, 16)                       # warm-up (CUDA graphs, caches)
+            rates = [llamagen_tg(ctx, chain, N_GEN)[0] for _ in range(reps)]
+            row[chain] = dict(generate=median(rates), samples=rates,
+                              stream=median([llamagen_stream_tg(ctx, chain, N_GEN) for _ in range(2)]),
+                              ratio_vs_llama_bench=median(rates) / lb["avg_ts"] if lb else None)
+    finally:
+        ctx.close()
+        m.close()
+    bpt = bytes_per_token(path, n_prompt + N_GEN // 2)
+    row["bytes_per_token"] = bpt
+    if bw and bw.get("d2d_bytes_per_s"):
+        ceiling = bw["d2d_bytes_per_s"] / bpt["total"]
+        row["ceiling_tps"] = ceiling
+        row["llama_bench_fraction"] = lb["avg_ts"] / ceiling if lb else None
+        for chain in CHAINS:
+            row[chain]["fraction_of_ceiling"] = row[chain]["generate"] / ceiling
+    return row
+
+
+def bench_batch(preset, path, gpu, npls, rounds, deadline):
+    import llamagen
+    from run import _prompts_32, batch_rates
+    ngl = 99 if gpu else 0
+    n_ctx = max(4096, max(npls) * 128)
+    ref, ref_error = {}, None
+    try:
+        ref = llama_batched_bench(tool_exe(llamagen.build_info()["backend"], "llama-batched-bench"),
+                                  path, ngl, n_ctx, npls, timeout=max(30, min(300, deadline - time.time())))
+    except Exception as e:              # still measure llamagen
+        ref_error = f"{type(e).__name__}: {e}"
+        log(f"  llama-batched-bench: {ref_error}")
+    m = llamagen.Model(path, n_gpu_layers=-1 if gpu else 0)
+    rows = []
+    try:
+        for npl in npls:
+            ctx = llamagen.Context(m, n_ctx=n_ctx, n_batch=2048, n_ubatch=512, n_seq_max=npl)
+            prompts = _prompts_32(m, npl)
+            tg_rates, all_rates = batch_rates(ctx, prompts, BATCH_GEN, rounds)
+            ctx.close()
+            rf = ref.get(npl, {})
+            tg = median(tg_rates)
+            rows.append(dict(npl=npl, llamagen_tg=tg, llamagen_total=median(all_rates),
+                             batched_bench_tg=rf.get("speed_tg"), batched_bench_total=rf.get("speed"),
+                             ratio_tg=tg / rf["speed_tg"] if rf.get("speed_tg") else None))
+            log(f"  {preset} batch {npl}: llamagen {fmt(tg)} t/s, batched-bench {fmt(rf.get('speed_tg'))}")
+            if time.time() > deadline:
+                log("  deadline reached: remaining batch sizes skipped")
+                break
+    finally:
+        m.close()
+    return dict(n_ctx=n_ctx, rows=rows, batched_bench_error=ref_error)
+
+
+def bench_split(preset, path, gpu, bw, single):
+    """Per token: the whole step, sampling (CPU), and the rest (decode + logits to host)."""
+    import llamagen
+    from run import CHAINS
+    m = llamagen.Model(path, n_gpu_layers=-1 if gpu else 0)
+    ctx = llamagen.Context(m, n_ctx=N_CTX)
+    rows = []
+    try:
+        for chain in CHAINS:
+            for impl in ("fast", "llama.cpp"):
+                llamagen_tg(ctx, chain, 8, sampler_impl=impl)
+                _tps, t = llamagen_tg(ctx, chain, N_GEN, sampler_impl=impl)
+                n = t["n_tokens"]
+                step = t["decode_ms"] / n
+                sample = t["sample_ms"] / n
+                rows.append(dict(chain=chain, sampler_impl=impl, step_ms=step, sample_ms=sample,
+                                 decode_and_logits_ms=step - sample, sample_share=sample / step))
+    finally:
+        ctx.close()
+        m.close()
+    lb = (single or {}).get("llama_bench_tg128")
+    return dict(n_vocab=synth_model.VOCAB_SIZE, rows=rows,
+                llama_bench_ms_per_token=1e3 / lb if lb else None,
+                d2h_logits_us_pinned=(bw or {}).get("d2h_logits_us_pinned"),
+                d2h_logits_us_pageable=(bw or {}).get("d2h_logits_us_pageable"))
+
+
+def cmd_bench(a):
+    import llamagen
+    res = Results(a.out)
+    errors = []
+    deadline = a.deadline or (time.time() + 3600)
+    gpu = is_gpu_build()
+    res.set("env", env_info())
+    res.set("config", dict(models=a.models, gpu=gpu, n_gen=N_GEN, n_ctx=N_CTX, reps=a.reps,
+                           npls=a.npls, smoke=a.smoke, deadline_left_s=round(deadline - time.time())))
+    log(f"build: {llamagen.build_info()['backend']}, gpu={gpu}; devices: {llamagen.backend_devices()}")
+    if not gpu and not a.smoke:
+        errors.append("this is not a GPU build with a visible GPU (use --smoke for the CPU flow)")
+        res.set("errors", errors)
+        return 2
+    bw = None
+    with section(res, "bandwidth", errors):
+        bw = measure_bandwidth(gpu, a.work, synth_model.VOCAB_SIZE)
+        res.set("bandwidth", bw)
+        log(f"  {bw['d2d_bytes_per_s'] / 1e12:.3f} TB/s ({bw['method']})")
+    res.data.setdefault("single", {})
+    res.data.setdefault("split", {})
+    res.data.setdefault("batch", {})
+    plan = [("single", p) for p in a.models] + [("split", p) for p in a.models] + \
+           [("batch", p) for p in a.models]
+    # rough minimum seconds each needs (GPU); past the deadline a step is skipped, not started
+    need = {"single": 25, "split": 15, "batch": 30}
+    for kind, preset in plan:
+        path = q4_path(a.work, preset)
+        left = deadline - time.time()
+        big = "8b" in preset
+        if left < need[kind] * (2 if big else 1):
+            msg = f"{kind} {preset}: skipped, {left:.0f} s left before the deadline"
+            log(msg)
+            res.data.setdefault("skipped", []).append(msg)
+            res.save()
+            continue
+        if not os.path.exists(path):
+            errors.append(f"{kind} {preset}: {path} missing")
+            res.data.setdefault("errors", []).append(errors[-1])
+            res.save()
+            continue
+        with section(res, f"{kind} {preset}", errors):
+            if kind == "single":
+                row = bench_single(preset, path, gpu, a.reps, bw, deadline)
+                log(f"  {preset}: llama-bench tg128 {fmt(row.get('llama_bench_tg128'))} t/s; llamagen greedy "
+                    f"{fmt(row['greedy']['generate'])} ({fmt(row['greedy']['ratio_vs_llama_bench'], 3)}x), "
+                    f"default {fmt(row['default']['generate'])} ({fmt(row['default']['ratio_vs_llama_bench'], 3)}x)")
+            elif kind == "split":
+                row = bench_split(preset, path, gpu, bw, res.data["single"].get(preset))
+            else:
+                row = bench_batch(preset, path, gpu, a.npls, a.batch_rounds, deadline)
+            res.data[kind][preset] = row
+            res.save()
+    return 0 if not errors else 1
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+def _targets(d):
+    """One line per target of the issue: met or not, with the numbers."""
+    out = []
+    for p, r in (d.get("single") or {}).items():
+        for chain in ("greedy", "default"):
+            x = (r.get(chain) or {}).get("ratio_vs_llama_bench")
+            if x is not None:
+                out.append(f"- single stream {p} {chain}: {x:.3f}x llama-bench tg128 "
+                           f"({'met' if x >= 0.97 else 'NOT met'}, target 0.97)")
+    for p, b in (d.get("batch") or {}).items():
+        for r in b.get("rows", []):
+            x = r.get("ratio_tg")
+            if x is not None:
+                out.append(f"- batched {p} x{r['npl']}: {x:.3f}x llama-batched-bench "
+                           f"({'met' if x >= 0.9 else 'NOT met'}, target 0.9)")
+    return (["## Targets", ""] + out + [""]) if out else []
+
+
+def _steps_table(d):
+    steps = d.get("steps") or []
+    if not steps:
+        return []
+    lines = ["## Steps (bench/gpu/run.sh)", "", "| step | exit code | seconds |", "|---|---|---|"]
+    for s in steps:
+        lines.append(f"| {s['name']} | {s['rc']} | {s['seconds']} |")
+    return lines + [""]
+
+
+def render(d):
+    env = d.get("env", {})
+    info = env.get("build_info", {})
+    cfg = d.get("config", {})
+    gpu = cfg.get("gpu")
+    lines = ["# llamagen GPU benchmark results", ""]
+    if env:
+        lines += [f"Generated {env.get('date')} by `bench/gpu/run.sh`"
+                  f"{' (CPU smoke mode: tiny synthetic model, no GPU)' if cfg.get('smoke') else ''}.", "",
+                  f"- machine: {env.get('machine')}",
+                  f"- GPU: {env.get('nvidia_smi') or 'none'}; nvcc: {env.get('nvcc') or '—'}",
+                  f"- build: backend {info.get('backend')}, llama.cpp {info.get('llama_cpp_commit')}, "
+                  f"CUDA {info.get('cuda')}, GPU offload {info.get('gpu_offload')}, "
+                  f"CMake args `{info.get('cmake_args')}`",
+                  "- devices: " + "; ".join(f"{x['name']} ({x['description']}, {x['type']}, "
+                                            f"{x['memory'] / 2**30:.1f} GiB)" for x in env.get("devices", [])),
+                  ""]
+    lines += _targets(d)
+    lines += _steps_table(d)
+    t = d.get("tests")
+    if t:
+        lines += [f"Test suite ({t.get('command')}): **{t.get('summary')}** (exit code {t.get('rc')}).", ""]
+    models = d.get("models") or {}
+    if models:
+        lines += ["## Models (synthetic, random weights, 128,256-token vocabulary, F16 -> Q4_K_M with "
+                  "llamagen.quantize)", "",
+                  "| model | params | F16 GB | Q4_K_M GB | quantize s (threads) |", "|---|---|---|---|---|"]
+        for p, r in models.items():
+            s = r.get("synth", {})
+            lines.append(f"| {p} | {s.get('n_params', 0) / 1e9:.3f} B | {s.get('bytes', 0) / 1e9:.2f} | "
+                         f"{r['dst_size'] / 1e9:.2f} | {fmt(r.get('seconds'))} |")
+        lines.append("")
+    bw = d.get("bandwidth")
+    if bw:
+        lines += ["## Memory bandwidth", "",
+                  f"{'Device-to-device copy' if gpu else 'Host memcpy'} of {bw['bytes'] / 2**30:.1f} GiB x "
+                  f"{bw['iters']} ({bw['method']}): **{bw['d2d_bytes_per_s'] / 1e9:,.0f} GB/s** "
+                  f"(bytes read + written per second).  One token's logits "
+                  f"({bw['logits_bytes'] / 1024:.0f} KiB) to the host: "
+                  f"{fmt(bw.get('d2h_logits_us_pinned'))} µs pinned, "
+                  f"{fmt(bw.get('d2h_logits_us_pageable'))} µs pageable.", ""]
+    single = d.get("single") or {}
+    if single:
+        lines += ["## Single stream (128 new tokens, end of generation ignored, every layer offloaded)", "",
+                  "| model | llama-bench tg128 | llamagen greedy | ratio | llamagen default chain | ratio | "
+                  "stream greedy / default | bytes read per token | ceiling t/s | llama-bench of ceiling | "
+                  "llamagen greedy of ceiling |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for p, r in single.items():
+            g, df = r.get("greedy", {}), r.get("default", {})
+            bpt = r.get("bytes_per_token", {})
+            lines.append(
+                f"| {p} | {fmt(r.get('llama_bench_tg128'))} ± {fmt(r.get('llama_bench_stddev'))} | "
+                f"{fmt(g.get('generate'))} | {fmt(g.get('ratio_vs_llama_bench'), 3)} | {fmt(df.get('generate'))} | "
+                f"{fmt(df.get('ratio_vs_llama_bench'), 3)} | {fmt(g.get('stream'))} / {fmt(df.get('stream'))} | "
+                f"{bpt.get('total', 0) / 1e9:.3f} GB | {fmt(r.get('ceiling_tps'))} | "
+                f"{pct(r.get('llama_bench_fraction'))} | {pct(g.get('fraction_of_ceiling'))} |")
+        lines += [f"- {p}: llama-bench failed: {r['llama_bench_error']}" for p, r in single.items()
+                  if r.get("llama_bench_error")]
+        lines += ["", "Target: llamagen >= 0.97x llama-bench tg128.  Ceiling = measured bandwidth / (weight "
+                  "bytes a token reads + its KV cache reads); the token embedding counts only where it is "
+                  "also the output matrix (tied).", ""]
+    split = d.get("split") or {}
+    if split:
+        lines += ["## Where the time goes per token (single stream, 128k vocabulary)", "",
+                  "| model | chain | sampler | step ms | sampling ms (CPU) | decode + logits to host ms | "
+                  "sampling share | llama-bench ms/token |", "|---|---|---|---|---|---|---|---|"]
+        for p, s in split.items():
+            for r in s["rows"]:
+                lines.append(f"| {p} | {r['chain']} | {r['sampler_impl']} | {r['step_ms']:.3f} | "
+                             f"{r['sample_ms']:.3f} | {r['decode_and_logits_ms']:.3f} | "
+                             f"{pct(r['sample_share'])} | {fmt(s.get('llama_bench_ms_per_token'), 3)} |")
+        lines += ["", "The logits copy itself (measured above) is part of 'decode + logits to host'; "
+                  "llama-bench's per-token time includes it too (its tg decodes with an output row).", ""]
+    batch = d.get("batch") or {}
+    if batch:
+        lines += [f"## Batched generation ({BATCH_PROMPT}-token prompts, {BATCH_GEN} new tokens each, "
+                  "default chain)", "",
+                  "| model | sequences | llamagen t/s (sampling included) | llama-batched-bench speed_tg "
+                  "(no sampling) | ratio | llamagen total t/s | batched-bench total |",
+                  "|---|---|---|---|---|---|---|"]
+        for p, b in batch.items():
+            for r in b["rows"]:
+                lines.append(f"| {p} | {r['npl']} | {fmt(r['llamagen_tg'])} | {fmt(r['batched_bench_tg'])} | "
+                             f"{fmt(r['ratio_tg'], 3)} | {fmt(r['llamagen_total'])} | "
+                             f"{fmt(r['batched_bench_total'])} |")
+        lines += [f"- {p}: llama-batched-bench failed: {b['batched_bench_error']}" for p, b in batch.items()
+                  if b.get("batched_bench_error")]
+        lines += ["", "Target: >= 0.9x llama-batched-bench with sampling.", ""]
+    for key, title in (("skipped", "Skipped (time budget)"), ("errors", "Errors")):
+        if d.get(key):
+            lines += [f"## {title}", ""] + [f"- {x}" for x in d[key]] + [""]
+    secs = d.get("section_seconds")
+    if secs:
+        lines += ["Seconds per section: " + ", ".join(f"{k} {v}" for k, v in secs.items()), ""]
+    return "\n".join(lines)
+
+
+def cmd_report(a):
+    res = Results(a.out)
+    steps_file = os.path.join(a.work, "steps.tsv") if a.work else None
+    if steps_file and os.path.exists(steps_file):
+        steps = []
+        with open(steps_file) as fh:
+            for line in fh:
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) == 3:
+                    steps.append(dict(name=parts[0], rc=int(parts[1]), seconds=int(parts[2])))
+        res.data["steps"] = steps
+    if a.pytest_log and os.path.exists(a.pytest_log):
+        with open(a.pytest_log, errors="replace") as fh:
+            tail = [ln.strip() for ln in fh.readlines()[-40:] if ln.strip()]
+        summary = next((ln.strip("= ") for ln in reversed(tail)
+                        if any(w in ln for w in (" passed", " failed", " error", "no tests ran"))),
+                       tail[-1] if tail else "no output")
+        res.data["tests"] = dict(command=a.pytest_command, summary=summary, rc=a.pytest_rc)
+    res.save()
+    print(render(res.data))
+    return 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["synth", "prepare", "bench", "report"])
+    ap.add_argument("--work", default=os.environ.get("GPU_BENCH_WORK", "/tmp/llamagen-gpu"))
+    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(BENCH, "out", "gpu"))
+    ap.add_argument("--models", default=",".join(GPU_MODELS),
+                    help="comma-separated presets of bench/gpu/synth_model.py")
+    ap.add_argument("--smoke", action="store_true", help="CPU flow (no GPU required)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="tools build jobs")
+    ap.add_argument("--quant-threads", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--npls", default="1,8,32,64")
+    ap.add_argument("--batch-rounds", type=int, default=1)
+    ap.add_argument("--deadline", type=float, default=None, help="epoch seconds: start nothing after it")
+    ap.add_argument("--pytest-log", default=None)
+    ap.add_argument("--pytest-rc", type=int, default=None)
+    ap.add_argument("--pytest-command", default=None)
+    a = ap.parse_args(argv)
+    a.models = [m for m in a.models.split(",") if m]
+    for m in a.models:
+        if m not in synth_model.PRESETS:
+            ap.error(f"unknown model preset {m!r}")
+    a.npls = [int(x) for x in a.npls.split(",") if x]
+    return {"synth": cmd_synth, "prepare": cmd_prepare, "bench": cmd_bench, "report": cmd_report}[a.command](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
