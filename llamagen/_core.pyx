@@ -19,7 +19,7 @@ from libcpp cimport bool as cbool
 from libcpp.string cimport string
 from libcpp.vector cimport vector
 
-from llamagen.includes cimport ggml, llama
+from llamagen.includes cimport fast_sampler as fs, ggml, llama
 
 import logging as _logging
 import os as _os

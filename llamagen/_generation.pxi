@@ -256,7 +256,7 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
         c.stops.push_back(s.encode("utf-8"))
     c.tokens.reserve(min(params.max_new_tokens, n_ctx))
     if params.sampler_impl == "fast" and _fast_supported(params):
-        c.fast = _build_fast(params, ctx._vocab, ctx._n_vocab, n_ctx, seed)
+        c.fast = _build_fast(params, ctx._vocab, ctx._n_vocab, n_ctx, seed, _trie_for(ctx.model, params))
     else:
         c.chain = _build_chain(params, ctx._vocab, ctx._n_vocab, n_ctx, seed)
     c.grammar = _build_grammar(params, ctx._vocab)

@@ -34,6 +34,7 @@ cdef class Model:
     cdef int _users          # open Contexts using this model
     cdef bint _closed        # close() was called
     cdef object _metadata
+    cdef fs.lgfs_trie * _gtrie   # the vocabulary's prefix tree for grammar re-samples (lazy)
     cdef object __weakref__
 
     def __cinit__(self):
@@ -41,6 +42,7 @@ cdef class Model:
         self._vocab = NULL
         self._users = 0
         self._closed = False
+        self._gtrie = NULL
 
     def __init__(self, path, *, int n_gpu_layers=0, bint use_mmap=True, bint use_mlock=False,
                  bint vocab_only=False, bint check_tensors=False, int main_gpu=0):
@@ -91,9 +93,26 @@ cdef class Model:
         self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
 
     def __dealloc__(self):
+        if self._gtrie != NULL:
+            fs.lgfs_trie_free(self._gtrie)
+            self._gtrie = NULL
         if self._model != NULL:
             llama.llama_model_free(self._model)
             self._model = NULL
+
+    cdef const fs.lgfs_trie * _grammar_trie(self) except NULL:
+        """The token pieces as a prefix tree (built on first use, kept while the model lives;
+        it outlives close(), the engines that walk it belong to Contexts that keep it alive)."""
+        cdef fs.lgfs_trie * t
+        if self._gtrie == NULL:
+            self._check()
+            with nogil:
+                t = fs.lgfs_trie_new(self._vocab)
+            if self._gtrie == NULL:
+                self._gtrie = t
+            else:
+                fs.lgfs_trie_free(t)
+        return self._gtrie
 
     cdef int _check(self) except -1:
         if self._closed or self._model == NULL:

@@ -11,7 +11,6 @@
 # selects the same token for the same logits, parameters, seed and history, much faster.
 
 from libc.math cimport INFINITY
-from llamagen.includes cimport fast_sampler as fs
 from llamagen.sampling import SamplingParams
 
 
@@ -130,8 +129,17 @@ def _fast_info():
                      2: "glibc expf, FMA (vector)"}.get(mode, str(mode))}
 
 
+cdef const fs.lgfs_trie * _trie_for(Model model, object p) except? NULL:
+    """The prefix tree that grammar re-samples of ``p`` walk, or NULL: none without a grammar, and
+    none for a grammar that may name tokens (<[id]>, <token>: matched by id, not by piece)."""
+    if p.grammar is None or "<" in p.grammar:
+        return NULL
+    return model._grammar_trie()
+
+
 cdef fs.lgfs_engine * _build_fast(object p, const llama.llama_vocab * vocab, int32_t n_vocab,
-                                  int32_t n_ctx, uint32_t seed) except NULL:
+                                  int32_t n_ctx, uint32_t seed,
+                                  const fs.lgfs_trie * trie) except NULL:
     """The fast engine for ``p`` (a SamplingParams the engine supports).  The caller owns it."""
     cdef fs.lgfs_config c
     cdef vector[const char *] breakers
@@ -140,6 +148,7 @@ cdef fs.lgfs_engine * _build_fast(object p, const llama.llama_vocab * vocab, int
     cdef llama.llama_sampler * dry = NULL
     c.n_vocab = n_vocab
     c.seed = seed
+    c.trie = trie
     c.min_keep = p.min_keep
     c.temp = p.temp
     if p.logit_bias:
@@ -236,7 +245,10 @@ cdef llama.llama_token _sample_token(llama.llama_sampler * chain, fs.lgfs_engine
         one.selected = -1
         one.sorted = False
         llama.llama_sampler_apply(grammar, &one)
-        if single.logit == -INFINITY:
+        if single.logit == -INFINITY and fast != NULL:
+            tok = fast.resample_grammar(logits, cand, grammar)
+            acc = forced if forced >= 0 else tok
+        elif single.logit == -INFINITY:
             for i in range(n_vocab):
                 cand[i].id = i
                 cand[i].logit = logits[i]
@@ -246,11 +258,8 @@ cdef llama.llama_token _sample_token(llama.llama_sampler * chain, fs.lgfs_engine
             arr.selected = -1
             arr.sorted = False
             llama.llama_sampler_apply(grammar, &arr)
-            if fast != NULL:
-                tok = fast.sample_from_cand(cand)
-            else:
-                llama.llama_sampler_apply(chain, &arr)
-                tok = arr.data[arr.selected].id
+            llama.llama_sampler_apply(chain, &arr)
+            tok = arr.data[arr.selected].id
             acc = forced if forced >= 0 else tok
         llama.llama_sampler_accept(grammar, acc)
     if fast != NULL:
@@ -293,7 +302,8 @@ cdef class _ReplaySampler:
         if impl == "fast":
             if not _fast_supported(params):
                 raise ValueError("the fast engine does not run this configuration")
-            self.fast = _build_fast(params, ctx._vocab, ctx._n_vocab, n_ctx, <uint32_t> params.seed)
+            self.fast = _build_fast(params, ctx._vocab, ctx._n_vocab, n_ctx, <uint32_t> params.seed,
+                                    _trie_for(ctx.model, params))
         elif impl == "llama.cpp":
             self.chain = _build_chain(params, ctx._vocab, ctx._n_vocab, n_ctx, <uint32_t> params.seed)
         else:
@@ -338,6 +348,15 @@ cdef class _ReplaySampler:
         if self.fast == NULL:
             return None
         return [self.fast.stats.why[i] for i in range(8)]
+
+    @property
+    def grammar_resamples(self):
+        """The fast engine's grammar re-samples after a rejected token: (decided from the best
+        candidates, by walking the vocabulary's prefix tree, by asking about every candidate)."""
+        if self.fast == NULL:
+            return None
+        return (self.fast.stats.grammar_partial, self.fast.stats.grammar_trie,
+                self.fast.stats.grammar_full)
 
     @property
     def mirostat_mu(self):

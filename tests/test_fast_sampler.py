@@ -51,6 +51,17 @@ GRAMMAR_CONFIGS = {
     "grammar_json_temp_only": {"grammar": JSON_OBJECT_GRAMMAR, "top_k": 0, "top_p": 1.0},
     "grammar_digits_mirostat_2": {"grammar": DIGITS_GRAMMAR, "mirostat": 2},
     "grammar_digits_typical": {"grammar": DIGITS_GRAMMAR, "top_k": 0, "top_p": 1.0, "typical_p": 0.9},
+    # the grammar re-sample from the best candidates (top_k first) with logit edits before it
+    "grammar_json_penalties": {"grammar": JSON_OBJECT_GRAMMAR, "repeat_penalty": 1.3,
+                               "frequency_penalty": 0.5, "presence_penalty": -0.5},
+    "grammar_json_bias_dry": {"grammar": JSON_OBJECT_GRAMMAR, "logit_bias": {5: 4.0, 7: -2.0},
+                              "dry_multiplier": 0.8, "dry_allowed_length": 1},
+    "grammar_json_k5_min_p": {"grammar": JSON_OBJECT_GRAMMAR, "top_k": 5, "min_p": 0.1, "temp": 1.5},
+    "grammar_json_k200_typical": {"grammar": JSON_OBJECT_GRAMMAR, "top_k": 200, "typical_p": 0.8,
+                                  "top_p": 1.0},
+    # a grammar that may name tokens ("<"): no prefix tree; without top_k every candidate is asked
+    "grammar_angle_no_tree": {"grammar": 'root ::= "<" [a-z ]+ ">" | [a-z ]+'},
+    "grammar_angle_no_tree_top_p": {"grammar": 'root ::= "<" [a-z ]+ ">" | [a-z ]+', "top_k": 0},
 }
 
 
@@ -74,7 +85,9 @@ def _check(pairs, where):
     assert not bad, "\n".join(bad)
 
 
-def _replay(model, prompts, n_steps, seeds, n_ctx=1024):
+def _replay(model, prompts, n_steps, seeds, n_ctx=1024, paths=None):
+    """Both engines along the same histories; returns the steps replayed.  ``paths`` (a list of
+    three counts) gets the fast engine's grammar re-samples: (best candidates, prefix tree, all)."""
     steps = 0
     with llamagen.Context(model, n_ctx=n_ctx) as ctx:
         for seed in seeds:
@@ -92,6 +105,9 @@ def _replay(model, prompts, n_steps, seeds, n_ctx=1024):
                     # the grammar configuration drives itself (llama.cpp's engine)
                     _core._replay_run(ctx, prompt, p, list(pair[name]), n_steps)
                     _check(pair, f"seed {seed}, prompt {k}")
+                    if paths is not None:
+                        for j, c in enumerate(pair[name][1].grammar_resamples):
+                            paths[j] += c
     return steps
 
 
@@ -108,8 +124,12 @@ def test_sampler_impl_validated():
 
 
 def test_replay_tiny(tiny_model):
-    steps = _replay(tiny_model, ["hello world", "the cat sat on", "1, 2, 3,"], 48, seeds=(1, 2))
+    paths = [0, 0, 0]
+    steps = _replay(tiny_model, ["hello world", "the cat sat on", "1, 2, 3,"], 48, seeds=(1, 2),
+                    paths=paths)
     assert steps > 100
+    # every way of re-sampling after a grammar rejection was taken (and agreed with llama.cpp)
+    assert all(paths), paths
 
 
 def test_replay_given_logits_tiny(tiny_model):
@@ -156,8 +176,10 @@ def test_replay_real_model(real_model):
         "Q: What is the capital of France?\nA:",
         "List of prime numbers: 2, 3, 5,",
     ]
-    steps = _replay(real_model, prompts, 100, seeds=(1,), n_ctx=1024)
+    paths = [0, 0, 0]
+    steps = _replay(real_model, prompts, 100, seeds=(1,), n_ctx=1024, paths=paths)
     assert steps >= 300
+    assert all(paths), paths
 
 
 @pytest.mark.real_model

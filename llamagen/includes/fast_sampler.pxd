@@ -3,10 +3,13 @@
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libcpp cimport bool as cbool
 
-from llamagen.includes.llama cimport llama_sampler, llama_token, llama_token_data
+from llamagen.includes.llama cimport llama_sampler, llama_token, llama_token_data, llama_vocab
 
 
 cdef extern from "fast_sampler.h" nogil:
+    cdef cppclass lgfs_trie "lgfs::GrammarTrie":
+        pass
+
     cdef cppclass lgfs_config "lgfs::Config":
         lgfs_config()
         int32_t n_vocab
@@ -30,21 +33,27 @@ cdef extern from "fast_sampler.h" nogil:
         float tau
         float eta
         uint32_t seed
+        const lgfs_trie * trie
 
     cdef cppclass lgfs_stats "lgfs::Stats":
         uint64_t steps
         uint64_t slow
         uint64_t why[8]
+        uint64_t grammar_partial
+        uint64_t grammar_trie
+        uint64_t grammar_full
 
     cdef cppclass lgfs_engine "lgfs::Engine":
         lgfs_stats stats
         llama_token sample(const float * logits, llama_token_data * cand)
-        llama_token sample_from_cand(llama_token_data * cand)
+        llama_token resample_grammar(const float * logits, llama_token_data * cand, llama_sampler * grammar)
         void accept(llama_token tok)
         float mirostat_mu()
 
     lgfs_engine * lgfs_new(const lgfs_config & c) except +
     void lgfs_free(lgfs_engine * e)
+    lgfs_trie * lgfs_trie_new(const llama_vocab * v) except +
+    void lgfs_trie_free(lgfs_trie * t)
     int lgfs_supported()
     int lgfs_expf_mode()
     void lgfs_config_add_bias(lgfs_config & c, llama_token t, float b) except +
