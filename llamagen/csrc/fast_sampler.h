@@ -85,6 +85,8 @@ struct Scratch {
     std::vector<float> masked;        // grammar-masked logits
     std::vector<tdata> gacc;          // grammar: accepted candidates
     std::vector<int32_t> gnext;       // grammar: the next level of the prefix tree
+    std::vector<int32_t> wsel;        // typical: the candidates inside the score window
+    std::vector<float> tm;            // typical: entropy terms
     std::vector<tdata> ma;            // mirostat: the head of the distribution
     std::vector<float> mv;            // mirostat: values to sum
 };
@@ -978,6 +980,83 @@ static size_t gather_ge(const float * W, size_t n, float t, std::vector<int32_t>
     for (size_t i = 0; i < n; ++i) {
         if (W[i] >= t) {
             out[cnt++] = (int32_t) i;
+        }
+    }
+    return cnt;
+}
+
+// ids i (in id order) with v[i] < t; out has room for m + 16
+#ifdef LGFS_X86
+LGFS_AVX512 static size_t gather_lt_avx512(const float * v, size_t m, float t, int32_t * out) {
+    size_t cnt = 0, i = 0;
+    __m512 th = _mm512_set1_ps(t);
+    __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i step = _mm512_set1_epi32(16);
+    for (; i + 16 <= m; i += 16) {
+        __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + i), th, _CMP_LT_OQ);
+        if (k) {
+            _mm512_storeu_si512((void *) (out + cnt), _mm512_maskz_compress_epi32(k, idx));
+            cnt += (size_t) __builtin_popcount((unsigned) k);
+        }
+        idx = _mm512_add_epi32(idx, step);
+    }
+    for (; i < m; ++i) {
+        if (v[i] < t) {
+            out[cnt++] = (int32_t) i;
+        }
+    }
+    return cnt;
+}
+#endif
+
+static size_t gather_lt(const float * v, size_t m, float t, std::vector<int32_t> & out) {
+    if (out.size() < m + 16) {
+        out.resize(m + 16);
+    }
+#ifdef LGFS_X86
+    if (cpu_has_avx512()) {
+        return gather_lt_avx512(v, m, t, out.data());
+    }
+#endif
+    size_t cnt = 0;
+    for (size_t i = 0; i < m; ++i) {
+        if (v[i] < t) {
+            out[cnt++] = (int32_t) i;
+        }
+    }
+    return cnt;
+}
+
+// val[i] for the i (in id order) with key[i] < t, stored contiguously in out (room for m + 16)
+#ifdef LGFS_X86
+LGFS_AVX512 static size_t compress_lt_avx512(const float * key, const float * val, size_t m, float t,
+                                             float * out) {
+    size_t cnt = 0, i = 0;
+    __m512 th = _mm512_set1_ps(t);
+    for (; i + 16 <= m; i += 16) {
+        __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(key + i), th, _CMP_LT_OQ);
+        _mm512_mask_compressstoreu_ps(out + cnt, k, _mm512_loadu_ps(val + i));
+        cnt += (size_t) __builtin_popcount((unsigned) k);
+    }
+    for (; i < m; ++i) {
+        if (key[i] < t) {
+            out[cnt++] = val[i];
+        }
+    }
+    return cnt;
+}
+#endif
+
+static size_t compress_lt(const float * key, const float * val, size_t m, float t, float * out) {
+#ifdef LGFS_X86
+    if (cpu_has_avx512()) {
+        return compress_lt_avx512(key, val, m, t, out);
+    }
+#endif
+    size_t cnt = 0;
+    for (size_t i = 0; i < m; ++i) {
+        if (key[i] < t) {
+            out[cnt++] = val[i];
         }
     }
     return cnt;
@@ -2611,8 +2690,11 @@ private:
         const size_t n = nv();
         const float * W = st.W;
         MaxMin mm = scan_max_min(W, n);
-        if (mm.nan || !std::isfinite(mm.max) || mm.max > 1e8f || !(mm.max - mm.min <= 80.0f)) {
-            return false;   // possible p == 0 (llama.cpp's entropy becomes NaN): exact port
+        // every p > 0 (a p == 0 makes llama.cpp's entropy NaN: exact port): the smallest is
+        // expf(min - max) / Z with Z <= n
+        if (mm.nan || !std::isfinite(mm.max) || mm.max > 1e8f || !std::isfinite(mm.min)
+                || !(expf(mm.min - mm.max) / (float) n > 0.0f)) {
+            return false;
         }
         const float mx = mm.max;
         Scratch & S = scratch();
@@ -2622,7 +2704,7 @@ private:
         std::vector<float> & v = S.mv;
         std::vector<tdata> & pt = S.pre;
         std::vector<tdata> & cand = S.ma;
-        for (float depth = 20.0f; depth <= 80.0f; depth += 10.0f) {
+        for (float depth = 20.0f;; depth += 10.0f) {
             const float tx = mx - depth;
             const bool all = !(tx > mm.min);
             const size_t m = gather_ge(W, n, all ? -INFINITY : tx, S.gidx);
@@ -2641,39 +2723,40 @@ private:
                 mz += p[j] >= 0x1p-24f;     // the others add exactly 0 to a sum >= 1
             }
             const float Z = desc_seq_sum(v.data(), mz);
-            pt.resize(m);
+            std::vector<float> & tm = S.tm;
+            tm.resize(m);
             for (size_t j = 0; j < m; ++j) {
                 p[j] = p[j] / Z;
-                lg[j] = logf(p[j]);
-                pt[j] = tdata{(llama_token) j, p[j], -p[j] * lg[j]};
             }
-            // entropy: terms in descending order of p (equal p, equal terms)
+            for (size_t j = 0; j < m; ++j) {
+                lg[j] = logf(p[j]);
+            }
+            for (size_t j = 0; j < m; ++j) {
+                tm[j] = -p[j] * lg[j];
+            }
+            // entropy: terms in descending order of p (equal p, equal terms): the head (p >= cut)
+            // sorted, the rest order-free when provably so
             float H = 0.0f;
-            size_t h = 0;
             for (float cut = 0x1p-10f;; cut *= 0x1p-5f) {
-                auto mid = std::partition(pt.begin() + h, pt.end(), [cut](const tdata & q) { return q.logit >= cut; });
-                std::sort(pt.begin() + h, mid, cmp_logit_desc);
-                const size_t h2 = (size_t) (mid - pt.begin());
-                for (size_t j = h; j < h2; ++j) {
-                    H += pt[j].p;
+                const bool last_cut = cut < 1e-30f;
+                const size_t nh = gather_ge(p.data(), m, last_cut ? -INFINITY : cut, S.wsel);
+                pt.resize(nh);
+                for (size_t i = 0; i < nh; ++i) {
+                    const int32_t j = S.wsel[i];
+                    pt[i] = tdata{j, p[j], tm[j]};
                 }
-                h = h2;
-                if (h == m) {
+                std::sort(pt.begin(), pt.end(), cmp_logit_desc);
+                H = 0.0f;
+                for (size_t i = 0; i < nh; ++i) {
+                    H += pt[i].p;
+                }
+                if (nh == m) {
                     break;
                 }
-                for (size_t j = h; j < m; ++j) {
-                    v[j - h] = pt[j].p;
-                }
+                const size_t nt = compress_lt(p.data(), tm.data(), m, cut, v.data());
                 float out;
-                if (H > 0.0f && order_free_sum(H, v.data(), m - h, out)) {
+                if (H > 0.0f && order_free_sum(H, v.data(), nt, out)) {
                     H = out;
-                    break;
-                }
-                if (cut < 1e-30f) {
-                    std::sort(mid, pt.end(), cmp_logit_desc);
-                    for (auto it = mid; it != pt.end(); ++it) {
-                        H += it->p;
-                    }
                     break;
                 }
             }
@@ -2707,10 +2790,10 @@ private:
                 return x.logit < y.logit || (x.logit == y.logit && x.id < y.id);
             };
             for (float w = 0.125f;; w *= 4.0f) {
-                nc = 0;
-                for (size_t j = 0; j < m; ++j) {
-                    cd[nc] = tdata{(llama_token) j, scp[j], 0.0f};
-                    nc += scp[j] < w;
+                nc = gather_lt(scp, m, w, S.wsel);
+                for (size_t i = 0; i < nc; ++i) {
+                    const int32_t j = S.wsel[i];
+                    cd[i] = tdata{(llama_token) j, scp[j], 0.0f};
                 }
                 // sorted as far as needed: the kept prefix and the next one
                 size_t ns = std::min<size_t>(nc, 64);
