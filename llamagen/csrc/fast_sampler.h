@@ -1880,7 +1880,8 @@ struct Stats {
     uint64_t slow = 0;                  // steps where some sampler took the exact port
     uint64_t why[8] = {0};              // why: 1 equal logits where the order matters, 5 dist:
                                         // too close to call from bounded sums (exact sums used),
-                                        // 6 mirostat: the draw lands below the head, 7 mirostat:
+                                        // 2 typical: the draw landed on tied candidates (exact
+                                        // port), 6 mirostat: the draw lands below the head, 7 mirostat:
                                         // too close to call (both: exact port)
     uint64_t grammar_partial = 0;       // grammar re-samples decided from the best candidates
     uint64_t grammar_trie = 0;          // grammar re-samples that walked the prefix tree
@@ -1956,6 +1957,7 @@ public:
         st.cand = cand;
         st.arr = Arr{nullptr, 0, -1, false};
         st.tdiv_pending = false;
+        st.typ_ties = false;
         float * Wm = nullptr;
         auto edit = [&]() -> float * {
             if (Wm == nullptr) {
@@ -2099,6 +2101,7 @@ private:
     size_t pen_first = 0, pen_next = 0, pen_size = 0;
     // DRY: mirror of its window (the tokens it can penalize)
     std::vector<llama_token> dry_ring;
+    std::vector<size_t> typ_amb;        // fast typical: positions of tied kept candidates
     size_t dry_first = 0, dry_next = 0, dry_size = 0;
 
     struct State {
@@ -2107,6 +2110,7 @@ private:
         tdata * cand;           // caller's n_vocab scratch (materialized FULL state)
         Arr arr;                // ARRAY state
         bool tdiv_pending;
+        bool typ_ties;          // ARRAY from fast typical with tied candidates (typ_amb)
         bool slow;
     } st;
 
@@ -2830,14 +2834,27 @@ private:
             }
             // unique order: strictly increasing scores over the kept prefix and the next one (a
             // next one outside the window scores at least w), all below the scores outside
+            // -- except equal scores of equal logits when only temp -> dist follows: those add the
+            // same values to every sum, so their order matters only if the draw lands on one
+            // of them (step_temp_dist then re-runs the step through the exact port)
+            const bool relaxed = cfg.top_p >= 1.0f && cfg.min_p <= 0.0f && !cfg.xtc;
+            typ_amb.clear();
             for (size_t i = 0; i + 1 < nc && i < last; ++i) {
                 if (!(cd[i].logit < cd[i + 1].logit)) {
-                    return false;
+                    const int32_t a = ids[cd[i].id], b = ids[cd[i + 1].id];
+                    if (!(relaxed && cd[i].logit == cd[i + 1].logit && W[a] == W[b])) {
+                        return false;
+                    }
+                    typ_amb.push_back(i);
+                    if (i + 1 < last) {
+                        typ_amb.push_back(i + 1);
+                    }
                 }
             }
             if (!((double) cd[last - 1].logit < LB)) {
                 continue;
             }
+            st.typ_ties = !typ_amb.empty();
             std::vector<tdata> & buf = S.abuf;
             if (buf.size() < last) {
                 buf.resize(std::max<size_t>(last, 256));
@@ -2945,6 +2962,25 @@ private:
     llama_token step_temp_dist() {
         const float temp = cfg.temp;
         const bool temp_empty = (temp == 1.0f);
+        if (!st.full && st.typ_ties) {
+            // fast typical kept candidates with equal logits in an order of its own: the draw
+            // stands unless it lands on one of them; then the step is re-run exactly
+            const std::mt19937 saved = rng_dist;
+            if (!temp_empty) {
+                port_temp_impl(&st.arr, temp);
+            }
+            port_dist(&st.arr, rng_dist);
+            const size_t sel = (size_t) st.arr.selected;
+            if (std::find(typ_amb.begin(), typ_amb.end(), sel) == typ_amb.end()) {
+                return st.arr.data[sel].id;
+            }
+            stats.why[2]++;
+            rng_dist = saved;
+            st.typ_ties = false;
+            st.full = true;             // st.W: the logits typical-p saw
+            materialize();
+            port_typical(&st.arr, cfg.typical_p, cfg.min_keep);
+        }
         if (!st.full) {
             if (!temp_empty) {
                 port_temp_impl(&st.arr, temp);
