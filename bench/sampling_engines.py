@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         f"vocabulary, {a.max_new_tokens} new tokens per run (EOS ignored, except the grammar row), "
         f"median of {a.repeats} runs after {a.warmup} warm-up, {platform.machine()}, "
         f"{os.cpu_count()} CPUs, fast engine's expf: {info['expf']}.  \"ms/tok\" is the time "
-        f"spent choosing each token (SeqCore.t_sample_us: the chain or engine, the grammar "
+        f"spent choosing each token (SeqCore.t_sample_ns: the chain or engine, the grammar "
         f"check, accept), decode excluded; tok/s is the whole generation loop (decode + "
         f"sampling + detokenizing).  Both engines choose the same tokens "
         f"(tests/test_fast_sampler.py).",

@@ -12,8 +12,14 @@ cdef extern from *:
         clock_gettime(CLOCK_MONOTONIC, &ts);
         return (long long)ts.tv_sec * 1000000LL + ts.tv_nsec / 1000;
     }
+    static inline long long llamagen_monotonic_ns(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    }
     """
     long long llamagen_monotonic_us() nogil
+    long long llamagen_monotonic_ns() nogil
 
 
 cdef struct AbortState:

@@ -111,7 +111,7 @@ cdef cppclass SeqCore:
     string text                             # valid UTF-8 held back: could start a stop string
     string out                              # the chunk produced by the current step
     vector[string] stops
-    int64_t t_sample_us
+    int64_t t_sample_ns      # time spent choosing tokens (ns: a tiny model's step is < 1 us)
 
     __init__():
         this.chain = NULL
@@ -124,7 +124,7 @@ cdef cppclass SeqCore:
         this.batch_idx = -1
         this.fed_now = 0
         this.uid = -1
-        this.t_sample_us = 0
+        this.t_sample_ns = 0
 
     __dealloc__():
         this.free_samplers()
@@ -190,12 +190,12 @@ cdef cppclass SeqCore:
         cdef char buf[128]
         cdef int32_t n
         cdef vector[char] big
-        cdef int64_t t1 = llama.llama_time_us()
+        cdef int64_t t1 = llamagen_monotonic_ns()
         if this.pending >= 0:
             this.n_past += 1
             this.pending = -1
         tok = this.sample(logits, cand)
-        this.t_sample_us += llama.llama_time_us() - t1
+        this.t_sample_ns += llamagen_monotonic_ns() - t1
         this.tokens.push_back(tok)
         if not this.ignore_eos and llama.llama_vocab_is_eog(this.vocab, tok):
             this.finish = FINISH_STOP
@@ -444,7 +444,7 @@ cdef class GenerationState:
         return {
             "prefill_ms": self._t_prefill_us / 1e3,
             "decode_ms": self._t_gen_us / 1e3,
-            "sample_ms": self._core.t_sample_us / 1e3,
+            "sample_ms": self._core.t_sample_ns / 1e6,
             "n_prompt_tokens": n_prompt,
             "n_tokens": n,
             "prefill_tokens_per_second": (n_prompt / (self._t_prefill_us / 1e6)
