@@ -940,18 +940,20 @@ static inline void topk_heap(const float * W, size_t n, int k, tdata * H) {
     topk_heap_scalar(W, n, k, H);
 }
 
-// ids i (in id order) with W[i] >= t
-static size_t gather_ge(const float * W, size_t n, float t, std::vector<int32_t> & out);
+// ids i (in id order) with W[i] >= t (GE) or W[i] < t (!GE); out gets room for n + 16 (a
+// compressed vector is stored whole)
+template <bool GE>
+static inline bool gather_keeps(float w, float t) { return GE ? w >= t : w < t; }
 
 #ifdef LGFS_X86
-LGFS_AVX512 static size_t gather_ge_avx512(const float * W, size_t n, float t, int32_t * out) {
-    // out has room for n + 16 (a compressed vector is stored whole)
+template <bool GE>
+LGFS_AVX512 static size_t gather_cmp_avx512(const float * W, size_t n, float t, int32_t * out) {
     size_t cnt = 0, i = 0;
     __m512 th = _mm512_set1_ps(t);
     __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i step = _mm512_set1_epi32(16);
     for (; i + 16 <= n; i += 16) {
-        __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(W + i), th, _CMP_GE_OQ);
+        __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(W + i), th, GE ? _CMP_GE_OQ : _CMP_LT_OQ);
         if (m) {
             _mm512_storeu_si512((void *) (out + cnt), _mm512_maskz_compress_epi32(m, idx));
             cnt += (size_t) __builtin_popcount((unsigned) m);
@@ -959,7 +961,7 @@ LGFS_AVX512 static size_t gather_ge_avx512(const float * W, size_t n, float t, i
         idx = _mm512_add_epi32(idx, step);
     }
     for (; i < n; ++i) {
-        if (W[i] >= t) {
+        if (gather_keeps<GE>(W[i], t)) {
             out[cnt++] = (int32_t) i;
         }
     }
@@ -967,64 +969,31 @@ LGFS_AVX512 static size_t gather_ge_avx512(const float * W, size_t n, float t, i
 }
 #endif
 
-static size_t gather_ge(const float * W, size_t n, float t, std::vector<int32_t> & out) {
+template <bool GE>
+static size_t gather_cmp(const float * W, size_t n, float t, std::vector<int32_t> & out) {
     if (out.size() < n + 16) {
         out.resize(n + 16);
     }
 #ifdef LGFS_X86
     if (cpu_has_avx512()) {
-        return gather_ge_avx512(W, n, t, out.data());
+        return gather_cmp_avx512<GE>(W, n, t, out.data());
     }
 #endif
     size_t cnt = 0;
     for (size_t i = 0; i < n; ++i) {
-        if (W[i] >= t) {
+        if (gather_keeps<GE>(W[i], t)) {
             out[cnt++] = (int32_t) i;
         }
     }
     return cnt;
 }
 
-// ids i (in id order) with v[i] < t; out has room for m + 16
-#ifdef LGFS_X86
-LGFS_AVX512 static size_t gather_lt_avx512(const float * v, size_t m, float t, int32_t * out) {
-    size_t cnt = 0, i = 0;
-    __m512 th = _mm512_set1_ps(t);
-    __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i step = _mm512_set1_epi32(16);
-    for (; i + 16 <= m; i += 16) {
-        __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + i), th, _CMP_LT_OQ);
-        if (k) {
-            _mm512_storeu_si512((void *) (out + cnt), _mm512_maskz_compress_epi32(k, idx));
-            cnt += (size_t) __builtin_popcount((unsigned) k);
-        }
-        idx = _mm512_add_epi32(idx, step);
-    }
-    for (; i < m; ++i) {
-        if (v[i] < t) {
-            out[cnt++] = (int32_t) i;
-        }
-    }
-    return cnt;
+static size_t gather_ge(const float * W, size_t n, float t, std::vector<int32_t> & out) {
+    return gather_cmp<true>(W, n, t, out);
 }
-#endif
 
-static size_t gather_lt(const float * v, size_t m, float t, std::vector<int32_t> & out) {
-    if (out.size() < m + 16) {
-        out.resize(m + 16);
-    }
-#ifdef LGFS_X86
-    if (cpu_has_avx512()) {
-        return gather_lt_avx512(v, m, t, out.data());
-    }
-#endif
-    size_t cnt = 0;
-    for (size_t i = 0; i < m; ++i) {
-        if (v[i] < t) {
-            out[cnt++] = (int32_t) i;
-        }
-    }
-    return cnt;
+static size_t gather_lt(const float * W, size_t n, float t, std::vector<int32_t> & out) {
+    return gather_cmp<false>(W, n, t, out);
 }
 
 // val[i] for the i (in id order) with key[i] < t, stored contiguously in out (room for m + 16)
