@@ -279,6 +279,17 @@ def _prompts_32(m, n):
     return out
 
 
+def batched_bench_rows(text):
+    """llama-batched-bench's --output-format jsonl rows, by number of parallel sequences."""
+    ref = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"speed_tg"' in line:
+            d = json.loads(line)
+            ref[d["pl"]] = d
+    return ref
+
+
 def batch_rates(ctx, prompts, n_gen, rounds, chain="default"):
     """Generate n_gen tokens for every prompt with one BatchGenerator, rounds + 1 times (round 0
     warms the context up and is not counted).  Returns (generation t/s after every sequence has
@@ -315,12 +326,7 @@ def bench_batch(model, rounds, npls=(1, 2, 4, 8, 16)):
     proc = subprocess.run([bexe, "-m", model, "-c", "4096", "-b", "2048", "-ub", "512", "-npp", "32",
                            "-ntg", "64", "-npl", ",".join(map(str, npls)), "-t", str(THREADS),
                            "--output-format", "jsonl"], check=True, capture_output=True, text=True)
-    ref = {}
-    for line in (proc.stdout + "\n" + proc.stderr).splitlines():
-        line = line.strip()
-        if line.startswith("{") and '"speed_tg"' in line:
-            d = json.loads(line)
-            ref[d["pl"]] = d
+    ref = batched_bench_rows(proc.stdout + "\n" + proc.stderr)
     m = llamagen.Model(model)
     rows = []
     for npl in npls:

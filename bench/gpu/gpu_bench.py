@@ -393,13 +393,8 @@ def llama_batched_bench(exe, model, ngl, n_ctx, npls, timeout):
                         "--output-format", "jsonl"], capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"llama-batched-bench failed ({p.returncode}): {p.stderr.strip()[-600:]}")
-    ref = {}
-    for line in (p.stdout + "\n" + p.stderr).splitlines():
-        line = line.strip()
-        if line.startswith("{") and '"speed_tg"' in line:
-            d = json.loads(line)
-            ref[d["pl"]] = d
-    return ref
+    from run import batched_bench_rows
+    return batched_bench_rows(p.stdout + "\n" + p.stderr)
 
 
 def llamagen_tg(ctx, chain, n, **extra):
