@@ -1,6 +1,10 @@
 """Exceptions raised by llamagen."""
 
 
+def _with_reason(msg, reason):
+    return f"{msg}: {reason}" if reason else msg
+
+
 class LlamaError(Exception):
     """Base class of every error llamagen raises about llama.cpp or its use."""
 
@@ -11,10 +15,7 @@ class ModelLoadError(LlamaError, ValueError):
     def __init__(self, path, reason=""):
         self.path = path
         self.reason = reason
-        msg = f"could not load model {path!r}"
-        if reason:
-            msg += f": {reason}"
-        super().__init__(msg)
+        super().__init__(_with_reason(f"could not load model {path!r}", reason))
 
 
 class ContextError(LlamaError):
@@ -48,7 +49,4 @@ class QuantizeError(LlamaError):
         self.path = path
         self.ftype = ftype
         self.reason = reason
-        msg = f"could not quantize {path!r} to {ftype}"
-        if reason:
-            msg += f": {reason}"
-        super().__init__(msg)
+        super().__init__(_with_reason(f"could not quantize {path!r} to {ftype}", reason))
