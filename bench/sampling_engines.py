@@ -110,17 +110,27 @@ def main(argv=None) -> int:
     text = "\n".join(section) + "\n"
     print(text)
     if not a.no_write:
-        old = open(RESULTS, encoding="utf-8").read() if os.path.exists(RESULTS) else ""
-        if HEADING in old:
-            start = old.index(HEADING)
-            nxt = old.find("\n## ", start + len(HEADING))
-            new = old[:start] + text + (old[nxt + 1:] if nxt >= 0 else "")
-        else:
-            new = old.rstrip("\n") + "\n\n" + text
-        with open(RESULTS, "w", encoding="utf-8") as fh:
-            fh.write(new)
+        replace_section(RESULTS, HEADING, text)
         print(f"wrote {RESULTS}", file=sys.stderr)
     return 0
+
+
+def replace_section(path: str, heading: str, text: str) -> None:
+    """Put ``text`` (which starts with ``heading``) in place of the section ``heading`` of the
+    Markdown file ``path``: up to the next "## " or "### " heading, which belong to other
+    writers (bench/sampling_replay.py writes "### 7b" inside section 7); appended if absent."""
+    old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    if heading in old:
+        start = old.index(heading)
+        ends = [e for e in (old.find("\n## ", start + 1), old.find("\n### ", start + 1)) if e >= 0]
+        end = min(ends) if ends else len(old)
+        new = old[:start] + text.rstrip("\n") + "\n" + old[end:]
+    elif old.strip():
+        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    else:
+        new = text.rstrip("\n") + "\n"
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(new)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ RESULTS = os.path.join(HERE, "RESULTS.md")
 HEADING = "### 7b. Sampling engines on recorded logits (ms/token, 262k vocabulary)"
 
 sys.path.insert(0, HERE)
-from sampling_engines import CONFIGS as _ENGINE_CONFIGS  # noqa: E402  (one grid for both scripts)
+from sampling_engines import CONFIGS as _ENGINE_CONFIGS, replace_section  # noqa: E402  (one grid for both scripts)
 
 # the engine benchmark's grid without its grammar entry (a grammar needs its own generation),
 # plus top-n-sigma on its own (the FULL-state path)
@@ -78,18 +78,7 @@ def main(argv=None) -> int:
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {len(rows)} recorded steps of "
             "gemma3-270m (3 prompts), each engine stepping every row with seed 5 (sampling only, no decode).",
             "", *lines, ""])
-        text = open(RESULTS).read() if os.path.exists(RESULTS) else ""
-        if HEADING in text:
-            i = text.index(HEADING)
-            j = text.find("\n## ", i + 1)
-            k = text.find("\n### ", i + 1)
-            ends = [x for x in (j, k) if x != -1]
-            end = min(ends) if ends else len(text)
-            text = text[:i] + body + text[end:]
-        else:
-            text = text.rstrip() + "\n\n" + body
-        with open(RESULTS, "w") as f:
-            f.write(text)
+        replace_section(RESULTS, HEADING, body)
         print(f"wrote {RESULTS}")
     return 0
 

@@ -350,3 +350,25 @@ def test_existing_commands_still_work(capsys):
     assert main(["info", "--no-model"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["llamagen"] == llamagen.__version__
+
+
+def test_results_writers_replace_only_their_own_section(tmp_path):
+    # bench/sampling_engines.py writes "## 7." and bench/sampling_replay.py "### 7b." inside it:
+    # rewriting one must keep the other and the sections around them
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from sampling_engines import HEADING as H7, replace_section
+    from sampling_replay import HEADING as H7B
+    path = tmp_path / "RESULTS.md"
+    path.write_text(f"# r\n\n## 6. six\n\nsix body\n\n{H7}\n\nold 7\n\n{H7B}\n\nold 7b\n\n## 8. eight\n\n8 body\n")
+    replace_section(str(path), H7, f"{H7}\n\nnew 7\n")
+    text = path.read_text()
+    assert "new 7\n" in text and "old 7\n" not in text
+    assert f"{H7B}\n\nold 7b" in text and "six body" in text and "8 body" in text
+    replace_section(str(path), H7B, f"{H7B}\n\nnew 7b\n")
+    text = path.read_text()
+    assert "new 7b" in text and "old 7b" not in text and "new 7\n" in text and "8 body" in text
+    assert text.index("## 6.") < text.index(H7) < text.index(H7B) < text.index("## 8.")
+    replace_section(str(tmp_path / "none.md"), H7, f"{H7}\n\nfirst\n")
+    assert (tmp_path / "none.md").read_text() == f"{H7}\n\nfirst\n"

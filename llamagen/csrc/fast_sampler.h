@@ -87,6 +87,9 @@ struct Scratch {
     std::vector<int32_t> gnext;       // grammar: the next level of the prefix tree
     std::vector<int32_t> wsel;        // typical: the candidates inside the score window
     std::vector<float> tm;            // typical: entropy terms
+    std::vector<uint32_t> bcount;     // typical: bucket counts of the entropy tail
+    std::vector<int32_t> border;      // typical: tail indices grouped by bucket
+    std::vector<float> bval;          // typical: one bucket's terms
     std::vector<tdata> ma;            // mirostat: the head of the distribution
     std::vector<float> mv;            // mirostat: values to sum
 };
@@ -870,6 +873,54 @@ static inline MaxMin scan_max_min(const float * W, size_t n) {
     return scan_max_min_scalar(W, n);
 }
 
+// approximate Z = sum exp(W - mx) and S = sum exp(W - mx) * (W - mx) over the whole vocabulary
+// (relative error ~1e-4: only to pick where fast typical starts looking); false without AVX-512
+#ifdef LGFS_X86
+LGFS_AVX512 static void approx_z_s_avx512(const float * W, size_t n, float mx, double & Z, double & S) {
+    const __m512 vmx = _mm512_set1_ps(mx), lo = _mm512_set1_ps(-100.0f);
+    const __m512 l2e = _mm512_set1_ps(1.44269504f);
+    const __m512 c1 = _mm512_set1_ps(0.693147182f), c2 = _mm512_set1_ps(0.240226507f),
+                 c3 = _mm512_set1_ps(0.0555041087f), c4 = _mm512_set1_ps(0.00961812911f),
+                 c5 = _mm512_set1_ps(0.00133335581f), c6 = _mm512_set1_ps(0.000154035304f);
+    __m512 z = _mm512_setzero_ps(), s = _mm512_setzero_ps();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 d = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(W + i), vmx), lo);
+        const __m512 t = _mm512_mul_ps(d, l2e);
+        const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 f = _mm512_sub_ps(t, k);
+        __m512 p = _mm512_fmadd_ps(c6, f, c5);
+        p = _mm512_fmadd_ps(p, f, c4);
+        p = _mm512_fmadd_ps(p, f, c3);
+        p = _mm512_fmadd_ps(p, f, c2);
+        p = _mm512_fmadd_ps(p, f, c1);
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+        const __m512 e = _mm512_scalef_ps(p, k);
+        z = _mm512_add_ps(z, e);
+        s = _mm512_fmadd_ps(e, d, s);
+    }
+    Z = (double) _mm512_reduce_add_ps(z);
+    S = (double) _mm512_reduce_add_ps(s);
+    for (; i < n; ++i) {
+        const float d = std::max(W[i] - mx, -100.0f);
+        const double e = std::exp((double) d);
+        Z += e;
+        S += e * (double) d;
+    }
+}
+#endif
+
+static bool approx_z_s(const float * W, size_t n, float mx, double & Z, double & S) {
+#ifdef LGFS_X86
+    if (cpu_has_avx512()) {
+        approx_z_s_avx512(W, n, mx, Z, S);
+        return true;
+    }
+#endif
+    (void) W; (void) n; (void) mx; (void) Z; (void) S;
+    return false;
+}
+
 // top-k (k <= 128) exactly as std::partial_sort(data, data + k, data + n, comp) leaves it
 static void topk_heap_scalar(const float * W, size_t n, int k, tdata * H) {
     for (int i = 0; i < k; ++i) {
@@ -1377,6 +1428,66 @@ static bool order_free_sum(float s, const float * v, size_t m, float & out) {
     return true;
 }
 
+// s + the values val[j] of every j with key[j] < cut, added one by one in descending order of
+// key (llama.cpp's entropy: terms -p log p in descending order of p; equal keys have equal
+// values), for 0 < key < 2^-8.  The tail is grouped in buckets of the key's exponent and top 3
+// mantissa bits (a counting sort); each bucket, in descending order, is added without knowing
+// its inner order when order_free_sum can, else sorted and added one by one.
+static float seq_sum_desc_tail(float s, const float * key, const float * val, size_t m, float cut, Scratch & S) {
+    const int SHIFT = 20;
+    const size_t NB = (size_t) 1 << (31 - SHIFT);
+    std::vector<uint32_t> & cnt = S.bcount;
+    cnt.assign(NB + 1, 0);
+    for (size_t j = 0; j < m; ++j) {
+        if (key[j] < cut) {
+            uint32_t b;
+            std::memcpy(&b, &key[j], 4);
+            cnt[(b >> SHIFT) + 1]++;
+        }
+    }
+    size_t total = 0;
+    for (size_t b = 1; b <= NB; ++b) {      // cnt[b]: where bucket b starts (ascending key)
+        total += cnt[b];
+        cnt[b] = (uint32_t) total;
+    }
+    std::vector<int32_t> & ord = S.border;
+    ord.resize(total);
+    for (size_t j = 0; j < m; ++j) {
+        if (key[j] < cut) {
+            uint32_t b;
+            std::memcpy(&b, &key[j], 4);
+            ord[cnt[b >> SHIFT]++] = (int32_t) j;
+        }
+    }
+    // now cnt[b] is where bucket b ends; walk the buckets from the largest keys down
+    std::vector<float> & v = S.bval;
+    v.resize(total);
+    size_t end = total;
+    for (size_t b = NB; b-- > 0 && end > 0;) {
+        const size_t beg = (b == 0) ? 0 : cnt[b - 1];
+        if (beg == end) {
+            continue;
+        }
+        const size_t nb = end - beg;
+        for (size_t i = 0; i < nb; ++i) {
+            v[i] = val[ord[beg + i]];
+        }
+        float out;
+        if (s > 0.0f && order_free_sum(s, v.data(), nb, out)) {
+            s = out;
+        } else {
+            int32_t * o = ord.data() + beg;
+            std::sort(o, o + nb, [key](int32_t a, int32_t c) { return key[a] > key[c]; });
+            for (size_t i = 0; i < nb; ++i) {
+                s += val[o[i]];
+            }
+        }
+        end = beg;
+    }
+    return s;
+}
+
+
 template <typename Acc>
 static Acc full_exp_sum(const float * W, size_t n, bool div, float t, float mx, double * chunk_end) {
 #ifdef LGFS_X86
@@ -1850,7 +1961,8 @@ struct Stats {
     uint64_t why[8] = {0};              // why: 1 equal logits where the order matters, 5 dist:
                                         // too close to call from bounded sums (exact sums used),
                                         // 2 typical: the draw landed on tied candidates (exact
-                                        // port), 6 mirostat: the draw lands below the head, 7 mirostat:
+                                        // port), 3 typical: no fast path (p underflows to 0, no
+                                        // unique order, ...), 6 mirostat: the draw lands below the head, 7 mirostat:
                                         // too close to call (both: exact port)
     uint64_t grammar_partial = 0;       // grammar re-samples decided from the best candidates
     uint64_t grammar_trie = 0;          // grammar re-samples that walked the prefix tree
@@ -2648,6 +2760,7 @@ private:
             return;
         }
         if (!fast_typical()) {
+            stats.why[3]++;
             materialize();
             port_typical(&st.arr, cfg.typical_p, cfg.min_keep);
         }
@@ -2659,6 +2772,22 @@ private:
     // entropy, and their scores are above every kept one: checked), sums Z and H in sorted order
     // of their values (sorted head, order-free tail), and finds the kept prefix among the
     // candidates whose score is below a growing window.
+    // the smallest depth (in steps of 1/4, more than `depth`) at which every candidate below
+    // mx - depth has P < 0.3 and an entropy term P * -log(P) under half_ulp, by the bounds used
+    // in fast_typical; at most depth + 10
+    static float typical_depth_for(float depth, float mx, double Z, double half_ulp, float span = 10.0f) {
+        for (float d = depth + 0.25f; d < depth + span; d += 0.25f) {
+            const float tx = mx - d;
+            const double dd = (double) tx - (double) mx + 1e-6 * (std::fabs(mx) + 1.0);
+            const double P = std::exp(dd) * (1.0 + 0x1p-21) / (double) Z;
+            const double tb = P * (-std::log(P)) * (1.0 + 1e-5);
+            if (P < 0.3 && tb < half_ulp) {
+                return d;
+            }
+        }
+        return depth + span;
+    }
+
     bool fast_typical() {
         const size_t n = nv();
         const float * W = st.W;
@@ -2677,7 +2806,20 @@ private:
         std::vector<float> & v = S.mv;
         std::vector<tdata> & pt = S.pre;
         std::vector<tdata> & cand = S.ma;
-        for (float depth = 20.0f;; depth += 10.0f) {
+        // where to start: deep enough that, by an approximate Z and entropy (within a few
+        // percent), the terms left out round away (checked exactly below; deeper if not)
+        float next_depth = 20.0f;
+        double aZ, aS;
+        if (approx_z_s(W, n, mx, aZ, aS) && aZ >= 1.0 && std::isfinite(aS)) {
+            const double aH = std::log(aZ) - aS / aZ;
+            if (aH > 1e-3 && std::isfinite(aH)) {
+                const float h = (float) (aH * 0.98);
+                next_depth = typical_depth_for(4.0f, mx, aZ * 0.98, (double) pow2f(binade_of(h) - 24), 60.0f);
+            }
+        }
+        for (;;) {
+            const float depth = next_depth;
+            next_depth = depth + 10.0f;
             const float tx = mx - depth;
             const bool all = !(tx > mm.min);
             const size_t m = gather_ge(W, n, all ? -INFINITY : tx, S.gidx);
@@ -2709,28 +2851,27 @@ private:
             }
             // entropy: terms in descending order of p (equal p, equal terms): the head (p >= cut)
             // sorted, the rest order-free when provably so
+            // the head (p >= 2^-10) sorted, the tail order-free when provably so, else bucket
+            // by bucket
+            const float cut = 0x1p-10f;
+            const size_t nh = gather_ge(p.data(), m, cut, S.wsel);
+            pt.resize(nh);
+            for (size_t i = 0; i < nh; ++i) {
+                const int32_t j = S.wsel[i];
+                pt[i] = tdata{j, p[j], tm[j]};
+            }
+            std::sort(pt.begin(), pt.end(), cmp_logit_desc);
             float H = 0.0f;
-            for (float cut = 0x1p-10f;; cut *= 0x1p-5f) {
-                const bool last_cut = cut < 1e-30f;
-                const size_t nh = gather_ge(p.data(), m, last_cut ? -INFINITY : cut, S.wsel);
-                pt.resize(nh);
-                for (size_t i = 0; i < nh; ++i) {
-                    const int32_t j = S.wsel[i];
-                    pt[i] = tdata{j, p[j], tm[j]};
-                }
-                std::sort(pt.begin(), pt.end(), cmp_logit_desc);
-                H = 0.0f;
-                for (size_t i = 0; i < nh; ++i) {
-                    H += pt[i].p;
-                }
-                if (nh == m) {
-                    break;
-                }
+            for (size_t i = 0; i < nh; ++i) {
+                H += pt[i].p;
+            }
+            if (nh < m) {
                 const size_t nt = compress_lt(p.data(), tm.data(), m, cut, v.data());
                 float out;
                 if (H > 0.0f && order_free_sum(H, v.data(), nt, out)) {
                     H = out;
-                    break;
+                } else {
+                    H = seq_sum_desc_tail(H, p.data(), tm.data(), m, cut, S);
                 }
             }
             double LB = INFINITY;   // every score outside the gathered set is at least LB
@@ -2741,8 +2882,13 @@ private:
                 if (!(H > 0.0f)) {
                     return false;
                 }
-                if (!(P < 0.3 && tb < (double) pow2f(binade_of(H) - 24))) {
-                    continue;       // the entropy may reach deeper: gather more
+                const double half_ulp = (double) pow2f(binade_of(H) - 24);
+                if (!(P < 0.3 && tb < half_ulp)) {
+                    // the entropy may reach deeper: gather down to where a term provably
+                    // rounds away (H only grows with more terms, so the bound stays valid; the
+                    // count of candidates grows ~exponentially with depth: no coarser step)
+                    next_depth = typical_depth_for(depth, mx, Z, half_ulp);
+                    continue;
                 }
                 LB = (-std::log(P)) * (1.0 - 1e-6) - (double) H - 1e-4;
             }
