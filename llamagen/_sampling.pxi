@@ -359,6 +359,12 @@ cdef class _ReplaySampler:
                 self.fast.stats.grammar_full)
 
     @property
+    def typical_tail_buckets(self):
+        """Fast typical-p steps whose entropy tail crossed a binade and was summed bucket by
+        bucket (internal: lets the tests prove that path ran)."""
+        return None if self.fast == NULL else self.fast.stats.typical_tail_buckets
+
+    @property
     def mirostat_mu(self):
         return None if self.fast == NULL else self.fast.mirostat_mu()
 

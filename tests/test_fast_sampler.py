@@ -87,7 +87,8 @@ def _check(pairs, where):
 
 def _replay(model, prompts, n_steps, seeds, n_ctx=1024, paths=None):
     """Both engines along the same histories; returns the steps replayed.  ``paths`` (a list of
-    three counts) gets the fast engine's grammar re-samples: (best candidates, prefix tree, all)."""
+    four counts) gets the fast engine's grammar re-samples: (best candidates, prefix tree, all),
+    and its typical-p steps whose entropy tail was summed bucket by bucket."""
     steps = 0
     with llamagen.Context(model, n_ctx=n_ctx) as ctx:
         for seed in seeds:
@@ -98,6 +99,8 @@ def _replay(model, prompts, n_steps, seeds, n_ctx=1024, paths=None):
                                          n_steps)
                 steps += len(toks)
                 _check(pairs, f"seed {seed}, prompt {k}")
+                if paths is not None:
+                    paths[3] += sum(fast.typical_tail_buckets for _ref, fast in pairs.values())
                 for name, fields in GRAMMAR_CONFIGS.items():
                     p = SamplingParams(seed=seed, **fields)
                     pair = {name: (_core._ReplaySampler(ctx, p, "llama.cpp"),
@@ -124,7 +127,7 @@ def test_sampler_impl_validated():
 
 
 def test_replay_tiny(tiny_model):
-    paths = [0, 0, 0]
+    paths = [0, 0, 0, 0]
     steps = _replay(tiny_model, ["hello world", "the cat sat on", "1, 2, 3,"], 48, seeds=(1, 2),
                     paths=paths)
     assert steps > 100
@@ -176,7 +179,7 @@ def test_replay_real_model(real_model):
         "Q: What is the capital of France?\nA:",
         "List of prime numbers: 2, 3, 5,",
     ]
-    paths = [0, 0, 0]
+    paths = [0, 0, 0, 0]
     steps = _replay(real_model, prompts, 100, seeds=(1,), n_ctx=1024, paths=paths)
     assert steps >= 300
     assert all(paths), paths

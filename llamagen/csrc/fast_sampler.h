@@ -1967,6 +1967,7 @@ struct Stats {
     uint64_t grammar_partial = 0;       // grammar re-samples decided from the best candidates
     uint64_t grammar_trie = 0;          // grammar re-samples that walked the prefix tree
     uint64_t grammar_full = 0;          // grammar re-samples that asked about every candidate
+    uint64_t typical_tail_buckets = 0;  // fast typical: entropy tails summed bucket by bucket
 };
 
 class Engine {
@@ -2872,6 +2873,7 @@ private:
                     H = out;
                 } else {
                     H = seq_sum_desc_tail(H, p.data(), tm.data(), m, cut, S);
+                    stats.typical_tail_buckets++;
                 }
             }
             double LB = INFINITY;   // every score outside the gathered set is at least LB

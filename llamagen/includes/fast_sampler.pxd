@@ -42,6 +42,7 @@ cdef extern from "fast_sampler.h" nogil:
         uint64_t grammar_partial
         uint64_t grammar_trie
         uint64_t grammar_full
+        uint64_t typical_tail_buckets
 
     cdef cppclass lgfs_engine "lgfs::Engine":
         lgfs_stats stats
