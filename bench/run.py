@@ -486,8 +486,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="1 round, 128 tokens only")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-lcp", action="store_true", help="do not install/run llama-cpp-python")
-    ap.add_argument("--only", choices=["batch"],
-                    help="re-run one section and merge it into the existing results.json / RESULTS.md")
+    ap.add_argument("--only", choices=["batch", "engines"],
+                    help="re-run one section and merge it into the existing results.json / RESULTS.md "
+                         "(engines: section 7, bench/sampling_engines.py)")
+    ap.add_argument("--skip-engines", action="store_true",
+                    help="do not run section 7 (the sampling engines side by side, ~3 min)")
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--json", default=os.path.join(HERE, "results.json"))
     args = ap.parse_args(argv)
@@ -505,6 +508,8 @@ def main(argv=None):
     if lcp_py:
         res["lcp_version"] = subprocess.run([lcp_py, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                                             capture_output=True, text=True).stdout.strip()
+    if args.only == "engines":
+        return run_engines(args)
     if args.only == "batch":
         with open(args.json) as fh:
             old = json.load(fh)
@@ -543,6 +548,19 @@ def main(argv=None):
     with open(args.json, "w") as fh:
         json.dump(res, fh, indent=1, default=str)
     print(report)
+    if not args.skip_engines:
+        run_engines(args)
+
+
+def run_engines(args):
+    """Section 7: llama.cpp's sampler chain and llamagen's engine side by side, per configuration
+    (bench/sampling_engines.py; it replaces only its own section of args.out)."""
+    import sampling_engines
+    log("sampling engines ...")
+    argv = ["--repeats", "1" if args.quick else str(args.rounds), "--results", args.out]
+    if args.quick:
+        argv += ["--max-new-tokens", "32"]
+    return sampling_engines.main(argv)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--results", default=RESULTS, help="the Markdown file whose section 7 is replaced")
     a = ap.parse_args(argv)
 
     import llamagen
@@ -110,8 +111,8 @@ def main(argv=None) -> int:
     text = "\n".join(section) + "\n"
     print(text)
     if not a.no_write:
-        replace_section(RESULTS, HEADING, text)
-        print(f"wrote {RESULTS}", file=sys.stderr)
+        replace_section(a.results, HEADING, text)
+        print(f"wrote {a.results}", file=sys.stderr)
     return 0
 
 
