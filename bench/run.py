@@ -465,9 +465,68 @@ def write_report(res, args, elapsed):
     if b:
         lines += ["", f"map_generate over 256 prompts (16 new tokens each, batch_size 16): {b['map_generate_s']:.1f} s; "
                   f"one by one with generate(): {b['one_by_one_s']:.1f} s; speed-up {b['map_speedup']:.2f}x.", ""]
+    lines += target_lines(res)
     if res.get("notes"):
         lines += ["## Notes", ""] + res["notes"] + [""]
     return "\n".join(lines)
+
+
+# the issue's targets: (what, the results' key, the bound)
+NATIVE_MIN = 0.99
+LCP_MIN = {128: 1.10, 1024: 1.30}
+GIL_MIN = 0.90
+
+
+def target_checks(res):
+    """Every target of the benchmark issue, checked against these results: a list of dicts with
+    what, value, bound, met (None where the value is missing) and, for the llama-cpp-python
+    targets, native: the native C++ loop's own ratio to llama-cpp-python (what a binding exactly
+    as fast as llama.cpp's C loop would show)."""
+    out = []
+
+    def check(what, value, bound, native=None):
+        out.append(dict(what=what, value=value, bound=bound, native=native,
+                        met=None if value is None else value >= bound))
+
+    for r in res.get("decode", []):
+        cell = f"{r['n']} tokens, {r['chain']}"
+        check(f"llamagen stream >= {NATIVE_MIN} x native loop ({cell})", r.get("ratio_stream_native"), NATIVE_MIN)
+        check(f"llamagen generate() >= {NATIVE_MIN} x native loop ({cell})", r.get("ratio_generate_native"),
+              NATIVE_MIN)
+        bound = LCP_MIN.get(r["n"])
+        if bound is None:
+            continue
+        for mode, key, lkey in (("stream", "ratio_stream_lcp_stream", "lcp_stream"),
+                                ("generate()", "ratio_generate_lcp_generate", "lcp_generate")):
+            native = r["native"] / r[lkey] if r.get("native") and r.get(lkey) else None
+            check(f"llamagen {mode} >= {bound:.2f} x llama-cpp-python {mode} ({cell})", r.get(key), bound, native)
+    g = res.get("gil")
+    if g:
+        for mode, key in (("generate()", "ratio_generate"), ("the stream loop", "ratio_stream")):
+            check(f"counting thread keeps >= {GIL_MIN:.0%} of its solo rate during {mode}", g.get(key), GIL_MIN)
+    return out
+
+
+def target_lines(res):
+    checks = target_checks(res)
+    if not checks:
+        return []
+    lines = ["## Targets", "", "Checked by `bench/run.py` against the figures above.  \"native loop\": the same "
+             "ratio for the native C++ loop (llama.cpp's own decode, sampler chain and detokenizer, no Python).", "",
+             "| target | measured | met | native loop |", "|---|---|---|---|"]
+    for c in checks:
+        met = "—" if c["met"] is None else ("yes" if c["met"] else "**no**")
+        lines.append(f"| {c['what']} | {fmt(c['value'], 3)} | {met} | {fmt(c['native'], 3) if c['native'] else ''} |")
+    missed = [c["what"] for c in checks if c["met"] is False]
+    unknown = sum(c["met"] is None for c in checks)
+    lines += ["", f"{len(checks) - len(missed) - unknown} of {len(checks)} met"
+              + (f", {unknown} not measured" if unknown else "") + "."
+              + (" Missed: " + "; ".join(missed) + "." if missed else ""), ""]
+    beyond = [c["what"] for c in checks if c["met"] is False and c["native"] is not None and c["native"] < c["bound"]]
+    if beyond:
+        lines += ["Beyond a binding here: the native C++ loop itself misses " + "; ".join(beyond) + " (a binding "
+                  "reaches them only by decoding faster than llama.cpp's own loop).", ""]
+    return lines
 
 
 def _keep_other_sections(path, report):

@@ -372,3 +372,30 @@ def test_results_writers_replace_only_their_own_section(tmp_path):
     assert text.index("## 6.") < text.index(H7) < text.index(H7B) < text.index("## 8.")
     replace_section(str(tmp_path / "none.md"), H7, f"{H7}\n\nfirst\n")
     assert (tmp_path / "none.md").read_text() == f"{H7}\n\nfirst\n"
+
+
+def test_runner_checks_every_target():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import run
+    row = dict(n=1024, chain="greedy", native=100.0, lcp_stream=80.0, lcp_generate=90.0,
+               ratio_stream_native=0.98, ratio_generate_native=1.0,
+               ratio_stream_lcp_stream=1.31, ratio_generate_lcp_generate=1.2)
+    res = dict(decode=[row, dict(row, n=128, ratio_generate_lcp_generate=None)],
+               gil=dict(ratio_generate=0.95, ratio_stream=0.85))
+    checks = {c["what"]: c for c in run.target_checks(res)}
+    assert len(checks) == 10
+    met = {w: c["met"] for w, c in checks.items()}
+    assert met["llamagen stream >= 0.99 x native loop (1024 tokens, greedy)"] is False
+    assert met["llamagen generate() >= 0.99 x native loop (1024 tokens, greedy)"] is True
+    assert met["llamagen stream >= 1.30 x llama-cpp-python stream (1024 tokens, greedy)"] is True
+    assert met["llamagen generate() >= 1.30 x llama-cpp-python generate() (1024 tokens, greedy)"] is False
+    assert met["llamagen generate() >= 1.10 x llama-cpp-python generate() (128 tokens, greedy)"] is None
+    assert met["counting thread keeps >= 90% of its solo rate during the stream loop"] is False
+    # the native loop's own ratio: 100 / 90 is below 1.30, so that miss is beyond a binding
+    c = checks["llamagen generate() >= 1.30 x llama-cpp-python generate() (1024 tokens, greedy)"]
+    assert c["native"] == pytest.approx(100 / 90)
+    text = "\n".join(run.target_lines(res))
+    assert "5 of 10 met, 1 not measured" in text
+    assert "Beyond a binding here: the native C++ loop itself misses llamagen generate() >= 1.30" in text
