@@ -57,26 +57,32 @@ def model_path():
 
 # -- contenders ------------------------------------------------------------------------------------
 
-def llamagen_generate(ctx, n, chain):
+# Every decode rate here (llamagen, the native loop, llama-cpp-python) is the same quantity: tokens
+# after the first, over the time after the first token is out.  The first token needs no decode
+# (the prompt's prefill gives its logits), so counting it would flatter a run by n / (n - 1).
+
+def generate_run(ctx, n, chain, **extra):
+    """One generate() of n tokens: (tokens/s as above, the state's timings)."""
     t0 = time.perf_counter()
     text, st = llamagen._core._generate(ctx, PROMPT, llamagen.SamplingParams(
-        max_new_tokens=n, seed=42, ignore_eos=True, **CHAINS[chain]))
-    wall = time.perf_counter() - t0 - st.timings["prefill_ms"] / 1e3
-    return len(st.tokens) / wall
+        max_new_tokens=n, seed=42, ignore_eos=True, **CHAINS[chain], **extra))
+    wall = time.perf_counter() - t0 - st.timings["prefill_ms"] / 1e3   # (+ the first token's sampling)
+    return (len(st.tokens) - 1) / wall, st.timings
 
 
-def llamagen_stream(ctx, n, chain, stamps=None):
+def llamagen_generate(ctx, n, chain):
+    return generate_run(ctx, n, chain)[0]
+
+
+def llamagen_stream(ctx, n, chain):
     st = llamagen.gen_begin(ctx, PROMPT, max_new_tokens=n, seed=42, ignore_eos=True, **CHAINS[chain])
+    next(st)                                  # the first token: sampled from the prefill's logits
     t0 = time.perf_counter()
-    if stamps is None:
-        for _chunk in st:
-            pass
-    else:
-        for _chunk in st:
-            stamps.append(time.perf_counter())
+    for _chunk in st:
+        pass
     wall = time.perf_counter() - t0
     st.end()
-    return len(st.tokens) / wall
+    return (len(st.tokens) - 1) / wall
 
 
 def native_loop(exe, model, n, chain):
@@ -85,7 +91,9 @@ def native_loop(exe, model, n, chain):
                           "--ctx", str(N_CTX), "--temp", str(c["temp"]), "--top-k", str(c["top_k"]),
                           "--top-p", str(c["top_p"]), "--seed", "42", "--ignore-eos"],
                          check=True, capture_output=True, text=True).stdout
-    return json.loads(out)["tokens_per_second"]
+    res = json.loads(out)
+    # decode_ms covers every token's sampling and the decodes after the first token
+    return (len(res["tokens"]) - 1) / (res["decode_ms"] / 1e3)
 
 
 def llama_bench(exe, model, args):
@@ -250,7 +258,6 @@ def bench_flat(model):
     nat_early, nat_late = statistics.mean(nat[0:127]), statistics.mean(nat[895:1023])
     m = llamagen.Model(model)
     ctx = llamagen.Context(m, n_ctx=N_CTX, n_threads=THREADS)
-    stamps = []
     llamagen_stream(ctx, 16, "default")   # warm-up
     st = llamagen.gen_begin(ctx, PROMPT, max_new_tokens=1024, seed=42, ignore_eos=True, **CHAINS["default"])
     t = [time.perf_counter()]

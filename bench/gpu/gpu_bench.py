@@ -398,26 +398,14 @@ def llama_batched_bench(exe, model, ngl, n_ctx, npls, timeout):
 
 
 def llamagen_tg(ctx, chain, n, **extra):
-    """One generate() of n tokens: (tokens/s excluding prefill, the state's timings)."""
-    import llamagen
-    from run import CHAINS, PROMPT
-    t0 = time.perf_counter()
-    _text, st = llamagen._core._generate(ctx, PROMPT, llamagen.SamplingParams(
-        max_new_tokens=n, seed=42, ignore_eos=True, **CHAINS[chain], **extra))
-    wall = time.perf_counter() - t0 - st.timings["prefill_ms"] / 1e3
-    return len(st.tokens) / wall, st.timings
+    """One generate() of n tokens: (tokens/s, the state's timings); bench/run.py's measure."""
+    from run import generate_run
+    return generate_run(ctx, n, chain, **extra)
 
 
 def llamagen_stream_tg(ctx, chain, n):
-    import llamagen
-    from run import CHAINS, PROMPT
-    st = llamagen.gen_begin(ctx, PROMPT, max_new_tokens=n, seed=42, ignore_eos=True, **CHAINS[chain])
-    t0 = time.perf_counter()
-    for _chunk in st:
-        pass
-    wall = time.perf_counter() - t0
-    st.end()
-    return len(st.tokens) / wall
+    from run import llamagen_stream
+    return llamagen_stream(ctx, n, chain)
 
 
 def bench_single(preset, path, gpu, reps, bw, deadline):
