@@ -143,16 +143,24 @@ def bench_decode(model, rounds, lengths, lcp_py):
             for chain in CHAINS:
                 log(f"round {r + 1}/{rounds}: {n} tokens, {chain}")
                 row = res[(n, chain)]
-                row["native"].append(native_loop(exe, model, n, chain))
-                row["generate"].append(llamagen_generate(ctx, n, chain))
-                row["stream"].append(llamagen_stream(ctx, n, chain))
-                if lcp_py:
+
+                def lcp():
                     out = lcp_runs(lcp_py, model, [
                         dict(n=n, stream=s, **CHAINS[chain]) for s in (True, False)])
                     for o in out["results"]:
                         key = "lcp_stream" if o["stream"] else "lcp_generate"
                         row[key].append(o["tokens_per_second"])
                         lcp_tokens[(n, chain, key)] = o["n_tokens"]
+
+                runs = [lambda: row["native"].append(native_loop(exe, model, n, chain)),
+                        lambda: row["generate"].append(llamagen_generate(ctx, n, chain)),
+                        lambda: row["stream"].append(llamagen_stream(ctx, n, chain))]
+                if lcp_py:
+                    runs.append(lcp)
+                # the order rotates from round to round: whatever runs right after another
+                # process (a model load, its exit) is not always the same contender
+                for k in range(len(runs)):
+                    runs[(k + r) % len(runs)]()
     tg = {n: llama_bench(bench_exe, model, ["-p", "0", "-n", str(n)]) for n in lengths}
     ctx.close()
     m.close()
