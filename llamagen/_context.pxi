@@ -7,15 +7,13 @@ from llamagen._util import physical_cores as _physical_cores
 cdef extern from *:
     """
     #include <time.h>
-    static inline long long llamagen_monotonic_us(void) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (long long)ts.tv_sec * 1000000LL + ts.tv_nsec / 1000;
-    }
     static inline long long llamagen_monotonic_ns(void) {
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
         return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    }
+    static inline long long llamagen_monotonic_us(void) {
+        return llamagen_monotonic_ns() / 1000;
     }
     """
     long long llamagen_monotonic_us() nogil

@@ -20,6 +20,16 @@ cdef str _meta_string(const llama.llama_model * model, int32_t i, bint key):
     return buf.data()[:n].decode("utf-8", "replace")
 
 
+def _refuse_unloadable(path, fspath):
+    """ModelLoadError for a model file that llama.cpp would reject with a poor message (empty) or
+    abort the process on (see llamagen._gguf.check_loadable); ``path`` names it in the error."""
+    if _os.path.getsize(fspath) == 0:
+        raise ModelLoadError(path, "the file is empty")
+    reason = _gguf_check_loadable(fspath)
+    if reason is not None:
+        raise ModelLoadError(path, reason)
+
+
 cdef class Model:
     """A GGUF model loaded with llama.cpp.
 
@@ -62,11 +72,7 @@ cdef class Model:
             raise FileNotFoundError(2, "model file not found", path)
         if _os.path.isdir(bpath):
             raise ModelLoadError(path, "is a directory, not a GGUF file")
-        if _os.path.getsize(bpath) == 0:
-            raise ModelLoadError(path, "the file is empty")
-        reason = _gguf_check_loadable(bpath)      # what llama.cpp would abort on
-        if reason is not None:
-            raise ModelLoadError(path, reason)
+        _refuse_unloadable(path, bpath)
         if main_gpu < 0:
             raise ValueError(f"main_gpu must be >= 0, got {main_gpu}")
         params.n_gpu_layers = n_gpu_layers

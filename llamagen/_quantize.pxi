@@ -148,14 +148,10 @@ def quantize(src, dst, ftype="Q4_K_M", *, n_threads=None, allow_requantize=False
     if _os.path.abspath(src) == _os.path.abspath(dst) or (
             _os.path.exists(dst) and _os.path.samefile(src, dst)):
         raise ValueError(f"src and dst are the same file ({src!r}): write to a new file")
-    src_size = _os.path.getsize(src)
-    if src_size == 0:
-        raise ModelLoadError(src, "the file is empty")
+    _refuse_unloadable(src, src)
     if not _gguf_magic(src):
         raise ModelLoadError(src, "not a GGUF file (no GGUF magic)")
-    reason = _gguf_check_loadable(src)          # what llama.cpp would abort on
-    if reason is not None:
-        raise ModelLoadError(src, reason)
+    src_size = _os.path.getsize(src)
 
     params.ftype = <llama.llama_ftype> value
     params.nthread = n_threads

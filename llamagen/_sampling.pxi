@@ -210,6 +210,21 @@ cdef fs.lgfs_engine * _build_fast(object p, const llama.llama_vocab * vocab, int
         raise
 
 
+cdef inline void _whole_vocab(llama.llama_token_data_array * arr, llama.llama_token_data * cand,
+                              const float * logits, int32_t n_vocab) noexcept nogil:
+    """``arr`` = every token in id order with its logit: the candidate array llama.cpp's chain
+    and grammar start from."""
+    cdef int32_t i
+    for i in range(n_vocab):
+        cand[i].id = i
+        cand[i].logit = logits[i]
+        cand[i].p = 0.0
+    arr.data = cand
+    arr.size = n_vocab
+    arr.selected = -1
+    arr.sorted = False
+
+
 cdef llama.llama_token _sample_token(llama.llama_sampler * chain, fs.lgfs_engine * fast,
                                      llama.llama_sampler * grammar, int32_t n_vocab,
                                      const float * logits, llama.llama_token_data * cand,
@@ -221,18 +236,10 @@ cdef llama.llama_token _sample_token(llama.llama_sampler * chain, fs.lgfs_engine
     cdef llama.llama_token_data single
     cdef llama.llama_token_data_array one
     cdef llama.llama_token tok, acc
-    cdef int32_t i
     if fast != NULL:
         tok = fast.sample(logits, cand)
     else:
-        for i in range(n_vocab):
-            cand[i].id = i
-            cand[i].logit = logits[i]
-            cand[i].p = 0.0
-        arr.data = cand
-        arr.size = n_vocab
-        arr.selected = -1
-        arr.sorted = False
+        _whole_vocab(&arr, cand, logits, n_vocab)
         llama.llama_sampler_apply(chain, &arr)
         tok = arr.data[arr.selected].id
     acc = forced if forced >= 0 else tok
@@ -249,14 +256,7 @@ cdef llama.llama_token _sample_token(llama.llama_sampler * chain, fs.lgfs_engine
             tok = fast.resample_grammar(logits, cand, grammar)
             acc = forced if forced >= 0 else tok
         elif single.logit == -INFINITY:
-            for i in range(n_vocab):
-                cand[i].id = i
-                cand[i].logit = logits[i]
-                cand[i].p = 0.0
-            arr.data = cand
-            arr.size = n_vocab
-            arr.selected = -1
-            arr.sorted = False
+            _whole_vocab(&arr, cand, logits, n_vocab)
             llama.llama_sampler_apply(grammar, &arr)
             llama.llama_sampler_apply(chain, &arr)
             tok = arr.data[arr.selected].id

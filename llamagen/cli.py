@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 
 from llamagen.sampling import SamplingParams
 

@@ -397,20 +397,9 @@ def llama_batched_bench(exe, model, ngl, n_ctx, npls, timeout):
     return batched_bench_rows(p.stdout + "\n" + p.stderr)
 
 
-def llamagen_tg(ctx, chain, n, **extra):
-    """One generate() of n tokens: (tokens/s, the state's timings); bench/run.py's measure."""
-    from run import generate_run
-    return generate_run(ctx, n, chain, **extra)
-
-
-def llamagen_stream_tg(ctx, chain, n):
-    from run import llamagen_stream
-    return llamagen_stream(ctx, n, chain)
-
-
 def bench_single(preset, path, gpu, reps, bw, deadline):
     import llamagen
-    from run import CHAINS, PROMPT
+    from run import CHAINS, PROMPT, generate_run, llamagen_stream
     ngl = 99 if gpu else 0
     row = {}
     lb = None
@@ -427,10 +416,10 @@ def bench_single(preset, path, gpu, reps, bw, deadline):
     row.update(n_prompt_tokens=n_prompt, n_threads=ctx.n_threads)
     try:
         for chain in CHAINS:
-            llamagen_tg(ctx, chain, 16)                       # warm-up (CUDA graphs, caches)
-            rates = [llamagen_tg(ctx, chain, N_GEN)[0] for _ in range(reps)]
+            generate_run(ctx, 16, chain)                       # warm-up (CUDA graphs, caches)
+            rates = [generate_run(ctx, N_GEN, chain)[0] for _ in range(reps)]
             row[chain] = dict(generate=median(rates), samples=rates,
-                              stream=median([llamagen_stream_tg(ctx, chain, N_GEN) for _ in range(2)]),
+                              stream=median([llamagen_stream(ctx, N_GEN, chain) for _ in range(2)]),
                               ratio_vs_llama_bench=median(rates) / lb["avg_ts"] if lb else None)
     finally:
         ctx.close()
@@ -483,15 +472,15 @@ def bench_batch(preset, path, gpu, npls, rounds, deadline):
 def bench_split(preset, path, gpu, bw, single):
     """Per token: the whole step, sampling (CPU), and the rest (decode + logits to host)."""
     import llamagen
-    from run import CHAINS
+    from run import CHAINS, generate_run
     m = llamagen.Model(path, n_gpu_layers=-1 if gpu else 0)
     ctx = llamagen.Context(m, n_ctx=N_CTX)
     rows = []
     try:
         for chain in CHAINS:
             for impl in ("fast", "llama.cpp"):
-                llamagen_tg(ctx, chain, 8, sampler_impl=impl)
-                _tps, t = llamagen_tg(ctx, chain, N_GEN, sampler_impl=impl)
+                generate_run(ctx, 8, chain, sampler_impl=impl)
+                _tps, t = generate_run(ctx, N_GEN, chain, sampler_impl=impl)
                 n = t["n_tokens"]
                 step = t["decode_ms"] / n
                 sample = t["sample_ms"] / n

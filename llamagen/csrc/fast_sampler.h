@@ -2227,13 +2227,27 @@ private:
         st.full = false;
     }
 
+    // the chain on llama.cpp's grammar-masked array: the accepted candidates with their raw
+    // logits, every other candidate -inf
+    llama_token sample_accepted(const float * logits, const std::vector<tdata> & acc, tdata * cand) {
+        const size_t n = nv();
+        std::vector<float> & mk = scratch().masked;
+        if (mk.size() < n) {
+            mk.resize(n);
+        }
+        std::fill(mk.begin(), mk.begin() + n, -INFINITY);
+        for (const tdata & t : acc) {
+            mk[t.id] = logits[t.id];
+        }
+        return sample(mk.data(), cand);
+    }
+
     // resample_grammar with the prefix tree: the grammar is asked about the roots and the
     // end-of-generation tokens, then about the kids of every accepted token, level by level;
     // a token not reached has a rejected ancestor.  The accepted set is then exactly llama.cpp's.
     llama_token grammar_trie_walk(const float * logits, tdata * cand, llama_sampler * grammar) {
         Scratch & S = scratch();
         const GrammarTrie & T = *cfg.trie;
-        const size_t n = nv();
         std::vector<tdata> & ask = S.probe;
         std::vector<tdata> & acc = S.gacc;
         std::vector<int32_t> & next = S.gnext;
@@ -2262,15 +2276,7 @@ private:
                 ask.push_back(tdata{t, 0.0f, 0.0f});
             }
         }
-        std::vector<float> & mk = S.masked;
-        if (mk.size() < n) {
-            mk.resize(n);
-        }
-        std::fill(mk.begin(), mk.begin() + n, -INFINITY);
-        for (const tdata & t : acc) {
-            mk[t.id] = logits[t.id];
-        }
-        return sample(mk.data(), cand);
+        return sample_accepted(logits, acc, cand);
     }
 
     // resample_grammar's bounded search: -1 when it cannot decide (nothing consumed then)
@@ -2366,15 +2372,7 @@ private:
         // every asked-and-rejected or unasked candidate -inf, the accepted with their raw logits:
         // the chain (edits included) sees the same top k as on llama.cpp's masked array (and,
         // when every finite candidate was asked, the same edited array)
-        std::vector<float> & mk = S.masked;
-        if (mk.size() < n) {
-            mk.resize(n);
-        }
-        std::fill(mk.begin(), mk.begin() + n, -INFINITY);
-        for (const tdata & t : acc) {
-            mk[t.id] = logits[t.id];
-        }
-        return sample(mk.data(), cand);
+        return sample_accepted(logits, acc, cand);
     }
 
     template <typename F>
@@ -2773,15 +2771,21 @@ private:
     // entropy, and their scores are above every kept one: checked), sums Z and H in sorted order
     // of their values (sorted head, order-free tail), and finds the kept prefix among the
     // candidates whose score is below a growing window.
+    // bounds on what a candidate with logit below tx can hold: its p (P) and its entropy term
+    // -p log p (tb, for P < 1/e)
+    static void typical_left_out(float tx, float mx, double Z, double & P, double & tb) {
+        const double dd = (double) tx - (double) mx + 1e-6 * (std::fabs(mx) + 1.0);
+        P = std::exp(dd) * (1.0 + 0x1p-21) / Z;
+        tb = P * (-std::log(P)) * (1.0 + 1e-5);
+    }
+
     // the smallest depth (in steps of 1/4, more than `depth`) at which every candidate below
     // mx - depth has P < 0.3 and an entropy term P * -log(P) under half_ulp, by the bounds used
-    // in fast_typical; at most depth + 10
+    // in fast_typical; at most depth + span
     static float typical_depth_for(float depth, float mx, double Z, double half_ulp, float span = 10.0f) {
         for (float d = depth + 0.25f; d < depth + span; d += 0.25f) {
-            const float tx = mx - d;
-            const double dd = (double) tx - (double) mx + 1e-6 * (std::fabs(mx) + 1.0);
-            const double P = std::exp(dd) * (1.0 + 0x1p-21) / (double) Z;
-            const double tb = P * (-std::log(P)) * (1.0 + 1e-5);
+            double P, tb;
+            typical_left_out(mx - d, mx, Z, P, tb);
             if (P < 0.3 && tb < half_ulp) {
                 return d;
             }
@@ -2850,10 +2854,8 @@ private:
             for (size_t j = 0; j < m; ++j) {
                 tm[j] = -p[j] * lg[j];
             }
-            // entropy: terms in descending order of p (equal p, equal terms): the head (p >= cut)
-            // sorted, the rest order-free when provably so
-            // the head (p >= 2^-10) sorted, the tail order-free when provably so, else bucket
-            // by bucket
+            // entropy: terms in descending order of p (equal p, equal terms): the head
+            // (p >= 2^-10) sorted, the tail order-free when provably so, else bucket by bucket
             const float cut = 0x1p-10f;
             const size_t nh = gather_ge(p.data(), m, cut, S.wsel);
             pt.resize(nh);
@@ -2878,9 +2880,8 @@ private:
             }
             double LB = INFINITY;   // every score outside the gathered set is at least LB
             if (!all) {
-                const double dd = (double) tx - (double) mx + 1e-6 * (std::fabs(mx) + 1.0);
-                const double P = std::exp(dd) * (1.0 + 0x1p-21) / (double) Z;
-                const double tb = P * (-std::log(P)) * (1.0 + 1e-5);
+                double P, tb;
+                typical_left_out(tx, mx, (double) Z, P, tb);
                 if (!(H > 0.0f)) {
                     return false;
                 }
