@@ -106,6 +106,7 @@ cdef class BatchGenerator:
         """
         cdef vector[llama.llama_token] toks
         cdef _Seq q
+        self._initialised()
         p = _resolve_params(params if params is not None else self._defaults, (), overrides)
         self._context._check()
         toks = _prompt_tokens(self._context, prompt, self._add_special, self._parse_special,
@@ -119,14 +120,21 @@ cdef class BatchGenerator:
         self._waiting.append(q.c.uid)
         return q.c.uid
 
+    cdef int _initialised(self) except -1:
+        if self._context is None:
+            raise LlamaError("this BatchGenerator was not initialised: BatchGenerator(ctx, ...)")
+        return 0
+
     cdef _Seq _get(self, seq_id):
+        self._initialised()
         q = self._seqs.get(seq_id)
         if q is None:
             raise KeyError(f"no sequence {seq_id!r} in this batch")
         return q
 
     def finish_reason(self, seq_id):
-        """"stop", "length", "cancelled", or None while the sequence runs or waits."""
+        """"stop", "length", "cancelled", "error" (its grammar allowed no token: that step
+        raised GrammarError), or None while the sequence runs or waits."""
         cdef _Seq q = self._get(seq_id)
         if q.c.finish == FINISH_NONE and q.c.slot < 0 and q.c.uid not in self._waiting:
             return "cancelled"
@@ -140,15 +148,20 @@ cdef class BatchGenerator:
         return self._get(seq_id).seed
 
     def cancel(self, seq_id):
-        """Stop a sequence now (waiting or running) and free its slot.  Idempotent."""
+        """Stop a sequence now (waiting or running) and free its slot.  Idempotent.  Safe from
+        another thread while the batch steps (it waits for the step to finish)."""
         cdef _Seq q = self._get(seq_id)
+        self._context._acquire()
         try:
-            self._waiting.remove(seq_id)
-        except ValueError:
-            pass
-        if q.c.slot >= 0:
-            self._release_slot(q)
-        q.c.free_samplers()
+            try:
+                self._waiting.remove(seq_id)
+            except ValueError:
+                pass
+            if q.c.slot >= 0:
+                self._release_slot(q)
+            q.c.free_samplers()
+        finally:
+            self._context._release()
 
     def forget(self, seq_id):
         """Drop a finished sequence's bookkeeping (long-running pipelines)."""
@@ -352,6 +365,7 @@ cdef class BatchGenerator:
         cdef int rc
         cdef size_t i
         cdef int32_t slot
+        self._initialised()
         ctx._acquire()
         try:
             if self._epoch != ctx._epoch:
@@ -383,15 +397,23 @@ cdef class BatchGenerator:
                     if q is not None:
                         self._release_slot(q)
                 check_decode(rc, b"batch step")
+            dead = []
             for slot in range(self._n_slots):
                 q = self._slots[slot]
                 if q is None:
                     continue
-                if q.c.batch_idx >= 0 or q.c.finish != FINISH_NONE:
+                if q.c.finish == FINISH_ERROR:
+                    q.c.out.clear()
+                    dead.append((q.c.uid, q.c.tokens.size()))
+                elif q.c.batch_idx >= 0 or q.c.finish != FINISH_NONE:
                     self._ready.append((q.c.uid, q.take_out()))
                 if q.c.finish != FINISH_NONE:
                     self._release_slot(q)
                     q.c.free_samplers()
+            if dead:
+                # the other sequences' chunks of this step stay queued for the next step()
+                raise GrammarError("; ".join(f"sequence {uid}: {_dead_end_message(n)}"
+                                             for uid, n in dead))
             return 1
         finally:
             ctx._release()

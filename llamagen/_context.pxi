@@ -89,6 +89,9 @@ cdef class Context:
         if self._ctx != NULL:
             raise LlamaError("Context is already initialised")
         model._check()
+        if model.vocab_only:
+            raise ContextError("the model was loaded with vocab_only=True (no weights): it can "
+                               "tokenize, but a Context needs the full model")
         n_ctx = _check_int("n_ctx", n_ctx, 0, 1 << 24, "0 (the model's training context) or more")
         n_batch = _check_int("n_batch", n_batch, 1, 1 << 20, "at least 1")
         n_ubatch = _check_int("n_ubatch", n_ubatch, 1, 1 << 20, "at least 1")
@@ -124,13 +127,14 @@ cdef class Context:
         params.abort_callback_data = &self._abort
         _refresh_log_levels()
         _take_errors()
+        model._pin()                    # a close() meanwhile waits for this context
         with nogil:
             c = llama.llama_init_from_model(model._model, params)
         if c == NULL:
+            model._release_user()
             raise ContextError(f"could not create the context: {_take_errors() or 'out of memory?'}")
         self._ctx = c
         self.model = model
-        model._users += 1
         self._vocab = model._vocab
         self._n_vocab = model.n_vocab
 
@@ -155,6 +159,12 @@ cdef class Context:
             PyThread_release_lock(self._lock)
             raise LlamaError("the context is closed")
         return 0
+
+    cdef void _acquire_any(self) noexcept:
+        """Take the lock even when the context is closed (to free what a generation owns)."""
+        if not PyThread_acquire_lock(self._lock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self._lock, WAIT_LOCK)
 
     cdef inline void _release(self) noexcept:
         PyThread_release_lock(self._lock)
@@ -231,12 +241,10 @@ cdef class Context:
         self._check()
         return llama.llama_n_threads_batch(self._ctx)
 
-    def set_n_threads(self, int n_threads, n_threads_batch=None):
-        if n_threads < 1:
-            raise ValueError(f"n_threads must be at least 1, got {n_threads}")
-        nb = n_threads if n_threads_batch is None else int(n_threads_batch)
-        if nb < 1:
-            raise ValueError(f"n_threads_batch must be at least 1, got {nb}")
+    def set_n_threads(self, n_threads, n_threads_batch=None):
+        n_threads = _check_int("n_threads", n_threads, 1, 4096, "between 1 and 4096")
+        nb = n_threads if n_threads_batch is None else n_threads_batch
+        nb = _check_int("n_threads_batch", nb, 1, 4096, "between 1 and 4096")
         self._acquire()
         try:
             llama.llama_set_n_threads(self._ctx, n_threads, nb)

@@ -14,6 +14,7 @@ def _backend_devices() -> List[Tuple[str, str, str, int, int]]: ...
 class Model:
     path: Union[str, bytes]
     n_vocab: int
+    vocab_only: bool
     def __init__(self, path: Union[str, bytes, PathLike], *, n_gpu_layers: int = 0,
                  use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False,
                  check_tensors: bool = False, main_gpu: int = 0) -> None: ...

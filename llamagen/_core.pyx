@@ -29,6 +29,7 @@ from llamagen.errors import (
     ContextError, DecodeError, GrammarError, KVCacheFullError, LlamaError, ModelLoadError,
     QuantizeError, StaleStateError,
 )
+from llamagen._gbnf import check as _gbnf_check
 from llamagen._gguf import check_loadable as _gguf_check_loadable
 
 cdef extern from "llamagen_build_info.h":

@@ -26,6 +26,8 @@ cdef inline int check_token(llama.llama_token tok, int32_t n_vocab) except -1:
 cdef llama.llama_token as_token(object value, int32_t n_vocab) except? -1:
     """A Python token id -> llama_token.  TypeError unless it is an integer (a float is not
     truncated), ValueError outside ``[0, n_vocab)`` however large (never OverflowError)."""
+    if value is True or value is False:
+        raise TypeError("a token id must be an int, not bool")
     try:
         v = PyNumber_Index(value)
     except TypeError:

@@ -11,8 +11,9 @@ cdef enum:
     FINISH_NONE = 0
     FINISH_STOP = 1
     FINISH_LENGTH = 2
+    FINISH_ERROR = 3        # the grammar allows no token (GrammarError)
 
-_FINISH_NAMES = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length"}
+_FINISH_NAMES = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_ERROR: "error"}
 
 
 cdef inline int _utf8_len(unsigned char c) noexcept nogil:
@@ -196,6 +197,10 @@ cdef cppclass SeqCore:
             this.pending = -1
         tok = this.sample(logits, cand)
         this.t_sample_ns += llamagen_monotonic_ns() - t1
+        if tok == GRAMMAR_DEAD_END:
+            this.finish = FINISH_ERROR
+            this.flush()
+            return
         this.tokens.push_back(tok)
         if not this.ignore_eos and llama.llama_vocab_is_eog(this.vocab, tok):
             this.finish = FINISH_STOP
@@ -255,6 +260,11 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
     for s in params.stop:
         c.stops.push_back(s.encode("utf-8"))
     c.tokens.reserve(min(params.max_new_tokens, n_ctx))
+    if len(params.logit_bias) >= ctx._n_vocab:
+        banned = {t for t, b in params.logit_bias if b == -INFINITY and 0 <= t < ctx._n_vocab}
+        if len(banned) == ctx._n_vocab:
+            raise ValueError("logit_bias bans every token of the vocabulary (-inf for all "
+                             f"{ctx._n_vocab}): nothing could be generated")
     if params.sampler_impl == "fast" and _fast_supported(params):
         c.fast = _build_fast(params, ctx._vocab, ctx._n_vocab, n_ctx, seed, _trie_for(ctx.model, params))
     else:
@@ -283,8 +293,11 @@ cdef class GenerationState:
 
     def __cinit__(self):
         self._lctx = NULL
-        self._core = NULL
         self._ended = False
+        # a placeholder until gen_begin sets the real one: an instance made without gen_begin
+        # (GenerationState.__new__) raises instead of touching NULL
+        self._seq = _Seq.__new__(_Seq)
+        self._core = self._seq.c
 
     def __init__(self):
         raise TypeError("use llamagen.gen_begin(ctx, prompt, ...) to start a generation")
@@ -316,6 +329,8 @@ cdef class GenerationState:
 
     cdef int _enter(self) except -1:
         """Lock the context and check that this state may step.  Returns 1 if finished."""
+        if self._context is None:
+            raise LlamaError("this GenerationState was not started: use llamagen.gen_begin()")
         self._context._acquire()
         if self._core.finish != FINISH_NONE or self._ended:
             self._context._release()
@@ -339,6 +354,9 @@ cdef class GenerationState:
             self._context._release()
         if rc != 0:
             check_decode(rc, b"generation step")
+        if self._core.finish == FINISH_ERROR:
+            self._core.out.clear()
+            raise GrammarError(_dead_end_message(self._core.tokens.size()))
         return self._seq.take_out()
 
     def __iter__(self):
@@ -379,17 +397,28 @@ cdef class GenerationState:
             raise KeyboardInterrupt
         if rc != 0:
             check_decode(rc, b"generation")
+        if q.finish == FINISH_ERROR:
+            raise GrammarError(_dead_end_message(q.tokens.size()))
         return PyUnicode_DecodeUTF8(acc.data(), <Py_ssize_t> acc.size(), NULL)
 
     def end(self):
         """Finish: flush held-back text (returned as str) and free the sampler.  Idempotent."""
         if self._ended:
             return ""
-        self._ended = True
-        self._core.out.clear()
-        self._core.flush()
-        self._free_samplers()
-        return self._seq.take_out()
+        if self._context is not None:
+            # wait for a step running in another thread: it uses the samplers freed here
+            self._context._acquire_any()
+        try:
+            if self._ended:
+                return ""
+            self._ended = True
+            self._core.out.clear()
+            self._core.flush()
+            self._free_samplers()
+            return self._seq.take_out()
+        finally:
+            if self._context is not None:
+                self._context._release()
 
     def close(self):
         self.end()
@@ -426,8 +455,9 @@ cdef class GenerationState:
 
     @property
     def finish_reason(self):
-        """"stop" (end of generation or stop string), "length" (max_new_tokens or context full)
-        or None while running."""
+        """"stop" (end of generation or stop string), "length" (max_new_tokens or context full),
+        "error" (the grammar allowed no token: the step raised GrammarError) or None while
+        running."""
         return _FINISH_NAMES[self._core.finish]
 
     @property
@@ -493,6 +523,9 @@ cdef vector[llama.llama_token] _prompt_tokens(Context ctx, prompt, bint add_spec
     cdef vector[llama.llama_token] toks
     if isinstance(prompt, (str, bytes)):
         toks = _tokenize(ctx._vocab, prompt, add_special, parse_special)
+    elif prompt is None or isinstance(prompt, (dict, set, frozenset)) or not hasattr(prompt, "__len__"):
+        raise TypeError(f"the prompt must be str, bytes or a sequence of token ids, not "
+                        f"{type(prompt).__name__}")
     else:
         _fill_tokens(toks, prompt, ctx._n_vocab)
     if toks.size() == 0:

@@ -43,6 +43,7 @@ cdef class Model:
     cdef readonly int32_t n_vocab
     cdef int _users          # open Contexts using this model
     cdef bint _closed        # close() was called
+    cdef readonly bint vocab_only   # loaded with vocab_only=True: no weights, no Context
     cdef object _metadata
     cdef fs.lgfs_trie * _gtrie   # the vocabulary's prefix tree for grammar re-samples (lazy)
     cdef object __weakref__
@@ -54,8 +55,8 @@ cdef class Model:
         self._closed = False
         self._gtrie = NULL
 
-    def __init__(self, path, *, int n_gpu_layers=0, bint use_mmap=True, bint use_mlock=False,
-                 bint vocab_only=False, bint check_tensors=False, int main_gpu=0):
+    def __init__(self, path, *, n_gpu_layers=0, bint use_mmap=True, bint use_mlock=False,
+                 bint vocab_only=False, bint check_tensors=False, main_gpu=0):
         cdef llama.llama_model_params params = llama.llama_model_default_params()
         cdef bytes bpath
         cdef const char * cpath
@@ -73,8 +74,9 @@ cdef class Model:
         if _os.path.isdir(bpath):
             raise ModelLoadError(path, "is a directory, not a GGUF file")
         _refuse_unloadable(path, bpath)
-        if main_gpu < 0:
-            raise ValueError(f"main_gpu must be >= 0, got {main_gpu}")
+        n_gpu_layers = _check_int("n_gpu_layers", n_gpu_layers, -1, INT32_MAX,
+                                  "-1 (every layer) or a layer count")
+        main_gpu = _check_int("main_gpu", main_gpu, 0, INT32_MAX, "a device index >= 0")
         params.n_gpu_layers = n_gpu_layers
         params.main_gpu = main_gpu
         params.vocab_only = vocab_only
@@ -95,6 +97,7 @@ cdef class Model:
         if m == NULL:
             raise ModelLoadError(path, _take_errors() or "llama.cpp could not read it")
         self._model = m
+        self.vocab_only = vocab_only
         self._vocab = llama.llama_model_get_vocab(m)
         self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
 
@@ -111,9 +114,12 @@ cdef class Model:
         it outlives close(), the engines that walk it belong to Contexts that keep it alive)."""
         cdef fs.lgfs_trie * t
         if self._gtrie == NULL:
-            self._check()
-            with nogil:
-                t = fs.lgfs_trie_new(self._vocab)
+            self._pin()
+            try:
+                with nogil:
+                    t = fs.lgfs_trie_new(self._vocab)
+            finally:
+                self._release_user()
             if self._gtrie == NULL:
                 self._gtrie = t
             else:
@@ -123,6 +129,13 @@ cdef class Model:
     cdef int _check(self) except -1:
         if self._closed or self._model == NULL:
             raise LlamaError("the model is closed")
+        return 0
+
+    cdef int _pin(self) except -1:
+        """Keep the model alive across a GIL-free call (or for a Context's lifetime): close()
+        defers freeing it until the matching _release_user()."""
+        self._check()
+        self._users += 1
         return 0
 
     cdef void _release_user(self) noexcept:
@@ -232,7 +245,12 @@ cdef class Model:
             template = self.chat_template
             if template is None:
                 raise ValueError("the model has no chat template; pass template= (e.g. 'chatml')")
+        if not isinstance(template, str):
+            raise TypeError(f"template must be a str (a template name or text), not "
+                            f"{type(template).__name__}")
         tb = template.encode("utf-8")
+        if b"\0" in tb:
+            raise ValueError("the chat template contains a NUL character")
         keep = []
         for m in messages:
             try:
@@ -240,6 +258,9 @@ cdef class Model:
             except (TypeError, KeyError):
                 raise TypeError("messages must be dicts with 'role' and 'content'") from None
             rb, cb = str(role).encode("utf-8"), str(content).encode("utf-8")
+            if b"\0" in rb or b"\0" in cb:
+                # llama.cpp takes C strings: the text after a NUL would be dropped silently
+                raise ValueError("a chat message's role or content contains a NUL character")
             keep.append((rb, cb))
             msg.role = rb
             msg.content = cb
@@ -301,8 +322,11 @@ cdef class Model:
 
     def tokenize(self, text, *, bint add_special=True, bint parse_special=False):
         """Text (str or UTF-8 bytes) -> list of token ids."""
-        self._check()
-        return _tokenize(self._vocab, text, add_special, parse_special)
+        self._pin()
+        try:
+            return _tokenize(self._vocab, text, add_special, parse_special)
+        finally:
+            self._release_user()
 
     def detokenize(self, tokens, *, bint remove_special=False, bint unparse_special=False):
         """Token ids -> str (bytes that do not form valid UTF-8 become U+FFFD)."""
@@ -317,13 +341,17 @@ cdef class Model:
             raise ValueError("too many tokens")
         n_tok = <int32_t>toks.size()
         buf.resize(n_tok * 8 + 16)
-        with nogil:
-            n = llama.llama_detokenize(self._vocab, toks.data(), n_tok, buf.data(),
-                                       <int32_t>buf.size(), remove_special, unparse_special)
-            if n < 0 and n != INT32_MIN:
-                buf.resize(-n)
+        self._pin()
+        try:
+            with nogil:
                 n = llama.llama_detokenize(self._vocab, toks.data(), n_tok, buf.data(),
                                            <int32_t>buf.size(), remove_special, unparse_special)
+                if n < 0 and n != INT32_MIN:
+                    buf.resize(-n)
+                    n = llama.llama_detokenize(self._vocab, toks.data(), n_tok, buf.data(),
+                                               <int32_t>buf.size(), remove_special, unparse_special)
+        finally:
+            self._release_user()
         if n < 0:
             raise LlamaError("detokenize failed: output too large")
         return buf.data()[:n].decode("utf-8", "replace")
@@ -346,6 +374,8 @@ cdef class Model:
 
 cdef int _fill_tokens(vector[llama.llama_token] & out, tokens, int32_t n_vocab) except -1:
     """Copy a Python sequence of token ids into ``out``, checking each id."""
+    if isinstance(tokens, (str, dict, set, frozenset)) or not hasattr(tokens, "__len__"):
+        raise TypeError(f"expected a sequence of token ids, got {type(tokens).__name__}")
     out.reserve(len(tokens))
     for x in tokens:
         out.push_back(as_token(x, n_vocab))

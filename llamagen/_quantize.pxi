@@ -1,6 +1,8 @@
 # quantize(): re-encode a GGUF model's weights (llama_model_quantize).  Included by _core.pyx.
 
 import collections as _collections
+import stat as _stat
+import struct as _struct
 import time as _time
 import uuid as _uuid
 
@@ -103,6 +105,13 @@ def _gguf_magic(path):
         return f.read(4) == b"GGUF"
 
 
+def _gguf_n_tensors(path):
+    """The tensor count in a GGUF header (magic, version, n_tensors, ...)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return _struct.unpack_from("<Q", head, 8)[0] if len(head) == 16 else 0
+
+
 def quantize(src, dst, ftype="Q4_K_M", *, n_threads=None, allow_requantize=False,
              quantize_output_tensor=True, pure=False):
     """Quantize the GGUF model ``src`` into a new file ``dst`` (llama.cpp's llama-quantize).
@@ -136,6 +145,10 @@ def quantize(src, dst, ftype="Q4_K_M", *, n_threads=None, allow_requantize=False
 
     src = _os.fsdecode(_os.fspath(src))
     dst = _os.fsdecode(_os.fspath(dst))
+    for arg, path in (("src", src), ("dst", dst)):
+        if "\0" in path:
+            # llama.cpp takes C strings: it would write to the part before the NUL
+            raise ValueError(f"{arg} path contains a NUL character: {path!r}")
     if not _os.path.exists(src):
         raise FileNotFoundError(2, "model file not found", src)
     if not _os.path.isfile(src):
@@ -145,12 +158,18 @@ def quantize(src, dst, ftype="Q4_K_M", *, n_threads=None, allow_requantize=False
         raise FileNotFoundError(2, "the output folder does not exist", out_dir)
     if _os.path.isdir(dst):
         raise ValueError(f"dst {dst!r} is a directory; give the output file's path")
+    if _os.path.exists(dst) and not _stat.S_ISREG(_os.stat(dst).st_mode):
+        # the output is renamed over dst: a device, FIFO or socket would be replaced by a file
+        raise ValueError(f"dst {dst!r} exists and is not a regular file (a device, FIFO or "
+                         "socket): give a new file's path")
     if _os.path.abspath(src) == _os.path.abspath(dst) or (
             _os.path.exists(dst) and _os.path.samefile(src, dst)):
         raise ValueError(f"src and dst are the same file ({src!r}): write to a new file")
     _refuse_unloadable(src, src)
     if not _gguf_magic(src):
         raise ModelLoadError(src, "not a GGUF file (no GGUF magic)")
+    if _gguf_n_tensors(src) == 0:
+        raise ModelLoadError(src, "the GGUF file holds no tensors: nothing to quantize")
     src_size = _os.path.getsize(src)
 
     params.ftype = <llama.llama_ftype> value

@@ -47,8 +47,11 @@ cdef llama.llama_sampler * _build_chain(object p, const llama.llama_vocab * voca
                 n_vocab, <int32_t>biases.size(), biases.data()))
         if p.mirostat == 0:
             last_n = p.repeat_last_n
-            if last_n < 0:
-                last_n = n_ctx            # -1 = the whole context (llama.cpp would read it as "off")
+            if last_n < 0 or last_n > n_ctx:
+                # -1 = the whole context (llama.cpp would read it as "off"); a longer window
+                # sees the same tokens (a sequence never holds more than n_ctx) but llama.cpp would
+                # allocate all of it up front
+                last_n = n_ctx
             if last_n != 0 and (p.repeat_penalty != 1.0 or p.frequency_penalty != 0.0
                                 or p.presence_penalty != 0.0):
                 llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_penalties(
@@ -58,7 +61,8 @@ cdef llama.llama_sampler * _build_chain(object p, const llama.llama_vocab * voca
                 for b in enc:
                     breakers.push_back(<const char *> b)
                 last_n = p.dry_penalty_last_n
-                if last_n < 0:
+                if last_n < 0 or last_n > n_ctx:
+                    # -1, or longer than the context: the context (see _build_chain)
                     last_n = n_ctx
                 llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dry(
                     vocab, p.dry_multiplier, p.dry_base, p.dry_allowed_length, last_n,
@@ -98,6 +102,9 @@ cdef llama.llama_sampler * _build_grammar(object p, const llama.llama_vocab * vo
     cdef llama.llama_sampler * g
     if p.grammar is None:
         return NULL
+    problem = _gbnf_check(p.grammar, llama.llama_vocab_n_tokens(vocab))
+    if problem is not None:
+        raise GrammarError(f"the grammar does not parse: {problem}")
     gb = p.grammar.encode("utf-8")
     rb = p.grammar_root.encode("utf-8")
     _take_errors()
@@ -157,7 +164,8 @@ cdef fs.lgfs_engine * _build_fast(object p, const llama.llama_vocab * vocab, int
             fs.lgfs_config_add_bias(c, tok, bias)
     if p.mirostat == 0:
         last_n = p.repeat_last_n
-        if last_n < 0:
+        if last_n < 0 or last_n > n_ctx:
+            # -1, or longer than the context: the context (see _build_chain)
             last_n = n_ctx
         f_rep = p.repeat_penalty
         f_freq = p.frequency_penalty
@@ -189,7 +197,8 @@ cdef fs.lgfs_engine * _build_fast(object p, const llama.llama_vocab * vocab, int
             for b in enc:
                 breakers.push_back(<const char *> b)
             last_n = p.dry_penalty_last_n
-            if last_n < 0:
+            if last_n < 0 or last_n > n_ctx:
+                # -1, or longer than the context: the context (see _build_chain)
                 last_n = n_ctx
             dry = llama.llama_sampler_init_dry(vocab, p.dry_multiplier, p.dry_base,
                                                p.dry_allowed_length, last_n, breakers.data(),
@@ -225,16 +234,41 @@ cdef inline void _whole_vocab(llama.llama_token_data_array * arr, llama.llama_to
     arr.sorted = False
 
 
+cdef enum:
+    # _sample_token's answer when the grammar allows no token at all (a rule nothing can match:
+    # an empty character class, a token id past the vocabulary, every allowed token banned ...)
+    GRAMMAR_DEAD_END = -2
+
+
+def _dead_end_message(n_done):
+    return (f"the grammar allows no token after {n_done} generated token(s): a rule that nothing "
+            "can match (an empty character class, a token id past the vocabulary, a character "
+            "no token contains) or a logit_bias that bans every token the grammar allows")
+
+
+cdef inline bint _grammar_allows(llama.llama_sampler * grammar, llama.llama_token tok) noexcept nogil:
+    cdef llama.llama_token_data single
+    cdef llama.llama_token_data_array one
+    single.id = tok
+    single.logit = 1.0
+    single.p = 0.0
+    one.data = &single
+    one.size = 1
+    one.selected = -1
+    one.sorted = False
+    llama.llama_sampler_apply(grammar, &one)
+    return single.logit != -INFINITY
+
+
 cdef llama.llama_token _sample_token(llama.llama_sampler * chain, fs.lgfs_engine * fast,
                                      llama.llama_sampler * grammar, int32_t n_vocab,
                                      const float * logits, llama.llama_token_data * cand,
                                      llama.llama_token forced) noexcept nogil:
     """One sampling step with either engine: the chain, then the grammar check; re-sample with
     the grammar applied to every candidate only on rejection; accept the token (``forced`` >= 0:
-    accept that one instead -- the replay tests drive several samplers along one history)."""
+    accept that one instead -- the replay tests drive several samplers along one history).
+    GRAMMAR_DEAD_END (nothing accepted) when the grammar allows no token."""
     cdef llama.llama_token_data_array arr
-    cdef llama.llama_token_data single
-    cdef llama.llama_token_data_array one
     cdef llama.llama_token tok, acc
     if fast != NULL:
         tok = fast.sample(logits, cand)
@@ -244,24 +278,21 @@ cdef llama.llama_token _sample_token(llama.llama_sampler * chain, fs.lgfs_engine
         tok = arr.data[arr.selected].id
     acc = forced if forced >= 0 else tok
     if grammar != NULL:
-        single.id = tok
-        single.logit = 1.0
-        single.p = 0.0
-        one.data = &single
-        one.size = 1
-        one.selected = -1
-        one.sorted = False
-        llama.llama_sampler_apply(grammar, &one)
-        if single.logit == -INFINITY and fast != NULL:
-            tok = fast.resample_grammar(logits, cand, grammar)
+        if not _grammar_allows(grammar, tok):
+            if fast != NULL:
+                tok = fast.resample_grammar(logits, cand, grammar)
+            else:
+                _whole_vocab(&arr, cand, logits, n_vocab)
+                llama.llama_sampler_apply(grammar, &arr)
+                llama.llama_sampler_apply(chain, &arr)
+                tok = arr.data[arr.selected].id
+            # re-sampled from the grammar's accepted set: a token it still rejects means that
+            # set was empty (llama.cpp's accept would throw and end the process)
+            if forced < 0 and not _grammar_allows(grammar, tok):
+                return GRAMMAR_DEAD_END
             acc = forced if forced >= 0 else tok
-        elif single.logit == -INFINITY:
-            _whole_vocab(&arr, cand, logits, n_vocab)
-            llama.llama_sampler_apply(grammar, &arr)
-            llama.llama_sampler_apply(chain, &arr)
-            tok = arr.data[arr.selected].id
-            acc = forced if forced >= 0 else tok
-        llama.llama_sampler_accept(grammar, acc)
+        if fs.lgfs_grammar_accept(grammar, acc) != 0:
+            return GRAMMAR_DEAD_END
     if fast != NULL:
         fast.accept(acc)
     else:
@@ -322,11 +353,13 @@ cdef class _ReplaySampler:
         if self.fast != NULL:
             fs.lgfs_free(self.fast)
 
-    cdef llama.llama_token step_ptr(self, const float * logits, llama.llama_token forced):
+    cdef llama.llama_token step_ptr(self, const float * logits, llama.llama_token forced) except *:
         cdef llama.llama_token tok
         with nogil:
             tok = _sample_token(self.chain, self.fast, self.grammar, self.n_vocab, logits,
                                 self.cand.data(), forced)
+        if tok == GRAMMAR_DEAD_END:
+            raise GrammarError(_dead_end_message(len(self.chosen)))
         self.chosen.append(tok)
         return tok
 

@@ -39,7 +39,7 @@ class StaleStateError(LlamaError):
 
 
 class GrammarError(LlamaError, ValueError):
-    """A GBNF grammar did not parse."""
+    """A GBNF grammar did not parse, or (during generation) allows no token at all."""
 
 
 class QuantizeError(LlamaError):

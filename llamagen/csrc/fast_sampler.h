@@ -3438,3 +3438,15 @@ static inline int lgfs_expf_mode() { return lgfs::expf_mode(); }
 static inline void lgfs_config_add_bias(lgfs::Config & c, llama_token t, float b) {
     c.bias.push_back(llama_logit_bias{t, b});
 }
+
+// llama_sampler_accept on a grammar sampler throws std::runtime_error when the token leaves the
+// grammar no way to continue ("Unexpected empty grammar stack"): 0, or -1 instead of the throw
+// (which would otherwise cross Cython's noexcept nogil code and abort the process).
+static inline int lgfs_grammar_accept(llama_sampler * grammar, llama_token tok) noexcept {
+    try {
+        llama_sampler_accept(grammar, tok);
+        return 0;
+    } catch (...) {
+        return -1;
+    }
+}

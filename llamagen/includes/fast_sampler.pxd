@@ -58,3 +58,4 @@ cdef extern from "fast_sampler.h" nogil:
     int lgfs_supported()
     int lgfs_expf_mode()
     void lgfs_config_add_bias(lgfs_config & c, llama_token t, float b) except +
+    int lgfs_grammar_accept(llama_sampler * grammar, llama_token tok)
