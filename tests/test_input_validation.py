@@ -1,0 +1,177 @@
+"""Bad input gets a clear Python exception: never a crash, a hang, an OverflowError from a C
+conversion or a silently wrong result."""
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+import llamagen
+from llamagen import SamplingParams
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FLT_MAX = struct.unpack("<f", struct.pack("<I", 0x7F7FFFFF))[0]     # 3.4028235e38
+FLT_MIN = struct.unpack("<f", struct.pack("<I", 0x00800000))[0]     # 1.1754944e-38
+
+
+@pytest.fixture(scope="module")
+def tiny_ctx(tiny_model):
+    with llamagen.Context(tiny_model, n_ctx=256, n_threads=1) as ctx:
+        yield ctx
+
+
+def tokens(ctx, n=6, **kw):
+    st = llamagen.gen_begin(ctx, "hello world", max_new_tokens=n, **kw)
+    list(st)
+    st.end()
+    return st.tokens
+
+
+# -- 1. float parameters must survive the conversion to C float ----------------------------------
+
+# every float field, with values outside float32's normal range that its own range check allows
+_FLOAT_FIELDS = {
+    "temp": (1e39, -1e39, 1e-38, 1e-45, -1e-40),
+    "top_p": (1e-40,),
+    "min_p": (1e-40,),
+    "typical_p": (1e-40,),
+    "repeat_penalty": (1e39, 1e-60, 1e-39),
+    "frequency_penalty": (1e39, -1e39, 1e-39),
+    "presence_penalty": (1e39, -1e39, 1e-39),
+    "mirostat_tau": (1e39, 1e-39),
+    "mirostat_eta": (1e39, 1e-39),
+    "dynatemp_range": (1e39, 1e-39),
+    "dynatemp_exponent": (1e39, -1e39, 1e-39),
+    "dry_multiplier": (1e39, 1e-39),
+    "dry_base": (1e39,),
+    "xtc_probability": (1e-40,),
+    "xtc_threshold": (1e-40,),
+    "top_n_sigma": (1e39, -1e39, 1e-39),
+}
+
+
+@pytest.mark.parametrize("name,value", [(k, v) for k, vs in _FLOAT_FIELDS.items() for v in vs])
+def test_float_outside_float32_is_refused(name, value):
+    with pytest.raises(ValueError, match=rf"{name} does not fit a 32-bit float"):
+        SamplingParams(**{name: value})
+
+
+@pytest.mark.parametrize("bias", [1e39, -1e39, 3.5e38, 1e-39, -1e-45, 1e-300])
+def test_logit_bias_outside_float32_is_refused(bias):
+    with pytest.raises(ValueError, match="logit_bias for token 5 does not fit a 32-bit float"):
+        SamplingParams(logit_bias={5: bias})
+
+
+@pytest.mark.parametrize("name", ["temp", "repeat_penalty", "frequency_penalty", "mirostat_tau",
+                                  "dry_multiplier", "top_n_sigma"])
+def test_float_field_given_a_huge_int_is_a_value_error(name):
+    # float(10**400) raises OverflowError: it must come out as the field's ValueError
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**{name: 10**400})
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={5: -(10**400)})
+
+
+@pytest.mark.parametrize("temp", [FLT_MIN, 1e-35, 9.99e-31])
+def test_temperature_so_small_that_the_logits_overflow_is_refused(temp):
+    # fits a float32, but logit / temp is inf from a logit of 4 (at FLT_MIN) on: random tokens
+    with pytest.raises(ValueError, match="temp must be <= 0 .greedy. or at least 1e-30"):
+        SamplingParams(temp=temp)
+    with pytest.raises(ValueError, match="temp"):
+        SamplingParams(temp=temp, mirostat=1)
+
+
+def test_float32_boundaries_and_special_values_still_accepted():
+    p = SamplingParams(temp=1e-30, repeat_penalty=FLT_MAX, frequency_penalty=-FLT_MAX,
+                       top_p=FLT_MIN, min_p=0.0, top_n_sigma=0.0, dynatemp_exponent=-FLT_MIN,
+                       logit_bias={3: -math.inf, 4: FLT_MAX, 5: -FLT_MAX, 6: 0.0, 7: 1e-30})
+    assert p.temp == 1e-30 and p.repeat_penalty == FLT_MAX
+    assert dict(p.logit_bias) == {3: -math.inf, 4: FLT_MAX, 5: -FLT_MAX, 6: 0.0, 7: 1e-30}
+    assert SamplingParams(temp=0.0).greedy and SamplingParams(temp=-1.0).greedy
+    # 3.4028235e38 is FLT_MAX as printed: it rounds to FLT_MAX, not to inf
+    assert SamplingParams(logit_bias={5: 3.4028235e38}).logit_bias == ((5, 3.4028235e38),)
+    # +inf and NaN stay refused, as before
+    for bad in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias={5: bad})
+
+
+@pytest.mark.parametrize("impl", ["fast", "llama.cpp"])
+def test_float32_extremes_that_remain_allowed_behave(tiny_ctx, impl):
+    # the largest allowed bias forces its token; the smallest allowed temperature is greedy
+    assert set(tokens(tiny_ctx, logit_bias={5: 3e38}, sampler_impl=impl)) == {5}
+    greedy = tokens(tiny_ctx, temp=0.0, sampler_impl=impl)
+    assert tokens(tiny_ctx, temp=1e-30, sampler_impl=impl) == greedy
+    assert tokens(tiny_ctx, temp=1e-30, mirostat=2, sampler_impl=impl) == greedy
+    assert 5 not in tokens(tiny_ctx, n=12, logit_bias={5: -math.inf}, temp=1.5, sampler_impl=impl)
+
+
+# -- 2. integer parameters must fit the C int32 they go to ---------------------------------------
+
+_INT_FIELDS = {
+    # field: (values out of range, its special values that must stay accepted)
+    "max_new_tokens": ((2**31, 2**64, 10**30), (1, 2**31 - 1)),
+    "top_k": ((2**31, -(2**31) - 1, 2**64), (0, -1, -(2**31), 2**31 - 1)),
+    # the windows: at most llamagen's largest context (a longer one is an up-front allocation)
+    "repeat_last_n": ((2**31, 2**63, 2**24 + 1, 2**31 - 1), (-1, 0, 2**24)),
+    "min_keep": ((2**31, 2**64), (0, 2**31 - 1)),
+    "dry_allowed_length": ((2**31, 2**40), (0, 2**31 - 1)),
+    "dry_penalty_last_n": ((2**31, 2**40, 2**24 + 1, 2**31 - 1), (-1, 0, 2**24)),
+}
+
+
+@pytest.mark.parametrize("name,value", [(k, v) for k, (bad, _ok) in _INT_FIELDS.items() for v in bad])
+def test_int_outside_int32_is_refused(name, value):
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**{name: value})
+
+
+def test_int_error_message_for_a_huge_int_is_short():
+    # 10**5000 is past Python's int-to-str limit: the message must still name the field
+    with pytest.raises(ValueError, match="top_k must be .* got an int of 16610 bits"):
+        SamplingParams(top_k=10**5000)
+
+
+@pytest.mark.parametrize("name,value", [(k, v) for k, (bad, _ok) in _INT_FIELDS.items() for v in bad[:1]])
+def test_generation_with_too_large_int_is_a_value_error(tiny_ctx, name, value):
+    # before: accepted by SamplingParams, then a bare OverflowError from gen_begin / generate
+    kw = {name: value}
+    if name.startswith("dry_"):
+        kw["dry_multiplier"] = 1.0          # otherwise the DRY values are not used
+    with pytest.raises(ValueError, match=name):
+        llamagen.gen_begin(tiny_ctx, "hello", **kw)
+    with pytest.raises(ValueError, match=name):
+        llamagen.generate(tiny_ctx, "hello", **kw)
+    batch = llamagen.BatchGenerator(tiny_ctx)
+    with pytest.raises(ValueError, match=name):
+        batch.add("hello", **kw)
+
+
+@pytest.mark.parametrize("impl", ["fast", "llama.cpp"])
+def test_int32_limits_and_special_values_still_work(tiny_ctx, impl):
+    for name, (_bad, ok) in _INT_FIELDS.items():
+        for v in ok:
+            if name == "max_new_tokens":
+                continue
+            kw = {name: v, "dry_multiplier": 0.5, "repeat_penalty": 1.1}
+            assert len(tokens(tiny_ctx, n=3, sampler_impl=impl, **kw)) == 3, kw
+    # no token limit in practice: the context (256) ends the generation
+    st = llamagen.gen_begin(tiny_ctx, "hello", max_new_tokens=2**31 - 1, ignore_eos=True,
+                            sampler_impl=impl)
+    list(st)
+    assert st.finish_reason == "length" and 0 < len(st.tokens) < 256
+    assert SamplingParams(seed=None).seed is None
+
+
+@pytest.mark.parametrize("tok", [2**31, 2**40, 2**63, 2**64 + 5])
+def test_logit_bias_token_id_beyond_int32_is_a_value_error(tiny_ctx, tok):
+    # token ids never give OverflowError: the same ValueError as any id outside the vocabulary
+    with pytest.raises(ValueError, match="token"):
+        SamplingParams(logit_bias={tok: 1.0})
+    with pytest.raises(ValueError, match="token"):
+        llamagen.generate(tiny_ctx, "hello", logit_bias={tok: 1.0})
+    with pytest.raises(ValueError, match="token"):         # and as a small one
+        llamagen.generate(tiny_ctx, "hello", logit_bias={2**31 - 1: 1.0})
