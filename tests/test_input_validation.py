@@ -175,3 +175,64 @@ def test_logit_bias_token_id_beyond_int32_is_a_value_error(tiny_ctx, tok):
         llamagen.generate(tiny_ctx, "hello", logit_bias={tok: 1.0})
     with pytest.raises(ValueError, match="token"):         # and as a small one
         llamagen.generate(tiny_ctx, "hello", logit_bias={2**31 - 1: 1.0})
+
+
+# -- 3. the command line: one error line and exit status 2 for bad input, never a traceback ------
+
+def run_cli(*args, stdin=None):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "llamagen", *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env, input=stdin, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def not_utf8_grammar(tmp_path_factory):
+    p = tmp_path_factory.mktemp("cli") / "latin1.gbnf"
+    p.write_bytes(b'root ::= "\xe9"\n')
+    return p
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--grammar-file", "{dir}"], "cannot read --grammar-file .*: Is a directory"),
+    (["--grammar-file", "{dir}/missing.gbnf"], "cannot read --grammar-file .*: No such file"),
+    (["--grammar-file", "{latin1}"], "is not UTF-8 text"),
+    (["--top-k", "99999999999"], "top_k must be an int in"),
+    (["--max-new-tokens", str(2**31)], "max_new_tokens"),
+    (["--min-keep", str(2**64)], "min_keep"),
+    (["--temp", "1e39"], "temp does not fit a 32-bit float"),
+    (["--logit-bias", "99999999999=1"], "logit_bias token"),
+    (["--logit-bias", "abc"], "--logit-bias takes TOKEN=BIAS"),
+    (["--logit-bias", "5"], "--logit-bias takes TOKEN=BIAS"),
+    (["--n-gpu-layers", "99999999999"], "argument --n-gpu-layers: must fit a 32-bit int"),
+    (["--n-ctx", "-99999999999"], "argument --n-ctx: must fit a 32-bit int"),
+])
+def test_cli_bad_input_is_one_error_line_and_status_2(tiny_model_path, not_utf8_grammar, tmp_path,
+                                                       extra, message):
+    extra = [x.format(dir=tmp_path, latin1=not_utf8_grammar) for x in extra]
+    r = run_cli("generate", "-m", str(tiny_model_path), "hi", "--max-new-tokens", "3", *extra)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(("llamagen: error: ", "llamagen generate: error: ")), last
+    assert __import__("re").search(message, last), last
+
+
+def test_cli_still_generates(tiny_model_path):
+    r = run_cli("generate", "-m", str(tiny_model_path), "hello", "--max-new-tokens", "4",
+                "--temp", "0", "--top-k", str(2**31 - 1), "--logit-bias", "5=-inf")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.endswith("\n")
+
+
+def test_cli_llama_cpp_failure_is_one_error_line_and_status_1(tiny_model_path, monkeypatch,
+                                                              capsys):
+    # a LlamaError that is not a ValueError (context, decode): status 1, as quantize already had
+    from llamagen import cli
+
+    def fail(*a, **k):
+        raise llamagen.KVCacheFullError(1, "no room in the KV cache")
+
+    monkeypatch.setattr(llamagen, "gen_begin", fail)
+    assert cli.main(["generate", "-m", str(tiny_model_path), "hi", "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llamagen: error: no room in the KV cache") and "Traceback" not in err
