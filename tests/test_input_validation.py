@@ -2,6 +2,7 @@
 conversion or a silently wrong result."""
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -214,7 +215,7 @@ def test_cli_bad_input_is_one_error_line_and_status_2(tiny_model_path, not_utf8_
     assert "Traceback" not in r.stderr, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(("llamagen: error: ", "llamagen generate: error: ")), last
-    assert __import__("re").search(message, last), last
+    assert re.search(message, last), last
 
 
 def test_cli_still_generates(tiny_model_path):
@@ -236,3 +237,192 @@ def test_cli_llama_cpp_failure_is_one_error_line_and_status_1(tiny_model_path, m
     assert cli.main(["generate", "-m", str(tiny_model_path), "hi", "--max-new-tokens", "2"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("llamagen: error: no room in the KV cache") and "Traceback" not in err
+
+
+# -- 4. GGUF files llama.cpp would abort on are refused before they reach it ---------------------
+
+def _write(make_tiny_model, monkeypatch, keys=None, **kw):
+    """A tiny model whose hyper-parameter keys are written with ``keys`` ({"head_count_kv": 3,
+    "feed_forward_length": [128, 0], ...}: ints or per-layer lists) instead of the values its
+    weights were made with (``kw``, passed to write_tiny_gguf).  A key write_tiny_gguf does not
+    write ("key_length") is added."""
+    import gguf
+    keys = dict(keys or {})
+    extra = {k: keys.pop(k) for k in list(keys) if k in ("key_length", "value_length")}
+    with monkeypatch.context() as m:
+        for key, value in keys.items():
+            orig = getattr(gguf.GGUFWriter, "add_" + key)
+            m.setattr(gguf.GGUFWriter, "add_" + key,
+                      lambda self, *_a, _orig=orig, _v=value: _orig(self, _v))
+        if extra:
+            orig_rope = gguf.GGUFWriter.add_rope_dimension_count
+
+            def add_rope(self, n):
+                orig_rope(self, n)
+                for key, value in extra.items():
+                    getattr(self, "add_" + key)(value)
+            m.setattr(gguf.GGUFWriter, "add_rope_dimension_count", add_rope)
+        return make_tiny_model(**kw)
+
+
+# loads, makes a context, generates, then quantizes: in a child, where an abort is only a status
+_CHILD = r"""
+import sys, llamagen
+path, dst = sys.argv[1], sys.argv[2]
+try:
+    with llamagen.Model(path) as m, llamagen.Context(m, n_ctx=128, n_threads=1) as c:
+        llamagen.generate(c, "hello", max_new_tokens=3)
+    print("model: ok")
+except Exception as e:
+    print(f"model: {type(e).__name__}: {e}")
+try:
+    llamagen.quantize(path, dst, "Q8_0", n_threads=1)
+    print("quantize: ok")
+except Exception as e:
+    print(f"quantize: {type(e).__name__}: {e}")
+"""
+
+
+def _load_in_child(path, tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    dst = tmp_path / "q8.gguf"
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(dst)], capture_output=True,
+                       text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, f"the process died ({r.returncode}): {r.stderr[-2000:]}"
+    lines = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
+    return lines["model"], lines["quantize"], dst
+
+
+# (keys written, write_tiny_gguf arguments, the reason expected).  Before check_loadable knew
+# them, all but the last four killed the process (GGML_ASSERT -> abort, or SIGFPE in quantize);
+# those four were llama.cpp errors that did not say what is wrong (or a ContextError).
+_IMPOSSIBLE = {
+    # repro_8 / repro_11: n_ff = 0 (weights of shape [64, 0]): Model() asserted, quantize SIGFPE
+    "n_ff=0": (None, dict(n_ff=0), r"'blk\.0\.ffn_gate\.weight' has a dimension of 0 .*"
+                                   r"llama\.feed_forward_length is 0"),
+    # empty weights with a sane key: quantize still divided by zero
+    "empty ffn weights": (dict(feed_forward_length=128), dict(n_ff=0), "has a dimension of 0"),
+    # repro_8: 4 heads sharing 3 KV heads: Context() asserted ggml_can_mul_mat(k, q)
+    "n_head_kv=3": (None, dict(n_head_kv=3), r"head_count \(4\) is not a multiple of "
+                                             r"llama\.attention\.head_count_kv \(3\)"),
+    "more KV heads than heads": (None, dict(n_head=2, n_head_kv=4), "is not a multiple of"),
+    # the same, per layer
+    "per-layer n_head_kv": (dict(head_count=[4, 4], head_count_kv=[2, 3]), {},
+                            r"is not a multiple of .* \(3\) in layer 1"),
+    # a llama layer without KV heads: Context() asserted
+    "per-layer n_head_kv 0": (dict(head_count_kv=[2, 0]), {},
+                              r"head_count_kv is 0 in layer 1: every layer of a llama model"),
+    # repro_8: n_embd = 1 with one head: rope over 1 dimension asserted at the first decode
+    "n_embd=1": (None, dict(n_embd=1, n_head=1, n_head_kv=1),
+                 r"rope\.dimension_count is 1 \(rotary embeddings need an even number"),
+    # not aborts: "failed to allocate buffer for kv cache", "invalid n_rot: 16, expected 0", ...
+    "n_head_kv=0": (None, dict(n_head_kv=0), "has a dimension of 0|head_count_kv is 0"),
+    # heads of size 0
+    "embedding_length < head_count": (dict(embedding_length=2), {},
+                                      r"embedding_length \(2\) / attention\.head_count \(4\) "
+                                      r"leaves attention heads of size 0"),
+    "key_length 0": (dict(key_length=0), {}, r"llama\.attention\.key_length is 0"),
+    "value_length 0": (dict(value_length=0), {}, r"llama\.attention\.value_length is 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(_IMPOSSIBLE))
+def test_gguf_with_impossible_hyper_parameters_is_refused_before_llama_cpp(
+        make_tiny_model, monkeypatch, tmp_path, case):
+    from llamagen._gguf import check_loadable
+    keys, kw, message = _IMPOSSIBLE[case]
+    path = _write(make_tiny_model, monkeypatch, keys, **kw)
+    reason = check_loadable(path)
+    assert reason is not None and re.search(message, reason), reason
+    model, quant, dst = _load_in_child(path, tmp_path)
+    assert model.startswith("ModelLoadError: ") and reason in model, model
+    assert quant.startswith("ModelLoadError: ") and reason in quant, quant
+    assert not dst.exists() and not list(tmp_path.glob("*.partial"))
+
+
+_VALID = {
+    "default": (None, {}),
+    "per-layer arrays": (dict(head_count=[4, 4], head_count_kv=[2, 2],
+                              feed_forward_length=[128, 128]), {}),
+    "8 heads, 2 KV heads": (None, dict(n_head=8, n_head_kv=2)),
+    "multi-head (no GQA)": (None, dict(n_head=4, n_head_kv=4)),
+    "heads of size 2": (None, dict(n_embd=2, n_head=1, n_head_kv=1)),
+    "head sizes given": (dict(key_length=16, value_length=16), {}),
+    "wide": (None, dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2)),
+}
+
+
+@pytest.mark.parametrize("case", list(_VALID))
+def test_valid_tiny_models_still_load_generate_and_quantize(make_tiny_model, monkeypatch,
+                                                            tmp_path, case):
+    from llamagen._gguf import check_loadable
+    keys, kw = _VALID[case]
+    path = _write(make_tiny_model, monkeypatch, keys, **kw)
+    assert check_loadable(path) is None
+    assert _load_in_child(path, tmp_path)[:2] == ("ok", "ok")
+
+
+def test_real_model_passes_the_checks(real_model_path):
+    from llamagen._gguf import check_loadable, read_gguf
+    assert check_loadable(real_model_path) is None
+    _version, meta, tensors = read_gguf(real_model_path)
+    assert meta["gemma3.attention.head_count"] == 4 and meta["gemma3.attention.head_count_kv"] == 1
+    assert len(tensors) > 100 and all(0 not in t.dims for t in tensors)
+
+
+def test_gguf_reader_reads_per_layer_int_arrays(make_tiny_model, monkeypatch):
+    from llamagen._gguf import GGUFArray, read_gguf
+    path = _write(make_tiny_model, monkeypatch, dict(head_count=[4, 4], head_count_kv=[2, 1]))
+    _version, meta, _t = read_gguf(path, tensors=False)
+    kv = meta["llama.attention.head_count_kv"]
+    assert isinstance(kv, GGUFArray) and kv.count == 2 and kv.values == (2, 1)
+    # long and non-integer arrays are still skipped, not read
+    assert meta["tokenizer.ggml.tokens"].values is None
+    assert meta["tokenizer.ggml.scores"].values is None
+
+
+def _hparams_only(path, arch, **keys):
+    """A GGUF with only an architecture's hyper-parameter keys (as converters write them)."""
+    import gguf
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in keys.items():
+        if isinstance(value, list):
+            w.add_array(f"{arch}.{key}", value)
+        else:
+            w.add_uint32(f"{arch}.{key}", value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch,keys", [
+    # Mamba and RWKV files write a feed-forward length and a head count of 0
+    ("mamba", dict(block_count=24, embedding_length=768, feed_forward_length=0, head_count=0)),
+    ("rwkv6", dict(block_count=24, embedding_length=2048, feed_forward_length=7168,
+                   head_count=0)),
+    # hybrids mark their recurrent layers with 0 KV heads
+    ("jamba", dict(block_count=4, embedding_length=4096, feed_forward_length=14336,
+                   head_count=32, head_count_kv=[0, 0, 0, 8])),
+    ("lfm2", dict(block_count=4, embedding_length=1024, feed_forward_length=6656, head_count=16,
+                  head_count_kv=[0, 0, 8, 0])),
+    ("deci", dict(block_count=3, embedding_length=8192, head_count=[64, 0, 64],
+                  head_count_kv=[8, 0, 0], feed_forward_length=[28672, 0, 14336])),
+    # per-layer KV heads (gemma 4), no KV key at all (gpt2), one KV head for 71 (falcon)
+    ("gemma4", dict(block_count=6, embedding_length=2816, head_count=16, key_length=512,
+                    value_length=512, head_count_kv=[8, 8, 8, 8, 8, 2], rope_dimension_count=512)),
+    ("gpt2", dict(block_count=12, embedding_length=768, feed_forward_length=3072, head_count=12)),
+    ("falcon", dict(block_count=32, embedding_length=4544, head_count=71, head_count_kv=1)),
+])
+def test_hyper_parameters_of_real_architectures_are_not_refused(tmp_path, arch, keys):
+    from llamagen._gguf import check_loadable
+    full = {"head_count": "attention.head_count", "head_count_kv": "attention.head_count_kv",
+            "key_length": "attention.key_length", "value_length": "attention.value_length",
+            "rope_dimension_count": "rope.dimension_count"}
+    keys = {full.get(k, k): v for k, v in keys.items()}
+    assert check_loadable(_hparams_only(tmp_path / f"{arch}.gguf", arch, **keys)) is None
+    # and the same checks do refuse the one impossible thing in such a file
+    bad = dict(keys, **{"attention.head_count": 6, "attention.head_count_kv": 4})
+    reason = check_loadable(_hparams_only(tmp_path / f"{arch}-bad.gguf", arch, **bad))
+    assert reason and "is not a multiple of" in reason
