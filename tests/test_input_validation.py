@@ -426,3 +426,52 @@ def test_hyper_parameters_of_real_architectures_are_not_refused(tmp_path, arch, 
     bad = dict(keys, **{"attention.head_count": 6, "attention.head_count_kv": 4})
     reason = check_loadable(_hparams_only(tmp_path / f"{arch}-bad.gguf", arch, **bad))
     assert reason and "is not a multiple of" in reason
+
+
+# -- 5. prompts of the wrong type: a TypeError naming what a prompt may be -----------------------
+
+_NOT_PROMPTS = [None, 42, 3.5, {1: 2}, {5, 6}, (t for t in [5, 6]), object()]
+
+
+@pytest.mark.parametrize("bad", _NOT_PROMPTS, ids=lambda x: type(x).__name__)
+def test_prompt_of_the_wrong_type_is_a_clear_type_error(tiny_ctx, bad):
+    message = r"prompt must be a str, bytes or a sequence of token ids .*got " + type(bad).__name__
+    with pytest.raises(TypeError, match=message):
+        llamagen.generate(tiny_ctx, bad)
+    with pytest.raises(TypeError, match=message):
+        llamagen.gen_begin(tiny_ctx, bad)
+    with pytest.raises(TypeError, match=r"prompt 1 must be a str, bytes or a sequence"):
+        llamagen.generate_batch(tiny_ctx, ["hello", bad], max_new_tokens=2)
+
+
+def test_map_generate_reports_a_bad_prompt_in_its_result(tiny_ctx):
+    items = ["hello", {"temp": 0.0}, None, {"prompt": "world", "temp": 0.0}]
+    res = list(llamagen.map_generate(tiny_ctx, items, max_new_tokens=2))
+    assert [r.ok for r in res] == [True, False, False, True]
+    for r in res[1:3]:
+        assert isinstance(r.error, TypeError)
+        assert re.match(rf"item {r.index}'s prompt must be a str, bytes or a sequence of token ids",
+                        str(r.error)), r.error
+
+
+def test_accepted_prompt_types_still_work(tiny_model, tiny_ctx):
+    import array
+
+    import numpy as np
+    ids = tiny_model.tokenize("hello world")
+    want = llamagen.generate(tiny_ctx, ids, max_new_tokens=4, temp=0.0)
+    for same in (tuple(ids), np.array(ids, dtype=np.int32), array.array("i", ids)):
+        assert llamagen.generate(tiny_ctx, same, max_new_tokens=4, temp=0.0) == want
+    text = llamagen.generate(tiny_ctx, "hello world", max_new_tokens=4, temp=0.0)
+    assert llamagen.generate(tiny_ctx, b"hello world", max_new_tokens=4, temp=0.0) == text
+    # a bytearray is text, as in Model.tokenize, not a list of byte-sized token ids
+    assert llamagen.generate(tiny_ctx, bytearray(b"hello world"), max_new_tokens=4,
+                             temp=0.0) == text
+    assert llamagen.generate_batch(tiny_ctx, ["hello world", ids], max_new_tokens=4,
+                                   temp=0.0) == [text, want]
+
+
+def test_generate_batch_refuses_one_string_for_its_list(tiny_ctx):
+    # list("hello") would be five one-letter prompts
+    with pytest.raises(TypeError, match="prompts must be a list of prompts, got one str"):
+        llamagen.generate_batch(tiny_ctx, "hello", max_new_tokens=2)
