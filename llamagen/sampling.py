@@ -69,6 +69,13 @@ def _int(name, value, lo=INT32_MIN, hi=INT32_MAX, what=None):
     return value
 
 
+def _tuple(name, value, what):
+    try:
+        return tuple(value)
+    except TypeError:                   # not iterable
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}") from None
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Every knob of generation.  Build once (validated here), pass to gen_begin/generate/batches.
@@ -146,7 +153,7 @@ class SamplingParams:
             stop = ()
         elif isinstance(stop, str):
             stop = (stop,)
-        stop = tuple(stop)
+        stop = _tuple("stop", stop, "a str or a list of str")
         for x in stop:
             if not isinstance(x, str):
                 raise TypeError(f"stop strings must be str, got {type(x).__name__}")
@@ -156,7 +163,8 @@ class SamplingParams:
         bias = self.logit_bias
         if bias is None:
             bias = ()
-        items = bias.items() if isinstance(bias, Mapping) else bias
+        items = bias.items() if isinstance(bias, Mapping) else \
+            _tuple("logit_bias", bias, "a dict {token id: bias}")
         clean = []
         for pair in items:
             try:
@@ -181,7 +189,8 @@ class SamplingParams:
         _int("dry_penalty_last_n", self.dry_penalty_last_n, -1, MAX_WINDOW,
              f"-1 (whole context), 0 (off) or a window of up to {MAX_WINDOW} tokens")
         br = self.dry_sequence_breakers
-        br = (br,) if isinstance(br, str) else tuple(br or ())
+        br = (br,) if isinstance(br, str) else _tuple("dry_sequence_breakers", br or (),
+                                                      "a str or a list of str")
         for x in br:
             if not isinstance(x, str) or not x:
                 raise ValueError("dry_sequence_breakers must be non-empty strings")

@@ -178,6 +178,15 @@ def test_logit_bias_token_id_beyond_int32_is_a_value_error(tiny_ctx, tok):
         llamagen.generate(tiny_ctx, "hello", logit_bias={2**31 - 1: 1.0})
 
 
+@pytest.mark.parametrize("name,what", [("stop", "a str or a list of str"),
+                                       ("dry_sequence_breakers", "a str or a list of str"),
+                                       ("logit_bias", "a dict {token id: bias}")])
+def test_collection_field_given_a_number_is_a_type_error_naming_it(name, what):
+    # was: TypeError: 'int' object is not iterable
+    with pytest.raises(TypeError, match=re.escape(f"{name} must be {what}, got int")):
+        SamplingParams(**{name: 5})
+
+
 # -- 3. the command line: one error line and exit status 2 for bad input, never a traceback ------
 
 def run_cli(*args, stdin=None):
