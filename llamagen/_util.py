@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Set
 
 
 def physical_cores() -> int:
@@ -22,3 +23,19 @@ def physical_cores() -> int:
             return max(1, len(allowed))
         cores.add((pkg, core))
     return max(1, len(cores) or len(allowed))
+
+
+def check_prompt(prompt, what: str = "prompt"):
+    """``prompt`` as the generation functions take it: text (str, or UTF-8 bytes; a bytearray is
+    text too, as in Model.tokenize, not a list of byte-sized token ids) or a sequence of token ids
+    (list, tuple, numpy array, ...).  TypeError naming those for anything else (None, an int, a
+    dict, a set, a generator: no len())."""
+    if isinstance(prompt, (str, bytes)):
+        return prompt
+    if isinstance(prompt, bytearray):
+        return bytes(prompt)
+    if isinstance(prompt, (Mapping, Set)) or not (hasattr(type(prompt), "__len__")
+                                                  and hasattr(type(prompt), "__iter__")):
+        raise TypeError(f"{what} must be a str, bytes or a sequence of token ids (a list of int), "
+                        f"got {type(prompt).__name__}")
+    return prompt

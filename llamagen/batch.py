@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, List, Optional
 
 from llamagen._core import BatchGenerator, Context
+from llamagen._util import check_prompt
 from llamagen.sampling import SamplingParams, resolve
 
 __all__ = ["BatchGenerator", "BatchResult", "generate_batch", "map_generate"]
@@ -33,7 +34,9 @@ def generate_batch(ctx: Context, prompts, *, params: Optional[SamplingParams] = 
     or does not fit one sequence's context.
     """
     p = resolve(params, (), sampling)
-    prompts = list(prompts)
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError("prompts must be a list of prompts, got one " + type(prompts).__name__)
+    prompts = [check_prompt(x, f"prompt {i}") for i, x in enumerate(prompts)]
     batch = BatchGenerator(ctx, n_parallel=n_parallel, params=p)
     ids = []
     for i, prompt in enumerate(prompts):
@@ -85,7 +88,7 @@ def map_generate(ctx: Context, iterable: Iterable, *, batch_size: int = 16, prog
                 if isinstance(item, dict) else (item, {})
             res = BatchResult(index=i, prompt=prompt)
             try:
-                sid = batch.add(prompt, **overrides)
+                sid = batch.add(check_prompt(prompt, f"item {i}'s prompt"), **overrides)
             except (ValueError, TypeError) as e:
                 res.error = e
                 done[i] = res

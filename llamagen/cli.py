@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 
+from llamagen.errors import LlamaError
 from llamagen.sampling import SamplingParams
 
 _DEFAULT_MODEL_HINT = (
@@ -64,14 +65,24 @@ def _sampling_from_args(a: argparse.Namespace) -> SamplingParams:
             bias = {}
             for item in v:
                 tok, _, b = item.partition("=")
-                bias[int(tok)] = float(b)
+                try:
+                    bias[int(tok)] = float(b)
+                except ValueError:
+                    raise ValueError(f"--logit-bias takes TOKEN=BIAS (an int and a number, e.g. "
+                                     f"15=-inf), got {item!r}") from None
             v = bias
         changes[f.name] = v
     if a.seed_random:
         changes["seed"] = None
     if getattr(a, "grammar_file", None):
-        with open(a.grammar_file, encoding="utf-8") as fh:
-            changes["grammar"] = fh.read()
+        try:
+            with open(a.grammar_file, encoding="utf-8") as fh:
+                changes["grammar"] = fh.read()
+        except OSError as e:
+            raise ValueError(f"cannot read --grammar-file {a.grammar_file!r}: "
+                             f"{e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--grammar-file {a.grammar_file!r} is not UTF-8 text ({e})") from None
     return SamplingParams(**changes)
 
 
@@ -208,6 +219,17 @@ def _positive_int(v: str) -> int:
     return n
 
 
+def _c_int(v: str) -> int:
+    """An int option passed to a C int (a larger one would be an OverflowError, not naming it)."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an int: {v!r}") from None
+    if not -2**31 <= n < 2**31:
+        raise argparse.ArgumentTypeError(f"must fit a 32-bit int, got {n}")
+    return n
+
+
 def _non_negative_int(v: str) -> int:
     n = int(v)
     if n < 0:
@@ -223,9 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt ('-' reads standard input)")
     g.add_argument("--model", "-m", default=None, help="GGUF file (default: the demo model package)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat template")
-    g.add_argument("--n-ctx", type=int, default=2048)
-    g.add_argument("--threads", type=int, default=None, help="default: physical cores")
-    g.add_argument("--n-gpu-layers", type=int, default=0)
+    g.add_argument("--n-ctx", type=_c_int, default=2048)
+    g.add_argument("--threads", type=_c_int, default=None, help="default: physical cores")
+    g.add_argument("--n-gpu-layers", type=_c_int, default=0)
     g.add_argument("--seed-random", action="store_true", help="draw a fresh seed")
     g.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
     _add_sampling_args(g)
@@ -234,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="build, device and model information (JSON)")
     i.add_argument("--model", "-m", default=None)
     i.add_argument("--no-model", action="store_true", help="do not load the default model")
-    i.add_argument("--n-gpu-layers", type=int, default=0)
+    i.add_argument("--n-gpu-layers", type=_c_int, default=0)
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="benchmarks")
@@ -256,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default=DEFAULT_PROMPT, metavar="TEXT")
     s.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="default: physical cores")
-    s.add_argument("--n-ctx", type=int, default=2048)
-    s.add_argument("--n-gpu-layers", type=int, default=0)
+    s.add_argument("--n-ctx", type=_c_int, default=2048)
+    s.add_argument("--n-gpu-layers", type=_c_int, default=0)
     fmt = s.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON instead of the table")
     fmt.add_argument("--csv", action="store_true", help="print CSV instead of the table")
@@ -291,15 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 done, 2 bad input (an argument, a value, a file: the usage errors argparse
+    also exits 2 for), 1 llama.cpp failed on valid input (a LlamaError that is not a ValueError:
+    context, decode errors; ``quantize`` reports every LlamaError with 1, an unloadable source
+    file included); either way one ``llamagen: error: ...`` line, no traceback."""
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
         return a.func(a)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"llamagen: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:
         return 0
+    # OverflowError: an int option too large for a C int (--n-gpu-layers 99999999999)
+    except (ValueError, TypeError, OverflowError, OSError) as e:
+        print(f"llamagen: error: {e}", file=sys.stderr)
+        return 2
+    except LlamaError as e:
+        print(f"llamagen: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

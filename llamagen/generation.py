@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from llamagen import _core
+from llamagen._util import check_prompt
 from llamagen._core import Context, GenerationState
 from llamagen.sampling import SamplingParams, resolve
 
@@ -19,8 +20,9 @@ def gen_begin(ctx: Context, prompt, *args, params: Optional[SamplingParams] = No
     frequency_penalty=0.0, presence_penalty=0.0, mirostat=0, mirostat_tau=5.0, mirostat_eta=0.1,
     grammar=None, stop, logit_bias, ignore_eos, DRY/XTC/top-n-sigma ... see SamplingParams),
     positionally in that order, or as a ready ``params=SamplingParams(...)`` (keywords then
-    override its fields).  ``prompt`` is a str or a list of token ids.
+    override its fields).  ``prompt`` is a str (or UTF-8 bytes) or a list of token ids.
     """
+    prompt = check_prompt(prompt)
     p = resolve(params, args, kwargs)
     return _core._gen_begin(ctx, prompt, p, add_special, parse_special)
 
@@ -38,6 +40,7 @@ def gen_end(state: GenerationState) -> str:
 def generate(ctx: Context, prompt, *args, params: Optional[SamplingParams] = None,
              add_special: bool = True, parse_special: bool = True, **kwargs) -> str:
     """The whole generated text; the same text the stream gives for the same parameters."""
+    prompt = check_prompt(prompt)
     p = resolve(params, args, kwargs)
     text, _state = _core._generate(ctx, prompt, p, add_special, parse_special)
     return text

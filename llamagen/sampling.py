@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Tuple
 
@@ -12,21 +13,67 @@ DEFAULT_DRY_BREAKERS = ("\n", ":", '"', "*")
 SAMPLER_IMPLS = ("fast", "llama.cpp")
 
 
-def _num(name, value, lo=-math.inf, hi=math.inf, *, lo_open=False, what=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
-        raise ValueError(f"{name} must be {what or f'a finite number in [{lo}, {hi}]'}, got {value!r}")
+# the C types the values go to: int32_t (llama.cpp's counts, lengths and token ids) and float
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
+FLT_MIN = struct.unpack("<f", struct.pack("<I", 0x00800000))[0]     # smallest normal float32
+FLT_MAX = struct.unpack("<f", struct.pack("<I", 0x7F7FFFFF))[0]
+_F32 = struct.Struct("<f")
+# the smallest positive temperature: logit / temp stays finite in float32 for |logit| up to 3.4e8
+# (at FLT_MIN a logit of 4 already overflows to inf, and sampling from inf logits is random)
+TEMP_MIN = 1e-30
+# the longest penalty / DRY window: llamagen's largest context (Context refuses n_ctx > 2**24).  A
+# longer window means the same (the whole context), but llama.cpp allocates a ring buffer of that
+# many tokens up front: 2**31 - 1 is 8 GiB, std::bad_alloc, and the process aborts
+MAX_WINDOW = 1 << 24
+
+
+def _show(value):
+    """repr() for an error message; a huge int is described, not printed (it may be thousands of
+    digits long, or past the interpreter's int-to-str limit)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an int of {value.bit_length()} bits"
+    return repr(value)
+
+
+def _f32(name, v, original):
+    """``v`` (a finite Python float) unless float32, the type llama.cpp computes in, would make it
+    something else: inf (|v| > FLT_MAX) or a subnormal / zero (0 < |v| < FLT_MIN)."""
+    try:
+        (v32,) = _F32.unpack(_F32.pack(v))
+    except OverflowError:
+        v32 = math.inf
+    if v != 0.0 and not FLT_MIN <= abs(v32) <= FLT_MAX:
+        raise ValueError(f"{name} does not fit a 32-bit float (nonzero magnitudes from {FLT_MIN:.8g} "
+                         f"to {FLT_MAX:.8g}), got {_show(original)}")
     return v
 
 
-def _int(name, value, lo=None, hi=None, what=None):
+def _num(name, value, lo=-math.inf, hi=math.inf, *, lo_open=False, what=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    try:
+        v = float(value)
+    except OverflowError:               # an int beyond float64
+        v = math.inf if value > 0 else -math.inf
+    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+        raise ValueError(f"{name} must be {what or f'a finite number in [{lo}, {hi}]'}, "
+                         f"got {_show(value)}")
+    return _f32(name, v, value)
+
+
+def _int(name, value, lo=INT32_MIN, hi=INT32_MAX, what=None):
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be {what}, got {value}")
+    if value < lo or value > hi:
+        raise ValueError(f"{name} must be {what or f'an int in [{lo}, {hi}]'}, got {_show(value)}")
     return value
+
+
+def _tuple(name, value, what):
+    try:
+        return tuple(value)
+    except TypeError:                   # not iterable
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}") from None
 
 
 @dataclass(frozen=True)
@@ -74,9 +121,12 @@ class SamplingParams:
 
     def __post_init__(self):
         s = object.__setattr__
-        _int("max_new_tokens", self.max_new_tokens, 1, None, "at least 1")
+        _int("max_new_tokens", self.max_new_tokens, 1, INT32_MAX, "an int from 1 to 2**31 - 1")
         s(self, "temp", _num("temp", self.temp, what="a finite number (<= 0 means greedy)"))
-        _int("top_k", self.top_k)
+        if 0.0 < self.temp < TEMP_MIN:
+            raise ValueError(f"temp must be <= 0 (greedy) or at least {TEMP_MIN:g}: the logits are "
+                             f"divided by it in 32-bit floats and would overflow, got {self.temp!r}")
+        _int("top_k", self.top_k, what="an int in [-2**31, 2**31 - 1] (<= 0 = off)")
         s(self, "top_p", _num("top_p", self.top_p, 0.0, 1.0))
         if self.seed is not None:
             _int("seed", self.seed, 0, 0xFFFFFFFE, "None or an int in [0, 2**32 - 2]")
@@ -84,7 +134,8 @@ class SamplingParams:
         s(self, "typical_p", _num("typical_p", self.typical_p, 0.0, 1.0))
         s(self, "repeat_penalty", _num("repeat_penalty", self.repeat_penalty, 0.0, math.inf, lo_open=True,
                                        what="a finite number > 0 (1 = off)"))
-        _int("repeat_last_n", self.repeat_last_n, -1, None, "-1 (whole context), 0 (off) or more")
+        _int("repeat_last_n", self.repeat_last_n, -1, MAX_WINDOW,
+             f"-1 (whole context), 0 (off) or a window of up to {MAX_WINDOW} tokens")
         s(self, "frequency_penalty", _num("frequency_penalty", self.frequency_penalty,
                                           what="a finite number (0 = off)"))
         s(self, "presence_penalty", _num("presence_penalty", self.presence_penalty,
@@ -102,7 +153,7 @@ class SamplingParams:
             stop = ()
         elif isinstance(stop, str):
             stop = (stop,)
-        stop = tuple(stop)
+        stop = _tuple("stop", stop, "a str or a list of str")
         for x in stop:
             if not isinstance(x, str):
                 raise TypeError(f"stop strings must be str, got {type(x).__name__}")
@@ -112,28 +163,34 @@ class SamplingParams:
         bias = self.logit_bias
         if bias is None:
             bias = ()
-        items = bias.items() if isinstance(bias, Mapping) else bias
+        items = bias.items() if isinstance(bias, Mapping) else \
+            _tuple("logit_bias", bias, "a dict {token id: bias}")
         clean = []
         for pair in items:
             try:
                 tok, b = pair
             except (TypeError, ValueError):
                 raise TypeError("logit_bias must be a dict {token id: bias}") from None
-            _int("logit_bias token", tok, 0, None, "a token id >= 0")
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or math.isnan(b) or b == math.inf:
-                raise ValueError(f"logit_bias for token {tok} must be a number or -inf, got {b!r}")
+            _int("logit_bias token", tok, 0, INT32_MAX, "a token id in [0, 2**31 - 1]")
+            what = "a finite number or -inf (never pick the token)"
+            if isinstance(b, bool) or not isinstance(b, (int, float)):
+                raise ValueError(f"logit_bias for token {tok} must be {what}, got {b!r}")
+            if b != -math.inf:
+                b = _num(f"logit_bias for token {tok}", b, what=what)
             clean.append((tok, float(b)))
         s(self, "logit_bias", tuple(clean))
         s(self, "ignore_eos", bool(self.ignore_eos))
-        _int("min_keep", self.min_keep, 0, None, "0 or more")
+        _int("min_keep", self.min_keep, 0, INT32_MAX, "an int from 0 to 2**31 - 1")
         s(self, "dynatemp_range", _num("dynatemp_range", self.dynatemp_range, 0.0, math.inf))
         s(self, "dynatemp_exponent", _num("dynatemp_exponent", self.dynatemp_exponent))
         s(self, "dry_multiplier", _num("dry_multiplier", self.dry_multiplier, 0.0, math.inf))
         s(self, "dry_base", _num("dry_base", self.dry_base, 1.0, math.inf, what="a finite number >= 1"))
-        _int("dry_allowed_length", self.dry_allowed_length, 0, None, "0 or more")
-        _int("dry_penalty_last_n", self.dry_penalty_last_n, -1, None, "-1 (whole context), 0 (off) or more")
+        _int("dry_allowed_length", self.dry_allowed_length, 0, INT32_MAX, "an int from 0 to 2**31 - 1")
+        _int("dry_penalty_last_n", self.dry_penalty_last_n, -1, MAX_WINDOW,
+             f"-1 (whole context), 0 (off) or a window of up to {MAX_WINDOW} tokens")
         br = self.dry_sequence_breakers
-        br = (br,) if isinstance(br, str) else tuple(br or ())
+        br = (br,) if isinstance(br, str) else _tuple("dry_sequence_breakers", br or (),
+                                                      "a str or a list of str")
         for x in br:
             if not isinstance(x, str) or not x:
                 raise ValueError("dry_sequence_breakers must be non-empty strings")
