@@ -521,11 +521,9 @@ cdef vector[llama.llama_token] _prompt_tokens(Context ctx, prompt, bint add_spec
                                              bint parse_special, int32_t n_ctx) except *:
     """Tokenize (or check) a prompt and make sure it leaves room for one new token."""
     cdef vector[llama.llama_token] toks
+    prompt = _check_prompt(prompt)         # TypeError for what is neither text nor token ids
     if isinstance(prompt, (str, bytes)):
         toks = _tokenize(ctx._vocab, prompt, add_special, parse_special)
-    elif prompt is None or isinstance(prompt, (dict, set, frozenset)) or not hasattr(prompt, "__len__"):
-        raise TypeError(f"the prompt must be str, bytes or a sequence of token ids, not "
-                        f"{type(prompt).__name__}")
     else:
         _fill_tokens(toks, prompt, ctx._n_vocab)
     if toks.size() == 0:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional
 
 from llamagen import _core
-from llamagen._util import check_prompt
 from llamagen._core import Context, GenerationState
 from llamagen.sampling import SamplingParams, resolve
 
@@ -22,7 +21,6 @@ def gen_begin(ctx: Context, prompt, *args, params: Optional[SamplingParams] = No
     positionally in that order, or as a ready ``params=SamplingParams(...)`` (keywords then
     override its fields).  ``prompt`` is a str (or UTF-8 bytes) or a list of token ids.
     """
-    prompt = check_prompt(prompt)
     p = resolve(params, args, kwargs)
     return _core._gen_begin(ctx, prompt, p, add_special, parse_special)
 
@@ -40,7 +38,6 @@ def gen_end(state: GenerationState) -> str:
 def generate(ctx: Context, prompt, *args, params: Optional[SamplingParams] = None,
              add_special: bool = True, parse_special: bool = True, **kwargs) -> str:
     """The whole generated text; the same text the stream gives for the same parameters."""
-    prompt = check_prompt(prompt)
     p = resolve(params, args, kwargs)
     text, _state = _core._generate(ctx, prompt, p, add_special, parse_special)
     return text

@@ -21,10 +21,9 @@ _F32 = struct.Struct("<f")
 # the smallest positive temperature: logit / temp stays finite in float32 for |logit| up to 3.4e8
 # (at FLT_MIN a logit of 4 already overflows to inf, and sampling from inf logits is random)
 TEMP_MIN = 1e-30
-# the longest penalty / DRY window: llamagen's largest context (Context refuses n_ctx > 2**24).  A
-# longer window means the same (the whole context), but llama.cpp allocates a ring buffer of that
-# many tokens up front: 2**31 - 1 is 8 GiB, std::bad_alloc, and the process aborts
-MAX_WINDOW = 1 << 24
+# the longest penalty / DRY window an int32 holds: a window longer than the context means the
+# whole context, and the sampler builders clamp it to n_ctx (llama.cpp would allocate all of it)
+MAX_WINDOW = (1 << 31) - 1
 
 
 def _show(value):
@@ -135,7 +134,7 @@ class SamplingParams:
         s(self, "repeat_penalty", _num("repeat_penalty", self.repeat_penalty, 0.0, math.inf, lo_open=True,
                                        what="a finite number > 0 (1 = off)"))
         _int("repeat_last_n", self.repeat_last_n, -1, MAX_WINDOW,
-             f"-1 (whole context), 0 (off) or a window of up to {MAX_WINDOW} tokens")
+             "-1 (whole context), 0 (off) or a window in tokens (an int32)")
         s(self, "frequency_penalty", _num("frequency_penalty", self.frequency_penalty,
                                           what="a finite number (0 = off)"))
         s(self, "presence_penalty", _num("presence_penalty", self.presence_penalty,
@@ -187,7 +186,7 @@ class SamplingParams:
         s(self, "dry_base", _num("dry_base", self.dry_base, 1.0, math.inf, what="a finite number >= 1"))
         _int("dry_allowed_length", self.dry_allowed_length, 0, INT32_MAX, "an int from 0 to 2**31 - 1")
         _int("dry_penalty_last_n", self.dry_penalty_last_n, -1, MAX_WINDOW,
-             f"-1 (whole context), 0 (off) or a window of up to {MAX_WINDOW} tokens")
+             "-1 (whole context), 0 (off) or a window in tokens (an int32)")
         br = self.dry_sequence_breakers
         br = (br,) if isinstance(br, str) else _tuple("dry_sequence_breakers", br or (),
                                                       "a str or a list of str")

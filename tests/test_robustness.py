@@ -264,9 +264,9 @@ def test_token_sequences_are_checked(ctx, tiny_model):
         tiny_model.detokenize([True])
     with pytest.raises(TypeError, match="sequence of token ids"):
         tiny_model.detokenize({1: 2})
-    with pytest.raises(TypeError, match="prompt must be str, bytes or a sequence"):
+    with pytest.raises(TypeError, match="prompt must be a str, bytes or a sequence"):
         llamagen.generate(ctx, None)
-    with pytest.raises(TypeError, match="prompt must be str, bytes or a sequence"):
+    with pytest.raises(TypeError, match="prompt must be a str, bytes or a sequence"):
         llamagen.generate(ctx, {1: 2, 3: 4})
     assert llamagen.generate(ctx, [1, 2, 3], max_new_tokens=2, seed=1) == \
         llamagen.generate(ctx, (1, 2, 3), max_new_tokens=2, seed=1)
