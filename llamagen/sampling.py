@@ -139,7 +139,8 @@ class SamplingParams:
                                           what="a finite number (0 = off)"))
         s(self, "presence_penalty", _num("presence_penalty", self.presence_penalty,
                                          what="a finite number (0 = off)"))
-        if isinstance(self.mirostat, bool) or self.mirostat not in (0, 1, 2):
+        if isinstance(self.mirostat, bool) or not isinstance(self.mirostat, int) or \
+                self.mirostat not in (0, 1, 2):
             raise ValueError(f"mirostat must be 0, 1 or 2, got {self.mirostat!r}")
         s(self, "mirostat_tau", _num("mirostat_tau", self.mirostat_tau, 0.0, math.inf))
         s(self, "mirostat_eta", _num("mirostat_eta", self.mirostat_eta, 0.0, math.inf))
@@ -178,6 +179,9 @@ class SamplingParams:
                 b = _num(f"logit_bias for token {tok}", b, what=what)
             clean.append((tok, float(b)))
         s(self, "logit_bias", tuple(clean))
+        if isinstance(self.ignore_eos, str) or self.ignore_eos not in (True, False):
+            # bool("no") is True: only a real truth value is taken
+            raise TypeError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         s(self, "ignore_eos", bool(self.ignore_eos))
         _int("min_keep", self.min_keep, 0, INT32_MAX, "an int from 0 to 2**31 - 1")
         s(self, "dynatemp_range", _num("dynatemp_range", self.dynatemp_range, 0.0, math.inf))

@@ -484,3 +484,15 @@ def test_generate_batch_refuses_one_string_for_its_list(tiny_ctx):
     # list("hello") would be five one-letter prompts
     with pytest.raises(TypeError, match="prompts must be a list of prompts, got one str"):
         llamagen.generate_batch(tiny_ctx, "hello", max_new_tokens=2)
+
+
+def test_truth_values_and_mirostat_modes_are_strict():
+    # bool("no") is True: a string is not taken as a truth value
+    for bad in ("no", "false", "", None, 2, [1]):
+        with pytest.raises(TypeError, match="ignore_eos"):
+            SamplingParams(ignore_eos=bad)
+    for ok, want in ((True, True), (False, False), (1, True), (0, False)):
+        assert SamplingParams(ignore_eos=ok).ignore_eos is want
+    for bad in (1.0, 2.0, "1", True):
+        with pytest.raises(ValueError, match="mirostat"):
+            SamplingParams(mirostat=bad)
