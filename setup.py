@@ -5,6 +5,7 @@ Environment:
   LLAMAGEN_BACKEND=cpu|cuda|metal   backend compiled into llama.cpp (default cpu)
   LLAMAGEN_LLAMA_CPP_DIR=PATH       build against your own llama.cpp checkout (no download)
   LLAMAGEN_PORTABLE=1               GGML_NATIVE=OFF: no -march=native, for wheels run elsewhere
+  LLAMAGEN_AMX=1                    keep ggml's AMX kernels (off: they crash on Q4_K_M at this commit)
   CMAKE_ARGS="-DGGML_X=ON ..."      passed straight to llama.cpp's CMake
   LLAMAGEN_BUILD_DIR=PATH           where CMake builds (default build/cmake-<backend>)
   LLAMAGEN_JOBS=N                   parallel compile jobs (default: all cores)
@@ -83,6 +84,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DGGML_NATIVE={'OFF' if os.environ.get('LLAMAGEN_PORTABLE') == '1' else 'ON'}",
+            f"-DLLAMAGEN_AMX={'ON' if os.environ.get('LLAMAGEN_AMX') == '1' else 'OFF'}",
         ] + BACKENDS[backend]
         if shutil.which("ccache"):
             args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache",

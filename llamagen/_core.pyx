@@ -78,6 +78,8 @@ def build_info():
         "compiler": LLAMAGEN_BUILD_COMPILER.decode(),
         "cmake_args": LLAMAGEN_BUILD_CMAKE_ARGS.decode(),
         "gpu_offload": bool(llama.llama_supports_gpu_offload()),
+        # ggml's AMX kernels compiled in (off unless built with LLAMAGEN_AMX=1: see CMakeLists.txt)
+        "amx": bool(ggml.ggml_cpu_has_amx_int8()),
     }
 
 

@@ -26,12 +26,12 @@ def test_version():
 def test_build_info_keys_and_types():
     info = llamagen.build_info()
     expected = {"backend", "llama_cpp_commit", "llama_cpp_version", "ggml_native", "cuda", "metal",
-                "build_type", "compiler", "cmake_args", "gpu_offload"}
+                "build_type", "compiler", "cmake_args", "gpu_offload", "amx"}
     assert expected <= set(info)
     for key in ("backend", "llama_cpp_commit", "llama_cpp_version", "build_type", "compiler",
                 "cmake_args"):
         assert isinstance(info[key], str), key
-    for key in ("ggml_native", "cuda", "metal", "gpu_offload"):
+    for key in ("ggml_native", "cuda", "metal", "gpu_offload", "amx"):
         assert isinstance(info[key], bool), key
 
 
@@ -45,6 +45,15 @@ def test_build_info_values():
     # a CPU build cannot offload layers to a GPU; a GPU build can
     assert info["gpu_offload"] is GPU_BUILD
     assert info["build_type"] == "Release"
+
+
+def test_amx_kernels_left_out_by_default():
+    # ggml's AMX kernels (compiled in by -march=native on Sapphire Rapids and newer) segfault on
+    # Q4_K_M models at the pinned commit: the build leaves them out unless LLAMAGEN_AMX=1
+    if os.environ.get("LLAMAGEN_AMX") == "1":
+        pytest.skip("built with LLAMAGEN_AMX=1")
+    assert llamagen.build_info()["amx"] is False
+    assert "AMX_INT8 = 1" not in llamagen.system_info()
 
 
 def test_build_info_returns_a_fresh_dict():

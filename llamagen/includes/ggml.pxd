@@ -40,3 +40,7 @@ cdef extern from "ggml-backend.h" nogil:
     size_t ggml_backend_dev_count()
     ggml_backend_dev_t ggml_backend_dev_get(size_t index)
     void ggml_backend_load_all()
+
+
+cdef extern from "ggml-cpu.h" nogil:
+    int ggml_cpu_has_amx_int8()
