@@ -86,7 +86,7 @@ cdef class BatchGenerator:
         self._cands.resize(self._n_threads)
         ctx._acquire()
         try:
-            ctx._epoch += 1
+            ctx._take_over()
             self._epoch = ctx._epoch
             llama.llama_memory_clear(llama.llama_get_memory(ctx._ctx), True)
         finally:
@@ -189,6 +189,10 @@ cdef class BatchGenerator:
         if slot < 0:
             return
         llama.llama_memory_seq_rm(llama.llama_get_memory(self._context._ctx), slot, -1, -1)
+        if q.c.attached:
+            self._context._detach(slot)       # frees the chain; q's pointer to it is dropped
+            q.c.attached = False
+            q.c.chain = NULL
         self._slots[slot] = None
         q.c.slot = -1
 
@@ -348,15 +352,18 @@ cdef class BatchGenerator:
             if q.batch_idx >= 0:
                 self._sampled.push_back(<int32_t> i)
         n = <Py_ssize_t> self._sampled.size()
+        # wait for the decode and put its outputs in order once, before threads read them
+        llama.llama_synchronize(lctx)
+        llama.llama_get_logits(lctx)
         if n > 1 and self._n_threads > 1 and self._context._n_vocab >= _PARALLEL_MIN_VOCAB:
             for i in prange(n, num_threads=self._n_threads, schedule="dynamic"):
                 tid = threadid()
                 q = self._active[self._sampled[i]]
-                q.consume(llama.llama_get_logits_ith(lctx, q.batch_idx), self._cands[tid].data())
+                q.consume(lctx, q.batch_idx, self._cands[tid].data())
         else:
             for i in range(n):
                 q = self._active[self._sampled[i]]
-                q.consume(llama.llama_get_logits_ith(lctx, q.batch_idx), self._cands[0].data())
+                q.consume(lctx, q.batch_idx, self._cands[0].data())
 
     cdef int _step(self) except -1:
         """One decode step for every live sequence; queues (id, chunk) pairs.  0 when idle."""
@@ -378,6 +385,8 @@ cdef class BatchGenerator:
                     q.c.slot = slot
                     self._slots[slot] = q
                     llama.llama_memory_seq_rm(llama.llama_get_memory(ctx._ctx), slot, -1, -1)
+                    if q.c.backend:
+                        q.c.attach(ctx._attach(slot, q.c.chain))
             self._active.clear()
             for q in self._slots:
                 if q is not None:
@@ -404,7 +413,7 @@ cdef class BatchGenerator:
                     continue
                 if q.c.finish == FINISH_ERROR:
                     q.c.out.clear()
-                    dead.append((q.c.uid, q.c.tokens.size()))
+                    dead.append((q.c.uid, _seq_failure(q.c)))
                 elif q.c.batch_idx >= 0 or q.c.finish != FINISH_NONE:
                     self._ready.append((q.c.uid, q.take_out()))
                 if q.c.finish != FINISH_NONE:
@@ -412,8 +421,9 @@ cdef class BatchGenerator:
                     q.c.free_samplers()
             if dead:
                 # the other sequences' chunks of this step stay queued for the next step()
-                raise GrammarError("; ".join(f"sequence {uid}: {_dead_end_message(n)}"
-                                             for uid, n in dead))
+                kind = type(dead[0][1]) if all(type(e) is type(dead[0][1]) for _, e in dead) \
+                    else LlamaError
+                raise kind("; ".join(f"sequence {uid}: {e}" for uid, e in dead))
             return 1
         finally:
             ctx._release()

@@ -70,6 +70,9 @@ cdef class Context:
     cdef PyThread_type_lock _lock
     cdef AbortState _abort
     cdef uint64_t _epoch          # bumped by every gen_begin: older states become stale
+    # per sequence id: the sampler chain attached for backend sampling (sampler_impl="backend"),
+    # owned by the context from llama_set_sampler until it is detached (llama.cpp keeps a pointer)
+    cdef vector[llama.llama_sampler *] _attached
     cdef readonly bint kv_unified
     cdef object __weakref__
 
@@ -134,6 +137,7 @@ cdef class Context:
             model._release_user()
             raise ContextError(f"could not create the context: {_take_errors() or 'out of memory?'}")
         self._ctx = c
+        self._attached.assign(llama.llama_n_seq_max(c), NULL)
         self.model = model
         self._vocab = model._vocab
         self._n_vocab = model.n_vocab
@@ -144,6 +148,7 @@ cdef class Context:
             self._ctx = NULL
             if self.model is not None:
                 self.model._release_user()
+        self._free_attached()
         if self._lock != NULL:
             PyThread_free_lock(self._lock)
             self._lock = NULL
@@ -169,6 +174,45 @@ cdef class Context:
     cdef inline void _release(self) noexcept:
         PyThread_release_lock(self._lock)
 
+    # -- who decodes: every generation (stream, batch, replay) takes the context over ----------
+
+    cdef void _take_over(self) noexcept nogil:
+        """A new user of the context (lock held): earlier states and batches become stale and
+        the sampler chains they attached stop sampling."""
+        cdef size_t i
+        self._epoch += 1
+        for i in range(self._attached.size()):
+            self._detach(<int32_t> i)
+
+    cdef bint _attach(self, int32_t seq, llama.llama_sampler * chain) noexcept nogil:
+        """Backend sampling (lock held): llama_decode samples sequence ``seq`` with ``chain`` in
+        its own graph from now on.  On success the context owns ``chain`` (freed when detached);
+        False when llama.cpp cannot offload it (the caller keeps it and samples on the host)."""
+        self._detach(seq)
+        if not llama.llama_set_sampler(self._ctx, seq, chain):
+            return False
+        self._attached[seq] = chain
+        return True
+
+    cdef void _detach(self, int32_t seq) noexcept nogil:
+        """Stop backend sampling for ``seq`` and free its chain (lock held).  No-op when none."""
+        cdef llama.llama_sampler * chain
+        if seq < 0 or <size_t> seq >= self._attached.size() or self._attached[seq] == NULL:
+            return
+        chain = self._attached[seq]
+        self._attached[seq] = NULL
+        if self._ctx != NULL:
+            llama.llama_set_sampler(self._ctx, seq, NULL)
+        llama.llama_sampler_free(chain)
+
+    cdef void _free_attached(self) noexcept nogil:
+        """After llama_free: the chains llama.cpp pointed at can go."""
+        cdef size_t i
+        for i in range(self._attached.size()):
+            if self._attached[i] != NULL:
+                llama.llama_sampler_free(self._attached[i])
+                self._attached[i] = NULL
+
     cdef int _check(self) except -1:
         if self._ctx == NULL:
             raise LlamaError("the context is closed")
@@ -182,6 +226,7 @@ cdef class Context:
         try:
             llama.llama_free(self._ctx)
             self._ctx = NULL
+            self._free_attached()
             self._epoch += 1
             self.model._release_user()
         finally:
@@ -256,7 +301,7 @@ cdef class Context:
         self._acquire()
         try:
             llama.llama_memory_clear(llama.llama_get_memory(self._ctx), True)
-            self._epoch += 1
+            self._take_over()
         finally:
             self._release()
 

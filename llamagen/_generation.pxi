@@ -8,6 +8,14 @@
 from libc.math cimport INFINITY
 
 cdef enum:
+    ENGINE_FAST = 0
+    ENGINE_LLAMA_CPP = 1
+    ENGINE_BACKEND = 2
+
+_ENGINE_NAMES = {ENGINE_FAST: "fast", ENGINE_LLAMA_CPP: "llama.cpp", ENGINE_BACKEND: "backend"}
+
+
+cdef enum:
     FINISH_NONE = 0
     FINISH_STOP = 1
     FINISH_LENGTH = 2
@@ -89,8 +97,13 @@ cdef cppclass SeqCore:
     # One sequence's sampling and text state: sampler chain, grammar, generated tokens, the
     # UTF-8 / stop-string hold-back, and (for batches) its prompt feed and KV slot.  A plain C++
     # object, so single streams and batches step it without the GIL (and batches in parallel).
-    llama.llama_sampler * chain
+    llama.llama_sampler * chain             # llama.cpp's chain (sampler_impl "llama.cpp"/"backend")
     fs.lgfs_engine * fast                   # llamagen's engine (sampler_impl="fast"), or NULL
+    bint backend                            # sampler_impl="backend": attach the chain to the context
+    bint attached                           # ... done: the context owns ``chain`` now and samples
+                                            # with it inside llama_decode (see Context._attach)
+    int32_t error                           # why finish is FINISH_ERROR (GRAMMAR_DEAD_END, ...)
+    int engine                              # ENGINE_*: what chose the tokens (kept after end())
     llama.llama_sampler * grammar
     const llama.llama_vocab * vocab
     int32_t n_vocab
@@ -118,6 +131,10 @@ cdef cppclass SeqCore:
         this.chain = NULL
         this.fast = NULL
         this.grammar = NULL
+        this.backend = False
+        this.attached = False
+        this.error = 0
+        this.engine = ENGINE_LLAMA_CPP
         this.pending = -1
         this.finish = FINISH_NONE
         this.n_fed = 0
@@ -131,6 +148,10 @@ cdef cppclass SeqCore:
         this.free_samplers()
 
     void free_samplers() noexcept nogil:
+        if this.attached:
+            # the context owns an attached chain (it frees it when it detaches it)
+            this.attached = False
+            this.chain = NULL
         if this.chain != NULL:
             llama.llama_sampler_free(this.chain)
             this.chain = NULL
@@ -145,6 +166,12 @@ cdef cppclass SeqCore:
         # the chain (llama.cpp's objects or llamagen's fast engine), then the grammar check;
         # re-sample with the grammar only on rejection; accept (see _sample_token)
         return _sample_token(this.chain, this.fast, this.grammar, this.n_vocab, logits, cand, -1)
+
+    void attach(bint ok) noexcept nogil:
+        # the outcome of Context._attach for this sequence's chain
+        this.attached = ok
+        if ok:
+            this.engine = ENGINE_BACKEND
 
     void flush() noexcept nogil:
         # move everything held back into the output (the generation is over)
@@ -184,9 +211,10 @@ cdef cppclass SeqCore:
         this.out.append(this.text, 0, n - keep)
         this.text.erase(0, n - keep)
 
-    void consume(const float * logits, llama.llama_token_data * cand) noexcept nogil:
-        # the pending token (if any) has been decoded: sample the next one from `logits`,
-        # produce its text into `out` and decide whether the sequence is finished
+    void consume(llama.llama_context * lctx, int32_t idx, llama.llama_token_data * cand) noexcept nogil:
+        # the pending token (if any) has been decoded: sample the next one from output row `idx`
+        # of the last decode, produce its text into `out` and decide whether the sequence is
+        # finished
         cdef llama.llama_token tok
         cdef char buf[128]
         cdef int32_t n
@@ -195,9 +223,13 @@ cdef cppclass SeqCore:
         if this.pending >= 0:
             this.n_past += 1
             this.pending = -1
-        tok = this.sample(logits, cand)
+        if this.attached:
+            tok = _backend_token(lctx, idx, this.chain, cand)
+        else:
+            tok = this.sample(llama.llama_get_logits_ith(lctx, idx), cand)
         this.t_sample_ns += llamagen_monotonic_ns() - t1
-        if tok == GRAMMAR_DEAD_END:
+        if tok < 0:         # GRAMMAR_DEAD_END or BACKEND_NO_OUTPUT
+            this.error = tok
             this.finish = FINISH_ERROR
             this.flush()
             return
@@ -267,8 +299,11 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
                              f"{ctx._n_vocab}): nothing could be generated")
     if params.sampler_impl == "fast" and _fast_supported(params):
         c.fast = _build_fast(params, ctx._vocab, ctx._n_vocab, n_ctx, seed, _trie_for(ctx.model, params))
+        c.engine = ENGINE_FAST
     else:
         c.chain = _build_chain(params, ctx._vocab, ctx._n_vocab, n_ctx, seed)
+        # "backend": the same chain, attached to the context when the sequence starts decoding
+        c.backend = params.sampler_impl == "backend"
     c.grammar = _build_grammar(params, ctx._vocab)
     return q
 
@@ -321,7 +356,7 @@ cdef class GenerationState:
                 q.flush()
                 self._t_gen_us += llama.llama_time_us() - t0
                 return rc
-        q.consume(llama.llama_get_logits_ith(self._lctx, -1), self._cand.data())
+        q.consume(self._lctx, -1, self._cand.data())
         self._t_gen_us += llama.llama_time_us() - t0
         return 0
 
@@ -356,7 +391,7 @@ cdef class GenerationState:
             check_decode(rc, b"generation step")
         if self._core.finish == FINISH_ERROR:
             self._core.out.clear()
-            raise GrammarError(_dead_end_message(self._core.tokens.size()))
+            raise _seq_failure(self._core)
         return self._seq.take_out()
 
     def __iter__(self):
@@ -398,7 +433,7 @@ cdef class GenerationState:
         if rc != 0:
             check_decode(rc, b"generation")
         if q.finish == FINISH_ERROR:
-            raise GrammarError(_dead_end_message(q.tokens.size()))
+            raise _seq_failure(q)
         return PyUnicode_DecodeUTF8(acc.data(), <Py_ssize_t> acc.size(), NULL)
 
     def end(self):
@@ -414,6 +449,8 @@ cdef class GenerationState:
             self._ended = True
             self._core.out.clear()
             self._core.flush()
+            if self._core.attached and self._context is not None and self._epoch == self._context._epoch:
+                self._context._detach(0)        # the context stops sampling for this state
             self._free_samplers()
             return self._seq.take_out()
         finally:
@@ -465,6 +502,14 @@ cdef class GenerationState:
         return self._core.finish != FINISH_NONE or self._ended
 
     @property
+    def sampler_engine(self):
+        """What chooses the tokens: "fast" (llamagen's engine), "llama.cpp" (llama.cpp's sampler
+        chain on the host) or "backend" (llama.cpp's chain inside the decode graph, on the
+        model's output device).  sampler_impl="backend" runs as "llama.cpp" where llama.cpp
+        cannot attach the chain to the context."""
+        return _ENGINE_NAMES[self._core.engine]
+
+    @property
     def timings(self):
         """prefill_ms; decode_ms (all steps: decode + sampling + detokenizing); sample_ms (the
         sampling part of it); n_tokens; tokens_per_second."""
@@ -487,8 +532,10 @@ cdef class GenerationState:
                 f"finish_reason={self.finish_reason!r}>")
 
 
-cdef int _prefill(Context ctx, vector[llama.llama_token] & toks) except -1:
-    """Clear the KV cache and decode the prompt in n_batch chunks (GIL released, Ctrl-C aware)."""
+cdef int _prefill(Context ctx, vector[llama.llama_token] & toks, SeqCore * q) except -1:
+    """Clear the KV cache and decode the prompt in n_batch chunks (GIL released, Ctrl-C aware).
+    A backend-sampling ``q`` gets its chain attached to sequence 0 before the last chunk (the
+    one whose last token is sampled): earlier chunks sample nothing and draw no random numbers."""
     cdef int32_t n_batch = llama.llama_n_batch(ctx._ctx)
     cdef int32_t i = 0, n, total = <int32_t> toks.size(), rc = 0
     ctx._abort.armed = 1
@@ -501,6 +548,8 @@ cdef int _prefill(Context ctx, vector[llama.llama_token] & toks) except -1:
                 n = total - i
                 if n > n_batch:
                     n = n_batch
+                if i + n == total and q.backend and not q.attached:
+                    q.attach(ctx._attach(0, q.chain))
                 rc = llama.llama_decode(ctx._ctx, llama.llama_batch_get_one(toks.data() + i, n))
                 if rc != 0:
                     break
@@ -552,10 +601,10 @@ def _gen_begin(Context ctx not None, prompt, params, bint add_special=True, bint
     st._cand.resize(ctx._n_vocab)
     ctx._acquire()
     try:
-        ctx._epoch += 1
+        ctx._take_over()
         st._epoch = ctx._epoch
         t0 = llama.llama_time_us()
-        _prefill(ctx, toks)
+        _prefill(ctx, toks, st._core)
         st._t_prefill_us = llama.llama_time_us() - t0
     finally:
         ctx._release()

@@ -6,9 +6,12 @@
 # The grammar sampler is kept out of the chain: the generation step checks the sampled token
 # against it and re-samples with the grammar only when the token is rejected.
 #
-# Two engines run that chain: llama.cpp's own sampler objects (sampler_impl="llama.cpp"), and
+# Three engines run that chain: llama.cpp's own sampler objects (sampler_impl="llama.cpp"),
 # llamagen's own engine (sampler_impl="fast", the default; llamagen/csrc/fast_sampler.h), which
-# selects the same token for the same logits, parameters, seed and history, much faster.
+# selects the same token for the same logits, parameters, seed and history, much faster, and
+# llama.cpp's backend sampling (sampler_impl="backend"): the chain attached to the context runs
+# inside llama_decode's graph on the model's output device (the GPU), as far as its samplers
+# have device implementations; the host finishes the rest from what the device kept.
 
 from libc.math cimport INFINITY
 from llamagen.sampling import SamplingParams
@@ -238,12 +241,69 @@ cdef enum:
     # _sample_token's answer when the grammar allows no token at all (a rule nothing can match:
     # an empty character class, a token id past the vocabulary, every allowed token banned ...)
     GRAMMAR_DEAD_END = -2
+    # _backend_token's answer when the decode left nothing to sample from for that output row
+    BACKEND_NO_OUTPUT = -3
 
 
 def _dead_end_message(n_done):
     return (f"the grammar allows no token after {n_done} generated token(s): a rule that nothing "
             "can match (an empty character class, a token id past the vocabulary, a character "
             "no token contains) or a logit_bias that bans every token the grammar allows")
+
+
+cdef object _seq_failure(SeqCore * q):
+    """The exception for a sequence that ended with FINISH_ERROR."""
+    if q.error == BACKEND_NO_OUTPUT:
+        return LlamaError(f"backend sampling left no token and no logits after {q.tokens.size()} "
+                          "generated token(s) (llama.cpp's sampled outputs were missing)")
+    return GrammarError(_dead_end_message(q.tokens.size()))
+
+
+cdef llama.llama_token _backend_token(llama.llama_context * lctx, int32_t idx,
+                                      llama.llama_sampler * chain,
+                                      llama.llama_token_data * cand) noexcept nogil:
+    """The token backend sampling chose for output row ``idx``, accepted into ``chain`` (penalty
+    history, the RNG's commit).  When the chain has samplers without a device implementation
+    (typical, XTC, DRY, mirostat, ...), the device ran the prefix it could and left candidates:
+    the rest of the chain runs here on them (llama_sampler_apply skips the device's part), as
+    llama.cpp's common_sampler does."""
+    cdef llama.llama_token tok = llama.llama_get_sampled_token_ith(lctx, idx)
+    cdef llama.llama_token_data_array arr
+    cdef const float * lg
+    cdef const float * pr
+    cdef const llama.llama_token * ids
+    cdef uint32_t n, i
+    if tok == llama.LLAMA_TOKEN_NULL:
+        lg = llama.llama_get_sampled_logits_ith(lctx, idx)
+        if lg == NULL:
+            return BACKEND_NO_OUTPUT
+        n = llama.llama_get_sampled_logits_count_ith(lctx, idx)
+        # no candidates (count 0): no sampler on the device filtered, row i is token i
+        ids = llama.llama_get_sampled_candidates_ith(lctx, idx)
+        i = llama.llama_get_sampled_candidates_count_ith(lctx, idx)
+        if i == 0:
+            ids = NULL
+        elif i != n:
+            return BACKEND_NO_OUTPUT
+        pr = llama.llama_get_sampled_probs_ith(lctx, idx)
+        if pr != NULL and llama.llama_get_sampled_probs_count_ith(lctx, idx) != n:
+            pr = NULL
+        if n == 0:
+            return BACKEND_NO_OUTPUT
+        for i in range(n):
+            cand[i].id = ids[i] if ids != NULL else <llama.llama_token> i
+            cand[i].logit = lg[i]
+            cand[i].p = pr[i] if pr != NULL else 0.0
+        arr.data = cand
+        arr.size = n
+        arr.selected = -1
+        arr.sorted = False
+        llama.llama_sampler_apply(chain, &arr)
+        if arr.selected < 0 or <size_t> arr.selected >= arr.size:
+            return BACKEND_NO_OUTPUT
+        tok = arr.data[arr.selected].id
+    llama.llama_sampler_accept(chain, tok)
+    return tok
 
 
 cdef inline bint _grammar_allows(llama.llama_sampler * grammar, llama.llama_token tok) noexcept nogil:
@@ -430,7 +490,7 @@ def _replay_run(Context ctx not None, prompt, driver_params, samplers, int n_ste
         raise ValueError("bad prompt length for this context")
     ctx._acquire()
     try:
-        ctx._epoch += 1
+        ctx._take_over()
         n_batch = llama.llama_n_batch(ctx._ctx)
         llama.llama_memory_clear(llama.llama_get_memory(ctx._ctx), True)
         i = 0

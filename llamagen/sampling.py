@@ -10,7 +10,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 __all__ = ["SamplingParams", "DEFAULT_DRY_BREAKERS", "SAMPLER_IMPLS"]
 
 DEFAULT_DRY_BREAKERS = ("\n", ":", '"', "*")
-SAMPLER_IMPLS = ("fast", "llama.cpp")
+SAMPLER_IMPLS = ("fast", "llama.cpp", "backend")
 
 
 # the C types the values go to: int32_t (llama.cpp's counts, lengths and token ids) and float
@@ -114,8 +114,10 @@ class SamplingParams:
     xtc_threshold: float = 0.1
     top_n_sigma: float = -1.0
     grammar_root: str = "root"
-    # which engine runs the chain: "fast" (llamagen's own, token-identical to llama.cpp's) or
-    # "llama.cpp" (llama.cpp's own sampler objects: the reference, and the fallback)
+    # which engine runs the chain: "fast" (llamagen's own, token-identical to llama.cpp's),
+    # "llama.cpp" (llama.cpp's own sampler objects: the reference, and the fallback) or "backend"
+    # (llama.cpp's backend sampling: the chain runs inside the decode graph on the model's output
+    # device; greedy picks the same tokens, random draws differ from the host engines'; no grammar)
     sampler_impl: str = "fast"
 
     def __post_init__(self):
@@ -206,6 +208,10 @@ class SamplingParams:
         if self.sampler_impl not in SAMPLER_IMPLS:
             raise ValueError(f"sampler_impl must be one of {', '.join(map(repr, SAMPLER_IMPLS))}, "
                              f"got {self.sampler_impl!r}")
+        if self.sampler_impl == "backend" and self.grammar is not None:
+            raise ValueError("a grammar cannot be combined with sampler_impl='backend': llama.cpp's "
+                             "backend sampling has no grammar, and a rejected token would need "
+                             "every logit back on the host (use 'fast')")
 
     @property
     def greedy(self) -> bool:

@@ -280,6 +280,16 @@ cdef extern from "llama.h" nogil:
     float * llama_get_logits(llama_context * ctx)
     float * llama_get_logits_ith(llama_context * ctx, int32_t i)
 
+    # backend sampling [EXPERIMENTAL in llama.h]: the chain attached with llama_set_sampler runs
+    # inside the decode graph; these read what it left for output row i
+    llama_token llama_get_sampled_token_ith(llama_context * ctx, int32_t i)
+    float * llama_get_sampled_probs_ith(llama_context * ctx, int32_t i)
+    uint32_t llama_get_sampled_probs_count_ith(llama_context * ctx, int32_t i)
+    float * llama_get_sampled_logits_ith(llama_context * ctx, int32_t i)
+    uint32_t llama_get_sampled_logits_count_ith(llama_context * ctx, int32_t i)
+    llama_token * llama_get_sampled_candidates_ith(llama_context * ctx, int32_t i)
+    uint32_t llama_get_sampled_candidates_count_ith(llama_context * ctx, int32_t i)
+
     const char * llama_vocab_get_text(const llama_vocab * vocab, llama_token token)
     float llama_vocab_get_score(const llama_vocab * vocab, llama_token token)
     llama_token_attr llama_vocab_get_attr(const llama_vocab * vocab, llama_token token)
@@ -309,6 +319,7 @@ cdef extern from "llama.h" nogil:
     cdef struct llama_sampler:
         pass
 
+    bint llama_set_sampler(llama_context * ctx, llama_seq_id seq_id, llama_sampler * smpl)
     const char * llama_sampler_name(const llama_sampler * smpl)
     void llama_sampler_accept(llama_sampler * smpl, llama_token token)
     void llama_sampler_apply(llama_sampler * smpl, llama_token_data_array * cur_p)
