@@ -59,13 +59,16 @@ def model_path():
 # after the first, over the time after the first token is out.  The first token needs no decode
 # (the prompt's prefill gives its logits), so counting it would flatter a run by n / (n - 1).
 
-def generate_run(ctx, n, chain, **extra):
-    """One generate() of n tokens: (tokens/s as above, the state's timings)."""
+def generate_run(ctx, n, chain, tokens_out=None, **extra):
+    """One generate() of n tokens: (tokens/s as above, the state's timings).  ``tokens_out``: a
+    list to append the generated token ids to; ``extra``: more SamplingParams (sampler_impl)."""
     t0 = time.perf_counter()
     text, st = llamagen._core._generate(ctx, PROMPT, llamagen.SamplingParams(
         max_new_tokens=n, seed=42, ignore_eos=True, **CHAINS[chain], **extra))
     wall = time.perf_counter() - t0 - st.timings["prefill_ms"] / 1e3   # (+ the first token's sampling)
-    return (len(st.tokens) - 1) / wall, st.timings
+    if tokens_out is not None:
+        tokens_out.extend(st.tokens)
+    return (len(st.tokens) - 1) / wall, dict(st.timings, sampler_engine=st.sampler_engine)
 
 
 def llamagen_generate(ctx, n, chain):
@@ -304,15 +307,16 @@ def batched_bench_rows(text):
     return ref
 
 
-def batch_rates(ctx, prompts, n_gen, rounds, chain="default"):
+def batch_rates(ctx, prompts, n_gen, rounds, chain="default", **extra):
     """Generate n_gen tokens for every prompt with one BatchGenerator, rounds + 1 times (round 0
     warms the context up and is not counted).  Returns (generation t/s after every sequence has
-    its first token, total t/s over prompt + generated tokens), one value per counted round."""
+    its first token, total t/s over prompt + generated tokens), one value per counted round.
+    ``extra``: more sampling parameters (sampler_impl)."""
     n_prompt = sum(len(p) for p in prompts)
     tg_rates, all_rates = [], []
     for r in range(rounds + 1):
         batch = llamagen.BatchGenerator(ctx, **CHAINS[chain], max_new_tokens=n_gen, ignore_eos=True,
-                                        seed=42)
+                                        seed=42, **extra)
         ids = [batch.add(p) for p in prompts]
         t0 = time.perf_counter()
         # prefill phase: until every sequence has its first token (one prompt enters per step

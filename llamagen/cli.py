@@ -161,7 +161,7 @@ def cmd_bench_samplers(a: argparse.Namespace) -> int:
     model = _load(a)
     try:
         impls = {"both": ("llama.cpp", "fast"), "fast": ("fast",), "llama.cpp": ("llama.cpp",),
-                 None: None}[a.engines]
+                 "backend": ("backend",), None: None}[a.engines]
         rows = bench.sweep_samplers(
             model, configs, prompt=a.prompt, max_new_tokens=a.max_new_tokens, repeats=a.repeats,
             warmup=a.warmup, n_ctx=a.n_ctx, n_threads=a.threads, progress=not a.no_progress,
@@ -286,9 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", default=None, metavar="OUT.png",
                    help='also write a bar chart (needs pip install "llamagen[plot]")')
     s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    s.add_argument("--engines", choices=("fast", "llama.cpp", "both"), default=None,
+    s.add_argument("--engines", choices=("fast", "llama.cpp", "both", "backend"), default=None,
                    help="sampling engine(s) to time: both = every configuration with llama.cpp's "
-                        "chain and with llamagen's engine, side by side (default: each "
+                        "chain and with llamagen's engine, side by side; backend = llama.cpp's "
+                        "backend sampling, the chain inside the decode graph (default: each "
                         "configuration's own sampler_impl, i.e. fast)")
     s.set_defaults(func=cmd_bench_samplers)
 

@@ -179,7 +179,9 @@ def test_real_model_batch_agrees_with_single_streams(real_model):
     # sequences identical and 86% token agreement.  The batch is deterministic; the late divergences
     # come from batched matrix products rounding differently than one-row products (greedy picks
     # between near-ties flip).  A broken batch (wrong rows, mixed sequences) diverges at token 0.
-    assert min(prefix) >= 12, prefix
+    # On an AVX-512/VNNI machine (2026-11-27) "The speed of light is" diverged at token 5, where
+    # the single stream's top two logits (" vacuum", " a") are 0.19 apart.
+    assert min(prefix) >= 4, prefix
     assert agreement >= 0.75, prefix
     assert sum(p == 32 for p in prefix) >= 4, prefix
 

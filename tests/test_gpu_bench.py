@@ -157,3 +157,22 @@ def test_bytes_per_token_and_report(synth_tiny, tmp_path):
     md = (tmp_path / "RESULTS-gpu.md").read_text()
     assert "## Single stream" in md and "| tiny | 100.0 ± 1.0 | 98.0 | 0.980 |" in md
     assert "3,000 GB/s" in md
+
+
+def test_time_split_measures_every_engine_and_renders(synth_tiny, tmp_path):
+    # the "where the time goes" section: fast, llama.cpp's chain and llama.cpp's backend sampling
+    # on one model (CPU here, the GPU in bench/gpu/run.sh), with each engine's tokens compared
+    import gpu_bench
+    split = gpu_bench.bench_split("tiny", str(synth_tiny[0]), False, None, None)
+    rows = {(r["chain"], r["sampler_impl"]): r for r in split["rows"]}
+    assert {impl for _c, impl in rows} == {"fast", "llama.cpp", "backend"}
+    for (chain, impl), r in rows.items():
+        assert r["engine"] == impl
+        assert r["tokens_per_s"] > 0 and 0 <= r["sample_ms"] <= r["step_ms"]
+    # greedy is an argmax whichever side computes it; llama.cpp's chain is token-identical to fast
+    assert rows[("greedy", "backend")]["same_tokens_as_fast"] == 1.0
+    assert rows[("default", "llama.cpp")]["same_tokens_as_fast"] == 1.0
+    res = gpu_bench.Results(str(tmp_path))
+    res.set("split", {"tiny": split})
+    md = (tmp_path / "RESULTS-gpu.md").read_text()
+    assert "## Where the time goes per token" in md and "| tiny | greedy | backend |" in md

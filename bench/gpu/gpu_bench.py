@@ -454,13 +454,17 @@ def bench_batch(preset, path, gpu, npls, rounds, deadline):
             ctx = llamagen.Context(m, n_ctx=n_ctx, n_batch=2048, n_ubatch=512, n_seq_max=npl)
             prompts = _prompts_32(m, npl)
             tg_rates, all_rates = batch_rates(ctx, prompts, BATCH_GEN, rounds)
+            # the same with llama.cpp's backend sampling: no logits rows copied to the host
+            be_rates, _ = batch_rates(ctx, prompts, BATCH_GEN, max(1, rounds - 1), sampler_impl="backend")
             ctx.close()
             rf = ref.get(npl, {})
             tg = median(tg_rates)
             rows.append(dict(npl=npl, llamagen_tg=tg, llamagen_total=median(all_rates),
+                             llamagen_tg_backend=median(be_rates),
                              batched_bench_tg=rf.get("speed_tg"), batched_bench_total=rf.get("speed"),
                              ratio_tg=tg / rf["speed_tg"] if rf.get("speed_tg") else None))
-            log(f"  {preset} batch {npl}: llamagen {fmt(tg)} t/s, batched-bench {fmt(rf.get('speed_tg'))}")
+            log(f"  {preset} batch {npl}: llamagen {fmt(tg)} t/s (backend sampling "
+                f"{fmt(median(be_rates))}), batched-bench {fmt(rf.get('speed_tg'))}")
             if time.time() > deadline:
                 log("  deadline reached: remaining batch sizes skipped")
                 break
@@ -470,7 +474,10 @@ def bench_batch(preset, path, gpu, npls, rounds, deadline):
 
 
 def bench_split(preset, path, gpu, bw, single):
-    """Per token: the whole step, sampling (CPU), and the rest (decode + logits to host)."""
+    """Per token: the whole step, sampling (CPU), and the rest (decode + logits to host), for
+    each engine: llamagen's fast one, llama.cpp's chain on the host, and llama.cpp's backend
+    sampling (the chain in the decode graph on the GPU: no logits copied; its 'sampling' is only
+    reading the token), with whether each picked the fast engine's tokens."""
     import llamagen
     from run import CHAINS, generate_run
     m = llamagen.Model(path, n_gpu_layers=-1 if gpu else 0)
@@ -478,14 +485,19 @@ def bench_split(preset, path, gpu, bw, single):
     rows = []
     try:
         for chain in CHAINS:
-            for impl in ("fast", "llama.cpp"):
+            ref = None
+            for impl in ("fast", "llama.cpp", "backend"):
                 generate_run(ctx, 8, chain, sampler_impl=impl)
-                _tps, t = generate_run(ctx, N_GEN, chain, sampler_impl=impl)
+                toks = []
+                tps, t = generate_run(ctx, N_GEN, chain, tokens_out=toks, sampler_impl=impl)
+                ref = toks if ref is None else ref
                 n = t["n_tokens"]
                 step = t["decode_ms"] / n
                 sample = t["sample_ms"] / n
-                rows.append(dict(chain=chain, sampler_impl=impl, step_ms=step, sample_ms=sample,
-                                 decode_and_logits_ms=step - sample, sample_share=sample / step))
+                rows.append(dict(chain=chain, sampler_impl=impl, engine=t["sampler_engine"],
+                                 tokens_per_s=tps, step_ms=step, sample_ms=sample,
+                                 decode_and_logits_ms=step - sample, sample_share=sample / step,
+                                 same_tokens_as_fast=sum(a == b for a, b in zip(toks, ref)) / len(ref)))
     finally:
         ctx.close()
         m.close()
@@ -647,27 +659,34 @@ def render(d):
     split = d.get("split") or {}
     if split:
         lines += ["## Where the time goes per token (single stream, 128k vocabulary)", "",
-                  "| model | chain | sampler | step ms | sampling ms (CPU) | decode + logits to host ms | "
-                  "sampling share | llama-bench ms/token |", "|---|---|---|---|---|---|---|---|"]
+                  "| model | chain | sampler | t/s | step ms | sampling ms (CPU) | decode + logits to host ms | "
+                  "sampling share | same tokens as fast | llama-bench ms/token |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for p, s in split.items():
             for r in s["rows"]:
-                lines.append(f"| {p} | {r['chain']} | {r['sampler_impl']} | {r['step_ms']:.3f} | "
+                lines.append(f"| {p} | {r['chain']} | {r.get('engine', r['sampler_impl'])} | "
+                             f"{fmt(r.get('tokens_per_s'))} | {r['step_ms']:.3f} | "
                              f"{r['sample_ms']:.3f} | {r['decode_and_logits_ms']:.3f} | "
-                             f"{pct(r['sample_share'])} | {fmt(s.get('llama_bench_ms_per_token'), 3)} |")
+                             f"{pct(r['sample_share'])} | {pct(r.get('same_tokens_as_fast'))} | "
+                             f"{fmt(s.get('llama_bench_ms_per_token'), 3)} |")
         lines += ["", "The logits copy itself (measured above) is part of 'decode + logits to host'; "
-                  "llama-bench's per-token time includes it too (its tg decodes with an output row).", ""]
+                  "llama-bench's per-token time includes it too (its tg decodes with an output row).  "
+                  "'backend' is llama.cpp's backend sampling (sampler_impl=\"backend\"): the chain runs "
+                  "in the decode graph and no logits reach the host, so its step is decode + device "
+                  "sampling.", ""]
     batch = d.get("batch") or {}
     if batch:
         lines += [f"## Batched generation ({BATCH_PROMPT}-token prompts, {BATCH_GEN} new tokens each, "
                   "default chain)", "",
                   "| model | sequences | llamagen t/s (sampling included) | llama-batched-bench speed_tg "
-                  "(no sampling) | ratio | llamagen total t/s | batched-bench total |",
-                  "|---|---|---|---|---|---|---|"]
+                  "(no sampling) | ratio | llamagen t/s, backend sampling | llamagen total t/s | "
+                  "batched-bench total |",
+                  "|---|---|---|---|---|---|---|---|"]
         for p, b in batch.items():
             for r in b["rows"]:
                 lines.append(f"| {p} | {r['npl']} | {fmt(r['llamagen_tg'])} | {fmt(r['batched_bench_tg'])} | "
-                             f"{fmt(r['ratio_tg'], 3)} | {fmt(r['llamagen_total'])} | "
-                             f"{fmt(r['batched_bench_total'])} |")
+                             f"{fmt(r['ratio_tg'], 3)} | {fmt(r.get('llamagen_tg_backend'))} | "
+                             f"{fmt(r['llamagen_total'])} | {fmt(r['batched_bench_total'])} |")
         lines += [f"- {p}: llama-batched-bench failed: {b['batched_bench_error']}" for p, b in batch.items()
                   if b.get("batched_bench_error")]
         lines += ["", "Target: >= 0.9x llama-batched-bench with sampling.", ""]
