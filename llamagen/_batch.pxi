@@ -188,11 +188,12 @@ cdef class BatchGenerator:
         cdef int32_t slot = q.c.slot
         if slot < 0:
             return
-        llama.llama_memory_seq_rm(llama.llama_get_memory(self._context._ctx), slot, -1, -1)
-        if q.c.attached:
-            self._context._detach(slot)       # frees the chain; q's pointer to it is dropped
-            q.c.attached = False
-            q.c.chain = NULL
+        if self._epoch == self._context._epoch:
+            # (a stale batch no longer owns the context: its cells and chains were taken over)
+            llama.llama_memory_seq_rm(llama.llama_get_memory(self._context._ctx), slot, -1, -1)
+            if q.c.attached:
+                self._context._detach(slot)       # frees the chain
+        q.c.drop_attached()
         self._slots[slot] = None
         q.c.slot = -1
 

@@ -147,11 +147,14 @@ cdef cppclass SeqCore:
     __dealloc__():
         this.free_samplers()
 
-    void free_samplers() noexcept nogil:
+    void drop_attached() noexcept nogil:
+        # forget an attached chain: the context owns it (and frees it when it detaches it)
         if this.attached:
-            # the context owns an attached chain (it frees it when it detaches it)
             this.attached = False
             this.chain = NULL
+
+    void free_samplers() noexcept nogil:
+        this.drop_attached()
         if this.chain != NULL:
             llama.llama_sampler_free(this.chain)
             this.chain = NULL

@@ -152,3 +152,21 @@ def test_real_model_backend_sampling(real_ctx, kw):
         assert back.tokens == fast.tokens and tb == tf
     again, ta = _run(real_ctx, PROMPT, "backend", max_new_tokens=48, **kw)
     assert again.tokens == back.tokens and ta == tb
+
+
+def test_cancelling_in_a_stale_batch_leaves_the_new_owner_alone(tiny_model):
+    # a batch replaced by a newer generation must not free that generation's chain or KV cells
+    with llamagen.Context(tiny_model, n_ctx=512, n_seq_max=2) as ctx:
+        ref, _ = _run(ctx, TINY_PROMPT, "backend", max_new_tokens=20, seed=9)
+        batch = llamagen.BatchGenerator(ctx, sampler_impl="backend", max_new_tokens=20)
+        sid = batch.add("a dog")
+        batch.step()                               # sid holds slot 0 with its chain attached
+        st = llamagen.gen_begin(ctx, TINY_PROMPT, sampler_impl="backend", max_new_tokens=20,
+                                seed=9, ignore_eos=True)
+        first = next(st)
+        batch.cancel(sid)                          # stale: must not touch slot 0 any more
+        text = first + "".join(st) + st.end()
+        assert st.tokens == ref.tokens
+        assert isinstance(text, str)
+        with pytest.raises(llamagen.StaleStateError):
+            batch.step()
