@@ -74,3 +74,17 @@ def real_model(real_model_path):
     model = llamagen.Model(real_model_path)
     yield model
     model.close()
+
+
+# -- one context per test module ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_ctx(tiny_model):
+    with llamagen.Context(tiny_model, n_ctx=512) as ctx:
+        yield ctx
+
+
+@pytest.fixture(scope="module")
+def real_ctx(real_model):
+    with llamagen.Context(real_model, n_ctx=1024) as ctx:
+        yield ctx

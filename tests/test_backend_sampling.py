@@ -15,18 +15,6 @@ PROMPT = "The three most important inventions in history are"
 TINY_PROMPT = "the cat"
 
 
-@pytest.fixture(scope="module")
-def tiny_ctx(tiny_model):
-    with llamagen.Context(tiny_model, n_ctx=256) as ctx:
-        yield ctx
-
-
-@pytest.fixture(scope="module")
-def real_ctx(real_model):
-    with llamagen.Context(real_model, n_ctx=512) as ctx:
-        yield ctx
-
-
 def _run(ctx, prompt, impl, **kw):
     kw.setdefault("ignore_eos", True)
     st = llamagen.gen_begin(ctx, prompt, sampler_impl=impl, **kw)
@@ -170,3 +158,19 @@ def test_cancelling_in_a_stale_batch_leaves_the_new_owner_alone(tiny_model):
         assert isinstance(text, str)
         with pytest.raises(llamagen.StaleStateError):
             batch.step()
+
+
+@pytest.mark.skipif(not llamagen.build_info()["gpu_offload"],
+                    reason="needs a GPU build (bench/gpu/run.sh runs the suite with one)")
+def test_fully_offloaded_model_samples_on_the_gpu(tiny_model_path):
+    # every layer and the output on the GPU: the chain runs there and greedy still picks the
+    # host engine's tokens
+    with llamagen.Model(tiny_model_path, n_gpu_layers=-1) as model, \
+            llamagen.Context(model, n_ctx=256) as ctx:
+        fast, _ = _run(ctx, TINY_PROMPT, "fast", temp=0.0, max_new_tokens=32)
+        back, _ = _run(ctx, TINY_PROMPT, "backend", temp=0.0, max_new_tokens=32)
+        assert back.sampler_engine == "backend"
+        assert back.tokens == fast.tokens
+        a, _ = _run(ctx, TINY_PROMPT, "backend", max_new_tokens=32, seed=1)
+        b, _ = _run(ctx, TINY_PROMPT, "backend", max_new_tokens=32, seed=1)
+        assert a.tokens == b.tokens

@@ -44,18 +44,6 @@ def stream(ctx, prompt, **kw):
     return chunks, tail, st
 
 
-@pytest.fixture(scope="module")
-def tiny_ctx(tiny_model):
-    with llamagen.Context(tiny_model, n_ctx=512) as ctx:
-        yield ctx
-
-
-@pytest.fixture(scope="module")
-def real_ctx(real_model):
-    with llamagen.Context(real_model, n_ctx=1024) as ctx:
-        yield ctx
-
-
 def byte_token(model, value):
     text = f"<0x{value:02X}>"
     for i in range(model.n_vocab):
