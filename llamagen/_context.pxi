@@ -148,7 +148,7 @@ cdef class Context:
             self._ctx = NULL
             if self.model is not None:
                 self.model._release_user()
-        self._free_attached()
+        self._detach_all()
         if self._lock != NULL:
             PyThread_free_lock(self._lock)
             self._lock = NULL
@@ -179,10 +179,8 @@ cdef class Context:
     cdef void _take_over(self) noexcept nogil:
         """A new user of the context (lock held): earlier states and batches become stale and
         the sampler chains they attached stop sampling."""
-        cdef size_t i
         self._epoch += 1
-        for i in range(self._attached.size()):
-            self._detach(<int32_t> i)
+        self._detach_all()
 
     cdef bint _attach(self, int32_t seq, llama.llama_sampler * chain) noexcept nogil:
         """Backend sampling (lock held): llama_decode samples sequence ``seq`` with ``chain`` in
@@ -195,7 +193,8 @@ cdef class Context:
         return True
 
     cdef void _detach(self, int32_t seq) noexcept nogil:
-        """Stop backend sampling for ``seq`` and free its chain (lock held).  No-op when none."""
+        """Stop backend sampling for ``seq`` and free its chain (lock held).  No-op when none;
+        after llama_free (``_ctx`` NULL) it only frees the chain."""
         cdef llama.llama_sampler * chain
         if seq < 0 or <size_t> seq >= self._attached.size() or self._attached[seq] == NULL:
             return
@@ -205,13 +204,10 @@ cdef class Context:
             llama.llama_set_sampler(self._ctx, seq, NULL)
         llama.llama_sampler_free(chain)
 
-    cdef void _free_attached(self) noexcept nogil:
-        """After llama_free: the chains llama.cpp pointed at can go."""
+    cdef void _detach_all(self) noexcept nogil:
         cdef size_t i
         for i in range(self._attached.size()):
-            if self._attached[i] != NULL:
-                llama.llama_sampler_free(self._attached[i])
-                self._attached[i] = NULL
+            self._detach(<int32_t> i)
 
     cdef int _check(self) except -1:
         if self._ctx == NULL:
@@ -226,7 +222,7 @@ cdef class Context:
         try:
             llama.llama_free(self._ctx)
             self._ctx = NULL
-            self._free_attached()
+            self._detach_all()             # (only frees: the llama context is gone)
             self._epoch += 1
             self.model._release_user()
         finally:

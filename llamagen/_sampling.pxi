@@ -272,7 +272,7 @@ cdef llama.llama_token _backend_token(llama.llama_context * lctx, int32_t idx,
     cdef const float * lg
     cdef const float * pr
     cdef const llama.llama_token * ids
-    cdef uint32_t n, i
+    cdef uint32_t n, n_ids, i
     if tok == llama.LLAMA_TOKEN_NULL:
         lg = llama.llama_get_sampled_logits_ith(lctx, idx)
         if lg == NULL:
@@ -280,10 +280,10 @@ cdef llama.llama_token _backend_token(llama.llama_context * lctx, int32_t idx,
         n = llama.llama_get_sampled_logits_count_ith(lctx, idx)
         # no candidates (count 0): no sampler on the device filtered, row i is token i
         ids = llama.llama_get_sampled_candidates_ith(lctx, idx)
-        i = llama.llama_get_sampled_candidates_count_ith(lctx, idx)
-        if i == 0:
+        n_ids = llama.llama_get_sampled_candidates_count_ith(lctx, idx)
+        if n_ids == 0:
             ids = NULL
-        elif i != n:
+        elif n_ids != n:
             return BACKEND_NO_OUTPUT
         pr = llama.llama_get_sampled_probs_ith(lctx, idx)
         if pr != NULL and llama.llama_get_sampled_probs_count_ith(lctx, idx) != n:

@@ -86,8 +86,8 @@ def test_dropped_state_and_closed_context_do_not_crash(tiny_model):
     next(st)
     del st                        # dropped while attached: the context frees the chain later
     gc.collect()
-    _, text = _run(ctx, TINY_PROMPT, "backend", max_new_tokens=5)
-    assert isinstance(text, str)
+    again, _ = _run(ctx, TINY_PROMPT, "backend", max_new_tokens=5)
+    assert again.sampler_engine == "backend" and len(again.tokens) == 5
     ctx.close()
 
 
@@ -151,11 +151,11 @@ def test_cancelling_in_a_stale_batch_leaves_the_new_owner_alone(tiny_model):
         batch.step()                               # sid holds slot 0 with its chain attached
         st = llamagen.gen_begin(ctx, TINY_PROMPT, sampler_impl="backend", max_new_tokens=20,
                                 seed=9, ignore_eos=True)
-        first = next(st)
+        next(st)
         batch.cancel(sid)                          # stale: must not touch slot 0 any more
-        text = first + "".join(st) + st.end()
+        "".join(st)
+        st.end()
         assert st.tokens == ref.tokens
-        assert isinstance(text, str)
         with pytest.raises(llamagen.StaleStateError):
             batch.step()
 
