@@ -1,0 +1,120 @@
+"""Anthropic's Messages API: /v1/messages and /v1/messages/count_tokens.
+
+Usage follows Anthropic's accounting: ``input_tokens`` are the prompt tokens that were computed,
+``cache_read_input_tokens`` those taken from the prefix cache (their sum is the prompt length).
+"""
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import StreamingResponse
+
+from llamagen.server import sse
+from llamagen.server.app import get_engine, get_state
+from llamagen.server.auth import require_api_key
+from llamagen.server.errors import APIError, InvalidRequest, Overloaded, error_body
+from llamagen.server.models import CountTokensRequest, MessagesRequest
+from llamagen.server.translate import (
+    CHAT_PARSE_SPECIAL, anthropic_messages, anthropic_stop, generation_error, render_chat,
+    sampling_kwargs,
+)
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+def _prompt(engine, body) -> str:
+    if body.tools:
+        raise InvalidRequest("tools are not supported", param="tools")
+    return render_chat(engine, anthropic_messages(body.system, body.messages))
+
+
+def _usage(source: sse.ChunkSource) -> dict:
+    p, c, cached = source.usage()
+    return {"input_tokens": p - cached, "output_tokens": c,
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+
+
+def _unfinished(reason: str) -> APIError:
+    if reason == "cancelled":
+        return Overloaded("the request was cancelled: the server is shutting down")
+    return APIError("generation failed")
+
+
+@router.post("/v1/messages")
+async def messages(body: MessagesRequest, request: Request, engine=Depends(get_engine)):
+    st = get_state(request)
+    prompt = _prompt(engine, body)
+    kwargs, origin = sampling_kwargs(body, seed=None)
+    timer = st.metrics.timer()
+    source = await sse.open_source(engine, [prompt], kwargs, origin, prompt_param="messages",
+                                   add_special=True, parse_special=CHAT_PARSE_SPECIAL)
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    if body.stream:
+        return StreamingResponse(_stream(source, request.url.path, timer, st, msg_id),
+                                 media_type="text/event-stream", headers=sse.SSE_HEADERS)
+    try:
+        got = await sse.until_disconnect(request, sse.collect(source, timer))
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise generation_error(e) from None
+    reason = got.finish.get((0, 0))
+    if reason in ("cancelled", "error"):
+        raise _unfinished(reason)
+    stop_sequence = got.stop_sequence.get((0, 0))
+    return {"id": msg_id, "type": "message", "role": "assistant", "model": st.model_name,
+            "content": [{"type": "text", "text": "".join(got.texts.get((0, 0), []))}],
+            "stop_reason": anthropic_stop(reason, stop_sequence),
+            "stop_sequence": stop_sequence if reason == "stop" else None,
+            "usage": _usage(source)}
+
+
+async def _stream(source: sse.ChunkSource, path: str, timer, st, msg_id: str):
+    """message_start, one text block (start, deltas, stop), message_delta, message_stop; the
+    official client dispatches on the ``event:`` line and drops data-only frames."""
+    ev = sse.event
+    stream = source.streams[0]
+    n_out = 0
+    try:
+        yield ev("message_start", {"type": "message_start", "message": {
+            "id": msg_id, "type": "message", "role": "assistant", "model": st.model_name,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            # the cached share is known only at the end: message_delta carries the final split
+            "usage": {"input_tokens": stream.n_prompt_tokens, "output_tokens": 0}}})
+        yield ev("content_block_start", {"type": "content_block_start", "index": 0,
+                                         "content_block": {"type": "text", "text": ""}})
+        reason = stop_sequence = None
+        async for item in source.events(st.ping_interval):
+            if item is sse.Tick:
+                yield sse.PING
+                continue
+            _, c = item
+            timer.chunk(0, c)
+            n_out += len(c.token_ids)
+            if c.finish_reason in ("cancelled", "error"):
+                raise _unfinished(c.finish_reason)
+            if c.text:
+                yield ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                 "delta": {"type": "text_delta", "text": c.text}})
+            if c.finish_reason is not None:
+                reason, stop_sequence = c.finish_reason, c.stop_sequence
+        timer.done()
+        yield ev("content_block_stop", {"type": "content_block_stop", "index": 0})
+        yield ev("message_delta", {
+            "type": "message_delta",
+            "delta": {"stop_reason": anthropic_stop(reason, stop_sequence),
+                      "stop_sequence": stop_sequence if reason == "stop" else None},
+            "usage": _usage(source)})
+        yield ev("message_stop", {"type": "message_stop"})
+    except Exception as e:  # noqa: BLE001 - the stream has started: one error event, then end
+        yield ev("error", error_body(path, generation_error(e)))
+    finally:
+        await source.aclose()
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(body: CountTokensRequest, engine=Depends(get_engine)):
+    prompt = _prompt(engine, body)
+    tokens = engine.tokenize(prompt, add_special=True, parse_special=CHAT_PARSE_SPECIAL)
+    return {"input_tokens": len(tokens)}

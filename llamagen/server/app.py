@@ -1,0 +1,264 @@
+"""The FastAPI application: ``create_app`` builds it around a ``llamagen.AsyncEngine``.
+
+Routes (see docs/server.md): OpenAI's /v1/completions and /v1/chat/completions, Anthropic's
+/v1/messages and /v1/messages/count_tokens, /v1/models, /health, /metrics, /tokenize,
+/detokenize.  Every route but /health needs the API key when keys are configured.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Callable, Iterable, Optional
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from starlette.responses import JSONResponse, Response
+
+from llamagen.server.auth import require_api_key
+from llamagen.server.errors import (
+    InvalidRequest, NotFound, Overloaded, PayloadTooLarge, dumps, error_body, install_handlers,
+)
+from llamagen.server.metrics import CONTENT_TYPE, Metrics
+from llamagen.server.models import DetokenizeRequest, TokenizeRequest
+
+log = logging.getLogger("llamagen.server")
+
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20   # far above any prompt a 2**31-token context could hold as JSON
+DEFAULT_PING_INTERVAL = 15.0
+
+
+class ServerState:
+    """What the routes share, at ``app.state.llamagen``."""
+
+    def __init__(self, *, engine, model_name: str, api_keys: Iterable[str], ping_interval: float):
+        self.engine = engine
+        self.load_error: Optional[BaseException] = None
+        self.model_name = model_name
+        self.api_keys = tuple(k.encode() for k in api_keys)
+        self.ping_interval = ping_interval
+        self.created = int(time.time())
+        self.metrics = Metrics(model_name, lambda: self.engine)
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.llamagen
+
+
+def get_engine(request: Request):
+    """The engine, or 503 while it is being created."""
+    st = get_state(request)
+    if st.engine is None:
+        if st.load_error is not None:
+            raise Overloaded(f"the model failed to load: {st.load_error}", retry_after=60)
+        raise Overloaded("the model is loading", retry_after=5, code="loading")
+    return st.engine
+
+
+class _BodyLimit:
+    """Reject a body over ``max_bytes`` with 413 before any route reads it, and count error
+    responses for /metrics.  Plain ASGI: the body is buffered (bounded) and replayed, and later
+    ``receive`` calls go to the server, so disconnects still reach the routes."""
+
+    def __init__(self, app, max_bytes: int, state: ServerState):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.state = state
+
+    async def _reject(self, scope, send, status_cls, message):
+        err = status_cls(message)
+        body = dumps(error_body(scope.get("path", ""), err))
+        await send({"type": "http.response.start", "status": err.status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+        self.state.metrics.http_error(err.status)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_bytes
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    return await self._reject(scope, send, InvalidRequest, "invalid Content-Length")
+                if declared > limit:
+                    return await self._reject(
+                        scope, send, PayloadTooLarge,
+                        f"request body of {declared} bytes is over the limit of {limit} bytes")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":   # a disconnect before the body ended
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                return await self._reject(scope, send, PayloadTooLarge,
+                                          f"request body is over the limit of {limit} bytes")
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        metrics = self.state.metrics
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                metrics.http_error(message["status"])
+            await send(message)
+
+        await self.app(scope, replay, counting_send)
+
+
+def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = None,
+               model_name: Optional[str] = None, api_keys: Iterable[str] = (),
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               ping_interval: float = DEFAULT_PING_INTERVAL,
+               on_fatal: Optional[Callable[[BaseException], None]] = None,
+               close_engine: Optional[bool] = None) -> FastAPI:
+    """The server app.
+
+    Give either a ready ``engine`` (an AsyncEngine, closed at shutdown only if ``close_engine``)
+    or an ``engine_factory`` called in a worker thread at startup (the server answers /health
+    with 503 until it returns; the engine it makes is closed at shutdown).  ``on_fatal`` is
+    called with the factory's exception if it fails.  ``api_keys``: accepted keys (none: no
+    check).  ``ping_interval``: seconds without a chunk before a stream gets a ``: ping``.
+    """
+    if (engine is None) == (engine_factory is None):
+        raise TypeError("create_app needs exactly one of engine and engine_factory")
+    if close_engine is None:
+        close_engine = engine is None
+    if model_name is None:
+        model_name = _default_name(engine) if engine is not None else "llamagen"
+    keys = [k for k in api_keys]
+    for k in keys:
+        if not isinstance(k, str) or not k:
+            raise ValueError("API keys must be non-empty strings")
+    state = ServerState(engine=engine, model_name=model_name, api_keys=keys,
+                        ping_interval=ping_interval)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loading = None
+        if state.engine is None:
+            loading = asyncio.ensure_future(_load(state, engine_factory, on_fatal))
+        try:
+            yield
+        finally:
+            # shielded: uvicorn may be cancelling us, and the engine thread must still stop
+            with anyio.CancelScope(shield=True):
+                if loading is not None:
+                    await loading          # a factory in a thread cannot be interrupted
+                if close_engine and state.engine is not None:
+                    await state.engine.aclose()
+
+    app = FastAPI(title="llamagen", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.llamagen = state
+    install_handlers(app)
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes, state=state)
+
+    from llamagen.server import anthropic, openai   # noqa: PLC0415 - they import this module
+    app.include_router(_public)
+    app.include_router(_protected)
+    app.include_router(openai.router)
+    app.include_router(anthropic.router)
+    return app
+
+
+def _default_name(engine) -> str:
+    import os
+    path = getattr(engine.model, "path", None)
+    return os.path.basename(path) if path else "llamagen"
+
+
+async def _load(state: ServerState, factory, on_fatal) -> None:
+    t0 = time.perf_counter()
+    try:
+        engine = await asyncio.to_thread(factory)
+    except BaseException as e:   # noqa: BLE001 - reported, and the server told to exit
+        state.load_error = e
+        log.error("llamagen: the engine could not be created: %s", e)
+        if on_fatal is not None:
+            on_fatal(e)
+        return
+    state.engine = engine
+    log.info("llamagen: engine ready in %.1f s (n_ctx %s, %s parallel sequences)",
+             time.perf_counter() - t0, getattr(engine, "n_ctx", "?"),
+             getattr(engine, "n_parallel", "?"))
+
+
+# -- routes without generation --------------------------------------------------------------
+
+_public = APIRouter()
+_protected = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@_public.get("/health")
+async def health(request: Request):
+    st = get_state(request)
+    if st.engine is not None:
+        return {"status": "ok"}
+    status = "error" if st.load_error is not None else "loading"
+    return JSONResponse({"status": status}, status_code=503,
+                        headers={"Retry-After": "5"})
+
+
+def _model_card(st: ServerState) -> dict:
+    card = {"id": st.model_name, "object": "model", "created": st.created, "owned_by": "llamagen"}
+    e = st.engine
+    if e is not None:
+        m = e.model
+        card["meta"] = {"n_ctx": e.n_ctx, "n_parallel": e.n_parallel, "n_vocab": m.n_vocab,
+                        "n_ctx_train": m.n_ctx_train, "description": m.description}
+    return card
+
+
+@_protected.get("/v1/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": [_model_card(get_state(request))]}
+
+
+@_protected.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request):
+    st = get_state(request)
+    if model_id != st.model_name:
+        raise NotFound(f"model {model_id!r} not found; this server serves {st.model_name!r}",
+                       param="model", code="model_not_found")
+    return _model_card(st)
+
+
+@_protected.get("/metrics")
+async def metrics(request: Request):
+    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@_protected.post("/tokenize")
+async def tokenize(body: TokenizeRequest, engine=Depends(get_engine)):
+    tokens = engine.tokenize(body.content, add_special=body.add_special,
+                             parse_special=body.parse_special)
+    if not body.with_pieces:
+        return {"tokens": tokens}
+    return {"tokens": [{"id": t, "piece": engine.detokenize([t])} for t in tokens]}
+
+
+@_protected.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, engine=Depends(get_engine)):
+    n_vocab = engine.model.n_vocab
+    for i, t in enumerate(body.tokens):
+        if not 0 <= t < n_vocab:
+            raise InvalidRequest(f"tokens[{i}] = {t} is not a token id (0 to {n_vocab - 1})",
+                                 param=f"tokens[{i}]")
+    return {"content": engine.detokenize(body.tokens)}

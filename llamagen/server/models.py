@@ -1,0 +1,133 @@
+"""Request bodies, as pydantic models.
+
+Strict types (``"yes"`` is not a bool, ``true`` is not a number), unknown fields ignored (clients
+send many).  Ranges are not repeated here: ``llamagen.SamplingParams`` checks every sampling field
+and its errors, which name the field, become 400s.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class LlamagenSampling(_Body):
+    """llamagen's own sampling fields, accepted at the top level of every generation request
+    (the llama-server / vLLM convention).  See llamagen.SamplingParams for their meaning."""
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    typical_p: Optional[float] = None
+    repeat_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None      # vLLM's name for repeat_penalty
+    repeat_last_n: Optional[int] = None
+    mirostat: Optional[int] = None
+    mirostat_tau: Optional[float] = None
+    mirostat_eta: Optional[float] = None
+    grammar: Optional[str] = None
+    grammar_root: Optional[str] = None
+    ignore_eos: Optional[bool] = None
+    min_keep: Optional[int] = None
+    dynatemp_range: Optional[float] = None
+    dynatemp_exponent: Optional[float] = None
+    dry_multiplier: Optional[float] = None
+    dry_base: Optional[float] = None
+    dry_allowed_length: Optional[int] = None
+    dry_penalty_last_n: Optional[int] = None
+    dry_sequence_breakers: Optional[List[str]] = None
+    xtc_probability: Optional[float] = None
+    xtc_threshold: Optional[float] = None
+    top_n_sigma: Optional[float] = None
+    sampler_impl: Optional[str] = None
+    seed: Optional[int] = None
+
+
+class StreamOptions(_Body):
+    include_usage: Optional[bool] = None
+
+
+class OpenAISampling(LlamagenSampling):
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: int = 1
+    stop: Optional[Union[str, List[str]]] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+
+
+class CompletionRequest(OpenAISampling):
+    prompt: Union[str, List[str], List[int], List[List[int]]]
+    echo: Optional[bool] = None
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+    logprobs: Optional[int] = None
+
+
+class ContentPart(_Body):
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: Optional[Union[str, List[ContentPart]]] = None
+    name: Optional[str] = None
+    tool_calls: Optional[List[Any]] = None
+
+
+class ChatCompletionRequest(OpenAISampling):
+    messages: List[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    response_format: Optional[dict[str, Any]] = None
+    tools: Optional[List[Any]] = None
+
+
+class TextBlock(_Body):
+    type: str
+    text: Optional[str] = None
+
+
+class AnthropicMessage(_Body):
+    role: str
+    content: Union[str, List[TextBlock]]
+
+
+class MessagesRequest(LlamagenSampling):
+    model: Optional[str] = None
+    messages: List[AnthropicMessage] = Field(min_length=1)
+    system: Optional[Union[str, List[TextBlock]]] = None
+    max_tokens: int
+    stop_sequences: Optional[List[str]] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stream: Optional[bool] = False
+    tools: Optional[List[Any]] = None
+
+
+class CountTokensRequest(_Body):
+    model: Optional[str] = None
+    messages: List[AnthropicMessage] = Field(min_length=1)
+    system: Optional[Union[str, List[TextBlock]]] = None
+    tools: Optional[List[Any]] = None
+
+
+class TokenizeRequest(_Body):
+    content: str
+    add_special: bool = False        # llama-server's defaults
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Body):
+    tokens: List[int]

@@ -1,0 +1,196 @@
+"""OpenAI's /v1/completions and /v1/chat/completions."""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Optional
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import StreamingResponse
+
+from llamagen.server import sse
+from llamagen.server.app import get_engine, get_state
+from llamagen.server.auth import require_api_key
+from llamagen.server.errors import APIError, InvalidRequest, Overloaded, error_body
+from llamagen.server.models import ChatCompletionRequest, CompletionRequest
+from llamagen.server.translate import (
+    CHAT_PARSE_SPECIAL, generation_error, openai_finish, openai_messages, render_chat,
+    sampling_kwargs,
+)
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's documented default for /v1/completions
+
+
+def _usage(source: sse.ChunkSource) -> dict:
+    p, c, cached = source.usage()
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _unfinished_error(reason: str) -> APIError:
+    if reason == "cancelled":
+        return Overloaded("the request was cancelled: the server is shutting down",
+                          code="shutting_down")
+    return APIError("generation failed")
+
+
+def _check_finish(c) -> None:
+    if c.finish_reason in ("cancelled", "error"):
+        raise _unfinished_error(c.finish_reason)
+
+
+def _prompts(prompt) -> list:
+    """The prompts of a completions request: a str, a list of str, a list of token ids or a
+    list of lists of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequest("prompt must not be empty", param="prompt")
+    if isinstance(prompt[0], int):
+        return [prompt]
+    for i, p in enumerate(prompt):
+        if not isinstance(p, str) and not p:
+            raise InvalidRequest(f"prompt[{i}] must not be empty", param="prompt")
+    return list(prompt)
+
+
+def _include_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _sse(gen) -> StreamingResponse:
+    return StreamingResponse(gen, media_type="text/event-stream", headers=sse.SSE_HEADERS)
+
+
+async def _stream(source: sse.ChunkSource, path: str, timer, ping: float, include_usage: bool,
+                  base: dict, make_choice, head=()):
+    """The SSE body shared by both routes: ``head`` chunks, one chunk per engine chunk with text
+    or a finish reason, the usage chunk if asked, [DONE]; or, on an error, one error event."""
+    usage_null = {"usage": None} if include_usage else {}
+    try:
+        for choice in head:
+            yield sse.data({**base, "choices": [choice], **usage_null})
+        async for item in source.events(ping):
+            if item is sse.Tick:
+                yield sse.PING
+                continue
+            k, c = item
+            timer.chunk((k, c.index), c)
+            _check_finish(c)
+            if c.text or c.finish_reason is not None:
+                yield sse.data({**base, "choices": [make_choice(k, c)], **usage_null})
+        timer.done()
+        if include_usage:
+            yield sse.data({**base, "choices": [], "usage": _usage(source)})
+        yield sse.DONE
+    except Exception as e:  # noqa: BLE001 - the stream has started: report it in-band, then end
+        yield sse.data(error_body(path, generation_error(e)))
+    finally:
+        await source.aclose()
+
+
+def _non_streamed_error(e: BaseException):
+    raise generation_error(e) from None
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, engine=Depends(get_engine)):
+    st = get_state(request)
+    if body.echo:
+        raise InvalidRequest("echo is not supported", param="echo")
+    if body.suffix:
+        raise InvalidRequest("suffix is not supported", param="suffix")
+    if body.logprobs is not None:
+        raise InvalidRequest("logprobs are not supported", param="logprobs")
+    if body.best_of is not None and body.best_of != body.n:
+        raise InvalidRequest("best_of is not supported (other than best_of == n)", param="best_of")
+    prompts = _prompts(body.prompt)
+    kwargs, origin = sampling_kwargs(body, max_new_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
+                                     seed=None)
+    timer = st.metrics.timer()
+    source = await sse.open_source(engine, prompts, kwargs, origin, n=body.n,
+                                   prompt_param="prompt", add_special=True)
+    n = body.n
+    base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+            "created": int(time.time()), "model": st.model_name}
+
+    if body.stream:
+        def choice(k, c):
+            return {"text": c.text, "index": k * n + c.index, "logprobs": None,
+                    "finish_reason": openai_finish(c.finish_reason)}
+        return _sse(_stream(source, request.url.path, timer, st.ping_interval,
+                            _include_usage(body), base, choice))
+
+    try:
+        got = await sse.until_disconnect(request, sse.collect(source, timer))
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        _non_streamed_error(e)
+    choices = []
+    for (k, i), parts in sorted(got.texts.items()):
+        reason = got.finish.get((k, i))
+        if reason in ("cancelled", "error"):
+            raise _unfinished_error(reason)
+        choices.append({"text": "".join(parts), "index": k * n + i, "logprobs": None,
+                        "finish_reason": openai_finish(reason)})
+    return {**base, "choices": choices, "usage": _usage(source)}
+
+
+def _chat_prompt(engine, body: ChatCompletionRequest) -> str:
+    return render_chat(engine, openai_messages(body.messages))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           engine=Depends(get_engine)):
+    st = get_state(request)
+    if body.logprobs:
+        raise InvalidRequest("logprobs are not supported", param="logprobs")
+    if body.tools:
+        raise InvalidRequest("tools are not supported", param="tools")
+    rf = body.response_format
+    if rf is not None and rf.get("type", "text") != "text":
+        raise InvalidRequest("response_format: only {'type': 'text'} is supported; for "
+                             "constrained output send a GBNF 'grammar'", param="response_format")
+    prompt = _chat_prompt(engine, body)
+    # no max_tokens: until the end of the turn or of the context, as OpenAI does
+    kwargs, origin = sampling_kwargs(body, max_new_tokens=_unbounded(engine), seed=None)
+    timer = st.metrics.timer()
+    source = await sse.open_source(engine, [prompt], kwargs, origin, n=body.n,
+                                   prompt_param="messages", add_special=True,
+                                   parse_special=CHAT_PARSE_SPECIAL)
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": st.model_name, "system_fingerprint": None}
+
+    if body.stream:
+        def choice(k, c):
+            return {"index": c.index, "delta": {"content": c.text} if c.text else {},
+                    "logprobs": None, "finish_reason": openai_finish(c.finish_reason)}
+        head = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None} for i in range(body.n)]
+        return _sse(_stream(source, request.url.path, timer, st.ping_interval,
+                            _include_usage(body), base, choice, head))
+
+    try:
+        got = await sse.until_disconnect(request, sse.collect(source, timer))
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        _non_streamed_error(e)
+    choices = []
+    for (_, i), parts in sorted(got.texts.items()):
+        reason = got.finish.get((0, i))
+        if reason in ("cancelled", "error"):
+            raise _unfinished_error(reason)
+        choices.append({"index": i, "message": {"role": "assistant", "content": "".join(parts)},
+                        "logprobs": None, "finish_reason": openai_finish(reason)})
+    return {**base, "object": "chat.completion", "choices": choices, "usage": _usage(source)}
+
+
+def _unbounded(engine) -> int:
+    """max_new_tokens when the client gives none: the context size (the engine ends the choice
+    with 'length' when the context is full)."""
+    return int(engine.n_ctx)

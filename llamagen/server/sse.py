@@ -1,0 +1,200 @@
+"""Server-sent events, and the one place engine streams are consumed.
+
+``ChunkSource`` reads one or more engine streams (several prompts of one completions request) in
+pump tasks into a queue, so that the HTTP side can wait for "the next chunk of any stream, or a
+keep-alive tick" and a slow client never holds up the engine.  Closing it (always, in a
+``finally``) cancels every engine request that has not finished.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Optional, Sequence, Union
+
+import anyio
+from starlette.requests import Request
+
+from llamagen.server.errors import dumps
+
+PING = b": ping\n\n"          # an SSE comment: every client ignores it (a data ping would not parse)
+DONE = b"data: [DONE]\n\n"
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def data(obj: Any) -> bytes:
+    return b"data: " + dumps(obj) + b"\n\n"
+
+
+def event(name: str, obj: Any) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + dumps(obj) + b"\n\n"
+
+
+class _End:
+    __slots__ = ("k",)
+
+    def __init__(self, k):
+        self.k = k
+
+
+class _Failed:
+    __slots__ = ("k", "exc")
+
+    def __init__(self, k, exc):
+        self.k, self.exc = k, exc
+
+
+Tick = None   # what ChunkSource.events yields when ``ping_interval`` passed without a chunk
+
+
+class ChunkSource:
+    """(k, chunk) pairs from engine streams ``streams[k]``, in arrival order."""
+
+    def __init__(self, streams: Sequence):
+        self.streams = list(streams)
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pumps: list[asyncio.Task] = []
+        self._closed = False
+
+    async def _pump(self, k: int, stream) -> None:
+        put = self._queue.put_nowait
+        try:
+            async for chunk in stream:
+                put((k, chunk))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:   # noqa: BLE001 - handed to the consumer, which reports it
+            put(_Failed(k, e))
+            return
+        put(_End(k))
+
+    async def events(self, ping_interval: Optional[float] = None
+                     ) -> AsyncIterator[Union[tuple, None]]:
+        """Yield (k, chunk) until every stream ended, or None (a tick) after ``ping_interval``
+        seconds without a chunk.  An engine error is raised here."""
+        if not self._pumps:
+            self._pumps = [asyncio.ensure_future(self._pump(k, s)) for k, s in enumerate(self.streams)]
+        queue = self._queue
+        live = len(self.streams)
+        while live:
+            try:
+                item = queue.get_nowait()       # the common case: no timer, no task
+            except asyncio.QueueEmpty:
+                if ping_interval is None:
+                    item = await queue.get()
+                else:
+                    try:
+                        item = await asyncio.wait_for(queue.get(), ping_interval)
+                    except asyncio.TimeoutError:
+                        yield Tick
+                        continue
+            if isinstance(item, _End):
+                live -= 1
+            elif isinstance(item, _Failed):
+                raise item.exc
+            else:
+                yield item
+
+    async def aclose(self) -> None:
+        """Cancel what still runs.  Shielded: this runs in ``finally`` blocks of cancelled tasks
+        (a client disconnect cancels the response task) and must still reach the engine."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            for t in self._pumps:
+                t.cancel()
+            for t in self._pumps:
+                try:
+                    await t
+                except BaseException:   # noqa: BLE001 - a cancelled pump, or its error: both done
+                    pass
+            for s in self.streams:
+                try:
+                    await s.aclose()
+                except Exception:       # noqa: BLE001 - closing is best effort
+                    pass
+
+    def usage(self):
+        """(prompt, completion, cached) token totals over the streams (final once ended)."""
+        p = c = cached = 0
+        for s in self.streams:
+            u = s.usage
+            p += u.prompt_tokens
+            c += u.completion_tokens
+            cached += u.cached_tokens
+        return p, c, cached
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Return when the client has gone away (the server's http.disconnect message)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, coro):
+    """Await ``coro``; if the client disconnects first, cancel it and raise ClientClosed.
+    For non-streamed requests: without this a gone client's generation would run to the end."""
+    from llamagen.server.errors import ClientClosed
+    task = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise ClientClosed("client disconnected")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                try:
+                    await task
+                except BaseException:   # noqa: BLE001 - its cleanup ran; the result is unwanted
+                    pass
+
+
+async def open_source(engine, prompts: Sequence, kwargs: dict, origin: dict, *, n: int = 1,
+                      prompt_param: str = "prompt", add_special: bool = True,
+                      parse_special: Optional[bool] = None) -> ChunkSource:
+    """Submit one engine request per prompt (the engine validates synchronously) and return the
+    ChunkSource over them; on an error, the ones already submitted are cancelled and the error
+    is an APIError."""
+    from llamagen.server.translate import engine_error
+    streams = []
+    try:
+        for p in prompts:
+            streams.append(engine.stream(p, n=n, add_special=add_special,
+                                         parse_special=parse_special, **kwargs))
+    except Exception as e:  # noqa: BLE001 - translated
+        for s in streams:
+            await s.aclose()
+        raise engine_error(e, {**origin, "n": "n"}, prompt_param) from None
+    return ChunkSource(streams)
+
+
+class Collected:
+    """The whole answer of a non-streamed request: text, finish reason and stop sequence per
+    choice (keyed by (k, index))."""
+
+    def __init__(self):
+        self.texts: dict = {}
+        self.finish: dict = {}
+        self.stop_sequence: dict = {}
+
+
+async def collect(source: ChunkSource, timer) -> Collected:
+    out = Collected()
+    try:
+        async for k, c in source.events():
+            key = (k, c.index)
+            timer.chunk(key, c)
+            out.texts.setdefault(key, []).append(c.text)
+            if c.finish_reason is not None:
+                out.finish[key] = c.finish_reason
+                out.stop_sequence[key] = c.stop_sequence
+        timer.done()
+    finally:
+        await source.aclose()
+    return out

@@ -1,0 +1,194 @@
+"""Translation between the wire formats and the engine: sampling fields, chat messages, engine
+errors.  No generation logic lives here or anywhere in the HTTP layer."""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional, Sequence
+
+from llamagen.errors import GrammarError, LlamaError
+from llamagen.sampling import FIELDS as ENGINE_FIELDS
+
+from llamagen.server.errors import APIError, InvalidRequest, Overloaded
+from llamagen.server.models import ChatMessage, LlamagenSampling
+
+# wire name -> SamplingParams field, where they differ
+_RENAMED = {
+    "temperature": "temp",
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+    "repetition_penalty": "repeat_penalty",
+    "stop_sequences": "stop",
+}
+_ENGINE_FIELDS = frozenset(ENGINE_FIELDS)
+
+# chat prompts: the template writes special tokens as text (<|im_start|>, <start_of_turn>), so
+# they are parsed; the template's own BOS, if any, is left to the tokenizer (see render_chat)
+CHAT_PARSE_SPECIAL = True
+
+
+def sampling_kwargs(req: LlamagenSampling, **defaults) -> tuple[dict, dict]:
+    """(SamplingParams overrides, {engine field: wire name}) from the fields the client sent.
+
+    ``defaults`` apply where the client sent nothing (or null).  The second dict lets an engine
+    error that names ``temp`` be reported as ``temperature``, the field the client knows."""
+    out = dict(defaults)
+    origin = {}
+    for name in req.model_fields_set:
+        value = getattr(req, name)
+        if value is None:
+            continue
+        field = _RENAMED.get(name, name)
+        if field not in _ENGINE_FIELDS:
+            continue
+        if field == "logit_bias":
+            value = _logit_bias(value)
+        elif field == "stop" and isinstance(value, list):
+            value = tuple(value)
+        out[field] = value
+        origin[field] = name
+    return out, origin
+
+
+def _logit_bias(bias: dict) -> dict:
+    out = {}
+    for key, b in bias.items():
+        try:
+            tok = int(key)
+        except ValueError:
+            raise InvalidRequest(f"logit_bias keys must be token ids (integers as strings), got {key!r}",
+                                 param="logit_bias") from None
+        out[tok] = b
+    return out
+
+
+_FIRST_WORD = re.compile(r"[A-Za-z_]+")
+
+
+def param_error(exc: Exception, origin: dict, default_param: Optional[str] = None) -> InvalidRequest:
+    """A 400 from an engine ValueError / TypeError; its message starts with the field it is about
+    (SamplingParams' convention), which is renamed to the client's name for it."""
+    msg = str(exc) or type(exc).__name__
+    m = _FIRST_WORD.match(msg)
+    word = m.group(0) if m else ""
+    if word in origin:
+        param = origin[word]
+        if word != param:
+            msg = param + msg[len(word):]
+    elif word in _ENGINE_FIELDS:
+        param = word
+    elif isinstance(exc, GrammarError):
+        param = "grammar"
+    else:
+        param = default_param
+    return InvalidRequest(msg, param=param)
+
+
+def engine_error(exc: BaseException, origin: dict, prompt_param: str) -> APIError:
+    """The APIError for an exception from ``engine.stream`` (raised there, synchronously)."""
+    import llamagen
+    if isinstance(exc, getattr(llamagen, "PromptTooLongError", ())):
+        n_prompt, n_ctx = getattr(exc, "n_prompt", None), getattr(exc, "n_ctx", None)
+        return InvalidRequest(
+            f"the prompt is {n_prompt} tokens long but the context holds {n_ctx} tokens "
+            f"(prompt and generated tokens together); shorten the prompt",
+            param=prompt_param, code="context_length_exceeded")
+    if isinstance(exc, getattr(llamagen, "QueueFullError", ())):
+        return Overloaded(f"the server is busy: {exc}", code="queue_full")
+    if isinstance(exc, getattr(llamagen, "EngineClosedError", ())):
+        return Overloaded("the server is shutting down", code="shutting_down")
+    if isinstance(exc, (ValueError, TypeError, OverflowError)):
+        return param_error(exc, origin, prompt_param if "prompt" in str(exc) else None)
+    if isinstance(exc, LlamaError):
+        return APIError(f"{type(exc).__name__}: {exc}")
+    raise exc
+
+
+def generation_error(exc: BaseException) -> APIError:
+    """The APIError for an exception raised while generating (after engine.stream accepted)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, GrammarError):
+        return InvalidRequest(f"grammar: {exc}", param="grammar")
+    return APIError(f"generation failed: {type(exc).__name__}: {exc}")
+
+
+# -- chat messages -------------------------------------------------------------------------------
+
+_OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _text_of(parts: Sequence, where: str) -> str:
+    texts = []
+    for i, part in enumerate(parts):
+        if part.type != "text" or part.text is None:
+            raise InvalidRequest(
+                f"{where}[{i}]: only text content is supported (type 'text' with a 'text' "
+                f"string), got type {part.type!r}", param=f"{where}[{i}].type")
+        texts.append(part.text)
+    # llama-server's way of flattening typed text parts for a string-content template
+    return "\n".join(texts)
+
+
+def openai_messages(messages: Iterable[ChatMessage]) -> list[dict]:
+    out = []
+    for i, m in enumerate(messages):
+        role = _OPENAI_ROLES.get(m.role)
+        if role is None:
+            raise InvalidRequest(f"messages[{i}].role must be 'system', 'developer', 'user' or "
+                                 f"'assistant' (tool calls are not supported), got {m.role!r}",
+                                 param=f"messages[{i}].role")
+        if m.tool_calls:
+            raise InvalidRequest(f"messages[{i}].tool_calls: tool calls are not supported",
+                                 param=f"messages[{i}].tool_calls")
+        if m.content is None:
+            raise InvalidRequest(f"messages[{i}].content is required", param=f"messages[{i}].content")
+        content = m.content if isinstance(m.content, str) else \
+            _text_of(m.content, f"messages[{i}].content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def anthropic_messages(system, messages) -> list[dict]:
+    out = []
+    if system is not None:
+        text = system if isinstance(system, str) else _text_of(system, "system")
+        if text:
+            out.append({"role": "system", "content": text})
+    for i, m in enumerate(messages):
+        if m.role not in ("user", "assistant"):
+            raise InvalidRequest(f"messages[{i}].role must be 'user' or 'assistant' (the system "
+                                 f"prompt goes in 'system'), got {m.role!r}",
+                                 param=f"messages[{i}].role")
+        content = m.content if isinstance(m.content, str) else \
+            _text_of(m.content, f"messages[{i}].content")
+        out.append({"role": m.role, "content": content})
+    return out
+
+
+def render_chat(engine, messages: list[dict]) -> str:
+    """The prompt text for ``messages``.  A final assistant message is a prefill: the reply
+    continues it (Anthropic's documented behaviour, llama-server's too), so the template renders
+    the turns before it with the generation prompt and the prefill text follows verbatim."""
+    prefill = ""
+    if messages and messages[-1]["role"] == "assistant":
+        prefill = messages[-1]["content"]
+        messages = messages[:-1]
+    try:
+        text = engine.apply_chat_template(messages, add_generation_prompt=True)
+    except (ValueError, TypeError) as e:
+        raise InvalidRequest(f"messages: the chat template failed: {e}", param="messages") from None
+    return text + prefill
+
+
+# -- finish reasons -----------------------------------------------------------------------------
+
+def openai_finish(reason: Optional[str]) -> Optional[str]:
+    return {"stop": "stop", "length": "length"}.get(reason, reason)
+
+
+def anthropic_stop(reason: Optional[str], stop_sequence: Optional[str]) -> Optional[str]:
+    if reason == "length":
+        return "max_tokens"
+    if reason == "stop":
+        return "stop_sequence" if stop_sequence else "end_turn"
+    return reason
