@@ -9,11 +9,12 @@ from llamagen._core import (
     system_info,
 )
 from llamagen.batch import BatchResult, generate_batch, map_generate
+from llamagen.engine import AsyncEngine, EngineChunk, EngineResult, EngineStats, Usage
 from llamagen.generation import gen_begin, gen_end, gen_next, generate
 from llamagen.sampling import SamplingParams
 from llamagen.errors import (
-    ContextError, DecodeError, GrammarError, KVCacheFullError, LlamaError, ModelLoadError,
-    QuantizeError, StaleStateError,
+    ContextError, DecodeError, EngineClosedError, GrammarError, KVCacheFullError, LlamaError,
+    ModelLoadError, PromptTooLongError, QuantizeError, QueueFullError, StaleStateError,
 )
 
 __version__ = "0.1.0"
@@ -37,5 +38,6 @@ __all__ = [
     "generate", "BatchGenerator", "BatchResult", "generate_batch", "map_generate", "Device", "backend_devices", "build_info", "system_info", "__version__",
     "quantize", "QuantizeResult", "QUANT_TYPES",
     "LlamaError", "ModelLoadError", "ContextError", "DecodeError", "KVCacheFullError",
-    "StaleStateError", "GrammarError", "QuantizeError",
+    "StaleStateError", "GrammarError", "QuantizeError", "PromptTooLongError", "QueueFullError",
+    "EngineClosedError", "AsyncEngine", "EngineChunk", "EngineResult", "EngineStats", "Usage",
 ]

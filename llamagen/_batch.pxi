@@ -4,7 +4,10 @@
 # the batch (up to n_batch) with prompt tokens of sequences still being prefilled, decodes it once
 # without the GIL, then samples every sequence that has an output row -- in parallel (OpenMP) when
 # the vocabulary is large enough for that to pay.  A finished sequence frees its KV cells and its
-# slot, which the next waiting prompt takes.
+# slot, which the next waiting prompt takes.  With ``prompt_cache`` a finished sequence's cells stay
+# in its slot (recorded as the slot's token list) until the slot is needed: a new prompt goes to
+# the free slot holding the longest common prefix and only the rest is prefilled (multi-turn chat
+# pays for the new turn only).  Idle caches are dropped first when the KV cache runs full.
 
 cimport cython
 from cython.parallel cimport prange, threadid
@@ -51,12 +54,18 @@ cdef class BatchGenerator:
     cdef readonly int64_t n_decoded_tokens
     cdef readonly int64_t n_shared_tokens     # prompt tokens copied from another sequence's cache
     cdef int32_t _min_share
+    cdef bint _keep_cache
+    cdef vector[vector[llama.llama_token]] _slot_cache   # idle slot -> tokens its cells hold
+    cdef vector[int64_t] _slot_stamp                      # when the slot was last released (LRU)
+    cdef readonly int64_t n_cache_queries   # prompt tokens looked up in idle slots' caches
+    cdef readonly int64_t n_cache_hits      # ... of those, found there (not prefilled)
 
     def __cinit__(self):
         self._has_batch = False
 
     def __init__(self, Context ctx not None, *, n_parallel=None, params=None,
-                 bint add_special=True, bint parse_special=True, share_prefix=16, **sampling):
+                 bint add_special=True, bint parse_special=True, share_prefix=16,
+                 bint prompt_cache=False, **sampling):
         cdef int i
         ctx._check()
         self._context = ctx
@@ -75,6 +84,9 @@ cdef class BatchGenerator:
         self._n_ctx_seq = llama.llama_n_ctx_seq(ctx._ctx)
         self._n_threads = max(1, llama.llama_n_threads(ctx._ctx))
         self._slots = [None] * n_parallel
+        self._keep_cache = prompt_cache
+        self._slot_cache.resize(n_parallel)
+        self._slot_stamp.assign(n_parallel, 0)
         self._seqs = {}
         self._waiting = _deque()
         self._ready = _deque()
@@ -140,12 +152,49 @@ cdef class BatchGenerator:
             return "cancelled"
         return _FINISH_NAMES[q.c.finish]
 
-    def tokens(self, seq_id):
-        """Token ids generated so far for ``seq_id``."""
-        return list(self._get(seq_id).c.tokens)
+    def tokens(self, seq_id, Py_ssize_t start=0):
+        """Token ids generated so far for ``seq_id`` (from index ``start``)."""
+        cdef _Seq q = self._get(seq_id)
+        cdef Py_ssize_t i, n = <Py_ssize_t> q.c.tokens.size()
+        return [q.c.tokens[i] for i in range(max(0, start), n)]
 
     def seed(self, seq_id):
         return self._get(seq_id).seed
+
+    def n_tokens(self, seq_id):
+        """How many tokens ``seq_id`` has generated (``tokens(seq_id, start)`` reads new ones)."""
+        return self._get(seq_id).c.tokens.size()
+
+    def n_prompt_tokens(self, seq_id):
+        return self._get(seq_id).c.n_prompt
+
+    def n_cached(self, seq_id):
+        """Prompt tokens of ``seq_id`` that were not prefilled: found in a slot's prompt cache or
+        copied from another sequence's cells."""
+        return self._get(seq_id).c.n_cached
+
+    def stop_sequence(self, seq_id):
+        """The stop string that ended ``seq_id``'s text, or None."""
+        cdef _Seq q = self._get(seq_id)
+        if q.c.stop_index < 0:
+            return None
+        return q.params.stop[q.c.stop_index]
+
+    @property
+    def kv_used(self):
+        """KV cells held by this batch's slots: live sequences and idle prompt caches."""
+        cdef int32_t slot
+        cdef _Seq q
+        cdef int64_t n = 0
+        for slot in range(self._n_slots):
+            q = self._slots[slot]
+            if q is None:
+                n += self._slot_cache[slot].size()
+            elif q.c.n_fed < <int32_t> q.c.prompt.size():
+                n += q.c.n_fed
+            else:
+                n += q.c.n_past
+        return n
 
     def cancel(self, seq_id):
         """Stop a sequence now (waiting or running) and free its slot.  Idempotent.  Safe from
@@ -184,13 +233,29 @@ cdef class BatchGenerator:
 
     # -- stepping ------------------------------------------------------------------------------
 
-    cdef _release_slot(self, _Seq q):
+    cdef _release_slot(self, _Seq q, bint keep=True):
+        """Free ``q``'s slot; with the prompt cache on (and ``keep``), its cells stay there,
+        recorded as the slot's token list, for a later prompt with the same prefix."""
         cdef int32_t slot = q.c.slot
+        cdef SeqCore * c = q.c
+        cdef int32_t n_gen
         if slot < 0:
             return
         if self._epoch == self._context._epoch:
             # (a stale batch no longer owns the context: its cells and chains were taken over)
-            llama.llama_memory_seq_rm(llama.llama_get_memory(self._context._ctx), slot, -1, -1)
+            self._slot_cache[slot].clear()
+            if keep and self._keep_cache and c.finish != FINISH_ERROR:
+                if c.n_fed < <int32_t> c.prompt.size():      # cancelled during its prefill
+                    self._slot_cache[slot].assign(c.prompt.begin(), c.prompt.begin() + c.n_fed)
+                else:
+                    self._slot_cache[slot] = c.prompt
+                    n_gen = c.n_past - <int32_t> c.prompt.size()   # generated tokens decoded
+                    if n_gen > 0:
+                        self._slot_cache[slot].insert(self._slot_cache[slot].end(), c.tokens.begin(),
+                                                      c.tokens.begin() + n_gen)
+                self._slot_stamp[slot] = self.n_steps
+            else:
+                llama.llama_memory_seq_rm(llama.llama_get_memory(self._context._ctx), slot, -1, -1)
             if q.c.attached:
                 self._context._detach(slot)       # frees the chain
         q.c.drop_attached()
@@ -211,8 +276,8 @@ cdef class BatchGenerator:
             L = 0
             while L < n and o.prompt[L] == q.prompt[L]:
                 L += 1
-            if L >= self._min_share:
-                return True
+            if L >= self._min_share or (L > 0 and L == n and n == <int32_t> q.prompt.size() - 1):
+                return True      # (a prompt that is all another's but its last token: n copies)
         return False
 
     cdef void _share_prefix(self, SeqCore * q) noexcept nogil:
@@ -234,13 +299,14 @@ cdef class BatchGenerator:
             if L > best:
                 best = L
                 src = o
-        if src == NULL or best < self._min_share:
+        if src == NULL or (best < self._min_share and best < limit):
             return
         mem = llama.llama_get_memory(self._context._ctx)
         llama.llama_memory_seq_rm(mem, q.slot, -1, -1)
         llama.llama_memory_seq_cp(mem, src.slot, q.slot, -1, -1)
         llama.llama_memory_seq_rm(mem, q.slot, best, -1)
         q.n_fed = best
+        q.n_cached = best
         self.n_shared_tokens += best
 
     cdef int _fill_batch(self, int n_gen_limit, bint with_prompts) noexcept nogil:
@@ -313,7 +379,10 @@ cdef class BatchGenerator:
             rc = llama.llama_decode(lctx, self._batch)
             if rc != 1:
                 break
-            # no KV room: first defer the prompts, then half of the generating sequences
+            # no KV room: first drop idle prompt caches, then defer the prompts, then half of the
+            # generating sequences
+            if self._drop_idle_caches():
+                continue
             if prompts:
                 prompts = False
             elif limit > 1:
@@ -340,6 +409,55 @@ cdef class BatchGenerator:
                 if q.n_fed == <int32_t> q.prompt.size():
                     q.n_past = q.n_fed       # the prompt stays: later sequences may share it
         return 0
+
+    cdef bint _drop_idle_caches(self) noexcept nogil:
+        """Free the cells of every idle slot's prompt cache; True if there were any."""
+        cdef size_t s
+        cdef bint any = False
+        for s in range(self._slot_cache.size()):
+            if self._slot_cache[s].size() > 0:
+                llama.llama_memory_seq_rm(llama.llama_get_memory(self._context._ctx), <int32_t> s, -1, -1)
+                self._slot_cache[s].clear()
+                any = True
+        return any
+
+    cdef inline bint _spare_first(self, int32_t a, int32_t b) noexcept:
+        """Of two free slots with equally useful caches, take ``a`` before ``b``: an empty one
+        first (the other cache may serve a later prompt), else the least recently released."""
+        cdef bint ea = self._slot_cache[a].size() == 0, eb = self._slot_cache[b].size() == 0
+        if ea != eb:
+            return ea
+        return self._slot_stamp[a] < self._slot_stamp[b]
+
+    cdef int32_t _take_slot(self, SeqCore * q) noexcept:
+        """A free slot for ``q`` (lock held): the one whose cached tokens share the longest prefix
+        with its prompt (that prefix is kept, the rest of the slot's cells removed), else an empty
+        one, else the least recently released.  -1 when none is free."""
+        cdef int32_t slot, best = -1, best_len = -1, L, limit, n
+        cdef llama.llama_memory_t mem = llama.llama_get_memory(self._context._ctx)
+        limit = <int32_t> q.prompt.size() - 1          # at least one token left to decode
+        for slot in range(self._n_slots):
+            if self._slots[slot] is not None:
+                continue
+            n = min(limit, <int32_t> self._slot_cache[slot].size())
+            L = 0
+            while L < n and self._slot_cache[slot][L] == q.prompt[L]:
+                L += 1
+            if L > best_len or (L == best_len and self._spare_first(slot, best)):
+                best, best_len = slot, L
+        if best < 0:
+            return -1
+        if self._keep_cache:
+            self.n_cache_queries += q.prompt.size()
+        if best_len > 0 and llama.llama_memory_seq_rm(mem, best, best_len, -1):
+            q.n_fed = best_len
+            q.n_cached = best_len
+            self.n_cache_hits += best_len
+        else:
+            # (a memory that cannot cut a sequence in the middle keeps nothing)
+            llama.llama_memory_seq_rm(mem, best, -1, -1)
+        self._slot_cache[best].clear()
+        return best
 
     cdef void _sample_all(self) noexcept nogil:
         cdef llama.llama_context * lctx = self._context._ctx
@@ -380,14 +498,16 @@ cdef class BatchGenerator:
                 raise StaleStateError("this batch is no longer active: a newer generation (gen_begin, "
                                       "clear, another BatchGenerator) took over its context")
             # waiting prompts take free slots
-            for slot in range(self._n_slots):
-                if self._slots[slot] is None and self._waiting:
-                    q = self._seqs[self._waiting.popleft()]
-                    q.c.slot = slot
-                    self._slots[slot] = q
-                    llama.llama_memory_seq_rm(llama.llama_get_memory(ctx._ctx), slot, -1, -1)
-                    if q.c.backend:
-                        q.c.attach(ctx._attach(slot, q.c.chain))
+            while self._waiting:
+                q = self._seqs[self._waiting[0]]
+                slot = self._take_slot(q.c)
+                if slot < 0:
+                    break
+                self._waiting.popleft()
+                q.c.slot = slot
+                self._slots[slot] = q
+                if q.c.backend:
+                    q.c.attach(ctx._attach(slot, q.c.chain))
             self._active.clear()
             for q in self._slots:
                 if q is not None:
@@ -405,7 +525,7 @@ cdef class BatchGenerator:
             if rc < 0 and rc != -100:
                 for q in self._slots:
                     if q is not None:
-                        self._release_slot(q)
+                        self._release_slot(q, False)
                 check_decode(rc, b"batch step")
             dead = []
             for slot in range(self._n_slots):

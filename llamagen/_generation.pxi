@@ -113,6 +113,8 @@ cdef cppclass SeqCore:
     int32_t slot                            # batches: the llama seq_id in use (-1: none)
     int32_t batch_idx                       # batches: output row in the current batch (-1: none)
     int32_t fed_now                         # batches: prompt tokens put in the current batch
+    int32_t n_cached                        # batches: prompt tokens found in the KV cache (a
+                                            # slot's cached prefix or another sequence's copy)
     int64_t uid                             # batches: the id BatchGenerator.add returned
     llama.llama_token pending               # sampled and emitted, not yet decoded (-1: none)
     int32_t n_past                          # this sequence's tokens in the KV cache
@@ -125,6 +127,7 @@ cdef cppclass SeqCore:
     string text                             # valid UTF-8 held back: could start a stop string
     string out                              # the chunk produced by the current step
     vector[string] stops
+    int32_t stop_index                      # which of ``stops`` ended the text (-1: none)
     int64_t t_sample_ns      # time spent choosing tokens (ns: a tiny model's step is < 1 us)
 
     __init__():
@@ -141,6 +144,8 @@ cdef cppclass SeqCore:
         this.slot = -1
         this.batch_idx = -1
         this.fed_now = 0
+        this.n_cached = 0
+        this.stop_index = -1
         this.uid = -1
         this.t_sample_ns = 0
 
@@ -186,6 +191,7 @@ cdef cppclass SeqCore:
         # move held text to the output, except what could still begin a stop string
         cdef size_t best = <size_t> -1, pos, j, keep = 0, L, n
         cdef size_t s
+        cdef int32_t which = -1
         _utf8_take(this.raw, this.text, False)
         if this.stops.size() == 0:
             this.out.append(this.text)
@@ -195,7 +201,9 @@ cdef cppclass SeqCore:
             pos = this.text.find(this.stops[s])
             if pos != <size_t> -1 and pos < best:
                 best = pos
+                which = <int32_t> s
         if best != <size_t> -1:
+            this.stop_index = which
             this.out.append(this.text, 0, best)
             this.text.clear()
             this.raw.clear()

@@ -50,3 +50,21 @@ class QuantizeError(LlamaError):
         self.ftype = ftype
         self.reason = reason
         super().__init__(_with_reason(f"could not quantize {path!r} to {ftype}", reason))
+
+
+class PromptTooLongError(LlamaError, ValueError):
+    """A prompt leaves no room in the context for a new token; ``n_prompt`` and ``n_ctx`` say why."""
+
+    def __init__(self, n_prompt, n_ctx):
+        self.n_prompt = n_prompt
+        self.n_ctx = n_ctx
+        super().__init__(f"the prompt has {n_prompt} tokens but the context holds {n_ctx}: it must "
+                         "leave room for at least one new token")
+
+
+class QueueFullError(LlamaError):
+    """The engine already has its limit of requests waiting for a slot (AsyncEngine max_queue)."""
+
+
+class EngineClosedError(LlamaError):
+    """The engine was closed: it takes no more requests."""

@@ -1,0 +1,581 @@
+"""AsyncEngine: continuous batching behind an asyncio (and thread-safe) request API.
+
+One engine thread owns a Context and a BatchGenerator and steps the batch (each decode releases
+the GIL); callers on any event loop or plain thread submit requests and receive chunks.  A request
+that arrives while others generate joins the running batch at the next step.  The context uses a
+unified KV cache, so a burst of prompts is prefilled together, and the prompt cache keeps a
+finished sequence's cells in its slot for the next request with the same prefix.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from llamagen._core import BatchGenerator, Context, Model
+from llamagen._util import check_prompt
+from llamagen.errors import EngineClosedError, LlamaError, PromptTooLongError, QueueFullError
+from llamagen.sampling import SamplingParams, resolve
+
+__all__ = ["AsyncEngine", "EngineChunk", "EngineResult", "EngineStats", "EngineStream", "Choice",
+           "Usage", "SyncStream"]
+
+MAX_N = 128          # completions per request (OpenAI's limit)
+_SEED_MOD = 0xFFFFFFFF   # seeds are ints in [0, 2**32 - 2]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int        # prompt tokens found in the KV cache (not prefilled)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class EngineChunk:
+    """What one step produced for one choice: new text (valid UTF-8, may be empty while bytes
+    are held back) and the token ids behind it; ``finish_reason`` on the choice's last chunk."""
+    index: int
+    text: str
+    token_ids: List[int]
+    finish_reason: Optional[str] = None     # "stop", "length", "cancelled", "error"
+    stop_sequence: Optional[str] = None     # the stop string that ended the text, if one did
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    tokens: List[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    stop_sequence: Optional[str] = None
+
+
+@dataclass
+class EngineResult:
+    choices: List[Choice]
+    usage: Usage
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def tokens(self) -> List[int]:
+        return self.choices[0].tokens
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return self.choices[0].finish_reason
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    n_running: int                 # sequences holding a slot
+    n_waiting: int                 # sequences submitted and waiting for one
+    kv_used: int                   # KV cells held (live sequences and idle prompt caches)
+    kv_size: int
+    prompt_tokens_total: int
+    generated_tokens_total: int
+    prefix_cache_queries: int      # prompt tokens looked up in the prompt cache
+    prefix_cache_hits: int         # ... found there (not prefilled)
+    requests_total: int
+    n_steps: int
+
+
+_DONE = object()
+
+
+class _Request:
+    """One submitted request (n choices) as the engine thread sees it."""
+    __slots__ = ("id", "tokens", "params", "deliver", "n", "sids", "seen", "left", "cached",
+                 "completion", "cancelled", "done")
+
+    def __init__(self, rid, tokens, params, deliver):
+        self.id = rid
+        self.tokens = tokens
+        self.params = params                # one SamplingParams per choice
+        self.deliver = deliver              # called on the engine thread with a list of items
+        self.n = len(params)
+        self.sids: Dict[int, int] = {}      # seq id -> choice index
+        self.seen: Dict[int, int] = {}      # seq id -> tokens already handed out
+        self.left = self.n
+        self.cached = 0
+        self.completion = 0
+        self.cancelled = False
+        self.done = False
+
+
+class AsyncEngine:
+    """Continuous batching for many concurrent requests over one model.
+
+    ``AsyncEngine(model=None, *, n_ctx=16384, n_parallel=8, n_threads=None, n_batch=512,
+    max_queue=None, prompt_cache=True)``: ``model`` is a Model, a GGUF path, or None for the
+    default model package.  ``n_parallel`` sequences decode together (all in one unified KV cache
+    of ``n_ctx`` cells); more wait, up to ``max_queue`` (then QueueFullError).
+    """
+
+    def __init__(self, model: Union[Model, str, os.PathLike, None] = None, *, n_ctx: int = 16384,
+                 n_parallel: int = 8, n_threads: Optional[int] = None, n_batch: int = 512,
+                 max_queue: Optional[int] = None, prompt_cache: bool = True,
+                 params: Optional[SamplingParams] = None):
+        if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int)
+                                      or max_queue < 0):
+            raise ValueError(f"max_queue must be None or an int >= 0, got {max_queue!r}")
+        if model is None:
+            from llamagen.cli import default_model_path
+            model = default_model_path()
+        self._own_model = not isinstance(model, Model)
+        self.model = Model(os.fspath(model)) if self._own_model else model
+        try:
+            self._ctx = Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                                n_seq_max=n_parallel, n_threads=n_threads, kv_unified=True)
+            self._batch = BatchGenerator(self._ctx, n_parallel=n_parallel, prompt_cache=prompt_cache)
+        except BaseException:
+            if self._own_model:
+                self.model.close()
+            raise
+        self.n_ctx = self._ctx.n_ctx
+        self.n_parallel = n_parallel
+        self.max_queue = max_queue
+        self.defaults = params if params is not None else SamplingParams()
+        self._lock = threading.Condition()
+        self._inbox: deque = deque()        # ("add" | "cancel", request)
+        self._n_seqs = 0                    # sequences submitted and not finished
+        self._closing = False
+        self._ids = itertools.count()
+        self._live: Dict[int, _Request] = {}        # seq id -> request (engine thread only)
+        self._prompt_total = 0
+        self._gen_total = 0
+        self._requests_total = 0
+        self._stats = self._snapshot()
+        self._thread = threading.Thread(target=self._run, name="llamagen-engine", daemon=True)
+        self._thread.start()
+
+    # -- submitting ----------------------------------------------------------------------------
+
+    def tokenize(self, text, add_special: bool = True, parse_special: bool = False) -> List[int]:
+        return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.model.detokenize(tokens)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        """Render chat messages with the model's own template (chatml when it has none)."""
+        render = getattr(self.model, "render_chat", None)
+        if render is not None:
+            return render(messages, add_generation_prompt=add_generation_prompt)
+        tmpl = None if self.model.chat_template else "chatml"
+        return self.model.apply_chat_template(messages, add_assistant=add_generation_prompt,
+                                              template=tmpl)
+
+    def _prepare(self, prompt, params, n, add_special, parse_special, sampling):
+        """Validate everything a request needs (on the caller's thread): token ids and one
+        SamplingParams per choice."""
+        if self._closing:
+            raise EngineClosedError("the engine is closed")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+            raise ValueError(f"n must be an int in [1, {MAX_N}], got {n!r}")
+        p = resolve(params if params is not None else self.defaults, (), sampling)
+        prompt = check_prompt(prompt)
+        if isinstance(prompt, (str, bytes)):
+            tokens = self.model.tokenize(prompt, add_special=add_special,
+                                         parse_special=parse_special)
+        else:
+            tokens = list(prompt)
+            n_vocab = self.model.n_vocab
+            for t in tokens:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
+                    raise ValueError(f"prompt token {t!r} is not a token id in [0, {n_vocab})")
+        if not tokens:
+            raise ValueError("the prompt is empty (no tokens to condition on)")
+        if len(tokens) >= self.n_ctx:
+            raise PromptTooLongError(len(tokens), self.n_ctx)
+        if n == 1:
+            ps = [p]
+        else:
+            ps = [p.replace(seed=None if p.seed is None else (p.seed + i) % _SEED_MOD)
+                  for i in range(n)]
+        return tokens, ps
+
+    def _submit(self, tokens, ps, deliver) -> _Request:
+        req = _Request(next(self._ids), tokens, ps, deliver)
+        with self._lock:
+            if self._closing:
+                raise EngineClosedError("the engine is closed")
+            if self.max_queue is not None and \
+                    self._n_seqs + req.n - self.n_parallel > self.max_queue:
+                raise QueueFullError(f"{max(0, self._n_seqs - self.n_parallel)} sequences already "
+                                     f"wait for a slot (max_queue={self.max_queue})")
+            self._n_seqs += req.n
+            self._inbox.append(("add", req))
+            self._lock.notify()
+        return req
+
+    def _cancel(self, req: _Request) -> None:
+        """Cancel at the next step (any thread).  Idempotent."""
+        if req.done or req.cancelled:
+            return
+        req.cancelled = True
+        with self._lock:
+            self._inbox.append(("cancel", req))
+            self._lock.notify()
+
+    def stream(self, prompt, params: Optional[SamplingParams] = None, *, n: int = 1,
+               add_special: bool = True, parse_special: bool = True, **sampling) -> "EngineStream":
+        """Submit a request; returns an async iterator of EngineChunks (all choices interleaved,
+        ``chunk.index`` tells them apart).  Everything is validated here, before it returns:
+        ValueError / TypeError naming a bad field, PromptTooLongError, QueueFullError,
+        EngineClosedError.  Closing the iterator (``aclose()``, ``async with``, leaving an
+        ``async for`` by break and dropping it, or cancelling the task reading it) cancels the
+        request at the next step and frees its KV cells."""
+        loop = asyncio.get_running_loop()
+        tokens, ps = self._prepare(prompt, params, n, add_special, parse_special, sampling)
+        s = EngineStream(self, len(tokens), loop)
+        s._req = self._submit(tokens, ps, s._deliver)
+        return s
+
+    async def generate(self, prompt, params: Optional[SamplingParams] = None, *, n: int = 1,
+                       add_special: bool = True, parse_special: bool = True,
+                       **sampling) -> EngineResult:
+        s = self.stream(prompt, params, n=n, add_special=add_special,
+                        parse_special=parse_special, **sampling)
+        async with s:
+            return await s.collect()
+
+    def stream_sync(self, prompt, params: Optional[SamplingParams] = None, *, n: int = 1,
+                    add_special: bool = True, parse_special: bool = True,
+                    **sampling) -> "SyncStream":
+        """The same from a plain thread: a blocking iterator of EngineChunks."""
+        tokens, ps = self._prepare(prompt, params, n, add_special, parse_special, sampling)
+        s = SyncStream(self, len(tokens))
+        s._req = self._submit(tokens, ps, s._deliver)
+        return s
+
+    def generate_sync(self, prompt, params: Optional[SamplingParams] = None, *, n: int = 1,
+                      add_special: bool = True, parse_special: bool = True,
+                      **sampling) -> EngineResult:
+        with self.stream_sync(prompt, params, n=n, add_special=add_special,
+                              parse_special=parse_special, **sampling) as s:
+            return s.collect()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        """Counters as of the last step (a consistent snapshot, cheap to read)."""
+        return self._stats
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Cancel every request, stop the engine thread and free the context (and the model,
+        when the engine loaded it).  Idempotent."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._ctx.close()
+            if self._own_model:
+                self.model.close()
+
+    async def aclose(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- the engine thread ---------------------------------------------------------------------
+
+    def _snapshot(self) -> EngineStats:
+        b = self._batch
+        running = b.n_active
+        return EngineStats(
+            n_running=running, n_waiting=max(0, self._n_seqs - running), kv_used=b.kv_used,
+            kv_size=self.n_ctx, prompt_tokens_total=self._prompt_total,
+            generated_tokens_total=self._gen_total, prefix_cache_queries=b.n_cache_queries,
+            prefix_cache_hits=b.n_cache_hits + b.n_shared_tokens,
+            requests_total=self._requests_total, n_steps=b.n_steps)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._inbox and not self._live and not self._closing:
+                        self._lock.wait()
+                    if self._closing:
+                        break
+                    todo = list(self._inbox)
+                    self._inbox.clear()
+                for op, req in todo:
+                    if op == "add":
+                        self._admit(req)
+                    else:
+                        self._drop(req)
+                if self._live:
+                    self._step()
+                self._stats = self._snapshot()
+        except BaseException as e:        # a bug: never leave callers waiting forever
+            self._fail_all(e)
+            raise
+        finally:
+            with self._lock:
+                self._closing = True
+                todo = list(self._inbox)
+                self._inbox.clear()
+            for op, req in todo:
+                if op == "add":
+                    self._finish(req, [EngineClosedError("the engine was closed")])
+            self._fail_all(EngineClosedError("the engine was closed"))
+
+    def _admit(self, req: _Request) -> None:
+        if req.cancelled:
+            self._finish(req, [])
+            return
+        self._requests_total += 1
+        self._prompt_total += len(req.tokens)
+        try:
+            for i, p in enumerate(req.params):
+                sid = self._batch.add(req.tokens, p)
+                req.sids[sid] = i
+                req.seen[sid] = 0
+                self._live[sid] = req
+        except Exception as e:          # (validated before: a failure here is unexpected)
+            self._drop(req)
+            self._finish(req, [e])
+
+    def _drop(self, req: _Request) -> None:
+        """Cancel a request's live sequences (their prompt caches stay) and end it."""
+        self._drop_live(req)
+        self._finish(req, [])
+
+    def _retire(self, req: _Request, sid: int) -> None:
+        """A sequence is over (finished, failed or cancelled): forget it."""
+        del self._live[sid]
+        self._batch.forget(sid)
+        req.left -= 1
+        with self._lock:
+            self._n_seqs -= 1
+
+    def _finish(self, req: _Request, items: list) -> None:
+        """Hand out a request's last items and its end; sequences never admitted stop counting."""
+        if req.done:
+            return
+        req.done = True
+        with self._lock:
+            self._n_seqs -= req.left
+        req.left = 0
+        items.append(_DONE)
+        req.deliver(items)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        reqs = {id(r): r for r in self._live.values()}
+        self._live.clear()
+        for req in reqs.values():
+            self._finish(req, [exc])
+
+    def _step(self) -> None:
+        b = self._batch
+        error = None
+        try:
+            out = b.step()
+        except LlamaError as e:
+            out = []
+            error = e
+        per_req: Dict[int, list] = {}
+        for sid, text in out:
+            req = self._live.get(sid)
+            if req is None:
+                continue
+            items = per_req.setdefault(req.id, [req])
+            seen = req.seen[sid]
+            toks = b.tokens(sid, seen)
+            req.seen[sid] = seen + len(toks)
+            req.completion += len(toks)
+            self._gen_total += len(toks)
+            if seen == 0 and req.sids[sid] == 0:
+                req.cached = b.n_cached(sid)
+            reason = b.finish_reason(sid)
+            items.append(EngineChunk(req.sids[sid], text, toks, reason,
+                                     b.stop_sequence(sid) if reason == "stop" else None))
+            if reason is not None:
+                self._retire(req, sid)
+        if error is not None:
+            # sequences that failed (a grammar that allows no token) raised; the others' chunks
+            # of this step come with the next step.  A decode failure ended every running one.
+            for sid, req in list(self._live.items()):
+                if b.finish_reason(sid) in ("error", "cancelled"):
+                    self._retire(req, sid)
+                    per_req.setdefault(req.id, [req]).append(error)
+        for items in per_req.values():
+            req = items.pop(0)
+            if items and isinstance(items[-1], BaseException):
+                self._drop_live(req)          # the request fails whole: its other choices end
+                self._finish(req, items)
+            elif req.left == 0:
+                self._finish(req, items)
+            else:
+                req.deliver(items)
+
+    def _drop_live(self, req: _Request) -> None:
+        for sid in list(req.sids):
+            if sid in self._live:
+                self._batch.cancel(sid)
+                self._retire(req, sid)
+
+
+class _StreamBase:
+    def __init__(self, engine: AsyncEngine, n_prompt: int):
+        self._engine = engine
+        self._req: Optional[_Request] = None
+        self.n_prompt_tokens = n_prompt
+        self._ended = False
+
+    @property
+    def id(self) -> int:
+        return self._req.id
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.n_prompt_tokens, self._req.completion, self._req.cached)
+
+    def _take(self, item) -> Optional[EngineChunk]:
+        """The chunk, None at the end, or the request's error raised."""
+        if item is _DONE or isinstance(item, BaseException):
+            self._ended = True
+            if item is not _DONE:
+                raise item
+            return None
+        return item
+
+    def cancel(self) -> None:
+        """Cancel the request at the engine's next step (any thread)."""
+        if self._req is not None and not self._ended:
+            self._engine._cancel(self._req)
+
+    def __del__(self):
+        try:
+            self.cancel()
+        except Exception:
+            pass
+
+    def _collect(self, chunks) -> EngineResult:
+        choices = [Choice(i) for i in range(self._req.n)]
+        texts: List[List[str]] = [[] for _ in choices]
+        for c in chunks:
+            ch = choices[c.index]
+            texts[c.index].append(c.text)
+            ch.tokens.extend(c.token_ids)
+            if c.finish_reason is not None:
+                ch.finish_reason = c.finish_reason
+                ch.stop_sequence = c.stop_sequence
+        for ch, t in zip(choices, texts):
+            ch.text = "".join(t)
+        return EngineResult(choices, self.usage)
+
+
+class EngineStream(_StreamBase):
+    """Async iterator of EngineChunks for one request (returned by AsyncEngine.stream)."""
+
+    def __init__(self, engine, n_prompt, loop):
+        super().__init__(engine, n_prompt)
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._buf: deque = deque()
+
+    def _deliver(self, items) -> None:        # engine thread
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, items)
+        except RuntimeError:                  # the loop is closed: nobody reads any more
+            self._engine._cancel(self._req)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> EngineChunk:
+        if self._ended:
+            raise StopAsyncIteration
+        if not self._buf:
+            try:
+                self._buf.extend(await self._queue.get())
+            except asyncio.CancelledError:
+                self.cancel()
+                raise
+        chunk = self._take(self._buf.popleft())
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        self.cancel()
+        self._ended = True
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+    async def collect(self) -> EngineResult:
+        """Read the rest of the stream into an EngineResult."""
+        return self._collect([c async for c in self])
+
+
+class SyncStream(_StreamBase):
+    """Blocking iterator of EngineChunks (AsyncEngine.stream_sync), for plain threads."""
+
+    def __init__(self, engine, n_prompt):
+        super().__init__(engine, n_prompt)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._buf: deque = deque()
+
+    def _deliver(self, items) -> None:
+        self._queue.put(items)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> EngineChunk:
+        if self._ended:
+            raise StopIteration
+        if not self._buf:
+            self._buf.extend(self._queue.get())
+        chunk = self._take(self._buf.popleft())
+        if chunk is None:
+            raise StopIteration
+        return chunk
+
+    def close(self) -> None:
+        self.cancel()
+        self._ended = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def collect(self) -> EngineResult:
+        return self._collect(list(self))
