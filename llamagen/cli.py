@@ -4,6 +4,7 @@
   llamagen info [--model PATH]                                  model, build and system facts
   llamagen bench samplers [--model PATH] [--configs FILE] ...    time sampler configurations
   llamagen quantize SRC DST [TYPE] [--threads N] ...             quantize a GGUF model (Q4_K_M, ...)
+  llamagen serve [--model PATH] [--host H] [--port N] ...         OpenAI/Anthropic-compatible server
 """
 from __future__ import annotations
 
@@ -212,6 +213,109 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        print(f"llamagen: error: llamagen serve needs the server extra ({e.name} is missing): "
+              f"pip install 'llamagen[server]'", file=sys.stderr)
+        return 2
+    import os
+
+    import llamagen
+    from llamagen.server import create_app
+
+    keys = list(a.api_key or [])
+    if a.api_key_file:
+        try:
+            with open(a.api_key_file, encoding="utf-8") as fh:
+                keys += [line.strip() for line in fh if line.strip()]
+        except OSError as e:
+            raise ValueError(f"cannot read --api-key-file {a.api_key_file!r}: "
+                             f"{e.strerror or e}") from None
+    if any(not k for k in keys):
+        raise ValueError("--api-key must not be empty")
+    path = a.model or default_model_path()
+    if not os.path.isfile(path):
+        raise ValueError(f"--model {path!r}: no such file")
+    # the model loads before the port is bound: a bad file is a one-line error and status 2;
+    # the context (the KV cache) is made while the server already answers /health with 503
+    model = llamagen.Model(path, n_gpu_layers=a.n_gpu_layers)
+    fatal: list = []
+
+    def make_engine():
+        return llamagen.AsyncEngine(model, n_ctx=a.ctx_size, n_parallel=a.parallel,
+                                    n_threads=a.threads, n_batch=a.batch_size,
+                                    max_queue=a.max_queue)
+
+    server = None
+
+    def on_fatal(exc):
+        fatal.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(engine_factory=make_engine, api_keys=keys, on_fatal=on_fatal,
+                     model_name=a.model_alias or os.path.basename(path),
+                     max_body_bytes=a.max_body_size)
+    config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
+                            timeout_graceful_shutdown=a.shutdown_grace, lifespan="on",
+                            access_log=not a.no_access_log)
+    server = _server_class()(config)
+    try:
+        server.run()
+    finally:
+        engine = app.state.llamagen.engine
+        if engine is not None:      # the lifespan closed it, unless uvicorn was forced out
+            engine.close()
+        model.close()
+    if fatal:
+        raise fatal[0]
+    return 0
+
+
+def _server_class():
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that SIGTERM / SIGINT end it with status 0: uvicorn raises
+        the signal again after its graceful shutdown, which would kill the process with it."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self._captured_signals.clear()
+
+    return Server
+
+
+def _port(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {v!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {n}")
+    return n
+
+
+def _non_negative_float(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {v}")
+    return x
+
+
 def _positive_int(v: str) -> int:
     n = int(v)
     if n < 1:
@@ -310,6 +414,40 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the result as JSON")
     q.add_argument("--list-types", action="store_true", help="print the valid type names and exit")
     q.set_defaults(func=cmd_quantize)
+
+    v = sub.add_parser(
+        "serve", help="OpenAI- and Anthropic-compatible HTTP server (needs llamagen[server])",
+        description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/messages "
+                    "(Anthropic), /v1/models, /health, /metrics, /tokenize, /detokenize.  "
+                    "Requests are batched continuously over --parallel sequences.")
+    v.add_argument("--model", "-m", default=None, help="GGUF file (default: the demo model package)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    v.add_argument("--port", type=_port, default=8080)
+    v.add_argument("--parallel", "-np", type=_positive_int, default=8, metavar="N",
+                   help="sequences decoded together (default 8)")
+    v.add_argument("--ctx-size", "-c", type=_positive_int, default=16384, metavar="N",
+                   help="KV cache cells shared by all sequences (default 16384)")
+    v.add_argument("--threads", "-t", type=_positive_int, default=None, metavar="N",
+                   help="default: physical cores")
+    v.add_argument("--batch-size", "-b", type=_positive_int, default=512, metavar="N",
+                   help="tokens per decode (default 512)")
+    v.add_argument("--n-gpu-layers", type=_c_int, default=0)
+    v.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="accept this key (Bearer or x-api-key); may be repeated; none: no check")
+    v.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="accept the keys in this file, one a line (kept out of the process list)")
+    v.add_argument("--model-alias", default=None, metavar="NAME",
+                   help="the model name in responses and /v1/models (default: the file name)")
+    v.add_argument("--max-queue", type=_non_negative_int, default=None, metavar="N",
+                   help="requests that may wait for a sequence; more get 503 (default: no limit)")
+    v.add_argument("--max-body-size", type=_positive_int, default=16 * 2**20, metavar="BYTES",
+                   help="larger request bodies get 413 (default 16 MiB)")
+    v.add_argument("--shutdown-grace", type=_non_negative_float, default=10.0, metavar="S",
+                   help="on SIGTERM, seconds running requests get to finish (default 10)")
+    v.add_argument("--log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug", "trace"))
+    v.add_argument("--no-access-log", action="store_true", help="no line per request")
+    v.set_defaults(func=cmd_serve)
     return p
 
 

@@ -16,17 +16,17 @@ from llamagen.server.auth import require_api_key
 from llamagen.server.errors import APIError, InvalidRequest, Overloaded, error_body
 from llamagen.server.models import CountTokensRequest, MessagesRequest
 from llamagen.server.translate import (
-    CHAT_PARSE_SPECIAL, anthropic_messages, anthropic_stop, generation_error, render_chat,
+    anthropic_messages, chat_tokens, anthropic_stop, generation_error, render_chat,
     sampling_kwargs,
 )
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-def _prompt(engine, body) -> str:
+def _prompt(engine, body) -> list[int]:
     if body.tools:
         raise InvalidRequest("tools are not supported", param="tools")
-    return render_chat(engine, anthropic_messages(body.system, body.messages))
+    return chat_tokens(engine, render_chat(engine, anthropic_messages(body.system, body.messages)))
 
 
 def _usage(source: sse.ChunkSource) -> dict:
@@ -47,8 +47,7 @@ async def messages(body: MessagesRequest, request: Request, engine=Depends(get_e
     prompt = _prompt(engine, body)
     kwargs, origin = sampling_kwargs(body, seed=None)
     timer = st.metrics.timer()
-    source = await sse.open_source(engine, [prompt], kwargs, origin, prompt_param="messages",
-                                   add_special=True, parse_special=CHAT_PARSE_SPECIAL)
+    source = await sse.open_source(engine, [prompt], kwargs, origin, prompt_param="messages")
     msg_id = f"msg_{uuid.uuid4().hex}"
     if body.stream:
         return StreamingResponse(_stream(source, request.url.path, timer, st, msg_id),
@@ -74,16 +73,18 @@ async def _stream(source: sse.ChunkSource, path: str, timer, st, msg_id: str):
     """message_start, one text block (start, deltas, stop), message_delta, message_stop; the
     official client dispatches on the ``event:`` line and drops data-only frames."""
     ev = sse.event
-    stream = source.streams[0]
-    n_out = 0
-    try:
-        yield ev("message_start", {"type": "message_start", "message": {
+    started = False
+
+    def start():
+        # sent with the first engine chunk: by then the engine knows how much of the prompt
+        # came from the cache, so this usage already has the final input split
+        return ev("message_start", {"type": "message_start", "message": {
             "id": msg_id, "type": "message", "role": "assistant", "model": st.model_name,
             "content": [], "stop_reason": None, "stop_sequence": None,
-            # the cached share is known only at the end: message_delta carries the final split
-            "usage": {"input_tokens": stream.n_prompt_tokens, "output_tokens": 0}}})
-        yield ev("content_block_start", {"type": "content_block_start", "index": 0,
-                                         "content_block": {"type": "text", "text": ""}})
+            "usage": {**_usage(source), "output_tokens": 0}}}) + \
+            ev("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}})
+    try:
         reason = stop_sequence = None
         async for item in source.events(st.ping_interval):
             if item is sse.Tick:
@@ -91,7 +92,9 @@ async def _stream(source: sse.ChunkSource, path: str, timer, st, msg_id: str):
                 continue
             _, c = item
             timer.chunk(0, c)
-            n_out += len(c.token_ids)
+            if not started:
+                started = True
+                yield start()
             if c.finish_reason in ("cancelled", "error"):
                 raise _unfinished(c.finish_reason)
             if c.text:
@@ -100,6 +103,8 @@ async def _stream(source: sse.ChunkSource, path: str, timer, st, msg_id: str):
             if c.finish_reason is not None:
                 reason, stop_sequence = c.finish_reason, c.stop_sequence
         timer.done()
+        if not started:
+            yield start()
         yield ev("content_block_stop", {"type": "content_block_stop", "index": 0})
         yield ev("message_delta", {
             "type": "message_delta",
@@ -115,6 +120,4 @@ async def _stream(source: sse.ChunkSource, path: str, timer, st, msg_id: str):
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, engine=Depends(get_engine)):
-    prompt = _prompt(engine, body)
-    tokens = engine.tokenize(prompt, add_special=True, parse_special=CHAT_PARSE_SPECIAL)
-    return {"input_tokens": len(tokens)}
+    return {"input_tokens": len(_prompt(engine, body))}

@@ -80,7 +80,14 @@ class _BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.max_bytes
-        for name, value in scope.get("headers", ()):
+        headers = list(scope.get("headers", ()))
+        ctype = next((v for k, v in headers if k == b"content-type"), b"")
+        if scope.get("method") == "POST" and b"json" not in ctype.lower():
+            # every body here is JSON; `curl -d` sends it as a form, as llama-server's users do
+            headers = [(k, v) for k, v in headers if k != b"content-type"]
+            headers.append((b"content-type", b"application/json"))
+            scope = {**scope, "headers": headers}
+        for name, value in headers:
             if name == b"content-length":
                 try:
                     declared = int(value)

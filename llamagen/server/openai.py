@@ -14,7 +14,7 @@ from llamagen.server.auth import require_api_key
 from llamagen.server.errors import APIError, InvalidRequest, Overloaded, error_body
 from llamagen.server.models import ChatCompletionRequest, CompletionRequest
 from llamagen.server.translate import (
-    CHAT_PARSE_SPECIAL, generation_error, openai_finish, openai_messages, render_chat,
+    chat_tokens, generation_error, openai_finish, openai_messages, render_chat,
     sampling_kwargs,
 )
 
@@ -111,7 +111,7 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
                                      seed=None)
     timer = st.metrics.timer()
     source = await sse.open_source(engine, prompts, kwargs, origin, n=body.n,
-                                   prompt_param="prompt", add_special=True)
+                                   prompt_param="prompt")
     n = body.n
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": st.model_name}
@@ -155,13 +155,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     if rf is not None and rf.get("type", "text") != "text":
         raise InvalidRequest("response_format: only {'type': 'text'} is supported; for "
                              "constrained output send a GBNF 'grammar'", param="response_format")
-    prompt = _chat_prompt(engine, body)
+    prompt = chat_tokens(engine, _chat_prompt(engine, body))
     # no max_tokens: until the end of the turn or of the context, as OpenAI does
     kwargs, origin = sampling_kwargs(body, max_new_tokens=_unbounded(engine), seed=None)
     timer = st.metrics.timer()
     source = await sse.open_source(engine, [prompt], kwargs, origin, n=body.n,
-                                   prompt_param="messages", add_special=True,
-                                   parse_special=CHAT_PARSE_SPECIAL)
+                                   prompt_param="messages")
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": st.model_name, "system_fingerprint": None}
 

@@ -157,7 +157,7 @@ async def until_disconnect(request: Request, coro):
 
 async def open_source(engine, prompts: Sequence, kwargs: dict, origin: dict, *, n: int = 1,
                       prompt_param: str = "prompt", add_special: bool = True,
-                      parse_special: Optional[bool] = None) -> ChunkSource:
+                      parse_special: bool = True) -> ChunkSource:
     """Submit one engine request per prompt (the engine validates synchronously) and return the
     ChunkSource over them; on an error, the ones already submitted are cancelled and the error
     is an APIError."""

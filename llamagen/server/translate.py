@@ -21,9 +21,6 @@ _RENAMED = {
 }
 _ENGINE_FIELDS = frozenset(ENGINE_FIELDS)
 
-# chat prompts: the template writes special tokens as text (<|im_start|>, <start_of_turn>), so
-# they are parsed; the template's own BOS, if any, is left to the tokenizer (see render_chat)
-CHAT_PARSE_SPECIAL = True
 
 
 def sampling_kwargs(req: LlamagenSampling, **defaults) -> tuple[dict, dict]:
@@ -192,3 +189,14 @@ def anthropic_stop(reason: Optional[str], stop_sequence: Optional[str]) -> Optio
     if reason == "stop":
         return "stop_sequence" if stop_sequence else "end_turn"
     return reason
+
+
+def chat_tokens(engine, text: str) -> list[int]:
+    """The token ids of a rendered chat prompt, as llama-server makes them: special tokens
+    written by the template (<|im_start|>, <start_of_turn>) are parsed, the model's BOS is added,
+    and a BOS the template wrote itself is not doubled."""
+    toks = engine.tokenize(text, add_special=True, parse_special=True)
+    bos = getattr(engine.model, "bos", None)
+    if bos is not None and len(toks) >= 2 and toks[0] == bos and toks[1] == bos:
+        del toks[0]
+    return toks

