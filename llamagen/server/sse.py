@@ -49,11 +49,13 @@ Tick = None   # what ChunkSource.events yields when ``ping_interval`` passed wit
 class ChunkSource:
     """(k, chunk) pairs from engine streams ``streams[k]``, in arrival order."""
 
-    def __init__(self, streams: Sequence):
+    def __init__(self, streams: Sequence, n: int = 1):
         self.streams = list(streams)
+        self.n = n
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pumps: list[asyncio.Task] = []
         self._closed = False
+        self._unfinished: dict = {}     # stream -> choices without a finish_reason yet
 
     async def _pump(self, k: int, stream) -> None:
         put = self._queue.put_nowait
@@ -89,9 +91,15 @@ class ChunkSource:
                         continue
             if isinstance(item, _End):
                 live -= 1
+                if self._unfinished.get(item.k, self.n):
+                    # every choice ends with a finish_reason; a stream that stops short of it
+                    # would otherwise look like a complete, empty answer
+                    raise RuntimeError("the engine ended the request without finishing it")
             elif isinstance(item, _Failed):
                 raise item.exc
             else:
+                if item[1].finish_reason is not None:
+                    self._unfinished[item[0]] = self._unfinished.get(item[0], self.n) - 1
                 yield item
 
     async def aclose(self) -> None:
@@ -161,7 +169,8 @@ async def open_source(engine, prompts: Sequence, kwargs: dict, origin: dict, *, 
     """Submit one engine request per prompt (the engine validates synchronously) and return the
     ChunkSource over them; on an error, the ones already submitted are cancelled and the error
     is an APIError."""
-    from llamagen.server.translate import engine_error
+    from llamagen.server.translate import check_logit_bias, engine_error
+    check_logit_bias(kwargs.get("logit_bias"), engine.model.n_vocab, origin)
     streams = []
     try:
         for p in prompts:
@@ -171,7 +180,7 @@ async def open_source(engine, prompts: Sequence, kwargs: dict, origin: dict, *, 
         for s in streams:
             await s.aclose()
         raise engine_error(e, {**origin, "n": "n"}, prompt_param) from None
-    return ChunkSource(streams)
+    return ChunkSource(streams, n)
 
 
 class Collected:
