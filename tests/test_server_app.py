@@ -1,0 +1,154 @@
+"""The server app in-process, over a stand-in engine: what a real model cannot show quickly
+(the 503 while the engine loads, keep-alive pings during a long silence, a failed load)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from llamagen.engine import EngineChunk, EngineStats, Usage
+from llamagen.server import create_app
+
+
+class _Model:
+    n_vocab = 100
+    n_ctx_train = 512
+    description = "stand-in"
+    bos = 1
+    path = "/models/stand-in.gguf"
+
+
+class _Stream:
+    def __init__(self, text, delay):
+        self.text, self.delay = text, delay
+        self.n_prompt_tokens = 3
+        self.closed = False
+        self._i = 0
+
+    @property
+    def usage(self):
+        return Usage(3, self._i, 0)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._i >= len(self.text) or self.closed:
+            raise StopAsyncIteration
+        await asyncio.sleep(self.delay)
+        self._i += 1
+        last = self._i == len(self.text)
+        return EngineChunk(0, self.text[self._i - 1], [7], "length" if last else None)
+
+    async def aclose(self):
+        self.closed = True
+
+
+class StandIn:
+    """The parts of AsyncEngine the HTTP layer uses."""
+    model = _Model()
+    n_ctx = 512
+    n_parallel = 2
+
+    def __init__(self, text="abc", delay=0.0):
+        self.text, self.delay = text, delay
+        self.closed = False
+        self.streams = []
+
+    def tokenize(self, text, add_special=True, parse_special=False):
+        return ([1] if add_special else []) + [10 + ord(c) % 80 for c in text]
+
+    def detokenize(self, tokens):
+        return "".join(chr(t - 10) for t in tokens if t >= 10)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def stream(self, prompt, params=None, *, n=1, add_special=True, parse_special=True, **kw):
+        s = _Stream(self.text, self.delay)
+        self.streams.append(s)
+        return s
+
+    def stats(self):
+        return EngineStats(0, 0, 0, self.n_ctx, 0, 0, 0, 0, 0, 0)
+
+    async def aclose(self):
+        self.closed = True
+
+
+def test_health_is_503_while_the_engine_loads_then_200():
+    gate = threading.Event()
+    engine = StandIn()
+
+    def factory():
+        gate.wait(10)
+        return engine
+    app = create_app(engine_factory=factory, model_name="m")
+    with TestClient(app) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "loading"}
+        r = c.post("/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.json()["error"]["type"] == "server_error"
+        gate.set()
+        deadline = time.monotonic() + 5
+        while c.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert c.get("/health").json() == {"status": "ok"}
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "abc"
+    assert engine.closed            # the lifespan closed what the factory made
+
+
+def test_a_failed_load_is_reported_and_fatal():
+    seen = []
+
+    def factory():
+        raise ValueError("n_ctx too small")
+    app = create_app(engine_factory=factory, model_name="m", on_fatal=seen.append)
+    with TestClient(app) as c:
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert isinstance(seen[0], ValueError)
+        assert c.get("/health").json() == {"status": "error"}
+        r = c.post("/v1/messages", json={"max_tokens": 1, "messages": [
+            {"role": "user", "content": "x"}]})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "overloaded_error"
+
+
+def test_keep_alive_pings_are_comments_the_client_ignores():
+    engine = StandIn(text="hi!", delay=0.25)
+    app = create_app(engine, model_name="m", ping_interval=0.05)
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "x"}], "stream": True})
+        assert ": ping\n\n" in r.text
+        assert "data: ping" not in r.text and "event: ping" not in r.text
+        client = openai.OpenAI(base_url=str(c.base_url) + "/v1", api_key="x", http_client=c,
+                               max_retries=0)
+        chunks = list(client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "hi!"
+        r = c.post("/v1/messages", json={"max_tokens": 5, "stream": True, "messages": [
+            {"role": "user", "content": "x"}]})
+        assert r.text.count("event: message_start") == 1 and ": ping\n\n" in r.text
+    assert all(s.closed or s._i == 3 for s in engine.streams)
+
+
+def test_engine_passed_in_is_not_closed_by_the_app():
+    engine = StandIn()
+    with TestClient(create_app(engine)) as c:
+        assert c.get("/v1/models").json()["data"][0]["id"] == "stand-in.gguf"
+    assert not engine.closed
+
+
+def test_api_keys_must_be_non_empty_strings():
+    with pytest.raises(ValueError):
+        create_app(StandIn(), api_keys=[""])
+    with pytest.raises(TypeError):
+        create_app()
