@@ -432,10 +432,12 @@ cdef class BatchGenerator:
     cdef int32_t _take_slot(self, SeqCore * q) noexcept:
         """A free slot for ``q`` (lock held): the one whose cached tokens share the longest prefix
         with its prompt (that prefix is kept, the rest of the slot's cells removed), else an empty
-        one, else the least recently released.  -1 when none is free."""
-        cdef int32_t slot, best = -1, best_len = -1, L, limit, n
+        one, else the least recently released.  -1 when none is free.  A prefix shorter than
+        min(16, half the prompt) does not count: a shared BOS is not worth another's cache."""
+        cdef int32_t slot, best = -1, best_len = -1, L, limit, n, worth
         cdef llama.llama_memory_t mem = llama.llama_get_memory(self._context._ctx)
         limit = <int32_t> q.prompt.size() - 1          # at least one token left to decode
+        worth = min(16, (limit + 2) // 2)
         for slot in range(self._n_slots):
             if self._slots[slot] is not None:
                 continue
@@ -443,6 +445,8 @@ cdef class BatchGenerator:
             L = 0
             while L < n and self._slot_cache[slot][L] == q.prompt[L]:
                 L += 1
+            if L < worth:
+                L = 0
             if L > best_len or (L == best_len and self._spare_first(slot, best)):
                 best, best_len = slot, L
         if best < 0:

@@ -242,7 +242,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         tokens, ps = self._prepare(prompt, params, n, add_special, parse_special, sampling)
         s = EngineStream(self, len(tokens), loop)
-        s._req = self._submit(tokens, ps, s._deliver)
+        s._req = self._submit(tokens, ps, s._deliverer())
         return s
 
     async def generate(self, prompt, params: Optional[SamplingParams] = None, *, n: int = 1,
@@ -259,7 +259,7 @@ class AsyncEngine:
         """The same from a plain thread: a blocking iterator of EngineChunks."""
         tokens, ps = self._prepare(prompt, params, n, add_special, parse_special, sampling)
         s = SyncStream(self, len(tokens))
-        s._req = self._submit(tokens, ps, s._deliver)
+        s._req = self._submit(tokens, ps, s._queue.put)
         return s
 
     def generate_sync(self, prompt, params: Optional[SamplingParams] = None, *, n: int = 1,
@@ -388,7 +388,13 @@ class AsyncEngine:
             self._n_seqs -= req.left
         req.left = 0
         items.append(_DONE)
-        req.deliver(items)
+        self._hand_out(req, items)
+
+    def _hand_out(self, req: _Request, items: list) -> None:
+        try:
+            req.deliver(items)
+        except Exception:           # the reader's event loop is closed: nobody reads any more
+            self._cancel(req)
 
     def _fail_all(self, exc: BaseException) -> None:
         reqs = {id(r): r for r in self._live.values()}
@@ -429,6 +435,7 @@ class AsyncEngine:
                 if b.finish_reason(sid) in ("error", "cancelled"):
                     self._retire(req, sid)
                     per_req.setdefault(req.id, [req]).append(error)
+        self._stats = self._snapshot()      # before handing out: a reader sees this step's state
         for items in per_req.values():
             req = items.pop(0)
             if items and isinstance(items[-1], BaseException):
@@ -437,7 +444,7 @@ class AsyncEngine:
             elif req.left == 0:
                 self._finish(req, items)
             else:
-                req.deliver(items)
+                self._hand_out(req, items)
 
     def _drop_live(self, req: _Request) -> None:
         for sid in list(req.sids):
@@ -505,11 +512,14 @@ class EngineStream(_StreamBase):
         self._queue: asyncio.Queue = asyncio.Queue()
         self._buf: deque = deque()
 
-    def _deliver(self, items) -> None:        # engine thread
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, items)
-        except RuntimeError:                  # the loop is closed: nobody reads any more
-            self._engine._cancel(self._req)
+    def _deliverer(self) -> Callable[[list], None]:
+        """What the engine thread calls with new items.  It holds the queue, not the stream, so
+        a dropped stream is collected (and its __del__ cancels the request)."""
+        loop, put = self._loop, self._queue.put_nowait
+
+        def deliver(items):
+            loop.call_soon_threadsafe(put, items)     # RuntimeError once the loop is closed
+        return deliver
 
     def __aiter__(self):
         return self
@@ -550,9 +560,6 @@ class SyncStream(_StreamBase):
         super().__init__(engine, n_prompt)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._buf: deque = deque()
-
-    def _deliver(self, items) -> None:
-        self._queue.put(items)
 
     def __iter__(self):
         return self
