@@ -240,6 +240,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     path = a.model or default_model_path()
     if not os.path.isfile(path):
         raise ValueError(f"--model {path!r}: no such file")
+    if not keys and a.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"llamagen: warning: serving on {a.host} without --api-key: anyone who can reach "
+              f"it can use it", file=sys.stderr)
     # the model loads before the port is bound: a bad file is a one-line error and status 2;
     # the context (the KV cache) is made while the server already answers /health with 503
     model = llamagen.Model(path, n_gpu_layers=a.n_gpu_layers)

@@ -54,7 +54,7 @@ class OpenAISampling(LlamagenSampling):
     max_tokens: Optional[int] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
-    n: int = 1
+    n: Optional[int] = None          # null: 1
     stop: Optional[Union[str, List[str]]] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None

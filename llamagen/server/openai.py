@@ -104,15 +104,14 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
         raise InvalidRequest("suffix is not supported", param="suffix")
     if body.logprobs is not None:
         raise InvalidRequest("logprobs are not supported", param="logprobs")
-    if body.best_of is not None and body.best_of != body.n:
+    if body.best_of is not None and body.best_of != (body.n or 1):
         raise InvalidRequest("best_of is not supported (other than best_of == n)", param="best_of")
     prompts = _prompts(body.prompt)
     kwargs, origin = sampling_kwargs(body, max_new_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
                                      seed=None)
     timer = st.metrics.timer()
-    source = await sse.open_source(engine, prompts, kwargs, origin, n=body.n,
-                                   prompt_param="prompt")
-    n = body.n
+    n = 1 if body.n is None else body.n
+    source = await sse.open_source(engine, prompts, kwargs, origin, n=n, prompt_param="prompt")
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": st.model_name}
 
@@ -159,8 +158,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     # no max_tokens: until the end of the turn or of the context, as OpenAI does
     kwargs, origin = sampling_kwargs(body, max_new_tokens=_unbounded(engine), seed=None)
     timer = st.metrics.timer()
-    source = await sse.open_source(engine, [prompt], kwargs, origin, n=body.n,
-                                   prompt_param="messages")
+    n = 1 if body.n is None else body.n
+    source = await sse.open_source(engine, [prompt], kwargs, origin, n=n, prompt_param="messages")
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": st.model_name, "system_fingerprint": None}
 
@@ -169,7 +168,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
             return {"index": c.index, "delta": {"content": c.text} if c.text else {},
                     "logprobs": None, "finish_reason": openai_finish(c.finish_reason)}
         head = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                 "finish_reason": None} for i in range(body.n)]
+                 "finish_reason": None} for i in range(n)]
         return _sse(_stream(source, request.url.path, timer, st.ping_interval,
                             _include_usage(body), base, choice, head))
 
