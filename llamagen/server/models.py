@@ -6,7 +6,7 @@ and its errors, which name the field, become 400s.
 """
 from __future__ import annotations
 
-from typing import Any, List, Literal, Optional, Union
+from typing import Any, List, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 

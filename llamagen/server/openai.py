@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Optional
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import StreamingResponse
