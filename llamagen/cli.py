@@ -246,6 +246,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
     # the model loads before the port is bound: a bad file is a one-line error and status 2;
     # the context (the KV cache) is made while the server already answers /health with 503
     model = llamagen.Model(path, n_gpu_layers=a.n_gpu_layers)
+    import logging
+    log = logging.getLogger("llamagen.server")      # uvicorn configures only its own loggers
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-9s llamagen: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(a.log_level.upper() if a.log_level != "trace" else "DEBUG")
+        log.propagate = False
     fatal: list = []
 
     def make_engine():

@@ -197,12 +197,12 @@ async def _load(state: ServerState, factory, on_fatal) -> None:
         engine = await asyncio.to_thread(factory)
     except BaseException as e:   # noqa: BLE001 - reported, and the server told to exit
         state.load_error = e
-        log.error("llamagen: the engine could not be created: %s", e)
+        log.error("the engine could not be created: %s", e)
         if on_fatal is not None:
             on_fatal(e)
         return
     state.engine = engine
-    log.info("llamagen: engine ready in %.1f s (n_ctx %s, %s parallel sequences)",
+    log.info("engine ready in %.1f s (n_ctx %s, %s parallel sequences)",
              time.perf_counter() - t0, getattr(engine, "n_ctx", "?"),
              getattr(engine, "n_parallel", "?"))
 
