@@ -81,17 +81,25 @@ cdef str _chat_str(value, str where):
     return value
 
 
-cdef object _chat_json_value(value, str where):
-    """Tool-call arguments given as JSON data: every string in it checked like message text."""
+# JSON data nested deeper than this is refused: llama.cpp's Jinja runtime recurses over it with
+# no limit of its own (a stack overflow would kill the process)
+_CHAT_MAX_DEPTH = 64
+
+
+cdef object _chat_json_value(value, str where, int depth=0):
+    """JSON data (tool-call arguments, template kwargs): every string in it checked like
+    message text, nesting bounded."""
     if isinstance(value, str):
         return _chat_str(value, where)
+    if isinstance(value, (_Mapping, list, tuple)) and depth >= _CHAT_MAX_DEPTH:
+        raise ValueError(f"{where} is nested more than {_CHAT_MAX_DEPTH} levels deep")
     if isinstance(value, _Mapping):
         out = {}
         for k, v in value.items():
-            out[_chat_str(k, f"{where} key")] = _chat_json_value(v, f"{where}[{k!r}]")
+            out[_chat_str(k, f"{where} key")] = _chat_json_value(v, f"{where}[{k!r}]", depth + 1)
         return out
     if isinstance(value, (list, tuple)):
-        return [_chat_json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_chat_json_value(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
     if value is None or isinstance(value, (bool, int, float)):
         return value
     raise TypeError(f"{where} holds a {type(value).__name__}, which is not JSON data")

@@ -7,6 +7,7 @@ only the GGUF file inside is used, the package itself is never imported).  .ci/r
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -92,6 +93,12 @@ def test_text_parts_equal_the_string_form(smollm2):
     mixed = tuple(CONVERSATION[:3]) + ({"role": "user",
                                         "content": ({"type": "text", "text": "What is 2+2?"},)},)
     assert smollm2.render_chat(mixed) == smollm2.render_chat(CONVERSATION)
+    # a template that reads content as a string gets several text parts joined by newlines
+    two = [{"role": "system", "content": "S"},
+           {"role": "user", "content": [{"type": "text", "text": "one"},
+                                        {"type": "text", "text": "two"}]}]
+    assert smollm2.render_chat(two) == smollm2.render_chat(
+        [two[0], {"role": "user", "content": "one\ntwo"}])
 
 
 def test_trailing_assistant_message_is_continued(smollm2):
@@ -232,6 +239,14 @@ def test_bad_options_are_refused(tiny_model):
         tiny_model.render_chat(msgs, chat_template_kwargs={"a": "x\0"})
     with pytest.raises(ValueError, match="NUL"):
         tiny_model.render_chat(msgs, template="{{ 'a' }}\0")
+    deep = {}
+    for _ in range(100):
+        deep = {"d": deep}
+    with pytest.raises(ValueError, match="nested more than 64 levels"):
+        tiny_model.render_chat(msgs, chat_template_kwargs={"x": deep})
+    call = {"type": "function", "function": {"name": "f", "arguments": deep}}
+    with pytest.raises(ValueError, match=r"messages\[0\]\['tool_calls'\]\[0\].*nested"):
+        tiny_model.render_chat([{"role": "assistant", "tool_calls": [call]}])
 
 
 def test_unknown_keys_are_ignored_and_null_content_is_allowed(tiny_model):
@@ -296,18 +311,18 @@ def _post(url, body, timeout=30):
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="module")
-def llama_server(smollm2_path, tmp_path_factory):
+@contextlib.contextmanager
+def _running_llama_server(model_path, extra_args, log_dir):
     exe = _llama_server_binary()
     if exe is None:
         pytest.skip("no llama-server binary (cmake --build build/cmake-cpu --target llama-server, "
                     "or set LLAMAGEN_LLAMA_SERVER)")
     port = _free_port()
-    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    log = Path(log_dir) / "server.log"
     with open(log, "wb") as logf:
-        proc = subprocess.Popen([exe, "-m", str(smollm2_path), "--host", "127.0.0.1",
+        proc = subprocess.Popen([exe, "-m", str(model_path), "--host", "127.0.0.1",
                                  "--port", str(port), "-c", "512", "-np", "1", "-t", "1",
-                                 "--no-webui"],
+                                 "--no-webui", *extra_args],
                                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -334,6 +349,74 @@ def llama_server(smollm2_path, tmp_path_factory):
             proc.wait()
 
 
+@pytest.fixture(scope="module")
+def server_smollm2(smollm2_path, tmp_path_factory):
+    with _running_llama_server(smollm2_path, [], tmp_path_factory.mktemp("srv-smollm2")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def server_tiny(tiny_model_path, tmp_path_factory):
+    """The tiny model has no chat template: llama-server falls back to ChatML."""
+    with _running_llama_server(tiny_model_path, [], tmp_path_factory.mktemp("srv-tiny")) as url:
+        yield url
+
+
+# A template of our own, written for these tests: a system message folded into a header,
+# namespace(), slicing, loop.index0, trim, tojson of tool-call arguments, raise_exception, a
+# template kwarg.  Rendered by llama-server from --chat-template-file.
+CUSTOM_TEMPLATE = """\
+{%- set ns = namespace(sys='') -%}
+{%- if messages and messages[0].role == 'system' -%}
+  {%- set ns.sys = messages[0].content -%}
+  {%- set msgs = messages[1:] -%}
+{%- else -%}
+  {%- set msgs = messages -%}
+{%- endif -%}
+{{- bos_token -}}
+{%- if ns.sys %}[SYS]{{ ns.sys | trim }}[/SYS]
+{% endif -%}
+{%- for m in msgs -%}
+  {%- if m.role == 'user' -%}
+    [U{{ loop.index0 }}]{{ m.content }}
+  {%- elif m.role == 'assistant' -%}
+    [A]{% if m.content %}{{ m.content }}{% endif %}
+    {%- if m.tool_calls %}{% for tc in m.tool_calls %}<call>{{ tc.function.name }} \
+{{ tc.function.arguments | tojson }}</call>{% endfor %}{% endif %}[/A]
+  {%- elif m.role == 'tool' -%}
+    [T]{{ m.content }}[/T]
+  {%- else -%}
+    {{- raise_exception('unknown role ' + m.role) -}}
+  {%- endif %}
+{% endfor -%}
+{%- if add_generation_prompt %}[A]{% endif -%}
+{%- if greeting is defined %}({{ greeting }}){% endif -%}
+"""
+
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "  Be brief. "},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "id": "c1",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    {"role": "user", "content": "thanks"},
+]
+
+
+@pytest.fixture(scope="module")
+def server_custom(tiny_model_path, tmp_path_factory):
+    d = tmp_path_factory.mktemp("srv-custom")
+    (d / "template.jinja").write_text(CUSTOM_TEMPLATE)
+    with _running_llama_server(tiny_model_path, ["--chat-template-file", str(d / "template.jinja")],
+                               d) as url:
+        yield url
+
+
+def _server_prompt(url, messages, **opts):
+    return _post(url + "/apply-template", {"messages": messages, **opts})["prompt"]
+
+
 SERVER_CASES = [
     ("conversation", CONVERSATION, {}),
     ("no system message", CONVERSATION[1:], {}),
@@ -343,13 +426,42 @@ SERVER_CASES = [
     ("two text parts", [{"role": "user", "content": [{"type": "text", "text": "one"},
                                                      {"type": "text", "text": "two"}]}], {}),
     ("trailing assistant", CONVERSATION[:2] + [{"role": "assistant", "content": "Partial"}], {}),
+    ("empty content", [{"role": "user", "content": ""}], {}),
     ("unicode", [{"role": "user", "content": "héllo wörld ✓ 日本 🙂\n\ttabs"}], {}),
 ]
+SERVER_IDS = [c[0] for c in SERVER_CASES]
 
 
-@pytest.mark.parametrize("name, messages, opts", SERVER_CASES, ids=[c[0] for c in SERVER_CASES])
-def test_same_prompt_as_llama_server(llama_server, smollm2, name, messages, opts):
-    body = {"messages": messages, **opts}
-    want = _post(llama_server + "/apply-template", body)["prompt"]
-    got = smollm2.render_chat(messages, **opts)
-    assert got == want
+@pytest.mark.parametrize("name, messages, opts", SERVER_CASES, ids=SERVER_IDS)
+def test_same_prompt_as_llama_server(server_smollm2, smollm2, name, messages, opts):
+    assert smollm2.render_chat(messages, **opts) == _server_prompt(server_smollm2, messages, **opts)
+
+
+@pytest.mark.parametrize("name, messages, opts", SERVER_CASES, ids=SERVER_IDS)
+def test_same_chatml_fallback_as_llama_server(server_tiny, tiny_model, name, messages, opts):
+    assert tiny_model.render_chat(messages, **opts) == _server_prompt(server_tiny, messages, **opts)
+
+
+@pytest.mark.parametrize("messages, opts", [
+    (TOOL_CONVERSATION, {}),
+    (TOOL_CONVERSATION, {"add_generation_prompt": False}),
+    (TOOL_CONVERSATION, {"chat_template_kwargs": {"greeting": "hi"}}),
+    (TOOL_CONVERSATION[1:2], {}),
+    (TOOL_CONVERSATION[:2] + [{"role": "assistant", "content": "It is"}], {}),
+], ids=["tools", "tools-no-gen", "kwargs", "one-user", "prefill"])
+def test_same_custom_template_rendering_as_llama_server(server_custom, tiny_model, messages, opts):
+    want = _server_prompt(server_custom, messages, **opts)
+    assert tiny_model.render_chat(messages, template=CUSTOM_TEMPLATE, **opts) == want
+
+
+def test_template_error_matches_llama_server(server_custom, tiny_model):
+    msgs = [{"role": "narrator", "content": "x"}]
+    req = urllib.request.Request(server_custom + "/apply-template",
+                                 data=json.dumps({"messages": msgs}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as http_err:
+        urllib.request.urlopen(req, timeout=30)
+    server_msg = json.loads(http_err.value.read())["error"]["message"]
+    assert "unknown role narrator" in server_msg
+    with pytest.raises(ValueError, match="unknown role narrator"):
+        tiny_model.render_chat(msgs, template=CUSTOM_TEMPLATE)
