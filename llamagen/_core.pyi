@@ -1,6 +1,8 @@
 """Type stubs for the compiled core (llamagen/_core.pyx)."""
 from os import PathLike
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (
+    Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, TypedDict, Union,
+)
 
 from llamagen.sampling import SamplingParams
 
@@ -10,6 +12,19 @@ DEFAULT_SEED: int
 def build_info() -> Dict[str, Any]: ...
 def system_info() -> str: ...
 def _backend_devices() -> List[Tuple[str, str, str, int, int]]: ...
+
+class ChatParams(TypedDict):
+    """What Model.render_chat_params returns (a plain dict at run time; this name is stub-only)."""
+    prompt: str
+    additional_stops: List[str]
+    grammar: Optional[str]
+    grammar_lazy: bool
+    preserved_tokens: List[str]
+    generation_prompt: str
+    format: str
+    supports_thinking: bool
+    thinking_start_tag: Optional[str]
+    thinking_end_tags: List[str]
 
 class Model:
     path: Union[str, bytes]
@@ -43,6 +58,17 @@ class Model:
     def chat_template(self) -> Optional[str]: ...
     def apply_chat_template(self, messages: Sequence[Dict[str, str]], *, add_assistant: bool = True,
                             template: Optional[str] = None) -> str: ...
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                    template: Optional[str] = None,
+                    chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+                    enable_thinking: Optional[bool] = None,
+                    prefill_assistant: bool = True) -> str: ...
+    def render_chat_params(self, messages: Sequence[Mapping[str, Any]], *,
+                           add_generation_prompt: bool = True, template: Optional[str] = None,
+                           chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+                           enable_thinking: Optional[bool] = None,
+                           prefill_assistant: bool = True) -> ChatParams: ...
+    def chat_template_source(self, template: Optional[str] = None) -> str: ...
     @property
     def bos(self) -> Optional[int]: ...
     @property

@@ -19,7 +19,7 @@ from libcpp cimport bool as cbool
 from libcpp.string cimport string
 from libcpp.vector cimport vector
 
-from llamagen.includes cimport fast_sampler as fs, ggml, llama
+from llamagen.includes cimport chat as lgchat, fast_sampler as fs, ggml, llama
 
 import logging as _logging
 import os as _os
@@ -46,6 +46,7 @@ cdef extern from "llamagen_build_info.h":
 include "_log.pxi"
 include "_errors.pxi"
 include "_model.pxi"
+include "_chat.pxi"
 include "_context.pxi"
 include "_sampling.pxi"
 include "_generation.pxi"

@@ -46,6 +46,8 @@ cdef class Model:
     cdef readonly bint vocab_only   # loaded with vocab_only=True: no weights, no Context
     cdef object _metadata
     cdef fs.lgfs_trie * _gtrie   # the vocabulary's prefix tree for grammar re-samples (lazy)
+    cdef object _chat_default    # _ChatTemplates of the model's own template (lazy, _chat.pxi)
+    cdef dict _chat_overrides    # template source -> _ChatTemplates, a few most recent
     cdef object __weakref__
 
     def __cinit__(self):
@@ -54,6 +56,8 @@ cdef class Model:
         self._users = 0
         self._closed = False
         self._gtrie = NULL
+        self._chat_default = None
+        self._chat_overrides = {}
 
     def __init__(self, path, *, n_gpu_layers=0, bint use_mmap=True, bint use_mlock=False,
                  bint vocab_only=False, bint check_tensors=False, main_gpu=0):
@@ -233,7 +237,8 @@ cdef class Model:
 
         Uses ``template`` (a built-in template name such as "gemma" or "chatml", or a template
         text) or else the model's own.  llama.cpp matches built-in templates by heuristics (no
-        Jinja); an unknown template raises ValueError.
+        Jinja); an unknown template raises ValueError.  ``render_chat`` renders the Jinja
+        template itself, as llama-server does.
         """
         cdef vector[llama.llama_chat_message] msgs
         cdef llama.llama_chat_message msg
@@ -277,6 +282,44 @@ cdef class Model:
             n = llama.llama_chat_apply_template(tmpl, msgs.data(), msgs.size(), add_assistant,
                                                 buf.data(), <int32_t> buf.size())
         return buf.data()[:n].decode("utf-8", "replace")
+
+    def render_chat(self, messages, *, bint add_generation_prompt=True, template=None,
+                    chat_template_kwargs=None, enable_thinking=None, bint prefill_assistant=True):
+        """Render chat messages into a prompt with the model's Jinja chat template, exactly as
+        llama-server renders them (llama.cpp's common/chat: same Jinja engine, same fixes and
+        defaults).  A model without a chat template gets ChatML, as in llama-server.
+
+        ``messages``: a list of OpenAI-style dicts ``{"role": str, "content": str | None | [
+        {"type": "text", "text": str}, ...]}``, optionally with ``name``, ``tool_call_id``,
+        ``reasoning_content`` and (assistant) ``tool_calls``; other keys are ignored.
+        ``template``: Jinja source (or "chatml") used instead of the model's own.
+        ``chat_template_kwargs``: extra template variables (JSON data).  ``enable_thinking``:
+        None follows the template (on where it supports thinking), False turns it off.
+        ``prefill_assistant``: as in llama-server, a trailing assistant message is continued
+        (left open, no generation prompt) instead of closed.
+
+        TypeError / ValueError name the message at fault; ValueError also for a template that
+        does not parse or fails to render (e.g. its raise_exception()).  The GIL is released
+        while the template renders.
+        """
+        return _render_chat(self, messages, add_generation_prompt, template, chat_template_kwargs,
+                            enable_thinking, prefill_assistant, False)
+
+    def render_chat_params(self, messages, *, bint add_generation_prompt=True, template=None,
+                           chat_template_kwargs=None, enable_thinking=None,
+                           bint prefill_assistant=True):
+        """``render_chat`` plus what the template implies for generation, as a dict: ``prompt``,
+        ``additional_stops`` (stop strings to add), ``grammar`` (GBNF or None) and
+        ``grammar_lazy``, ``preserved_tokens``, ``generation_prompt`` (the text the generation
+        prompt added), ``format`` (llama.cpp's output-parser name), ``supports_thinking``,
+        ``thinking_start_tag`` and ``thinking_end_tags``."""
+        return _render_chat(self, messages, add_generation_prompt, template, chat_template_kwargs,
+                            enable_thinking, prefill_assistant, True)
+
+    def chat_template_source(self, template=None):
+        """The Jinja source ``render_chat`` uses: the model's template, llama.cpp's ChatML when
+        the model has none, or ``template`` after llama.cpp's small compatibility fixes."""
+        return _chat_template_source(self, template)
 
     # -- vocabulary --------------------------------------------------------------------------
 

@@ -170,14 +170,11 @@ class AsyncEngine:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.model.detokenize(tokens)
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        """Render chat messages with the model's own template (chatml when it has none)."""
-        render = getattr(self.model, "render_chat", None)
-        if render is not None:
-            return render(messages, add_generation_prompt=add_generation_prompt)
-        tmpl = None if self.model.chat_template else "chatml"
-        return self.model.apply_chat_template(messages, add_assistant=add_generation_prompt,
-                                              template=tmpl)
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render chat messages with the model's own Jinja template as llama-server does
+        (ChatML when the model has none): Model.render_chat."""
+        return self.model.render_chat(messages, add_generation_prompt=add_generation_prompt,
+                                      **kwargs)
 
     def _prepare(self, prompt, params, n, add_special, parse_special, sampling):
         """Validate everything a request needs (on the caller's thread): token ids and one

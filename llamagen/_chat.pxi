@@ -1,0 +1,256 @@
+# Chat prompts rendered with the model's Jinja chat template exactly as llama-server renders them
+# (llama.cpp's common library, through llamagen/csrc/lg_chat.cpp).  Included by _core.pyx after
+# _model.pxi: Model.render_chat / Model.render_chat_params call _render_chat below.
+#
+# Messages are checked here, before C++, so that a mistake names the message and field at fault;
+# whatever gets past (a Jinja error, raise_exception() in a template) comes back from C++ as a
+# status and becomes ValueError.
+
+from collections.abc import Mapping as _Mapping, Sequence as _Sequence
+import json as _json
+
+# templates parsed for overrides, kept per Model (most recent last)
+_CHAT_OVERRIDES_KEPT = 4
+
+
+cdef class _ChatTemplates:
+    """Owns one parsed lgchat::Templates.  A render holds a reference to this object while it
+    runs without the GIL, so evicting it from a Model's cache never frees it under a render."""
+    cdef lgchat.Templates * ptr
+
+    def __cinit__(self):
+        self.ptr = NULL
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            lgchat.templates_free(self.ptr)
+            self.ptr = NULL
+
+
+cdef _ChatTemplates _chat_templates_load(Model model, template):
+    """Parse the model's templates (template None) or an override (str); ValueError on failure."""
+    cdef string src
+    cdef string err
+    cdef lgchat.Templates * t
+    cdef _ChatTemplates out
+    if template is not None:
+        src = template.encode("utf-8")
+    model._pin()
+    try:
+        with nogil:
+            t = lgchat.templates_new(model._model, src, err)
+    finally:
+        model._release_user()
+    if t == NULL:
+        what = "the given template" if template is not None else "the model's chat template"
+        raise ValueError(f"{what} cannot be used: {err.decode('utf-8', 'replace')}")
+    out = _ChatTemplates()
+    out.ptr = t
+    return out
+
+
+cdef _ChatTemplates _chat_templates(Model model, template):
+    """The cached templates for ``template`` (None = the model's own), parsed on first use."""
+    cdef _ChatTemplates t
+    if template is None:
+        if model._chat_default is None:
+            t = _chat_templates_load(model, None)
+            if model._chat_default is None:     # another thread may have loaded it meanwhile
+                model._chat_default = t
+        return model._chat_default
+    cache = model._chat_overrides
+    t = cache.pop(template, None)
+    if t is None:
+        t = _chat_templates_load(model, template)
+    cache[template] = t                          # most recently used last
+    while len(cache) > _CHAT_OVERRIDES_KEPT:
+        del cache[next(iter(cache))]
+    return t
+
+
+cdef str _chat_str(value, str where):
+    """``value`` checked as message text: a str without NUL that encodes to UTF-8."""
+    if not isinstance(value, str):
+        raise TypeError(f"{where} must be a str, not {type(value).__name__}")
+    if "\0" in <str>value:
+        raise ValueError(f"{where} contains a NUL character")
+    try:
+        (<str>value).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} is not valid Unicode ({e.reason} at index {e.start})") from None
+    return value
+
+
+# JSON data nested deeper than this is refused: llama.cpp's Jinja runtime recurses over it with
+# no limit of its own (a stack overflow would kill the process)
+_CHAT_MAX_DEPTH = 64
+
+
+cdef object _chat_json_value(value, str where, int depth=0):
+    """JSON data (tool-call arguments, template kwargs): every string in it checked like
+    message text, nesting bounded."""
+    if isinstance(value, str):
+        return _chat_str(value, where)
+    if isinstance(value, (_Mapping, list, tuple)) and depth >= _CHAT_MAX_DEPTH:
+        raise ValueError(f"{where} is nested more than {_CHAT_MAX_DEPTH} levels deep")
+    if isinstance(value, _Mapping):
+        out = {}
+        for k, v in value.items():
+            out[_chat_str(k, f"{where} key")] = _chat_json_value(v, f"{where}[{k!r}]", depth + 1)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_chat_json_value(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    raise TypeError(f"{where} holds a {type(value).__name__}, which is not JSON data")
+
+
+cdef object _chat_content(value, str where):
+    if value is None or isinstance(value, str):
+        return None if value is None else _chat_str(value, where)
+    if isinstance(value, (bytes, bytearray, _Mapping)) or not isinstance(value, _Sequence):
+        raise TypeError(f"{where} must be a str or a list of content parts "
+                        f"({{'type': 'text', 'text': ...}}), not {type(value).__name__}")
+    parts = []
+    for j, part in enumerate(value):
+        pw = f"{where}[{j}]"
+        if not isinstance(part, _Mapping):
+            raise TypeError(f"{pw} must be a dict {{'type': 'text', 'text': ...}}, "
+                            f"not {type(part).__name__}")
+        if "type" not in part:
+            raise ValueError(f"{pw} has no 'type'")
+        if part["type"] != "text":
+            raise ValueError(f"{pw} has type {part['type']!r}: only 'text' parts are supported")
+        if "text" not in part:
+            raise ValueError(f"{pw} has no 'text'")
+        parts.append({"type": "text", "text": _chat_str(part["text"], f"{pw}['text']")})
+    return parts
+
+
+cdef list _chat_tool_calls(value, str where):
+    if isinstance(value, (str, bytes, bytearray, _Mapping)) or not isinstance(value, _Sequence):
+        raise TypeError(f"{where} must be a list of tool calls, not {type(value).__name__}")
+    calls = []
+    for j, call in enumerate(value):
+        cw = f"{where}[{j}]"
+        if not isinstance(call, _Mapping):
+            raise TypeError(f"{cw} must be a dict, not {type(call).__name__}")
+        if call.get("type", "function") != "function":
+            raise ValueError(f"{cw} has type {call['type']!r}: only 'function' tool calls exist")
+        fn = call.get("function")
+        if not isinstance(fn, _Mapping):
+            raise ValueError(f"{cw} needs a 'function' dict with 'name' and 'arguments'")
+        if "name" not in fn:
+            raise ValueError(f"{cw}['function'] has no 'name'")
+        args = fn.get("arguments", "{}")
+        out = {"type": "function",
+               "function": {"name": _chat_str(fn["name"], f"{cw}['function']['name']"),
+                            "arguments": _chat_json_value(args, f"{cw}['function']['arguments']")}}
+        if call.get("id") is not None:
+            out["id"] = _chat_str(call["id"], f"{cw}['id']")
+        calls.append(out)
+    return calls
+
+
+def _chat_messages_json(messages):
+    """OpenAI-style messages -> the UTF-8 JSON that llama.cpp parses, after checking them.
+
+    Known fields are kept (role, content, name, tool_call_id, reasoning_content, tool_calls);
+    others are dropped, as llama.cpp ignores them.
+    """
+    if isinstance(messages, (str, bytes, bytearray, _Mapping)) or not isinstance(messages, _Sequence):
+        raise TypeError(f"messages must be a list of dicts, not {type(messages).__name__}")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, _Mapping):
+            raise TypeError(f"{where} must be a dict with 'role' and 'content', not {type(m).__name__}")
+        if "role" not in m:
+            raise ValueError(f"{where} has no 'role'")
+        role = _chat_str(m["role"], f"{where}['role']")
+        if not role:
+            raise ValueError(f"{where}['role'] is empty")
+        msg = {"role": role}
+        if "content" in m:
+            msg["content"] = _chat_content(m["content"], f"{where}['content']")
+        elif not (role == "assistant" and m.get("tool_calls")):
+            # llama-server: only an assistant message that makes tool calls may omit content
+            raise ValueError(f"{where} has no 'content'")
+        if m.get("tool_calls") is not None:
+            msg["tool_calls"] = _chat_tool_calls(m["tool_calls"], f"{where}['tool_calls']")
+        for key in ("name", "tool_call_id", "reasoning_content"):
+            if m.get(key) is not None:
+                msg[key] = _chat_str(m[key], f"{where}[{key!r}]")
+        out.append(msg)
+    return _json.dumps(out, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+cdef object _render_chat(Model model, messages, bint add_generation_prompt, template,
+                         chat_template_kwargs, enable_thinking, bint prefill_assistant,
+                         bint details):
+    cdef string msgs_json
+    cdef string kwargs_json
+    cdef string err
+    cdef lgchat.Rendered r
+    cdef _ChatTemplates t
+    cdef int thinking
+    cdef int rc
+    model._check()
+    if template is not None:
+        if not isinstance(template, str):
+            raise TypeError(f"template must be a str (Jinja source or 'chatml'), not "
+                            f"{type(template).__name__}")
+        _chat_str(template, "template")
+        if template != "chatml" and "{{" not in template and "{%" not in template:
+            # a bare name would render as literal text; built-in names are apply_chat_template's
+            raise ValueError(f"template {template[:60]!r} is not Jinja source: pass a Jinja "
+                             "template, 'chatml', or None for the model's own")
+    if enable_thinking is None:
+        thinking = -1
+    elif enable_thinking is True or enable_thinking is False:
+        thinking = 1 if enable_thinking else 0
+    else:
+        raise TypeError(f"enable_thinking must be None, True or False, not "
+                        f"{type(enable_thinking).__name__}")
+    if chat_template_kwargs is not None:
+        if not isinstance(chat_template_kwargs, _Mapping):
+            raise TypeError(f"chat_template_kwargs must be a dict, not "
+                            f"{type(chat_template_kwargs).__name__}")
+        kw = _chat_json_value(chat_template_kwargs, "chat_template_kwargs")
+        kwargs_json = _json.dumps(kw, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    msgs_json = _chat_messages_json(messages)
+    t = _chat_templates(model, template)
+    # a long history or a heavy template can take a while: other threads run meanwhile (t stays
+    # referenced here, and the templates never touch the model after loading)
+    with nogil:
+        rc = lgchat.render(t.ptr, msgs_json, kwargs_json, add_generation_prompt,
+                           prefill_assistant, thinking, r, err)
+    if rc != 0:
+        raise ValueError(f"the chat template could not render these messages: "
+                         f"{err.decode('utf-8', 'replace')}")
+    prompt = r.prompt.decode("utf-8", "replace")
+    if not details:
+        return prompt
+    return {
+        "prompt": prompt,
+        "additional_stops": [s.decode("utf-8", "replace") for s in r.additional_stops],
+        "grammar": r.grammar.decode("utf-8", "replace") or None,
+        "grammar_lazy": bool(r.grammar_lazy),
+        "preserved_tokens": [s.decode("utf-8", "replace") for s in r.preserved_tokens],
+        "generation_prompt": r.generation_prompt.decode("utf-8", "replace"),
+        "format": r.format.decode("utf-8", "replace"),
+        "supports_thinking": bool(r.supports_thinking),
+        "thinking_start_tag": r.thinking_start_tag.decode("utf-8", "replace") or None,
+        "thinking_end_tags": [s.decode("utf-8", "replace") for s in r.thinking_end_tags],
+    }
+
+
+cdef str _chat_template_source(Model model, template):
+    cdef _ChatTemplates t
+    model._check()
+    if template is not None:
+        if not isinstance(template, str):
+            raise TypeError(f"template must be a str, not {type(template).__name__}")
+        _chat_str(template, "template")
+    t = _chat_templates(model, template)
+    return lgchat.templates_source(t.ptr).decode("utf-8", "replace")

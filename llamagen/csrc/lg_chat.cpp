@@ -1,0 +1,169 @@
+// See lg_chat.h.  The request handling follows llama-server's oaicompat_chat_params_parse
+// (tools/server/server-common.cpp) with the server's default options, for the parts that concern
+// rendering messages: same inputs to common_chat_templates_apply, so the same prompt.
+#include "lg_chat.h"
+
+#include "chat.h"
+#include "json.h"
+#include "log.h"
+
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace lgchat {
+
+struct Templates {
+    common_chat_templates_ptr tmpls;
+    bool supports_thinking = false;
+    bool supports_parallel_tool_calls = false;
+};
+
+namespace {
+
+// common's logger prints to stderr from a worker thread it starts on first use; llamagen reports
+// failures as exceptions instead, so common's own log stays off (our copy of common is private
+// to this module: nothing else in the process shares this setting).
+void quiet_common_log() {
+    static std::once_flag once;
+    std::call_once(once, [] { common_log_set_verbosity_thold(-1); });
+}
+
+void set_error(std::string & err, const char * what) noexcept {
+    try {
+        err = what;
+    } catch (...) {
+        // out of memory while reporting: the caller still sees the failure status
+    }
+}
+
+}  // namespace
+
+Templates * templates_new(const llama_model * model, const std::string & override_src,
+                          std::string & err) noexcept {
+    try {
+        quiet_common_log();
+        if (override_src.empty() && model == nullptr) {
+            // common_chat_templates_init asserts (aborts) on this
+            throw std::invalid_argument("no model and no template");
+        }
+        std::unique_ptr<Templates> t(new Templates());
+        try {
+            t->tmpls = common_chat_templates_init(model, override_src);
+        } catch (const std::exception &) {
+            // common rethrows a sliced std::exception whose what() lost the reason: parse the
+            // same source again to get the Jinja error itself
+            std::string src = override_src;
+            if (src.empty()) {
+                const char * s = llama_model_chat_template(model, nullptr);
+                src = s ? s : "";
+            }
+            common_chat_template probe(src, "", "");
+            throw std::runtime_error("the chat template could not be parsed");
+        }
+        if (!t->tmpls) {
+            throw std::runtime_error("the chat template could not be loaded");
+        }
+        // llama-server decides this once at start-up by rendering a probe message; a template
+        // that fails that render makes the server refuse to start, here it fails the load
+        t->supports_thinking = common_chat_templates_support_enable_thinking(t->tmpls.get());
+        auto caps = common_chat_templates_get_caps(t->tmpls.get());
+        auto it = caps.find("supports_parallel_tool_calls");
+        t->supports_parallel_tool_calls = it != caps.end() && it->second;
+        return t.release();
+    } catch (const std::exception & e) {
+        set_error(err, e.what());
+    } catch (...) {
+        set_error(err, "unknown C++ exception while loading the chat template");
+    }
+    return nullptr;
+}
+
+void templates_free(Templates * t) noexcept {
+    delete t;
+}
+
+std::string templates_source(const Templates * t) noexcept {
+    try {
+        return common_chat_templates_source(t->tmpls.get(), "");
+    } catch (...) {
+        return std::string();
+    }
+}
+
+int render(const Templates * t, const std::string & messages_json, const std::string & kwargs_json,
+           bool add_generation_prompt, bool prefill_assistant, int enable_thinking, Rendered & out,
+           std::string & err) noexcept {
+    try {
+        quiet_common_log();
+        common_json messages = common_json::parse(messages_json);
+
+        common_chat_templates_inputs inputs;
+        inputs.messages               = common_chat_msgs_parse_oaicompat(messages);
+        inputs.use_jinja              = true;
+        inputs.parallel_tool_calls    = t->supports_parallel_tool_calls;
+        inputs.add_generation_prompt  = add_generation_prompt;
+        inputs.continue_final_message = COMMON_CHAT_CONTINUATION_NONE;
+        // the server's --prefill-assistant (on by default): continue a trailing assistant message
+        if (prefill_assistant && !inputs.messages.empty() && inputs.messages.back().role == "assistant") {
+            if (inputs.messages.size() >= 2 && inputs.messages[inputs.messages.size() - 2].role == "assistant") {
+                throw std::invalid_argument("Cannot have 2 or more assistant messages at the end of the list.");
+            }
+            inputs.continue_final_message = COMMON_CHAT_CONTINUATION_AUTO;
+            inputs.add_generation_prompt  = false;
+        }
+        if (inputs.continue_final_message != COMMON_CHAT_CONTINUATION_NONE
+            && !inputs.messages.back().tool_calls.empty()) {
+            throw std::invalid_argument("Cannot continue an assistant message that contains tool calls.");
+        }
+        // the server's defaults: --reasoning-format deepseek, --reasoning auto, and the
+        // preserve_reasoning template kwarg that its argument parser adds when unset
+        inputs.reasoning_format = COMMON_REASONING_FORMAT_DEEPSEEK;
+        inputs.enable_thinking  = enable_thinking != 0 && t->supports_thinking;
+        inputs.chat_template_kwargs["preserve_reasoning"] = "true";
+        if (!kwargs_json.empty()) {
+            common_json kwargs = common_json::parse(kwargs_json);
+            if (!kwargs.is_object()) {
+                throw std::invalid_argument("chat_template_kwargs must be a JSON object");
+            }
+            for (const auto & item : kwargs.items()) {
+                inputs.chat_template_kwargs[item.key()] = item.value().dump();
+            }
+        }
+        auto et = inputs.chat_template_kwargs.find("enable_thinking");
+        if (et != inputs.chat_template_kwargs.end()) {
+            if (et->second == "true") {
+                inputs.enable_thinking = true;
+            } else if (et->second == "false") {
+                inputs.enable_thinking = false;
+            } else if (!et->second.empty() && et->second[0] == '"') {
+                throw std::invalid_argument("invalid type for \"enable_thinking\" (expected boolean, got string)");
+            }
+        }
+
+        common_chat_params p = common_chat_templates_apply(t->tmpls.get(), inputs);
+        out.prompt             = std::move(p.prompt);
+        out.grammar            = std::move(p.grammar);
+        out.grammar_lazy       = p.grammar_lazy;
+        out.generation_prompt  = std::move(p.generation_prompt);
+        out.format             = common_chat_format_name(p.format);
+        out.supports_thinking  = p.supports_thinking;
+        out.thinking_start_tag = std::move(p.thinking_start_tag);
+        out.thinking_end_tags  = std::move(p.thinking_end_tags);
+        out.additional_stops   = std::move(p.additional_stops);
+        out.preserved_tokens   = std::move(p.preserved_tokens);
+        return 0;
+    } catch (const std::exception & e) {
+        set_error(err, e.what());
+    } catch (...) {
+        set_error(err, "unknown C++ exception while rendering the chat template");
+    }
+    return -1;
+}
+
+}  // namespace lgchat

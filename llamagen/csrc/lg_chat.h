@@ -1,0 +1,53 @@
+// Chat prompts rendered the way llama-server renders them: the model's Jinja chat template through
+// llama.cpp's `common` library (common/chat.h).  This header only uses std types so that the
+// Cython side never sees nlohmann/common_json; the implementation is lg_chat.cpp (its own
+// translation unit, so the heavy common headers do not slow down every _core.cpp compile).
+//
+// Every function is noexcept: C++ exceptions (bad JSON, Jinja syntax or runtime errors,
+// raise_exception() in a template, bad_alloc) come back as a status and a message.
+#pragma once
+
+#include <string>
+#include <vector>
+
+struct llama_model;
+
+namespace lgchat {
+
+// Parsed templates of one model (or one override source); read-only after creation, so one
+// object may render from several threads at once (llama-server does the same).
+struct Templates;
+
+struct Rendered {
+    std::string prompt;
+    std::string grammar;                     // non-empty only when the template implies one
+    bool grammar_lazy = false;
+    std::string generation_prompt;           // what add_generation_prompt appended
+    std::string format;                      // common_chat_format_name() of the output parser
+    bool supports_thinking = false;
+    std::string thinking_start_tag;
+    std::vector<std::string> thinking_end_tags;
+    std::vector<std::string> additional_stops;
+    std::vector<std::string> preserved_tokens;
+};
+
+// The model's templates (override_src empty) or the given Jinja source ("chatml" = llama.cpp's
+// built-in ChatML).  A model without a template gets ChatML, as in llama-server.  The model is
+// only read here: the result does not reference it.  nullptr on failure, with the reason in err.
+Templates * templates_new(const llama_model * model, const std::string & override_src,
+                          std::string & err) noexcept;
+void templates_free(Templates * t) noexcept;
+
+// The Jinja source that renders by default (after llama.cpp's fallbacks and fixes).
+std::string templates_source(const Templates * t) noexcept;
+
+// Render an OpenAI-style JSON array of messages.  kwargs_json: a JSON object of extra template
+// variables (chat_template_kwargs), or empty.  enable_thinking: -1 auto (on when the template
+// supports it, llama-server's default), 0 off, 1 on (still off where the template cannot think).
+// prefill_assistant: a trailing assistant message is continued instead of closed (llama-server's
+// default; add_generation_prompt is then ignored).  0 on success; -1 with err set on failure.
+int render(const Templates * t, const std::string & messages_json, const std::string & kwargs_json,
+           bool add_generation_prompt, bool prefill_assistant, int enable_thinking, Rendered & out,
+           std::string & err) noexcept;
+
+}  // namespace lgchat

@@ -1,0 +1,35 @@
+# Raw declarations of llamagen's chat-template wrapper over llama.cpp's `common` library
+# (llamagen/csrc/lg_chat.h).  No logic here: cimport as a namespace
+# (`from llamagen.includes cimport chat as lgchat`).  Every function is noexcept in C++ and
+# reports failures through its status and `err`.
+from libcpp cimport bool as cbool
+from libcpp.string cimport string
+from libcpp.vector cimport vector
+
+from llamagen.includes.llama cimport llama_model
+
+
+cdef extern from "lg_chat.h" namespace "lgchat" nogil:
+    cdef cppclass Templates:
+        pass
+
+    cdef cppclass Rendered:
+        Rendered()
+        string prompt
+        string grammar
+        cbool grammar_lazy
+        string generation_prompt
+        string format
+        cbool supports_thinking
+        string thinking_start_tag
+        vector[string] thinking_end_tags
+        vector[string] additional_stops
+        vector[string] preserved_tokens
+
+    Templates * templates_new(const llama_model * model, const string & override_src,
+                              string & err) noexcept
+    void templates_free(Templates * t) noexcept
+    string templates_source(const Templates * t) noexcept
+    int render(const Templates * t, const string & messages_json, const string & kwargs_json,
+               cbool add_generation_prompt, cbool prefill_assistant, int enable_thinking,
+               Rendered & out, string & err) noexcept
