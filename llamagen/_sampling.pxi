@@ -520,3 +520,17 @@ def _replay_run(Context ctx not None, prompt, driver_params, samplers, int n_ste
         llama.llama_memory_clear(llama.llama_get_memory(ctx._ctx), True)
         ctx._release()
     return out
+
+
+def _check_grammar(Model model not None, params):
+    """Raise GrammarError now if ``params.grammar`` does not parse for ``model``'s vocabulary
+    (what starting a sequence would raise), so a server can refuse the request up front."""
+    cdef llama.llama_sampler * g
+    model._check()
+    model._pin()
+    try:
+        g = _build_grammar(params, model._vocab)
+        if g != NULL:
+            llama.llama_sampler_free(g)
+    finally:
+        model._release_user()

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-from llamagen._core import BatchGenerator, Context, Model
+from llamagen._core import BatchGenerator, Context, Model, _check_grammar
 from llamagen._util import check_prompt
 from llamagen.errors import EngineClosedError, LlamaError, PromptTooLongError, QueueFullError
 from llamagen.sampling import SamplingParams, resolve
@@ -184,6 +184,8 @@ class AsyncEngine:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
             raise ValueError(f"n must be an int in [1, {MAX_N}], got {n!r}")
         p = resolve(params if params is not None else self.defaults, (), sampling)
+        if p.grammar is not None:
+            _check_grammar(self.model, p)          # GrammarError now, not from the stream
         prompt = check_prompt(prompt)
         if isinstance(prompt, (str, bytes)):
             tokens = self.model.tokenize(prompt, add_special=add_special,
