@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from llamagen._core import BatchGenerator, Context, Model, _check_grammar
 from llamagen._util import check_prompt
+from llamagen.generation import generate
 from llamagen.errors import EngineClosedError, LlamaError, PromptTooLongError, QueueFullError
 from llamagen.sampling import SamplingParams, resolve
 
@@ -140,6 +141,9 @@ class AsyncEngine:
         try:
             self._ctx = Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                                 n_seq_max=n_parallel, n_threads=n_threads, kv_unified=True)
+            # one decode now, as llama-server warms up: the first request should not pay for
+            # first-use costs (weight repacking, buffer allocation)
+            generate(self._ctx, [self.model.bos if self.model.bos >= 0 else 0], max_new_tokens=1)
             self._batch = BatchGenerator(self._ctx, n_parallel=n_parallel, prompt_cache=prompt_cache)
         except BaseException:
             if self._own_model:
@@ -186,13 +190,16 @@ class AsyncEngine:
         p = resolve(params if params is not None else self.defaults, (), sampling)
         if p.grammar is not None:
             _check_grammar(self.model, p)          # GrammarError now, not from the stream
+        n_vocab = self.model.n_vocab
+        for t, _ in p.logit_bias:
+            if not 0 <= t < n_vocab:
+                raise ValueError(f"logit_bias names token {t}, not a token id in [0, {n_vocab})")
         prompt = check_prompt(prompt)
         if isinstance(prompt, (str, bytes)):
             tokens = self.model.tokenize(prompt, add_special=add_special,
                                          parse_special=parse_special)
         else:
             tokens = list(prompt)
-            n_vocab = self.model.n_vocab
             for t in tokens:
                 if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
                     raise ValueError(f"prompt token {t!r} is not a token id in [0, {n_vocab})")
@@ -362,7 +369,7 @@ class AsyncEngine:
                 req.seen[sid] = 0
                 self._live[sid] = req
         except Exception as e:          # (validated before: a failure here is unexpected)
-            self._drop(req)
+            self._drop_live(req)
             self._finish(req, [e])
 
     def _drop(self, req: _Request) -> None:

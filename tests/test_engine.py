@@ -254,6 +254,8 @@ def test_bad_requests_raise_before_anything_runs(tiny_model):
             eng.generate_sync([1, 10 ** 9])
         with pytest.raises(ValueError, match="empty"):
             eng.generate_sync([])
+        with pytest.raises(ValueError, match="logit_bias"):
+            eng.generate_sync("x", logit_bias={10 ** 6: 1.0})
         with pytest.raises(llamagen.GrammarError, match="does not parse"):
             eng.generate_sync("x", grammar="root ::= (")
 
