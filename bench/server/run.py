@@ -14,7 +14,8 @@ Q4_K_M), threads, slots (--parallel, default the largest concurrency) and per-sl
 
 Servers (the command each gets is in the report):
 
-- ``llamagen``: ``llamagen serve`` (llamagen/server/); ``--ctx-size`` gets the per-slot context.
+- ``llamagen``: ``llamagen serve`` (llamagen/server/); its ``--ctx-size`` is the KV cells shared by
+  all sequences (one unified cache), so it gets slots x per-slot context, as llama-server.
 - ``llama-server``: llama.cpp's server from this checkout's CMake build dir (built on first use:
   ``cmake --build build/cmake-cpu --target llama-server``); ``-c`` is split across ``-np`` slots,
   so it gets slots x per-slot context; ``-fa on``.
@@ -65,7 +66,7 @@ LABELS = {"llamagen": "llamagen serve", "llama-server": "llama-server",
 
 DEFAULT_CMDS = {
     "llamagen": "{python} -m llamagen serve --model {model} --host 127.0.0.1 --port {port} "
-                "--parallel {parallel} --ctx-size {ctx_slot} --threads {threads}",
+                "--parallel {parallel} --ctx-size {ctx_total} --threads {threads}",
     "llama-server": "{llama_server} -m {model} --host 127.0.0.1 --port {port} -np {parallel} "
                     "-c {ctx_total} -t {threads} -tb {threads} -fa on",
     "lcp": "{lcp_python} -m llama_cpp.server --model {model} --host 127.0.0.1 --port {port} "
@@ -244,8 +245,8 @@ def measure(server: Server, conc: list, tokens: int, chat_tokens: int, chat_reps
         method = s["count_method"]
         s["per_stream"] = [loadgen.stream_record(r, method) for r in results]
         out["concurrent"][str(n)] = s
-        log(f"    {s['tokens_per_s']:.1f} t/s, {s['tokens_delivered']}/{s['tokens_requested']} tokens, "
-            f"TTFT p50 {s['ttft_p50_ms']} ms, ITL p50 {s['itl_p50_ms']} ms, errors {s['errors']}")
+        log(f"    {fmt(s['tokens_per_s'])} t/s, {s['tokens_delivered']}/{s['tokens_requested']} tokens, "
+            f"TTFT p50 {fmt(s['ttft_p50_ms'])} ms, ITL p50 {fmt(s['itl_p50_ms'], 2)} ms, errors {s['errors']}")
     letters = "ACEGIKMOQS"
     for rep in range(chat_reps):
         label, cold = f"{letters[rep % 10]})", f"{chr(ord(letters[rep % 10]) + 1)})"
