@@ -151,7 +151,7 @@ def test_smoke_against_llama_server():
     with run.Server("llama-server", argv, "/health", os.path.join(ROOT, "bench", "out", "test-llama-server.log")) as s:
         results, wall = asyncio.run(asyncio.wait_for(loadgen.run_concurrent(s.url, 2, 8), 120))
         summary = loadgen.summarize(results, wall, 8)
-        chat = asyncio.run(asyncio.wait_for(loadgen.run_chat(s.url, 4), 120))
+        chat = asyncio.run(asyncio.wait_for(loadgen.run_chat(s.url, 2), 120))
     assert summary["errors"] == 0, summary["error_samples"]
     assert summary["count_method"] == "usage"
     assert summary["tokens_delivered"] == 16 and summary["streams_complete"] == 2
