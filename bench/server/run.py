@@ -315,7 +315,8 @@ def write_section(res: dict) -> str:
          f"- model: gemma3-270m Q4_K_M; {res['threads']} threads, {res['parallel']} slots, "
          f"{res['ctx_slot']} tokens of context per slot, flash attention on",
          f"- versions: {json.dumps(res['versions'])}",
-         f"- {res['rounds']} round(s); servers run one after the other in each round (medians over rounds)",
+         f"- {res['rounds']} round(s); servers run one after the other in each round, the order rotating from "
+         "round to round (medians over rounds)",
          f"- streams: /v1/completions, max_tokens {res['tokens']}, `ignore_eos: true` (llama-cpp-python: "
          f"logit bias {EOG_BIAS:g} on end-of-generation tokens {res['eog_tokens']}), default sampling "
          f"otherwise; distinct prompts per stream (`{loadgen.PROMPT_TEMPLATE}`, i = stream number); "
@@ -447,7 +448,8 @@ def main(argv=None) -> int:
     )
     failed = {}
     for rnd in range(a.rounds):
-        for s in servers:
+        # the order rotates from round to round, so no server always runs first (or last)
+        for s in servers[rnd % len(servers):] + servers[:rnd % len(servers)]:
             if s in failed:
                 continue
             port = free_port()
