@@ -103,6 +103,27 @@ def llama_bench(exe, model, args):
     return json.loads(out)[0]["avg_ts"]
 
 
+# /proc/cpuinfo flag -> the ggml option that compiles for it (x86)
+_GGML_ISA = [("sse4_2", "SSE42"), ("f16c", "F16C"), ("fma", "FMA"), ("bmi2", "BMI2"), ("avx", "AVX"),
+             ("avx2", "AVX2"), ("avx_vnni", "AVX_VNNI"), ("avx512f", "AVX512"), ("avx512vbmi", "AVX512_VBMI"),
+             ("avx512_vnni", "AVX512_VNNI"), ("avx512_bf16", "AVX512_BF16")]
+
+
+def lcp_isa_args(cpuinfo="/proc/cpuinfo"):
+    """ggml's instruction-set options for llama-cpp-python's build: -march=native, except on CPUs
+    with AMX, where native would compile ggml's AMX kernels, which segfault on Q4_K_M models at this
+    commit (llamagen builds without them, see llamagen/CMakeLists.txt): there, every instruction
+    set the CPU lists but AMX, one option each."""
+    try:
+        with open(cpuinfo) as fh:
+            flags = next((ln.split(":", 1)[1].split() for ln in fh if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if "amx_int8" not in flags and "amx_tile" not in flags:
+        return ["-DGGML_NATIVE=ON"]
+    return ["-DGGML_NATIVE=OFF"] + [f"-DGGML_{opt}={'ON' if flag in flags else 'OFF'}" for flag, opt in _GGML_ISA]
+
+
 def ensure_lcp():
     py = os.path.join(LCP_VENV, "bin", "python")
     ok = os.path.exists(py) and subprocess.run(
@@ -114,7 +135,8 @@ def ensure_lcp():
     subprocess.run([sys.executable, "-m", "venv", LCP_VENV], check=True)
     sdist = os.path.join(ROOT, "third_party", ".cache", "llama_cpp_python-0.3.36.tar.gz")
     spec = sdist if os.path.exists(sdist) else "llama-cpp-python==0.3.36"
-    env = dict(os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF",
+    env = dict(os.environ, CMAKE_ARGS=" ".join(lcp_isa_args() + ["-DLLAMA_BUILD_TOOLS=OFF",
+                                                                 "-DLLAMA_BUILD_EXAMPLES=OFF"]),
                CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
     subprocess.run([py, "-m", "pip", "install", "-q", spec], check=True, env=env)
     return py
