@@ -90,8 +90,15 @@ async def _stream(source: sse.ChunkSource, path: str, timer, ping: float, includ
         await source.aclose()
 
 
-def _non_streamed_error(e: BaseException):
-    raise generation_error(e) from None
+async def _collected(request: Request, source: sse.ChunkSource, timer):
+    """A non-streamed request's chunks (cancelled when the client goes away); an engine error
+    becomes the API error it stands for."""
+    try:
+        return await sse.until_disconnect(request, sse.collect(source, timer))
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise generation_error(e) from None
 
 
 @router.post("/v1/completions")
@@ -121,12 +128,7 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
         return _sse(_stream(source, request.url.path, timer, st.ping_interval,
                             _include_usage(body), base, choice))
 
-    try:
-        got = await sse.until_disconnect(request, sse.collect(source, timer))
-    except APIError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        _non_streamed_error(e)
+    got = await _collected(request, source, timer)
     choices = []
     for (k, i), parts in sorted(got.texts.items()):
         reason = got.finish.get((k, i))
@@ -171,12 +173,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         return _sse(_stream(source, request.url.path, timer, st.ping_interval,
                             _include_usage(body), base, choice, head))
 
-    try:
-        got = await sse.until_disconnect(request, sse.collect(source, timer))
-    except APIError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        _non_streamed_error(e)
+    got = await _collected(request, source, timer)
     choices = []
     for (_, i), parts in sorted(got.texts.items()):
         reason = got.finish.get((0, i))
