@@ -159,3 +159,13 @@ def test_smoke_against_llama_server():
     assert all(t["error"] is None and t["ttft_ms"] for t in chat["turns"] + [chat["cold"]])
     prompts = [t["prompt_tokens"] for t in chat["turns"]]
     assert prompts == sorted(prompts) and chat["cold"]["prompt_tokens"] == prompts[-1]
+
+
+def test_short_streams_note():
+    run = _runner()
+    ok = dict(tokens=8, finish_reason="length", done=True, error=None)
+    cut = dict(tokens=1, finish_reason=None, done=True, error=None)
+    runs = [{"concurrent": {"4": {"per_stream": [ok, cut, cut, cut]}, "1": {"per_stream": [ok]}}}]
+    note = run.short_streams_note(runs, 8)
+    assert note.startswith("3 of 5 streams") and "median 1 tokens" in note and "3 of them" in note
+    assert run.short_streams_note([{"concurrent": {"1": {"per_stream": [ok]}}}], 8) is None

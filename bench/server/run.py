@@ -296,6 +296,21 @@ def aggregate(runs: list, conc: list) -> dict:
     return agg
 
 
+def short_streams_note(runs: list, tokens: int) -> str | None:
+    """What the streams that delivered fewer tokens than requested looked like (how they ended)."""
+    every = [p for m in runs for c in m["concurrent"].values() for p in c.get("per_stream", [])]
+    short = [p for p in every if p["tokens"] < tokens]
+    if not short:
+        return None
+    got = statistics.median(p["tokens"] for p in short)
+    fin = sorted({str(p["finish_reason"]) for p in short})
+    done = sum(p["done"] for p in short)
+    err = sum(p["error"] is not None for p in short)
+    return (f"{len(short)} of {len(every)} streams delivered fewer than the {tokens} tokens asked for "
+            f"(median {got:g} tokens); they ended with finish_reason {', '.join(fin)}, {done} of them with a "
+            f"normal `data: [DONE]`, {err} with an error")
+
+
 def fmt(x, nd=1):
     return "—" if x is None else f"{x:.{nd}f}"
 
@@ -474,6 +489,10 @@ def main(argv=None) -> int:
     res["load_end"] = loadavg()
     res["failed"] = failed
     res["aggregate"] = {s: aggregate(res["runs"][s], conc) for s in servers if res["runs"][s]}
+    for s in servers:
+        note = short_streams_note(res["runs"][s], tokens)
+        if note:
+            res["notes"].append(f"{LABELS.get(s, s)}: {note}")
     for s, e in failed.items():
         res["notes"].append(f"{LABELS.get(s, s)} did not start: {e.splitlines()[0]}")
     for s in servers:
