@@ -168,3 +168,18 @@ def test_short_streams_note():
     note = run.short_streams_note(runs, 8)
     assert note.startswith("3 of 5 streams") and "median 1 tokens" in note and "3 of them" in note
     assert run.short_streams_note([{"concurrent": {"1": {"per_stream": [ok]}}}], 8) is None
+
+
+def test_lcp_isa_args_leave_amx_out(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_run_isa", os.path.join(ROOT, "bench", "run.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma f16c bmi2 avx512f avx512_vnni amx_tile amx_int8\n")
+    args = mod.lcp_isa_args(str(amx))
+    assert args[0] == "-DGGML_NATIVE=OFF"
+    assert "-DGGML_AVX512=ON" in args and "-DGGML_AVX512_VNNI=ON" in args and "-DGGML_AVX512_BF16=OFF" in args
+    assert not any("AMX" in a for a in args)
+    plain = tmp_path / "plain"
+    plain.write_text("flags\t\t: fpu sse4_2 avx avx2\n")
+    assert mod.lcp_isa_args(str(plain)) == ["-DGGML_NATIVE=ON"]
