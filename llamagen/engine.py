@@ -123,12 +123,15 @@ class AsyncEngine:
     ``AsyncEngine(model=None, *, n_ctx=16384, n_parallel=8, n_threads=None, n_batch=512,
     max_queue=None, prompt_cache=True)``: ``model`` is a Model, a GGUF path, or None for the
     default model package.  ``n_parallel`` sequences decode together (all in one unified KV cache
-    of ``n_ctx`` cells); more wait, up to ``max_queue`` (then QueueFullError).
+    of ``n_ctx`` cells); more wait, up to ``max_queue`` (then QueueFullError).  ``prompt_cache``:
+    True keeps finished sequences' cells for later prompts with the same prefix, idle caches
+    holding up to max(2 * n_batch, n_ctx // n_parallel) cells (the least recently used go first);
+    an int sets that budget; False turns it off.
     """
 
     def __init__(self, model: Union[Model, str, os.PathLike, None] = None, *, n_ctx: int = 16384,
                  n_parallel: int = 8, n_threads: Optional[int] = None, n_batch: int = 512,
-                 max_queue: Optional[int] = None, prompt_cache: bool = True,
+                 max_queue: Optional[int] = None, prompt_cache: Union[bool, int] = True,
                  params: Optional[SamplingParams] = None):
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int)
                                       or max_queue < 0):

@@ -220,6 +220,19 @@ def test_idle_caches_give_way_when_the_kv_cache_is_full(tiny_model):
             assert len(r.tokens) == 80 and r.finish_reason == "length"
 
 
+def test_idle_caches_stay_within_their_budget(tiny_model):
+    with AsyncEngine(tiny_model, n_ctx=2048, n_parallel=4, prompt_cache=100) as eng:
+        sizes = []
+        for i in range(4):
+            r = eng.generate_sync(f"budget {i} " * 8, max_new_tokens=20, ignore_eos=True)
+            sizes.append(r.usage.prompt_tokens + 19)      # the last token is never decoded
+            assert eng.stats().kv_used == sizes[-1]       # the newest cache only: 2 would pass 100
+        again = eng.generate_sync("budget 3 " * 8 + "more", max_new_tokens=2)
+        assert again.usage.cached_tokens > 0              # the newest cache was kept
+        first = eng.generate_sync("budget 0 " * 8 + "more", max_new_tokens=2)
+        assert first.usage.cached_tokens == 0              # an old one was dropped
+
+
 # -- n completions ---------------------------------------------------------------------------------------
 
 def test_n_choices_use_consecutive_seeds_and_one_prefill(tiny_model):
