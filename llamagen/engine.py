@@ -20,7 +20,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from llamagen._core import BatchGenerator, Context, Model, _check_grammar
 from llamagen._util import check_prompt
-from llamagen.generation import generate
 from llamagen.errors import EngineClosedError, LlamaError, PromptTooLongError, QueueFullError
 from llamagen.sampling import SamplingParams, resolve
 
@@ -144,9 +143,6 @@ class AsyncEngine:
         try:
             self._ctx = Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                                 n_seq_max=n_parallel, n_threads=n_threads, kv_unified=True)
-            # one decode now, as llama-server warms up: the first request should not pay for
-            # first-use costs (weight repacking, buffer allocation)
-            generate(self._ctx, [self.model.bos if self.model.bos >= 0 else 0], max_new_tokens=1)
             self._batch = BatchGenerator(self._ctx, n_parallel=n_parallel, prompt_cache=prompt_cache)
         except BaseException:
             if self._own_model:
@@ -328,8 +324,20 @@ class AsyncEngine:
             prefix_cache_hits=b.n_cache_hits + b.n_shared_tokens,
             requests_total=self._requests_total, n_steps=b.n_steps)
 
+    def _warm_up(self) -> None:
+        """One decode before the first request, as llama-server does (first-use costs: buffer
+        allocation, weight repacking).  On this thread: ggml's OpenMP workers belong to the
+        thread that decodes, and a second decoding thread in the process makes libgomp stop
+        spinning once its threads outnumber the cores (gemma3 on 2 cores: 27 instead of 45 t/s)."""
+        b = self._batch
+        sid = b.add([self.model.bos if self.model.bos >= 0 else 0], max_new_tokens=1, temp=0)
+        while b.finish_reason(sid) is None:
+            b.step()
+        b.forget(sid)
+
     def _run(self) -> None:
         try:
+            self._warm_up()
             while True:
                 with self._lock:
                     while not self._inbox and not self._live and not self._closing:
