@@ -224,6 +224,16 @@ cdef class BatchGenerator:
         finally:
             self._context._release()
 
+    def drop_prompt_cache(self):
+        """Free the cells every idle slot keeps for the prompt cache (live sequences go on)."""
+        self._initialised()
+        self._context._acquire()
+        try:
+            if self._epoch == self._context._epoch:
+                self._drop_idle_caches()
+        finally:
+            self._context._release()
+
     def forget(self, seq_id):
         """Drop a finished sequence's bookkeeping (long-running pipelines)."""
         cdef _Seq q = self._get(seq_id)

@@ -334,6 +334,7 @@ class AsyncEngine:
         while b.finish_reason(sid) is None:
             b.step()
         b.forget(sid)
+        b.drop_prompt_cache()
 
     def _run(self) -> None:
         try:
