@@ -13,10 +13,9 @@ import itertools
 import os
 import queue
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from llamagen._core import BatchGenerator, Context, Model, _check_grammar
 from llamagen._util import check_prompt
