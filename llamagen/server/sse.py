@@ -169,8 +169,7 @@ async def open_source(engine, prompts: Sequence, kwargs: dict, origin: dict, *, 
     """Submit one engine request per prompt (the engine validates synchronously) and return the
     ChunkSource over them; on an error, the ones already submitted are cancelled and the error
     is an APIError."""
-    from llamagen.server.translate import check_logit_bias, engine_error
-    check_logit_bias(kwargs.get("logit_bias"), engine.model.n_vocab, origin)
+    from llamagen.server.translate import engine_error
     streams = []
     try:
         for p in prompts:

@@ -58,15 +58,6 @@ def _logit_bias(bias: dict) -> dict:
     return out
 
 
-def check_logit_bias(bias, n_vocab: int, origin: dict) -> None:
-    """Token ids must be in the vocabulary (SamplingParams cannot know its size)."""
-    for tok in bias or ():
-        if not 0 <= tok < n_vocab:
-            name = origin.get("logit_bias", "logit_bias")
-            raise InvalidRequest(f"{name}: {tok} is not a token id of this model (0 to "
-                                 f"{n_vocab - 1})", param=name)
-
-
 _FIRST_WORD = re.compile(r"[A-Za-z_]+")
 
 
