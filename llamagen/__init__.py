@@ -11,6 +11,8 @@ from llamagen._core import (
 from llamagen.batch import BatchResult, generate_batch, map_generate
 from llamagen.engine import AsyncEngine, EngineChunk, EngineResult, EngineStats, Usage
 from llamagen.generation import gen_begin, gen_end, gen_next, generate
+from llamagen.logprobs import Completion, ScoreResult, TokenLogprob, TopLogprob, score
+from llamagen.structured import schema_to_grammar
 from llamagen.sampling import SamplingParams
 from llamagen.errors import (
     ContextError, DecodeError, EngineClosedError, GrammarError, KVCacheFullError, LlamaError,
@@ -40,4 +42,5 @@ __all__ = [
     "LlamaError", "ModelLoadError", "ContextError", "DecodeError", "KVCacheFullError",
     "StaleStateError", "GrammarError", "QuantizeError", "PromptTooLongError", "QueueFullError",
     "EngineClosedError", "AsyncEngine", "EngineChunk", "EngineResult", "EngineStats", "Usage",
+    "score", "ScoreResult", "Completion", "TokenLogprob", "TopLogprob", "schema_to_grammar",
 ]

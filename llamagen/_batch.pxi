@@ -173,6 +173,14 @@ cdef class BatchGenerator:
     def seed(self, seq_id):
         return self._get(seq_id).seed
 
+    def logprobs(self, seq_id, Py_ssize_t start=0):
+        """TokenLogprobs of ``seq_id``'s generated tokens (from index ``start``), or None when its
+        parameters have ``logprobs=None``."""
+        cdef _Seq q = self._get(seq_id)
+        if q.c.n_logprobs < 0:
+            return None
+        return _seq_logprobs(self._context.model, q.c, start, -1)
+
     def n_tokens(self, seq_id):
         """How many tokens ``seq_id`` has generated (``tokens(seq_id, start)`` reads new ones)."""
         return self._get(seq_id).c.tokens.size()

@@ -20,6 +20,7 @@ from libcpp.string cimport string
 from libcpp.vector cimport vector
 
 from llamagen.includes cimport chat as lgchat, fast_sampler as fs, ggml, llama
+from llamagen.includes cimport logprobs as lglp, schema as lgschema
 
 import logging as _logging
 import os as _os
@@ -27,7 +28,7 @@ import threading as _threading
 
 from llamagen.errors import (
     ContextError, DecodeError, GrammarError, KVCacheFullError, LlamaError, ModelLoadError,
-    QuantizeError, StaleStateError,
+    PromptTooLongError, QuantizeError, StaleStateError,
 )
 from llamagen._gbnf import check as _gbnf_check
 from llamagen._gguf import check_loadable as _gguf_check_loadable
@@ -51,6 +52,7 @@ include "_context.pxi"
 include "_sampling.pxi"
 include "_generation.pxi"
 include "_batch.pxi"
+include "_logprobs.pxi"
 include "_quantize.pxi"
 
 

@@ -129,6 +129,10 @@ cdef cppclass SeqCore:
     vector[string] stops
     int32_t stop_index                      # which of ``stops`` ended the text (-1: none)
     int64_t t_sample_ns      # time spent choosing tokens (ns: a tiny model's step is < 1 us)
+    int32_t n_logprobs                      # -1: no logprobs; else alternatives per token (<= 20)
+    vector[float] lp                        # per generated token: its logprob
+    vector[int32_t] lp_ids                  # ... n_logprobs most likely ids (most likely first)
+    vector[float] lp_top                    # ... and their logprobs
 
     __init__():
         this.chain = NULL
@@ -148,6 +152,7 @@ cdef cppclass SeqCore:
         this.stop_index = -1
         this.uid = -1
         this.t_sample_ns = 0
+        this.n_logprobs = -1
 
     __dealloc__():
         this.free_samplers()
@@ -230,6 +235,10 @@ cdef cppclass SeqCore:
         cdef char buf[128]
         cdef int32_t n
         cdef vector[char] big
+        cdef const float * logits
+        cdef double norm = 0.0
+        cdef size_t at
+        cdef llama.llama_token_data heap[lglp.MAX_TOP + 1]
         cdef int64_t t1 = llamagen_monotonic_ns()
         if this.pending >= 0:
             this.n_past += 1
@@ -237,9 +246,22 @@ cdef cppclass SeqCore:
         if this.attached:
             tok = _backend_token(lctx, idx, this.chain, cand)
         else:
-            tok = this.sample(llama.llama_get_logits_ith(lctx, idx), cand)
+            logits = llama.llama_get_logits_ith(lctx, idx)
+            if this.n_logprobs >= 0:
+                # from the raw row, before the sampler chain (OpenAI's and vLLM's definition)
+                at = this.lp_ids.size()
+                this.lp_ids.resize(at + this.n_logprobs)
+                this.lp_top.resize(at + this.n_logprobs)
+                norm = lglp.row(logits, this.n_vocab, this.n_logprobs, this.lp_ids.data() + at,
+                                this.lp_top.data() + at, heap)
+            tok = this.sample(logits, cand)
+            if this.n_logprobs >= 0 and tok >= 0:
+                this.lp.push_back(<float> (<double> logits[tok] - norm))
         this.t_sample_ns += llamagen_monotonic_ns() - t1
         if tok < 0:         # GRAMMAR_DEAD_END or BACKEND_NO_OUTPUT
+            if this.n_logprobs >= 0:
+                this.lp_ids.resize(this.lp.size() * this.n_logprobs)
+                this.lp_top.resize(this.lp.size() * this.n_logprobs)
             this.error = tok
             this.finish = FINISH_ERROR
             this.flush()
@@ -300,6 +322,8 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
     c.n_past = n_prompt
     c.max_new = params.max_new_tokens
     c.ignore_eos = params.ignore_eos
+    if params.logprobs is not None:
+        c.n_logprobs = min(<int32_t> params.logprobs, ctx._n_vocab)
     for s in params.stop:
         c.stops.push_back(s.encode("utf-8"))
     c.tokens.reserve(min(params.max_new_tokens, n_ctx))
@@ -336,6 +360,7 @@ cdef class GenerationState:
     cdef bint _ended
     cdef int64_t _t_prefill_us
     cdef int64_t _t_gen_us
+    cdef Py_ssize_t _chunk_from             # tokens before the latest step (chunk_logprobs)
 
     def __cinit__(self):
         self._lctx = NULL
@@ -393,6 +418,7 @@ cdef class GenerationState:
         cdef int rc
         if self._enter():
             return None
+        self._chunk_from = <Py_ssize_t> self._core.tokens.size()
         try:
             with nogil:
                 rc = self._step()
@@ -502,6 +528,22 @@ cdef class GenerationState:
         return self._core.tokens.size()
 
     @property
+    def logprobs(self):
+        """TokenLogprobs of the generated tokens so far (``logprobs=k`` in the parameters), or
+        None when logprobs are off."""
+        if self._core.n_logprobs < 0:
+            return None
+        return _seq_logprobs(self._context.model, self._core, 0, -1)
+
+    @property
+    def chunk_logprobs(self):
+        """TokenLogprobs of the tokens the latest step sampled (the chunk it returned may hold
+        their text back, see __next__); None when logprobs are off."""
+        if self._core.n_logprobs < 0:
+            return None
+        return _seq_logprobs(self._context.model, self._core, self._chunk_from, -1)
+
+    @property
     def finish_reason(self):
         """"stop" (end of generation or stop string), "length" (max_new_tokens or context full),
         "error" (the grammar allowed no token: the step raised GrammarError) or None while
@@ -543,18 +585,26 @@ cdef class GenerationState:
                 f"finish_reason={self.finish_reason!r}>")
 
 
-cdef int _prefill(Context ctx, vector[llama.llama_token] & toks, SeqCore * q) except -1:
+cdef int _prefill(Context ctx, vector[llama.llama_token] & toks, SeqCore * q,
+                  int32_t keep=0) except -1:
     """Clear the KV cache and decode the prompt in n_batch chunks (GIL released, Ctrl-C aware).
-    A backend-sampling ``q`` gets its chain attached to sequence 0 before the last chunk (the
-    one whose last token is sampled): earlier chunks sample nothing and draw no random numbers."""
+    ``keep`` > 0: the cache already holds the first ``keep`` prompt tokens (the previous
+    generation's prompt, see _generate_n): everything after them is removed and only the rest is
+    decoded.  A backend-sampling ``q`` gets its chain attached to sequence 0 before the last chunk
+    (the one whose last token is sampled): earlier chunks sample nothing and draw no random
+    numbers."""
     cdef int32_t n_batch = llama.llama_n_batch(ctx._ctx)
-    cdef int32_t i = 0, n, total = <int32_t> toks.size(), rc = 0
+    cdef int32_t i = keep, n, total = <int32_t> toks.size(), rc = 0
+    cdef llama.llama_memory_t mem = llama.llama_get_memory(ctx._ctx)
     ctx._abort.armed = 1
     ctx._abort.interrupted = 0
     ctx._abort.last_us = llamagen_monotonic_us()
     try:
         with nogil:
-            llama.llama_memory_clear(llama.llama_get_memory(ctx._ctx), True)
+            if i <= 0 or i >= total or not llama.llama_memory_seq_rm(mem, 0, i, -1):
+                # (a memory that cannot cut a sequence in the middle starts over)
+                llama.llama_memory_clear(mem, True)
+                i = 0
             while i < total:
                 n = total - i
                 if n > n_batch:
@@ -569,7 +619,7 @@ cdef int _prefill(Context ctx, vector[llama.llama_token] & toks, SeqCore * q) ex
         ctx._abort.armed = 0
     if rc != 0 or ctx._abort.interrupted:
         with nogil:
-            llama.llama_memory_clear(llama.llama_get_memory(ctx._ctx), True)
+            llama.llama_memory_clear(mem, True)
         if ctx._abort.interrupted:
             ctx._abort.interrupted = 0
             raise KeyboardInterrupt
@@ -596,15 +646,21 @@ cdef vector[llama.llama_token] _prompt_tokens(Context ctx, prompt, bint add_spec
 
 def _gen_begin(Context ctx not None, prompt, params, bint add_special=True, bint parse_special=True):
     """Start a generation (see llamagen.gen_begin).  ``params`` is a validated SamplingParams."""
-    cdef GenerationState st = GenerationState.__new__(GenerationState)
     cdef vector[llama.llama_token] toks
-    cdef int64_t t0
-    cdef int32_t n_ctx
     if not isinstance(params, SamplingParams):
         raise TypeError("params must be a llamagen.SamplingParams")
     ctx._check()
-    n_ctx = llama.llama_n_ctx_seq(ctx._ctx)
-    toks = _prompt_tokens(ctx, prompt, add_special, parse_special, n_ctx)
+    toks = _prompt_tokens(ctx, prompt, add_special, parse_special, llama.llama_n_ctx_seq(ctx._ctx))
+    return _start(ctx, toks, params, 0, 0)
+
+
+cdef GenerationState _start(Context ctx, vector[llama.llama_token] & toks, params, int32_t keep,
+                            uint64_t keep_epoch):
+    """A GenerationState for prompt ``toks``; ``keep`` > 0: the cache holds its first ``keep``
+    tokens, unless something took the context over since epoch ``keep_epoch``."""
+    cdef GenerationState st = GenerationState.__new__(GenerationState)
+    cdef int64_t t0
+    cdef int32_t n_ctx = llama.llama_n_ctx_seq(ctx._ctx)
     st._seq = _new_seq(ctx, params, <int32_t> toks.size(), n_ctx)
     st._core = st._seq.c
     st._context = ctx
@@ -612,10 +668,12 @@ def _gen_begin(Context ctx not None, prompt, params, bint add_special=True, bint
     st._cand.resize(ctx._n_vocab)
     ctx._acquire()
     try:
+        if ctx._epoch != keep_epoch:
+            keep = 0
         ctx._take_over()
         st._epoch = ctx._epoch
         t0 = llama.llama_time_us()
-        _prefill(ctx, toks, st._core)
+        _prefill(ctx, toks, st._core, keep)
         st._t_prefill_us = llama.llama_time_us() - t0
     finally:
         ctx._release()
@@ -630,3 +688,27 @@ def _generate(Context ctx not None, prompt, params, bint add_special=True, bint 
         return text + st.end(), st
     finally:
         st._free_samplers()
+
+
+def _generate_n(Context ctx not None, prompt, list params, bint add_special=True,
+                bint parse_special=True):
+    """One generation per SamplingParams in ``params``, one after another on sequence 0, the
+    prompt prefilled once: each later one keeps the prompt's cells but its last token, which is
+    decoded again for its logits.  [(text, state)]."""
+    cdef vector[llama.llama_token] toks
+    cdef GenerationState st
+    cdef uint64_t epoch = 0
+    ctx._check()
+    toks = _prompt_tokens(ctx, prompt, add_special, parse_special, llama.llama_n_ctx_seq(ctx._ctx))
+    out = []
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise TypeError("params must be llamagen.SamplingParams")
+        st = _start(ctx, toks, p, <int32_t> toks.size() - 1 if i > 0 else 0, epoch)
+        try:
+            text = st._run_all()
+            out.append((text + st.end(), st))
+        finally:
+            st._free_samplers()
+        epoch = ctx._epoch
+    return out

@@ -48,6 +48,7 @@ cdef class Model:
     cdef fs.lgfs_trie * _gtrie   # the vocabulary's prefix tree for grammar re-samples (lazy)
     cdef object _chat_default    # _ChatTemplates of the model's own template (lazy, _chat.pxi)
     cdef dict _chat_overrides    # template source -> _ChatTemplates, a few most recent
+    cdef dict _pieces            # token id -> piece bytes with specials rendered (logprobs)
     cdef object __weakref__
 
     def __cinit__(self):
@@ -58,6 +59,7 @@ cdef class Model:
         self._gtrie = NULL
         self._chat_default = None
         self._chat_overrides = {}
+        self._pieces = {}
 
     def __init__(self, path, *, n_gpu_layers=0, bint use_mmap=True, bint use_mlock=False,
                  bint vocab_only=False, bint check_tensors=False, main_gpu=0):

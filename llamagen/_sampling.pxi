@@ -101,20 +101,40 @@ cdef llama.llama_sampler * _build_chain(object p, const llama.llama_vocab * voca
 
 
 cdef llama.llama_sampler * _build_grammar(object p, const llama.llama_vocab * vocab) except? NULL:
-    """The grammar sampler for ``p.grammar`` (NULL when there is none).  Raises GrammarError."""
+    """The grammar sampler for ``p.gbnf`` (``grammar``, or the one made of a JSON schema; NULL
+    when there is none).  Raises GrammarError."""
     cdef llama.llama_sampler * g
-    if p.grammar is None:
+    grammar = p.gbnf
+    if grammar is None:
         return NULL
-    problem = _gbnf_check(p.grammar, llama.llama_vocab_n_tokens(vocab))
+    problem = _gbnf_check(grammar, llama.llama_vocab_n_tokens(vocab))
     if problem is not None:
         raise GrammarError(f"the grammar does not parse: {problem}")
-    gb = p.grammar.encode("utf-8")
+    gb = grammar.encode("utf-8")
     rb = p.grammar_root.encode("utf-8")
     _take_errors()
     g = llama.llama_sampler_init_grammar(vocab, gb, rb)
     if g == NULL:
         raise GrammarError(f"the grammar does not parse: {_take_errors() or 'invalid GBNF'}")
     return g
+
+
+def _json_schema_to_grammar(str text):
+    """GBNF of a JSON schema (its JSON text) by llama.cpp's converter; ValueError when it cannot
+    convert it exactly (see llamagen.structured)."""
+    cdef string src = text.encode("utf-8")
+    cdef string grammar, err, warnings
+    cdef int rc
+    with nogil:
+        rc = lgschema.to_grammar(src, grammar, err, warnings)
+    if rc != 0:
+        raise ValueError(err.decode("utf-8", "replace").replace("JSON schema conversion failed:\n",
+                                                                "json_schema cannot be converted: "))
+    if warnings.size():
+        raise ValueError("json_schema cannot be converted exactly: "
+                         + warnings.decode("utf-8", "replace")
+                         + " (llama.cpp's converter would accept any string there)")
+    return grammar.decode("utf-8")
 
 
 # -- llamagen's own engine -------------------------------------------------------------------
@@ -142,7 +162,8 @@ def _fast_info():
 cdef const fs.lgfs_trie * _trie_for(Model model, object p) except? NULL:
     """The prefix tree that grammar re-samples of ``p`` walk, or NULL: none without a grammar, and
     none for a grammar that may name tokens (<[id]>, <token>: matched by id, not by piece)."""
-    if p.grammar is None or "<" in p.grammar:
+    grammar = p.gbnf
+    if grammar is None or "<" in grammar:
         return NULL
     return model._grammar_trie()
 

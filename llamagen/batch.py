@@ -6,6 +6,8 @@ from typing import Any, Iterable, Iterator, List, Optional
 
 from llamagen._core import BatchGenerator, Context
 from llamagen._util import check_prompt
+from llamagen.generation import check_n, seeded
+from llamagen.logprobs import Completion, TokenLogprob
 from llamagen.sampling import SamplingParams, resolve
 
 __all__ = ["BatchGenerator", "BatchResult", "generate_batch", "map_generate"]
@@ -13,13 +15,16 @@ __all__ = ["BatchGenerator", "BatchResult", "generate_batch", "map_generate"]
 
 @dataclass
 class BatchResult:
-    """One input's outcome in map_generate (in input order)."""
+    """One input's outcome in map_generate (in input order).  text, tokens, finish_reason and
+    logprobs are the first sample's; ``choices`` holds all ``n``."""
     index: int
     prompt: Any
     text: str = ""
     finish_reason: Optional[str] = None
     tokens: List[int] = field(default_factory=list)
     error: Optional[BaseException] = None
+    logprobs: Optional[List[TokenLogprob]] = None
+    choices: List[Completion] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -27,40 +32,71 @@ class BatchResult:
 
 
 def generate_batch(ctx: Context, prompts, *, params: Optional[SamplingParams] = None,
-                   n_parallel: Optional[int] = None, **sampling) -> List[str]:
+                   n_parallel: Optional[int] = None, n: int = 1, return_logprobs: bool = False,
+                   **sampling) -> list:
     """Generate for every prompt, batched; the texts in prompt order.
 
-    Raises ValueError (naming the prompt's index) before decoding anything if a prompt is empty
-    or does not fit one sequence's context.
+    ``n`` > 1: n samples per prompt (a list of n texts per prompt), sample i with seed + i, the
+    prompt prefilled once and its cells copied.  ``return_logprobs=True``: Completion objects
+    instead of str (logprobs need ``logprobs=k``; None means 0).  Raises ValueError (naming the
+    prompt's index) before decoding anything if a prompt is empty or does not fit one sequence's
+    context.
     """
     p = resolve(params, (), sampling)
+    n = check_n(n)
+    if return_logprobs and p.logprobs is None:
+        p = p.replace(logprobs=0)
     if isinstance(prompts, (str, bytes)):
         raise TypeError("prompts must be a list of prompts, got one " + type(prompts).__name__)
     prompts = [check_prompt(x, f"prompt {i}") for i, x in enumerate(prompts)]
-    batch = BatchGenerator(ctx, n_parallel=n_parallel, params=p)
+    outs = _run_batch(ctx, prompts, seeded(p, n), n_parallel)
+    if not return_logprobs:
+        outs = [[c.text for c in row] for row in outs]
+    return [row[0] for row in outs] if n == 1 else outs
+
+
+def _completion(batch: BatchGenerator, sid: int, text: str) -> Completion:
+    return Completion(text=text, tokens=batch.tokens(sid), finish_reason=batch.finish_reason(sid),
+                      logprobs=batch.logprobs(sid),
+                      n_prompt_tokens=batch.n_prompt_tokens(sid), seed=batch.seed(sid))
+
+
+def _run_batch(ctx: Context, prompts, ps: List[SamplingParams], n_parallel: Optional[int],
+               add_special: bool = True, parse_special: bool = True) -> List[List[Completion]]:
+    """Every prompt once per SamplingParams of ``ps``, batched; [[Completion] per prompt]."""
+    batch = BatchGenerator(ctx, n_parallel=n_parallel, params=ps[0], add_special=add_special,
+                           parse_special=parse_special)
     ids = []
     for i, prompt in enumerate(prompts):
-        try:
-            ids.append(batch.add(prompt))
-        except ValueError as e:
-            for sid in ids:
-                batch.cancel(sid)
-            raise ValueError(f"prompt {i}: {e}") from e
-    texts = {sid: [] for sid in ids}
+        row = []
+        ids.append(row)
+        for p in ps:
+            try:
+                row.append(batch.add(prompt, params=p))
+            except ValueError as e:
+                for r in ids:
+                    for sid in r:
+                        batch.cancel(sid)
+                raise ValueError(f"prompt {i}: {e}") from e
+    texts = {sid: [] for row in ids for sid in row}
     for sid, chunk in batch:
         texts[sid].append(chunk)
-    return ["".join(texts[sid]) for sid in ids]
+    return [[_completion(batch, sid, "".join(texts[sid])) for sid in row] for row in ids]
 
 
 def map_generate(ctx: Context, iterable: Iterable, *, batch_size: int = 16, progress: bool = False,
-                 params: Optional[SamplingParams] = None, **sampling) -> Iterator[BatchResult]:
+                 params: Optional[SamplingParams] = None, n: int = 1,
+                 **sampling) -> Iterator[BatchResult]:
     """Generate for every item of ``iterable`` (a prompt, or a dict {"prompt": ..., **overrides}),
     keeping ``batch_size`` sequences busy, and yield BatchResults in input order.
 
     Items are read lazily.  An item that cannot run (a prompt too long, bad overrides) yields a
-    result with ``error`` set; the others go on.
+    result with ``error`` set; the others go on.  ``n`` > 1: n samples per item (seed + i, the
+    prompt prefilled once), all in ``BatchResult.choices``.  With ``logprobs=k`` each result's
+    ``logprobs`` (and each choice's) holds the generated tokens' TokenLogprobs.
     """
     p = resolve(params, (), sampling)
+    n = check_n(n)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     n_parallel = min(batch_size, ctx.n_seq_max)
@@ -68,7 +104,8 @@ def map_generate(ctx: Context, iterable: Iterable, *, batch_size: int = 16, prog
     total = len(iterable) if hasattr(iterable, "__len__") else None
     bar = _progress(total) if progress else None
     items = enumerate(iter(iterable))
-    pending = {}            # seq id -> BatchResult
+    pending = {}            # seq id -> (BatchResult, choice index)
+    left = {}               # item index -> samples still running
     chunks = {}             # seq id -> [str]
     done = {}               # index -> BatchResult, finished but not yet yielded
     next_out = 0
@@ -87,14 +124,23 @@ def map_generate(ctx: Context, iterable: Iterable, *, batch_size: int = 16, prog
             prompt, overrides = (item.get("prompt"), {k: v for k, v in item.items() if k != "prompt"}) \
                 if isinstance(item, dict) else (item, {})
             res = BatchResult(index=i, prompt=prompt)
+            sids = []
             try:
-                sid = batch.add(check_prompt(prompt, f"item {i}'s prompt"), **overrides)
+                prompt = check_prompt(prompt, f"item {i}'s prompt")
+                for q in seeded(resolve(p, (), overrides) if overrides else p, n):
+                    sids.append(batch.add(prompt, params=q))
             except (ValueError, TypeError) as e:
+                for sid in sids:
+                    batch.cancel(sid)
+                    batch.forget(sid)
                 res.error = e
                 done[i] = res
                 continue
-            pending[sid] = res
-            chunks[sid] = []
+            res.choices = [None] * n
+            left[i] = n
+            for c, sid in enumerate(sids):
+                pending[sid] = (res, c)
+                chunks[sid] = []
 
     try:
         refill()
@@ -112,14 +158,17 @@ def map_generate(ctx: Context, iterable: Iterable, *, batch_size: int = 16, prog
                 continue
             for sid, chunk in batch.step():
                 chunks[sid].append(chunk)
-                reason = batch.finish_reason(sid)
-                if reason is not None:
-                    res = pending.pop(sid)
-                    res.text = "".join(chunks.pop(sid))
-                    res.finish_reason = reason
-                    res.tokens = batch.tokens(sid)
+                if batch.finish_reason(sid) is not None:
+                    res, c = pending.pop(sid)
+                    res.choices[c] = _completion(batch, sid, "".join(chunks.pop(sid)))
                     batch.forget(sid)
-                    done[res.index] = res
+                    left[res.index] -= 1
+                    if left[res.index] == 0:
+                        del left[res.index]
+                        first = res.choices[0]
+                        res.text, res.tokens, res.finish_reason = first.text, first.tokens, first.finish_reason
+                        res.logprobs = first.logprobs
+                        done[res.index] = res
             refill()
     finally:
         for sid in list(pending):

@@ -20,13 +20,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 from llamagen._core import BatchGenerator, Context, Model, _check_grammar
 from llamagen._util import check_prompt
 from llamagen.errors import EngineClosedError, LlamaError, PromptTooLongError, QueueFullError
+from llamagen.generation import check_n, seeded
+from llamagen.logprobs import TokenLogprob
 from llamagen.sampling import SamplingParams, resolve
 
 __all__ = ["AsyncEngine", "EngineChunk", "EngineResult", "EngineStats", "EngineStream", "Choice",
            "Usage", "SyncStream"]
 
-MAX_N = 128          # completions per request (OpenAI's limit)
-_SEED_MOD = 0xFFFFFFFF   # seeds are ints in [0, 2**32 - 2]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class EngineChunk:
     token_ids: List[int]
     finish_reason: Optional[str] = None     # "stop", "length", "cancelled", "error"
     stop_sequence: Optional[str] = None     # the stop string that ended the text, if one did
+    logprobs: Optional[List[TokenLogprob]] = None   # of token_ids (``logprobs=k`` requests)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Choice:
     tokens: List[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
     stop_sequence: Optional[str] = None
+    logprobs: Optional[List[TokenLogprob]] = None
 
 
 @dataclass
@@ -183,10 +185,9 @@ class AsyncEngine:
         SamplingParams per choice."""
         if self._closing:
             raise EngineClosedError("the engine is closed")
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-            raise ValueError(f"n must be an int in [1, {MAX_N}], got {n!r}")
+        n = check_n(n)
         p = resolve(params if params is not None else self.defaults, (), sampling)
-        if p.grammar is not None:
+        if p.gbnf is not None:
             _check_grammar(self.model, p)          # GrammarError now, not from the stream
         n_vocab = self.model.n_vocab
         for t, _ in p.logit_bias:
@@ -205,12 +206,7 @@ class AsyncEngine:
             raise ValueError("the prompt is empty (no tokens to condition on)")
         if len(tokens) >= self.n_ctx:
             raise PromptTooLongError(len(tokens), self.n_ctx)
-        if n == 1:
-            ps = [p]
-        else:
-            ps = [p.replace(seed=None if p.seed is None else (p.seed + i) % _SEED_MOD)
-                  for i in range(n)]
-        return tokens, ps
+        return tokens, seeded(p, n)
 
     def _submit(self, tokens, ps, deliver) -> _Request:
         req = _Request(next(self._ids), tokens, ps, deliver)
@@ -442,7 +438,8 @@ class AsyncEngine:
                 req.cached = b.n_cached(sid)
             reason = b.finish_reason(sid)
             items.append(EngineChunk(req.sids[sid], text, toks, reason,
-                                     b.stop_sequence(sid) if reason == "stop" else None))
+                                     b.stop_sequence(sid) if reason == "stop" else None,
+                                     b.logprobs(sid, seen)))
             if reason is not None:
                 self._retire(req, sid)
         if error is not None:
@@ -512,6 +509,10 @@ class _StreamBase:
             ch = choices[c.index]
             texts[c.index].append(c.text)
             ch.tokens.extend(c.token_ids)
+            if c.logprobs is not None:
+                if ch.logprobs is None:
+                    ch.logprobs = []
+                ch.logprobs.extend(c.logprobs)
             if c.finish_reason is not None:
                 ch.finish_reason = c.finish_reason
                 ch.stop_sequence = c.stop_sequence

@@ -55,11 +55,11 @@ class QuantizeError(LlamaError):
 class PromptTooLongError(LlamaError, ValueError):
     """A prompt leaves no room in the context for a new token; ``n_prompt`` and ``n_ctx`` say why."""
 
-    def __init__(self, n_prompt, n_ctx):
+    def __init__(self, n_prompt, n_ctx, message=None):
         self.n_prompt = n_prompt
         self.n_ctx = n_ctx
-        super().__init__(f"the prompt has {n_prompt} tokens but the context holds {n_ctx}: it must "
-                         "leave room for at least one new token")
+        super().__init__(message or f"the prompt has {n_prompt} tokens but the context holds "
+                         f"{n_ctx}: it must leave room for at least one new token")
 
 
 class QueueFullError(LlamaError):

@@ -1,10 +1,11 @@
 """Streaming and whole-text generation (the begin / next / end API and generate())."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 from llamagen import _core
 from llamagen._core import Context, GenerationState
+from llamagen.logprobs import Completion
 from llamagen.sampling import SamplingParams, resolve
 
 __all__ = ["gen_begin", "gen_next", "gen_end", "generate"]
@@ -36,8 +37,51 @@ def gen_end(state: GenerationState) -> str:
 
 
 def generate(ctx: Context, prompt, *args, params: Optional[SamplingParams] = None,
-             add_special: bool = True, parse_special: bool = True, **kwargs) -> str:
-    """The whole generated text; the same text the stream gives for the same parameters."""
+             add_special: bool = True, parse_special: bool = True, n: int = 1,
+             return_logprobs: bool = False, **kwargs):
+    """The whole generated text; the same text the stream gives for the same parameters.
+
+    ``n`` > 1: a list of n texts, sample i drawn with seed + i (reproducible and distinct), the
+    prompt prefilled once: on a context with n_seq_max >= 2 its cells are copied to up to
+    n_seq_max sequences decoded side by side, else the samples run one after another on the
+    kept prompt.  ``return_logprobs=True``: Completion objects (text, tokens, finish_reason,
+    logprobs, ...) instead of str; logprobs need ``logprobs=k`` (None means 0: the chosen
+    tokens' logprobs only).
+    """
     p = resolve(params, args, kwargs)
-    text, _state = _core._generate(ctx, prompt, p, add_special, parse_special)
-    return text
+    n = check_n(n)
+    if return_logprobs and p.logprobs is None:
+        p = p.replace(logprobs=0)
+    if n == 1:
+        text, st = _core._generate(ctx, prompt, p, add_special, parse_special)
+        return _completion(text, st) if return_logprobs else text
+    ps = seeded(p, n)
+    if ctx.n_seq_max >= 2:
+        from llamagen.batch import _run_batch
+        outs = _run_batch(ctx, [prompt], ps, min(n, ctx.n_seq_max), add_special, parse_special)[0]
+        return outs if return_logprobs else [c.text for c in outs]
+    pairs = _core._generate_n(ctx, prompt, ps, add_special, parse_special)
+    return [_completion(t, st) if return_logprobs else t for t, st in pairs]
+
+
+def _completion(text: str, st: GenerationState) -> Completion:
+    return Completion(text=text, tokens=st.tokens, finish_reason=st.finish_reason,
+                      logprobs=st.logprobs,
+                      n_prompt_tokens=st.n_prompt_tokens, seed=st.seed)
+
+
+MAX_N = 128
+_SEED_MOD = 0xFFFFFFFF       # seeds are ints in [0, 2**32 - 2]
+
+
+def check_n(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise ValueError(f"n must be an int from 1 to {MAX_N}, got {n!r}")
+    return n
+
+
+def seeded(p: SamplingParams, n: int) -> List[SamplingParams]:
+    """n copies of ``p``; copy i samples with seed + i (a None seed stays None: fresh entropy)."""
+    if n == 1:
+        return [p]
+    return [p.replace(seed=None if p.seed is None else (p.seed + i) % _SEED_MOD) for i in range(n)]

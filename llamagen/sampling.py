@@ -11,6 +11,7 @@ __all__ = ["SamplingParams", "DEFAULT_DRY_BREAKERS", "SAMPLER_IMPLS"]
 
 DEFAULT_DRY_BREAKERS = ("\n", ":", '"', "*")
 SAMPLER_IMPLS = ("fast", "llama.cpp", "backend")
+MAX_LOGPROBS = 20           # alternatives per token, as OpenAI's top_logprobs
 
 
 # the C types the values go to: int32_t (llama.cpp's counts, lengths and token ids) and float
@@ -119,6 +120,13 @@ class SamplingParams:
     # (llama.cpp's backend sampling: the chain runs inside the decode graph on the model's output
     # device; greedy picks the same tokens, random draws differ from the host engines'; no grammar)
     sampler_impl: str = "fast"
+    # log-probabilities of generated tokens: None (off) or k = 0..20 alternatives per token besides
+    # the chosen one (log-softmax of the raw logits, before any sampler, as OpenAI reports them)
+    logprobs: Optional[int] = None
+    # structured output: a JSON schema (dict or JSON text, kept as JSON text) or any JSON object;
+    # converted to a grammar by llama.cpp's converter (see llamagen.structured)
+    json_schema: Optional[str] = None
+    json_object: bool = False
 
     def __post_init__(self):
         s = object.__setattr__
@@ -208,10 +216,41 @@ class SamplingParams:
         if self.sampler_impl not in SAMPLER_IMPLS:
             raise ValueError(f"sampler_impl must be one of {', '.join(map(repr, SAMPLER_IMPLS))}, "
                              f"got {self.sampler_impl!r}")
-        if self.sampler_impl == "backend" and self.grammar is not None:
+        if self.logprobs is not None:
+            _int("logprobs", self.logprobs, 0, MAX_LOGPROBS,
+                 f"None (off) or an int from 0 to {MAX_LOGPROBS} (alternatives per token)")
+        if isinstance(self.json_object, str) or self.json_object not in (True, False):
+            raise TypeError(f"json_object must be True or False, got {self.json_object!r}")
+        s(self, "json_object", bool(self.json_object))
+        schema_grammar = None
+        if self.json_schema is not None or self.json_object:
+            from llamagen import structured
+            if self.json_schema is not None and self.json_object:
+                raise ValueError("json_schema and json_object=True are exclusive (a schema already "
+                                 "says which JSON it takes)")
+            if self.grammar is not None:
+                raise ValueError("grammar and json_schema/json_object are exclusive: the schema is "
+                                 "turned into a grammar")
+            if self.json_schema is not None:
+                s(self, "json_schema", structured.normalize(self.json_schema))
+            schema_grammar = structured.schema_to_grammar(
+                self.json_schema if self.json_schema is not None else structured.JSON_OBJECT_SCHEMA)
+            if self.grammar_root != "root":
+                raise ValueError("grammar_root does not apply to json_schema/json_object (the "
+                                 "converted grammar's rule is 'root')")
+        s(self, "_schema_grammar", schema_grammar)
+        if self.sampler_impl == "backend" and self.gbnf is not None:
             raise ValueError("a grammar cannot be combined with sampler_impl='backend': llama.cpp's "
                              "backend sampling has no grammar, and a rejected token would need "
                              "every logit back on the host (use 'fast')")
+        if self.sampler_impl == "backend" and self.logprobs is not None:
+            raise ValueError("logprobs cannot be combined with sampler_impl='backend': the logits "
+                             "stay on the output device (use 'fast')")
+
+    @property
+    def gbnf(self) -> Optional[str]:
+        """The grammar the sampler runs: ``grammar``, or the one made of json_schema/json_object."""
+        return self.grammar if self.grammar is not None else self._schema_grammar
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,17 @@
+// JSON schema -> GBNF through llama.cpp's own converter (common/json-schema-to-grammar.h).  std
+// types only, so the Cython side never sees common_json; the implementation is lg_schema.cpp.
+#pragma once
+
+#include <string>
+
+namespace lgschema {
+
+// Convert a JSON schema (its JSON text) into a GBNF grammar whose root rule is "root".
+// 0 on success.  -1 with ``err`` set when the text is not JSON or the schema falls outside what
+// the converter supports; ``warnings`` gets what the converter would only have printed (a regex
+// pattern it cannot express, which it replaces by "any string"): the caller treats that as an
+// error too, since the output would not be guaranteed to match the schema.
+int to_grammar(const std::string & schema_json, std::string & grammar, std::string & err,
+               std::string & warnings) noexcept;
+
+}  // namespace lgschema

@@ -1,0 +1,9 @@
+# Raw declarations of llamagen's JSON-schema wrapper over llama.cpp's converter
+# (llamagen/csrc/lg_schema.h).  No logic here: cimport as a namespace
+# (`from llamagen.includes cimport schema as lgschema`).
+from libcpp.string cimport string
+
+
+cdef extern from "lg_schema.h" namespace "lgschema" nogil:
+    int to_grammar(const string & schema_json, string & grammar, string & err,
+                   string & warnings) noexcept
