@@ -214,3 +214,24 @@ def _score(Context ctx not None, list texts, int32_t k, bint add_special, bint p
                            for j in range(1, n)]
         out.append(_ScoreResult(ids, lp, tops, [_piece_of(model, x) for x in ids]))
     return out
+
+
+def _row_logprobs(const float[::1] row not None, int32_t k, int64_t iters=1):
+    """Internal (tests, bench/): the logprob kernel on one row of float32 logits, ``iters`` times.
+    Returns (norm, top ids, top logprobs, seconds per call); log p_i = row[i] - norm."""
+    cdef vector[int32_t] ids
+    cdef vector[float] lps
+    cdef llama.llama_token_data heap[lglp.MAX_TOP + 1]
+    cdef int32_t n = <int32_t> row.shape[0]
+    cdef double norm = 0.0
+    cdef int64_t t0, i
+    if not 0 <= k <= lglp.MAX_TOP or n == 0 or iters < 1:
+        raise ValueError("k must be in [0, 20], the row non-empty and iters >= 1")
+    ids.resize(max(k, 1))
+    lps.resize(max(k, 1))
+    t0 = llamagen_monotonic_ns()
+    with nogil:
+        for i in range(iters):
+            norm = lglp.row(&row[0], n, k, ids.data(), lps.data(), heap)
+    dt = (llamagen_monotonic_ns() - t0) / 1e9 / iters
+    return norm, [ids[i] for i in range(min(k, n))], [<double> lps[i] for i in range(min(k, n))], dt
