@@ -365,9 +365,26 @@ _CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content[0].type"),
-    ("/v1/chat/completions", {**_CHAT, "logprobs": True}, "logprobs"),
-    ("/v1/chat/completions", {**_CHAT, "response_format": {"type": "json_object"}},
-     "response_format"),
+    ("/v1/chat/completions", {**_CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {**_CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {**_CHAT, "logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {**_CHAT, "response_format": {"type": "xml"}}, "response_format.type"),
+    ("/v1/chat/completions", {**_CHAT, "response_format": {"type": "json_schema"}},
+     "response_format.json_schema"),
+    ("/v1/chat/completions", {**_CHAT, "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"type": "object"}}}},
+     "response_format.json_schema.name"),
+    ("/v1/chat/completions", {**_CHAT, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "number", "minimum": 1}}}},
+     "response_format.json_schema.schema"),
+    ("/v1/completions", {"prompt": "hi", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "nope"}}}},
+     "response_format.json_schema.schema"),
+    ("/v1/completions", {"prompt": "hi", "grammar": 'root ::= "a"',
+                         "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {**_CHAT, "response_format": "json"}, "response_format"),
 ])
 def test_bad_field_is_400_naming_it(tiny, path, body, param):
     err = assert_openai_error(post(tiny, path, body), 400, param)
@@ -592,3 +609,141 @@ def test_serve_bad_model_exit_2(tmp_path):
     p = _cli("--model", bad)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("llamagen: error:"), p.stderr
+
+
+# -- logprobs, structured output, n ----------------------------------------------------------------
+
+def test_chat_logprobs_in_openais_shape(smol):
+    c = oai(smol)
+    kw = dict(model="m", messages=[{"role": "user", "content": "Name three colours."}],
+              max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    r = c.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert content and r.choices[0].logprobs.refusal is None
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and bytes(t.bytes).decode("utf-8", "replace") == t.token
+        assert len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5)     # greedy
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+    # streamed: the same tokens and values, spread over the chunks
+    streamed = []
+    for chunk in c.chat.completions.create(stream=True, **kw):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed.extend(chunk.choices[0].logprobs.content)
+    assert [(t.token, round(t.logprob, 5)) for t in streamed] == \
+        [(t.token, round(t.logprob, 5)) for t in content]
+    # without logprobs: null
+    r = c.chat.completions.create(**{**kw, "logprobs": None, "top_logprobs": None})
+    assert r.choices[0].logprobs is None
+
+
+def test_chat_logprobs_equal_the_librarys(smol):
+    prompt = [{"role": "user", "content": "Say hello."}]
+    r = oai(smol).chat.completions.create(model="m", messages=prompt, max_tokens=6, temperature=0,
+                                          logprobs=True)
+    m = llamagen.Model(smol.model_path)
+    try:
+        with llamagen.Context(m, n_ctx=1024) as ctx:
+            toks = m.tokenize(m.render_chat(prompt), parse_special=True)
+            c = llamagen.generate(ctx, toks, max_new_tokens=6, temp=0, return_logprobs=True)
+    finally:
+        m.close()
+    got = r.choices[0].logprobs.content
+    assert [t.token for t in got] == [t.text for t in c.logprobs][:len(got)]
+    # (the server decodes in its engine's batch: llama.cpp is not batch-invariant)
+    assert [t.logprob for t in got] == pytest.approx([t.logprob for t in c.logprobs][:len(got)],
+                                                     abs=0.05)
+
+
+def test_completion_logprobs_in_openais_shape(smol):
+    c = oai(smol)
+    kw = dict(model="m", prompt="The three primary colours are", max_tokens=8, temperature=0,
+              logprobs=2)
+    r = c.completions.create(**kw)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    for tok, x, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 2 <= len(top) <= 3 and top[tok] == pytest.approx(x)     # the sampled token is in it
+        assert x <= 0
+    streamed = {"tokens": [], "offsets": []}
+    for chunk in c.completions.create(stream=True, **kw):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed["tokens"] += chunk.choices[0].logprobs.tokens
+            streamed["offsets"] += chunk.choices[0].logprobs.text_offset
+    assert streamed == {"tokens": lp.tokens, "offsets": lp.text_offset}
+    r = c.completions.create(**{**kw, "logprobs": None})
+    assert r.choices[0].logprobs is None
+
+
+PERSON = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 30},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                         "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 20},
+                                     "maxItems": 3}},
+          "required": ["name", "age", "hobbies"], "additionalProperties": False}
+
+
+def test_chat_response_format_json_schema(smol):
+    import jsonschema
+    c = oai(smol)
+    for seed in (1, 2):
+        r = c.chat.completions.create(
+            model="m", seed=seed, temperature=0.7, max_tokens=300,
+            messages=[{"role": "user", "content": "Describe a person as JSON."}],
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+
+
+def test_chat_parse_with_a_pydantic_model(smol):
+    # the openai client's structured-output helper: a pydantic model -> a strict json_schema
+    from typing import List
+
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        kind: str = Field(max_length=12)
+        legs: int
+
+    class Owner(BaseModel):
+        name: str = Field(max_length=20)
+        pets: List[Pet] = Field(max_length=2)
+
+    r = oai(smol).chat.completions.parse(
+        model="m", temperature=0, max_tokens=300, response_format=Owner,
+        messages=[{"role": "user", "content": "Invent a pet owner."}])
+    owner = r.choices[0].message.parsed
+    assert isinstance(owner, Owner) and len(owner.pets) <= 2
+
+
+def test_json_object_and_n_on_chat(smol):
+    r = oai(smol).chat.completions.create(
+        model="m", n=2, seed=3, temperature=0.8, max_tokens=300,
+        messages=[{"role": "user", "content": "Give me a JSON object about the weather."}],
+        response_format={"type": "json_object"})
+    assert sorted(ch.index for ch in r.choices) == [0, 1]
+    for ch in r.choices:
+        if ch.finish_reason == "stop":
+            assert isinstance(json.loads(ch.message.content), dict)
+        else:      # a long object cut at max_tokens is still a JSON prefix the grammar allowed
+            assert ch.message.content.lstrip().startswith("{")
+
+
+def test_completions_json_schema_on_the_tiny_model(tiny):
+    # even a random model writes valid JSON: the grammar allows nothing else
+    import jsonschema
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                                "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    r = oai(tiny).completions.create(
+        model="tiny", prompt="x", max_tokens=200, n=3, seed=1,
+        extra_body={"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "s", "schema": schema}}})
+    assert len(r.choices) == 3
+    for ch in r.choices:
+        assert ch.finish_reason == "stop", ch.text
+        jsonschema.validate(json.loads(ch.text), schema)

@@ -49,6 +49,22 @@ class StreamOptions(_Body):
     include_usage: Optional[bool] = None
 
 
+class JSONSchemaFormat(_Body):
+    """OpenAI's ``response_format.json_schema``."""
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")   # (BaseModel.schema)
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Body):
+    """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}}``."""
+    type: str
+    json_schema: Optional[JSONSchemaFormat] = None
+
+
 class OpenAISampling(LlamagenSampling):
     model: Optional[str] = None
     max_tokens: Optional[int] = None
@@ -62,6 +78,7 @@ class OpenAISampling(LlamagenSampling):
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    response_format: Optional[ResponseFormat] = None
 
 
 class CompletionRequest(OpenAISampling):
@@ -89,7 +106,6 @@ class ChatCompletionRequest(OpenAISampling):
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
-    response_format: Optional[dict[str, Any]] = None
     tools: Optional[List[Any]] = None
 
 

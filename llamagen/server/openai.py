@@ -13,8 +13,8 @@ from llamagen.server.auth import require_api_key
 from llamagen.server.errors import APIError, InvalidRequest, Overloaded, error_body
 from llamagen.server.models import ChatCompletionRequest, CompletionRequest
 from llamagen.server.translate import (
-    chat_tokens, generation_error, openai_finish, openai_messages, render_chat,
-    sampling_kwargs,
+    chat_logprobs, chat_tokens, completion_logprobs, generation_error, openai_finish,
+    openai_messages, render_chat, response_format, sampling_kwargs, visible_logprobs,
 )
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -68,6 +68,7 @@ async def _stream(source: sse.ChunkSource, path: str, timer, ping: float, includ
     """The SSE body shared by both routes: ``head`` chunks, one chunk per engine chunk with text
     or a finish reason, the usage chunk if asked, [DONE]; or, on an error, one error event."""
     usage_null = {"usage": None} if include_usage else {}
+    held = {}       # (k, index) -> logprobs of tokens whose text is still held back
     try:
         for choice in head:
             yield sse.data({**base, "choices": [choice], **usage_null})
@@ -76,10 +77,17 @@ async def _stream(source: sse.ChunkSource, path: str, timer, ping: float, includ
                 yield sse.PING
                 continue
             k, c = item
-            timer.chunk((k, c.index), c)
+            key = (k, c.index)
+            timer.chunk(key, c)
             _check_finish(c)
             if c.text or c.finish_reason is not None:
+                if key in held:
+                    c.logprobs = held.pop(key) + (c.logprobs or [])
+                if c.logprobs is not None:
+                    c.logprobs = visible_logprobs(c.logprobs, c.finish_reason, c.stop_sequence)
                 yield sse.data({**base, "choices": [make_choice(k, c)], **usage_null})
+            elif c.logprobs:
+                held.setdefault(key, []).extend(c.logprobs)
         timer.done()
         if include_usage:
             yield sse.data({**base, "choices": [], "usage": _usage(source)})
@@ -108,13 +116,13 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
         raise InvalidRequest("echo is not supported", param="echo")
     if body.suffix:
         raise InvalidRequest("suffix is not supported", param="suffix")
-    if body.logprobs is not None:
-        raise InvalidRequest("logprobs are not supported", param="logprobs")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise InvalidRequest("best_of is not supported (other than best_of == n)", param="best_of")
     prompts = _prompts(body.prompt)
+    # (``logprobs``, an int, is SamplingParams' own field: sampling_kwargs passes it on)
     kwargs, origin = sampling_kwargs(body, max_new_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
                                      seed=None)
+    response_format(body.response_format, kwargs, origin)
     timer = st.metrics.timer()
     n = 1 if body.n is None else body.n
     source = await sse.open_source(engine, prompts, kwargs, origin, n=n, prompt_param="prompt")
@@ -122,8 +130,13 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
             "created": int(time.time()), "model": st.model_name}
 
     if body.stream:
+        offsets = {}
+
         def choice(k, c):
-            return {"text": c.text, "index": k * n + c.index, "logprobs": None,
+            lp = None
+            if c.logprobs is not None:
+                lp, offsets[k, c.index] = completion_logprobs(c.logprobs, offsets.get((k, c.index), 0))
+            return {"text": c.text, "index": k * n + c.index, "logprobs": lp,
                     "finish_reason": openai_finish(c.finish_reason)}
         return _sse(_stream(source, request.url.path, timer, st.ping_interval,
                             _include_usage(body), base, choice))
@@ -134,7 +147,11 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
         reason = got.finish.get((k, i))
         if reason in ("cancelled", "error"):
             raise _unfinished_error(reason)
-        choices.append({"text": "".join(parts), "index": k * n + i, "logprobs": None,
+        lps = None
+        if body.logprobs is not None:
+            lps = visible_logprobs(got.logprobs.get((k, i), []), reason, got.stop_sequence.get((k, i)))
+        choices.append({"text": "".join(parts), "index": k * n + i,
+                        "logprobs": completion_logprobs(lps, 0)[0] if lps is not None else None,
                         "finish_reason": openai_finish(reason)})
     return {**base, "choices": choices, "usage": _usage(source)}
 
@@ -147,17 +164,19 @@ def _chat_prompt(engine, body: ChatCompletionRequest) -> str:
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            engine=Depends(get_engine)):
     st = get_state(request)
-    if body.logprobs:
-        raise InvalidRequest("logprobs are not supported", param="logprobs")
     if body.tools:
         raise InvalidRequest("tools are not supported", param="tools")
-    rf = body.response_format
-    if rf is not None and rf.get("type", "text") != "text":
-        raise InvalidRequest("response_format: only {'type': 'text'} is supported; for "
-                             "constrained output send a GBNF 'grammar'", param="response_format")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     prompt = chat_tokens(engine, _chat_prompt(engine, body))
     # no max_tokens: until the end of the turn or of the context, as OpenAI does
     kwargs, origin = sampling_kwargs(body, max_new_tokens=_unbounded(engine), seed=None)
+    # chat's logprobs is a bool, its k is top_logprobs
+    kwargs.pop("logprobs", None)
+    if body.logprobs:
+        kwargs["logprobs"] = body.top_logprobs or 0
+        origin["logprobs"] = "top_logprobs"
+    response_format(body.response_format, kwargs, origin)
     timer = st.metrics.timer()
     n = 1 if body.n is None else body.n
     source = await sse.open_source(engine, [prompt], kwargs, origin, n=n, prompt_param="messages")
@@ -167,7 +186,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     if body.stream:
         def choice(k, c):
             return {"index": c.index, "delta": {"content": c.text} if c.text else {},
-                    "logprobs": None, "finish_reason": openai_finish(c.finish_reason)}
+                    "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None,
+                    "finish_reason": openai_finish(c.finish_reason)}
         head = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None} for i in range(n)]
         return _sse(_stream(source, request.url.path, timer, st.ping_interval,
@@ -179,8 +199,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         reason = got.finish.get((0, i))
         if reason in ("cancelled", "error"):
             raise _unfinished_error(reason)
+        lps = None
+        if body.logprobs:
+            lps = visible_logprobs(got.logprobs.get((0, i), []), reason, got.stop_sequence.get((0, i)))
         choices.append({"index": i, "message": {"role": "assistant", "content": "".join(parts)},
-                        "logprobs": None, "finish_reason": openai_finish(reason)})
+                        "logprobs": chat_logprobs(lps) if lps is not None else None,
+                        "finish_reason": openai_finish(reason)})
     return {**base, "object": "chat.completion", "choices": choices, "usage": _usage(source)}
 
 

@@ -190,6 +190,7 @@ class Collected:
         self.texts: dict = {}
         self.finish: dict = {}
         self.stop_sequence: dict = {}
+        self.logprobs: dict = {}          # (k, index) -> TokenLogprobs (requests that ask)
 
 
 async def collect(source: ChunkSource, timer) -> Collected:
@@ -199,6 +200,8 @@ async def collect(source: ChunkSource, timer) -> Collected:
             key = (k, c.index)
             timer.chunk(key, c)
             out.texts.setdefault(key, []).append(c.text)
+            if c.logprobs is not None:
+                out.logprobs.setdefault(key, []).extend(c.logprobs)
             if c.finish_reason is not None:
                 out.finish[key] = c.finish_reason
                 out.stop_sequence[key] = c.stop_sequence

@@ -9,7 +9,7 @@ from llamagen.errors import GrammarError, LlamaError
 from llamagen.sampling import FIELDS as ENGINE_FIELDS
 
 from llamagen.server.errors import APIError, InvalidRequest, Overloaded
-from llamagen.server.models import ChatMessage, LlamagenSampling
+from llamagen.server.models import ChatMessage, LlamagenSampling, ResponseFormat
 
 # wire name -> SamplingParams field, where they differ
 _RENAMED = {
@@ -20,7 +20,6 @@ _RENAMED = {
     "stop_sequences": "stop",
 }
 _ENGINE_FIELDS = frozenset(ENGINE_FIELDS)
-
 
 
 def sampling_kwargs(req: LlamagenSampling, **defaults) -> tuple[dict, dict]:
@@ -44,6 +43,32 @@ def sampling_kwargs(req: LlamagenSampling, **defaults) -> tuple[dict, dict]:
         out[field] = value
         origin[field] = name
     return out, origin
+
+
+def response_format(rf: Optional[ResponseFormat], kwargs: dict, origin: dict) -> None:
+    """OpenAI's response_format as SamplingParams fields (a JSON schema or any JSON object: a
+    grammar made by llama.cpp's converter); errors about them name ``response_format``."""
+    if rf is None or rf.type == "text":
+        return
+    if "grammar" in kwargs:
+        raise InvalidRequest("response_format and grammar are exclusive (a schema is turned into "
+                             "a grammar)", param="response_format")
+    if rf.type == "json_object":
+        kwargs["json_object"] = True
+        origin["json_object"] = "response_format"
+    elif rf.type == "json_schema":
+        if rf.json_schema is None:
+            raise InvalidRequest("response_format.json_schema is required when type is "
+                                 "'json_schema'", param="response_format.json_schema")
+        if rf.json_schema.schema_ is None:        # no schema: any JSON object
+            kwargs["json_object"] = True
+            origin["json_object"] = "response_format"
+        else:
+            kwargs["json_schema"] = rf.json_schema.schema_
+            origin["json_schema"] = "response_format.json_schema.schema"
+    else:
+        raise InvalidRequest(f"response_format.type must be 'text', 'json_object' or "
+                             f"'json_schema', got {rf.type!r}", param="response_format.type")
 
 
 def _logit_bias(bias: dict) -> dict:
@@ -175,6 +200,44 @@ def render_chat(engine, messages: list[dict]) -> str:
     except (ValueError, TypeError) as e:
         raise InvalidRequest(f"messages: the chat template failed: {e}", param="messages") from None
     return text + prefill
+
+
+# -- logprobs ------------------------------------------------------------------------------------
+
+def visible_logprobs(lps: list, reason: Optional[str], stop_sequence: Optional[str]) -> list:
+    """The logprobs of the tokens the text shows: a choice that ended at the end of generation
+    ("stop" without a stop string) ends with the end-of-generation token, which has no text
+    (OpenAI's and vLLM's logprobs leave it out)."""
+    if reason == "stop" and stop_sequence is None and lps:
+        return lps[:-1]
+    return lps
+
+
+def chat_logprobs(lps) -> dict:
+    """OpenAI chat's ``choice.logprobs`` for TokenLogprobs."""
+    return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.piece),
+                         "top_logprobs": [{"token": a.text, "logprob": a.logprob,
+                                           "bytes": list(a.piece)} for a in t.top]}
+                        for t in lps],
+            "refusal": None}
+
+
+def completion_logprobs(lps, offset: int) -> tuple[dict, int]:
+    """OpenAI completions' ``choice.logprobs`` for TokenLogprobs whose text starts at character
+    ``offset`` of the choice's text; and the offset after them.  ``top_logprobs`` maps the k most
+    likely tokens' text to their logprobs, the sampled token included (OpenAI's "up to logprobs +
+    1 elements")."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for t in lps:
+        tokens.append(t.text)
+        token_lps.append(t.logprob)
+        top = {a.text: a.logprob for a in t.top}
+        top.setdefault(t.text, t.logprob)
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(t.text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+            "text_offset": offsets}, offset
 
 
 # -- finish reasons -----------------------------------------------------------------------------
