@@ -63,7 +63,8 @@ cdef struct _ScoreRow:
 def _score(Context ctx not None, list texts, int32_t k, bint add_special, bint parse_special):
     """See llamagen.score."""
     cdef vector[vector[llama.llama_token]] toks
-    cdef vector[llama.llama_token] t
+    cdef vector[llama.llama_token] t, cont
+    cdef vector[int32_t] firsts             # per text: the first token that is scored
     cdef vector[vector[float]] lps
     cdef vector[vector[int32_t]] top_ids
     cdef vector[vector[float]] top_lps
@@ -86,7 +87,22 @@ def _score(Context ctx not None, list texts, int32_t k, bint add_special, bint p
     n_ctx_seq = llama.llama_n_ctx_seq(ctx._ctx)
     for idx, text in enumerate(texts):
         try:
-            t = _prompt_tokens(ctx, text, add_special, parse_special, INT32_MAX)
+            if isinstance(text, tuple) and len(text) == 2 and not isinstance(text[0], int):
+                # (context, continuation): only the continuation is scored
+                t = _prompt_tokens(ctx, text[0], add_special, parse_special, INT32_MAX)
+                c = _check_prompt(text[1])
+                cont.clear()
+                if isinstance(c, (str, bytes)):
+                    cont = _tokenize(ctx._vocab, c, False, parse_special)
+                else:
+                    _fill_tokens(cont, c, ctx._n_vocab)
+                if cont.size() == 0:
+                    raise ValueError("the continuation is empty (no tokens to score)")
+                firsts.push_back(<int32_t> t.size())
+                t.insert(t.end(), cont.begin(), cont.end())
+            else:
+                t = _prompt_tokens(ctx, text, add_special, parse_special, INT32_MAX)
+                firsts.push_back(1)
         except (ValueError, TypeError) as e:
             raise type(e)(f"text {idx}: {e}") from None
         if <int32_t> t.size() > n_ctx_seq:
@@ -112,10 +128,12 @@ def _score(Context ctx not None, list texts, int32_t k, bint add_special, bint p
     slot_text.assign(n_slots, -1)
     slot_fed.assign(n_slots, 0)
     slot_len.assign(n_slots, 0)
+    if n_batch < 1:
+        n_batch = 1
     ctx._acquire()
     try:
         ctx._take_over()
-        batch = llama.llama_batch_init(cap, 0, 1)
+        batch = llama.llama_batch_init(n_batch, 0, 1)
         have_batch = True
         mem = llama.llama_get_memory(ctx._ctx)
         ctx._abort.armed = 1
@@ -141,24 +159,24 @@ def _score(Context ctx not None, list texts, int32_t k, bint add_special, bint p
                 rows.clear()
                 for slot in range(n_slots):
                     i = slot_text[slot]
-                    if i < 0 or n >= cap:
+                    if i < 0:
                         continue
-                    m = min(slot_len[slot] - slot_fed[slot], cap - n)
-                    for j in range(m):
-                        batch.token[n] = toks[i][slot_fed[slot] + j]
-                        batch.pos[n] = slot_fed[slot] + j
+                    while slot_fed[slot] < slot_len[slot] and n < n_batch and <int32_t> rows.size() < cap:
+                        j = slot_fed[slot]
+                        batch.token[n] = toks[i][j]
+                        batch.pos[n] = j
                         batch.n_seq_id[n] = 1
                         batch.seq_id[n][0] = slot
-                        # every token but the text's last predicts the next one
-                        batch.logits[n] = slot_fed[slot] + j + 1 < slot_len[slot]
+                        # a row for every token whose next one is scored
+                        batch.logits[n] = j + 1 >= firsts[i] and j + 1 < slot_len[slot]
                         if batch.logits[n]:
                             sr.text = i
-                            sr.pos = slot_fed[slot] + j
+                            sr.pos = j
                             sr.batch_idx = n
                             rows.push_back(sr)
                         n += 1
-                    slot_fed[slot] += m
-                    if not unified:
+                        slot_fed[slot] += 1
+                    if not unified or n >= n_batch or <int32_t> rows.size() >= cap:
                         break
                 if n == 0:
                     break
@@ -207,11 +225,12 @@ def _score(Context ctx not None, list texts, int32_t k, bint add_special, bint p
     for i in range(n_texts):
         n = <int32_t> toks[i].size()
         ids = [toks[i][j] for j in range(n)]
-        lp = [None] + [<double> lps[i][j] for j in range(1, n)]
+        m = firsts[i]
+        lp = [None] * m + [<double> lps[i][j] for j in range(m, n)]
         tops = None
         if k > 0:
-            tops = [()] + [_top_of(model, top_ids[i].data() + j * k, top_lps[i].data() + j * k, k)
-                           for j in range(1, n)]
+            tops = [()] * m + [_top_of(model, top_ids[i].data() + j * k, top_lps[i].data() + j * k, k)
+                               for j in range(m, n)]
         out.append(_ScoreResult(ids, lp, tops, [_piece_of(model, x) for x in ids]))
     return out
 

@@ -59,20 +59,22 @@ class Completion:
 
 @dataclass
 class ScoreResult:
-    """How likely a text is under the model: per token logprobs given the tokens before it."""
+    """How likely a text is under the model: per token logprobs given the tokens before it.
+    Tokens that are only context have None: the first token, or a (context, continuation)
+    pair's context."""
     tokens: List[int]
-    logprobs: List[Optional[float]]          # logprobs[0] is None: the first token is given
+    logprobs: List[Optional[float]]
     top: Optional[List[Tuple[TopLogprob, ...]]] = field(default=None, repr=False)
     pieces: Optional[List[bytes]] = field(default=None, repr=False)
 
     @property
     def n_scored(self) -> int:
-        return max(0, len(self.tokens) - 1)
+        return sum(1 for x in self.logprobs if x is not None)
 
     @property
     def sum_logprob(self) -> float:
-        """Log-likelihood of the text after its first token (0.0 for a single token)."""
-        return math.fsum(self.logprobs[1:])
+        """Log-likelihood of the scored tokens (0.0 when none is scored)."""
+        return math.fsum(x for x in self.logprobs if x is not None)
 
     @property
     def mean_logprob(self) -> float:
@@ -95,6 +97,10 @@ def score(ctx, texts, *, top_logprobs: int = 0, add_special: bool = True,
           parse_special: bool = False) -> List[ScoreResult]:
     """Score each text (str, UTF-8 bytes or a list of token ids) under the model: the logprob of
     every token given all before it (the first token has none), their sum and the perplexity.
+
+    An item may also be a tuple ``(context, continuation)``: only the continuation's tokens are
+    scored, given the context (classification, multiple choice, reranking by likelihood).  The
+    continuation is tokenized without special tokens and appended to the context's tokens.
 
     Several texts are decoded side by side (one sequence each, up to ``ctx.n_seq_max``), each in
     chunks of n_batch tokens; a text must fit one sequence's context.  ``top_logprobs`` (0-20)

@@ -217,6 +217,23 @@ def test_score_long_text_in_chunks(real_model):
     assert small.perplexity == pytest.approx(big.perplexity, rel=1e-2)
 
 
+def test_score_a_continuation_given_a_context(real_ctx):
+    ctx_text = "Question: What is the capital of France?\nAnswer:"
+    good, bad = llamagen.score(real_ctx, [(ctx_text, " Paris"), (ctx_text, " Berlin")])
+    head = real_ctx.model.tokenize(ctx_text)
+    assert good.tokens[:len(head)] == head and good.logprobs[:len(head)] == [None] * len(head)
+    assert good.n_scored == len(good.tokens) - len(head) >= 1
+    assert good.sum_logprob > bad.sum_logprob          # the model knows its capitals
+    # the same numbers as scoring the joined tokens and reading the continuation's part
+    whole = llamagen.score(real_ctx, [good.tokens])[0]
+    assert whole.logprobs[len(head):] == pytest.approx(good.logprobs[len(head):], abs=1e-3)
+    # token lists work too
+    r = llamagen.score(real_ctx, [(head, good.tokens[len(head):])])[0]
+    assert r.tokens == good.tokens
+    with pytest.raises(ValueError, match="continuation is empty"):
+        llamagen.score(real_ctx, [(ctx_text, "")])
+
+
 def test_score_bad_input(real_ctx):
     with pytest.raises(TypeError, match="list of texts"):
         llamagen.score(real_ctx, "one text")
@@ -275,11 +292,12 @@ def llamagen_perplexity(model, text: str, n_ctx: int) -> float:
     toks = model.tokenize(text)
     bos = toks[0]
     chunks = [[bos] + toks[c * n_ctx + 1:(c + 1) * n_ctx] for c in range(len(toks) // n_ctx)]
-    with llamagen.Context(model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=2) as ctx:
-        res = llamagen.score(ctx, chunks)
     first = n_ctx // 2
-    lps = [lp for r in res for lp in r.logprobs[first + 1:]]
-    return math.exp(-math.fsum(lps) / len(lps))
+    with llamagen.Context(model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=2) as ctx:
+        # the first half of each chunk is context (llama-perplexity asks no logits for it)
+        res = llamagen.score(ctx, [(ch[:first + 1], ch[first + 1:]) for ch in chunks])
+    assert all(r.n_scored == n_ctx - first - 1 for r in res)
+    return math.exp(-math.fsum(r.sum_logprob for r in res) / sum(r.n_scored for r in res))
 
 
 @pytest.mark.slow
