@@ -44,8 +44,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
         elif f.name == "logit_bias":
             g.add_argument(flag, action="append", default=None, metavar="TOKEN=BIAS",
                            help="may be repeated")
-        elif f.name == "ignore_eos":
+        elif f.name in ("ignore_eos", "json_object"):
             g.add_argument(flag, action="store_true", default=None)
+        elif f.name == "logprobs":
+            continue            # the CLI prints text; logprobs are a library / server feature
+        elif f.name == "json_schema":
+            g.add_argument(flag, default=None, metavar="JSON|@PATH",
+                           help="constrain the output to a JSON schema (text, or @file)")
         elif f.name == "seed":
             g.add_argument(flag, type=lambda v: None if v.lower() in ("none", "random") else int(v),
                            default=None, metavar="N|random")
@@ -72,6 +77,9 @@ def _sampling_from_args(a: argparse.Namespace) -> SamplingParams:
                     raise ValueError(f"--logit-bias takes TOKEN=BIAS (an int and a number, e.g. "
                                      f"15=-inf), got {item!r}") from None
             v = bias
+        elif f.name == "json_schema" and v.startswith("@"):
+            with open(v[1:], encoding="utf-8") as fh:
+                v = fh.read()
         changes[f.name] = v
     if a.seed_random:
         changes["seed"] = None
