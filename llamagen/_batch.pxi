@@ -71,7 +71,7 @@ cdef class BatchGenerator:
                  bint add_special=True, bint parse_special=True, share_prefix=16,
                  prompt_cache=False, **sampling):
         cdef int i
-        ctx._check()
+        ctx._check_generative()
         self._context = ctx
         self._defaults = _resolve_params(params, (), sampling)
         max_seq = llama.llama_n_seq_max(ctx._ctx)

@@ -49,6 +49,13 @@ cdef cbool _abort_callback(void * data) noexcept nogil:
 from cpython.exc cimport PyErr_CheckSignals
 
 
+# pooling names -> llama.cpp's (RANK needs a reranker's classification head: not offered yet)
+_POOLING = {"none": llama.LLAMA_POOLING_TYPE_NONE, "mean": llama.LLAMA_POOLING_TYPE_MEAN,
+            "cls": llama.LLAMA_POOLING_TYPE_CLS, "last": llama.LLAMA_POOLING_TYPE_LAST}
+_POOLING_NAMES = {v: k for k, v in _POOLING.items()}
+_POOLING_NAMES[llama.LLAMA_POOLING_TYPE_RANK] = "rank"
+
+
 # no_gc_clear: __dealloc__ needs ``self.model`` to hand the model back.  Without it, a Context
 # caught in a reference cycle (a subclass instance referring to itself, say) gets ``model`` set to
 # None by the cycle collector first: the Model could then be freed before this context (which
@@ -58,10 +65,14 @@ cdef class Context:
     """A llama.cpp context over a Model: the KV cache and compute state for generation.
 
     ``Context(model, *, n_ctx=2048, n_batch=512, n_ubatch=512, n_seq_max=1, n_threads=None,
-    n_threads_batch=None, flash_attn=None, kv_unified=False)``.  ``n_ctx=0`` takes the model's
-    training context; ``n_threads=None`` uses the machine's physical cores.  Read the values
-    llama.cpp actually uses back from the properties.  One lock per context serializes every
-    call into it; creation releases the GIL.
+    n_threads_batch=None, flash_attn=None, kv_unified=None, embeddings=False, pooling=None)``.
+    ``n_ctx=0`` takes the model's training context; ``n_threads=None`` uses the machine's
+    physical cores.  ``embeddings=True`` makes a context for llamagen.embed (pooled vectors;
+    ``pooling`` "mean", "cls", "last" or "none", default the model's own): it generates nothing,
+    its KV cache is unified and its ubatch is the whole batch (a text is pooled within one
+    decode).  ``kv_unified`` defaults to False (True for embeddings).  Read the values llama.cpp
+    actually uses back from the properties.  One lock per context serializes every call into it;
+    creation releases the GIL.
     """
     cdef llama.llama_context * _ctx
     cdef readonly Model model
@@ -74,6 +85,7 @@ cdef class Context:
     # owned by the context from llama_set_sampler until it is detached (llama.cpp keeps a pointer)
     cdef vector[llama.llama_sampler *] _attached
     cdef readonly bint kv_unified
+    cdef readonly bint embeddings     # an embedding context (llamagen.embed): no generation
     cdef object __weakref__
 
     def __cinit__(self):
@@ -86,7 +98,8 @@ cdef class Context:
 
     def __init__(self, Model model not None, *, n_ctx=2048, n_batch=512, n_ubatch=512,
                  n_seq_max=1, n_threads=None, n_threads_batch=None, flash_attn=None,
-                 bint kv_unified=False, bint offload_kqv=True, bint swa_full=True):
+                 kv_unified=None, bint offload_kqv=True, bint swa_full=True,
+                 bint embeddings=False, pooling=None):
         cdef llama.llama_context_params params = llama.llama_context_default_params()
         cdef llama.llama_context * c
         if self._ctx != NULL:
@@ -108,6 +121,31 @@ cdef class Context:
         n_threads_batch = _check_int("n_threads_batch", n_threads_batch, 1, 4096, "at least 1 (or None)")
         if n_ctx and n_ctx < n_seq_max:
             raise ValueError(f"n_ctx ({n_ctx}) must be at least n_seq_max ({n_seq_max})")
+        if kv_unified is None:
+            kv_unified = embeddings
+        elif kv_unified is not True and kv_unified is not False:
+            raise TypeError(f"kv_unified must be None, True or False, got {kv_unified!r}")
+        if embeddings and not kv_unified and n_seq_max > 1:
+            # (several sequences in one batch over per-sequence KV streams mix up at this commit)
+            raise ValueError("an embedding context with n_seq_max > 1 needs kv_unified=True "
+                             "(the default for embeddings)")
+        if embeddings and n_batch % n_seq_max:
+            # llama.cpp reserves the pooling graph with n_batch / n_seq_max tokens per sequence
+            # and aborts the process when that does not divide (GGML_ASSERT in build_pooling)
+            raise ValueError(f"an embedding context needs n_batch ({n_batch}) to be a multiple of "
+                             f"n_seq_max ({n_seq_max})")
+        if pooling is not None:
+            if not embeddings:
+                raise ValueError("pooling applies to embedding contexts (embeddings=True)")
+            if pooling not in _POOLING:
+                raise ValueError(f"pooling must be None (the model's own) or one of "
+                                 f"{', '.join(map(repr, _POOLING))}, got {pooling!r}")
+            params.pooling_type = _POOLING[pooling]
+        if embeddings:
+            # a text's vector is pooled within one decode: llama.cpp must not split the batch
+            n_ubatch = n_batch
+        params.embeddings = embeddings
+        self.embeddings = embeddings
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = min(n_ubatch, n_batch)
@@ -271,6 +309,22 @@ cdef class Context:
     def n_seq_max(self):
         self._check()
         return llama.llama_n_seq_max(self._ctx)
+
+    @property
+    def pooling(self):
+        """How an embedding context pools token vectors ("mean", "cls", "last", "none", "rank");
+        None for a generation context."""
+        self._check()
+        if not self.embeddings:
+            return None
+        return _POOLING_NAMES.get(llama.llama_get_pooling_type(self._ctx), "none")
+
+    cdef int _check_generative(self) except -1:
+        self._check()
+        if self.embeddings:
+            raise ContextError("this context was made for embeddings (embeddings=True): generate "
+                               "and score with a Context made without it")
+        return 0
 
     @property
     def n_threads(self):

@@ -53,6 +53,7 @@ include "_sampling.pxi"
 include "_generation.pxi"
 include "_batch.pxi"
 include "_logprobs.pxi"
+include "_embed.pxi"
 include "_quantize.pxi"
 
 

@@ -649,7 +649,7 @@ def _gen_begin(Context ctx not None, prompt, params, bint add_special=True, bint
     cdef vector[llama.llama_token] toks
     if not isinstance(params, SamplingParams):
         raise TypeError("params must be a llamagen.SamplingParams")
-    ctx._check()
+    ctx._check_generative()
     toks = _prompt_tokens(ctx, prompt, add_special, parse_special, llama.llama_n_ctx_seq(ctx._ctx))
     return _start(ctx, toks, params, 0, 0)
 
@@ -698,7 +698,7 @@ def _generate_n(Context ctx not None, prompt, list params, bint add_special=True
     cdef vector[llama.llama_token] toks
     cdef GenerationState st
     cdef uint64_t epoch = 0
-    ctx._check()
+    ctx._check_generative()
     toks = _prompt_tokens(ctx, prompt, add_special, parse_special, llama.llama_n_ctx_seq(ctx._ctx))
     out = []
     for i, p in enumerate(params):

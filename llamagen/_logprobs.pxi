@@ -83,7 +83,7 @@ def _score(Context ctx not None, list texts, int32_t k, bint add_special, bint p
     cdef const float * row
     cdef double norm
     cdef _ScoreRow sr
-    ctx._check()
+    ctx._check_generative()
     n_ctx_seq = llama.llama_n_ctx_seq(ctx._ctx)
     for idx, text in enumerate(texts):
         try:

@@ -186,6 +186,12 @@ cdef class Model:
         return llama.llama_model_n_embd(self._model)
 
     @property
+    def n_embd_out(self):
+        """Size of the vectors an embedding context returns (n_embd for most models)."""
+        self._check()
+        return llama.llama_model_n_embd_out(self._model)
+
+    @property
     def n_layer(self):
         self._check()
         return llama.llama_model_n_layer(self._model)

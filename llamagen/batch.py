@@ -178,22 +178,22 @@ def map_generate(ctx: Context, iterable: Iterable, *, batch_size: int = 16, prog
 
 
 class _SimpleBar:
-    def __init__(self, total):
+    def __init__(self, total, desc):
         import sys
-        self.total, self.n, self.out = total, 0, sys.stderr
+        self.total, self.n, self.out, self.desc = total, 0, sys.stderr, desc
 
     def update(self, k):
         self.n += k
-        self.out.write(f"\rmap_generate: {self.n}" + (f"/{self.total}" if self.total else ""))
+        self.out.write(f"\r{self.desc}: {self.n}" + (f"/{self.total}" if self.total else ""))
         self.out.flush()
 
     def close(self):
         self.out.write("\n")
 
 
-def _progress(total):
+def _progress(total, desc="map_generate", unit="prompt"):
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return _SimpleBar(total)
-    return tqdm(total=total, desc="map_generate", unit="prompt")
+        return _SimpleBar(total, desc)
+    return tqdm(total=total, desc=desc, unit=unit)

@@ -267,7 +267,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     def make_engine():
         return llamagen.AsyncEngine(model, n_ctx=a.ctx_size, n_parallel=a.parallel,
                                     n_threads=a.threads, n_batch=a.batch_size,
-                                    max_queue=a.max_queue)
+                                    max_queue=a.max_queue, embeddings=a.embeddings,
+                                    pooling=a.pooling, embed_batch=a.embed_batch_size)
 
     server = None
 
@@ -437,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "serve", help="OpenAI- and Anthropic-compatible HTTP server (needs llamagen[server])",
         description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/messages "
-                    "(Anthropic), /v1/models, /health, /metrics, /tokenize, /detokenize.  "
+                    "(Anthropic), /v1/embeddings (with --embeddings), /v1/models, /health, "
+                    "/metrics, /tokenize, /detokenize.  "
                     "Requests are batched continuously over --parallel sequences.")
     v.add_argument("--model", "-m", default=None, help="GGUF file (default: the demo model package)")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -451,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", "-b", type=_positive_int, default=512, metavar="N",
                    help="tokens per decode (default 512)")
     v.add_argument("--n-gpu-layers", type=_c_int, default=0)
+    v.add_argument("--embeddings", action="store_true",
+                   help="also serve /v1/embeddings (a second, embedding context on the same model)")
+    v.add_argument("--pooling", default=None, choices=("mean", "cls", "last"),
+                   help="how /v1/embeddings pools token vectors (default: the model's own)")
+    v.add_argument("--embed-batch-size", type=_positive_int, default=2048, metavar="N",
+                   help="tokens per embedding decode; also the longest text (default 2048)")
     v.add_argument("--api-key", action="append", default=None, metavar="KEY",
                    help="accept this key (Bearer or x-api-key); may be repeated; none: no check")
     v.add_argument("--api-key-file", default=None, metavar="PATH",

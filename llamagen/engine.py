@@ -9,6 +9,7 @@ finished sequence's cells in its slot for the next request with the same prefix.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import os
 import queue
@@ -17,7 +18,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-from llamagen._core import BatchGenerator, Context, Model, _check_grammar
+from llamagen._core import BatchGenerator, Context, Model, _check_grammar, _embed
+from llamagen.embeddings import EmbedResult, _norm_code
 from llamagen._util import check_prompt
 from llamagen.errors import EngineClosedError, LlamaError, PromptTooLongError, QueueFullError
 from llamagen.generation import check_n, seeded
@@ -132,7 +134,8 @@ class AsyncEngine:
     def __init__(self, model: Union[Model, str, os.PathLike, None] = None, *, n_ctx: int = 16384,
                  n_parallel: int = 8, n_threads: Optional[int] = None, n_batch: int = 512,
                  max_queue: Optional[int] = None, prompt_cache: Union[bool, int] = True,
-                 params: Optional[SamplingParams] = None):
+                 params: Optional[SamplingParams] = None, embeddings: bool = False,
+                 pooling: Optional[str] = None, embed_batch: int = 2048):
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int)
                                       or max_queue < 0):
             raise ValueError(f"max_queue must be None or an int >= 0, got {max_queue!r}")
@@ -145,7 +148,16 @@ class AsyncEngine:
             self._ctx = Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                                 n_seq_max=n_parallel, n_threads=n_threads, kv_unified=True)
             self._batch = BatchGenerator(self._ctx, n_parallel=n_parallel, prompt_cache=prompt_cache)
+            self._ectx = None
+            if embeddings:
+                # (llama.cpp needs n_batch to be a multiple of n_seq_max for pooling)
+                n_seq = next(d for d in range(min(64, embed_batch), 0, -1) if embed_batch % d == 0)
+                self._ectx = Context(self.model, n_ctx=embed_batch, n_batch=embed_batch,
+                                     n_seq_max=n_seq, n_threads=n_threads, embeddings=True,
+                                     pooling=pooling)
         except BaseException:
+            if getattr(self, "_ctx", None) is not None:
+                self._ctx.close()
             if self._own_model:
                 self.model.close()
             raise
@@ -269,6 +281,53 @@ class AsyncEngine:
                               parse_special=parse_special, **sampling) as s:
             return s.collect()
 
+    # -- embeddings ----------------------------------------------------------------------------
+
+    @property
+    def embeddings(self) -> bool:
+        """Whether this engine embeds (made with embeddings=True)."""
+        return self._ectx is not None
+
+    def _submit_embed(self, texts, normalize, truncate, add_special, parse_special):
+        if self._ectx is None:
+            raise LlamaError("this engine was made without embeddings=True")
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts must be a list of texts, got one " + type(texts).__name__)
+        items = list(texts)
+        if not items:
+            raise ValueError("texts is empty: nothing to embed")
+        job = (items, _norm_code(normalize), bool(truncate), add_special, parse_special,
+               concurrent.futures.Future())
+        with self._lock:
+            if self._closing:
+                raise EngineClosedError("the engine is closed")
+            self._inbox.append(("embed", job))
+            self._lock.notify()
+        return job[-1]
+
+    async def embed(self, texts, *, normalize=True, truncate: bool = False,
+                    add_special: bool = True, parse_special: bool = False) -> EmbedResult:
+        """Embed ``texts`` (see llamagen.embed) on the engine thread: an EmbedResult.  Errors
+        about a text (too long, not a text) are raised here."""
+        fut = self._submit_embed(texts, normalize, truncate, add_special, parse_special)
+        return await asyncio.wrap_future(fut)
+
+    def embed_sync(self, texts, *, normalize=True, truncate: bool = False,
+                   add_special: bool = True, parse_special: bool = False) -> EmbedResult:
+        return self._submit_embed(texts, normalize, truncate, add_special, parse_special).result()
+
+    def _run_embed(self, job) -> None:
+        items, norm, truncate, add_special, parse_special, fut = job
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            vectors, n_tokens, cut = _embed(self._ectx, items, norm, truncate, add_special,
+                                            parse_special)
+        except BaseException as e:      # noqa: BLE001 - handed to the caller
+            fut.set_exception(e)
+        else:
+            fut.set_result(EmbedResult(vectors, n_tokens, cut))
+
     # -- state ---------------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
@@ -289,6 +348,8 @@ class AsyncEngine:
             self._thread.join(timeout)
         if not self._thread.is_alive():
             self._ctx.close()
+            if self._ectx is not None:
+                self._ectx.close()
             if self._own_model:
                 self.model.close()
 
@@ -345,6 +406,8 @@ class AsyncEngine:
                 for op, req in todo:
                     if op == "add":
                         self._admit(req)
+                    elif op == "embed":
+                        self._run_embed(req)
                     else:
                         self._drop(req)
                 if self._live:
@@ -361,6 +424,8 @@ class AsyncEngine:
             for op, req in todo:
                 if op == "add":
                     self._finish(req, [EngineClosedError("the engine was closed")])
+                elif op == "embed" and req[-1].set_running_or_notify_cancel():
+                    req[-1].set_exception(EngineClosedError("the engine was closed"))
             self._fail_all(EngineClosedError("the engine was closed"))
 
     def _admit(self, req: _Request) -> None:

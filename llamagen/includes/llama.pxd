@@ -93,6 +93,10 @@ cdef extern from "llama.h" nogil:
     cdef enum llama_pooling_type:
         LLAMA_POOLING_TYPE_UNSPECIFIED
         LLAMA_POOLING_TYPE_NONE
+        LLAMA_POOLING_TYPE_MEAN
+        LLAMA_POOLING_TYPE_CLS
+        LLAMA_POOLING_TYPE_LAST
+        LLAMA_POOLING_TYPE_RANK
 
     cdef enum llama_attention_type:
         LLAMA_ATTENTION_TYPE_UNSPECIFIED
@@ -234,6 +238,9 @@ cdef extern from "llama.h" nogil:
 
     int32_t llama_model_n_ctx_train(const llama_model * model)
     int32_t llama_model_n_embd(const llama_model * model)
+    int32_t llama_model_n_embd_out(const llama_model * model)
+    uint32_t llama_model_n_cls_out(const llama_model * model)
+    llama_pooling_type llama_get_pooling_type "llama_pooling_type"(const llama_context * ctx)
     int32_t llama_model_n_layer(const llama_model * model)
     int32_t llama_model_n_head(const llama_model * model)
 
@@ -279,6 +286,8 @@ cdef extern from "llama.h" nogil:
     void llama_synchronize(llama_context * ctx)
     float * llama_get_logits(llama_context * ctx)
     float * llama_get_logits_ith(llama_context * ctx, int32_t i)
+    float * llama_get_embeddings_ith(llama_context * ctx, int32_t i)
+    float * llama_get_embeddings_seq(llama_context * ctx, llama_seq_id seq_id)
 
     # backend sampling [EXPERIMENTAL in llama.h]: the chain attached with llama_set_sampler runs
     # inside the decode graph; these read what it left for output row i

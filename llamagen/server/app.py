@@ -177,10 +177,12 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
     install_handlers(app)
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes, state=state)
 
-    from llamagen.server import anthropic, openai   # noqa: PLC0415 - they import this module
+    # (imported here: they import this module)
+    from llamagen.server import anthropic, embeddings, openai   # noqa: PLC0415
     app.include_router(_public)
     app.include_router(_protected)
     app.include_router(openai.router)
+    app.include_router(embeddings.router)
     app.include_router(anthropic.router)
     return app
 

@@ -69,6 +69,13 @@ class PayloadTooLarge(APIError):
     anthropic_type = "request_too_large"
 
 
+class NotServed(APIError):
+    """A capability this server was not started with (e.g. embeddings without --embeddings)."""
+    status = 501
+    openai_type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
+
+
 class Overloaded(APIError):
     """The queue is full, the model is still loading, or the server is shutting down."""
     status = 503

@@ -138,6 +138,14 @@ class CountTokensRequest(_Body):
     tools: Optional[List[Any]] = None
 
 
+class EmbeddingRequest(_Body):
+    input: Union[str, List[str], List[int], List[List[int]]]
+    model: Optional[str] = None
+    encoding_format: Optional[str] = None       # "float" (default) or "base64"
+    dimensions: Optional[int] = None
+    user: Optional[str] = None
+
+
 class TokenizeRequest(_Body):
     content: str
     add_special: bool = False        # llama-server's defaults

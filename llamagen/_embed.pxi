@@ -1,0 +1,148 @@
+# Embeddings: pooled vectors of many texts per decode.  Included by _core.pyx after _logprobs.pxi.
+#
+# Texts go into one batch as separate sequences (whole: a text is pooled within one decode) until
+# n_batch tokens or n_seq_max sequences, as llama.cpp's llama-embedding packs them; each decode
+# starts from an empty KV cache and runs without the GIL; vectors are normalized by llama.cpp's own
+# common_embd_normalize straight into the numpy output.
+
+import numpy as _np
+
+
+cdef extern from *:
+    """
+    // llama.cpp's common library (linked into this module): -1 none, 0 max-abs scaled to int16
+    // range, 1 taxicab, 2 euclidean, p > 2 p-norm
+    void common_embd_normalize(const float * inp, float * out, int n, int embd_norm);
+    """
+    void common_embd_normalize(const float * inp, float * out, int n, int embd_norm) noexcept nogil
+
+
+def _embed(Context ctx not None, list items, int norm, bint truncate, bint add_special,
+           bint parse_special):
+    """See llamagen.embed.  Returns (vectors, n_tokens per text, truncated per text): a float32
+    array (n_texts, n_embd) when pooled, else a list of (n_tokens, n_embd) arrays."""
+    cdef vector[vector[llama.llama_token]] toks
+    cdef vector[llama.llama_token] t
+    cdef int32_t limit, n_batch, n_seq, n_embd, i, j, n, s, first, k, rc = 0
+    cdef llama.llama_pooling_type pooling
+    cdef llama.llama_batch batch
+    cdef bint have_batch = False, pooled
+    cdef llama.llama_memory_t mem
+    cdef const float * src
+    cdef float * out
+    cdef vector[float *] outs        # per text: where its vector(s) go
+    cdef float[:, ::1] view
+    ctx._check()
+    if not ctx.embeddings:
+        raise ContextError("embeddings need a Context made with embeddings=True (and pooling=..., "
+                           "default the model's own)")
+    pooling = llama.llama_get_pooling_type(ctx._ctx)
+    if pooling == llama.LLAMA_POOLING_TYPE_RANK:
+        raise ValueError("rank pooling (rerankers) is not supported by llamagen.embed yet")
+    pooled = pooling != llama.LLAMA_POOLING_TYPE_NONE
+    n_batch = llama.llama_n_batch(ctx._ctx)
+    n_seq = llama.llama_n_seq_max(ctx._ctx)
+    # a decode's tokens all need cells: n_ctx bounds the batch too
+    n_batch = min(n_batch, <int32_t> llama.llama_n_ctx(ctx._ctx))
+    limit = min(n_batch, <int32_t> llama.llama_n_ctx_seq(ctx._ctx))
+    n_embd = llama.llama_model_n_embd_out(ctx.model._model)
+    n_tokens, truncated = [], []
+    for idx, item in enumerate(items):
+        try:
+            t = _prompt_tokens(ctx, item, add_special, parse_special, INT32_MAX)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"text {idx}: {e}") from None
+        cut = <int32_t> t.size() > limit
+        if cut:
+            if not truncate:
+                raise PromptTooLongError(t.size(), limit, f"text {idx} has {t.size()} tokens but "
+                                         f"one decode of this context holds {limit} (n_batch "
+                                         f"{n_batch}, {llama.llama_n_ctx_seq(ctx._ctx)} cells per "
+                                         "sequence): pass truncate=True or use a larger context")
+            t.resize(limit)
+        toks.push_back(t)
+        n_tokens.append(<int> t.size())
+        truncated.append(bool(cut))
+    # the output, allocated up front so the decode loop writes into it without the GIL
+    outs.resize(toks.size())
+    if pooled:
+        result = _np.zeros((toks.size(), n_embd), dtype=_np.float32)
+        if toks.size() > 0 and n_embd > 0:
+            view = result
+            for i in range(<int32_t> toks.size()):
+                outs[i] = &view[i, 0]
+    else:
+        result = []
+        for i in range(<int32_t> toks.size()):
+            a = _np.zeros((toks[i].size(), n_embd), dtype=_np.float32)
+            result.append(a)
+            if n_embd > 0:
+                view = a
+                outs[i] = &view[0, 0]
+    if toks.size() == 0:
+        return result, n_tokens, truncated
+    ctx._acquire()
+    try:
+        ctx._take_over()
+        batch = llama.llama_batch_init(n_batch, 0, 1)
+        have_batch = True
+        mem = llama.llama_get_memory(ctx._ctx)
+        ctx._abort.armed = 1
+        ctx._abort.interrupted = 0
+        ctx._abort.last_us = llamagen_monotonic_us()
+        with nogil:
+            i = 0
+            while i < <int32_t> toks.size() and rc == 0 and not ctx._abort.interrupted:
+                # whole texts until n_batch tokens or n_seq_max sequences
+                first = i
+                n = 0
+                s = 0
+                while i < <int32_t> toks.size() and s < n_seq and \
+                        n + <int32_t> toks[i].size() <= n_batch:
+                    for j in range(<int32_t> toks[i].size()):
+                        batch.token[n] = toks[i][j]
+                        batch.pos[n] = j
+                        batch.n_seq_id[n] = 1
+                        batch.seq_id[n][0] = s
+                        batch.logits[n] = 1
+                        n += 1
+                    s += 1
+                    i += 1
+                batch.n_tokens = n
+                llama.llama_memory_clear(mem, True)
+                rc = llama.llama_decode(ctx._ctx, batch)
+                if rc != 0:
+                    break
+                n = 0
+                for k in range(first, i):
+                    if pooled:
+                        src = llama.llama_get_embeddings_seq(ctx._ctx, k - first)
+                        if src == NULL:
+                            rc = -100
+                            break
+                        common_embd_normalize(src, outs[k], n_embd, norm)
+                    else:
+                        for j in range(<int32_t> toks[k].size()):
+                            src = llama.llama_get_embeddings_ith(ctx._ctx, n + j)
+                            if src == NULL:
+                                rc = -100
+                                break
+                            common_embd_normalize(src, outs[k] + <size_t> j * n_embd, n_embd, norm)
+                        if rc != 0:
+                            break
+                        n += <int32_t> toks[k].size()
+            llama.llama_memory_clear(mem, True)
+    finally:
+        ctx._abort.armed = 0
+        if have_batch:
+            llama.llama_batch_free(batch)
+        ctx._release()
+    if ctx._abort.interrupted:
+        ctx._abort.interrupted = 0
+        raise KeyboardInterrupt
+    if rc == -100:
+        raise LlamaError("llama.cpp returned no embeddings for a sequence (does this model "
+                         "support the context's pooling?)")
+    if rc != 0:
+        check_decode(rc, b"embedding")
+    return result, n_tokens, truncated

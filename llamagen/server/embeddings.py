@@ -1,0 +1,63 @@
+"""OpenAI's /v1/embeddings (a server started with --embeddings)."""
+from __future__ import annotations
+
+import base64
+import re
+
+from fastapi import APIRouter, Depends, Request
+
+from llamagen.errors import PromptTooLongError
+from llamagen.server.app import get_engine, get_state
+from llamagen.server.auth import require_api_key
+from llamagen.server.errors import InvalidRequest, NotServed
+from llamagen.server.models import EmbeddingRequest
+from llamagen.server.translate import engine_error
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+def _inputs(inp) -> list:
+    """The texts of a request: a str, a list of str, a list of token ids or a list of lists."""
+    if isinstance(inp, str):
+        inp = [inp]
+    elif not inp:
+        raise InvalidRequest("input must not be empty", param="input")
+    elif isinstance(inp[0], int):
+        inp = [inp]
+    for i, x in enumerate(inp):
+        if not x:
+            raise InvalidRequest(f"input[{i}] must not be empty", param="input")
+    return list(inp)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request, engine=Depends(get_engine)):
+    st = get_state(request)
+    if not getattr(engine, "embeddings", False):
+        raise NotServed("this server does not compute embeddings: start it with "
+                        "`llamagen serve --embeddings`", code="embeddings_not_enabled")
+    fmt = body.encoding_format or "float"
+    if fmt not in ("float", "base64"):
+        raise InvalidRequest(f"encoding_format must be 'float' or 'base64', got {fmt!r}",
+                             param="encoding_format")
+    texts = _inputs(body.input)
+    n_embd = engine.model.n_embd_out
+    if body.dimensions is not None and body.dimensions != n_embd:
+        raise InvalidRequest(f"dimensions: this model's embeddings have {n_embd} dimensions "
+                             "(shortening is not supported)", param="dimensions")
+    try:
+        res = await engine.embed(texts)
+    except (ValueError, TypeError) as e:    # about one text: "text i: ..." -> "input[i]: ..."
+        msg = re.sub(r"^text (\d+)", r"input[\1]", str(e))
+        code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
+        raise InvalidRequest(msg, param="input", code=code) from None
+    except Exception as e:  # noqa: BLE001 - translated (the engine closed)
+        raise engine_error(e, {}, "input") from None
+    data = []
+    for i, v in enumerate(res.vectors):
+        vec = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if fmt == "base64" \
+            else v.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": vec})
+    n = res.total_tokens
+    return {"object": "list", "data": data, "model": st.model_name,
+            "usage": {"prompt_tokens": n, "total_tokens": n}}
