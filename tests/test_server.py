@@ -747,3 +747,82 @@ def test_completions_json_schema_on_the_tiny_model(tiny):
     for ch in r.choices:
         assert ch.finish_reason == "stop", ch.text
         jsonschema.validate(json.loads(ch.text), schema)
+
+
+# -- embeddings ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol_embed(tmp_path_factory):
+    path = smollm2_path()
+    srv = Server(["--model", path, "--ctx-size", 1024, "--parallel", 2, "--threads", 1,
+                  "--embeddings", "--pooling", "mean", "--embed-batch-size", 512],
+                 tmp_path_factory.mktemp("srv") / "smol-embed.log")
+    srv.model_path = path
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+def _cos(a, b):
+    import numpy as np
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_embeddings_through_the_openai_client(smol_embed):
+    texts = ["The cat sat on the mat.", "Stock markets fell sharply today.", "A kitten on a rug."]
+    r = oai(smol_embed).embeddings.create(model="m", input=texts)    # the client asks for base64
+    assert [d.index for d in r.data] == [0, 1, 2] and r.object == "list"
+    m = llamagen.Model(smol_embed.model_path)
+    try:
+        with llamagen.Context(m, n_ctx=512, n_batch=512, n_seq_max=64, embeddings=True,
+                              pooling="mean", n_threads=1) as ctx:
+            ref = llamagen.embed(ctx, texts, details=True)
+        assert len(r.data[0].embedding) == m.n_embd_out
+    finally:
+        m.close()
+    for d, v in zip(r.data, ref.vectors):
+        assert _cos(d.embedding, v) >= 0.9999
+    assert r.usage.prompt_tokens == r.usage.total_tokens == ref.total_tokens
+    # the cat and the kitten are closer than the cat and the stock market
+    e = [d.embedding for d in r.data]
+    assert _cos(e[0], e[2]) > _cos(e[0], e[1])
+
+
+def test_embeddings_float_base64_and_token_inputs(smol_embed):
+    import base64
+
+    import numpy as np
+    body = {"input": "hello world", "encoding_format": "float"}
+    f = post(smol_embed, "/v1/embeddings", body).json()
+    b = post(smol_embed, "/v1/embeddings", {**body, "encoding_format": "base64"}).json()
+    vec = np.frombuffer(base64.b64decode(b["data"][0]["embedding"]), dtype="<f4")
+    assert np.array_equal(vec, np.array(f["data"][0]["embedding"], np.float32))
+    toks = post(smol_embed, "/tokenize", {"content": "hello world", "add_special": True}).json()["tokens"]
+    t1 = post(smol_embed, "/v1/embeddings", {"input": toks}).json()
+    t2 = post(smol_embed, "/v1/embeddings", {"input": [toks, toks]}).json()
+    assert _cos(t1["data"][0]["embedding"], f["data"][0]["embedding"]) >= 0.9999
+    assert len(t2["data"]) == 2 and t2["usage"]["prompt_tokens"] == 2 * len(toks)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"input": []}, "input"),
+    ({"input": ""}, "input"),
+    ({"input": ["ok", ""]}, "input"),
+    ({"input": [1, 99999999]}, "input"),
+    ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+    ({"input": "x", "dimensions": 3}, "dimensions"),
+    ({"input": 5}, "input"),
+])
+def test_bad_embedding_requests_are_400(smol_embed, body, param):
+    assert_openai_error(post(smol_embed, "/v1/embeddings", body), 400, param)
+
+
+def test_too_long_embedding_input_is_400(smol_embed):
+    err = assert_openai_error(post(smol_embed, "/v1/embeddings", {"input": ["ok", "word " * 2000]}),
+                              400, "input")
+    assert err["code"] == "context_length_exceeded" and "input[1]" in err["message"]
+
+
+def test_embeddings_need_the_flag(tiny):
+    err = assert_openai_error(post(tiny, "/v1/embeddings", {"input": "x"}), 501)
+    assert "--embeddings" in err["message"]
