@@ -19,6 +19,8 @@ from collections import deque as _deque
 
 from llamagen.sampling import resolve as _resolve_params
 
+_MAIN_THREAD = _threading.main_thread().ident
+
 # below this vocabulary size sampling a sequence costs microseconds: threads would cost more
 cdef int32_t _PARALLEL_MIN_VOCAB = 16384
 
@@ -72,44 +74,58 @@ cdef class BatchGenerator:
                  prompt_cache=False, **sampling):
         cdef int i
         ctx._check_generative()
-        self._context = ctx
-        self._defaults = _resolve_params(params, (), sampling)
-        max_seq = llama.llama_n_seq_max(ctx._ctx)
-        if n_parallel is None:
-            n_parallel = max_seq
-        n_parallel = _check_int("n_parallel", n_parallel, 1, max_seq,
-                                f"between 1 and the context's n_seq_max ({max_seq})")
-        self._n_slots = n_parallel
+        with ctx._owner:        # (waits for another thread's whole generate() to finish)
+            self._init(ctx, n_parallel, params, add_special, parse_special, share_prefix,
+                       prompt_cache, sampling)
+
+    cdef _init(self, Context ctx, n_parallel, params, bint add_special, bint parse_special,
+               share_prefix, prompt_cache, dict sampling):
+        cdef int i
+        cdef int64_t budget = -1
+        # Python work first (another thread may run meanwhile), then every C call on the
+        # context under its lock: a close() from another thread waits, or we raise
+        defaults = _resolve_params(params, (), sampling)
         if share_prefix is None or share_prefix is False:
             share_prefix = 0
-        self._min_share = _check_int("share_prefix", share_prefix, 0, 1 << 30,
-                                     "0/None (off) or the shortest common prefix worth sharing")
-        self._n_batch = llama.llama_n_batch(ctx._ctx)
-        self._n_ctx_seq = llama.llama_n_ctx_seq(ctx._ctx)
-        self._n_threads = max(1, llama.llama_n_threads(ctx._ctx))
-        self._slots = [None] * n_parallel
-        if prompt_cache is True:
-            # about one slot's share of the cache
-            self._cache_budget = max(2 * self._n_batch, llama.llama_n_ctx(ctx._ctx) // n_parallel)
-        elif prompt_cache is False or prompt_cache is None:
-            self._cache_budget = 0
-        else:
-            self._cache_budget = _check_int("prompt_cache", prompt_cache, 0, 1 << 40,
-                                            "True, False or the most KV cells idle caches may hold")
-        self._keep_cache = self._cache_budget > 0
-        self._slot_cache.resize(n_parallel)
-        self._slot_stamp.assign(n_parallel, 0)
-        self._seqs = {}
-        self._waiting = _deque()
-        self._ready = _deque()
-        self._next_id = 0
-        self._add_special = add_special
-        self._parse_special = parse_special
-        self._batch = llama.llama_batch_init(self._n_batch, 0, 1)
-        self._has_batch = True
-        self._cands.resize(self._n_threads)
+        min_share = _check_int("share_prefix", share_prefix, 0, 1 << 30,
+                               "0/None (off) or the shortest common prefix worth sharing")
+        if prompt_cache is not True and prompt_cache is not False and prompt_cache is not None:
+            budget = _check_int("prompt_cache", prompt_cache, 0, 1 << 40,
+                                "True, False or the most KV cells idle caches may hold")
         ctx._acquire()
         try:
+            max_seq = llama.llama_n_seq_max(ctx._ctx)
+            if n_parallel is None:
+                n_parallel = max_seq
+            n_parallel = _check_int("n_parallel", n_parallel, 1, max_seq,
+                                    f"between 1 and the context's n_seq_max ({max_seq})")
+            self._context = ctx
+            self._defaults = defaults
+            self._n_slots = n_parallel
+            self._min_share = min_share
+            self._n_batch = llama.llama_n_batch(ctx._ctx)
+            self._n_ctx_seq = llama.llama_n_ctx_seq(ctx._ctx)
+            self._n_threads = max(1, llama.llama_n_threads(ctx._ctx))
+            self._slots = [None] * n_parallel
+            if prompt_cache is True:
+                # about one slot's share of the cache
+                self._cache_budget = max(2 * self._n_batch, llama.llama_n_ctx(ctx._ctx) // n_parallel)
+            elif budget < 0:
+                self._cache_budget = 0
+            else:
+                self._cache_budget = budget
+            self._keep_cache = self._cache_budget > 0
+            self._slot_cache.resize(n_parallel)
+            self._slot_stamp.assign(n_parallel, 0)
+            self._seqs = {}
+            self._waiting = _deque()
+            self._ready = _deque()
+            self._next_id = 0
+            self._add_special = add_special
+            self._parse_special = parse_special
+            self._batch = llama.llama_batch_init(self._n_batch, 0, 1)
+            self._has_batch = True
+            self._cands.resize(self._n_threads)
             ctx._take_over()
             self._epoch = ctx._epoch
             llama.llama_memory_clear(llama.llama_get_memory(ctx._ctx), True)
@@ -135,7 +151,13 @@ cdef class BatchGenerator:
         self._context._check()
         toks = _prompt_tokens(self._context, prompt, self._add_special, self._parse_special,
                               self._n_ctx_seq)
-        q = _new_seq(self._context, p, <int32_t> toks.size(), self._n_ctx_seq)
+        # (reading the prompt ran user code, which may have closed the context: check again
+        # under the lock, held while the samplers are built from its vocabulary)
+        self._context._acquire()
+        try:
+            q = _new_seq(self._context, p, <int32_t> toks.size(), self._n_ctx_seq)
+        finally:
+            self._context._release()
         q.c.prompt = toks
         q.c.n_past = 0
         q.c.uid = self._next_id
@@ -571,10 +593,24 @@ cdef class BatchGenerator:
             if self._cands[0].size() == 0:
                 for i in range(self._cands.size()):
                     self._cands[i].resize(ctx._n_vocab)
-            with nogil:
-                rc = self._decode_step()
-                if rc == 0:
-                    self._sample_all()
+            # Ctrl-C aborts a long decode (a batch of long prompts) between graph nodes; the
+            # tokens of that decode stay unfed and a later step decodes them again.  (Only on
+            # the main thread, where Python runs signal handlers: an engine thread would take
+            # the GIL every 50 ms for nothing.)
+            ctx._abort.armed = _threading.get_ident() == _MAIN_THREAD
+            ctx._abort.interrupted = 0
+            ctx._abort.last_us = llamagen_monotonic_us()
+            try:
+                with nogil:
+                    rc = self._decode_step()
+                    if rc == 0:
+                        self._sample_all()
+            finally:
+                ctx._abort.armed = 0
+            if ctx._abort.interrupted and rc != 0:
+                # the decode was aborted (nothing of it counts): the batch stays usable
+                ctx._abort.interrupted = 0
+                raise KeyboardInterrupt
             self.n_steps += 1
             if rc < 0 and rc != -100:
                 for q in self._slots:
@@ -599,6 +635,9 @@ cdef class BatchGenerator:
                 kind = type(dead[0][1]) if all(type(e) is type(dead[0][1]) for _, e in dead) \
                     else LlamaError
                 raise kind("; ".join(f"sequence {uid}: {e}" for uid, e in dead))
+            if ctx._abort.interrupted:          # Ctrl-C as the decode finished: after its chunks
+                ctx._abort.interrupted = 0
+                raise KeyboardInterrupt
             return 1
         finally:
             ctx._release()

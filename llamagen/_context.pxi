@@ -86,6 +86,10 @@ cdef class Context:
     cdef vector[llama.llama_sampler *] _attached
     cdef readonly bint kv_unified
     cdef readonly bint embeddings     # an embedding context (llamagen.embed): no generation
+    # held for a whole call (generate, generate_batch, score, embed) so that another thread's
+    # call waits instead of taking the context over between steps; a new stream (gen_begin,
+    # BatchGenerator) takes it only while it starts.  Re-entrant: a thread may nest calls.
+    cdef object _owner
     cdef object __weakref__
 
     def __cinit__(self):
@@ -95,6 +99,7 @@ cdef class Context:
             raise MemoryError()
         memset(&self._abort, 0, sizeof(AbortState))
         self._epoch = 0
+        self._owner = _threading.RLock()
 
     def __init__(self, Model model not None, *, n_ctx=2048, n_batch=512, n_ubatch=512,
                  n_seq_max=1, n_threads=None, n_threads_batch=None, flash_attn=None,
@@ -269,6 +274,10 @@ cdef class Context:
     @property
     def closed(self):
         return self._ctx == NULL
+
+    def _exclusive(self):
+        """Internal: the lock a whole call holds (``with ctx._exclusive(): ...``)."""
+        return self._owner
 
     def __enter__(self):
         self._check()

@@ -63,6 +63,7 @@ def _embed(Context ctx not None, list items, int norm, bint truncate, bint add_s
         toks.push_back(t)
         n_tokens.append(<int> t.size())
         truncated.append(bool(cut))
+    ctx._check()        # (reading the texts ran user code, which may have closed it)
     # the output, allocated up front so the decode loop writes into it without the GIL
     outs.resize(toks.size())
     if pooled:

@@ -1,19 +1,34 @@
-"""Checks on GBNF grammar text that llama.cpp's parser gets wrong in ways worse than an error.
+"""Checks on GBNF grammar text that llama.cpp's parser handles in ways worse than an error.
 
-llama.cpp (src/llama-grammar.cpp) parses ``x{m,n}`` with ``n < m`` by repeating ``x`` ``n - m``
-optional times in unsigned arithmetic: the count wraps to ~2**64 and the parser allocates rules
-until memory runs out, with the GIL held.  And ``<[id]>`` takes any 32-bit id, so a token past the
-vocabulary makes a rule nothing can match.  This scanner walks the grammar the way the parser
-tokenizes it (comments, string literals, character classes and token references are skipped as
-units) and reports those two cases; everything else is left to llama.cpp's own parser.
+llama.cpp (src/llama-grammar.cpp) parses grammars recursively, expands repetitions into copies, and
+reads the text as a C string.  Left to it, some grammars end the process or never finish:
+
+- ``x{m,n}`` with ``n < m`` repeats ``x`` ``n - m`` optional times in unsigned arithmetic: the count
+  wraps to ~2**64 and the parser allocates rules until memory runs out, with the GIL held;
+- nested repetitions multiply (``((x{2000}){2000}){2000}``: 8e9 copies);
+- parentheses nested ~20,000 deep overflow the C stack in the parser, and a chain of rules that
+  each start with the next (``a ::= b``, ``b ::= c``, ...) overflows it in grammar initialisation
+  at ~100,000 (limits here: 256 and 2,000, far below, for threads with small stacks);
+- a NUL character ends the text early (the rest is silently dropped);
+- ``<[id]>`` takes any 32-bit id, so a token past the vocabulary makes a rule nothing can match.
+
+This scanner reads the text exactly as the parser tokenizes it -- comments run to ``\\r`` or
+``\\n``; string literals, character classes and token references are skipped as units; inside
+``{...}`` spaces, tabs, newlines and comments may surround the numbers -- without recursion, and
+reports those cases.  Everything else (syntax errors, undefined rules, left recursion) is left to
+llama.cpp's own parser, whose message goes into the GrammarError.
 """
 from __future__ import annotations
 
-import re
-from typing import Optional
+from typing import Dict, List, Optional, Set
 
-_INT = re.compile(r"\s*([0-9]+)\s*")
-_TOKEN_ID = re.compile(r"!?<\[([0-9]+)\]>")
+MAX_NESTING = 256           # parentheses
+MAX_CHAIN = 2000            # rules that each start with a reference to the next
+MAX_EXPANDED = 2_000_000    # grammar symbols once repetitions are expanded (about)
+REPETITION_THRESHOLD = 2000  # llama.cpp: a larger minimum is an error, a larger maximum unbounded
+
+_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+_DIGITS = frozenset("0123456789")
 
 
 def _skip_quoted(text: str, i: int, close: str) -> int:
@@ -32,45 +47,186 @@ def _skip_quoted(text: str, i: int, close: str) -> int:
     return n
 
 
-def check(text: str, n_vocab: int) -> Optional[str]:
-    """A message for the first problem found in ``text``, or None."""
-    i, n = 0, len(text)
+def _space(text: str, i: int) -> int:
+    """llama.cpp's parse_space with newlines allowed: spaces, tabs, newlines and # comments
+    (a comment ends at \\r or \\n)."""
+    n = len(text)
     while i < n:
         c = text[i]
-        if c == "#":
-            j = text.find("\n", i)
-            i = n if j < 0 else j + 1
+        if c in " \t\r\n":
+            i += 1
+        elif c == "#":
+            while i < n and text[i] not in "\r\n":
+                i += 1
+        else:
+            break
+    return i
+
+
+def _int(text: str, i: int):
+    j = i
+    while j < len(text) and text[j] in _DIGITS:
+        j += 1
+    return (int(text[i:j]), j) if j > i else (None, i)
+
+
+def _repetition(text: str, i: int):
+    """(min, max or None for unbounded, index past '}') of the ``{...}`` at ``text[i]``, read as
+    llama.cpp reads it; None when it does not parse (llama.cpp reports that itself)."""
+    lo, i = _int(text, _space(text, i + 1))
+    if lo is None:
+        return None
+    i = _space(text, i)
+    if i < len(text) and text[i] == "}":
+        return lo, lo, i + 1
+    if i >= len(text) or text[i] != ",":
+        return None
+    hi, i = _int(text, _space(text, i + 1))
+    i = _space(text, i)
+    if i >= len(text) or text[i] != "}":
+        return None
+    if hi is not None and hi > REPETITION_THRESHOLD:
+        hi = None                       # llama.cpp: unbounded
+    return lo, hi, i + 1
+
+
+def _longest_chain(edges: Dict[str, Set[str]]) -> int:
+    """The longest path (in rules) along "starts with" edges, cycles cut (left recursion is
+    llama.cpp's error to report).  Iterative DFS."""
+    depth: Dict[str, int] = {}
+    best = 0
+    for start in edges:
+        if start in depth:
+            continue
+        stack = [(start, iter(edges.get(start, ())))]
+        on_path = {start}
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                stack.pop()
+                on_path.discard(node)
+                depth[node] = 1 + max((depth.get(k, 0) for k in edges.get(node, ())
+                                       if k not in on_path), default=0)
+                best = max(best, depth[node])
+            elif nxt not in depth and nxt not in on_path and nxt in edges:
+                on_path.add(nxt)
+                stack.append((nxt, iter(edges.get(nxt, ()))))
+    return best
+
+
+def check(text: str, n_vocab: int) -> Optional[str]:
+    """A message for the first problem found in ``text``, or None."""
+    if "\0" in text:
+        return (f"the grammar contains a NUL character at offset {text.index(chr(0))} (llama.cpp "
+                "would stop reading there and drop the rest)")
+    n = len(text)
+    i = 0
+    depth = 0
+    rule: Optional[str] = None
+    edges: Dict[str, Set[str]] = {}
+    at_start = False                    # the next element begins an alternative
+    frames: List[List[int]] = [[0, 0]]  # per open group: [symbols so far, last element's]
+    total = 0
+
+    def atom(size: int = 1):
+        frames[-1][0] += size
+        frames[-1][1] = size
+
+    while i < n:
+        c = text[i]
+        if c in " \t\r\n":
+            i += 1
+        elif c == "#":
+            while i < n and text[i] not in "\r\n":
+                i += 1
         elif c == '"':
             i = _skip_quoted(text, i, '"')
+            atom()
+            at_start = False
         elif c == "[":
             i = _skip_quoted(text, i, "]")
-        elif c in "<!":
-            m = _TOKEN_ID.match(text, i)
-            if m is not None:
-                tok = int(m.group(1))
-                if tok >= n_vocab:
-                    return (f"token id {tok} in {m.group(0)!r} is past the vocabulary "
+            atom()
+            at_start = False
+        elif c == "<" or (c == "!" and text.startswith("<", i + 1)):
+            j = i + 1 if c == "!" else i
+            if text.startswith("<[", j):
+                tok, k = _int(text, j + 2)
+                if tok is not None and tok >= n_vocab:
+                    return (f"token id {tok} in {text[i:k + 2]!r} is past the vocabulary "
                             f"(ids 0..{n_vocab - 1})")
-                i = m.end()
-            elif c == "<":
-                j = text.find(">", i)
-                i = n if j < 0 else j + 1
-            else:
-                i += 1
-        elif c == "{":
-            j = text.find("}", i)
-            if j < 0:
-                return None                     # unbalanced: llama.cpp reports it
-            body = text[i + 1:j]
-            lo_s, comma, hi_s = body.partition(",")
-            lo_m = _INT.fullmatch(lo_s) if lo_s.strip() else None
-            hi_m = _INT.fullmatch(hi_s) if hi_s.strip() else None
-            if comma and lo_m is not None and hi_m is not None:
-                lo, hi = int(lo_m.group(1)), int(hi_m.group(1))
-                if hi < lo:
-                    return (f"repetition {{{body.strip()}}}: the maximum ({hi}) is below the "
-                            f"minimum ({lo})")
-            i = j + 1
-        else:
+            k = text.find(">", j)
+            i = n if k < 0 else k + 1
+            atom()
+            at_start = False
+        elif c in _WORD:
+            j = i
+            while j < n and text[j] in _WORD:
+                j += 1
+            name = text[i:j]
+            k = _space(text, j)
+            if depth == 0 and text.startswith("::=", k):
+                # a new rule: the previous one's size counts
+                total += frames[0][0]
+                frames = [[0, 0]]
+                rule = name
+                edges.setdefault(rule, set())
+                at_start = True
+                i = k + 3
+                continue
+            if at_start and rule is not None:
+                edges[rule].add(name)
+            atom()
+            at_start = False
+            i = j
+        elif c == "|":
+            at_start = True
             i += 1
+        elif c == "(":
+            depth += 1
+            if depth > MAX_NESTING:
+                return (f"parentheses nest more than {MAX_NESTING} deep (llama.cpp's parser "
+                        "recurses once per level and would overflow the C stack)")
+            frames.append([0, 0])
+            i += 1
+        elif c == ")":
+            if depth > 0:
+                depth -= 1
+                size = max(1, frames.pop()[0])
+                atom(size)
+            at_start = False
+            i += 1
+        elif c in "*+?":
+            last = frames[-1][1]
+            frames[-1][0] += last
+            frames[-1][1] = 2 * last
+            i += 1
+        elif c == "{":
+            rep = _repetition(text, i)
+            if rep is None:
+                return None                     # malformed: llama.cpp reports it
+            lo, hi, i = rep
+            if hi is not None and hi < lo:
+                return (f"repetition {{{lo},{hi}}}: the maximum ({hi}) is below the minimum "
+                        f"({lo})")
+            copies = (hi if hi is not None else lo + 1) if lo <= REPETITION_THRESHOLD else 1
+            last = frames[-1][1]
+            frames[-1][0] += last * max(0, copies - 1)
+            frames[-1][1] = last * max(1, copies)
+            if frames[-1][0] + total > MAX_EXPANDED:
+                return (f"repetitions expand to more than {MAX_EXPANDED:,} grammar symbols "
+                        "(nested repetition counts multiply); use smaller counts or * / +")
+        else:
+            if c == ".":
+                atom()
+                at_start = False
+            i += 1
+        if frames[-1][0] + total > MAX_EXPANDED:
+            return (f"repetitions expand to more than {MAX_EXPANDED:,} grammar symbols "
+                    "(nested repetition counts multiply); use smaller counts or * / +")
+    chain = _longest_chain(edges)
+    if chain > MAX_CHAIN:
+        return (f"{chain} rules each start with a reference to the next (the limit is "
+                f"{MAX_CHAIN}: llama.cpp follows such chains recursively and would overflow the "
+                "C stack)")
     return None

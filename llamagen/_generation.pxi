@@ -20,8 +20,10 @@ cdef enum:
     FINISH_STOP = 1
     FINISH_LENGTH = 2
     FINISH_ERROR = 3        # the grammar allows no token (GrammarError)
+    FINISH_CANCELLED = 4    # end() before the generation finished
 
-_FINISH_NAMES = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_ERROR: "error"}
+_FINISH_NAMES = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length",
+                 FINISH_ERROR: "error", FINISH_CANCELLED: "cancelled"}
 
 
 cdef inline int _utf8_len(unsigned char c) noexcept nogil:
@@ -402,6 +404,8 @@ cdef class GenerationState:
         """Lock the context and check that this state may step.  Returns 1 if finished."""
         if self._context is None:
             raise LlamaError("this GenerationState was not started: use llamagen.gen_begin()")
+        if self._ended or self._core.finish != FINISH_NONE:
+            return 1                        # (even once the context is closed)
         self._context._acquire()
         if self._core.finish != FINISH_NONE or self._ended:
             self._context._release()
@@ -484,6 +488,11 @@ cdef class GenerationState:
             if self._ended:
                 return ""
             self._ended = True
+            if self._core.finish == FINISH_NONE:
+                self._core.finish = FINISH_CANCELLED      # ended early, by the caller
+            # what only stepping needs goes now (n_vocab candidates: 3 MB at 262k)
+            self._cand.clear()
+            self._cand.shrink_to_fit()
             self._core.out.clear()
             self._core.flush()
             if self._core.attached and self._context is not None and self._epoch == self._context._epoch:
@@ -546,8 +555,8 @@ cdef class GenerationState:
     @property
     def finish_reason(self):
         """"stop" (end of generation or stop string), "length" (max_new_tokens or context full),
-        "error" (the grammar allowed no token: the step raised GrammarError) or None while
-        running."""
+        "error" (the grammar allowed no token: the step raised GrammarError), "cancelled"
+        (end() before it finished) or None while running."""
         return _FINISH_NAMES[self._core.finish]
 
     @property
@@ -629,11 +638,18 @@ cdef int _prefill(Context ctx, vector[llama.llama_token] & toks, SeqCore * q,
 
 cdef vector[llama.llama_token] _prompt_tokens(Context ctx, prompt, bint add_special,
                                              bint parse_special, int32_t n_ctx) except *:
-    """Tokenize (or check) a prompt and make sure it leaves room for one new token."""
+    """Tokenize (or check) a prompt and make sure it leaves room for one new token.  User code
+    may run here (a token object's __index__) and may close the context: callers check it again
+    (under its lock) before any C call that needs it."""
     cdef vector[llama.llama_token] toks
     prompt = _check_prompt(prompt)         # TypeError for what is neither text nor token ids
     if isinstance(prompt, (str, bytes)):
-        toks = _tokenize(ctx._vocab, prompt, add_special, parse_special)
+        ctx._check()
+        ctx.model._pin()                   # tokenizing releases the GIL: keep the vocabulary
+        try:
+            toks = _tokenize(ctx._vocab, prompt, add_special, parse_special)
+        finally:
+            ctx.model._release_user()
     else:
         _fill_tokens(toks, prompt, ctx._n_vocab)
     if toks.size() == 0:
@@ -660,14 +676,16 @@ cdef GenerationState _start(Context ctx, vector[llama.llama_token] & toks, param
     tokens, unless something took the context over since epoch ``keep_epoch``."""
     cdef GenerationState st = GenerationState.__new__(GenerationState)
     cdef int64_t t0
-    cdef int32_t n_ctx = llama.llama_n_ctx_seq(ctx._ctx)
-    st._seq = _new_seq(ctx, params, <int32_t> toks.size(), n_ctx)
-    st._core = st._seq.c
-    st._context = ctx
-    st._lctx = ctx._ctx
-    st._cand.resize(ctx._n_vocab)
+    cdef int32_t n_ctx
+    # the lock from the "is it open?" check to the last C call: another thread's close() waits
     ctx._acquire()
     try:
+        n_ctx = llama.llama_n_ctx_seq(ctx._ctx)
+        st._seq = _new_seq(ctx, params, <int32_t> toks.size(), n_ctx)
+        st._core = st._seq.c
+        st._context = ctx
+        st._lctx = ctx._ctx
+        st._cand.resize(ctx._n_vocab)
         if ctx._epoch != keep_epoch:
             keep = 0
         ctx._take_over()

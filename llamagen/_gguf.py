@@ -33,7 +33,9 @@ _SIZE_KEYS = ("embedding_length", "feed_forward_length", "attention.head_count",
 
 class GGUFArray(NamedTuple):
     """An array value: its element type (GGUF value type) and length, and its values when they are
-    integers and at most LLAMA_MAX_LAYERS of them (per-layer hyper-parameters); None otherwise."""
+    integers and at most LLAMA_MAX_LAYERS of them (per-layer hyper-parameters); for the
+    vocabulary's token strings (start offset, count), read by GGUFReader.token_texts; None
+    otherwise."""
     type: int
     count: int
     values: Optional[Tuple[int, ...]] = None
@@ -114,12 +116,17 @@ class GGUFReader:
                 values = None
                 if atype == _STRING:
                     unpack = _U64.unpack_from       # (a vocabulary: 10**5 strings and more)
+                    start, size = off, self.size
                     try:
                         for _ in range(n):
                             off += 8 + unpack(buf, off)[0]
-                    except struct.error:
+                            if off > size:          # (a length near 2**64 would overflow)
+                                raise GGUFFormatError("truncated")
+                    except (struct.error, OverflowError):
                         raise GGUFFormatError("truncated") from None
                     self._need(off, 0)
+                    if key == "tokenizer.ggml.tokens":
+                        values = (start, n)         # read on demand: token_texts()
                 elif atype in _SCALARS:
                     size = struct.calcsize(_SCALARS[atype])
                     self._need(off, n * size)
@@ -138,6 +145,18 @@ class GGUFReader:
                 raise GGUFFormatError(f"value type {vtype} of {key!r}")
             self._off = off
             yield key, value
+
+    def token_texts(self, arr: "GGUFArray") -> List[bytes]:
+        """The strings of the ``tokenizer.ggml.tokens`` array (raw bytes)."""
+        start, n = arr.values
+        buf, off, out = self._buf, start, []
+        unpack, append = _U64.unpack_from, out.append
+        for _ in range(n):
+            length = unpack(buf, off)[0]
+            off += 8
+            append(buf[off:off + length])
+            off += length
+        return out
 
     def tensors(self) -> List[GGUFTensor]:
         """The tensor index (reads the metadata first if it has not been read)."""
@@ -219,6 +238,39 @@ def _check_hparams(arch: str, meta: Dict[str, Any], n_layer: int) -> Optional[st
     return None
 
 
+def _duplicate_token(path, toks: "GGUFArray") -> Optional[str]:
+    """A message when the vocabulary lists a token text twice (llama.cpp asserts), or None.
+    Reading 262k strings costs ~0.25 s: the answer is kept per file (path, size, mtime)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key in _DUP_CACHE:
+        return _DUP_CACHE[key]
+    try:
+        with GGUFReader(path) as r:
+            texts = r.token_texts(toks)
+    except (OSError, ValueError, struct.error):
+        return None
+    msg = None
+    if len(set(texts)) != len(texts):
+        seen: Dict[bytes, int] = {}
+        for i, t in enumerate(texts):
+            if t in seen:
+                msg = (f"the vocabulary lists token {t!r} twice (ids {seen[t]} and {i}): llama.cpp "
+                       "asserts that token texts are unique")
+                break
+            seen[t] = i
+    if len(_DUP_CACHE) > 64:
+        _DUP_CACHE.clear()
+    _DUP_CACHE[key] = msg
+    return msg
+
+
+_DUP_CACHE: Dict[tuple, Optional[str]] = {}
+
+
 def check_loadable(path) -> Optional[str]:
     """A reason llama.cpp would abort the process on this file instead of failing cleanly, or
     None.  Only clear cases are reported; a file this reader cannot parse is left to llama.cpp,
@@ -256,6 +308,11 @@ def check_loadable(path) -> Optional[str]:
         return f"{arch}.block_count is {n} (llama.cpp supports 1 to {LLAMA_MAX_LAYERS} layers)"
     if not complete:
         return None
+    toks = meta.get("tokenizer.ggml.tokens")
+    if isinstance(toks, GGUFArray) and toks.values is not None and toks.count > 0:
+        dup = _duplicate_token(path, toks)
+        if dup is not None:
+            return dup
     for t in tensors or ():
         if 0 in t.dims:
             zero = [f"{arch}.{key} is 0" for key in _SIZE_KEYS

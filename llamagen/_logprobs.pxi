@@ -109,6 +109,7 @@ def _score(Context ctx not None, list texts, int32_t k, bint add_special, bint p
             raise PromptTooLongError(t.size(), n_ctx_seq, f"text {idx} has {t.size()} tokens but "
                                      f"one sequence's context holds {n_ctx_seq} (use a larger n_ctx)")
         toks.push_back(t)
+    ctx._check()        # (reading the texts ran user code, which may have closed it)
     n_texts = <int32_t> toks.size()
     lps.resize(n_texts)
     top_ids.resize(n_texts)

@@ -67,9 +67,8 @@ cdef llama.llama_sampler * _build_chain(object p, const llama.llama_vocab * voca
                 if last_n < 0 or last_n > n_ctx:
                     # -1, or longer than the context: the context (see _build_chain)
                     last_n = n_ctx
-                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dry(
-                    vocab, p.dry_multiplier, p.dry_base, p.dry_allowed_length, last_n,
-                    breakers.data(), breakers.size()))
+                llama.llama_sampler_chain_add(chain, _init_dry(
+                    vocab, p.dry_multiplier, p.dry_base, p.dry_allowed_length, last_n, breakers))
             if p.top_n_sigma > 0.0:
                 llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_n_sigma(p.top_n_sigma))
             if p.top_k > 0:
@@ -100,6 +99,18 @@ cdef llama.llama_sampler * _build_chain(object p, const llama.llama_vocab * voca
     return chain
 
 
+cdef llama.llama_sampler * _init_dry(const llama.llama_vocab * vocab, float multiplier, float base,
+                                     int32_t allowed_length, int32_t last_n,
+                                     vector[const char *] & breakers):
+    """llama.cpp's DRY sampler, built without the GIL: it scans the whole vocabulary once per
+    sequence breaker (~30 ms each at 262k tokens; SamplingParams allows at most 64 breakers)."""
+    cdef llama.llama_sampler * s
+    with nogil:
+        s = llama.llama_sampler_init_dry(vocab, multiplier, base, allowed_length, last_n,
+                                         breakers.data(), breakers.size())
+    return s
+
+
 cdef llama.llama_sampler * _build_grammar(object p, const llama.llama_vocab * vocab) except? NULL:
     """The grammar sampler for ``p.gbnf`` (``grammar``, or the one made of a JSON schema; NULL
     when there is none).  Raises GrammarError."""
@@ -112,11 +123,25 @@ cdef llama.llama_sampler * _build_grammar(object p, const llama.llama_vocab * vo
         raise GrammarError(f"the grammar does not parse: {problem}")
     gb = grammar.encode("utf-8")
     rb = p.grammar_root.encode("utf-8")
+    cdef string printed
     _take_errors()
-    g = llama.llama_sampler_init_grammar(vocab, gb, rb)
+    # (llama.cpp's parser prints its reason to stderr: captured into the error instead)
+    g = lgschema.grammar_init(vocab, gb, rb, printed)
     if g == NULL:
-        raise GrammarError(f"the grammar does not parse: {_take_errors() or 'invalid GBNF'}")
+        reason = _grammar_reason(printed.decode("utf-8", "replace")) or _take_errors() or "invalid GBNF"
+        logger.error("grammar does not parse: %s", reason)
+        raise GrammarError(f"the grammar does not parse: {reason}")
+    _take_errors()
     return g
+
+
+def _grammar_reason(str printed):
+    """The reason in what llama.cpp's grammar parser printed ("parse: error parsing grammar:
+    <reason>\n\n<the grammar>")."""
+    for line in printed.splitlines():
+        if "error parsing grammar:" in line:
+            return line.split("error parsing grammar:", 1)[1].strip()
+    return printed.strip().splitlines()[0] if printed.strip() else ""
 
 
 def _json_schema_to_grammar(str text):
@@ -224,9 +249,8 @@ cdef fs.lgfs_engine * _build_fast(object p, const llama.llama_vocab * vocab, int
             if last_n < 0 or last_n > n_ctx:
                 # -1, or longer than the context: the context (see _build_chain)
                 last_n = n_ctx
-            dry = llama.llama_sampler_init_dry(vocab, p.dry_multiplier, p.dry_base,
-                                               p.dry_allowed_length, last_n, breakers.data(),
-                                               breakers.size())
+            dry = _init_dry(vocab, p.dry_multiplier, p.dry_base, p.dry_allowed_length, last_n,
+                            breakers)
             if dry == NULL:
                 raise MemoryError()
             c.dry = dry

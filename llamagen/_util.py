@@ -26,13 +26,13 @@ def physical_cores() -> int:
 
 
 def check_prompt(prompt, what: str = "prompt"):
-    """``prompt`` as the generation functions take it: text (str, or UTF-8 bytes; a bytearray is
-    text too, as in Model.tokenize, not a list of byte-sized token ids) or a sequence of token ids
-    (list, tuple, numpy array, ...).  TypeError naming those for anything else (None, an int, a
-    dict, a set, a generator: no len())."""
+    """``prompt`` as the generation functions take it: text (str, or UTF-8 bytes; a bytearray or a
+    memoryview is binary data, so text too, as in Model.tokenize, never a list of byte-sized
+    token ids) or a sequence of token ids (list, tuple, numpy array, ...).  TypeError naming
+    those for anything else (None, an int, a dict, a set, a generator: no len())."""
     if isinstance(prompt, (str, bytes)):
         return prompt
-    if isinstance(prompt, bytearray):
+    if isinstance(prompt, (bytearray, memoryview)):
         return bytes(prompt)
     if isinstance(prompt, (Mapping, Set)) or not (hasattr(type(prompt), "__len__")
                                                   and hasattr(type(prompt), "__iter__")):

@@ -6,7 +6,7 @@ from typing import Any, Iterable, Iterator, List, Optional
 
 from llamagen._core import BatchGenerator, Context
 from llamagen._util import check_prompt
-from llamagen.generation import check_n, seeded
+from llamagen.generation import _exclusive, check_n, seeded
 from llamagen.logprobs import Completion, TokenLogprob
 from llamagen.sampling import SamplingParams, resolve
 
@@ -49,7 +49,8 @@ def generate_batch(ctx: Context, prompts, *, params: Optional[SamplingParams] = 
     if isinstance(prompts, (str, bytes)):
         raise TypeError("prompts must be a list of prompts, got one " + type(prompts).__name__)
     prompts = [check_prompt(x, f"prompt {i}") for i, x in enumerate(prompts)]
-    outs = _run_batch(ctx, prompts, seeded(p, n), n_parallel)
+    with _exclusive(ctx):        # the whole call owns the context: other threads take turns
+        outs = _run_batch(ctx, prompts, seeded(p, n), n_parallel)
     if not return_logprobs:
         outs = [[c.text for c in row] for row in outs]
     return [row[0] for row in outs] if n == 1 else outs

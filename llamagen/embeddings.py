@@ -71,8 +71,10 @@ def embed(ctx: Context, texts, *, normalize=True, truncate: bool = False, detail
         raise ValueError("texts is empty: nothing to embed")
     if truncate is not True and truncate is not False:
         raise TypeError(f"truncate must be True or False, got {truncate!r}")
-    vectors, n_tokens, cut = _core._embed(ctx, items, _norm_code(normalize), truncate,
-                                          add_special, parse_special)
+    from llamagen.generation import _exclusive
+    with _exclusive(ctx):
+        vectors, n_tokens, cut = _core._embed(ctx, items, _norm_code(normalize), truncate,
+                                              add_special, parse_special)
     if details:
         return EmbedResult(vectors, n_tokens, cut)
     return vectors

@@ -23,7 +23,8 @@ def gen_begin(ctx: Context, prompt, *args, params: Optional[SamplingParams] = No
     override its fields).  ``prompt`` is a str (or UTF-8 bytes) or a list of token ids.
     """
     p = resolve(params, args, kwargs)
-    return _core._gen_begin(ctx, prompt, p, add_special, parse_special)
+    with _exclusive(ctx):                  # waits for another thread's whole generate()
+        return _core._gen_begin(ctx, prompt, p, add_special, parse_special)
 
 
 def gen_next(state: GenerationState) -> Optional[str]:
@@ -52,6 +53,17 @@ def generate(ctx: Context, prompt, *args, params: Optional[SamplingParams] = Non
     n = check_n(n)
     if return_logprobs and p.logprobs is None:
         p = p.replace(logprobs=0)
+    with _exclusive(ctx):        # the whole call owns the context: other threads take turns
+        return _generate(ctx, prompt, p, n, return_logprobs, add_special, parse_special)
+
+
+def _exclusive(ctx):
+    if not isinstance(ctx, Context):
+        raise TypeError(f"ctx must be a llamagen.Context, got {type(ctx).__name__}")
+    return ctx._exclusive()
+
+
+def _generate(ctx, prompt, p, n, return_logprobs, add_special, parse_special):
     if n == 1:
         text, st = _core._generate(ctx, prompt, p, add_special, parse_special)
         return _completion(text, st) if return_logprobs else text

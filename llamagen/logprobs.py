@@ -116,4 +116,6 @@ def score(ctx, texts, *, top_logprobs: int = 0, add_special: bool = True,
             not 0 <= top_logprobs <= MAX_LOGPROBS:
         raise ValueError(f"top_logprobs must be an int from 0 to {MAX_LOGPROBS}, got {top_logprobs!r}")
     texts = list(texts)
-    return _core._score(ctx, texts, top_logprobs, add_special, parse_special)
+    from llamagen.generation import _exclusive
+    with _exclusive(ctx):
+        return _core._score(ctx, texts, top_logprobs, add_special, parse_special)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import operator
 import struct
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Tuple
@@ -12,6 +14,7 @@ __all__ = ["SamplingParams", "DEFAULT_DRY_BREAKERS", "SAMPLER_IMPLS"]
 DEFAULT_DRY_BREAKERS = ("\n", ":", '"', "*")
 SAMPLER_IMPLS = ("fast", "llama.cpp", "backend")
 MAX_LOGPROBS = 20           # alternatives per token, as OpenAI's top_logprobs
+MAX_DRY_BREAKERS = 64
 
 
 # the C types the values go to: int32_t (llama.cpp's counts, lengths and token ids) and float
@@ -48,8 +51,13 @@ def _f32(name, v, original):
     return v
 
 
+def _is_bool(value) -> bool:
+    return isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")   # (numpy's too)
+
+
 def _num(name, value, lo=-math.inf, hi=math.inf, *, lo_open=False, what=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real takes numpy's floats and ints (np.float32 is not a float subclass)
+    if _is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     try:
         v = float(value)
@@ -62,10 +70,21 @@ def _num(name, value, lo=-math.inf, hi=math.inf, *, lo_open=False, what=None):
 
 
 def _int(name, value, lo=INT32_MIN, hi=INT32_MAX, what=None):
-    if isinstance(value, bool) or not isinstance(value, int):
+    if _is_bool(value) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = operator.index(value)       # numpy's ints -> int
     if value < lo or value > hi:
         raise ValueError(f"{name} must be {what or f'an int in [{lo}, {hi}]'}, got {_show(value)}")
+    return value
+
+
+def _text(name, value):
+    """``value`` (a str) unless it cannot be UTF-8 (a lone surrogate): ValueError naming it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid Unicode text: {e.reason} at index {e.start} "
+                         f"({value[e.start]!r})") from None
     return value
 
 
@@ -130,34 +149,41 @@ class SamplingParams:
 
     def __post_init__(self):
         s = object.__setattr__
-        _int("max_new_tokens", self.max_new_tokens, 1, INT32_MAX, "an int from 1 to 2**31 - 1")
+        s(self, "max_new_tokens", _int("max_new_tokens", self.max_new_tokens, 1, INT32_MAX,
+                                       "an int from 1 to 2**31 - 1"))
         s(self, "temp", _num("temp", self.temp, what="a finite number (<= 0 means greedy)"))
         if 0.0 < self.temp < TEMP_MIN:
             raise ValueError(f"temp must be <= 0 (greedy) or at least {TEMP_MIN:g}: the logits are "
                              f"divided by it in 32-bit floats and would overflow, got {self.temp!r}")
-        _int("top_k", self.top_k, what="an int in [-2**31, 2**31 - 1] (<= 0 = off)")
+        s(self, "top_k", _int("top_k", self.top_k, what="an int in [-2**31, 2**31 - 1] (<= 0 = off)"))
         s(self, "top_p", _num("top_p", self.top_p, 0.0, 1.0))
         if self.seed is not None:
-            _int("seed", self.seed, 0, 0xFFFFFFFE, "None or an int in [0, 2**32 - 2]")
+            s(self, "seed", _int("seed", self.seed, 0, 0xFFFFFFFE, "None or an int in [0, 2**32 - 2]"))
         s(self, "min_p", _num("min_p", self.min_p, 0.0, 1.0))
         s(self, "typical_p", _num("typical_p", self.typical_p, 0.0, 1.0))
         s(self, "repeat_penalty", _num("repeat_penalty", self.repeat_penalty, 0.0, math.inf, lo_open=True,
                                        what="a finite number > 0 (1 = off)"))
-        _int("repeat_last_n", self.repeat_last_n, -1, MAX_WINDOW,
-             "-1 (whole context), 0 (off) or a window in tokens (an int32)")
+        s(self, "repeat_last_n", _int("repeat_last_n", self.repeat_last_n, -1, MAX_WINDOW,
+                                      "-1 (whole context), 0 (off) or a window in tokens (an int32)"))
         s(self, "frequency_penalty", _num("frequency_penalty", self.frequency_penalty,
                                           what="a finite number (0 = off)"))
         s(self, "presence_penalty", _num("presence_penalty", self.presence_penalty,
                                          what="a finite number (0 = off)"))
-        if isinstance(self.mirostat, bool) or not isinstance(self.mirostat, int) or \
+        if _is_bool(self.mirostat) or not isinstance(self.mirostat, numbers.Integral) or \
                 self.mirostat not in (0, 1, 2):
             raise ValueError(f"mirostat must be 0, 1 or 2, got {self.mirostat!r}")
+        s(self, "mirostat", int(self.mirostat))
         s(self, "mirostat_tau", _num("mirostat_tau", self.mirostat_tau, 0.0, math.inf))
         s(self, "mirostat_eta", _num("mirostat_eta", self.mirostat_eta, 0.0, math.inf))
         if self.grammar is not None and not isinstance(self.grammar, str):
             raise TypeError(f"grammar must be a GBNF string or None, got {type(self.grammar).__name__}")
         if self.grammar is not None and not self.grammar.strip():
             raise ValueError("grammar must not be empty (use None for no grammar)")
+        if self.grammar is not None:
+            _text("grammar", self.grammar)
+            if "\0" in self.grammar:
+                raise ValueError("grammar contains a NUL character (llama.cpp would stop reading "
+                                 "there and silently drop the rest)")
         stop = self.stop
         if stop is None:
             stop = ()
@@ -169,6 +195,7 @@ class SamplingParams:
                 raise TypeError(f"stop strings must be str, got {type(x).__name__}")
             if not x:
                 raise ValueError("stop strings must not be empty")
+            _text("stop", x)
         s(self, "stop", stop)
         bias = self.logit_bias
         if bias is None:
@@ -181,44 +208,55 @@ class SamplingParams:
                 tok, b = pair
             except (TypeError, ValueError):
                 raise TypeError("logit_bias must be a dict {token id: bias}") from None
-            _int("logit_bias token", tok, 0, INT32_MAX, "a token id in [0, 2**31 - 1]")
+            tok = _int("logit_bias token", tok, 0, INT32_MAX, "a token id in [0, 2**31 - 1]")
             what = "a finite number or -inf (never pick the token)"
-            if isinstance(b, bool) or not isinstance(b, (int, float)):
+            if _is_bool(b) or not isinstance(b, numbers.Real):
                 raise ValueError(f"logit_bias for token {tok} must be {what}, got {b!r}")
             if b != -math.inf:
                 b = _num(f"logit_bias for token {tok}", b, what=what)
             clean.append((tok, float(b)))
         s(self, "logit_bias", tuple(clean))
-        if isinstance(self.ignore_eos, str) or self.ignore_eos not in (True, False):
+        if isinstance(self.ignore_eos, str) or not _is_bool(self.ignore_eos) and \
+                self.ignore_eos not in (True, False):
             # bool("no") is True: only a real truth value is taken
             raise TypeError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         s(self, "ignore_eos", bool(self.ignore_eos))
-        _int("min_keep", self.min_keep, 0, INT32_MAX, "an int from 0 to 2**31 - 1")
+        s(self, "min_keep", _int("min_keep", self.min_keep, 0, INT32_MAX, "an int from 0 to 2**31 - 1"))
         s(self, "dynatemp_range", _num("dynatemp_range", self.dynatemp_range, 0.0, math.inf))
         s(self, "dynatemp_exponent", _num("dynatemp_exponent", self.dynatemp_exponent))
         s(self, "dry_multiplier", _num("dry_multiplier", self.dry_multiplier, 0.0, math.inf))
         s(self, "dry_base", _num("dry_base", self.dry_base, 1.0, math.inf, what="a finite number >= 1"))
-        _int("dry_allowed_length", self.dry_allowed_length, 0, INT32_MAX, "an int from 0 to 2**31 - 1")
-        _int("dry_penalty_last_n", self.dry_penalty_last_n, -1, MAX_WINDOW,
-             "-1 (whole context), 0 (off) or a window in tokens (an int32)")
+        s(self, "dry_allowed_length", _int("dry_allowed_length", self.dry_allowed_length, 0,
+                                           INT32_MAX, "an int from 0 to 2**31 - 1"))
+        s(self, "dry_penalty_last_n", _int("dry_penalty_last_n", self.dry_penalty_last_n, -1,
+                                           MAX_WINDOW, "-1 (whole context), 0 (off) or a window "
+                                           "in tokens (an int32)"))
         br = self.dry_sequence_breakers
         br = (br,) if isinstance(br, str) else _tuple("dry_sequence_breakers", br or (),
                                                       "a str or a list of str")
+        if len(br) > MAX_DRY_BREAKERS:
+            # llama.cpp scans the whole vocabulary for each one when a sequence starts
+            raise ValueError(f"dry_sequence_breakers holds {len(br)} strings; the limit is "
+                             f"{MAX_DRY_BREAKERS} (each costs ~30 ms per sequence at a 262k "
+                             "vocabulary)")
         for x in br:
             if not isinstance(x, str) or not x:
                 raise ValueError("dry_sequence_breakers must be non-empty strings")
+            _text("dry_sequence_breakers", x)
         s(self, "dry_sequence_breakers", br)
         s(self, "xtc_probability", _num("xtc_probability", self.xtc_probability, 0.0, 1.0))
         s(self, "xtc_threshold", _num("xtc_threshold", self.xtc_threshold, 0.0, 1.0))
         s(self, "top_n_sigma", _num("top_n_sigma", self.top_n_sigma, what="a finite number (<= 0 = off)"))
         if not isinstance(self.grammar_root, str) or not self.grammar_root:
             raise ValueError("grammar_root must be a non-empty rule name")
+        _text("grammar_root", self.grammar_root)
         if self.sampler_impl not in SAMPLER_IMPLS:
             raise ValueError(f"sampler_impl must be one of {', '.join(map(repr, SAMPLER_IMPLS))}, "
                              f"got {self.sampler_impl!r}")
         if self.logprobs is not None:
-            _int("logprobs", self.logprobs, 0, MAX_LOGPROBS,
-                 f"None (off) or an int from 0 to {MAX_LOGPROBS} (alternatives per token)")
+            s(self, "logprobs", _int("logprobs", self.logprobs, 0, MAX_LOGPROBS,
+                                     f"None (off) or an int from 0 to {MAX_LOGPROBS} (alternatives "
+                                     "per token)"))
         if isinstance(self.json_object, str) or self.json_object not in (True, False):
             raise TypeError(f"json_object must be True or False, got {self.json_object!r}")
         s(self, "json_object", bool(self.json_object))

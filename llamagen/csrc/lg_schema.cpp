@@ -3,6 +3,7 @@
 
 #include "json-schema-to-grammar.h"
 #include "json.h"
+#include "llama.h"
 
 #include <cstdio>
 #include <exception>
@@ -120,6 +121,20 @@ int to_grammar(const std::string & schema_json, std::string & grammar, std::stri
         err = "unknown error";
     }
     return -1;
+}
+
+llama_sampler * grammar_init(const llama_vocab * vocab, const char * grammar, const char * root,
+                             std::string & messages) noexcept {
+    llama_sampler * s = nullptr;
+    try {
+        std::lock_guard<std::mutex> lock(g_capture_mutex);
+        StderrCapture capture;
+        s = llama_sampler_init_grammar(vocab, grammar, root);
+        messages = capture.take();
+    } catch (...) {
+        messages = "unknown error";
+    }
+    return s;
 }
 
 }  // namespace lgschema

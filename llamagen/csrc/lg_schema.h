@@ -4,7 +4,16 @@
 
 #include <string>
 
+struct llama_sampler;
+struct llama_vocab;
+
 namespace lgschema {
+
+// llama_sampler_init_grammar with what llama.cpp's parser prints to stderr on a failure (the
+// reason: "Undefined rule identifier ...", ...) captured into ``messages`` instead.  NULL when
+// the grammar does not parse.
+llama_sampler * grammar_init(const llama_vocab * vocab, const char * grammar, const char * root,
+                             std::string & messages) noexcept;
 
 // Convert a JSON schema (its JSON text) into a GBNF grammar whose root rule is "root".
 // 0 on success.  -1 with ``err`` set when the text is not JSON or the schema falls outside what

@@ -3,7 +3,11 @@
 # (`from llamagen.includes cimport schema as lgschema`).
 from libcpp.string cimport string
 
+from llamagen.includes.llama cimport llama_sampler, llama_vocab
+
 
 cdef extern from "lg_schema.h" namespace "lgschema" nogil:
     int to_grammar(const string & schema_json, string & grammar, string & err,
                    string & warnings) noexcept
+    llama_sampler * grammar_init(const llama_vocab * vocab, const char * grammar,
+                                 const char * root, string & messages) noexcept
