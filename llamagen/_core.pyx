@@ -19,7 +19,7 @@ from libcpp cimport bool as cbool
 from libcpp.string cimport string
 from libcpp.vector cimport vector
 
-from llamagen.includes cimport chat as lgchat, fast_sampler as fs, ggml, llama
+from llamagen.includes cimport chat as lgchat, sampling_engine as fs, ggml, llama
 from llamagen.includes cimport logprobs as lglp, schema as lgschema
 
 import logging as _logging

@@ -7,7 +7,7 @@
 # against it and re-samples with the grammar only when the token is rejected.
 #
 # Three engines run that chain: llama.cpp's own sampler objects (sampler_impl="llama.cpp"),
-# llamagen's own engine (sampler_impl="fast", the default; llamagen/csrc/fast_sampler.h), which
+# llamagen's own engine (sampler_impl="fast", the default; llamagen/csrc/sampling/), which
 # selects the same token for the same logits, parameters, seed and history, much faster, and
 # llama.cpp's backend sampling (sampler_impl="backend"): the chain attached to the context runs
 # inside llama_decode's graph on the model's output device (the GPU), as far as its samplers
@@ -482,7 +482,7 @@ cdef class _ReplaySampler:
 
     @property
     def slow_reasons(self):
-        """Internal diagnostics: counts of fast-path fallbacks by reason (see fast_sampler.h)."""
+        """Internal diagnostics: counts of fast-path fallbacks by reason (see Stats in csrc/sampling/engine.h)."""
         if self.fast == NULL:
             return None
         return [self.fast.stats.why[i] for i in range(8)]

@@ -7,7 +7,8 @@
 // recomputation at a 262k vocabulary, where one float accumulator could drift by 1e-4.
 #pragma once
 
-#include "fast_sampler.h"     // lgfs::topk_heap, lgfs::scan_max_min, lgfs::cpu_has_avx512
+#include "sampling/select.h"     // lgfs::topk_heap, lgfs::scan_max_min
+#include "sampling/simd.h"       // LGFS_X86, LGFS_AVX512, lgfs::cpu_has_avx512
 
 #include <algorithm>
 #include <cmath>

@@ -1,12 +1,12 @@
-# Raw declarations of llamagen's own sampling engine (llamagen/csrc/fast_sampler.h).  No logic
-# here: cimport as a namespace (`from llamagen.includes cimport fast_sampler as fs`).
+# Raw declarations of llamagen's own sampling engine (llamagen/csrc/sampling/, through its api.h).
+# No logic here: cimport as a namespace (`from llamagen.includes cimport sampling_engine as fs`).
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libcpp cimport bool as cbool
 
 from llamagen.includes.llama cimport llama_sampler, llama_token, llama_token_data, llama_vocab
 
 
-cdef extern from "fast_sampler.h" nogil:
+cdef extern from "sampling/api.h" nogil:
     cdef cppclass lgfs_trie "lgfs::GrammarTrie":
         pass
 
