@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -463,33 +463,33 @@ def generate(ds, *, model, prompt_column: str = "prompt", actors: Union[int, Tup
     ``map_batches`` (``memory``, ``num_gpus``, ``max_restarts``, ``max_task_retries``, ...).
     Sampling keywords and the rest as GenerateStage's.
     """
-    ctor = dict(model=model, prompt_column=prompt_column,
-                n_seq_max=n_seq_max or min(batch_size, 64), n_ctx_seq=n_ctx_seq,
-                n_threads=n_threads, params=resolve(params, (), sampling), overrides=overrides,
-                model_kwargs=model_kwargs, context_kwargs=context_kwargs)
-    return _map(ds, GenerateStage, ctor, actors=actors, cpus_per_actor=cpus_per_actor,
-                batch_size=batch_size, preserve_order=preserve_order, reserve_cpu=reserve_cpu,
-                map_kwargs=map_kwargs)
+    return _generation(ds, GenerateStage, dict(model=model, prompt_column=prompt_column),
+                       actors=actors, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
+                       n_seq_max=n_seq_max, preserve_order=preserve_order,
+                       reserve_cpu=reserve_cpu, params=params, overrides=overrides,
+                       n_ctx_seq=n_ctx_seq, n_threads=n_threads, model_kwargs=model_kwargs,
+                       context_kwargs=context_kwargs, map_kwargs=map_kwargs, **sampling)
 
 
 def chat(ds, *, model, messages_column: str = "messages", template: Optional[str] = None,
          chat_template_kwargs: Optional[Mapping[str, Any]] = None,
-         enable_thinking: Optional[bool] = None, actors: Union[int, Tuple[int, int]] = 4,
-         cpus_per_actor: float = 2, batch_size: int = 64, n_seq_max: Optional[int] = None,
-         preserve_order: bool = False, reserve_cpu: Optional[bool] = None,
-         params: Optional[SamplingParams] = None, overrides: Optional[Iterable[str]] = None,
-         n_ctx_seq: int = 2048, n_threads: Optional[int] = None,
-         model_kwargs: Optional[Mapping[str, Any]] = None,
-         context_kwargs: Optional[Mapping[str, Any]] = None,
-         map_kwargs: Optional[Mapping[str, Any]] = None, **sampling):
+         enable_thinking: Optional[bool] = None, **kwargs):
     """``generate`` for chat: each row's ``messages_column`` rendered with the model's chat
-    template (ChatStage)."""
-    ctor = dict(model=model, messages_column=messages_column, template=template,
-                chat_template_kwargs=chat_template_kwargs, enable_thinking=enable_thinking,
-                n_seq_max=n_seq_max or min(batch_size, 64), n_ctx_seq=n_ctx_seq,
+    template, or ``template`` (ChatStage).  The other keywords (pool, ordering, sampling, ...)
+    as ``generate``'s."""
+    stage = dict(model=model, messages_column=messages_column, template=template,
+                 chat_template_kwargs=chat_template_kwargs, enable_thinking=enable_thinking)
+    return _generation(ds, ChatStage, stage, **kwargs)
+
+
+def _generation(ds, cls, stage: dict, *, actors=4, cpus_per_actor=2, batch_size=64,
+                n_seq_max=None, preserve_order=False, reserve_cpu=None, params=None,
+                overrides=None, n_ctx_seq=2048, n_threads=None, model_kwargs=None,
+                context_kwargs=None, map_kwargs=None, **sampling):
+    ctor = dict(stage, n_seq_max=n_seq_max or min(batch_size, 64), n_ctx_seq=n_ctx_seq,
                 n_threads=n_threads, params=resolve(params, (), sampling), overrides=overrides,
                 model_kwargs=model_kwargs, context_kwargs=context_kwargs)
-    return _map(ds, ChatStage, ctor, actors=actors, cpus_per_actor=cpus_per_actor,
+    return _map(ds, cls, ctor, actors=actors, cpus_per_actor=cpus_per_actor,
                 batch_size=batch_size, preserve_order=preserve_order, reserve_cpu=reserve_cpu,
                 map_kwargs=map_kwargs)
 
