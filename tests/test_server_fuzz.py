@@ -56,3 +56,23 @@ def test_no_request_makes_a_5xx(case, fuzz_server):
 
 def test_still_alive_after_the_fuzzing(fuzz_server):
     assert httpx.get(fuzz_server.url + "/health", timeout=10).status_code == 200
+
+
+def test_a_slow_sse_reader_stalls_nobody(fuzz_server):
+    """A client that reads its stream slowly: other requests complete meanwhile, and the slow
+    stream still arrives whole ([DONE] last)."""
+    import time
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"prompt": "slow", "max_tokens": 64, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=fuzz_server.url, headers=headers, timeout=120) as c:
+        with c.stream("POST", "/v1/completions", json=body) as slow:
+            lines = slow.iter_lines()
+            first = next(lines)
+            assert first.startswith("data: ")
+            t0 = time.monotonic()
+            quick = c.post("/v1/completions", json={"prompt": "quick", "max_tokens": 8})
+            assert quick.status_code == 200 and time.monotonic() - t0 < 60
+            time.sleep(1.0)                       # read nothing for a while
+            rest = [ln for ln in lines if ln]
+    assert rest[-1] == "data: [DONE]"
+    assert sum(1 for ln in rest if ln.startswith("data: {")) >= 1
