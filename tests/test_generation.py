@@ -256,7 +256,7 @@ def test_early_end_then_no_more_steps(tiny_ctx):
     st.next()
     st.end()
     assert st.next() is None
-    assert st.finish_reason is None and st.finished
+    assert st.finish_reason == "cancelled" and st.finished     # (ended early, by the caller)
 
 
 def test_state_cannot_be_constructed_directly():
