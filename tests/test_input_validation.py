@@ -385,8 +385,10 @@ def test_gguf_reader_reads_per_layer_int_arrays(make_tiny_model, monkeypatch):
     _version, meta, _t = read_gguf(path, tensors=False)
     kv = meta["llama.attention.head_count_kv"]
     assert isinstance(kv, GGUFArray) and kv.count == 2 and kv.values == (2, 1)
-    # long and non-integer arrays are still skipped, not read
-    assert meta["tokenizer.ggml.tokens"].values is None
+    # long and non-integer arrays are still skipped, not read (the token strings' array keeps
+    # only where it starts, for the duplicate-token check: (offset, count))
+    toks = meta["tokenizer.ggml.tokens"]
+    assert isinstance(toks.values, tuple) and len(toks.values) == 2 and toks.values[1] == toks.count
     assert meta["tokenizer.ggml.scores"].values is None
 
 
