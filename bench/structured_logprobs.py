@@ -124,10 +124,8 @@ def bench_scoring(model, model_path, llamagen, n_ctx, threads):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     sys.path.insert(0, os.path.join(ROOT, "bench", "native"))
     from test_logprobs import PPL_TEXT, llamagen_perplexity   # the test's text and recipe
-    from build import build_dir, build_targets
-    exe = os.path.join(build_dir(), "bin", "llama-perplexity")
-    if not os.path.exists(exe):
-        build_targets("llama-perplexity")
+    from build import llama_tool
+    exe = llama_tool("llama-perplexity")
     text = " ".join([PPL_TEXT] * 6)
     n_tokens = len(model.tokenize(text))
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:

@@ -240,35 +240,21 @@ def _check_hparams(arch: str, meta: Dict[str, Any], n_layer: int) -> Optional[st
 
 def _duplicate_token(path, toks: "GGUFArray") -> Optional[str]:
     """A message when the vocabulary lists a token text twice (llama.cpp asserts), or None.
-    Reading 262k strings costs ~0.25 s: the answer is kept per file (path, size, mtime)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    if key in _DUP_CACHE:
-        return _DUP_CACHE[key]
+    (Reading gemma3's 262k token strings takes ~0.07 s.)"""
     try:
         with GGUFReader(path) as r:
             texts = r.token_texts(toks)
     except (OSError, ValueError, struct.error):
         return None
-    msg = None
-    if len(set(texts)) != len(texts):
-        seen: Dict[bytes, int] = {}
-        for i, t in enumerate(texts):
-            if t in seen:
-                msg = (f"the vocabulary lists token {t!r} twice (ids {seen[t]} and {i}): llama.cpp "
-                       "asserts that token texts are unique")
-                break
-            seen[t] = i
-    if len(_DUP_CACHE) > 64:
-        _DUP_CACHE.clear()
-    _DUP_CACHE[key] = msg
-    return msg
-
-
-_DUP_CACHE: Dict[tuple, Optional[str]] = {}
+    if len(set(texts)) == len(texts):
+        return None
+    seen: Dict[bytes, int] = {}
+    for i, t in enumerate(texts):
+        if t in seen:
+            return (f"the vocabulary lists token {t!r} twice (ids {seen[t]} and {i}): llama.cpp "
+                    "asserts that token texts are unique")
+        seen[t] = i
+    return None
 
 
 def check_loadable(path) -> Optional[str]:

@@ -29,11 +29,8 @@ def cos(a, b) -> float:
 
 def llama_embedding_exe() -> str:
     sys.path.insert(0, os.path.join(ROOT, "bench", "native"))
-    from build import build_dir, build_targets
-    exe = os.path.join(build_dir(), "bin", "llama-embedding")
-    if not os.path.exists(exe):
-        build_targets("llama-embedding")        # CI builds it up front; this is the fallback
-    return exe
+    from build import llama_tool
+    return llama_tool("llama-embedding")
 
 
 def reference(model_path, texts, pooling, normalize=2):

@@ -279,11 +279,8 @@ PPL_TEXT = (
 
 def llama_perplexity_exe() -> str:
     sys.path.insert(0, os.path.join(ROOT, "bench", "native"))
-    from build import build_dir, build_targets
-    exe = os.path.join(build_dir(), "bin", "llama-perplexity")
-    if not os.path.exists(exe):
-        build_targets("llama-perplexity")       # CI builds it up front; this is the fallback
-    return exe
+    from build import llama_tool
+    return llama_tool("llama-perplexity")
 
 
 def llamagen_perplexity(model, text: str, n_ctx: int) -> float:

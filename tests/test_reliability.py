@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import llamagen
-from llamagen import GrammarError, LlamaError
+from llamagen import GrammarError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -58,17 +58,23 @@ DEEP = {
 }
 
 
-@pytest.mark.parametrize("what", sorted(DEEP))
-def test_grammars_that_would_overflow_the_stack_or_memory_are_refused(tiny_model_path, what):
-    # without the pre-check each of these ended the process (segfault or out of memory)
-    rc, out = run_script('''
+def check_grammar_isolated(model_path, grammar, timeout=300):
+    """Start a grammar for the model's vocabulary in a subprocess: (rc, output), the output
+    "accepted" or "GrammarError <message>"."""
+    return run_script('''
         m = llamagen.Model(MODEL, vocab_only=True)
         try:
             llamagen._core._check_grammar(m, llamagen.SamplingParams(grammar=G))
             print("accepted")
         except llamagen.GrammarError as e:
             print("GrammarError", e)
-        ''', MODEL=str(tiny_model_path), G=DEEP[what])
+        ''', MODEL=str(model_path), G=grammar, timeout=timeout)
+
+
+@pytest.mark.parametrize("what", sorted(DEEP))
+def test_grammars_that_would_overflow_the_stack_or_memory_are_refused(tiny_model_path, what):
+    # without the pre-check each of these ended the process (segfault or out of memory)
+    rc, out = check_grammar_isolated(tiny_model_path, DEEP[what])
     assert rc == 0 and "GrammarError" in out, out[-1500:]
 
 
@@ -80,14 +86,7 @@ def test_grammars_that_would_overflow_the_stack_or_memory_are_refused(tiny_model
 ])
 def test_repetitions_read_as_llama_cpp_reads_them(tiny_model_path, grammar):
     # n < m wraps to ~2**64 copies in llama.cpp: the scanner must see every spelling
-    rc, out = run_script('''
-        m = llamagen.Model(MODEL, vocab_only=True)
-        try:
-            llamagen._core._check_grammar(m, llamagen.SamplingParams(grammar=G))
-            print("accepted")
-        except llamagen.GrammarError as e:
-            print("GrammarError", e)
-        ''', MODEL=str(tiny_model_path), G=grammar, timeout=60)
+    rc, out = check_grammar_isolated(tiny_model_path, grammar, timeout=60)
     assert rc == 0 and "maximum (2) is below the minimum (5)" in out, out[-1500:]
 
 

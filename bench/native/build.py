@@ -35,5 +35,14 @@ def build_targets(*targets: str, backend: str = "cpu", jobs: int | None = None) 
     return bdir
 
 
+def llama_tool(name: str, backend: str = "cpu") -> str:
+    """The path of one of llama.cpp's programs (llama-server, llama-perplexity, llama-embedding,
+    ...) in our build directory, built first if it is missing (CI builds them up front)."""
+    exe = os.path.join(build_dir(backend), "bin", name)
+    if not os.path.exists(exe):
+        build_targets(name, backend=backend)
+    return exe
+
+
 def native_loop() -> str:
     return os.path.join(build_targets("llamagen-native-loop"), "native", "llamagen-native-loop")
