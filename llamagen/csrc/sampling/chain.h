@@ -31,11 +31,7 @@ inline llama_token Engine::sample(const float * logits, tdata * cand) {
     float * Wm = nullptr;
     auto edit = [&]() -> float * {
         if (Wm == nullptr) {
-            if (S.work.size() < n) {
-                S.work.resize(n);
-            }
-            Wm = S.work.data();
-            std::memcpy(Wm, logits, n * sizeof(float));
+            Wm = work_copy(S, logits, n);
             st.W = Wm;
         }
         return Wm;

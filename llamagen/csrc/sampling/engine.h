@@ -1,8 +1,8 @@
-// The engine: its state (RNGs, mirostat's mu, the penalty window), the chain's dispatch, accept.
-// Invariant: every stage leaves the candidates (FULL: the raw logits; ARRAY: llama.cpp's array)
-// and that state as llama.cpp's samplers leave theirs, so every step selects llama.cpp's token.
+// The Engine: its configuration and state (RNGs, mirostat's mu, the penalty and DRY windows),
+// accept, and the FULL -> ARRAY transitions.  Invariant: every stage leaves the candidates and
+// that state as llama.cpp's samplers leave theirs, so every step selects llama.cpp's token.
 //
-// The chain's dispatch (Engine::sample) is in chain.h, each stage in stage_<name>.h, the grammar
+// Engine::sample (the chain's dispatch) is in chain.h, each stage in stage_<name>.h, the grammar
 // re-sample in grammar.h; api.h includes them all.
 #pragma once
 

@@ -1,6 +1,6 @@
 // Sums of p_i = expf(x_i - mx) over the whole vocabulary in id order (x = W or W / temp): exactly
 // llama.cpp's sequential float (softmax) and double (dist) sums, on exact_sum.h's grids; and
-// approximate ones, within proven bounds, that only decide where the exact work starts.
+// approximate ones, used only where a proven bound or a later exact check covers their error.
 #pragma once
 
 #include "exact_sum.h"

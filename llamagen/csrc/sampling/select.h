@@ -17,15 +17,19 @@ struct MaxMin {
     bool nan;
 };
 
+// r with one more value v (a NaN sets r.nan; std::max / std::min keep r's values then)
+static inline void max_min_take(MaxMin & r, float v) {
+    if (v != v) {
+        r.nan = true;
+    }
+    r.max = std::max(r.max, v);
+    r.min = std::min(r.min, v);
+}
+
 static MaxMin scan_max_min_scalar(const float * W, size_t n) {
     MaxMin r{W[0], W[0], false};
     for (size_t i = 0; i < n; ++i) {
-        float v = W[i];
-        if (v != v) {
-            r.nan = true;
-        }
-        r.max = std::max(r.max, v);
-        r.min = std::min(r.min, v);
+        max_min_take(r, W[i]);
     }
     return r;
 }
@@ -49,12 +53,7 @@ LGFS_AVX512 static MaxMin scan_max_min_avx512(const float * W, size_t n) {
     r.min = _mm512_reduce_min_ps(_mm512_min_ps(mn, mn2));
     r.nan = nan != 0;
     for (; i < n; ++i) {
-        float v = W[i];
-        if (v != v) {
-            r.nan = true;
-        }
-        r.max = std::max(r.max, v);
-        r.min = std::min(r.min, v);
+        max_min_take(r, W[i]);
     }
     return r;
 }

@@ -1,6 +1,6 @@
-// Stage: top-n-sigma: every logit below max - n * std becomes -inf.  Invariant: the mean and
-// std are llama.cpp's sequential float sums over the vocabulary, bit for bit (64 values at a
-// time on the running sum's grid while it stays in one binade: exact_sum.h's argument).
+// Stage: top-n-sigma: every logit below max - n * std becomes -inf.  Invariant: the sums behind
+// the mean and std are llama.cpp's sequential loops over the vocabulary, bit for bit (64 values
+// at a time on the running sum's grid while it stays in one binade: exact_sum.h's argument).
 #pragma once
 
 #include "engine.h"

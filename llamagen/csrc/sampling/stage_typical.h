@@ -1,6 +1,6 @@
 // Stage: locally typical sampling, from the candidates near the maximum only.  Invariant: every
-// candidate left out provably rounds away from Z and the entropy and scores above every kept
-// one; equal scores keep llama.cpp's order or leave the step to the exact port.
+// candidate left out provably rounds away from Z and the entropy and scores above every kept one;
+// tied kept candidates send the step to the exact port (unless the draw misses them).
 #pragma once
 
 #include "engine.h"

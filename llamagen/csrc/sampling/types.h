@@ -60,6 +60,16 @@ static inline Scratch & scratch() {
     return s;
 }
 
+// the logits' writable copy that logit edits work on (S.work), made on the first edit of a step
+static inline float * work_copy(Scratch & S, const float * logits, size_t n) {
+    if (S.work.size() < n) {
+        S.work.resize(n);
+    }
+    float * Wm = S.work.data();
+    std::memcpy(Wm, logits, n * sizeof(float));
+    return Wm;
+}
+
 struct Arr {                          // mirrors llama_token_data_array
     tdata * data;
     size_t size;
