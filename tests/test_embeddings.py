@@ -100,6 +100,20 @@ def test_batched_equals_one_by_one_tiny(tiny_embed_ctx):
         assert cos(v, alone[i % len(TEXTS)]) >= 0.9999
 
 
+def test_texts_longer_than_a_pack_go_alone(tiny_model):
+    # a decode packs up to 512 tokens (EMBED_PACK_TOKENS); a longer text takes a decode of its
+    # own, up to n_batch, and the texts around it are packed as usual: the same vectors
+    long = " ".join(["river stone cloud"] * 60)
+    assert 512 < len(tiny_model.tokenize(long)) <= 2048
+    texts = TEXTS[:2] + [long] + TEXTS * 30 + [long, long] + TEXTS[2:]
+    with llamagen.Context(tiny_model, n_ctx=2048, n_batch=2048, n_seq_max=16, embeddings=True,
+                          pooling="mean", n_threads=1) as ctx:
+        together = llamagen.embed(ctx, texts)
+        alone = {t: llamagen.embed(ctx, [t])[0] for t in set(texts)}
+    for t, v in zip(texts, together):
+        assert cos(v, alone[t]) >= 0.9999
+
+
 @pytest.mark.real_model
 def test_batched_agrees_with_one_by_one_real(real_embed_ctx, real_model_path):
     # llama.cpp is not batch-invariant: on gemma3 Q4_K_M a batch of ~100+ tokens takes other
