@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     synth = write_tiny_gguf(os.path.join(tempfile.gettempdir(), "llamagen-bench-embed-33m.gguf"),
                             n_embd=384, n_layer=12, n_head=6, n_head_kv=6, n_ff=1536, dtype="f16",
                             n_ctx_train=8192, name="bge-small-shaped")
-    models = {"gemma3-270m Q4_K_M (262k vocabulary: the lm_head dominates)": str(assemble()),
+    models = {"gemma3-270m Q4_K_M (262k vocabulary: a large lm_head)": str(assemble()),
               "synthetic 33M llama-architecture f16 (bge-small shape, 413-token vocabulary)": str(synth)}
     wall = time.perf_counter()
     rows = []
@@ -133,8 +133,10 @@ def main(argv=None) -> int:
         "whole list); llama-embedding: `llama-embedding -f TEXTS --pooling mean -c "
         f"{a.n_batch} -b {a.n_batch} -ub {a.n_batch} -t {a.threads}`, wall time minus the same "
         "command on one text (" + ", ".join(f"{v:.2f} s" for v in bases.values()) + ").  Short "
-        "texts: 12 random words; long: 200.  llama.cpp computes the logits of every token in "
-        "embedding mode (pooling needs every row), so a large vocabulary costs all three alike.",
+        "texts: 12 random words; long: 200.  llama.cpp runs the lm_head on every token in "
+        "embedding mode (llama-embedding and llama-cpp-python pay for it); llamagen stops at the "
+        "hidden states and pools them itself, and packs at most 512 tokens per decode "
+        "(docs/embeddings.md).",
         "",
         "| model | texts | llamagen texts/s | llama-cpp-python texts/s | llama-embedding texts/s | "
         "llamagen / llama-cpp-python | llamagen / llama-embedding |",

@@ -86,6 +86,10 @@ cdef class Context:
     cdef vector[llama.llama_sampler *] _attached
     cdef readonly bint kv_unified
     cdef readonly bint embeddings     # an embedding context (llamagen.embed): no generation
+    # pooled embeddings from the final hidden states, skipping the lm_head (csrc/lg_embed.h):
+    # 0 not tried yet, 1 checked equal to llama.cpp's pooling on this context's first decode, -1 off
+    cdef lgembd.Tap _tap
+    cdef public int _tap_state       # (public: tests force the llama.cpp path with -1)
     # held for a whole call (generate, generate_batch, score, embed) so that another thread's
     # call waits instead of taking the context over between steps; a new stream (gen_begin,
     # BatchGenerator) takes it only while it starts.  Re-entrant: a thread may nest calls.
@@ -98,6 +102,8 @@ cdef class Context:
         if self._lock == NULL:
             raise MemoryError()
         memset(&self._abort, 0, sizeof(AbortState))
+        memset(&self._tap, 0, sizeof(lgembd.Tap))
+        self._tap_state = 0
         self._epoch = 0
         self._owner = _threading.RLock()
 
@@ -151,6 +157,9 @@ cdef class Context:
             n_ubatch = n_batch
         params.embeddings = embeddings
         self.embeddings = embeddings
+        if embeddings:
+            params.cb_eval = lgembd.tap_cb
+            params.cb_eval_user_data = &self._tap
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = min(n_ubatch, n_batch)

@@ -20,7 +20,7 @@ from libcpp.string cimport string
 from libcpp.vector cimport vector
 
 from llamagen.includes cimport chat as lgchat, sampling_engine as fs, ggml, llama
-from llamagen.includes cimport logprobs as lglp, schema as lgschema
+from llamagen.includes cimport embed as lgembd, logprobs as lglp, schema as lgschema
 
 import logging as _logging
 import os as _os

@@ -3,7 +3,9 @@
 # Texts go into one batch as separate sequences (whole: a text is pooled within one decode) until
 # EMBED_PACK_TOKENS tokens or n_seq_max sequences (a longer text goes alone, up to n_batch); each
 # decode starts from an empty KV cache and runs without the GIL; vectors are normalized by llama.cpp's
-# own common_embd_normalize straight into the numpy output.
+# own common_embd_normalize straight into the numpy output.  Once a context's first decode has shown
+# that pooling its final hidden states gives llama.cpp's vectors, later decodes stop the graph there
+# and skip the lm_head (csrc/lg_embed.h).
 
 # Why not fill n_batch as llama-embedding does: every packed token attends over (masked) cells of all
 # the decode's texts, and llama.cpp keeps a logits row per token (n_vocab floats) even for pooled
@@ -39,6 +41,11 @@ def _embed(Context ctx not None, list items, int norm, bint truncate, bint add_s
     cdef const float * src
     cdef float * out
     cdef vector[float *] outs        # per text: where its vector(s) go
+    cdef vector[float] rows          # the tap's hidden states of one decode (csrc/lg_embed.h)
+    cdef vector[float] pbuf          # one pooled vector
+    cdef bint use_tap, mine, ok
+    cdef int how = lgembd.POOL_MEAN
+    cdef int32_t max_rows, len_k
     cdef float[:, ::1] view
     ctx._check()
     if not ctx.embeddings:
@@ -91,6 +98,20 @@ def _embed(Context ctx not None, list items, int norm, bint truncate, bint add_s
                 outs[i] = &view[0, 0]
     if toks.size() == 0:
         return result, n_tokens, truncated
+    # the hidden-state tap for the pooling kinds llama.cpp does in plain sums (not RANK's heads)
+    use_tap = ctx._tap_state >= 0 and n_embd > 0 and pooling in (
+        llama.LLAMA_POOLING_TYPE_NONE, llama.LLAMA_POOLING_TYPE_MEAN,
+        llama.LLAMA_POOLING_TYPE_CLS, llama.LLAMA_POOLING_TYPE_LAST)
+    if pooling == llama.LLAMA_POOLING_TYPE_CLS:
+        how = lgembd.POOL_FIRST
+    elif pooling == llama.LLAMA_POOLING_TYPE_LAST:
+        how = lgembd.POOL_LAST
+    if use_tap:
+        max_rows = n_pack
+        for i in range(<int32_t> toks.size()):
+            max_rows = max(max_rows, <int32_t> toks[i].size())
+        rows.resize(<size_t> min(max_rows, n_batch) * n_embd)
+        pbuf.resize(n_embd)
     ctx._acquire()
     try:
         ctx._take_over()
@@ -121,30 +142,74 @@ def _embed(Context ctx not None, list items, int norm, bint truncate, bint add_s
                     i += 1
                 batch.n_tokens = n
                 llama.llama_memory_clear(mem, True)
+                if use_tap:
+                    # once checked, stop the graph at the hidden states (no lm_head)
+                    ctx._tap.armed = 1
+                    ctx._tap.stop = ctx._tap_state == 1
+                    ctx._tap.got = 0
+                    ctx._tap.unpooled = not pooled
+                    ctx._tap.n_embd = n_embd
+                    ctx._tap.n_rows = n
+                    ctx._tap.dst = rows.data()
                 rc = llama.llama_decode(ctx._ctx, batch)
+                ctx._tap.armed = 0
                 if rc != 0:
                     break
+                mine = use_tap and ctx._tap.got
+                if use_tap and ctx._tap_state == 0:
+                    # the context's first decode ran whole: the tap's pooling must give
+                    # llama.cpp's vectors for every sequence, or the tap stays off
+                    ok = mine
+                    n = 0
+                    k = first
+                    while ok and k < i:
+                        len_k = <int32_t> toks[k].size()
+                        if pooled:
+                            lgembd.pool(rows.data(), n_embd, n, len_k, how, pbuf.data())
+                            src = llama.llama_get_embeddings_seq(ctx._ctx, k - first)
+                            ok = src != NULL and lgembd.same_vector(pbuf.data(), src, n_embd)
+                        else:
+                            for j in range(len_k):
+                                src = llama.llama_get_embeddings_ith(ctx._ctx, n + j)
+                                if src == NULL or not lgembd.same_vector(
+                                        rows.data() + <size_t> (n + j) * n_embd, src, n_embd):
+                                    ok = False
+                                    break
+                        n += len_k
+                        k += 1
+                    ctx._tap_state = 1 if ok else -1
+                    mine = ok
+                    use_tap = ok
                 n = 0
                 for k in range(first, i):
+                    len_k = <int32_t> toks[k].size()
                     if pooled:
-                        src = llama.llama_get_embeddings_seq(ctx._ctx, k - first)
-                        if src == NULL:
-                            rc = -100
-                            break
-                        common_embd_normalize(src, outs[k], n_embd, norm)
-                    else:
-                        for j in range(<int32_t> toks[k].size()):
-                            src = llama.llama_get_embeddings_ith(ctx._ctx, n + j)
+                        if mine:
+                            lgembd.pool(rows.data(), n_embd, n, len_k, how, pbuf.data())
+                            src = pbuf.data()
+                        else:
+                            src = llama.llama_get_embeddings_seq(ctx._ctx, k - first)
                             if src == NULL:
                                 rc = -100
                                 break
+                        common_embd_normalize(src, outs[k], n_embd, norm)
+                    else:
+                        for j in range(len_k):
+                            if mine:
+                                src = rows.data() + <size_t> (n + j) * n_embd
+                            else:
+                                src = llama.llama_get_embeddings_ith(ctx._ctx, n + j)
+                                if src == NULL:
+                                    rc = -100
+                                    break
                             common_embd_normalize(src, outs[k] + <size_t> j * n_embd, n_embd, norm)
                         if rc != 0:
                             break
-                        n += <int32_t> toks[k].size()
+                    n += len_k
             llama.llama_memory_clear(mem, True)
     finally:
         ctx._abort.armed = 0
+        ctx._tap.armed = 0
         if have_batch:
             llama.llama_batch_free(batch)
         ctx._release()

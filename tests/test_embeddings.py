@@ -115,6 +115,35 @@ def test_texts_longer_than_a_pack_go_alone(tiny_model):
 
 
 @pytest.mark.real_model
+@pytest.mark.parametrize("pooling", ["mean", "last", "none"])
+def test_hidden_state_tap_skips_the_head_and_keeps_the_vectors(real_model, real_model_path,
+                                                                 pooling):
+    # a context's first decode runs llama.cpp's whole graph and checks that pooling the final
+    # hidden states gives its vectors; later decodes stop at the hidden states (no lm_head)
+    # (one decode of the five texts, as test_real_model_matches_llama_embedding packs them)
+    texts = TEXTS
+    with llamagen.Context(real_model, n_ctx=2048, n_batch=2048, n_seq_max=8, embeddings=True,
+                          pooling=pooling) as ctx:
+        assert ctx._tap_state == 0
+        first = llamagen.embed(ctx, texts)
+        assert ctx._tap_state == 1
+        tapped = llamagen.embed(ctx, texts)           # the graph stops before the lm_head
+        ctx._tap_state = -1                           # llama.cpp's whole graph and pooling
+        whole = llamagen.embed(ctx, texts)
+        assert ctx._tap_state == -1
+    if pooling == "none":
+        for a, b, c in zip(first, tapped, whole):
+            assert a.shape == b.shape == c.shape
+            assert np.array_equal(a, b)
+            assert all(cos(x, y) >= 0.99999 for x, y in zip(b, c))
+        return
+    assert np.array_equal(first, tapped)
+    assert all(cos(b, c) >= 0.99999 for b, c in zip(tapped, whole))
+    ref = reference(real_model_path, TEXTS, pooling)
+    assert all(cos(a, b) >= 0.9999 for a, b in zip(tapped, ref))
+
+
+@pytest.mark.real_model
 def test_batched_agrees_with_one_by_one_real(real_embed_ctx, real_model_path):
     # llama.cpp is not batch-invariant: on gemma3 Q4_K_M a batch of ~100+ tokens takes other
     # matmul kernels, and llama-embedding itself gives cosine 0.9985-0.9995 between a text

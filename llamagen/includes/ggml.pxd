@@ -16,12 +16,18 @@ cdef extern from "ggml.h" nogil:
         GGML_TYPE_F32
         GGML_TYPE_F16
 
+    ctypedef struct ggml_tensor:
+        pass
+
     ctypedef cbool (*ggml_abort_callback)(void * data) noexcept nogil
     ctypedef void (*ggml_log_callback)(ggml_log_level level, const char * text,
                                        void * user_data) noexcept nogil
 
 
 cdef extern from "ggml-backend.h" nogil:
+    ctypedef cbool (*ggml_backend_sched_eval_callback)(ggml_tensor * t, cbool ask,
+                                                       void * user_data) noexcept nogil
+
     ctypedef struct ggml_backend_device:
         pass
     ctypedef ggml_backend_device * ggml_backend_dev_t

@@ -6,7 +6,8 @@ from libc.stdio cimport FILE
 from libcpp cimport bool as cbool
 
 from llamagen.includes.ggml cimport (
-    ggml_abort_callback, ggml_backend_dev_t, ggml_log_callback, ggml_type,
+    ggml_abort_callback, ggml_backend_dev_t, ggml_backend_sched_eval_callback, ggml_log_callback,
+    ggml_type,
 )
 
 
@@ -175,6 +176,8 @@ cdef extern from "llama.h" nogil:
         llama_flash_attn_type flash_attn_type
         float rope_freq_base
         float rope_freq_scale
+        ggml_backend_sched_eval_callback cb_eval
+        void * cb_eval_user_data
         ggml_type type_k
         ggml_type type_v
         ggml_abort_callback abort_callback
