@@ -9,7 +9,7 @@ from llamagen._core import (
     system_info,
 )
 from llamagen.batch import BatchResult, generate_batch, map_generate
-from llamagen.embeddings import EmbedResult, embed, map_embed
+from llamagen.embeddings import EmbedResult, embed, map_embed, rerank
 from llamagen.engine import AsyncEngine, EngineChunk, EngineResult, EngineStats, Usage
 from llamagen.generation import gen_begin, gen_end, gen_next, generate
 from llamagen.logprobs import Completion, ScoreResult, TokenLogprob, TopLogprob, score
@@ -43,5 +43,5 @@ __all__ = [
     "LlamaError", "ModelLoadError", "ContextError", "DecodeError", "KVCacheFullError",
     "StaleStateError", "GrammarError", "QuantizeError", "PromptTooLongError", "QueueFullError",
     "EngineClosedError", "AsyncEngine", "EngineChunk", "EngineResult", "EngineStats", "Usage",
-    "embed", "map_embed", "EmbedResult", "score", "ScoreResult", "Completion", "TokenLogprob", "TopLogprob", "schema_to_grammar",
+    "embed", "map_embed", "rerank", "EmbedResult", "score", "ScoreResult", "Completion", "TokenLogprob", "TopLogprob", "schema_to_grammar",
 ]

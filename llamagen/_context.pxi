@@ -49,11 +49,11 @@ cdef cbool _abort_callback(void * data) noexcept nogil:
 from cpython.exc cimport PyErr_CheckSignals
 
 
-# pooling names -> llama.cpp's (RANK needs a reranker's classification head: not offered yet)
+# pooling names -> llama.cpp's (rank: a reranker's classification head, llamagen.rerank)
 _POOLING = {"none": llama.LLAMA_POOLING_TYPE_NONE, "mean": llama.LLAMA_POOLING_TYPE_MEAN,
-            "cls": llama.LLAMA_POOLING_TYPE_CLS, "last": llama.LLAMA_POOLING_TYPE_LAST}
+            "cls": llama.LLAMA_POOLING_TYPE_CLS, "last": llama.LLAMA_POOLING_TYPE_LAST,
+            "rank": llama.LLAMA_POOLING_TYPE_RANK}
 _POOLING_NAMES = {v: k for k, v in _POOLING.items()}
-_POOLING_NAMES[llama.LLAMA_POOLING_TYPE_RANK] = "rank"
 
 
 # no_gc_clear: __dealloc__ needs ``self.model`` to hand the model back.  Without it, a Context
@@ -151,6 +151,12 @@ cdef class Context:
             if pooling not in _POOLING:
                 raise ValueError(f"pooling must be None (the model's own) or one of "
                                  f"{', '.join(map(repr, _POOLING))}, got {pooling!r}")
+            if pooling == "rank" and not (
+                    llama.llama_model_cls_label(model._model, 0) != NULL or
+                    model.metadata.get(f"{model.architecture}.pooling_type") == "4"):
+                # llama.cpp would pool anyway and report a hidden-state value as the "score"
+                raise ValueError("pooling='rank' needs a reranker: this model's GGUF has neither "
+                                 "classifier labels nor rank pooling")
             params.pooling_type = _POOLING[pooling]
         if embeddings:
             # a text's vector is pooled within one decode: llama.cpp must not split the batch

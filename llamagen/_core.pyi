@@ -91,6 +91,7 @@ class Context:
     model: Model
     kv_unified: bool
     embeddings: bool
+    _tap_state: int      # 0 untried, 1 pooled from the hidden states (no lm_head), -1 llama.cpp's path
     def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512,
                  n_seq_max: int = 1, n_threads: Optional[int] = None,
                  n_threads_batch: Optional[int] = None, flash_attn: Optional[bool] = None,
@@ -161,6 +162,7 @@ def _row_logprobs(row: Any, k: int, iters: int = 1) -> Tuple[float, List[int], L
 def _json_schema_to_grammar(text: str) -> str: ...
 def _embed(ctx: Context, items: List[Any], norm: int, truncate: bool, add_special: bool,
            parse_special: bool) -> Tuple[Any, List[int], List[bool]]: ...
+def _rerank_tokens(model: Model, query: str, document: str) -> List[int]: ...
 
 class BatchGenerator(Iterator[Tuple[int, str]]):
     n_steps: int

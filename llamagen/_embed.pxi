@@ -52,8 +52,6 @@ def _embed(Context ctx not None, list items, int norm, bint truncate, bint add_s
         raise ContextError("embeddings need a Context made with embeddings=True (and pooling=..., "
                            "default the model's own)")
     pooling = llama.llama_get_pooling_type(ctx._ctx)
-    if pooling == llama.LLAMA_POOLING_TYPE_RANK:
-        raise ValueError("rank pooling (rerankers) is not supported by llamagen.embed yet")
     pooled = pooling != llama.LLAMA_POOLING_TYPE_NONE
     n_batch = llama.llama_n_batch(ctx._ctx)
     n_seq = llama.llama_n_seq_max(ctx._ctx)
@@ -62,6 +60,12 @@ def _embed(Context ctx not None, list items, int norm, bint truncate, bint add_s
     limit = min(n_batch, <int32_t> llama.llama_n_ctx_seq(ctx._ctx))
     n_pack = min(n_batch, EMBED_PACK_TOKENS)
     n_embd = llama.llama_model_n_embd_out(ctx.model._model)
+    if pooling == llama.LLAMA_POOLING_TYPE_RANK:
+        # a reranker's head: n_cls_out scores per sequence
+        n_embd = llama.llama_model_n_cls_out(ctx.model._model)
+        if n_embd < 1:
+            raise ValueError("rank pooling needs a reranker: this model has no classification "
+                             "head (no classifier labels in its GGUF)")
     n_tokens, truncated = [], []
     for idx, item in enumerate(items):
         try:
@@ -222,3 +226,38 @@ def _embed(Context ctx not None, list items, int norm, bint truncate, bint add_s
     if rc != 0:
         check_decode(rc, b"embedding")
     return result, n_tokens, truncated
+
+
+def _rerank_tokens(Model model not None, query, document):
+    """One (query, document) pair as llama-server formats it for a reranker
+    (format_prompt_rerank): the GGUF's "rerank" template with {query} and {document} replaced,
+    tokenized with special tokens parsed; without one, [BOS] query [EOS] [SEP] document [EOS],
+    each special token where the vocabulary adds it (EOS falls back to SEP)."""
+    cdef const char * tmpl
+    cdef const llama.llama_vocab * vocab
+    cdef llama.llama_token eos
+    model._check()
+    vocab = model._vocab
+    for name, v in (("query", query), ("document", document)):
+        if not isinstance(v, str):
+            raise TypeError(f"{name} must be str, got {type(v).__name__}")
+    tmpl = llama.llama_model_chat_template(model._model, b"rerank")
+    if tmpl != NULL:
+        prompt = (<bytes> tmpl).decode("utf-8", "replace")
+        prompt = prompt.replace("{query}", query).replace("{document}", document)
+        return _tokenize(vocab, prompt, False, True)
+    toks = []
+    eos = llama.llama_vocab_eos(vocab)
+    if eos == llama.LLAMA_TOKEN_NULL:
+        eos = llama.llama_vocab_sep(vocab)
+    if llama.llama_vocab_get_add_bos(vocab):
+        toks.append(llama.llama_vocab_bos(vocab))
+    toks += _tokenize(vocab, query, False, False)
+    if llama.llama_vocab_get_add_eos(vocab):
+        toks.append(eos)
+    if llama.llama_vocab_get_add_sep(vocab):
+        toks.append(llama.llama_vocab_sep(vocab))
+    toks += _tokenize(vocab, document, False, False)
+    if llama.llama_vocab_get_add_eos(vocab):
+        toks.append(eos)
+    return toks

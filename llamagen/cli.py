@@ -455,8 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--n-gpu-layers", type=_c_int, default=0)
     v.add_argument("--embeddings", action="store_true",
                    help="also serve /v1/embeddings (a second, embedding context on the same model)")
-    v.add_argument("--pooling", default=None, choices=("mean", "cls", "last"),
-                   help="how /v1/embeddings pools token vectors (default: the model's own)")
+    v.add_argument("--pooling", default=None, choices=("mean", "cls", "last", "rank"),
+                   help="how /v1/embeddings pools token vectors (default: the model's own); "
+                        "rank: a reranker model, served at /v1/rerank")
     v.add_argument("--embed-batch-size", type=_positive_int, default=2048, metavar="N",
                    help="tokens per embedding decode; also the longest text (default 2048)")
     v.add_argument("--api-key", action="append", default=None, metavar="KEY",

@@ -17,7 +17,7 @@ import numpy as np
 from llamagen import _core
 from llamagen._core import Context
 
-__all__ = ["embed", "map_embed", "EmbedResult", "NORMALIZE"]
+__all__ = ["embed", "map_embed", "rerank", "EmbedResult", "NORMALIZE"]
 
 # normalize= names -> llama.cpp's common_embd_normalize codes
 NORMALIZE = {"none": -1, "max": 0, "l1": 1, "l2": 2}
@@ -71,6 +71,9 @@ def embed(ctx: Context, texts, *, normalize=True, truncate: bool = False, detail
         raise ValueError("texts is empty: nothing to embed")
     if truncate is not True and truncate is not False:
         raise TypeError(f"truncate must be True or False, got {truncate!r}")
+    if isinstance(ctx, Context) and ctx.embeddings and ctx.pooling == "rank":
+        raise ValueError("this context pools with rank (a reranker's classification head): "
+                         "score (query, document) pairs with llamagen.rerank")
     from llamagen.generation import _exclusive
     with _exclusive(ctx):
         vectors, n_tokens, cut = _core._embed(ctx, items, _norm_code(normalize), truncate,
@@ -78,6 +81,63 @@ def embed(ctx: Context, texts, *, normalize=True, truncate: bool = False, detail
     if details:
         return EmbedResult(vectors, n_tokens, cut)
     return vectors
+
+
+def rerank(ctx: Context, query: str, documents, *, truncate: bool = False, details: bool = False):
+    """Relevance of each document to ``query``, from a reranker model (a context made with
+    ``embeddings=True`` and pooling "rank", the model's default for rerankers).
+
+    Each pair is formatted as llama-server formats it: the GGUF's "rerank" template with
+    {query} and {document} replaced, else [BOS] query [EOS] [SEP] document [EOS] (each special
+    token where the vocabulary adds it); pairs are packed into decodes like ``embed``'s texts.
+    Returns a float32 array with one score per document: the classification head's first output,
+    as llama-server's /rerank reports it (after the softmax llama.cpp applies for Qwen3
+    rerankers).  ``details=True`` returns an EmbedResult whose vectors hold every head output
+    (shape (len(documents), n_labels)), with the token counts and which pairs were cut.
+    """
+    if not isinstance(ctx, Context):
+        raise TypeError(f"ctx must be a llamagen.Context, got {type(ctx).__name__}")
+    docs = _documents(query, documents)
+    if truncate is not True and truncate is not False:
+        raise TypeError(f"truncate must be True or False, got {truncate!r}")
+    if not ctx.embeddings or ctx.pooling != "rank":
+        raise ValueError("rerank needs a reranker context: Context(model, embeddings=True, "
+                         "pooling='rank')" + ("" if ctx.embeddings else
+                                              " (this one is not an embedding context)"))
+    items = _rerank_items(ctx.model, query, docs)
+    from llamagen.generation import _exclusive
+    with _exclusive(ctx):
+        vectors, n_tokens, cut = _core._embed(ctx, items, -1, truncate, False, False)
+    if details:
+        return EmbedResult(vectors, n_tokens, cut)
+    return np.ascontiguousarray(vectors[:, 0])
+
+
+def _documents(query, documents) -> list:
+    """rerank's arguments checked: the documents as a non-empty list."""
+    if not isinstance(query, str):
+        raise TypeError(f"query must be str, got {type(query).__name__}")
+    if isinstance(documents, (str, bytes)):
+        raise TypeError("documents must be a list of texts, got one " + type(documents).__name__
+                        + " (wrap it in a list)")
+    try:
+        docs = list(documents)
+    except TypeError:
+        raise TypeError(f"documents must be a list of texts, got {type(documents).__name__}") from None
+    if not docs:
+        raise ValueError("documents is empty: nothing to rerank")
+    return docs
+
+
+def _rerank_items(model, query: str, docs: list) -> list:
+    """The token ids of every (query, document) pair, formatted as llama-server does."""
+    items = []
+    for i, d in enumerate(docs):
+        try:
+            items.append(_core._rerank_tokens(model, query, d))
+        except TypeError as e:
+            raise TypeError(f"documents[{i}]: {e}") from None
+    return items
 
 
 def map_embed(ctx: Context, iterable: Iterable, *, batch_size: int = 64, progress: bool = False,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from llamagen._core import BatchGenerator, Context, Model, _check_grammar, _embed
-from llamagen.embeddings import EmbedResult, _norm_code
+from llamagen.embeddings import EmbedResult, _documents, _norm_code, _rerank_items
 from llamagen._util import check_prompt
 from llamagen.errors import EngineClosedError, LlamaError, PromptTooLongError, QueueFullError
 from llamagen.generation import check_n, seeded
@@ -288,14 +288,27 @@ class AsyncEngine:
         """Whether this engine embeds (made with embeddings=True)."""
         return self._ectx is not None
 
-    def _submit_embed(self, texts, normalize, truncate, add_special, parse_special):
+    @property
+    def reranks(self) -> bool:
+        """Whether this engine's embedding context is a reranker's (pooling "rank")."""
+        return self._ectx is not None and self._ectx.pooling == "rank"
+
+    def _submit_embed(self, texts, normalize, truncate, add_special, parse_special, rerank=False):
         if self._ectx is None:
             raise LlamaError("this engine was made without embeddings=True")
-        if isinstance(texts, (str, bytes)):
-            raise TypeError("texts must be a list of texts, got one " + type(texts).__name__)
-        items = list(texts)
-        if not items:
-            raise ValueError("texts is empty: nothing to embed")
+        if rerank != self.reranks:
+            raise ValueError("this engine's embedding context pools with rank: score (query, "
+                             "document) pairs with rerank()" if self.reranks else
+                             "rerank needs an engine made with embeddings=True, pooling='rank' "
+                             "(a reranker model)")
+        if rerank:
+            items = texts                       # token ids of the pairs (_rerank_items)
+        else:
+            if isinstance(texts, (str, bytes)):
+                raise TypeError("texts must be a list of texts, got one " + type(texts).__name__)
+            items = list(texts)
+            if not items:
+                raise ValueError("texts is empty: nothing to embed")
         job = (items, _norm_code(normalize), bool(truncate), add_special, parse_special,
                concurrent.futures.Future())
         with self._lock:
@@ -315,6 +328,19 @@ class AsyncEngine:
     def embed_sync(self, texts, *, normalize=True, truncate: bool = False,
                    add_special: bool = True, parse_special: bool = False) -> EmbedResult:
         return self._submit_embed(texts, normalize, truncate, add_special, parse_special).result()
+
+    async def rerank(self, query: str, documents, *, truncate: bool = False) -> EmbedResult:
+        """Score ``documents`` against ``query`` (see llamagen.rerank) on the engine thread: an
+        EmbedResult whose vectors hold the head's outputs per document (column 0: the score)."""
+        return await asyncio.wrap_future(self._submit_rerank(query, documents, truncate))
+
+    def rerank_sync(self, query: str, documents, *, truncate: bool = False) -> EmbedResult:
+        return self._submit_rerank(query, documents, truncate).result()
+
+    def _submit_rerank(self, query, documents, truncate):
+        docs = _documents(query, documents)
+        items = _rerank_items(self.model, query, docs) if self.reranks else None
+        return self._submit_embed(items, False, truncate, False, False, rerank=True)
 
     def _run_embed(self, job) -> None:
         items, norm, truncate, add_special, parse_special, fut = job

@@ -282,3 +282,92 @@ def test_engine_embeds_on_its_thread(tiny_model, tiny_embed_ctx):
         assert not eng.embeddings
         with pytest.raises(llamagen.LlamaError, match="embeddings=True"):
             eng.embed_sync(["x"])
+
+
+# -- rerankers (pooling "rank") -------------------------------------------------------------------
+
+RERANK_TEMPLATE = "Query: {query} Document: {document}"
+DOCS = ["the doc is here", "nothing", "a cat sat on the mat", "rivers and hills", "hello world"]
+
+
+@pytest.fixture(scope="module")
+def reranker_path(make_tiny_model):
+    # shaped like llama.cpp's conversion of Qwen3-Reranker: a two-label head ("yes", "no") that
+    # llama.cpp softmaxes, rank pooling in the GGUF, a "rerank" template, no BOS
+    return make_tiny_model(arch="qwen3", cls_labels=["yes", "no"], pooling=4, add_bos=False,
+                           rerank_template=RERANK_TEMPLATE)
+
+
+def rerank_reference(model_path, query, docs, n_labels):
+    """Head outputs from llama-embedding --pooling rank (pairs as 'query<TAB>document' lines).
+    It prints n_embd values per pair, only the first n_labels of which are the head's."""
+    unbuffered = ["stdbuf", "-o0"] if shutil.which("stdbuf") else []
+    cmd = [*unbuffered, llama_embedding_exe(), "-m", str(model_path), "-p",
+           "\n".join(f"{query}\t{d}" for d in docs), "--pooling", "rank", "--embd-normalize", "-1",
+           "--embd-output-format", "json", "-t", "2", "-c", "512"]
+    for _ in range(15):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        try:
+            data = json.loads(out.stdout[out.stdout.index("{"):])["data"]
+        except ValueError:
+            continue
+        return np.array([d["embedding"][:n_labels] for d in sorted(data, key=lambda d: d["index"])],
+                        np.float32)
+    raise AssertionError("llama-embedding never printed whole JSON: " + out.stdout[-500:])
+
+
+def test_rerank_matches_llama_embedding(reranker_path):
+    with llamagen.Model(reranker_path) as model, \
+            llamagen.Context(model, n_ctx=512, n_batch=512, n_seq_max=8, embeddings=True) as ctx:
+        assert ctx.pooling == "rank"                      # the GGUF's own pooling
+        scores = llamagen.rerank(ctx, "hello world", DOCS)
+        d = llamagen.rerank(ctx, "hello world", DOCS, details=True)
+        with pytest.raises(ValueError, match="llamagen.rerank"):
+            llamagen.embed(ctx, DOCS)
+    ref = rerank_reference(reranker_path, "hello world", DOCS, 2)
+    assert scores.dtype == np.float32 and scores.shape == (len(DOCS),)
+    assert d.vectors.shape == (len(DOCS), 2)
+    np.testing.assert_allclose(d.vectors, ref, atol=1e-6)
+    np.testing.assert_allclose(d.vectors.sum(axis=1), 1.0, atol=1e-6)     # llama.cpp's softmax
+    assert np.array_equal(scores, d.vectors[:, 0])          # the first label, as llama-server
+    assert len(set(np.round(scores, 4).tolist())) == len(DOCS)
+
+
+def test_rerank_pair_format_without_template(make_tiny_model):
+    # no "rerank" template: [BOS] query [EOS] [SEP] document [EOS] where the vocabulary adds
+    # them (this vocabulary adds only BOS), query and document tokenized apart (llama-server)
+    path = make_tiny_model(arch="qwen3", cls_labels=["relevant"], pooling=4)
+    with llamagen.Model(path) as model:
+        toks = llamagen._core._rerank_tokens(model, "hello there", "the world")
+        assert toks == ([model.bos] + model.tokenize("hello there", add_special=False)
+                        + model.tokenize("the world", add_special=False))
+        with llamagen.Context(model, n_ctx=256, n_batch=256, n_seq_max=4, embeddings=True,
+                              pooling="rank") as ctx:
+            d = llamagen.rerank(ctx, "hello there", ["the world", "x"], details=True)
+            alone = llamagen.rerank(ctx, "hello there", ["the world"])
+    assert d.n_tokens[0] == len(toks) and d.vectors.shape == (2, 1)
+    assert abs(float(alone[0]) - float(d.vectors[0, 0])) < 1e-5
+
+
+def test_rerank_bad_input(tiny_model, tiny_embed_ctx, reranker_path):
+    with pytest.raises(ValueError, match="needs a reranker"):
+        llamagen.Context(tiny_model, n_ctx=256, n_batch=256, n_seq_max=2, embeddings=True,
+                         pooling="rank")
+    with pytest.raises(ValueError, match="pooling='rank'"):
+        llamagen.rerank(tiny_embed_ctx, "q", ["d"])
+    with llamagen.Model(reranker_path) as model, \
+            llamagen.Context(model, n_ctx=64, n_batch=64, n_seq_max=2, embeddings=True) as ctx:
+        with pytest.raises(ValueError, match="empty"):
+            llamagen.rerank(ctx, "q", [])
+        with pytest.raises(TypeError, match="list of texts"):
+            llamagen.rerank(ctx, "q", "one document")
+        with pytest.raises(TypeError, match=r"documents\[1\]"):
+            llamagen.rerank(ctx, "q", ["fine", 3])
+        with pytest.raises(TypeError, match="query"):
+            llamagen.rerank(ctx, b"q", ["d"])
+        long = " ".join(["word"] * 100)
+        with pytest.raises(llamagen.PromptTooLongError, match="text 1"):
+            llamagen.rerank(ctx, "q", ["short", long])
+        r = llamagen.rerank(ctx, "q", ["short", long], truncate=True, details=True)
+        assert r.truncated == [False, True] and r.n_tokens[1] == 64

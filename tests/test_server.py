@@ -826,3 +826,62 @@ def test_too_long_embedding_input_is_400(smol_embed):
 def test_embeddings_need_the_flag(tiny):
     err = assert_openai_error(post(tiny, "/v1/embeddings", {"input": "x"}), 501)
     assert "--embeddings" in err["message"]
+    err = assert_openai_error(post(tiny, "/v1/rerank", {"query": "q", "documents": ["d"]}), 501)
+    assert "--pooling rank" in err["message"]
+
+
+# -- rerank ----------------------------------------------------------------------------------------
+
+RERANK_DOCS = ["the doc is here", "nothing", "a cat sat on the mat", "rivers and hills",
+               "hello world"]
+
+
+@pytest.fixture(scope="module")
+def reranker(make_tiny_model, tmp_path_factory):
+    # shaped like llama.cpp's conversion of Qwen3-Reranker (tests/test_embeddings.py)
+    path = make_tiny_model(arch="qwen3", cls_labels=["yes", "no"], pooling=4, add_bos=False,
+                           rerank_template="Query: {query} Document: {document}")
+    srv = Server(["--model", path, "--ctx-size", 512, "--parallel", 1, "--threads", 1,
+                  "--embeddings", "--pooling", "rank", "--embed-batch-size", 256],
+                 tmp_path_factory.mktemp("srv") / "reranker.log")
+    srv.model_path = path
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+def test_rerank_endpoint(reranker):
+    body = {"query": "hello world", "documents": RERANK_DOCS}
+    r = post(reranker, "/v1/rerank", {**body, "top_n": 3, "return_documents": True})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    with llamagen.Model(reranker.model_path) as m, \
+            llamagen.Context(m, n_ctx=256, n_batch=256, n_seq_max=64, embeddings=True,
+                             n_threads=1) as ctx:
+        ref = llamagen.rerank(ctx, "hello world", RERANK_DOCS, details=True)
+    scores = ref.vectors[:, 0]
+    order = sorted(range(len(RERANK_DOCS)), key=lambda i: -scores[i])
+    assert out["object"] == "list" and len(out["results"]) == 3
+    assert [x["index"] for x in out["results"]] == order[:3]
+    for x in out["results"]:
+        assert abs(x["relevance_score"] - float(scores[x["index"]])) < 1e-6
+        assert x["document"] == {"text": RERANK_DOCS[x["index"]]}
+    assert out["usage"]["prompt_tokens"] == ref.total_tokens
+    # llama-server's other paths; all documents without top_n, no document texts by default
+    every = post(reranker, "/rerank", body).json()["results"]
+    assert [x["index"] for x in every] == order and "document" not in every[0]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"query": "q", "documents": []}, "documents"),
+    ({"query": "q", "documents": ["a"], "top_n": 0}, "top_n"),
+    ({"query": "q", "documents": ["a", 5]}, None),
+    ({"documents": ["a"]}, None),
+    ({"query": "q", "documents": ["ok", "word " * 400]}, "documents"),
+])
+def test_bad_rerank_requests_are_400(reranker, body, param):
+    assert_openai_error(post(reranker, "/v1/rerank", body), 400, param)
+
+
+def test_reranker_server_does_not_embed(reranker):
+    err = assert_openai_error(post(reranker, "/v1/embeddings", {"input": "x"}), 501)
+    assert "/v1/rerank" in err["message"]

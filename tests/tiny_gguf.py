@@ -99,13 +99,18 @@ def write_tiny_gguf(
     add_bos: bool = True,
     add_space_prefix: bool = True,
     dtype: str = "f32",
+    cls_labels: list[str] | None = None,
+    pooling: int | None = None,
+    rerank_template: str | None = None,
 ) -> Path:
     """Write a tiny model to ``path`` and return it as a Path.
 
     ``arch`` is written as general.architecture and as the prefix of the hyper-parameter keys, so
     an unknown name gives a well-formed GGUF that llama.cpp refuses ("unknown model architecture").
     ``dtype="f16"`` stores the 2-D weights as F16 (norms stay F32, as converted models have them);
-    the default "f32" stores everything as F32.  For K-quants (``llamagen.quantize`` to Q4_K_M,
+    the default "f32" stores everything as F32.  ``arch="qwen3"`` adds its per-head q/k norms;
+    ``cls_labels`` adds a classifier head (``cls.output``, one row per label: a reranker with
+    ``pooling=4``, llama.cpp's RANK), ``rerank_template`` the GGUF's "rerank" chat template.  For K-quants (``llamagen.quantize`` to Q4_K_M,
     ...) every weight's row length must be a multiple of 256: use e.g. n_embd=256, n_ff=512
     (``QUANTIZABLE`` below), otherwise llama.cpp falls back to other types for those tensors.
     """
@@ -143,6 +148,12 @@ def write_tiny_gguf(
     w.add_add_space_prefix(add_space_prefix)
     if chat_template is not None:
         w.add_chat_template(chat_template)
+    if rerank_template is not None:
+        w.add_string("tokenizer.chat_template.rerank", rerank_template)
+    if pooling is not None:
+        w.add_uint32(f"{arch}.pooling_type", pooling)
+    if cls_labels:
+        w.add_array(f"{arch}.classifier.output_labels", list(cls_labels))
 
     # numpy shape is (rows, cols) = GGUF (ne1, ne0): a weight of ggml shape {n_in, n_out} is
     # written as an array of shape (n_out, n_in).
@@ -154,12 +165,17 @@ def write_tiny_gguf(
         w.add_tensor(p + "attn_k.weight", _weights(rng, n_embd_kv, n_embd, dtype=wt))
         w.add_tensor(p + "attn_v.weight", _weights(rng, n_embd_kv, n_embd, dtype=wt))
         w.add_tensor(p + "attn_output.weight", _weights(rng, n_embd, n_embd, dtype=wt))
+        if arch == "qwen3":
+            w.add_tensor(p + "attn_q_norm.weight", np.ones(head_dim, dtype=np.float32))
+            w.add_tensor(p + "attn_k_norm.weight", np.ones(head_dim, dtype=np.float32))
         w.add_tensor(p + "ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
         w.add_tensor(p + "ffn_gate.weight", _weights(rng, n_ff, n_embd, dtype=wt))
         w.add_tensor(p + "ffn_up.weight", _weights(rng, n_ff, n_embd, dtype=wt))
         w.add_tensor(p + "ffn_down.weight", _weights(rng, n_embd, n_ff, dtype=wt))
     w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
     w.add_tensor("output.weight", _weights(rng, n_vocab, n_embd, scale=0.5, dtype=wt))
+    if cls_labels:
+        w.add_tensor("cls.output.weight", _weights(rng, len(cls_labels), n_embd, dtype=wt))
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

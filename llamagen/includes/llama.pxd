@@ -243,6 +243,7 @@ cdef extern from "llama.h" nogil:
     int32_t llama_model_n_embd(const llama_model * model)
     int32_t llama_model_n_embd_out(const llama_model * model)
     uint32_t llama_model_n_cls_out(const llama_model * model)
+    const char * llama_model_cls_label(const llama_model * model, uint32_t i)
     llama_pooling_type llama_get_pooling_type "llama_pooling_type"(const llama_context * ctx)
     int32_t llama_model_n_layer(const llama_model * model)
     int32_t llama_model_n_head(const llama_model * model)
@@ -315,6 +316,7 @@ cdef extern from "llama.h" nogil:
     llama_token llama_vocab_pad(const llama_vocab * vocab)
     bint llama_vocab_get_add_bos(const llama_vocab * vocab)
     bint llama_vocab_get_add_eos(const llama_vocab * vocab)
+    bint llama_vocab_get_add_sep(const llama_vocab * vocab)
 
     int32_t llama_tokenize(const llama_vocab * vocab, const char * text, int32_t text_len,
                            llama_token * tokens, int32_t n_tokens_max, bint add_special,

@@ -1,4 +1,5 @@
-"""OpenAI's /v1/embeddings (a server started with --embeddings)."""
+"""OpenAI's /v1/embeddings and llama-server's /v1/rerank (a server started with --embeddings;
+--pooling rank and a reranker model for /v1/rerank)."""
 from __future__ import annotations
 
 import base64
@@ -10,7 +11,7 @@ from llamagen.errors import PromptTooLongError
 from llamagen.server.app import get_engine, get_state
 from llamagen.server.auth import require_api_key
 from llamagen.server.errors import InvalidRequest, NotServed
-from llamagen.server.models import EmbeddingRequest
+from llamagen.server.models import EmbeddingRequest, RerankRequest
 from llamagen.server.translate import engine_error
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -36,6 +37,9 @@ async def embeddings(body: EmbeddingRequest, request: Request, engine=Depends(ge
     if not getattr(engine, "embeddings", False):
         raise NotServed("this server does not compute embeddings: start it with "
                         "`llamagen serve --embeddings`", code="embeddings_not_enabled")
+    if getattr(engine, "reranks", False):
+        raise NotServed("this server reranks (--pooling rank): use /v1/rerank",
+                        code="embeddings_not_enabled")
     fmt = body.encoding_format or "float"
     if fmt not in ("float", "base64"):
         raise InvalidRequest(f"encoding_format must be 'float' or 'base64', got {fmt!r}",
@@ -60,4 +64,39 @@ async def embeddings(body: EmbeddingRequest, request: Request, engine=Depends(ge
         data.append({"object": "embedding", "index": i, "embedding": vec})
     n = res.total_tokens
     return {"object": "list", "data": data, "model": st.model_name,
+            "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+
+@router.post("/v1/rerank")
+@router.post("/v1/reranking", include_in_schema=False)
+@router.post("/rerank", include_in_schema=False)
+@router.post("/reranking", include_in_schema=False)
+async def rerank(body: RerankRequest, request: Request, engine=Depends(get_engine)):
+    st = get_state(request)
+    if not getattr(engine, "reranks", False):
+        raise NotServed("this server does not rerank: start it with `llamagen serve --embeddings "
+                        "--pooling rank` and a reranker model", code="rerank_not_enabled")
+    if not body.documents:
+        raise InvalidRequest("documents must not be empty", param="documents")
+    if body.top_n is not None and body.top_n < 1:
+        raise InvalidRequest(f"top_n must be at least 1, got {body.top_n}", param="top_n")
+    try:
+        res = await engine.rerank(body.query, body.documents)
+    except (ValueError, TypeError) as e:    # about one pair: "text i: ..." -> "documents[i]: ..."
+        msg = re.sub(r"^text (\d+)", r"documents[\1]", str(e))
+        code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
+        raise InvalidRequest(msg, param="documents", code=code) from None
+    except Exception as e:  # noqa: BLE001 - translated (the engine closed)
+        raise engine_error(e, {}, "documents") from None
+    results = []
+    for i, row in enumerate(res.vectors):
+        r = {"index": i, "relevance_score": float(row[0])}
+        if body.return_documents:
+            r["document"] = {"text": body.documents[i]}
+        results.append(r)
+    results.sort(key=lambda r: -r["relevance_score"])      # stable: ties keep input order
+    if body.top_n is not None:
+        results = results[:body.top_n]
+    n = res.total_tokens
+    return {"model": st.model_name, "object": "list", "results": results,
             "usage": {"prompt_tokens": n, "total_tokens": n}}

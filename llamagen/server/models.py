@@ -146,6 +146,15 @@ class EmbeddingRequest(_Body):
     user: Optional[str] = None
 
 
+class RerankRequest(_Body):
+    """llama-server's /v1/rerank (Jina's and Cohere's shape)."""
+    query: str
+    documents: List[str]
+    model: Optional[str] = None
+    top_n: Optional[int] = None
+    return_documents: bool = False
+
+
 class TokenizeRequest(_Body):
     content: str
     add_special: bool = False        # llama-server's defaults
