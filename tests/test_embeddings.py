@@ -282,6 +282,13 @@ def test_engine_embeds_on_its_thread(tiny_model, tiny_embed_ctx):
         assert not eng.embeddings
         with pytest.raises(llamagen.LlamaError, match="embeddings=True"):
             eng.embed_sync(["x"])
+        with pytest.raises(llamagen.LlamaError, match="embeddings=True"):
+            eng.rerank_sync("q", ["x"])
+    with llamagen.AsyncEngine(tiny_model, n_ctx=256, n_parallel=1, n_threads=1, embeddings=True,
+                              pooling="mean", embed_batch=256) as eng:
+        assert eng.embeddings and not eng.reranks
+        with pytest.raises(ValueError, match="pooling='rank'"):
+            eng.rerank_sync("q", ["x"])
 
 
 # -- rerankers (pooling "rank") -------------------------------------------------------------------
@@ -332,6 +339,23 @@ def test_rerank_matches_llama_embedding(reranker_path):
     np.testing.assert_allclose(d.vectors.sum(axis=1), 1.0, atol=1e-6)     # llama.cpp's softmax
     assert np.array_equal(scores, d.vectors[:, 0])          # the first label, as llama-server
     assert len(set(np.round(scores, 4).tolist())) == len(DOCS)
+
+
+def test_engine_reranks_on_its_thread(reranker_path):
+    import asyncio
+    with llamagen.Model(reranker_path) as model:
+        with llamagen.Context(model, n_ctx=256, n_batch=256, n_seq_max=64, embeddings=True) as ctx:
+            ref = llamagen.rerank(ctx, "hello world", DOCS)
+        with llamagen.AsyncEngine(model, n_ctx=512, n_parallel=2, n_threads=1, embeddings=True,
+                                  pooling="rank", embed_batch=256) as eng:
+            assert eng.reranks
+            r = asyncio.run(eng.rerank("hello world", DOCS))
+            assert np.allclose(r.vectors[:, 0], ref, atol=1e-6)
+            assert eng.rerank_sync("hello world", DOCS[:2]).vectors.shape == (2, 2)
+            with pytest.raises(ValueError, match="rerank"):
+                eng.embed_sync(["x"])
+            with pytest.raises(TypeError, match=r"documents\[0\]"):
+                eng.rerank_sync("q", [None])
 
 
 def test_rerank_pair_format_without_template(make_tiny_model):
