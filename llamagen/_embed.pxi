@@ -11,7 +11,7 @@
 # the decode's texts, and llama.cpp keeps a logits row per token (n_vocab floats) even for pooled
 # embeddings, so a decode's cost grows faster than its tokens.  Measured (2 threads, mean pooling,
 # n_batch 4096 vs 512 per decode): gemma3-270m 181 -> 267 tokens/s on short texts and 127 -> 243 on
-# ~200-token ones; a 33M bge-small-shaped model 1,780 -> 2,320 (short), 256-1024 within 2%.
+# ~200-token ones; a 33M bge-small-shaped model 1,780 -> 2,320 (short); 256, 512 and 1024 within 4%.
 cdef enum:
     EMBED_PACK_TOKENS = 512
 

@@ -60,27 +60,42 @@ def embed(ctx: Context, texts, *, normalize=True, truncate: bool = False, detail
     index and length, or is cut to fit with ``truncate=True``.  ``details=True`` returns an
     EmbedResult with the token counts and which texts were cut.
     """
-    if isinstance(texts, (str, bytes)):
-        raise TypeError("texts must be a list of texts, got one " + type(texts).__name__
-                        + " (wrap it in a list)")
-    try:
-        items = list(texts)
-    except TypeError:
-        raise TypeError(f"texts must be a list of texts, got {type(texts).__name__}") from None
-    if not items:
-        raise ValueError("texts is empty: nothing to embed")
-    if truncate is not True and truncate is not False:
-        raise TypeError(f"truncate must be True or False, got {truncate!r}")
-    if isinstance(ctx, Context) and ctx.embeddings and ctx.pooling == "rank":
-        raise ValueError("this context pools with rank (a reranker's classification head): "
-                         "score (query, document) pairs with llamagen.rerank")
-    from llamagen.generation import _exclusive
-    with _exclusive(ctx):
-        vectors, n_tokens, cut = _core._embed(ctx, items, _norm_code(normalize), truncate,
-                                              add_special, parse_special)
+    items = _text_list(texts, "texts", "embed")
+    vectors, n_tokens, cut = _embed_items(ctx, items, _norm_code(normalize), truncate,
+                                          add_special, parse_special)
     if details:
         return EmbedResult(vectors, n_tokens, cut)
     return vectors
+
+
+def _text_list(texts, name: str, verb: str) -> list:
+    """``texts`` as a non-empty list (one str or bytes is refused: a list of its characters is
+    never what was meant)."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{name} must be a list of texts, got one {type(texts).__name__} "
+                        "(wrap it in a list)")
+    try:
+        items = list(texts)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of texts, got {type(texts).__name__}") from None
+    if not items:
+        raise ValueError(f"{name} is empty: nothing to {verb}")
+    return items
+
+
+def _embed_items(ctx, items, norm: int, truncate, add_special, parse_special, rank=False):
+    """_core._embed with the whole call owning the context (embed, map_embed, rerank); a rank
+    (reranker) context only for rerank's pairs, and the other way round."""
+    if truncate is not True and truncate is not False:
+        raise TypeError(f"truncate must be True or False, got {truncate!r}")
+    if isinstance(ctx, Context) and ctx.embeddings and (ctx.pooling == "rank") != rank:
+        raise ValueError("this context pools with rank (a reranker's classification head): score "
+                         "(query, document) pairs with llamagen.rerank" if not rank else
+                         "rerank needs a reranker context: Context(model, embeddings=True, "
+                         "pooling='rank')")
+    from llamagen.generation import _exclusive
+    with _exclusive(ctx):
+        return _core._embed(ctx, items, norm, truncate, add_special, parse_special)
 
 
 def rerank(ctx: Context, query: str, documents, *, truncate: bool = False, details: bool = False):
@@ -97,42 +112,22 @@ def rerank(ctx: Context, query: str, documents, *, truncate: bool = False, detai
     """
     if not isinstance(ctx, Context):
         raise TypeError(f"ctx must be a llamagen.Context, got {type(ctx).__name__}")
-    docs = _documents(query, documents)
-    if truncate is not True and truncate is not False:
-        raise TypeError(f"truncate must be True or False, got {truncate!r}")
-    if not ctx.embeddings or ctx.pooling != "rank":
+    if not ctx.embeddings:
         raise ValueError("rerank needs a reranker context: Context(model, embeddings=True, "
-                         "pooling='rank')" + ("" if ctx.embeddings else
-                                              " (this one is not an embedding context)"))
-    items = _rerank_items(ctx.model, query, docs)
-    from llamagen.generation import _exclusive
-    with _exclusive(ctx):
-        vectors, n_tokens, cut = _core._embed(ctx, items, -1, truncate, False, False)
+                         "pooling='rank') (this one is not an embedding context)")
+    items = _rerank_items(ctx.model, query, documents)
+    vectors, n_tokens, cut = _embed_items(ctx, items, -1, truncate, False, False, rank=True)
     if details:
         return EmbedResult(vectors, n_tokens, cut)
     return np.ascontiguousarray(vectors[:, 0])
 
 
-def _documents(query, documents) -> list:
-    """rerank's arguments checked: the documents as a non-empty list."""
+def _rerank_items(model, query, documents) -> list:
+    """The token ids of every (query, document) pair, formatted as llama-server does."""
     if not isinstance(query, str):
         raise TypeError(f"query must be str, got {type(query).__name__}")
-    if isinstance(documents, (str, bytes)):
-        raise TypeError("documents must be a list of texts, got one " + type(documents).__name__
-                        + " (wrap it in a list)")
-    try:
-        docs = list(documents)
-    except TypeError:
-        raise TypeError(f"documents must be a list of texts, got {type(documents).__name__}") from None
-    if not docs:
-        raise ValueError("documents is empty: nothing to rerank")
-    return docs
-
-
-def _rerank_items(model, query: str, docs: list) -> list:
-    """The token ids of every (query, document) pair, formatted as llama-server does."""
     items = []
-    for i, d in enumerate(docs):
+    for i, d in enumerate(_text_list(documents, "documents", "rerank")):
         try:
             items.append(_core._rerank_tokens(model, query, d))
         except TypeError as e:
@@ -166,7 +161,7 @@ def map_embed(ctx: Context, iterable: Iterable, *, batch_size: int = 64, progres
             if not chunk:
                 return
             try:
-                vectors, _, _ = _core._embed(ctx, chunk, code, truncate, add_special, parse_special)
+                vectors, _, _ = _embed_items(ctx, chunk, code, truncate, add_special, parse_special)
             except (ValueError, TypeError) as e:
                 raise _reindex(e, base) from None
             for v in vectors:

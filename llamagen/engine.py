@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from llamagen._core import BatchGenerator, Context, Model, _check_grammar, _embed
-from llamagen.embeddings import EmbedResult, _documents, _norm_code, _rerank_items
+from llamagen.embeddings import EmbedResult, _norm_code, _rerank_items, _text_list
 from llamagen._util import check_prompt
 from llamagen.errors import EngineClosedError, LlamaError, PromptTooLongError, QueueFullError
 from llamagen.generation import check_n, seeded
@@ -293,7 +293,7 @@ class AsyncEngine:
         """Whether this engine's embedding context is a reranker's (pooling "rank")."""
         return self._ectx is not None and self._ectx.pooling == "rank"
 
-    def _submit_embed(self, texts, normalize, truncate, add_special, parse_special, rerank=False):
+    def _check_embed(self, rerank: bool) -> None:
         if self._ectx is None:
             raise LlamaError("this engine was made without embeddings=True")
         if rerank != self.reranks:
@@ -301,16 +301,15 @@ class AsyncEngine:
                              "document) pairs with rerank()" if self.reranks else
                              "rerank needs an engine made with embeddings=True, pooling='rank' "
                              "(a reranker model)")
-        if rerank:
-            items = texts                       # token ids of the pairs (_rerank_items)
-        else:
-            if isinstance(texts, (str, bytes)):
-                raise TypeError("texts must be a list of texts, got one " + type(texts).__name__)
-            items = list(texts)
-            if not items:
-                raise ValueError("texts is empty: nothing to embed")
-        job = (items, _norm_code(normalize), bool(truncate), add_special, parse_special,
-               concurrent.futures.Future())
+
+    def _submit_embed(self, texts, normalize, truncate, add_special, parse_special):
+        self._check_embed(rerank=False)
+        return self._queue_embed(_text_list(texts, "texts", "embed"), _norm_code(normalize),
+                                 truncate, add_special, parse_special)
+
+    def _queue_embed(self, items, norm, truncate, add_special, parse_special):
+        """An embedding job (token ids or texts) for the engine thread: a Future."""
+        job = (items, norm, bool(truncate), add_special, parse_special, concurrent.futures.Future())
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
@@ -338,9 +337,9 @@ class AsyncEngine:
         return self._submit_rerank(query, documents, truncate).result()
 
     def _submit_rerank(self, query, documents, truncate):
-        docs = _documents(query, documents)
-        items = _rerank_items(self.model, query, docs) if self.reranks else None
-        return self._submit_embed(items, False, truncate, False, False, rerank=True)
+        self._check_embed(rerank=True)
+        return self._queue_embed(_rerank_items(self.model, query, documents), -1, truncate,
+                                 False, False)
 
     def _run_embed(self, job) -> None:
         items, norm, truncate, add_special, parse_special, fut = job

@@ -78,6 +78,13 @@ def _int(name, value, lo=INT32_MIN, hi=INT32_MAX, what=None):
     return value
 
 
+def _flag(name, value) -> bool:
+    """True or False (numpy's bools and 0/1 too); bool("no") is True, so a str is refused."""
+    if isinstance(value, str) or not (_is_bool(value) or value in (0, 1)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _text(name, value):
     """``value`` (a str) unless it cannot be UTF-8 (a lone surrogate): ValueError naming it."""
     try:
@@ -216,11 +223,7 @@ class SamplingParams:
                 b = _num(f"logit_bias for token {tok}", b, what=what)
             clean.append((tok, float(b)))
         s(self, "logit_bias", tuple(clean))
-        if isinstance(self.ignore_eos, str) or not _is_bool(self.ignore_eos) and \
-                self.ignore_eos not in (True, False):
-            # bool("no") is True: only a real truth value is taken
-            raise TypeError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
-        s(self, "ignore_eos", bool(self.ignore_eos))
+        s(self, "ignore_eos", _flag("ignore_eos", self.ignore_eos))
         s(self, "min_keep", _int("min_keep", self.min_keep, 0, INT32_MAX, "an int from 0 to 2**31 - 1"))
         s(self, "dynatemp_range", _num("dynatemp_range", self.dynatemp_range, 0.0, math.inf))
         s(self, "dynatemp_exponent", _num("dynatemp_exponent", self.dynatemp_exponent))
@@ -257,9 +260,7 @@ class SamplingParams:
             s(self, "logprobs", _int("logprobs", self.logprobs, 0, MAX_LOGPROBS,
                                      f"None (off) or an int from 0 to {MAX_LOGPROBS} (alternatives "
                                      "per token)"))
-        if isinstance(self.json_object, str) or self.json_object not in (True, False):
-            raise TypeError(f"json_object must be True or False, got {self.json_object!r}")
-        s(self, "json_object", bool(self.json_object))
+        s(self, "json_object", _flag("json_object", self.json_object))
         schema_grammar = None
         if self.json_schema is not None or self.json_object:
             from llamagen import structured

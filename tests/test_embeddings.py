@@ -39,10 +39,17 @@ def reference(model_path, texts, pooling, normalize=2):
     Its output goes through common_log's worker thread, which the process may end while that
     thread still writes: the JSON sometimes comes back cut short (measured: about half the runs
     on the tiny model).  Unbuffered stdout and a retry until the JSON is whole."""
+    data = llama_embedding_json(model_path, "\n".join(texts), "--pooling", pooling,
+                                "--embd-normalize", str(normalize), "-c", "2048")
+    assert len(data) == len(texts)
+    return np.array(data, np.float32)
+
+
+def llama_embedding_json(model_path, prompt, *args):
+    """The "embedding" arrays llama-embedding prints as JSON for ``prompt``, in input order."""
     unbuffered = ["stdbuf", "-o0"] if shutil.which("stdbuf") else []
-    cmd = [*unbuffered, llama_embedding_exe(), "-m", str(model_path), "-p", "\n".join(texts),
-           "--pooling", pooling, "--embd-normalize", str(normalize), "--embd-output-format", "json",
-           "-t", "2", "-c", "2048"]
+    cmd = [*unbuffered, llama_embedding_exe(), "-m", str(model_path), "-p", prompt,
+           "--embd-output-format", "json", "-t", "2", *args]
     for _ in range(15):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
@@ -50,8 +57,7 @@ def reference(model_path, texts, pooling, normalize=2):
             data = json.loads(out.stdout[out.stdout.index("{"):])["data"]
         except ValueError:
             continue
-        assert len(data) == len(texts)
-        return np.array([d["embedding"] for d in sorted(data, key=lambda d: d["index"])], np.float32)
+        return [d["embedding"] for d in sorted(data, key=lambda d: d["index"])]
     raise AssertionError("llama-embedding never printed whole JSON: " + out.stdout[-500:])
 
 
@@ -308,20 +314,10 @@ def reranker_path(make_tiny_model):
 def rerank_reference(model_path, query, docs, n_labels):
     """Head outputs from llama-embedding --pooling rank (pairs as 'query<TAB>document' lines).
     It prints n_embd values per pair, only the first n_labels of which are the head's."""
-    unbuffered = ["stdbuf", "-o0"] if shutil.which("stdbuf") else []
-    cmd = [*unbuffered, llama_embedding_exe(), "-m", str(model_path), "-p",
-           "\n".join(f"{query}\t{d}" for d in docs), "--pooling", "rank", "--embd-normalize", "-1",
-           "--embd-output-format", "json", "-t", "2", "-c", "512"]
-    for _ in range(15):
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        try:
-            data = json.loads(out.stdout[out.stdout.index("{"):])["data"]
-        except ValueError:
-            continue
-        return np.array([d["embedding"][:n_labels] for d in sorted(data, key=lambda d: d["index"])],
-                        np.float32)
-    raise AssertionError("llama-embedding never printed whole JSON: " + out.stdout[-500:])
+    data = llama_embedding_json(model_path, "\n".join(f"{query}\t{d}" for d in docs),
+                                "--pooling", "rank", "--embd-normalize", "-1", "-c", "512")
+    assert len(data) == len(docs)
+    return np.array([row[:n_labels] for row in data], np.float32)
 
 
 def test_rerank_matches_llama_embedding(reranker_path):

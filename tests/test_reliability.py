@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import random
 import struct
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -23,22 +21,10 @@ from hypothesis import strategies as st
 
 import llamagen
 from llamagen import GrammarError
+from script_util import run_script
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 LONG = os.environ.get("LLAMAGEN_FUZZ_LONG") == "1"
 EXAMPLES = 2000 if LONG else 150
-
-
-def run_script(body, timeout=300, **names):
-    """Run ``body`` in a fresh interpreter with ``names`` bound; returns (rc, output)."""
-    head = "import llamagen, threading, time, random, sys\n" + "".join(
-        f"{k} = {v!r}\n" for k, v in names.items())
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    # (the script goes through stdin: a 300,000-rule grammar is past the argument size limit)
-    p = subprocess.run([sys.executable, "-"], input=head + textwrap.dedent(body),
-                       capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    return p.returncode, p.stdout + p.stderr
 
 
 @pytest.fixture(scope="module")

@@ -3,26 +3,13 @@ answer.  Races and would-be aborts run in a subprocess, so a regression fails th
 of taking the test run down."""
 import os
 import stat
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
 import llamagen
 from llamagen import GrammarError, LlamaError
+from script_util import run_script
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-
-
-def run_script(body, model_path, timeout=240):
-    """Run ``body`` in a fresh interpreter with ``MODEL`` bound; returns (rc, output)."""
-    src = "import llamagen, threading, time, random\nMODEL = %r\n" % str(model_path) + textwrap.dedent(body)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, timeout=timeout,
-                       env=env, cwd=ROOT)
-    return p.returncode, p.stdout + p.stderr
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +73,7 @@ def test_a_repetition_whose_maximum_is_below_its_minimum_is_refused(tiny_model_p
             llamagen.generate(c, "hi", grammar='root ::= [a-z]{2,1}', max_new_tokens=2)
         except llamagen.GrammarError as e:
             print("GrammarError:", e)
-    """, tiny_model_path, timeout=120)
+    """, MODEL=str(tiny_model_path), timeout=120)
     assert rc == 0, out
     assert "GrammarError: the grammar does not parse: repetition {2,1}" in out
 
@@ -128,7 +115,7 @@ def test_end_while_another_thread_steps(tiny_model_path):
             st.end()
             t.join()
         print("ok")
-    """, tiny_model_path)
+    """, MODEL=str(tiny_model_path), timeout=240)
     assert rc == 0 and "ok" in out, out
 
 
@@ -148,7 +135,7 @@ def test_batch_cancel_while_another_thread_steps(tiny_model_path):
                 bg.forget(i)
             t.join()
         print("ok")
-    """, tiny_model_path)
+    """, MODEL=str(tiny_model_path), timeout=240)
     assert rc == 0 and "ok" in out, out
 
 
@@ -172,7 +159,7 @@ def test_model_close_while_another_thread_uses_it(tiny_model_path):
             t.join()
             assert all("closed" in e for e in errors), errors
         print("ok")
-    """, tiny_model_path)
+    """, MODEL=str(tiny_model_path), timeout=240)
     assert rc == 0 and "ok" in out, out
 
 

@@ -31,6 +31,19 @@ def _inputs(inp) -> list:
     return list(inp)
 
 
+async def _engine_call(call, param: str):
+    """Await an embedding job; an error about one item ("text i: ...") becomes a 400 naming
+    ``param[i]``, anything else (the engine closed) its usual translation."""
+    try:
+        return await call
+    except (ValueError, TypeError) as e:
+        msg = re.sub(r"^text (\d+)", lambda m: f"{param}[{m.group(1)}]", str(e))
+        code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
+        raise InvalidRequest(msg, param=param, code=code) from None
+    except Exception as e:  # noqa: BLE001 - translated (the engine closed)
+        raise engine_error(e, {}, param) from None
+
+
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request, engine=Depends(get_engine)):
     st = get_state(request)
@@ -49,14 +62,7 @@ async def embeddings(body: EmbeddingRequest, request: Request, engine=Depends(ge
     if body.dimensions is not None and body.dimensions != n_embd:
         raise InvalidRequest(f"dimensions: this model's embeddings have {n_embd} dimensions "
                              "(shortening is not supported)", param="dimensions")
-    try:
-        res = await engine.embed(texts)
-    except (ValueError, TypeError) as e:    # about one text: "text i: ..." -> "input[i]: ..."
-        msg = re.sub(r"^text (\d+)", r"input[\1]", str(e))
-        code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
-        raise InvalidRequest(msg, param="input", code=code) from None
-    except Exception as e:  # noqa: BLE001 - translated (the engine closed)
-        raise engine_error(e, {}, "input") from None
+    res = await _engine_call(engine.embed(texts), "input")
     data = []
     for i, v in enumerate(res.vectors):
         vec = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if fmt == "base64" \
@@ -80,14 +86,7 @@ async def rerank(body: RerankRequest, request: Request, engine=Depends(get_engin
         raise InvalidRequest("documents must not be empty", param="documents")
     if body.top_n is not None and body.top_n < 1:
         raise InvalidRequest(f"top_n must be at least 1, got {body.top_n}", param="top_n")
-    try:
-        res = await engine.rerank(body.query, body.documents)
-    except (ValueError, TypeError) as e:    # about one pair: "text i: ..." -> "documents[i]: ..."
-        msg = re.sub(r"^text (\d+)", r"documents[\1]", str(e))
-        code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
-        raise InvalidRequest(msg, param="documents", code=code) from None
-    except Exception as e:  # noqa: BLE001 - translated (the engine closed)
-        raise engine_error(e, {}, "documents") from None
+    res = await _engine_call(engine.rerank(body.query, body.documents), "documents")
     results = []
     for i, row in enumerate(res.vectors):
         r = {"index": i, "relevance_score": float(row[0])}

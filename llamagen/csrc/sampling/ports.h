@@ -105,22 +105,30 @@ static void port_temp_impl(Arr * cur_p, float temp) {
     }
 }
 
-static void port_softmax_impl(Arr * cur_p, bool do_sort) {
-    if (do_sort && !cur_p->sorted) {
-        port_partial_sort_inplace(cur_p, (int) cur_p->size);
-    }
+// p_i = expf(logit_i - max) into the candidates, summed in order in S: float for llama.cpp's
+// softmax, double for its dist sampler (the max is data[0]'s when the array is sorted)
+template <typename S>
+static S port_exp_fill(Arr * cur_p) {
     float max_l = cur_p->data[0].logit;
     if (!cur_p->sorted) {
         for (size_t i = 1; i < cur_p->size; ++i) {
             max_l = std::max(max_l, cur_p->data[i].logit);
         }
     }
-    float cum_sum = 0.0f;
+    S sum = 0;
     for (size_t i = 0; i < cur_p->size; ++i) {
         float p = expf(cur_p->data[i].logit - max_l);
         cur_p->data[i].p = p;
-        cum_sum += p;
+        sum += p;
     }
+    return sum;
+}
+
+static void port_softmax_impl(Arr * cur_p, bool do_sort) {
+    if (do_sort && !cur_p->sorted) {
+        port_partial_sort_inplace(cur_p, (int) cur_p->size);
+    }
+    const float cum_sum = port_exp_fill<float>(cur_p);
     for (size_t i = 0; i < cur_p->size; ++i) {
         cur_p->data[i].p /= cum_sum;
     }
@@ -172,18 +180,7 @@ static void port_dist(Arr * cur_p, std::mt19937 & rng) {
         cur_p->data[0].p = 1.0f;
         return;
     }
-    float max_l = cur_p->data[0].logit;
-    if (!cur_p->sorted) {
-        for (size_t i = 1; i < cur_p->size; ++i) {
-            max_l = std::max(max_l, cur_p->data[i].logit);
-        }
-    }
-    double sum_cum = 0.0f;
-    for (size_t i = 0; i < cur_p->size; ++i) {
-        float p = expf(cur_p->data[i].logit - max_l);
-        cur_p->data[i].p = p;
-        sum_cum += p;
-    }
+    const double sum_cum = port_exp_fill<double>(cur_p);
     const double rnd = dist(rng);
     double sum_run = 0.0f;
     const double sum_tgt = sum_cum * rnd;
