@@ -328,6 +328,8 @@ def test_rerank_matches_llama_embedding(reranker_path):
         d = llamagen.rerank(ctx, "hello world", DOCS, details=True)
         with pytest.raises(ValueError, match="llamagen.rerank"):
             llamagen.embed(ctx, DOCS)
+        with pytest.raises(ValueError, match="llamagen.rerank"):
+            list(llamagen.map_embed(ctx, DOCS))
     ref = rerank_reference(reranker_path, "hello world", DOCS, 2)
     assert scores.dtype == np.float32 and scores.shape == (len(DOCS),)
     assert d.vectors.shape == (len(DOCS), 2)
