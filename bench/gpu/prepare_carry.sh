@@ -4,8 +4,17 @@
 #
 #   .gpucarry/llama.cpp.tar.gz   the pinned, unpacked third_party/llama.cpp (with its pin marker,
 #                                so setup.py builds it without downloading anything); ~10 MB
-#   .gpucarry/wheels/*.whl       gguf (pure Python) and Cython for CPython 3.12 (the device's
-#                                python3); the device has numpy, pytest, cmake and ninja
+#   .gpucarry/wheels/*.whl       for CPython 3.12 (the device's python3): gguf and Cython (the
+#                                build), and what `llamagen serve` needs that the image lacks:
+#                                fastapi, starlette, pydantic, pydantic-core, annotated-types,
+#                                typing-inspection, uvicorn, opentelemetry-api (fastapi imports
+#                                it), typing-extensions (pydantic's minimum).  The image has numpy,
+#                                pytest, cmake, ninja, httpx, anyio, click, h11, annotated-doc and
+#                                prometheus-client (checked with `pip download` of fastapi and
+#                                uvicorn against the image's package list in the device notes)
+#                                And the test suite's API clients (openai, anthropic, jsonschema,
+#                                with what they need beyond the image), so the server tests run
+#                                there too; schemathesis (the fuzz test) stays behind.
 #
 # Checks that everything that travels (tracked and untracked-not-ignored files plus .gpucarry)
 # stays under the 64 MiB limit.
@@ -19,11 +28,20 @@ mkdir -p .gpucarry/wheels
 tar czf .gpucarry/llama.cpp.tar.gz --exclude=.git -C third_party llama.cpp
 
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null || echo "$2"; }
-GGUF_VERSION=$(version gguf 0.19.0)
-CYTHON_VERSION=$(version Cython 3.3.1)
+# the versions installed here (tested here), else these
+PINS=""
+for spec in gguf:0.19.0 Cython:3.3.1 fastapi:0.165.0 starlette:1.10.0 pydantic:2.13.4 \
+            pydantic_core:2.46.4 annotated-types:0.7.0 typing-inspection:0.4.2 uvicorn:0.54.0 \
+            opentelemetry-api:1.45.2 typing_extensions:4.15.0 \
+            openai:3.57.0 anthropic:2.15.0 docstring-parser:0.18.0 httpx2:2.16.2 httpcore2:2.16.2 \
+            truststore:0.10.5 jiter:0.19.0 sniffio:1.3.1 jsonschema:4.26.0 \
+            jsonschema-specifications:2025.9.1 referencing:0.37.0 rpds-py:0.30.0; do
+    PINS="$PINS ${spec%%:*}==$(version "${spec%%:*}" "${spec#*:}")"
+done
+# shellcheck disable=SC2086
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .gpucarry/wheels "gguf==$GGUF_VERSION" "Cython==$CYTHON_VERSION"
+    -d .gpucarry/wheels $PINS
 
 carry=$(du -sb .gpucarry | cut -f1)
 tree=$(git ls-files -co --exclude-standard -z | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
