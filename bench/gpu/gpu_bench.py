@@ -619,8 +619,10 @@ def cmd_bench(a):
     res.data.setdefault("split", {})
     res.data.setdefault("batch", {})
     res.data.setdefault("serve", {})
-    plan = [("single", p) for p in a.models] + [("split", p) for p in a.models] + \
-           [("batch", p) for p in a.models] + [("serve", p) for p in a.models if a.serve_streams]
+    # single stream (the first target) on every model first, then the rest model by model: a run
+    # cut short by the deadline still has every section on the first model
+    plan = [("single", p) for p in a.models] + \
+           [(k, p) for p in a.models for k in ("split", "batch", "serve") if k != "serve" or a.serve_streams]
     # rough minimum seconds each needs (GPU); past the deadline a step is skipped, not started
     need = {"single": 25, "split": 15, "batch": 30, "serve": 40}
     for kind, preset in plan:

@@ -12,7 +12,7 @@
 #
 # Environment knobs: BUDGET_S (whole run, default 540 s: nothing new starts after it), JOBS
 # (default: all cores), CUDA_ARCH (default 90), MODELS (default llama-3.2-1b,llama-3.1-8b),
-# TESTS_RESERVE_S (budget kept for the tests after the benchmarks, default 150), TESTS_TIMEOUT
+# TESTS_RESERVE_S (budget kept for the tests after the benchmarks, default 100), TESTS_TIMEOUT
 # (at most, default 300 s), SKIP_TESTS=1, SKIP_BENCH=1 (build + tests only), PYTHON (default
 # python3), GPU_BENCH_WORK (models and scratch, default /tmp/llamagen-gpu).  Results are saved after every section, so a run cut
 # short by the budget or a timeout still returns what it measured.
@@ -151,7 +151,7 @@ if [ "$SMOKE" = 1 ]; then BENCH_ARGS="--smoke --npls 1,4 --reps 2 --serve-stream
 if [ "$SKIP_BENCH" != 1 ]; then
     # shellcheck disable=SC2086
     step bench timeout "$(budget 60 -60)" "$PY" bench/gpu/gpu_bench.py bench --work "$WORK" \
-        --out "$OUT" --models "$MODELS" --deadline "$((DEADLINE - ${TESTS_RESERVE_S:-150}))" $BENCH_ARGS
+        --out "$OUT" --models "$MODELS" --deadline "$((DEADLINE - ${TESTS_RESERVE_S:-100}))" $BENCH_ARGS
 fi
 
 # -- 7. the test suite ---------------------------------------------------------------------------
