@@ -185,11 +185,72 @@ def _chat_messages_json(messages):
     return _json.dumps(out, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
+def _chat_tools_json(tools, tool_choice):
+    """OpenAI ``tools`` and ``tool_choice`` checked -> (tools JSON, llama.cpp's tool choice).
+
+    A named choice ({"type": "function", "function": {"name": ...}}) keeps only that tool and
+    requires a call (llama.cpp knows auto / none / required)."""
+    if tools is None:
+        if tool_choice not in (None, "auto", "none"):
+            raise ValueError("tool_choice needs tools")
+        return b"", b"auto"
+    if isinstance(tools, (str, bytes, bytearray, _Mapping)) or not isinstance(tools, _Sequence):
+        raise TypeError(f"tools must be a list of dicts, not {type(tools).__name__}")
+    out, names = [], []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, _Mapping):
+            raise TypeError(f"{where} must be a dict, not {type(tool).__name__}")
+        if tool.get("type", "function") != "function":
+            raise ValueError(f"{where} has type {tool['type']!r}: only 'function' tools exist")
+        fn = tool.get("function")
+        if not isinstance(fn, _Mapping):
+            raise ValueError(f"{where} needs a 'function' dict with a 'name'")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}['function']['name'] must be a non-empty str")
+        entry = {"name": _chat_str(name, f"{where}['function']['name']")}
+        if fn.get("description") is not None:
+            entry["description"] = _chat_str(fn["description"], f"{where}['function']['description']")
+        params = fn.get("parameters")
+        if params is None:
+            params = {"type": "object", "properties": {}}
+        if not isinstance(params, _Mapping):
+            raise TypeError(f"{where}['function']['parameters'] must be a JSON schema (a dict), "
+                            f"not {type(params).__name__}")
+        entry["parameters"] = _chat_json_value(params, f"{where}['function']['parameters']")
+        if name in names:
+            raise ValueError(f"{where}: a second tool named {name!r}")
+        names.append(name)
+        out.append({"type": "function", "function": entry})
+    if tool_choice is None:
+        tool_choice = "auto"
+    if isinstance(tool_choice, _Mapping):
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, _Mapping) else None
+        if tool_choice.get("type", "function") != "function" or not isinstance(name, str):
+            raise ValueError("tool_choice must be 'auto', 'none', 'required' or "
+                             "{'type': 'function', 'function': {'name': ...}}")
+        if name not in names:
+            raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+        out = [t for t in out if t["function"]["name"] == name]
+        tool_choice = "required"
+    elif tool_choice not in ("auto", "none", "required"):
+        raise ValueError(f"tool_choice must be 'auto', 'none', 'required' or a named function, "
+                         f"not {tool_choice!r}")
+    if not out:
+        return b"", tool_choice.encode()
+    return _json.dumps(out, ensure_ascii=False, allow_nan=False).encode("utf-8"), tool_choice.encode()
+
+
 cdef object _render_chat(Model model, messages, bint add_generation_prompt, template,
                          chat_template_kwargs, enable_thinking, bint prefill_assistant,
-                         bint details):
+                         bint details, tools=None, tool_choice=None, parallel_tool_calls=None):
     cdef string msgs_json
     cdef string kwargs_json
+    cdef string tools_json
+    cdef string choice
+    cdef int parallel
     cdef string err
     cdef lgchat.Rendered r
     cdef _ChatTemplates t
@@ -218,13 +279,22 @@ cdef object _render_chat(Model model, messages, bint add_generation_prompt, temp
                             f"{type(chat_template_kwargs).__name__}")
         kw = _chat_json_value(chat_template_kwargs, "chat_template_kwargs")
         kwargs_json = _json.dumps(kw, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    if parallel_tool_calls is None:
+        parallel = -1
+    elif parallel_tool_calls is True or parallel_tool_calls is False:
+        parallel = 1 if parallel_tool_calls else 0
+    else:
+        raise TypeError(f"parallel_tool_calls must be None, True or False, not "
+                        f"{type(parallel_tool_calls).__name__}")
+    tools_json, choice = _chat_tools_json(tools, tool_choice)
     msgs_json = _chat_messages_json(messages)
     t = _chat_templates(model, template)
     # a long history or a heavy template can take a while: other threads run meanwhile (t stays
-    # referenced here, and the templates never touch the model after loading)
+    # referenced here, and the templates never touch the model after loading; the vocabulary is
+    # only read, and the model is kept open by the caller)
     with nogil:
-        rc = lgchat.render(t.ptr, msgs_json, kwargs_json, add_generation_prompt,
-                           prefill_assistant, thinking, r, err)
+        rc = lgchat.render(t.ptr, model._vocab, msgs_json, kwargs_json, tools_json, choice, parallel,
+                           add_generation_prompt, prefill_assistant, thinking, r, err)
     if rc != 0:
         raise ValueError(f"the chat template could not render these messages: "
                          f"{err.decode('utf-8', 'replace')}")
@@ -242,7 +312,32 @@ cdef object _render_chat(Model model, messages, bint add_generation_prompt, temp
         "supports_thinking": bool(r.supports_thinking),
         "thinking_start_tag": r.thinking_start_tag.decode("utf-8", "replace") or None,
         "thinking_end_tags": [s.decode("utf-8", "replace") for s in r.thinking_end_tags],
+        "trigger_patterns": [s.decode("utf-8", "replace") for s in r.trigger_patterns],
+        "trigger_tokens": list(r.trigger_tokens),
+        "preserved_ids": list(r.preserved_ids),
+        "prefill_tokens": list(r.prefill_tokens),
+        "tools": bool(tools_json.size()) and choice != b"none",
+        "tool_choice": choice.decode(),
+        "format_id": r.format_id,
+        "parser": bytes(r.parser),
     }
+
+
+def _parse_chat_output(text, bint partial, int format_id, generation_prompt, parser,
+                       bint parse_tool_calls):
+    """llama.cpp's parse of generated text into an OpenAI message dict (see lg_chat.h)."""
+    cdef string t = _chat_str(text, "text").encode("utf-8")
+    cdef string gp = generation_prompt.encode("utf-8")
+    cdef string ps = parser
+    cdef string out
+    cdef string err
+    cdef int rc
+    with nogil:
+        rc = lgchat.parse(t, partial, format_id, gp, ps, parse_tool_calls, out, err)
+    if rc != 0:
+        raise ValueError(f"the model's output does not parse as a message of this chat format: "
+                         f"{err.decode('utf-8', 'replace')}")
+    return _json.loads(out.decode("utf-8", "replace"))
 
 
 cdef str _chat_template_source(Model model, template):

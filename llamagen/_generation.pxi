@@ -110,6 +110,7 @@ cdef cppclass SeqCore:
     const llama.llama_vocab * vocab
     int32_t n_vocab
     vector[llama.llama_token] tokens
+    vector[llama.llama_token] preserved    # sorted: special tokens whose text is shown
     vector[llama.llama_token] prompt       # batches: the prompt still being fed
     int32_t n_fed                           # batches: prompt tokens already in the KV cache
     int32_t slot                            # batches: the llama seq_id in use (-1: none)
@@ -236,6 +237,7 @@ cdef cppclass SeqCore:
         cdef llama.llama_token tok
         cdef char buf[128]
         cdef int32_t n
+        cdef bint special
         cdef vector[char] big
         cdef const float * logits
         cdef double norm = 0.0
@@ -273,12 +275,14 @@ cdef cppclass SeqCore:
             this.finish = FINISH_STOP
             this.flush()
             return
-        n = llama.llama_token_to_piece(this.vocab, tok, buf, sizeof(buf), 0, False)
+        special = not this.preserved.empty() and \
+            binary_search(this.preserved.begin(), this.preserved.end(), tok)
+        n = llama.llama_token_to_piece(this.vocab, tok, buf, sizeof(buf), 0, special)
         if n >= 0:
             this.raw.append(buf, n)
         else:
             big.resize(-n)
-            n = llama.llama_token_to_piece(this.vocab, tok, big.data(), <int32_t> big.size(), 0, False)
+            n = llama.llama_token_to_piece(this.vocab, tok, big.data(), <int32_t> big.size(), 0, special)
             if n > 0:
                 this.raw.append(big.data(), n)
         this.emit()
@@ -328,6 +332,8 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
         c.n_logprobs = min(<int32_t> params.logprobs, ctx._n_vocab)
     for s in params.stop:
         c.stops.push_back(s.encode("utf-8"))
+    for t in sorted(set(params.preserved_tokens)):
+        c.preserved.push_back(t)
     c.tokens.reserve(min(params.max_new_tokens, n_ctx))
     if len(params.logit_bias) >= ctx._n_vocab:
         banned = {t for t, b in params.logit_bias if b == -INFINITY and 0 <= t < ctx._n_vocab}

@@ -315,14 +315,25 @@ cdef class Model:
 
     def render_chat_params(self, messages, *, bint add_generation_prompt=True, template=None,
                            chat_template_kwargs=None, enable_thinking=None,
-                           bint prefill_assistant=True):
+                           bint prefill_assistant=True, tools=None, tool_choice=None,
+                           parallel_tool_calls=None):
         """``render_chat`` plus what the template implies for generation, as a dict: ``prompt``,
         ``additional_stops`` (stop strings to add), ``grammar`` (GBNF or None) and
         ``grammar_lazy``, ``preserved_tokens``, ``generation_prompt`` (the text the generation
         prompt added), ``format`` (llama.cpp's output-parser name), ``supports_thinking``,
-        ``thinking_start_tag`` and ``thinking_end_tags``."""
+        ``thinking_start_tag`` and ``thinking_end_tags``; and for sampling and parsing as
+        llama-server does them: ``trigger_patterns`` / ``trigger_tokens`` (what wakes a lazy
+        grammar), ``preserved_ids`` (tokens shown in the text), ``prefill_tokens``,
+        ``format_id`` and ``parser``.
+
+        ``tools``: OpenAI function tools (``[{"type": "function", "function": {"name", "description",
+        "parameters"}}]``), rendered into the prompt by the template, with the grammar the model's
+        tool-call format implies; ``tool_choice``: "auto" (default), "none", "required" or
+        ``{"type": "function", "function": {"name": ...}}``; ``parallel_tool_calls``: None (what
+        the template supports), True or False.  llamagen.tools builds on this."""
         return _render_chat(self, messages, add_generation_prompt, template, chat_template_kwargs,
-                            enable_thinking, prefill_assistant, True)
+                            enable_thinking, prefill_assistant, True, tools, tool_choice,
+                            parallel_tool_calls)
 
     def chat_template_source(self, template=None):
         """The Jinja source ``render_chat`` uses: the model's template, llama.cpp's ChatML when

@@ -124,9 +124,27 @@ cdef llama.llama_sampler * _build_grammar(object p, const llama.llama_vocab * vo
     gb = grammar.encode("utf-8")
     rb = p.grammar_root.encode("utf-8")
     cdef string printed
+    cdef vector[string] patterns
+    cdef vector[int] trig_tokens
+    cdef vector[int] prefill
     _take_errors()
     # (llama.cpp's parser prints its reason to stderr: captured into the error instead)
-    g = lgschema.grammar_init(vocab, gb, rb, printed)
+    if p.grammar_lazy or p.grammar_prefill:
+        n_vocab = llama.llama_vocab_n_tokens(vocab)
+        for t in p.grammar_trigger_tokens + p.grammar_prefill:
+            if t >= n_vocab:
+                raise ValueError(f"grammar_trigger_tokens/grammar_prefill name token {t}, not a "
+                                 f"token id in [0, {n_vocab})")
+        for x in p.grammar_triggers:
+            patterns.push_back(x.encode("utf-8"))
+        for t in p.grammar_trigger_tokens:
+            trig_tokens.push_back(t)
+        for t in p.grammar_prefill:
+            prefill.push_back(t)
+        g = lgschema.grammar_init_ex(vocab, gb, rb, p.grammar_lazy, patterns, trig_tokens, prefill,
+                                     printed)
+    else:
+        g = lgschema.grammar_init(vocab, gb, rb, printed)
     if g == NULL:
         reason = _grammar_reason(printed.decode("utf-8", "replace")) or _take_errors() or "invalid GBNF"
         logger.error("grammar does not parse: %s", reason)
@@ -188,8 +206,8 @@ cdef const fs.lgfs_trie * _trie_for(Model model, object p) except? NULL:
     """The prefix tree that grammar re-samples of ``p`` walk, or NULL: none without a grammar, and
     none for a grammar that may name tokens (<[id]>, <token>: matched by id, not by piece)."""
     grammar = p.gbnf
-    if grammar is None or "<" in grammar:
-        return NULL
+    if grammar is None or "<" in grammar or p.grammar_lazy:
+        return NULL                 # (a lazy grammar allows everything until it wakes)
     return model._grammar_trie()
 
 

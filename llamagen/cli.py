@@ -253,7 +253,22 @@ def cmd_serve(a: argparse.Namespace) -> int:
               f"it can use it", file=sys.stderr)
     # the model loads before the port is bound: a bad file is a one-line error and status 2;
     # the context (the KV cache) is made while the server already answers /health with 503
+    template = a.chat_template
+    if a.chat_template_file is not None:
+        if template is not None:
+            raise ValueError("--chat-template and --chat-template-file are exclusive")
+        try:
+            with open(a.chat_template_file, encoding="utf-8") as fh:
+                template = fh.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--chat-template-file {a.chat_template_file!r}: {e}") from None
     model = llamagen.Model(path, n_gpu_layers=a.n_gpu_layers)
+    if template is not None:
+        try:
+            model.chat_template_source(template)
+        except (ValueError, TypeError) as e:
+            model.close()
+            raise ValueError(f"the chat template: {e}") from None
     import logging
     log = logging.getLogger("llamagen.server")      # uvicorn configures only its own loggers
     if not log.handlers:
@@ -268,7 +283,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         return llamagen.AsyncEngine(model, n_ctx=a.ctx_size, n_parallel=a.parallel,
                                     n_threads=a.threads, n_batch=a.batch_size,
                                     max_queue=a.max_queue, embeddings=a.embeddings,
-                                    pooling=a.pooling, embed_batch=a.embed_batch_size)
+                                    pooling=a.pooling, embed_batch=a.embed_batch_size,
+                                    chat_template=template)
 
     server = None
 
@@ -460,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "rank: a reranker model, served at /v1/rerank")
     v.add_argument("--embed-batch-size", type=_positive_int, default=2048, metavar="N",
                    help="tokens per embedding decode; also the longest text (default 2048)")
+    v.add_argument("--chat-template", default=None, metavar="JINJA",
+                   help="Jinja chat template (or 'chatml') instead of the model's own, e.g. one "
+                        "with a tool-call syntax")
+    v.add_argument("--chat-template-file", default=None, metavar="PATH",
+                   help="the same, read from a file")
     v.add_argument("--api-key", action="append", default=None, metavar="KEY",
                    help="accept this key (Bearer or x-api-key); may be repeated; none: no check")
     v.add_argument("--api-key-file", default=None, metavar="PATH",

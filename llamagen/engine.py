@@ -123,7 +123,7 @@ class AsyncEngine:
     """Continuous batching for many concurrent requests over one model.
 
     ``AsyncEngine(model=None, *, n_ctx=16384, n_parallel=8, n_threads=None, n_batch=512,
-    max_queue=None, prompt_cache=True)``: ``model`` is a Model, a GGUF path, or None for the
+    max_queue=None, prompt_cache=True, chat_template=None)``: ``model`` is a Model, a GGUF path, or None for the
     default model package.  ``n_parallel`` sequences decode together (all in one unified KV cache
     of ``n_ctx`` cells); more wait, up to ``max_queue`` (then QueueFullError).  ``prompt_cache``:
     True keeps finished sequences' cells for later prompts with the same prefix, idle caches
@@ -135,7 +135,8 @@ class AsyncEngine:
                  n_parallel: int = 8, n_threads: Optional[int] = None, n_batch: int = 512,
                  max_queue: Optional[int] = None, prompt_cache: Union[bool, int] = True,
                  params: Optional[SamplingParams] = None, embeddings: bool = False,
-                 pooling: Optional[str] = None, embed_batch: int = 2048):
+                 pooling: Optional[str] = None, embed_batch: int = 2048,
+                 chat_template: Optional[str] = None):
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int)
                                       or max_queue < 0):
             raise ValueError(f"max_queue must be None or an int >= 0, got {max_queue!r}")
@@ -144,6 +145,14 @@ class AsyncEngine:
             model = default_model_path()
         self._own_model = not isinstance(model, Model)
         self.model = Model(os.fspath(model)) if self._own_model else model
+        self.chat_template = chat_template
+        if chat_template is not None:
+            try:
+                self.model.chat_template_source(chat_template)     # parses it: fail here, not per request
+            except BaseException:
+                if self._own_model:
+                    self.model.close()
+                raise
         try:
             self._ctx = Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                                 n_seq_max=n_parallel, n_threads=n_threads, kv_unified=True)
@@ -187,10 +196,19 @@ class AsyncEngine:
         return self.model.detokenize(tokens)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render chat messages with the model's own Jinja template as llama-server does
-        (ChatML when the model has none): Model.render_chat."""
+        """Render chat messages with the model's own Jinja template (or the engine's
+        ``chat_template``) as llama-server does (ChatML when the model has none): Model.render_chat."""
+        kwargs.setdefault("template", self.chat_template)
         return self.model.render_chat(messages, add_generation_prompt=add_generation_prompt,
                                       **kwargs)
+
+    def prepare_chat(self, messages, **kwargs):
+        """``messages`` with ``tools``, ``tool_choice``, ``parallel_tool_calls`` rendered for this
+        engine's model and template: a llamagen.tools.ChatPrompt (its prompt, the sampling
+        parameters the tool-call format needs, and the parser of the replies)."""
+        from llamagen import tools
+        kwargs.setdefault("template", self.chat_template)
+        return tools.prepare(self.model, messages, **kwargs)
 
     def _prepare(self, prompt, params, n, add_special, parse_special, sampling):
         """Validate everything a request needs (on the caller's thread): token ids and one

@@ -153,6 +153,16 @@ class SamplingParams:
     # converted to a grammar by llama.cpp's converter (see llamagen.structured)
     json_schema: Optional[str] = None
     json_object: bool = False
+    # what a chat template's tool-call format asks of sampling (llamagen.tools fills them from
+    # Model.render_chat_params, as llama-server does): a lazy grammar sleeps until one of the
+    # trigger regexes (std::regex, ECMAScript) matches the generated text or a trigger token is
+    # sampled; grammar_prefill: tokens the grammar accepts before the first generated one;
+    # preserved_tokens: token ids whose text is shown although they are special (control) tokens
+    grammar_lazy: bool = False
+    grammar_triggers: Tuple[str, ...] = ()
+    grammar_trigger_tokens: Tuple[int, ...] = ()
+    grammar_prefill: Tuple[int, ...] = ()
+    preserved_tokens: Tuple[int, ...] = ()
 
     def __post_init__(self):
         s = object.__setattr__
@@ -278,6 +288,29 @@ class SamplingParams:
                 raise ValueError("grammar_root does not apply to json_schema/json_object (the "
                                  "converted grammar's rule is 'root')")
         s(self, "_schema_grammar", schema_grammar)
+        s(self, "grammar_lazy", _flag("grammar_lazy", self.grammar_lazy))
+        trig = self.grammar_triggers
+        trig = (trig,) if isinstance(trig, str) else _tuple("grammar_triggers", trig or (),
+                                                             "a str or a list of str")
+        for x in trig:
+            if not isinstance(x, str) or not x:
+                raise ValueError("grammar_triggers must be non-empty regex strings")
+            _text("grammar_triggers", x)
+        s(self, "grammar_triggers", trig)
+        for name in ("grammar_trigger_tokens", "grammar_prefill", "preserved_tokens"):
+            ids = _tuple(name, getattr(self, name) or (), "a list of token ids")
+            s(self, name, tuple(_int(f"{name} entry", t, 0, INT32_MAX, "a token id in [0, 2**31 - 1]")
+                                for t in ids))
+        if (self.grammar_lazy or self.grammar_triggers or self.grammar_trigger_tokens
+                or self.grammar_prefill) and self.gbnf is None:
+            raise ValueError("grammar_lazy, grammar_triggers, grammar_trigger_tokens and "
+                             "grammar_prefill need a grammar")
+        if self.grammar_lazy and not (self.grammar_triggers or self.grammar_trigger_tokens):
+            raise ValueError("a lazy grammar needs grammar_triggers or grammar_trigger_tokens "
+                             "(nothing would ever wake it)")
+        if (self.grammar_triggers or self.grammar_trigger_tokens) and not self.grammar_lazy:
+            raise ValueError("grammar_triggers/grammar_trigger_tokens only apply to a lazy grammar "
+                             "(grammar_lazy=True)")
         if self.sampler_impl == "backend" and self.gbnf is not None:
             raise ValueError("a grammar cannot be combined with sampler_impl='backend': llama.cpp's "
                              "backend sampling has no grammar, and a rejected token would need "
@@ -307,6 +340,8 @@ class SamplingParams:
         d["logit_bias"] = dict(self.logit_bias)
         d["stop"] = list(self.stop)
         d["dry_sequence_breakers"] = list(self.dry_sequence_breakers)
+        for name in ("grammar_triggers", "grammar_trigger_tokens", "grammar_prefill", "preserved_tokens"):
+            d[name] = list(d[name])
         return d
 
 

@@ -4,9 +4,13 @@
 #include "lg_chat.h"
 
 #include "chat.h"
+#include "common.h"
 #include "json.h"
+#include "llama.h"
 #include "log.h"
 
+#include <algorithm>
+#include <cctype>
 #include <exception>
 #include <map>
 #include <memory>
@@ -96,9 +100,10 @@ std::string templates_source(const Templates * t) noexcept {
     }
 }
 
-int render(const Templates * t, const std::string & messages_json, const std::string & kwargs_json,
-           bool add_generation_prompt, bool prefill_assistant, int enable_thinking, Rendered & out,
-           std::string & err) noexcept {
+int render(const Templates * t, const llama_vocab * vocab, const std::string & messages_json,
+           const std::string & kwargs_json, const std::string & tools_json, const std::string & tool_choice,
+           int parallel_tool_calls, bool add_generation_prompt, bool prefill_assistant, int enable_thinking,
+           Rendered & out, std::string & err) noexcept {
     try {
         quiet_common_log();
         common_json messages = common_json::parse(messages_json);
@@ -106,7 +111,13 @@ int render(const Templates * t, const std::string & messages_json, const std::st
         common_chat_templates_inputs inputs;
         inputs.messages               = common_chat_msgs_parse_oaicompat(messages);
         inputs.use_jinja              = true;
-        inputs.parallel_tool_calls    = t->supports_parallel_tool_calls;
+        if (!tools_json.empty()) {
+            inputs.tools = common_chat_tools_parse_oaicompat(common_json::parse(tools_json));
+        }
+        inputs.tool_choice            = common_chat_tool_choice_parse_oaicompat(
+            tool_choice.empty() ? std::string("auto") : tool_choice);
+        inputs.parallel_tool_calls    = parallel_tool_calls < 0 ? t->supports_parallel_tool_calls
+                                                                : parallel_tool_calls != 0;
         inputs.add_generation_prompt  = add_generation_prompt;
         inputs.continue_final_message = COMMON_CHAT_CONTINUATION_NONE;
         // the server's --prefill-assistant (on by default): continue a trailing assistant message
@@ -157,11 +168,101 @@ int render(const Templates * t, const std::string & messages_json, const std::st
         out.thinking_end_tags  = std::move(p.thinking_end_tags);
         out.additional_stops   = std::move(p.additional_stops);
         out.preserved_tokens   = std::move(p.preserved_tokens);
+        out.format_id          = (int) p.format;
+        out.parser             = std::move(p.parser);
+        out.trigger_patterns.clear();
+        out.trigger_tokens.clear();
+        out.preserved_ids.clear();
+        out.prefill_tokens.clear();
+        if (vocab != nullptr) {
+            // server-schema.cpp: a preserved token counts when it is one token; a trigger word
+            // that is one token must be preserved and triggers as that token
+            for (const auto & word : out.preserved_tokens) {
+                auto ids = common_tokenize(vocab, word, false, true);
+                if (ids.size() == 1) {
+                    out.preserved_ids.push_back(ids[0]);
+                }
+            }
+            for (const auto & trig : p.grammar_triggers) {
+                switch (trig.type) {
+                    case COMMON_GRAMMAR_TRIGGER_TYPE_WORD: {
+                        auto ids = common_tokenize(vocab, trig.value, false, true);
+                        if (ids.size() == 1) {
+                            if (std::find(out.preserved_ids.begin(), out.preserved_ids.end(), ids[0])
+                                    == out.preserved_ids.end()) {
+                                throw std::runtime_error("Grammar trigger word should be marked as preserved token: "
+                                                         + trig.value);
+                            }
+                            out.trigger_tokens.push_back(ids[0]);
+                        } else {
+                            out.trigger_patterns.push_back(regex_escape(trig.value));
+                        }
+                        break;
+                    }
+                    case COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN:
+                        out.trigger_tokens.push_back(trig.token);
+                        break;
+                    case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN:
+                        out.trigger_patterns.push_back(trig.value);
+                        break;
+                    case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL: {
+                        // common/sampling.cpp: anchored at both ends
+                        std::string anchored = "^$";
+                        if (!trig.value.empty()) {
+                            anchored = (trig.value.front() != '^' ? "^" : "") + trig.value
+                                     + (trig.value.back() != '$' ? "$" : "");
+                        }
+                        out.trigger_patterns.push_back(anchored);
+                        break;
+                    }
+                }
+            }
+            if (out.grammar_lazy && !out.grammar.empty() && out.trigger_patterns.empty() && out.trigger_tokens.empty()) {
+                throw std::runtime_error("Error: no triggers set for lazy grammar!");
+            }
+            // common/sampling.cpp: a tool-call grammar (not lazy) starts at the generation prompt
+            if (!out.grammar.empty() && !out.grammar_lazy && !out.generation_prompt.empty()) {
+                auto toks = common_tokenize(vocab, out.generation_prompt, false, true);
+                for (size_t i = 0; i < toks.size(); i++) {
+                    std::string piece = common_token_to_piece(vocab, toks[i], true);
+                    if (i == 0 && !piece.empty() && std::isspace((unsigned char) piece[0])
+                            && !std::isspace((unsigned char) out.generation_prompt[0])) {
+                        continue;    // a space some tokenizers put before the first special token
+                    }
+                    out.prefill_tokens.push_back(toks[i]);
+                }
+            }
+        }
         return 0;
     } catch (const std::exception & e) {
         set_error(err, e.what());
     } catch (...) {
         set_error(err, "unknown C++ exception while rendering the chat template");
+    }
+    return -1;
+}
+
+int parse(const std::string & text, bool is_partial, int format_id, const std::string & generation_prompt,
+          const std::string & parser, bool parse_tool_calls, std::string & out_json, std::string & err) noexcept {
+    try {
+        quiet_common_log();
+        common_chat_parser_params params;
+        params.format               = (common_chat_format) format_id;
+        params.reasoning_format     = COMMON_REASONING_FORMAT_DEEPSEEK;   // llama-server's default
+        params.reasoning_in_content = false;
+        params.generation_prompt    = generation_prompt;
+        params.parse_tool_calls     = parse_tool_calls;
+        if (!parser.empty()) {
+            params.parser.load(parser);
+        }
+        common_chat_msg msg = common_chat_parse(text, is_partial, params);
+        msg.role = "assistant";
+        out_json = msg.to_json_oaicompat().dump();
+        return 0;
+    } catch (const std::exception & e) {
+        set_error(err, e.what());
+    } catch (...) {
+        set_error(err, "unknown C++ exception while parsing the model's output");
     }
     return -1;
 }

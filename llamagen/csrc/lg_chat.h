@@ -11,6 +11,7 @@
 #include <vector>
 
 struct llama_model;
+struct llama_vocab;
 
 namespace lgchat {
 
@@ -29,6 +30,16 @@ struct Rendered {
     std::vector<std::string> thinking_end_tags;
     std::vector<std::string> additional_stops;
     std::vector<std::string> preserved_tokens;
+    // what llama-server derives from the above for sampling (tools/server/server-schema.cpp and
+    // common/sampling.cpp): the lazy grammar's trigger regexes and tokens, the preserved tokens
+    // that are one token each (shown in the generated text), and the generation prompt's tokens
+    // that a non-lazy tool-call grammar accepts before the first generated token
+    std::vector<std::string> trigger_patterns;
+    std::vector<int> trigger_tokens;
+    std::vector<int> preserved_ids;
+    std::vector<int> prefill_tokens;
+    int format_id = 0;                       // common_chat_format, for parse()
+    std::string parser;                      // the output parser (a saved PEG arena), for parse()
 };
 
 // The model's templates (override_src empty) or the given Jinja source ("chatml" = llama.cpp's
@@ -42,12 +53,23 @@ void templates_free(Templates * t) noexcept;
 std::string templates_source(const Templates * t) noexcept;
 
 // Render an OpenAI-style JSON array of messages.  kwargs_json: a JSON object of extra template
-// variables (chat_template_kwargs), or empty.  enable_thinking: -1 auto (on when the template
+// variables (chat_template_kwargs), or empty.  tools_json: an OpenAI `tools` array, or empty;
+// tool_choice: "auto", "none" or "required"; parallel_tool_calls: -1 what the template supports,
+// 0 or 1.  vocab: the model's, for the token-level outputs (trigger tokens, preserved ids, prefill).  enable_thinking: -1 auto (on when the template
 // supports it, llama-server's default), 0 off, 1 on (still off where the template cannot think).
 // prefill_assistant: a trailing assistant message is continued instead of closed (llama-server's
 // default; add_generation_prompt is then ignored).  0 on success; -1 with err set on failure.
-int render(const Templates * t, const std::string & messages_json, const std::string & kwargs_json,
-           bool add_generation_prompt, bool prefill_assistant, int enable_thinking, Rendered & out,
-           std::string & err) noexcept;
+int render(const Templates * t, const llama_vocab * vocab, const std::string & messages_json,
+           const std::string & kwargs_json, const std::string & tools_json, const std::string & tool_choice,
+           int parallel_tool_calls, bool add_generation_prompt, bool prefill_assistant, int enable_thinking,
+           Rendered & out, std::string & err) noexcept;
+
+// Parse generated text into an assistant message, as llama-server does (common_chat_parse with
+// the format, generation prompt and parser render() gave, reasoning split out as with its
+// default --reasoning-format deepseek).  is_partial: the text may stop mid-way (streaming).
+// out_json: the message as OpenAI JSON (role, content, reasoning_content, tool_calls with
+// function name and arguments text).  0 on success; -1 with err set when the text does not parse.
+int parse(const std::string & text, bool is_partial, int format_id, const std::string & generation_prompt,
+          const std::string & parser, bool parse_tool_calls, std::string & out_json, std::string & err) noexcept;
 
 }  // namespace lgchat

@@ -137,4 +137,47 @@ llama_sampler * grammar_init(const llama_vocab * vocab, const char * grammar, co
     return s;
 }
 
+llama_sampler * grammar_init_ex(const llama_vocab * vocab, const char * grammar, const char * root,
+                                bool lazy, const std::vector<std::string> & trigger_patterns,
+                                const std::vector<int> & trigger_tokens, const std::vector<int> & prefill,
+                                std::string & messages) noexcept {
+    llama_sampler * s = nullptr;
+    try {
+        std::lock_guard<std::mutex> lock(g_capture_mutex);
+        StderrCapture capture;
+        if (lazy) {
+            std::vector<const char *> pats;
+            pats.reserve(trigger_patterns.size());
+            for (const auto & p : trigger_patterns) {
+                pats.push_back(p.c_str());
+            }
+            std::vector<llama_token> toks(trigger_tokens.begin(), trigger_tokens.end());
+            // a bad regex throws std::regex_error from inside: caught below
+            s = llama_sampler_init_grammar_lazy_patterns(vocab, grammar, root, pats.data(), pats.size(),
+                                                         toks.data(), toks.size());
+        } else {
+            s = llama_sampler_init_grammar(vocab, grammar, root);
+        }
+        messages = capture.take();
+        if (s != nullptr) {
+            for (int tok : prefill) {
+                llama_sampler_accept(s, tok);     // throws if the grammar cannot start with it
+            }
+        }
+    } catch (const std::exception & e) {
+        if (s != nullptr) {
+            llama_sampler_free(s);
+            s = nullptr;
+        }
+        messages = e.what();
+    } catch (...) {
+        if (s != nullptr) {
+            llama_sampler_free(s);
+            s = nullptr;
+        }
+        messages = "unknown error";
+    }
+    return s;
+}
+
 }  // namespace lgschema

@@ -6,7 +6,7 @@ from libcpp cimport bool as cbool
 from libcpp.string cimport string
 from libcpp.vector cimport vector
 
-from llamagen.includes.llama cimport llama_model
+from llamagen.includes.llama cimport llama_model, llama_vocab
 
 
 cdef extern from "lg_chat.h" namespace "lgchat" nogil:
@@ -25,11 +25,20 @@ cdef extern from "lg_chat.h" namespace "lgchat" nogil:
         vector[string] thinking_end_tags
         vector[string] additional_stops
         vector[string] preserved_tokens
+        vector[string] trigger_patterns
+        vector[int] trigger_tokens
+        vector[int] preserved_ids
+        vector[int] prefill_tokens
+        int format_id
+        string parser
 
     Templates * templates_new(const llama_model * model, const string & override_src,
                               string & err) noexcept
     void templates_free(Templates * t) noexcept
     string templates_source(const Templates * t) noexcept
-    int render(const Templates * t, const string & messages_json, const string & kwargs_json,
-               cbool add_generation_prompt, cbool prefill_assistant, int enable_thinking,
-               Rendered & out, string & err) noexcept
+    int render(const Templates * t, const llama_vocab * vocab, const string & messages_json,
+               const string & kwargs_json, const string & tools_json, const string & tool_choice,
+               int parallel_tool_calls, cbool add_generation_prompt, cbool prefill_assistant,
+               int enable_thinking, Rendered & out, string & err) noexcept
+    int parse(const string & text, cbool is_partial, int format_id, const string & generation_prompt,
+              const string & parser, cbool parse_tool_calls, string & out_json, string & err) noexcept

@@ -99,6 +99,7 @@ class ChatMessage(_Body):
     content: Optional[Union[str, List[ContentPart]]] = None
     name: Optional[str] = None
     tool_calls: Optional[List[Any]] = None
+    tool_call_id: Optional[str] = None
 
 
 class ChatCompletionRequest(OpenAISampling):
@@ -107,6 +108,8 @@ class ChatCompletionRequest(OpenAISampling):
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
     tools: Optional[List[Any]] = None
+    tool_choice: Optional[Union[str, dict]] = None
+    parallel_tool_calls: Optional[bool] = None
 
 
 class TextBlock(_Body):

@@ -13,9 +13,11 @@ from llamagen.server.auth import require_api_key
 from llamagen.server.errors import APIError, InvalidRequest, Overloaded, error_body
 from llamagen.server.models import ChatCompletionRequest, CompletionRequest
 from llamagen.server.translate import (
-    chat_logprobs, chat_tokens, completion_logprobs, generation_error, openai_finish,
-    openai_messages, render_chat, response_format, sampling_kwargs, visible_logprobs,
+    add_tool_sampling, chat_logprobs, chat_tokens, completion_logprobs, generation_error,
+    openai_finish, openai_messages, openai_tool_delta, prepare_tools, render_chat,
+    response_format, sampling_kwargs, tool_finish, visible_logprobs,
 )
+from llamagen.tools import ToolStream
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -156,19 +158,22 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
     return {**base, "choices": choices, "usage": _usage(source)}
 
 
-def _chat_prompt(engine, body: ChatCompletionRequest) -> str:
-    return render_chat(engine, openai_messages(body.messages))
-
-
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            engine=Depends(get_engine)):
     st = get_state(request)
-    if body.tools:
-        raise InvalidRequest("tools are not supported", param="tools")
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-    prompt = chat_tokens(engine, _chat_prompt(engine, body))
+    messages = openai_messages(body.messages)
+    chat = None
+    if body.tools:
+        # the template renders the tools; its tool-call syntax brings a grammar and a parser
+        chat = prepare_tools(engine, messages, body.tools, body.tool_choice, body.parallel_tool_calls)
+        prompt = chat_tokens(engine, chat.prompt)
+    else:
+        if body.tool_choice not in (None, "none", "auto"):
+            raise InvalidRequest("tool_choice needs tools", param="tool_choice")
+        prompt = chat_tokens(engine, render_chat(engine, messages))
     # no max_tokens: until the end of the turn or of the context, as OpenAI does
     kwargs, origin = sampling_kwargs(body, max_new_tokens=_unbounded(engine), seed=None)
     # chat's logprobs is a bool, its k is top_logprobs
@@ -177,6 +182,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         kwargs["logprobs"] = body.top_logprobs or 0
         origin["logprobs"] = "top_logprobs"
     response_format(body.response_format, kwargs, origin)
+    if chat is not None:
+        add_tool_sampling(chat, kwargs, origin)
     timer = st.metrics.timer()
     n = 1 if body.n is None else body.n
     source = await sse.open_source(engine, [prompt], kwargs, origin, n=n, prompt_param="messages")
@@ -184,10 +191,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
             "created": int(time.time()), "model": st.model_name, "system_fingerprint": None}
 
     if body.stream:
+        parsers = {}
+
         def choice(k, c):
-            return {"index": c.index, "delta": {"content": c.text} if c.text else {},
-                    "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None,
-                    "finish_reason": openai_finish(c.finish_reason)}
+            lp = chat_logprobs(c.logprobs) if c.logprobs is not None else None
+            if chat is None:
+                return {"index": c.index, "delta": {"content": c.text} if c.text else {},
+                        "logprobs": lp, "finish_reason": openai_finish(c.finish_reason)}
+            ts = parsers.get(c.index)
+            if ts is None:
+                ts = parsers[c.index] = ToolStream(chat)
+            deltas = ts.feed(c.text)
+            if c.finish_reason is not None:
+                deltas += ts.finish(c.finish_reason)
+            return {"index": c.index, "delta": openai_tool_delta(deltas), "logprobs": lp,
+                    "finish_reason": tool_finish(c.finish_reason, ts.message)}
         head = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None} for i in range(n)]
         return _sse(_stream(source, request.url.path, timer, st.ping_interval,
@@ -202,9 +220,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         lps = None
         if body.logprobs:
             lps = visible_logprobs(got.logprobs.get((0, i), []), reason, got.stop_sequence.get((0, i)))
-        choices.append({"index": i, "message": {"role": "assistant", "content": "".join(parts)},
+        text = "".join(parts)
+        message = {"role": "assistant", "content": text}
+        if chat is not None:
+            # a reply cut short (length) may stop inside a call: parsed as far as it goes
+            message = chat.reply(text, reason)
+        choices.append({"index": i, "message": message,
                         "logprobs": chat_logprobs(lps) if lps is not None else None,
-                        "finish_reason": openai_finish(reason)})
+                        "finish_reason": tool_finish(reason, message) if chat is not None
+                        else openai_finish(reason)})
     return {**base, "object": "chat.completion", "choices": choices, "usage": _usage(source)}
 
 

@@ -136,7 +136,8 @@ def generation_error(exc: BaseException) -> APIError:
 
 # -- chat messages -------------------------------------------------------------------------------
 
-_OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+                 "tool": "tool"}
 
 
 def _text_of(parts: Sequence, where: str) -> str:
@@ -152,21 +153,33 @@ def _text_of(parts: Sequence, where: str) -> str:
 
 
 def openai_messages(messages: Iterable[ChatMessage]) -> list[dict]:
+    """OpenAI chat messages as the chat template takes them: text parts flattened, an
+    assistant's ``tool_calls`` and a ``tool`` message's ``tool_call_id`` passed on (the template
+    renders them; Model.render_chat checks their shape)."""
     out = []
     for i, m in enumerate(messages):
         role = _OPENAI_ROLES.get(m.role)
         if role is None:
-            raise InvalidRequest(f"messages[{i}].role must be 'system', 'developer', 'user' or "
-                                 f"'assistant' (tool calls are not supported), got {m.role!r}",
+            raise InvalidRequest(f"messages[{i}].role must be 'system', 'developer', 'user', "
+                                 f"'assistant' or 'tool', got {m.role!r}",
                                  param=f"messages[{i}].role")
-        if m.tool_calls:
-            raise InvalidRequest(f"messages[{i}].tool_calls: tool calls are not supported",
-                                 param=f"messages[{i}].tool_calls")
-        if m.content is None:
+        if m.tool_calls and role != "assistant":
+            raise InvalidRequest(f"messages[{i}].tool_calls: only an assistant message makes tool "
+                                 f"calls", param=f"messages[{i}].tool_calls")
+        if m.content is None and not (role == "assistant" and m.tool_calls):
             raise InvalidRequest(f"messages[{i}].content is required", param=f"messages[{i}].content")
-        content = m.content if isinstance(m.content, str) else \
-            _text_of(m.content, f"messages[{i}].content")
-        out.append({"role": role, "content": content})
+        msg = {"role": role}
+        if m.content is not None:
+            msg["content"] = m.content if isinstance(m.content, str) else \
+                _text_of(m.content, f"messages[{i}].content")
+        if m.tool_calls:
+            msg["tool_calls"] = m.tool_calls
+        if role == "tool":
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                msg["name"] = m.name
+        out.append(msg)
     return out
 
 
@@ -200,6 +213,66 @@ def render_chat(engine, messages: list[dict]) -> str:
     except (ValueError, TypeError) as e:
         raise InvalidRequest(f"messages: the chat template failed: {e}", param="messages") from None
     return text + prefill
+
+
+# -- tools ---------------------------------------------------------------------------------------
+
+def prepare_tools(engine, messages: list[dict], tools, tool_choice, parallel_tool_calls):
+    """The chat rendered with its tools (llamagen.tools.ChatPrompt); a bad tool, choice or message
+    is a 400 naming the field at fault."""
+    try:
+        return engine.prepare_chat(messages, tools=tools, tool_choice=tool_choice,
+                                   parallel_tool_calls=parallel_tool_calls)
+    except (ValueError, TypeError) as e:
+        text = str(e)
+        param = next((p for p in ("tool_choice", "tools", "messages") if text.startswith(p)), "messages")
+        if param == "messages" and not text.startswith("messages"):
+            text = f"messages: the chat template failed: {text}"
+        raise InvalidRequest(text, param=param) from None
+
+
+def add_tool_sampling(chat, kwargs: dict, origin: dict) -> None:
+    """The sampling the tool-call format needs, merged into a request's SamplingParams fields: a
+    grammar or JSON schema of the client's own cannot go with it (llama-server refuses it too)."""
+    extra = dict(chat.sampling)
+    if "grammar" in extra and any(k in kwargs for k in ("grammar", "json_schema", "json_object")):
+        raise InvalidRequest("a grammar or response_format cannot be combined with tools: the "
+                             "tool-call format brings its own grammar", param="tools")
+    stops = extra.pop("stop", ())
+    if stops:
+        mine = kwargs.get("stop") or ()
+        mine = (mine,) if isinstance(mine, str) else tuple(mine)
+        kwargs["stop"] = mine + tuple(x for x in stops if x not in mine)
+    for k, v in extra.items():
+        kwargs[k] = v
+        origin[k] = "tools"
+
+
+def openai_tool_delta(deltas: list) -> dict:
+    """ToolStream deltas as one chat-completion chunk delta: text pieces joined, a call's id,
+    name and argument pieces merged per call index."""
+    out: dict = {}
+    calls: dict = {}
+    for d in deltas:
+        for key in ("reasoning_content", "content"):
+            if key in d:
+                out[key] = out.get(key, "") + d[key]
+        for tc in d.get("tool_calls", ()):
+            c = calls.get(tc["index"])
+            if c is None:
+                calls[tc["index"]] = {**tc, "function": dict(tc["function"])}
+            else:
+                c["function"]["arguments"] = c["function"].get("arguments", "") + tc["function"].get("arguments", "")
+    if calls:
+        out["tool_calls"] = [calls[i] for i in sorted(calls)]
+    return out
+
+
+def tool_finish(reason: Optional[str], message: Optional[dict]) -> Optional[str]:
+    """OpenAI's finish_reason: "tool_calls" when the reply ended with calls."""
+    if reason == "stop" and message is not None and message.get("tool_calls"):
+        return "tool_calls"
+    return openai_finish(reason)
 
 
 # -- logprobs ------------------------------------------------------------------------------------
