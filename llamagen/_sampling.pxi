@@ -143,6 +143,11 @@ cdef llama.llama_sampler * _build_grammar(object p, const llama.llama_vocab * vo
             prefill.push_back(t)
         g = lgschema.grammar_init_ex(vocab, gb, rb, p.grammar_lazy, patterns, trig_tokens, prefill,
                                      printed)
+        if g == NULL:
+            reason = _grammar_reason(printed.decode("utf-8", "replace")) or \
+                printed.decode("utf-8", "replace").strip() or _take_errors() or "invalid GBNF"
+            raise GrammarError(f"the grammar, its trigger patterns or its prefill were refused: "
+                               f"{reason}")
     else:
         g = lgschema.grammar_init(vocab, gb, rb, printed)
     if g == NULL:

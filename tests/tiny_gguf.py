@@ -48,8 +48,9 @@ _MERGES = [
 ]
 
 
-def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
-    """(pieces, scores, token types) of the tiny SPM vocabulary (about 370 tokens)."""
+def tiny_vocab(control_tokens=()) -> tuple[list[str], list[float], list[int]]:
+    """(pieces, scores, token types) of the tiny SPM vocabulary (about 370 tokens), with
+    ``control_tokens`` (e.g. a chat format's tags) appended as CONTROL tokens."""
     T = gguf.TokenType
     tokens: list[str] = ["<unk>", "<s>", "</s>"]
     scores: list[float] = [0.0, 0.0, 0.0]
@@ -75,6 +76,12 @@ def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
         # ties broken by position so the table is deterministic.
         scores.append(-1000.0 + 10.0 * len(piece) - 0.001 * i)
         types.append(T.NORMAL)
+    for piece in control_tokens:
+        assert piece not in seen, piece
+        seen.add(piece)
+        tokens.append(piece)
+        scores.append(0.0)
+        types.append(T.CONTROL)
     return tokens, scores, [int(t) for t in types]
 
 
@@ -102,6 +109,7 @@ def write_tiny_gguf(
     cls_labels: list[str] | None = None,
     pooling: int | None = None,
     rerank_template: str | None = None,
+    control_tokens: tuple[str, ...] = (),
 ) -> Path:
     """Write a tiny model to ``path`` and return it as a Path.
 
@@ -110,7 +118,8 @@ def write_tiny_gguf(
     ``dtype="f16"`` stores the 2-D weights as F16 (norms stay F32, as converted models have them);
     the default "f32" stores everything as F32.  ``arch="qwen3"`` adds its per-head q/k norms;
     ``cls_labels`` adds a classifier head (``cls.output``, one row per label: a reranker with
-    ``pooling=4``, llama.cpp's RANK), ``rerank_template`` the GGUF's "rerank" chat template.  For K-quants (``llamagen.quantize`` to Q4_K_M,
+    ``pooling=4``, llama.cpp's RANK), ``rerank_template`` the GGUF's "rerank" chat template,
+    ``control_tokens`` special (CONTROL) tokens appended to the vocabulary.  For K-quants (``llamagen.quantize`` to Q4_K_M,
     ...) every weight's row length must be a multiple of 256: use e.g. n_embd=256, n_ff=512
     (``QUANTIZABLE`` below), otherwise llama.cpp falls back to other types for those tensors.
     """
@@ -118,7 +127,7 @@ def write_tiny_gguf(
         raise ValueError(f"dtype must be 'f32' or 'f16', not {dtype!r}")
     path = Path(path)
     rng = np.random.default_rng(seed)
-    tokens, scores, types = tiny_vocab()
+    tokens, scores, types = tiny_vocab(control_tokens)
     n_vocab = len(tokens)
     head_dim = n_embd // n_head
     n_embd_kv = head_dim * n_head_kv

@@ -13,20 +13,26 @@ from starlette.responses import StreamingResponse
 from llamagen.server import sse
 from llamagen.server.app import get_engine, get_state
 from llamagen.server.auth import require_api_key
-from llamagen.server.errors import APIError, InvalidRequest, Overloaded, error_body
+from llamagen.server.errors import APIError, Overloaded, error_body
 from llamagen.server.models import CountTokensRequest, MessagesRequest
 from llamagen.server.translate import (
-    anthropic_messages, chat_tokens, anthropic_stop, generation_error, render_chat,
-    sampling_kwargs,
+    add_tool_sampling, anthropic_content, anthropic_messages, anthropic_stop, anthropic_tools,
+    chat_tokens, generation_error, prepare_tools, render_chat, sampling_kwargs,
 )
+from llamagen.tools import ToolStream
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-def _prompt(engine, body) -> list[int]:
-    if body.tools:
-        raise InvalidRequest("tools are not supported", param="tools")
-    return chat_tokens(engine, render_chat(engine, anthropic_messages(body.system, body.messages)))
+def _prompt(engine, body):
+    """(prompt tokens, ChatPrompt or None): with tools, the template renders them and its
+    tool-call syntax brings a grammar and a parser."""
+    messages = anthropic_messages(body.system, body.messages)
+    tools, choice, parallel = anthropic_tools(body.tools, body.tool_choice)
+    if tools is None:
+        return chat_tokens(engine, render_chat(engine, messages)), None
+    chat = prepare_tools(engine, messages, tools, choice, parallel)
+    return chat_tokens(engine, chat.prompt), chat
 
 
 def _usage(source: sse.ChunkSource) -> dict:
@@ -44,13 +50,15 @@ def _unfinished(reason: str) -> APIError:
 @router.post("/v1/messages")
 async def messages(body: MessagesRequest, request: Request, engine=Depends(get_engine)):
     st = get_state(request)
-    prompt = _prompt(engine, body)
+    prompt, chat = _prompt(engine, body)
     kwargs, origin = sampling_kwargs(body, seed=None)
+    if chat is not None:
+        add_tool_sampling(chat, kwargs, origin)
     timer = st.metrics.timer()
     source = await sse.open_source(engine, [prompt], kwargs, origin, prompt_param="messages")
     msg_id = f"msg_{uuid.uuid4().hex}"
     if body.stream:
-        return StreamingResponse(_stream(source, request.url.path, timer, st, msg_id),
+        return StreamingResponse(_stream(source, request.url.path, timer, st, msg_id, chat),
                                  media_type="text/event-stream", headers=sse.SSE_HEADERS)
     try:
         got = await sse.until_disconnect(request, sse.collect(source, timer))
@@ -62,18 +70,23 @@ async def messages(body: MessagesRequest, request: Request, engine=Depends(get_e
     if reason in ("cancelled", "error"):
         raise _unfinished(reason)
     stop_sequence = got.stop_sequence.get((0, 0))
+    text = "".join(got.texts.get((0, 0), []))
+    message = chat.reply(text, reason) if chat is not None else None
     return {"id": msg_id, "type": "message", "role": "assistant", "model": st.model_name,
-            "content": [{"type": "text", "text": "".join(got.texts.get((0, 0), []))}],
-            "stop_reason": anthropic_stop(reason, stop_sequence),
+            "content": anthropic_content(message) if message is not None else [{"type": "text", "text": text}],
+            "stop_reason": anthropic_stop(reason, stop_sequence, message),
             "stop_sequence": stop_sequence if reason == "stop" else None,
             "usage": _usage(source)}
 
 
-async def _stream(source: sse.ChunkSource, path: str, timer, st, msg_id: str):
-    """message_start, one text block (start, deltas, stop), message_delta, message_stop; the
+async def _stream(source: sse.ChunkSource, path: str, timer, st, msg_id: str, chat=None):
+    """message_start, a text block (start, deltas, stop), with tools one tool_use block per call
+    (start with id and name, input_json_delta pieces, stop), message_delta, message_stop; the
     official client dispatches on the ``event:`` line and drops data-only frames."""
     ev = sse.event
     started = False
+    parser = ToolStream(chat) if chat is not None else None
+    block = {"index": 0, "call": None}      # the open block: text (call None) or a call's index
 
     def start():
         # sent with the first engine chunk: by then the engine knows how much of the prompt
@@ -84,6 +97,31 @@ async def _stream(source: sse.ChunkSource, path: str, timer, st, msg_id: str):
             "usage": {**_usage(source), "output_tokens": 0}}}) + \
             ev("content_block_start", {"type": "content_block_start", "index": 0,
                                        "content_block": {"type": "text", "text": ""}})
+
+    def text_delta(text):
+        return ev("content_block_delta", {"type": "content_block_delta", "index": block["index"],
+                                          "delta": {"type": "text_delta", "text": text}})
+
+    def tool_events(deltas):
+        out = b""
+        for d in deltas:
+            if d.get("content") and block["call"] is None:
+                out += text_delta(d["content"])
+            for tc in d.get("tool_calls", ()):
+                if tc.get("id") is not None:            # a new call: close the open block
+                    out += ev("content_block_stop", {"type": "content_block_stop", "index": block["index"]})
+                    block["index"] += 1
+                    block["call"] = tc["index"]
+                    out += ev("content_block_start", {
+                        "type": "content_block_start", "index": block["index"],
+                        "content_block": {"type": "tool_use", "id": tc["id"],
+                                          "name": tc["function"]["name"], "input": {}}})
+                piece = tc["function"].get("arguments")
+                if piece and tc["index"] == block["call"]:
+                    out += ev("content_block_delta", {
+                        "type": "content_block_delta", "index": block["index"],
+                        "delta": {"type": "input_json_delta", "partial_json": piece}})
+        return out
     try:
         reason = stop_sequence = None
         async for item in source.events(st.ping_interval):
@@ -97,18 +135,24 @@ async def _stream(source: sse.ChunkSource, path: str, timer, st, msg_id: str):
                 yield start()
             if c.finish_reason in ("cancelled", "error"):
                 raise _unfinished(c.finish_reason)
-            if c.text:
-                yield ev("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                 "delta": {"type": "text_delta", "text": c.text}})
+            if parser is not None:
+                out = tool_events(parser.feed(c.text))
+                if c.finish_reason is not None:
+                    out += tool_events(parser.finish(c.finish_reason))
+                if out:
+                    yield out
+            elif c.text:
+                yield text_delta(c.text)
             if c.finish_reason is not None:
                 reason, stop_sequence = c.finish_reason, c.stop_sequence
         timer.done()
         if not started:
             yield start()
-        yield ev("content_block_stop", {"type": "content_block_stop", "index": 0})
+        yield ev("content_block_stop", {"type": "content_block_stop", "index": block["index"]})
         yield ev("message_delta", {
             "type": "message_delta",
-            "delta": {"stop_reason": anthropic_stop(reason, stop_sequence),
+            "delta": {"stop_reason": anthropic_stop(reason, stop_sequence,
+                                                    parser.message if parser is not None else None),
                       "stop_sequence": stop_sequence if reason == "stop" else None},
             "usage": _usage(source)})
         yield ev("message_stop", {"type": "message_stop"})
@@ -120,4 +164,4 @@ async def _stream(source: sse.ChunkSource, path: str, timer, st, msg_id: str):
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, engine=Depends(get_engine)):
-    return {"input_tokens": len(_prompt(engine, body))}
+    return {"input_tokens": len(_prompt(engine, body)[0])}

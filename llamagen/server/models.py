@@ -43,6 +43,7 @@ class LlamagenSampling(_Body):
     top_n_sigma: Optional[float] = None
     sampler_impl: Optional[str] = None
     seed: Optional[int] = None
+    logit_bias: Optional[dict[str, float]] = None     # {token id: bias}, as in OpenAI's API
 
 
 class StreamOptions(_Body):
@@ -74,7 +75,6 @@ class OpenAISampling(LlamagenSampling):
     stop: Optional[Union[str, List[str]]] = None
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
@@ -117,9 +117,19 @@ class TextBlock(_Body):
     text: Optional[str] = None
 
 
+class ContentBlock(TextBlock):
+    """An Anthropic content block: text, tool_use (assistant) or tool_result (user)."""
+    id: Optional[str] = None
+    name: Optional[str] = None
+    input: Optional[Any] = None
+    tool_use_id: Optional[str] = None
+    content: Optional[Union[str, List[TextBlock]]] = None
+    is_error: Optional[bool] = None
+
+
 class AnthropicMessage(_Body):
     role: str
-    content: Union[str, List[TextBlock]]
+    content: Union[str, List[ContentBlock]]
 
 
 class MessagesRequest(LlamagenSampling):
@@ -132,6 +142,7 @@ class MessagesRequest(LlamagenSampling):
     top_p: Optional[float] = None
     stream: Optional[bool] = False
     tools: Optional[List[Any]] = None
+    tool_choice: Optional[dict] = None
 
 
 class CountTokensRequest(_Body):
@@ -139,6 +150,7 @@ class CountTokensRequest(_Body):
     messages: List[AnthropicMessage] = Field(min_length=1)
     system: Optional[Union[str, List[TextBlock]]] = None
     tools: Optional[List[Any]] = None
+    tool_choice: Optional[dict] = None
 
 
 class EmbeddingRequest(_Body):
