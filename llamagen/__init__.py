@@ -14,6 +14,7 @@ from llamagen.engine import AsyncEngine, EngineChunk, EngineResult, EngineStats,
 from llamagen.generation import gen_begin, gen_end, gen_next, generate
 from llamagen.logprobs import Completion, ScoreResult, TokenLogprob, TopLogprob, score
 from llamagen.structured import schema_to_grammar
+from llamagen import tools  # noqa: F401  (llamagen.tools.prepare: tool calling)
 from llamagen.sampling import SamplingParams
 from llamagen.errors import (
     ContextError, DecodeError, EngineClosedError, GrammarError, KVCacheFullError, LlamaError,

@@ -26,6 +26,14 @@ class ChatParams(TypedDict):
     supports_thinking: bool
     thinking_start_tag: Optional[str]
     thinking_end_tags: List[str]
+    trigger_patterns: List[str]
+    trigger_tokens: List[int]
+    preserved_ids: List[int]
+    prefill_tokens: List[int]
+    tools: bool
+    tool_choice: str
+    format_id: int
+    parser: bytes
 
 class Model:
     path: Union[str, bytes]
@@ -68,7 +76,10 @@ class Model:
                            add_generation_prompt: bool = True, template: Optional[str] = None,
                            chat_template_kwargs: Optional[Mapping[str, Any]] = None,
                            enable_thinking: Optional[bool] = None,
-                           prefill_assistant: bool = True) -> ChatParams: ...
+                           prefill_assistant: bool = True,
+                           tools: Optional[Sequence[Mapping[str, Any]]] = None,
+                           tool_choice: Optional[Union[str, Mapping[str, Any]]] = None,
+                           parallel_tool_calls: Optional[bool] = None) -> ChatParams: ...
     def chat_template_source(self, template: Optional[str] = None) -> str: ...
     @property
     def bos(self) -> Optional[int]: ...
@@ -160,6 +171,8 @@ def _score(ctx: Context, texts: List[Any], k: int, add_special: bool,
            parse_special: bool) -> List[ScoreResult]: ...
 def _row_logprobs(row: Any, k: int, iters: int = 1) -> Tuple[float, List[int], List[float], float]: ...
 def _json_schema_to_grammar(text: str) -> str: ...
+def _parse_chat_output(text: str, partial: bool, format_id: int, generation_prompt: str,
+                       parser: bytes, parse_tool_calls: bool) -> Dict[str, Any]: ...
 def _embed(ctx: Context, items: List[Any], norm: int, truncate: bool, add_special: bool,
            parse_special: bool) -> Tuple[Any, List[int], List[bool]]: ...
 def _rerank_tokens(model: Model, query: str, document: str) -> List[int]: ...
