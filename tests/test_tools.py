@@ -3,8 +3,8 @@ tool-call syntax keeps calls well-formed, and its parser reads them (llamagen.to
 servers' ``tools`` on /v1/chat/completions and /v1/messages), checked against llama-server.
 
 Neither real model's own template has a tool syntax (SmolLM2's is plain ChatML: llama.cpp then
-renders no tools, as llama-server does), so the tests pass a small tool-capable ChatML template of
-their own (written here) with ``template=`` / ``--chat-template-file``.  The tiny model's variant
+renders no tools, as llama-server does), so the tests pass llamagen's tool-capable ChatML template
+(examples/chatml-tools.jinja) with ``template=`` / ``--chat-template-file``.  The tiny model's variant
 makes the call tags single control tokens: the trigger is then a token and the tags reach the
 text only as preserved tokens.  The 135M model does not call tools on its own: a logit bias on
 the tag's tokens starts the calls; everything after the tag is the grammar's work.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -28,42 +29,12 @@ from llamagen.errors import GrammarError
 
 from server_util import Server
 
-# ChatML with tools listed in the system turn and calls as <tool_call>{json}</tool_call>
-_TEMPLATE = """\
-{%- if tools %}<|im_start|>system
-{% if messages[0].role == 'system' %}{{ messages[0].content }}
-
-{% endif %}You can call these functions. Their signatures, one JSON object each:
-<tools>
-{% for tool in tools %}{{ tool | tojson }}
-{% endfor %}</tools>
-To call one, answer with a JSON object {"name": <function-name>, "arguments": <args-json-object>} \
-between <tool_call> and </tool_call>.<|im_end|>
-{% elif messages[0].role == 'system' %}<|im_start|>system
-{{ messages[0].content }}<|im_end|>
-{% endif %}
-{%- for message in messages %}
-{%- if message.role == 'system' %}
-{%- elif message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}\
-<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% elif message.role == 'assistant' %}<|im_start|>assistant
-{% if message.content %}{{ message.content }}
-{% endif %}
-{%- for tc in message.tool_calls %}<tool_call>NL{"name": "{{ tc.function.name }}", \
-"arguments": {{ tc.function.arguments | tojson }}}NL</tool_call>
-{% endfor %}<|im_end|>
-{% elif message.role == 'tool' %}<|im_start|>user
-<tool_response>
-{{ message.content }}
-</tool_response><|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% endif %}
-"""
-TEMPLATE = _TEMPLATE.replace("NL", "\n")           # "<tool_call>\n": a text trigger
-TIGHT_TEMPLATE = _TEMPLATE.replace("NL", "")       # "<tool_call>{": the tag token triggers
+# ChatML with the tools listed in the system turn and calls as <tool_call>\n{json}\n</tool_call>
+# (shipped for ChatML models without a tool syntax): "<tool_call>\n" is a text trigger; the tight
+# variant writes "<tool_call>{", so the tag token alone triggers
+TEMPLATE = (Path(__file__).resolve().parent.parent / "examples" / "chatml-tools.jinja").read_text()
+TIGHT_TEMPLATE = TEMPLATE.replace("<tool_call>\n", "<tool_call>").replace("\n</tool_call>", "</tool_call>")
+assert TIGHT_TEMPLATE.count("<tool_call>{") == 1
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
