@@ -63,9 +63,9 @@ def med(xs):
 
 
 def timed_stream(ctx, prompt, params, stream=None):
-    """(text, ms per generated token, ms spent in the stream parser) of one generation."""
+    """(text, ms per generated token (decode + sampling + text, the prompt's prefill not
+    counted: the prompts differ in length), ms spent in the stream parser, tokens)."""
     import llamagen
-    t0 = time.perf_counter()
     st = llamagen.gen_begin(ctx, prompt, params=params, parse_special=True)
     parse = 0.0
     parts = []
@@ -80,9 +80,8 @@ def timed_stream(ctx, prompt, params, stream=None):
         t1 = time.perf_counter()
         stream.finish(st.finish_reason)
         parse += time.perf_counter() - t1
-    wall = time.perf_counter() - t0 - parse
     n = len(st.tokens)
-    return "".join(parts), 1e3 * wall / n, 1e3 * parse, n
+    return "".join(parts), st.timings["decode_ms"] / n, 1e3 * parse, n
 
 
 def library(path, tokens, reps):
@@ -98,6 +97,8 @@ def library(path, tokens, reps):
     rows = {}
     cases = [
         ("plain chat (no tools)", plain_prompt, llamagen.SamplingParams(**base, logit_bias=NO_CALL_BIAS), None),
+        ("tools in the prompt, no grammar", auto.prompt, llamagen.SamplingParams(**base, logit_bias=NO_CALL_BIAS),
+         None),
         ("tools, auto, text (lazy grammar asleep)", auto.prompt,
          auto.params(**base, logit_bias=NO_CALL_BIAS), auto),
         ("tools, required call, fast engine", req.prompt,
@@ -149,39 +150,45 @@ def servers(path, reps):
                          "-c", "4096", "-t", "2", "-tb", "2", "-fa", "on", "--jinja",
                          "--chat-template-file", TEMPLATE],
     }
+    acc = {name: dict(walls=[], swalls=[], first=[]) for name in cmds}
+    names = list(cmds)
+    for rnd in range(2):            # the order alternates: neither server always runs first
+        for name in names[rnd % 2:] + names[:rnd % 2]:
+            port = server_run.free_port()
+            argv = [a.replace("{port}", str(port)) for a in cmds[name]]
+            srv = server_run.Server(name, argv, "/health", os.path.join(HERE, "out", "server-logs",
+                                                                        f"tools-{name.split()[0]}.log"))
+            srv.start()
+            try:
+                url = srv.url + "/v1/chat/completions"
+                httpx.post(url, json=body, timeout=120)           # warm-up (prompt cache filled)
+                a = acc[name]
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    reply = httpx.post(url, json=body, timeout=120).json()
+                    a["walls"].append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    seen = None
+                    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as r:
+                        for line in r.iter_lines():
+                            if seen is None and '"tool_calls"' in line:
+                                seen = time.perf_counter() - t0
+                    a["swalls"].append(time.perf_counter() - t0)
+                    if seen is not None:
+                        a["first"].append(seen)
+                a["reply"] = reply
+            finally:
+                srv.stop()
     out = {}
-    for name, argv in cmds.items():
-        port = server_run.free_port()
-        argv = [a.replace("{port}", str(port)) for a in argv]
-        srv = server_run.Server(name, argv, "/health", os.path.join(HERE, "out", "server-logs",
-                                                                    f"tools-{name.split()[0]}.log"))
-        srv.start()
-        try:
-            url = srv.url + "/v1/chat/completions"
-            httpx.post(url, json=body, timeout=120)               # warm-up (prompt cache filled)
-            walls, swalls, first = [], [], []
-            reply = None
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                reply = httpx.post(url, json=body, timeout=120).json()
-                walls.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                seen = None
-                with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as r:
-                    for line in r.iter_lines():
-                        if seen is None and '"tool_calls"' in line:
-                            seen = time.perf_counter() - t0
-                swalls.append(time.perf_counter() - t0)
-                first.append(seen)
-            msg = reply["choices"][0]["message"]
-            out[name] = dict(reply_ms=1e3 * med(walls), stream_ms=1e3 * med(swalls),
-                             first_call_delta_ms=1e3 * med([x for x in first if x is not None]) if any(first) else None,
-                             finish_reason=reply["choices"][0]["finish_reason"],
-                             completion_tokens=reply["usage"]["completion_tokens"],
-                             calls=[(c["function"]["name"], json.loads(c["function"]["arguments"]))
-                                    for c in msg.get("tool_calls") or ()])
-        finally:
-            srv.stop()
+    for name, a in acc.items():
+        reply = a["reply"]
+        msg = reply["choices"][0]["message"]
+        out[name] = dict(reply_ms=1e3 * med(a["walls"]), stream_ms=1e3 * med(a["swalls"]),
+                         first_call_delta_ms=1e3 * med(a["first"]) if a["first"] else None,
+                         finish_reason=reply["choices"][0]["finish_reason"],
+                         completion_tokens=reply["usage"]["completion_tokens"],
+                         calls=[(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                                for c in msg.get("tool_calls") or ()])
     return out
 
 
@@ -195,20 +202,23 @@ def write(res) -> str:
              f"medians of {res['reps']} interleaved runs.", "",
              f"**Per token** ({res['tokens']} new tokens at most; \"parser\" = ToolStream.feed on every "
              "chunk plus the final parse, llama.cpp's parser re-run on the text so far)", "",
-             "| case | tokens | ms/token (decode + sampling) | parser ms, whole stream | parser ms/token | calls |",
+             "| case | tokens | ms/token (decode + sampling, no prefill) | parser ms, whole stream | parser ms/token | calls |",
              "|---|---|---|---|---|---|"]
     for name, r in lib["rows"].items():
         per = r["parse_ms_total"] / r["n"] if r["n"] else None
         lines.append(f"| {name} | {r['n']} | {r['ms_per_token']:.2f} | {r['parse_ms_total']:.1f} | "
                      f"{per:.3f} | {', '.join(f'{n} {a}' for n, a in r['calls']) or '-'} |")
-    base = lib["rows"]["plain chat (no tools)"]["ms_per_token"]
+    plain = lib["rows"]["plain chat (no tools)"]["ms_per_token"]
+    base = lib["rows"]["tools in the prompt, no grammar"]["ms_per_token"]
     lazy = lib["rows"]["tools, auto, text (lazy grammar asleep)"]["ms_per_token"]
-    lines += ["", f"The asleep lazy grammar costs {lazy / base:.3f}x plain chat per token; the fast engine and "
-              f"llama.cpp's chain wrote {'the same' if lib['engines_same_text'] else 'DIFFERENT'} text for "
-              "the required call.", "",
+    lines += ["", f"Per token, the asleep lazy grammar costs {lazy / base:.3f}x the same prompt without it "
+              f"(the tools in the prompt: {base / plain:.3f}x plain chat, a longer context); the fast engine "
+              f"and llama.cpp's chain wrote {'the same' if lib['engines_same_text'] else 'DIFFERENT'} text "
+              "for the required call.", "",
              "**One tool call over HTTP** (tool_choice required, 120 tokens at most, one slot each, after "
-             "one warm-up request; `reply` = non-streamed request, `stream` = streamed request to its end, "
-             "`first call delta` = until the first chunk with `tool_calls`)", "",
+             "one warm-up request; each server started twice, the order alternating, medians of "
+             f"{2 * res['reps']} requests of each kind; `reply` = non-streamed request, `stream` = streamed "
+             "request to its end, `first call delta` = until the first chunk with `tool_calls`)", "",
              "| server | reply ms | stream ms | first call delta ms | completion tokens | finish | call |",
              "|---|---|---|---|---|---|---|"]
     for name, r in srv.items():

@@ -323,23 +323,6 @@ cdef object _render_chat(Model model, messages, bint add_generation_prompt, temp
     }
 
 
-def _parse_chat_output(text, bint partial, int format_id, generation_prompt, parser,
-                       bint parse_tool_calls):
-    """llama.cpp's parse of generated text into an OpenAI message dict (see lg_chat.h)."""
-    cdef string t = _chat_str(text, "text").encode("utf-8")
-    cdef string gp = generation_prompt.encode("utf-8")
-    cdef string ps = parser
-    cdef string out
-    cdef string err
-    cdef int rc
-    with nogil:
-        rc = lgchat.parse(t, partial, format_id, gp, ps, parse_tool_calls, out, err)
-    if rc != 0:
-        raise ValueError(f"the model's output does not parse as a message of this chat format: "
-                         f"{err.decode('utf-8', 'replace')}")
-    return _json.loads(out.decode("utf-8", "replace"))
-
-
 cdef str _chat_template_source(Model model, template):
     cdef _ChatTemplates t
     model._check()
@@ -349,3 +332,36 @@ cdef str _chat_template_source(Model model, template):
         _chat_str(template, "template")
     t = _chat_templates(model, template)
     return lgchat.templates_source(t.ptr).decode("utf-8", "replace")
+
+
+cdef class _ChatParser:
+    """llama.cpp's parser of one chat format's replies (see lg_chat.h), loaded once.  Read-only
+    after creation: threads may parse with one at once (the GIL is released while parsing)."""
+    cdef lgchat.Parser * ptr
+
+    def __cinit__(self, int format_id, generation_prompt, bytes parser, bint parse_tool_calls):
+        cdef string gp = _chat_str(generation_prompt, "generation_prompt").encode("utf-8")
+        cdef string ps = parser
+        cdef string err
+        self.ptr = lgchat.parser_new(format_id, gp, ps, parse_tool_calls, err)
+        if self.ptr == NULL:
+            raise ValueError(f"the chat format's output parser could not be loaded: "
+                             f"{err.decode('utf-8', 'replace')}")
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            lgchat.parser_free(self.ptr)
+            self.ptr = NULL
+
+    def parse(self, text, bint partial=False):
+        """The OpenAI message dict in ``text``; ValueError when it does not parse."""
+        cdef string t = _chat_str(text, "text").encode("utf-8")
+        cdef string out
+        cdef string err
+        cdef int rc
+        with nogil:
+            rc = lgchat.parser_parse(self.ptr, t, partial, out, err)
+        if rc != 0:
+            raise ValueError(f"the model's output does not parse as a message of this chat "
+                             f"format: {err.decode('utf-8', 'replace')}")
+        return _json.loads(out.decode("utf-8", "replace"))

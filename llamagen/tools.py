@@ -45,8 +45,7 @@ class ChatPrompt:
     tool_choice: str
     format: str
     generation_prompt: str
-    _format_id: int = dataclasses.field(repr=False, default=0)
-    _parser: bytes = dataclasses.field(repr=False, default=b"")
+    _parser: Any = dataclasses.field(repr=False, compare=False, default=None)   # _core._ChatParser
 
     def params(self, params: Optional[SamplingParams] = None, **overrides) -> SamplingParams:
         """SamplingParams for this chat: ``params`` (or the defaults) with ``overrides``, plus
@@ -68,9 +67,7 @@ class ChatPrompt:
         "tool_calls"?: [{"type": "function", "id", "function": {"name", "arguments"}}]}``,
         ``arguments`` being JSON text as OpenAI sends it.  Calls whose syntax has no id get one.
         ValueError when the text does not parse (it cannot, when the grammar produced it)."""
-        msg = _core._parse_chat_output(text, partial, self._format_id, self.generation_prompt,
-                                       self._parser, self.tools)
-        return _normalize(msg, [])
+        return _normalize(self._parser.parse(text, partial), [])
 
     def reply(self, text: str, finish_reason: Optional[str] = "stop") -> dict:
         """``parse`` for a reply however it ended: one cut short (``finish_reason`` "length", a
@@ -126,8 +123,9 @@ def prepare(model, messages, *, tools=None, tool_choice=None, parallel_tool_call
         sampling["preserved_tokens"] = tuple(r["preserved_ids"])
     return ChatPrompt(prompt=r["prompt"], sampling=sampling, tools=r["tools"],
                       tool_choice=r["tool_choice"], format=r["format"],
-                      generation_prompt=r["generation_prompt"], _format_id=r["format_id"],
-                      _parser=r["parser"])
+                      generation_prompt=r["generation_prompt"],
+                      _parser=_core._ChatParser(r["format_id"], r["generation_prompt"], r["parser"],
+                                                r["tools"]))
 
 
 class ToolStream:
@@ -151,9 +149,7 @@ class ToolStream:
         if not text:
             return []
         try:
-            msg = _core._parse_chat_output(self.text, True, self.chat._format_id,
-                                           self.chat.generation_prompt, self.chat._parser,
-                                           self.chat.tools)
+            msg = self.chat._parser.parse(self.text, True)
         except ValueError:
             return []               # not parseable yet: more text will tell
         return self._diff(_normalize(msg, self._ids))

@@ -242,20 +242,40 @@ int render(const Templates * t, const llama_vocab * vocab, const std::string & m
     return -1;
 }
 
-int parse(const std::string & text, bool is_partial, int format_id, const std::string & generation_prompt,
-          const std::string & parser, bool parse_tool_calls, std::string & out_json, std::string & err) noexcept {
+struct Parser {
+    common_chat_parser_params params;
+};
+
+Parser * parser_new(int format_id, const std::string & generation_prompt, const std::string & parser,
+                    bool parse_tool_calls, std::string & err) noexcept {
     try {
         quiet_common_log();
-        common_chat_parser_params params;
-        params.format               = (common_chat_format) format_id;
-        params.reasoning_format     = COMMON_REASONING_FORMAT_DEEPSEEK;   // llama-server's default
-        params.reasoning_in_content = false;
-        params.generation_prompt    = generation_prompt;
-        params.parse_tool_calls     = parse_tool_calls;
+        std::unique_ptr<Parser> p(new Parser());
+        p->params.format               = (common_chat_format) format_id;
+        p->params.reasoning_format     = COMMON_REASONING_FORMAT_DEEPSEEK;   // llama-server's default
+        p->params.reasoning_in_content = false;
+        p->params.generation_prompt    = generation_prompt;
+        p->params.parse_tool_calls     = parse_tool_calls;
         if (!parser.empty()) {
-            params.parser.load(parser);
+            p->params.parser.load(parser);
         }
-        common_chat_msg msg = common_chat_parse(text, is_partial, params);
+        return p.release();
+    } catch (const std::exception & e) {
+        set_error(err, e.what());
+    } catch (...) {
+        set_error(err, "unknown C++ exception while loading the output parser");
+    }
+    return nullptr;
+}
+
+void parser_free(Parser * p) noexcept {
+    delete p;
+}
+
+int parser_parse(const Parser * p, const std::string & text, bool is_partial, std::string & out_json,
+                 std::string & err) noexcept {
+    try {
+        common_chat_msg msg = common_chat_parse(text, is_partial, p->params);
         msg.role = "assistant";
         out_json = msg.to_json_oaicompat().dump();
         return 0;

@@ -64,12 +64,20 @@ int render(const Templates * t, const llama_vocab * vocab, const std::string & m
            int parallel_tool_calls, bool add_generation_prompt, bool prefill_assistant, int enable_thinking,
            Rendered & out, std::string & err) noexcept;
 
-// Parse generated text into an assistant message, as llama-server does (common_chat_parse with
-// the format, generation prompt and parser render() gave, reasoning split out as with its
-// default --reasoning-format deepseek).  is_partial: the text may stop mid-way (streaming).
-// out_json: the message as OpenAI JSON (role, content, reasoning_content, tool_calls with
-// function name and arguments text).  0 on success; -1 with err set when the text does not parse.
-int parse(const std::string & text, bool is_partial, int format_id, const std::string & generation_prompt,
-          const std::string & parser, bool parse_tool_calls, std::string & out_json, std::string & err) noexcept;
+// An output parser: generated text -> an assistant message, as llama-server parses it
+// (common_chat_parse with the format, generation prompt and parser that render() gave,
+// reasoning split out as with its default --reasoning-format deepseek).  Loading the parser (a
+// saved PEG arena) costs more than parsing a reply, so it is loaded once; read-only afterwards,
+// so several threads may parse with one.  nullptr with err set when it cannot be loaded.
+struct Parser;
+Parser * parser_new(int format_id, const std::string & generation_prompt, const std::string & parser,
+                    bool parse_tool_calls, std::string & err) noexcept;
+void parser_free(Parser * p) noexcept;
+
+// is_partial: the text may stop mid-way (streaming).  out_json: the message as OpenAI JSON
+// (role, content, reasoning_content, tool_calls with function name and arguments text).  0 on
+// success; -1 with err set when the text does not parse.
+int parser_parse(const Parser * p, const std::string & text, bool is_partial, std::string & out_json,
+                 std::string & err) noexcept;
 
 }  // namespace lgchat

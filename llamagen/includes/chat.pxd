@@ -40,5 +40,11 @@ cdef extern from "lg_chat.h" namespace "lgchat" nogil:
                const string & kwargs_json, const string & tools_json, const string & tool_choice,
                int parallel_tool_calls, cbool add_generation_prompt, cbool prefill_assistant,
                int enable_thinking, Rendered & out, string & err) noexcept
-    int parse(const string & text, cbool is_partial, int format_id, const string & generation_prompt,
-              const string & parser, cbool parse_tool_calls, string & out_json, string & err) noexcept
+    cdef cppclass Parser:
+        pass
+
+    Parser * parser_new(int format_id, const string & generation_prompt, const string & parser,
+                        cbool parse_tool_calls, string & err) noexcept
+    void parser_free(Parser * p) noexcept
+    int parser_parse(const Parser * p, const string & text, cbool is_partial, string & out_json,
+                     string & err) noexcept
