@@ -295,7 +295,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     app = create_app(engine_factory=make_engine, api_keys=keys, on_fatal=on_fatal,
                      model_name=a.model_alias or os.path.basename(path),
-                     max_body_bytes=a.max_body_size)
+                     max_body_bytes=a.max_body_size, cors_origins=a.cors_origin or ())
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                             timeout_graceful_shutdown=a.shutdown_grace, lifespan="on",
                             access_log=not a.no_access_log)
@@ -489,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model name in responses and /v1/models (default: the file name)")
     v.add_argument("--max-queue", type=_non_negative_int, default=None, metavar="N",
                    help="requests that may wait for a sequence; more get 503 (default: no limit)")
+    v.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="let browser pages from this origin call the API (e.g. "
+                        "http://localhost:3000, or * for any); may be repeated; none: no CORS")
     v.add_argument("--max-body-size", type=_positive_int, default=16 * 2**20, metavar="BYTES",
                    help="larger request bodies get 413 (default 16 MiB)")
     v.add_argument("--shutdown-grace", type=_non_negative_float, default=10.0, metavar="S",

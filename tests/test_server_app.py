@@ -152,3 +152,31 @@ def test_api_keys_must_be_non_empty_strings():
         create_app(StandIn(), api_keys=[""])
     with pytest.raises(TypeError):
         create_app()
+
+
+def test_cors_headers_only_for_the_origins_given():
+    site = "http://localhost:3000"
+    pre = {"Origin": site, "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization, content-type"}
+    with TestClient(create_app(StandIn(), model_name="m", api_keys=["k"])) as c:
+        r = c.options("/v1/completions", headers=pre)
+        assert "access-control-allow-origin" not in r.headers        # no flag: browsers keep out
+    with TestClient(create_app(StandIn(), model_name="m", api_keys=["k"], cors_origins=[site])) as c:
+        r = c.options("/v1/completions", headers=pre)               # the preflight carries no key
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == site
+        assert "POST" in r.headers["access-control-allow-methods"]
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3},
+                   headers={"Origin": site, "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == site
+        r = c.post("/v1/completions", json={"prompt": "x"}, headers={"Origin": site})
+        # the key is still checked, and the page can read why it failed
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == site
+        r = c.options("/v1/completions", headers={**pre, "Origin": "http://evil.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    with TestClient(create_app(StandIn(), model_name="m", cors_origins=["*"])) as c:
+        r = c.get("/v1/models", headers={"Origin": "http://anything.example"})
+        assert r.headers["access-control-allow-origin"] == "*"
+    for bad in ("localhost:3000", ""):
+        with pytest.raises(ValueError, match="CORS origin"):
+            create_app(StandIn(), model_name="m", cors_origins=[bad])

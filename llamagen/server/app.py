@@ -134,7 +134,7 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                ping_interval: float = DEFAULT_PING_INTERVAL,
                on_fatal: Optional[Callable[[BaseException], None]] = None,
-               close_engine: Optional[bool] = None) -> FastAPI:
+               close_engine: Optional[bool] = None, cors_origins: Iterable[str] = ()) -> FastAPI:
     """The server app.
 
     Give either a ready ``engine`` (an AsyncEngine, closed at shutdown only if ``close_engine``)
@@ -142,6 +142,8 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
     with 503 until it returns; the engine it makes is closed at shutdown).  ``on_fatal`` is
     called with the factory's exception if it fails.  ``api_keys``: accepted keys (none: no
     check).  ``ping_interval``: seconds without a chunk before a stream gets a ``: ping``.
+    ``cors_origins``: origins whose browser pages may call the API ("*": any); none: no CORS
+    headers, so browsers keep other sites' pages out.
     """
     if (engine is None) == (engine_factory is None):
         raise TypeError("create_app needs exactly one of engine and engine_factory")
@@ -176,6 +178,16 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
     app.state.llamagen = state
     install_handlers(app)
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes, state=state)
+    origins = [o for o in cors_origins]
+    for o in origins:
+        if not isinstance(o, str) or not o or (o != "*" and "://" not in o):
+            raise ValueError(f"a CORS origin is '*' or scheme://host[:port], got {o!r}")
+    if origins:
+        from starlette.middleware.cors import CORSMiddleware
+        # outermost: a browser's preflight is answered before the key check (it carries no key);
+        # the request that follows is checked as any other
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], max_age=600)
 
     # (imported here: they import this module)
     from llamagen.server import anthropic, embeddings, openai   # noqa: PLC0415
