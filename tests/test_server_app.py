@@ -180,3 +180,17 @@ def test_cors_headers_only_for_the_origins_given():
     for bad in ("localhost:3000", ""):
         with pytest.raises(ValueError, match="CORS origin"):
             create_app(StandIn(), model_name="m", cors_origins=[bad])
+
+
+def test_an_unexpected_error_is_a_500_and_counted():
+    class Broken(StandIn):
+        def tokenize(self, text, add_special=True, parse_special=False):
+            raise RuntimeError("a bug")
+    app = create_app(Broken(), model_name="m")
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/tokenize", json={"content": "x"})
+        assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: RuntimeError"
+        c.post("/v1/completions", json={"prompt": 5})              # a 400, counted as before
+        metrics = c.get("/metrics").text
+    assert 'llamagen:http_request_errors_total{model_name="m",status="500"} 1.0' in metrics
+    assert 'llamagen:http_request_errors_total{model_name="m",status="400"} 1.0' in metrics

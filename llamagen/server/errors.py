@@ -184,6 +184,11 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error in %s %s", request.method, request.url.path)
+        # Starlette answers this one outside every middleware, so the error counter that sees
+        # the other responses does not see it: counted here
+        state = getattr(request.app.state, "llamagen", None)
+        if state is not None:
+            state.metrics.http_error(500)
         return error_response(request.url.path, APIError(f"internal error: {type(exc).__name__}"))
 
 
