@@ -271,7 +271,11 @@ cdef cppclass SeqCore:
             this.flush()
             return
         this.tokens.push_back(tok)
-        if not this.ignore_eos and llama.llama_vocab_is_eog(this.vocab, tok):
+        if llama.llama_vocab_is_eog(this.vocab, tok) and (
+                not this.ignore_eos or
+                # ignore_eos goes on past the model's end, but not past a grammar's: one that
+                # allows nothing else would make every later token an end token too
+                (this.grammar != NULL and _grammar_only_ends(this.grammar, this.vocab, this.n_vocab, cand))):
             this.finish = FINISH_STOP
             this.flush()
             return

@@ -388,6 +388,27 @@ cdef inline bint _grammar_allows(llama.llama_sampler * grammar, llama.llama_toke
     return single.logit != -INFINITY
 
 
+cdef bint _grammar_only_ends(llama.llama_sampler * grammar, const llama.llama_vocab * vocab,
+                             int32_t n_vocab, llama.llama_token_data * cand) noexcept nogil:
+    """Whether the grammar allows no token but an end-of-generation one (it is complete and
+    cannot go on): one check over the whole vocabulary, in ``cand``'s n_vocab entries."""
+    cdef llama.llama_token_data_array arr
+    cdef int32_t i
+    for i in range(n_vocab):
+        cand[i].id = i
+        cand[i].logit = 0.0
+        cand[i].p = 0.0
+    arr.data = cand
+    arr.size = n_vocab
+    arr.selected = -1
+    arr.sorted = False
+    llama.llama_sampler_apply(grammar, &arr)
+    for i in range(<int32_t> arr.size):
+        if arr.data[i].logit != -INFINITY and not llama.llama_vocab_is_eog(vocab, arr.data[i].id):
+            return False
+    return True
+
+
 cdef llama.llama_token _sample_token(llama.llama_sampler * chain, fs.lgfs_engine * fast,
                                      llama.llama_sampler * grammar, int32_t n_vocab,
                                      const float * logits, llama.llama_token_data * cand,

@@ -220,6 +220,24 @@ def test_grammar_constrains_tiny_model(tiny_ctx):
 
 # -- lifecycle -------------------------------------------------------------------------------------
 
+
+def test_ignore_eos_stops_where_a_grammar_allows_nothing_else(tiny_ctx, tiny_model):
+    # ignore_eos goes on past the model's end, but a finished grammar allows only the end token:
+    # before, every later token was that end token, up to max_new_tokens ("length")
+    st = llamagen.gen_begin(tiny_ctx, "x", grammar='root ::= "ab"', ignore_eos=True,
+                            max_new_tokens=10, temp=0)
+    assert "".join(st) + st.end() == "ab"
+    assert st.finish_reason == "stop" and len(st.tokens) == 3 and tiny_model.is_eog(st.tokens[-1])
+    # a grammar that may go on still goes on
+    st = llamagen.gen_begin(tiny_ctx, "x", grammar='root ::= "a"+', ignore_eos=True,
+                            max_new_tokens=10, temp=0)
+    text = "".join(st) + st.end()
+    assert set(text) == {"a"} and st.finish_reason == "length" and len(st.tokens) == 10
+    with llamagen.Context(tiny_model, n_ctx=512, n_seq_max=2) as ctx:    # batches share the step
+        got = llamagen.generate_batch(ctx, ["x", "y"], grammar='root ::= "ab"', ignore_eos=True,
+                                      max_new_tokens=10, return_logprobs=True)
+        assert [(r.text, r.finish_reason) for r in got] == [("ab", "stop")] * 2
+
 def test_newer_begin_invalidates_older_state(tiny_ctx):
     a = llamagen.gen_begin(tiny_ctx, "the cat", max_new_tokens=10)
     a.next()
