@@ -336,8 +336,7 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
         c.n_logprobs = min(<int32_t> params.logprobs, ctx._n_vocab)
     for s in params.stop:
         c.stops.push_back(s.encode("utf-8"))
-    for t in sorted(set(params.preserved_tokens)):
-        c.preserved.push_back(t)
+    c.preserved = params.preserved_tokens       # sorted and unique (SamplingParams)
     c.tokens.reserve(min(params.max_new_tokens, n_ctx))
     if len(params.logit_bias) >= ctx._n_vocab:
         banned = {t for t, b in params.logit_bias if b == -INFINITY and 0 <= t < ctx._n_vocab}

@@ -115,10 +115,12 @@ cdef llama.llama_sampler * _build_grammar(object p, const llama.llama_vocab * vo
     """The grammar sampler for ``p.gbnf`` (``grammar``, or the one made of a JSON schema; NULL
     when there is none).  Raises GrammarError."""
     cdef llama.llama_sampler * g
+    cdef llama.llama_sampler * plain
     grammar = p.gbnf
     if grammar is None:
         return NULL
-    problem = _gbnf_check(grammar, llama.llama_vocab_n_tokens(vocab))
+    n_vocab = llama.llama_vocab_n_tokens(vocab)
+    problem = _gbnf_check(grammar, n_vocab)
     if problem is not None:
         raise GrammarError(f"the grammar does not parse: {problem}")
     gb = grammar.encode("utf-8")
@@ -127,31 +129,32 @@ cdef llama.llama_sampler * _build_grammar(object p, const llama.llama_vocab * vo
     cdef vector[string] patterns
     cdef vector[int] trig_tokens
     cdef vector[int] prefill
+    cdef vector[string] no_patterns
+    cdef vector[int] no_tokens
     _take_errors()
     # (llama.cpp's parser prints its reason to stderr: captured into the error instead)
-    if p.grammar_lazy or p.grammar_prefill:
-        n_vocab = llama.llama_vocab_n_tokens(vocab)
-        for t in p.grammar_trigger_tokens + p.grammar_prefill:
-            if t >= n_vocab:
-                raise ValueError(f"grammar_trigger_tokens/grammar_prefill name token {t}, not a "
-                                 f"token id in [0, {n_vocab})")
-        for x in p.grammar_triggers:
-            patterns.push_back(x.encode("utf-8"))
-        for t in p.grammar_trigger_tokens:
-            trig_tokens.push_back(t)
-        for t in p.grammar_prefill:
-            prefill.push_back(t)
-        g = lgschema.grammar_init_ex(vocab, gb, rb, p.grammar_lazy, patterns, trig_tokens, prefill,
-                                     printed)
-        if g == NULL:
-            reason = _grammar_reason(printed.decode("utf-8", "replace")) or \
-                printed.decode("utf-8", "replace").strip() or _take_errors() or "invalid GBNF"
-            raise GrammarError(f"the grammar, its trigger patterns or its prefill were refused: "
-                               f"{reason}")
-    else:
-        g = lgschema.grammar_init(vocab, gb, rb, printed)
+    for t in p.grammar_trigger_tokens + p.grammar_prefill:
+        if t >= n_vocab:
+            raise ValueError(f"grammar_trigger_tokens/grammar_prefill name token {t}, not a token "
+                             f"id in [0, {n_vocab})")
+    for x in p.grammar_triggers:
+        patterns.push_back(x.encode("utf-8"))
+    trig_tokens = p.grammar_trigger_tokens
+    prefill = p.grammar_prefill
+    g = lgschema.grammar_init(vocab, gb, rb, p.grammar_lazy, patterns, trig_tokens, prefill, printed)
     if g == NULL:
-        reason = _grammar_reason(printed.decode("utf-8", "replace")) or _take_errors() or "invalid GBNF"
+        said = printed.decode("utf-8", "replace")
+        if p.grammar_lazy or p.grammar_prefill:
+            # which part llama.cpp refused: the grammar itself, or a trigger regex / the prefill
+            printed.clear()
+            plain = lgschema.grammar_init(vocab, gb, rb, False, no_patterns, no_tokens, no_tokens,
+                                          printed)
+            if plain != NULL:
+                llama.llama_sampler_free(plain)
+                raise GrammarError(f"the grammar's trigger patterns or prefill were refused: "
+                                   f"{said.strip() or 'unknown error'}")
+            said = printed.decode("utf-8", "replace")
+        reason = _grammar_reason(said) or _take_errors() or "invalid GBNF"
         logger.error("grammar does not parse: %s", reason)
         raise GrammarError(f"the grammar does not parse: {reason}")
     _take_errors()

@@ -85,6 +85,16 @@ def _flag(name, value) -> bool:
     return bool(value)
 
 
+def _strings(name, value, what):
+    """A str or a list of non-empty str (each UTF-8-encodable) -> a tuple of them."""
+    items = (value,) if isinstance(value, str) else _tuple(name, value or (), "a str or a list of str")
+    for x in items:
+        if not isinstance(x, str) or not x:
+            raise ValueError(f"{name} must be non-empty {what}")
+        _text(name, x)
+    return items
+
+
 def _text(name, value):
     """``value`` (a str) unless it cannot be UTF-8 (a lone surrogate): ValueError naming it."""
     try:
@@ -244,18 +254,12 @@ class SamplingParams:
         s(self, "dry_penalty_last_n", _int("dry_penalty_last_n", self.dry_penalty_last_n, -1,
                                            MAX_WINDOW, "-1 (whole context), 0 (off) or a window "
                                            "in tokens (an int32)"))
-        br = self.dry_sequence_breakers
-        br = (br,) if isinstance(br, str) else _tuple("dry_sequence_breakers", br or (),
-                                                      "a str or a list of str")
+        br = _strings("dry_sequence_breakers", self.dry_sequence_breakers, "strings")
         if len(br) > MAX_DRY_BREAKERS:
             # llama.cpp scans the whole vocabulary for each one when a sequence starts
             raise ValueError(f"dry_sequence_breakers holds {len(br)} strings; the limit is "
                              f"{MAX_DRY_BREAKERS} (each costs ~23 ms per sequence at a 262k "
                              "vocabulary)")
-        for x in br:
-            if not isinstance(x, str) or not x:
-                raise ValueError("dry_sequence_breakers must be non-empty strings")
-            _text("dry_sequence_breakers", x)
         s(self, "dry_sequence_breakers", br)
         s(self, "xtc_probability", _num("xtc_probability", self.xtc_probability, 0.0, 1.0))
         s(self, "xtc_threshold", _num("xtc_threshold", self.xtc_threshold, 0.0, 1.0))
@@ -289,18 +293,14 @@ class SamplingParams:
                                  "converted grammar's rule is 'root')")
         s(self, "_schema_grammar", schema_grammar)
         s(self, "grammar_lazy", _flag("grammar_lazy", self.grammar_lazy))
-        trig = self.grammar_triggers
-        trig = (trig,) if isinstance(trig, str) else _tuple("grammar_triggers", trig or (),
-                                                             "a str or a list of str")
-        for x in trig:
-            if not isinstance(x, str) or not x:
-                raise ValueError("grammar_triggers must be non-empty regex strings")
-            _text("grammar_triggers", x)
-        s(self, "grammar_triggers", trig)
+        s(self, "grammar_triggers", _strings("grammar_triggers", self.grammar_triggers,
+                                             "regex strings"))
         for name in ("grammar_trigger_tokens", "grammar_prefill", "preserved_tokens"):
             ids = _tuple(name, getattr(self, name) or (), "a list of token ids")
             s(self, name, tuple(_int(f"{name} entry", t, 0, INT32_MAX, "a token id in [0, 2**31 - 1]")
                                 for t in ids))
+        # a set: the sequence looks each generated token up in it (sorted, binary search)
+        s(self, "preserved_tokens", tuple(sorted(set(self.preserved_tokens))))
         if (self.grammar_lazy or self.grammar_triggers or self.grammar_trigger_tokens
                 or self.grammar_prefill) and self.gbnf is None:
             raise ValueError("grammar_lazy, grammar_triggers, grammar_trigger_tokens and "

@@ -7,8 +7,9 @@ first token under ``"required"``), and the template's own parser splits the outp
 reasoning and calls.  This module turns that into sampling parameters and messages::
 
     chat = llamagen.tools.prepare(model, messages, tools=tools, tool_choice="auto")
-    text = llamagen.generate(ctx, chat.prompt, params=chat.params(max_new_tokens=256))
-    message = chat.parse(text)       # {"role": "assistant", "content": ..., "tool_calls": [...]}
+    text = llamagen.generate(ctx, chat.prompt, params=chat.params(max_new_tokens=256),
+                             parse_special=True)      # the template's special tokens
+    message = chat.reply(text)      # {"role": "assistant", "content": ..., "tool_calls": [...]}
 
 ``ToolStream`` does the same incrementally for streamed text (OpenAI-style deltas).  A template
 that has no tool syntax (SmolLM2's plain ChatML, say) renders no tools and gets no grammar,
@@ -17,7 +18,6 @@ exactly as in llama-server; pass a tool-capable Jinja template with ``template=`
 from __future__ import annotations
 
 import dataclasses
-import json
 import uuid
 from typing import Any, List, Optional
 
@@ -73,9 +73,12 @@ class ChatPrompt:
         """``parse`` for a reply however it ended: one cut short (``finish_reason`` "length", a
         stop string) is parsed as far as it goes, and text that does not parse at all comes back
         as content rather than an error (the client still gets what the model said)."""
+        return self._reply(text, finish_reason, [])
+
+    def _reply(self, text: str, finish_reason: Optional[str], ids: List[str]) -> dict:
         for partial in ((False, True) if finish_reason == "stop" else (True,)):
             try:
-                return self.parse(text, partial=partial)
+                return _normalize(self._parser.parse(text, partial), ids)
             except ValueError:
                 continue
         return {"role": "assistant", "content": text or None}
@@ -142,7 +145,7 @@ class ToolStream:
         self.message: Optional[dict] = None
         self._ids: List[str] = []
         self._sent = {"content": "", "reasoning_content": ""}
-        self._calls: List[dict] = []       # per call: name sent?, arguments sent so far
+        self._args: List[str] = []         # per call whose id and name went out: arguments sent
 
     def feed(self, text: str) -> List[dict]:
         self.text += text
@@ -155,12 +158,8 @@ class ToolStream:
         return self._diff(_normalize(msg, self._ids))
 
     def finish(self, finish_reason: Optional[str] = "stop") -> List[dict]:
-        msg = self.chat.reply(self.text, finish_reason)
-        for i, call in enumerate(msg.get("tool_calls") or []):
-            if i < len(self._ids):
-                call["id"] = self._ids[i]
-        self.message = msg
-        return self._diff(msg)
+        self.message = self.chat._reply(self.text, finish_reason, self._ids)
+        return self._diff(self.message)
 
     def _diff(self, msg: dict) -> List[dict]:
         deltas = []
@@ -172,20 +171,15 @@ class ToolStream:
                 self._sent[key] = now
         for i, call in enumerate(msg.get("tool_calls") or []):
             fn = call["function"]
-            if i == len(self._calls):
+            if i == len(self._args):
                 if not fn["name"]:
                     break
-                self._calls.append({"args": ""})
+                self._args.append("")
                 deltas.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
                                                "function": {"name": fn["name"], "arguments": ""}}]})
-            sent = self._calls[i]["args"]
-            args = fn["arguments"]
+            sent, args = self._args[i], fn["arguments"]
             if len(args) > len(sent) and args.startswith(sent):
                 deltas.append({"tool_calls": [{"index": i, "function": {"arguments": args[len(sent):]}}]})
-                self._calls[i]["args"] = args
+                self._args[i] = args
         return deltas
 
-
-def arguments_json(call: dict) -> Any:
-    """A call's arguments as JSON data (they travel as JSON text)."""
-    return json.loads(call["function"]["arguments"] or "{}")

@@ -13,6 +13,15 @@ import httpx
 
 import llamagen
 
+def serving(tmp_path_factory, name, model, *args, key=None):
+    """A module fixture's server, for ``yield from``: ``llamagen serve --model MODEL ARGS...``
+    started, yielded (with ``model_path``), and checked to exit cleanly when the module ends."""
+    srv = Server(["--model", model, *args], tmp_path_factory.mktemp("srv") / f"{name}.log", key=key)
+    srv.model_path = model
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import llamagen
-from server_util import Server, metric
+from server_util import Server, metric, serving
 
 KEY = "test-key-0123"
 CTX = 4096
@@ -27,22 +27,16 @@ MAX_BODY = 200_000
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_path, tmp_path_factory):
-    srv = Server(["--model", tiny_model_path, "--ctx-size", CTX, "--parallel", 8, "--api-key", KEY,
-                  "--max-body-size", MAX_BODY, "--model-alias", "tiny", "--threads", 1],
-                 tmp_path_factory.mktemp("srv") / "tiny.log", key=KEY)
-    yield srv
-    assert srv.stop() == 0, srv.log()
+    yield from serving(tmp_path_factory, "tiny", tiny_model_path, "--ctx-size", CTX, "--parallel", 8,
+                       "--api-key", KEY, "--max-body-size", MAX_BODY, "--model-alias", "tiny",
+                       "--threads", 1, key=KEY)
 
 
 @pytest.fixture(scope="module")
 def smol(smollm2_path, tmp_path_factory):
-    path = smollm2_path
     # one thread: on a busy CI machine ggml's spinning worker threads slow everything down
-    srv = Server(["--model", path, "--ctx-size", CTX, "--parallel", 4, "--threads", 1],
-                 tmp_path_factory.mktemp("srv") / "smol.log")
-    srv.model_path = path
-    yield srv
-    assert srv.stop() == 0, srv.log()
+    yield from serving(tmp_path_factory, "smol", smollm2_path, "--ctx-size", CTX, "--parallel", 4,
+                       "--threads", 1)
 
 
 def oai(srv, **kw):
@@ -750,13 +744,8 @@ def test_completions_json_schema_on_the_tiny_model(tiny):
 
 @pytest.fixture(scope="module")
 def smol_embed(smollm2_path, tmp_path_factory):
-    path = smollm2_path
-    srv = Server(["--model", path, "--ctx-size", 1024, "--parallel", 2, "--threads", 1,
-                  "--embeddings", "--pooling", "mean", "--embed-batch-size", 512],
-                 tmp_path_factory.mktemp("srv") / "smol-embed.log")
-    srv.model_path = path
-    yield srv
-    assert srv.stop() == 0, srv.log()
+    yield from serving(tmp_path_factory, "smol-embed", smollm2_path, "--ctx-size", 1024, "--parallel", 2,
+                       "--threads", 1, "--embeddings", "--pooling", "mean", "--embed-batch-size", 512)
 
 
 def _cos(a, b):
@@ -838,12 +827,8 @@ def reranker(make_tiny_model, tmp_path_factory):
     # shaped like llama.cpp's conversion of Qwen3-Reranker (tests/test_embeddings.py)
     path = make_tiny_model(arch="qwen3", cls_labels=["yes", "no"], pooling=4, add_bos=False,
                            rerank_template="Query: {query} Document: {document}")
-    srv = Server(["--model", path, "--ctx-size", 512, "--parallel", 1, "--threads", 1,
-                  "--embeddings", "--pooling", "rank", "--embed-batch-size", 256],
-                 tmp_path_factory.mktemp("srv") / "reranker.log")
-    srv.model_path = path
-    yield srv
-    assert srv.stop() == 0, srv.log()
+    yield from serving(tmp_path_factory, "reranker", path, "--ctx-size", 512, "--parallel", 1,
+                       "--threads", 1, "--embeddings", "--pooling", "rank", "--embed-batch-size", 256)
 
 
 def test_rerank_endpoint(reranker):

@@ -11,7 +11,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from server_util import Server
+from server_util import serving
 
 LONG = os.environ.get("LLAMAGEN_FUZZ_LONG") == "1"
 KEY = "fuzz-key"
@@ -19,12 +19,9 @@ KEY = "fuzz-key"
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_model_path, tmp_path_factory):
-    srv = Server(["--model", tiny_model_path, "--ctx-size", 512, "--parallel", 2, "--threads", 1,
-                  "--api-key", KEY, "--embeddings", "--embed-batch-size", 256,
-                  "--max-body-size", 100_000],
-                 tmp_path_factory.mktemp("fuzz") / "fuzz.log", key=KEY)
-    yield srv
-    assert srv.stop() == 0, srv.log()
+    yield from serving(tmp_path_factory, "fuzz", tiny_model_path, "--ctx-size", 512, "--parallel", 2,
+                       "--threads", 1, "--api-key", KEY, "--embeddings", "--embed-batch-size", 256,
+                       "--max-body-size", 100_000, key=KEY)
 
 
 @pytest.fixture(scope="module")

@@ -27,18 +27,21 @@ import llamagen
 from llamagen import tools as lt
 from llamagen.errors import GrammarError
 
-from server_util import Server
+from server_util import serving
 
-# ChatML with the tools listed in the system turn and calls as <tool_call>\n{json}\n</tool_call>
-# (shipped for ChatML models without a tool syntax): "<tool_call>\n" is a text trigger; the tight
-# variant writes "<tool_call>{", so the tag token alone triggers
-TEMPLATE = (Path(__file__).resolve().parent.parent / "examples" / "chatml-tools.jinja").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+# the tool, the conversation (one earlier call and its result, then the question) and the bias
+# are bench/tool_calls.py's, which measures this path
+from tool_calls import CALL_BIAS, CONVERSATION, WEATHER  # noqa: E402
+
+# examples/chatml-tools.jinja: ChatML with the tools listed in the system turn and calls as
+# <tool_call>\n{json}\n</tool_call>: "<tool_call>\n" is a text trigger; the tight variant writes
+# "<tool_call>{", so the tag token alone triggers
+TEMPLATE = (ROOT / "examples" / "chatml-tools.jinja").read_text()
 TIGHT_TEMPLATE = TEMPLATE.replace("<tool_call>\n", "<tool_call>").replace("\n</tool_call>", "</tool_call>")
 assert TIGHT_TEMPLATE.count("<tool_call>{") == 1
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 TIME = {"type": "function", "function": {
     "name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}}
 # the tiny model's arguments come from a random model: an enum keeps them short
@@ -46,17 +49,13 @@ WEATHER_ENUM = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {
         "city": {"enum": ["Paris", "Rome"]}}, "required": ["city"], "additionalProperties": False}}}
 
-# one earlier call and its result, then the question: the conversation every SmolLM2 test sends
-CONVERSATION = [
-    {"role": "user", "content": "What is the weather in Rome?"},
-    {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "id": "c1", "function": {
-        "name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}}]},
-    {"role": "tool", "tool_call_id": "c1", "content": "sunny, 25 C"},
-    {"role": "assistant", "content": "It is sunny in Rome, 25 C."},
-    {"role": "user", "content": "What is the weather in Paris?"},
-]
 # SmolLM2's tokens of "<tool_call>" are <, tool, _, call, >: pushing three starts a call
-SMOL_BIAS = {"44": 5.0, "19324": 5.0, "4350": 5.0}
+SMOL_BIAS = {str(k): v for k, v in CALL_BIAS.items()}
+
+
+def _without_ids(message):
+    return {**message, "tool_calls": [{k: v for k, v in c.items() if k != "id"}
+                                      for c in message.get("tool_calls") or ()]}
 
 
 def _calls(message):
@@ -150,7 +149,7 @@ def test_a_call_is_generated_and_parsed(smol_pair, choice):
     texts = {}
     for impl in ("fast", "llama.cpp"):
         p = chat.params(max_new_tokens=120, temp=0, sampler_impl=impl,
-                        logit_bias={int(k): v for k, v in SMOL_BIAS.items()})
+                        logit_bias=CALL_BIAS)
         texts[impl] = llamagen.generate(smol_ctx, chat.prompt, params=p, parse_special=True)
     assert texts["fast"] == texts["llama.cpp"]      # the engines agree under a lazy grammar too
     msg = chat.reply(texts["fast"])
@@ -176,7 +175,7 @@ def test_the_tag_token_triggers_and_shows_as_a_preserved_token(tool_pair):
     text = llamagen.generate(tool_ctx, chat.prompt, params=p, parse_special=True)
     assert text.startswith("<tool_call>")
     calls = _calls(chat.reply(text, "length"))
-    assert calls and all(c == ("get_weather", {"city": "Paris"}) or c[0] == "get_weather" for c in calls)
+    assert calls and all(name == "get_weather" for name, _ in calls)
     for _, args in calls:
         jsonschema.validate(args, WEATHER_ENUM["function"]["parameters"])
     # without the preserved tokens the tag is a control token with no text: no call to parse
@@ -209,7 +208,9 @@ def test_stream_deltas_rebuild_the_reply(tool_pair):
             c["name"] = tc["function"].get("name") or c["name"]
             c["arguments"] += tc["function"].get("arguments", "")
     final = stream.message
-    assert final == chat.reply(text, st.finish_reason) | {"tool_calls": final["tool_calls"]}
+    # the same message as parsing the whole text at once (the call ids aside: the stream's are
+    # the ones it sent)
+    assert _without_ids(final) == _without_ids(chat.reply(text, st.finish_reason))
     assert (content or None) == final["content"]
     assert [(c["id"], c["name"], c["arguments"]) for _, c in sorted(calls.items())] == [
         (c["id"], c["function"]["name"], c["function"]["arguments"]) for c in final["tool_calls"]]
@@ -273,11 +274,8 @@ def template_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smol_tools(smollm2_path, template_file, tmp_path_factory):
-    srv = Server(["--model", smollm2_path, "--ctx-size", 4096, "--parallel", 2, "--threads", 1,
-                  "--chat-template-file", template_file],
-                 tmp_path_factory.mktemp("srv") / "smol-tools.log")
-    yield srv
-    assert srv.stop() == 0, srv.log()
+    yield from serving(tmp_path_factory, "smol-tools", smollm2_path, "--ctx-size", 4096, "--parallel", 2,
+                       "--threads", 1, "--chat-template-file", template_file)
 
 
 def _oai(srv):

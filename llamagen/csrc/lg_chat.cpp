@@ -46,6 +46,69 @@ void set_error(std::string & err, const char * what) noexcept {
     }
 }
 
+// What llama-server derives from the template's outputs for sampling (server-schema.cpp and
+// common/sampling.cpp): preserved tokens that are one token each, the lazy grammar's trigger
+// regexes and tokens (a trigger word that is one token must be preserved and triggers as that
+// token), and the generation prompt's tokens that a non-lazy tool-call grammar accepts first.
+void derive_sampling(const llama_vocab * vocab, const std::vector<common_grammar_trigger> & triggers,
+                     Rendered & out) {
+    for (const auto & word : out.preserved_tokens) {
+        auto ids = common_tokenize(vocab, word, false, true);
+        if (ids.size() == 1) {
+            out.preserved_ids.push_back(ids[0]);
+        }
+    }
+    for (const auto & trig : triggers) {
+        switch (trig.type) {
+            case COMMON_GRAMMAR_TRIGGER_TYPE_WORD: {
+                auto ids = common_tokenize(vocab, trig.value, false, true);
+                if (ids.size() == 1) {
+                    if (std::find(out.preserved_ids.begin(), out.preserved_ids.end(), ids[0])
+                            == out.preserved_ids.end()) {
+                        throw std::runtime_error("Grammar trigger word should be marked as preserved token: "
+                                                 + trig.value);
+                    }
+                    out.trigger_tokens.push_back(ids[0]);
+                } else {
+                    out.trigger_patterns.push_back(regex_escape(trig.value));
+                }
+                break;
+            }
+            case COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN:
+                out.trigger_tokens.push_back(trig.token);
+                break;
+            case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN:
+                out.trigger_patterns.push_back(trig.value);
+                break;
+            case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL: {
+                // common/sampling.cpp: anchored at both ends
+                std::string anchored = "^$";
+                if (!trig.value.empty()) {
+                    anchored = (trig.value.front() != '^' ? "^" : "") + trig.value
+                             + (trig.value.back() != '$' ? "$" : "");
+                }
+                out.trigger_patterns.push_back(anchored);
+                break;
+            }
+        }
+    }
+    if (out.grammar_lazy && !out.grammar.empty() && out.trigger_patterns.empty() && out.trigger_tokens.empty()) {
+        throw std::runtime_error("Error: no triggers set for lazy grammar!");
+    }
+    // common/sampling.cpp: a tool-call grammar (not lazy) starts at the generation prompt
+    if (!out.grammar.empty() && !out.grammar_lazy && !out.generation_prompt.empty()) {
+        auto toks = common_tokenize(vocab, out.generation_prompt, false, true);
+        for (size_t i = 0; i < toks.size(); i++) {
+            std::string piece = common_token_to_piece(vocab, toks[i], true);
+            if (i == 0 && !piece.empty() && std::isspace((unsigned char) piece[0])
+                    && !std::isspace((unsigned char) out.generation_prompt[0])) {
+                continue;    // a space some tokenizers put before the first special token
+            }
+            out.prefill_tokens.push_back(toks[i]);
+        }
+    }
+}
+
 }  // namespace
 
 Templates * templates_new(const llama_model * model, const std::string & override_src,
@@ -170,69 +233,7 @@ int render(const Templates * t, const llama_vocab * vocab, const std::string & m
         out.preserved_tokens   = std::move(p.preserved_tokens);
         out.format_id          = (int) p.format;
         out.parser             = std::move(p.parser);
-        out.trigger_patterns.clear();
-        out.trigger_tokens.clear();
-        out.preserved_ids.clear();
-        out.prefill_tokens.clear();
-        if (vocab != nullptr) {
-            // server-schema.cpp: a preserved token counts when it is one token; a trigger word
-            // that is one token must be preserved and triggers as that token
-            for (const auto & word : out.preserved_tokens) {
-                auto ids = common_tokenize(vocab, word, false, true);
-                if (ids.size() == 1) {
-                    out.preserved_ids.push_back(ids[0]);
-                }
-            }
-            for (const auto & trig : p.grammar_triggers) {
-                switch (trig.type) {
-                    case COMMON_GRAMMAR_TRIGGER_TYPE_WORD: {
-                        auto ids = common_tokenize(vocab, trig.value, false, true);
-                        if (ids.size() == 1) {
-                            if (std::find(out.preserved_ids.begin(), out.preserved_ids.end(), ids[0])
-                                    == out.preserved_ids.end()) {
-                                throw std::runtime_error("Grammar trigger word should be marked as preserved token: "
-                                                         + trig.value);
-                            }
-                            out.trigger_tokens.push_back(ids[0]);
-                        } else {
-                            out.trigger_patterns.push_back(regex_escape(trig.value));
-                        }
-                        break;
-                    }
-                    case COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN:
-                        out.trigger_tokens.push_back(trig.token);
-                        break;
-                    case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN:
-                        out.trigger_patterns.push_back(trig.value);
-                        break;
-                    case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL: {
-                        // common/sampling.cpp: anchored at both ends
-                        std::string anchored = "^$";
-                        if (!trig.value.empty()) {
-                            anchored = (trig.value.front() != '^' ? "^" : "") + trig.value
-                                     + (trig.value.back() != '$' ? "$" : "");
-                        }
-                        out.trigger_patterns.push_back(anchored);
-                        break;
-                    }
-                }
-            }
-            if (out.grammar_lazy && !out.grammar.empty() && out.trigger_patterns.empty() && out.trigger_tokens.empty()) {
-                throw std::runtime_error("Error: no triggers set for lazy grammar!");
-            }
-            // common/sampling.cpp: a tool-call grammar (not lazy) starts at the generation prompt
-            if (!out.grammar.empty() && !out.grammar_lazy && !out.generation_prompt.empty()) {
-                auto toks = common_tokenize(vocab, out.generation_prompt, false, true);
-                for (size_t i = 0; i < toks.size(); i++) {
-                    std::string piece = common_token_to_piece(vocab, toks[i], true);
-                    if (i == 0 && !piece.empty() && std::isspace((unsigned char) piece[0])
-                            && !std::isspace((unsigned char) out.generation_prompt[0])) {
-                        continue;    // a space some tokenizers put before the first special token
-                    }
-                    out.prefill_tokens.push_back(toks[i]);
-                }
-            }
-        }
+        derive_sampling(vocab, p.grammar_triggers, out);
         return 0;
     } catch (const std::exception & e) {
         set_error(err, e.what());

@@ -38,8 +38,8 @@ struct Rendered {
     std::vector<int> trigger_tokens;
     std::vector<int> preserved_ids;
     std::vector<int> prefill_tokens;
-    int format_id = 0;                       // common_chat_format, for parse()
-    std::string parser;                      // the output parser (a saved PEG arena), for parse()
+    int format_id = 0;                       // common_chat_format, for parser_new()
+    std::string parser;                      // the output parser (a saved PEG arena), for parser_new()
 };
 
 // The model's templates (override_src empty) or the given Jinja source ("chatml" = llama.cpp's
@@ -55,8 +55,9 @@ std::string templates_source(const Templates * t) noexcept;
 // Render an OpenAI-style JSON array of messages.  kwargs_json: a JSON object of extra template
 // variables (chat_template_kwargs), or empty.  tools_json: an OpenAI `tools` array, or empty;
 // tool_choice: "auto", "none" or "required"; parallel_tool_calls: -1 what the template supports,
-// 0 or 1.  vocab: the model's, for the token-level outputs (trigger tokens, preserved ids, prefill).  enable_thinking: -1 auto (on when the template
-// supports it, llama-server's default), 0 off, 1 on (still off where the template cannot think).
+// 0 or 1.  vocab: the model's, for the token-level outputs (trigger tokens, preserved ids,
+// prefill).  enable_thinking: -1 auto (on when the template supports it, llama-server's
+// default), 0 off, 1 on (still off where the template cannot think).
 // prefill_assistant: a trailing assistant message is continued instead of closed (llama-server's
 // default; add_generation_prompt is then ignored).  0 on success; -1 with err set on failure.
 int render(const Templates * t, const llama_vocab * vocab, const std::string & messages_json,

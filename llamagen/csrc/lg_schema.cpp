@@ -124,30 +124,15 @@ int to_grammar(const std::string & schema_json, std::string & grammar, std::stri
 }
 
 llama_sampler * grammar_init(const llama_vocab * vocab, const char * grammar, const char * root,
+                             bool lazy, const std::vector<std::string> & trigger_patterns,
+                             const std::vector<int> & trigger_tokens, const std::vector<int> & prefill,
                              std::string & messages) noexcept {
-    llama_sampler * s = nullptr;
-    try {
-        std::lock_guard<std::mutex> lock(g_capture_mutex);
-        StderrCapture capture;
-        s = llama_sampler_init_grammar(vocab, grammar, root);
-        messages = capture.take();
-    } catch (...) {
-        messages = "unknown error";
-    }
-    return s;
-}
-
-llama_sampler * grammar_init_ex(const llama_vocab * vocab, const char * grammar, const char * root,
-                                bool lazy, const std::vector<std::string> & trigger_patterns,
-                                const std::vector<int> & trigger_tokens, const std::vector<int> & prefill,
-                                std::string & messages) noexcept {
     llama_sampler * s = nullptr;
     try {
         std::lock_guard<std::mutex> lock(g_capture_mutex);
         StderrCapture capture;
         if (lazy) {
             std::vector<const char *> pats;
-            pats.reserve(trigger_patterns.size());
             for (const auto & p : trigger_patterns) {
                 pats.push_back(p.c_str());
             }
@@ -164,20 +149,16 @@ llama_sampler * grammar_init_ex(const llama_vocab * vocab, const char * grammar,
                 llama_sampler_accept(s, tok);     // throws if the grammar cannot start with it
             }
         }
+        return s;
     } catch (const std::exception & e) {
-        if (s != nullptr) {
-            llama_sampler_free(s);
-            s = nullptr;
-        }
         messages = e.what();
     } catch (...) {
-        if (s != nullptr) {
-            llama_sampler_free(s);
-            s = nullptr;
-        }
         messages = "unknown error";
     }
-    return s;
+    if (s != nullptr) {
+        llama_sampler_free(s);
+    }
+    return nullptr;
 }
 
 }  // namespace lgschema

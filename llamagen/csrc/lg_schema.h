@@ -11,19 +11,16 @@ struct llama_vocab;
 namespace lgschema {
 
 // llama_sampler_init_grammar with what llama.cpp's parser prints to stderr on a failure (the
-// reason: "Undefined rule identifier ...", ...) captured into ``messages`` instead.  NULL when
-// the grammar does not parse.
+// reason: "Undefined rule identifier ...", ...) captured into ``messages`` instead.  What a chat
+// template's tool-call format asks for too (common/sampling.cpp): ``lazy``, a grammar asleep
+// until a trigger regex matches the generated text or a trigger token is sampled, and
+// ``prefill``, tokens the grammar accepts before the first generated one (the generation
+// prompt).  NULL with the reason in ``messages`` when the grammar, a regex or the prefill is
+// refused.
 llama_sampler * grammar_init(const llama_vocab * vocab, const char * grammar, const char * root,
+                             bool lazy, const std::vector<std::string> & trigger_patterns,
+                             const std::vector<int> & trigger_tokens, const std::vector<int> & prefill,
                              std::string & messages) noexcept;
-
-// The same for what a chat template's tool-call format implies (common/sampling.cpp): a lazy
-// grammar (off until a trigger regex matches the generated text or a trigger token is sampled)
-// and/or tokens the grammar accepts before the first generated one (the generation prompt).
-// NULL with the reason in ``messages`` when the grammar, a regex or the prefill is refused.
-llama_sampler * grammar_init_ex(const llama_vocab * vocab, const char * grammar, const char * root,
-                                bool lazy, const std::vector<std::string> & trigger_patterns,
-                                const std::vector<int> & trigger_tokens, const std::vector<int> & prefill,
-                                std::string & messages) noexcept;
 
 // Convert a JSON schema (its JSON text) into a GBNF grammar whose root rule is "root".
 // 0 on success.  -1 with ``err`` set when the text is not JSON or the schema falls outside what

@@ -12,9 +12,7 @@ cdef extern from "lg_schema.h" namespace "lgschema" nogil:
     int to_grammar(const string & schema_json, string & grammar, string & err,
                    string & warnings) noexcept
     llama_sampler * grammar_init(const llama_vocab * vocab, const char * grammar,
-                                 const char * root, string & messages) noexcept
-    llama_sampler * grammar_init_ex(const llama_vocab * vocab, const char * grammar,
-                                    const char * root, cbool lazy,
-                                    const vector[string] & trigger_patterns,
-                                    const vector[int] & trigger_tokens, const vector[int] & prefill,
-                                    string & messages) noexcept
+                                 const char * root, cbool lazy,
+                                 const vector[string] & trigger_patterns,
+                                 const vector[int] & trigger_tokens, const vector[int] & prefill,
+                                 string & messages) noexcept

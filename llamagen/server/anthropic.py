@@ -17,7 +17,7 @@ from llamagen.server.errors import APIError, Overloaded, error_body
 from llamagen.server.models import CountTokensRequest, MessagesRequest
 from llamagen.server.translate import (
     add_tool_sampling, anthropic_content, anthropic_messages, anthropic_stop, anthropic_tools,
-    chat_tokens, generation_error, prepare_tools, render_chat, sampling_kwargs,
+    chat_prompt, generation_error, sampling_kwargs,
 )
 from llamagen.tools import ToolStream
 
@@ -25,14 +25,9 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 def _prompt(engine, body):
-    """(prompt tokens, ChatPrompt or None): with tools, the template renders them and its
-    tool-call syntax brings a grammar and a parser."""
-    messages = anthropic_messages(body.system, body.messages)
+    """(prompt tokens, ChatPrompt or None), as translate.chat_prompt makes them."""
     tools, choice, parallel = anthropic_tools(body.tools, body.tool_choice)
-    if tools is None:
-        return chat_tokens(engine, render_chat(engine, messages)), None
-    chat = prepare_tools(engine, messages, tools, choice, parallel)
-    return chat_tokens(engine, chat.prompt), chat
+    return chat_prompt(engine, anthropic_messages(body.system, body.messages), tools, choice, parallel)
 
 
 def _usage(source: sse.ChunkSource) -> dict:

@@ -13,9 +13,9 @@ from llamagen.server.auth import require_api_key
 from llamagen.server.errors import APIError, InvalidRequest, Overloaded, error_body
 from llamagen.server.models import ChatCompletionRequest, CompletionRequest
 from llamagen.server.translate import (
-    add_tool_sampling, chat_logprobs, chat_tokens, completion_logprobs, generation_error,
-    openai_finish, openai_messages, openai_tool_delta, prepare_tools, render_chat,
-    response_format, sampling_kwargs, tool_finish, visible_logprobs,
+    add_tool_sampling, chat_logprobs, chat_prompt, completion_logprobs, generation_error,
+    openai_finish, openai_messages, openai_tool_delta, response_format, sampling_kwargs,
+    tool_finish, visible_logprobs,
 )
 from llamagen.tools import ToolStream
 
@@ -164,16 +164,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     st = get_state(request)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-    messages = openai_messages(body.messages)
-    chat = None
-    if body.tools:
-        # the template renders the tools; its tool-call syntax brings a grammar and a parser
-        chat = prepare_tools(engine, messages, body.tools, body.tool_choice, body.parallel_tool_calls)
-        prompt = chat_tokens(engine, chat.prompt)
-    else:
-        if body.tool_choice not in (None, "none", "auto"):
-            raise InvalidRequest("tool_choice needs tools", param="tool_choice")
-        prompt = chat_tokens(engine, render_chat(engine, messages))
+    prompt, chat = chat_prompt(engine, openai_messages(body.messages), body.tools, body.tool_choice,
+                               body.parallel_tool_calls)
     # no max_tokens: until the end of the turn or of the context, as OpenAI does
     kwargs, origin = sampling_kwargs(body, max_new_tokens=_unbounded(engine), seed=None)
     # chat's logprobs is a bool, its k is top_logprobs

@@ -236,18 +236,15 @@ def anthropic_messages(system, messages) -> list[dict]:
 
 
 def anthropic_tools(tools, tool_choice):
-    """Anthropic ``tools`` and ``tool_choice`` as OpenAI's (tools, tool_choice, parallel)."""
+    """Anthropic ``tools`` and ``tool_choice`` as OpenAI's (tools, tool_choice, parallel)
+    (chat_prompt refuses a choice other than auto / none without tools)."""
     if tool_choice is not None and not isinstance(tool_choice, dict):
         raise InvalidRequest("tool_choice must be an object", param="tool_choice")
     tc = tool_choice or {}
     kind = tc.get("type", "auto")
     parallel = False if tc.get("disable_parallel_tool_use") else None
-    if not tools:
-        if kind not in ("auto", "none"):
-            raise InvalidRequest("tool_choice needs tools", param="tool_choice")
-        return None, None, None
     out = []
-    for i, t in enumerate(tools):
+    for i, t in enumerate(tools or ()):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
             raise InvalidRequest(f"tools[{i}] needs a 'name'", param=f"tools[{i}]")
         schema = t.get("input_schema", {"type": "object", "properties": {}})
@@ -309,11 +306,17 @@ def render_chat(engine, messages: list[dict]) -> str:
 
 # -- tools ---------------------------------------------------------------------------------------
 
-def prepare_tools(engine, messages: list[dict], tools, tool_choice, parallel_tool_calls):
-    """The chat rendered with its tools (llamagen.tools.ChatPrompt); a bad tool, choice or message
-    is a 400 naming the field at fault."""
+def chat_prompt(engine, messages: list[dict], tools=None, tool_choice=None,
+                parallel_tool_calls=None):
+    """(prompt token ids, llamagen.tools.ChatPrompt or None) for a chat request.  With tools the
+    template renders them and its tool-call syntax brings a grammar and a parser; a bad tool,
+    choice or message is a 400 naming the field at fault."""
+    if not tools:
+        if tool_choice not in (None, "none", "auto"):
+            raise InvalidRequest("tool_choice needs tools", param="tool_choice")
+        return chat_tokens(engine, render_chat(engine, messages)), None
     try:
-        return engine.prepare_chat(messages, tools=tools, tool_choice=tool_choice,
+        chat = engine.prepare_chat(messages, tools=tools, tool_choice=tool_choice,
                                    parallel_tool_calls=parallel_tool_calls)
     except (ValueError, TypeError) as e:
         text = str(e)
@@ -321,6 +324,7 @@ def prepare_tools(engine, messages: list[dict], tools, tool_choice, parallel_too
         if param == "messages" and not text.startswith("messages"):
             text = f"messages: the chat template failed: {text}"
         raise InvalidRequest(text, param=param) from None
+    return chat_tokens(engine, chat.prompt), chat
 
 
 def add_tool_sampling(chat, kwargs: dict, origin: dict) -> None:
