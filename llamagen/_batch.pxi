@@ -65,6 +65,7 @@ cdef class BatchGenerator:
     cdef vector[int64_t] _slot_stamp                      # when the slot was last released (LRU)
     cdef readonly int64_t n_cache_queries   # prompt tokens looked up in idle slots' caches
     cdef readonly int64_t n_cache_hits      # ... of those, found there (not prefilled)
+    cdef readonly int64_t n_compactions     # times idle caches were packed (_pack_idle)
 
     def __cinit__(self):
         self._has_batch = False
@@ -526,14 +527,44 @@ cdef class BatchGenerator:
         if self._keep_cache:
             self.n_cache_queries += q.prompt.size()
         if best_len > 0 and llama.llama_memory_seq_rm(mem, best, best_len, -1):
-            q.n_fed = best_len
-            q.n_cached = best_len
-            self.n_cache_hits += best_len
+            self._slot_cache[best].resize(best_len)
         else:
             # (a memory that cannot cut a sequence in the middle keeps nothing)
             llama.llama_memory_seq_rm(mem, best, -1, -1)
+            self._slot_cache[best].clear()
+            best_len = 0
+        if self._keep_cache and all(x is None for x in self._slots):
+            best_len = self._pack_idle(best, best_len)
+        if best_len > 0:
+            q.n_fed = best_len
+            q.n_cached = best_len
+            self.n_cache_hits += best_len
         self._slot_cache[best].clear()
         return best
+
+    cdef int32_t _pack_idle(self, int32_t best, int32_t best_len) noexcept:
+        """Before a sequence starts in an idle batch: pack the idle caches' cells from cell 0,
+        ``best``'s kept prefix last, so the new sequence's cells follow its prefix in order (see
+        lgctx::compact).  Returns the prefix length still cached (0 if packing failed)."""
+        cdef vector[int32_t] order
+        cdef int32_t s
+        cdef int rc
+        for s in range(self._n_slots):
+            if s != best and self._slot_cache[s].size() > 0:
+                order.push_back(s)
+        if best_len > 0:
+            order.push_back(best)
+        if order.size() == 0:
+            return best_len
+        rc = lgctx.compact(self._context._ctx, order.data(), <int> order.size())
+        if rc < 0:
+            # the memory was cleared: forget every cache (the answers stay right, only slower)
+            for s in range(self._n_slots):
+                self._slot_cache[s].clear()
+            return 0
+        if rc == 0:
+            self.n_compactions += 1
+        return best_len
 
     cdef void _sample_all(self) noexcept nogil:
         cdef llama.llama_context * lctx = self._context._ctx

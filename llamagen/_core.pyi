@@ -185,6 +185,7 @@ class BatchGenerator(Iterator[Tuple[int, str]]):
     n_shared_tokens: int
     n_cache_queries: int
     n_cache_hits: int
+    n_compactions: int
     def __init__(self, ctx: Context, *, n_parallel: Optional[int] = None,
                  params: Optional[SamplingParams] = None, add_special: bool = True,
                  parse_special: bool = True, share_prefix: Optional[int] = 16,

@@ -5,6 +5,10 @@ The pin lives in ``llama_cpp.pin.json`` beside this file: a source distribution 
 The download goes through pip, is hash-checked, and is unpacked once; later builds reuse it without
 any network access.  ``LLAMAGEN_LLAMA_CPP_DIR`` points a build at a user's own llama.cpp checkout.
 
+Our own small changes to the pinned source are unified diffs in ``patches/`` beside this file, applied
+in name order right after unpacking (each says why at the lines it changes); the unpacked tree is tied
+to them too, so changing a patch unpacks afresh.  A user's own checkout is built as it is.
+
 Run as a script to fetch (or check) the source: ``python third_party/fetch_llama_cpp.py``.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PIN_FILE = os.path.join(HERE, "llama_cpp.pin.json")
 DEST = os.path.join(HERE, "llama.cpp")
 CACHE = os.path.join(HERE, ".cache")
+PATCHES = os.path.join(HERE, "patches")
 MARKER = ".llamagen-pin"
 
 
@@ -29,13 +34,38 @@ class FetchError(RuntimeError):
     """The pinned llama.cpp source could not be made available."""
 
 
+def patch_files() -> list:
+    if not os.path.isdir(PATCHES):
+        return []
+    return sorted(os.path.join(PATCHES, f) for f in os.listdir(PATCHES) if f.endswith(".patch"))
+
+
 def load_pin() -> dict:
     with open(PIN_FILE, "rb") as f:
         raw = f.read()
     pin = json.loads(raw)
-    # the unpacked tree is tied to the whole pin (hash and the parts unpacked), not just the hash
-    pin["stamp"] = hashlib.sha256(raw).hexdigest()
+    # the unpacked tree is tied to the whole pin (hash and the parts unpacked) and to our patches
+    h = hashlib.sha256(raw)
+    for p in patch_files():
+        with open(p, "rb") as f:
+            h.update(os.path.basename(p).encode() + b"\0" + f.read())
+    pin["stamp"] = h.hexdigest()
     return pin
+
+
+def _apply_patches(tree: str) -> None:
+    for p in patch_files():
+        tools = []
+        if shutil.which("patch"):
+            tools.append(["patch", "-p1", "--forward", "--batch", "--silent", "-d", tree, "-i", p])
+        if shutil.which("git"):
+            tools.append(["git", "-C", tree, "apply", "-p1", p])
+        if not tools:
+            raise FetchError(f"neither `patch` nor `git` is on PATH: cannot apply {p}")
+        proc = subprocess.run(tools[0], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise FetchError(f"{os.path.basename(p)} does not apply to the pinned llama.cpp:\n"
+                             f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
 
 
 def _sha256(path: str) -> str:
@@ -100,6 +130,7 @@ def _unpack(pin: dict, sdist: str) -> None:
             raise FetchError(f"{sdist} holds no {prefix}: is the pin right?")
         kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(tmp, members=members, **kwargs)
+    _apply_patches(tmp)
     with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
         f.write(pin["stamp"] + "\n")
     shutil.rmtree(DEST, ignore_errors=True)

@@ -1,0 +1,25 @@
+// KV-cache upkeep that llama.h does not offer.  The implementation (lg_ctx.cpp) reads llama.cpp's
+// internal cache (src/llama-kv-cache*.h at the pinned commit), so only that translation unit
+// depends on the internal layout.
+#pragma once
+
+#include <cstdint>
+
+struct llama_context;
+
+namespace lgctx {
+
+// Free cells below the highest used one, over the context's unified KV cache(s); 0 when there are
+// none, -1 when the memory is not a unified KV cache (nothing to tell).
+int64_t kv_holes(llama_context * ctx) noexcept;
+
+// Pack the cells of ``seqs`` (in that order) from cell 0 with no free cell between them, so the next
+// decode places its tokens after the last one: llama.cpp puts a token in the first free cell it
+// finds, and a sequence whose new cells land before its older ones is computed differently (see
+// docs/engine.md, "Answers that do not depend on earlier requests").  Every other sequence must hold
+// no cells.  Returns 1 when there were no holes or the
+// cache is not one unified KV cache (nothing moved), 0 when packed, -1 when a state
+// could not be restored: the memory is then cleared and the caller must forget every cache.
+int compact(llama_context * ctx, const int32_t * seqs, int n_seqs) noexcept;
+
+}  // namespace lgctx
