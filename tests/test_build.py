@@ -134,3 +134,48 @@ def test_exactly_one_extension_module():
 def test_core_module_constants():
     assert llamagen._core.MAX_PARALLEL_SEQUENCES == 256
     assert isinstance(llamagen._core.DEFAULT_SEED, int)
+
+
+# -- our patches to the pinned llama.cpp (third_party/patches/) -------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fetch_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fetch_llama_cpp",
+                                                  ROOT / "third_party" / "fetch_llama_cpp.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_patches_are_applied_to_the_unpacked_source():
+    fetch = _fetch_module()
+    patches = fetch.patch_files()
+    assert [Path(p).name for p in patches] == ["0001-ggml-cpu-flash-attn-no-split-kv.patch"]
+    if os.environ.get("LLAMAGEN_LLAMA_CPP_DIR"):
+        pytest.skip("built against the user's own llama.cpp checkout (built as it is)")
+    ops = (ROOT / "third_party" / "llama.cpp" / "ggml" / "src" / "ggml-cpu" / "ops.cpp").read_text()
+    assert "LLAMAGEN_FA_SPLIT_KV" in ops
+    # the unpacked tree is stamped with the pin and the patches: a changed patch unpacks afresh
+    stamp = (ROOT / "third_party" / "llama.cpp" / fetch.MARKER).read_text().strip()
+    assert stamp == fetch.load_pin()["stamp"]
+
+
+def test_a_patch_that_does_not_apply_is_refused(tmp_path, monkeypatch):
+    fetch = _fetch_module()
+    tree = tmp_path / "tree"
+    (tree / "ggml").mkdir(parents=True)
+    (tree / "ggml" / "x.c").write_text("int a = 1;\n")
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "0001-bad.patch").write_text(
+        "--- a/ggml/x.c\n+++ b/ggml/x.c\n@@ -1 +1 @@\n-int a = 2;\n+int a = 3;\n")
+    monkeypatch.setattr(fetch, "PATCHES", str(patches))
+    with pytest.raises(fetch.FetchError, match="0001-bad.patch does not apply"):
+        fetch._apply_patches(str(tree))
+    (patches / "0001-bad.patch").write_text(
+        "--- a/ggml/x.c\n+++ b/ggml/x.c\n@@ -1 +1 @@\n-int a = 1;\n+int a = 3;\n")
+    fetch._apply_patches(str(tree))
+    assert (tree / "ggml" / "x.c").read_text() == "int a = 3;\n"
