@@ -556,7 +556,8 @@ cdef class BatchGenerator:
             order.push_back(best)
         if order.size() == 0:
             return best_len
-        rc = lgctx.compact(self._context._ctx, order.data(), <int> order.size())
+        rc = lgctx.compact(self._context._ctx, order.data(), <int> order.size(),
+                           best if best_len > 0 else -1)
         if rc < 0:
             # the memory was cleared: forget every cache (the answers stay right, only slower)
             for s in range(self._n_slots):

@@ -17,6 +17,35 @@ static int64_t holes_of(const llama_kv_cache * kv) {
     return (int64_t) cells.used_max_p1() - (int64_t) cells.get_used();
 }
 
+// whether a free cell lies below the highest cell holding ``seq`` (then llama.cpp may put the
+// sequence's next token there, before its older cells)
+static bool free_below(const llama_kv_cache * kv, int32_t seq) {
+    const llama_kv_cells & cells = kv->get_cells(0);
+    int64_t top = -1;
+    for (uint32_t i = 0; i < cells.used_max_p1(); ++i) {
+        if (!cells.is_empty(i) && cells.seq_has(i, seq)) {
+            top = i;
+        }
+    }
+    for (int64_t i = 0; i < top; ++i) {
+        if (cells.is_empty((uint32_t) i)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static bool any_free_below(llama_context * ctx, int32_t seq) {
+    llama_memory_i * mem = ctx->get_memory();
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        return free_below(kv, seq);
+    }
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return free_below(iswa->get_base(), seq) || free_below(iswa->get_swa(), seq);
+    }
+    return true;
+}
+
 int64_t kv_holes(llama_context * ctx) noexcept {
     llama_memory_i * mem = ctx->get_memory();
     if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
@@ -32,9 +61,12 @@ int64_t kv_holes(llama_context * ctx) noexcept {
     return -1;
 }
 
-int compact(llama_context * ctx, const int32_t * seqs, int n_seqs) noexcept {
+int compact(llama_context * ctx, const int32_t * seqs, int n_seqs, int32_t follow) noexcept {
     if (kv_holes(ctx) <= 0) {      // (per-sequence streams: a stream only holds its own cells)
         return 1;
+    }
+    if (follow >= 0 && !any_free_below(ctx, follow)) {
+        return 1;       // every free cell is above the prefix: new tokens land after it anyway
     }
     try {
         // the state of one sequence is its cells' positions and their K/V rows, copied as they are:

@@ -17,9 +17,10 @@ int64_t kv_holes(llama_context * ctx) noexcept;
 // decode places its tokens after the last one: llama.cpp puts a token in the first free cell it
 // finds, and a sequence whose new cells land before its older ones is computed differently (see
 // docs/engine.md, "Answers that do not depend on earlier requests").  Every other sequence must hold
-// no cells.  Returns 1 when there were no holes or the
-// cache is not one unified KV cache (nothing moved), 0 when packed, -1 when a state
-// could not be restored: the memory is then cleared and the caller must forget every cache.
-int compact(llama_context * ctx, const int32_t * seqs, int n_seqs) noexcept;
+// no cells.  ``follow`` (or -1) is the sequence whose prefix the next one continues: when no free
+// cell lies below its cells, its new tokens land after them anyway and nothing moves.  Returns 1
+// when nothing moved (no holes, or not one unified KV cache), 0 when packed, -1 when a state could
+// not be restored: the memory is then cleared and the caller must forget every cache.
+int compact(llama_context * ctx, const int32_t * seqs, int n_seqs, int32_t follow) noexcept;
 
 }  // namespace lgctx

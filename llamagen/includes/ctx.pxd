@@ -7,4 +7,4 @@ from llamagen.includes.llama cimport llama_context
 
 cdef extern from "lg_ctx.h" namespace "lgctx" nogil:
     int64_t kv_holes(llama_context * ctx) noexcept
-    int compact(llama_context * ctx, const int32_t * seqs, int n_seqs) noexcept
+    int compact(llama_context * ctx, const int32_t * seqs, int n_seqs, int32_t follow) noexcept
