@@ -1,6 +1,6 @@
 """What keeping a request's answer independent of earlier requests costs (docs/engine.md).
 
-1. ggml's split-KV decode path, turned off by third_party/patches/: single-stream decode speed at
+1. ggml's split-KV decode path, turned off by third_party/llama_cpp-*.patch: single-stream decode speed at
    600 and 3000 cells with the path off (the build's default) and on (LLAMAGEN_FA_SPLIT_KV=1), each
    in its own process, alternating.
 2. Packing idle caches before a request starts in an idle batch (BatchGenerator._pack_idle): the

@@ -136,7 +136,7 @@ def test_core_module_constants():
     assert isinstance(llamagen._core.DEFAULT_SEED, int)
 
 
-# -- our patches to the pinned llama.cpp (third_party/patches/) -------------------------------
+# -- our patches to the pinned llama.cpp (third_party/llama_cpp-*.patch) -------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,7 +153,7 @@ def _fetch_module():
 def test_patches_are_applied_to_the_unpacked_source():
     fetch = _fetch_module()
     patches = fetch.patch_files()
-    assert [Path(p).name for p in patches] == ["0001-ggml-cpu-flash-attn-no-split-kv.patch"]
+    assert [Path(p).name for p in patches] == ["llama_cpp-0001-ggml-cpu-flash-attn-no-split-kv.patch"]
     if os.environ.get("LLAMAGEN_LLAMA_CPP_DIR"):
         pytest.skip("built against the user's own llama.cpp checkout (built as it is)")
     ops = (ROOT / "third_party" / "llama.cpp" / "ggml" / "src" / "ggml-cpu" / "ops.cpp").read_text()
@@ -170,12 +170,12 @@ def test_a_patch_that_does_not_apply_is_refused(tmp_path, monkeypatch):
     (tree / "ggml" / "x.c").write_text("int a = 1;\n")
     patches = tmp_path / "patches"
     patches.mkdir()
-    (patches / "0001-bad.patch").write_text(
+    (patches / "llama_cpp-0001-bad.patch").write_text(
         "--- a/ggml/x.c\n+++ b/ggml/x.c\n@@ -1 +1 @@\n-int a = 2;\n+int a = 3;\n")
     monkeypatch.setattr(fetch, "PATCHES", str(patches))
-    with pytest.raises(fetch.FetchError, match="0001-bad.patch does not apply"):
+    with pytest.raises(fetch.FetchError, match="llama_cpp-0001-bad.patch does not apply"):
         fetch._apply_patches(str(tree))
-    (patches / "0001-bad.patch").write_text(
+    (patches / "llama_cpp-0001-bad.patch").write_text(
         "--- a/ggml/x.c\n+++ b/ggml/x.c\n@@ -1 +1 @@\n-int a = 1;\n+int a = 3;\n")
     fetch._apply_patches(str(tree))
     assert (tree / "ggml" / "x.c").read_text() == "int a = 3;\n"

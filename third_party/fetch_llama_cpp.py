@@ -5,8 +5,8 @@ The pin lives in ``llama_cpp.pin.json`` beside this file: a source distribution 
 The download goes through pip, is hash-checked, and is unpacked once; later builds reuse it without
 any network access.  ``LLAMAGEN_LLAMA_CPP_DIR`` points a build at a user's own llama.cpp checkout.
 
-Our own small changes to the pinned source are unified diffs in ``patches/`` beside this file, applied
-in name order right after unpacking (each says why at the lines it changes); the unpacked tree is tied
+Our own small changes to the pinned source are unified diffs beside this file (``llama_cpp-*.patch``),
+applied in name order right after unpacking (each says why at the lines it changes); the unpacked tree is tied
 to them too, so changing a patch unpacks afresh.  A user's own checkout is built as it is.
 
 Run as a script to fetch (or check) the source: ``python third_party/fetch_llama_cpp.py``.
@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PIN_FILE = os.path.join(HERE, "llama_cpp.pin.json")
 DEST = os.path.join(HERE, "llama.cpp")
 CACHE = os.path.join(HERE, ".cache")
-PATCHES = os.path.join(HERE, "patches")
+PATCHES = HERE                      # our patches: llama_cpp-*.patch beside this file
 MARKER = ".llamagen-pin"
 
 
@@ -37,7 +37,8 @@ class FetchError(RuntimeError):
 def patch_files() -> list:
     if not os.path.isdir(PATCHES):
         return []
-    return sorted(os.path.join(PATCHES, f) for f in os.listdir(PATCHES) if f.endswith(".patch"))
+    return sorted(os.path.join(PATCHES, f) for f in os.listdir(PATCHES)
+                  if f.startswith("llama_cpp-") and f.endswith(".patch"))
 
 
 def load_pin() -> dict:
