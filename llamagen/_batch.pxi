@@ -547,7 +547,7 @@ cdef class BatchGenerator:
         ``best``'s kept prefix last, so the new sequence's cells follow its prefix in order (see
         lgctx::compact).  Returns the prefix length still cached (0 if packing failed)."""
         cdef vector[int32_t] order
-        cdef int32_t s
+        cdef int32_t s, follow
         cdef int rc
         for s in range(self._n_slots):
             if s != best and self._slot_cache[s].size() > 0:
@@ -556,8 +556,9 @@ cdef class BatchGenerator:
             order.push_back(best)
         if order.size() == 0:
             return best_len
-        rc = lgctx.compact(self._context._ctx, order.data(), <int> order.size(),
-                           best if best_len > 0 else -1)
+        follow = best if best_len > 0 else -1
+        with nogil:         # (copies every idle cache's K/V rows: tens of ms for thousands of cells)
+            rc = lgctx.compact(self._context._ctx, order.data(), <int> order.size(), follow)
         if rc < 0:
             # the memory was cleared: forget every cache (the answers stay right, only slower)
             for s in range(self._n_slots):

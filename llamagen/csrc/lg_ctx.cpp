@@ -9,20 +9,29 @@
 
 namespace lgctx {
 
-static int64_t holes_of(const llama_kv_cache * kv) {
-    if (kv == nullptr || kv->get_n_stream() != 1) {
-        return -1;
+// the memory's KV caches (an iSWA model has two), or none when it is not made of one-stream
+// (unified) KV caches: per-sequence streams only ever hold their own sequence's cells
+static std::vector<const llama_kv_cache *> unified_caches(llama_context * ctx) {
+    std::vector<const llama_kv_cache *> out;
+    llama_memory_i * mem = ctx->get_memory();
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        out = {kv};
+    } else if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        out = {iswa->get_base(), iswa->get_swa()};
     }
-    const llama_kv_cells & cells = kv->get_cells(0);
-    return (int64_t) cells.used_max_p1() - (int64_t) cells.get_used();
+    for (const llama_kv_cache * kv : out) {
+        if (kv == nullptr || kv->get_n_stream() != 1) {
+            return {};
+        }
+    }
+    return out;
 }
 
-// whether a free cell lies below the highest cell holding ``seq`` (then llama.cpp may put the
-// sequence's next token there, before its older cells)
-static bool free_below(const llama_kv_cache * kv, int32_t seq) {
-    const llama_kv_cells & cells = kv->get_cells(0);
-    int64_t top = -1;
-    for (uint32_t i = 0; i < cells.used_max_p1(); ++i) {
+// whether a free cell lies below the highest cell holding ``seq`` (-1: below the highest used
+// cell): llama.cpp may then put the sequence's next token there, before its older cells
+static bool free_below(const llama_kv_cells & cells, int32_t seq) {
+    int64_t top = seq < 0 ? (int64_t) cells.used_max_p1() : -1;
+    for (uint32_t i = 0; seq >= 0 && i < cells.used_max_p1(); ++i) {
         if (!cells.is_empty(i) && cells.seq_has(i, seq)) {
             top = i;
         }
@@ -35,38 +44,13 @@ static bool free_below(const llama_kv_cache * kv, int32_t seq) {
     return false;
 }
 
-static bool any_free_below(llama_context * ctx, int32_t seq) {
-    llama_memory_i * mem = ctx->get_memory();
-    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
-        return free_below(kv, seq);
-    }
-    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
-        return free_below(iswa->get_base(), seq) || free_below(iswa->get_swa(), seq);
-    }
-    return true;
-}
-
-int64_t kv_holes(llama_context * ctx) noexcept {
-    llama_memory_i * mem = ctx->get_memory();
-    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
-        return holes_of(kv);
-    }
-    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
-        const int64_t a = holes_of(iswa->get_base()), b = holes_of(iswa->get_swa());
-        if (a < 0 || b < 0) {
-            return -1;
-        }
-        return a + b;
-    }
-    return -1;
-}
-
 int compact(llama_context * ctx, const int32_t * seqs, int n_seqs, int32_t follow) noexcept {
-    if (kv_holes(ctx) <= 0) {      // (per-sequence streams: a stream only holds its own cells)
-        return 1;
+    bool needed = false;
+    for (const llama_kv_cache * kv : unified_caches(ctx)) {
+        needed = needed || free_below(kv->get_cells(0), follow);
     }
-    if (follow >= 0 && !any_free_below(ctx, follow)) {
-        return 1;       // every free cell is above the prefix: new tokens land after it anyway
+    if (!needed) {      // every free cell is above: new tokens land after the old ones anyway
+        return 1;
     }
     try {
         // the state of one sequence is its cells' positions and their K/V rows, copied as they are:

@@ -9,10 +9,6 @@ struct llama_context;
 
 namespace lgctx {
 
-// Free cells below the highest used one, over the context's unified KV cache(s); 0 when there are
-// none, -1 when the memory is not a unified KV cache (nothing to tell).
-int64_t kv_holes(llama_context * ctx) noexcept;
-
 // Pack the cells of ``seqs`` (in that order) from cell 0 with no free cell between them, so the next
 // decode places its tokens after the last one: llama.cpp puts a token in the first free cell it
 // finds, and a sequence whose new cells land before its older ones is computed differently (see

@@ -1,10 +1,9 @@
 # Raw declarations of the KV-cache upkeep llama.h does not offer (llamagen/csrc/lg_ctx.h).  No
 # logic here: cimport as a namespace (`from llamagen.includes cimport ctx as lgctx`).
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t
 
 from llamagen.includes.llama cimport llama_context
 
 
 cdef extern from "lg_ctx.h" namespace "lgctx" nogil:
-    int64_t kv_holes(llama_context * ctx) noexcept
     int compact(llama_context * ctx, const int32_t * seqs, int n_seqs, int32_t follow) noexcept
