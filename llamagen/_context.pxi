@@ -65,13 +65,17 @@ cdef class Context:
     """A llama.cpp context over a Model: the KV cache and compute state for generation.
 
     ``Context(model, *, n_ctx=2048, n_batch=512, n_ubatch=512, n_seq_max=1, n_threads=None,
-    n_threads_batch=None, flash_attn=None, kv_unified=None, embeddings=False, pooling=None)``.
+    n_threads_batch=None, flash_attn=None, kv_unified=None, embeddings=False, pooling=None,
+    deterministic=False)``.
     ``n_ctx=0`` takes the model's training context; ``n_threads=None`` uses the machine's
     physical cores.  ``embeddings=True`` makes a context for llamagen.embed (pooled vectors;
     ``pooling`` "mean", "cls", "last" or "none", default the model's own): it generates nothing,
     its KV cache is unified and its ubatch is the whole batch (a text is pooled within one
     decode).  ``kv_unified`` defaults to False (True for embeddings).  Read the values llama.cpp
-    actually uses back from the properties.  One lock per context serializes every call into it;
+    actually uses back from the properties.  ``deterministic=True``: every sequence's logits are
+    bit-identical whether it is decoded alone or with any companions, in any slot or cell, from
+    a cached prefix or not, with any thread count (batch-invariant kernels, docs/determinism.md;
+    CPU only, flash attention on).  One lock per context serializes every call into it;
     creation releases the GIL.
     """
     cdef llama.llama_context * _ctx
@@ -85,6 +89,7 @@ cdef class Context:
     # owned by the context from llama_set_sampler until it is detached (llama.cpp keeps a pointer)
     cdef vector[llama.llama_sampler *] _attached
     cdef readonly bint kv_unified
+    cdef readonly bint deterministic  # batch-invariant kernels (docs/determinism.md)
     cdef readonly bint embeddings     # an embedding context (llamagen.embed): no generation
     # pooled embeddings from the final hidden states, skipping the lm_head (csrc/lg_embed.h):
     # 0 not tried yet, 1 checked equal to llama.cpp's pooling on this context's first decode, -1 off
@@ -110,7 +115,7 @@ cdef class Context:
     def __init__(self, Model model not None, *, n_ctx=2048, n_batch=512, n_ubatch=512,
                  n_seq_max=1, n_threads=None, n_threads_batch=None, flash_attn=None,
                  kv_unified=None, bint offload_kqv=True, bint swa_full=True,
-                 bint embeddings=False, pooling=None):
+                 bint embeddings=False, pooling=None, bint deterministic=False):
         cdef llama.llama_context_params params = llama.llama_context_default_params()
         cdef llama.llama_context * c
         if self._ctx != NULL:
@@ -179,6 +184,15 @@ cdef class Context:
                                       else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         else:
             raise ValueError(f"flash_attn must be None (auto), True or False, got {flash_attn!r}")
+        if deterministic:
+            # the batch-invariant attention is ggml-cpu's flash-attention kernel (patch 0002)
+            if flash_attn is False:
+                raise ValueError("deterministic=True needs flash attention (flash_attn=None or True)")
+            if model.n_gpu_layers != 0 and llama.llama_supports_gpu_offload():
+                raise ContextError("deterministic=True runs on the CPU backend only: load the model "
+                                   "with n_gpu_layers=0 (see docs/determinism.md)")
+            params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            params.op_offload = False      # no big CPU-weight matmul sent to a GPU for large batches
         params.kv_unified = kv_unified
         self.kv_unified = kv_unified
         params.offload_kqv = offload_kqv
@@ -195,6 +209,9 @@ cdef class Context:
             model._release_user()
             raise ContextError(f"could not create the context: {_take_errors() or 'out of memory?'}")
         self._ctx = c
+        self.deterministic = deterministic
+        if deterministic:
+            lgctx.set_batch_invariant(c, True)
         self._attached.assign(llama.llama_n_seq_max(c), NULL)
         self.model = model
         self._vocab = model._vocab

@@ -39,9 +39,11 @@ class Model:
     path: Union[str, bytes]
     n_vocab: int
     vocab_only: bool
+    n_gpu_layers: int
+    repack: bool
     def __init__(self, path: Union[str, bytes, PathLike], *, n_gpu_layers: int = 0,
                  use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False,
-                 check_tensors: bool = False, main_gpu: int = 0) -> None: ...
+                 check_tensors: bool = False, main_gpu: int = 0, repack: bool = True) -> None: ...
     def close(self) -> None: ...
     @property
     def closed(self) -> bool: ...
@@ -101,13 +103,15 @@ class Model:
 class Context:
     model: Model
     kv_unified: bool
+    deterministic: bool
     embeddings: bool
     _tap_state: int      # 0 untried, 1 pooled from the hidden states (no lm_head), -1 llama.cpp's path
     def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512,
                  n_seq_max: int = 1, n_threads: Optional[int] = None,
                  n_threads_batch: Optional[int] = None, flash_attn: Optional[bool] = None,
                  kv_unified: Optional[bool] = None, offload_kqv: bool = True, swa_full: bool = True,
-                 embeddings: bool = False, pooling: Optional[str] = None) -> None: ...
+                 embeddings: bool = False, pooling: Optional[str] = None,
+                 deterministic: bool = False) -> None: ...
     @property
     def pooling(self) -> Optional[str]: ...
     def close(self) -> None: ...

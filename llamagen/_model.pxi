@@ -44,6 +44,8 @@ cdef class Model:
     cdef int _users          # open Contexts using this model
     cdef bint _closed        # close() was called
     cdef readonly bint vocab_only   # loaded with vocab_only=True: no weights, no Context
+    cdef readonly int32_t n_gpu_layers   # as loaded (0: every weight on the CPU)
+    cdef readonly bint repack       # weights repacked for the CPU's GEMM kernels (llama.cpp's default)
     cdef object _metadata
     cdef fs.lgfs_trie * _gtrie   # the vocabulary's prefix tree for grammar re-samples (lazy)
     cdef object _chat_default    # _ChatTemplates of the model's own template (lazy, _chat.pxi)
@@ -62,7 +64,7 @@ cdef class Model:
         self._pieces = {}
 
     def __init__(self, path, *, n_gpu_layers=0, bint use_mmap=True, bint use_mlock=False,
-                 bint vocab_only=False, bint check_tensors=False, main_gpu=0):
+                 bint vocab_only=False, bint check_tensors=False, main_gpu=0, bint repack=True):
         cdef llama.llama_model_params params = llama.llama_model_default_params()
         cdef bytes bpath
         cdef const char * cpath
@@ -87,6 +89,8 @@ cdef class Model:
         params.main_gpu = main_gpu
         params.vocab_only = vocab_only
         params.check_tensors = check_tensors
+        # llama.cpp's CPU_REPACK buffers (--no-repack there): off only to compare kernels
+        params.use_extra_bufts = repack
         if use_mmap and use_mlock:
             params.load_mode = llama.LLAMA_LOAD_MODE_MMAP_MLOCK
         elif use_mmap:
@@ -104,6 +108,8 @@ cdef class Model:
             raise ModelLoadError(path, _take_errors() or "llama.cpp could not read it")
         self._model = m
         self.vocab_only = vocab_only
+        self.n_gpu_layers = n_gpu_layers
+        self.repack = repack
         self._vocab = llama.llama_model_get_vocab(m)
         self.n_vocab = llama.llama_vocab_n_tokens(self._vocab)
 

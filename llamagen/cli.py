@@ -112,7 +112,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.chat:
         tmpl = model.chat_template or _ARCH_TEMPLATES.get(model.architecture or "", "chatml")
         prompt = model.apply_chat_template([{"role": "user", "content": prompt}], template=tmpl)
-    with llamagen.Context(model, n_ctx=a.n_ctx, n_threads=a.threads) as ctx:
+    with llamagen.Context(model, n_ctx=a.n_ctx, n_threads=a.threads,
+                          deterministic=a.deterministic) as ctx:
         state = llamagen.gen_begin(ctx, prompt, params=params)
         out = sys.stdout
         try:
@@ -284,7 +285,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                                     n_threads=a.threads, n_batch=a.batch_size,
                                     max_queue=a.max_queue, embeddings=a.embeddings,
                                     pooling=a.pooling, embed_batch=a.embed_batch_size,
-                                    chat_template=template)
+                                    chat_template=template, deterministic=a.deterministic)
 
     server = None
 
@@ -388,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-ctx", type=_c_int, default=2048)
     g.add_argument("--threads", type=_c_int, default=None, help="default: physical cores")
     g.add_argument("--n-gpu-layers", type=_c_int, default=0)
+    g.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant kernels: the same tokens as `serve --deterministic`")
     g.add_argument("--seed-random", action="store_true", help="draw a fresh seed")
     g.add_argument("--verbose", "-v", action="store_true", help="print timings to stderr")
     _add_sampling_args(g)
@@ -469,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", "-b", type=_positive_int, default=512, metavar="N",
                    help="tokens per decode (default 512)")
     v.add_argument("--n-gpu-layers", type=_c_int, default=0)
+    v.add_argument("--deterministic", action="store_true",
+                   help="a request's tokens do not depend on the other requests (batch-invariant "
+                        "kernels, CPU only; see docs/determinism.md)")
     v.add_argument("--embeddings", action="store_true",
                    help="also serve /v1/embeddings (a second, embedding context on the same model)")
     v.add_argument("--pooling", default=None, choices=("mean", "cls", "last", "rank"),

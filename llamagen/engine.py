@@ -128,7 +128,9 @@ class AsyncEngine:
     of ``n_ctx`` cells); more wait, up to ``max_queue`` (then QueueFullError).  ``prompt_cache``:
     True keeps finished sequences' cells for later prompts with the same prefix, idle caches
     holding up to max(2 * n_batch, n_ctx // n_parallel) cells (the least recently used go first);
-    an int sets that budget; False turns it off.
+    an int sets that budget; False turns it off.  ``deterministic=True``: a request's tokens and
+    logprobs are the same whatever else the engine runs and whatever ran before
+    (``Context(deterministic=True)``, docs/determinism.md).
     """
 
     def __init__(self, model: Union[Model, str, os.PathLike, None] = None, *, n_ctx: int = 16384,
@@ -136,7 +138,7 @@ class AsyncEngine:
                  max_queue: Optional[int] = None, prompt_cache: Union[bool, int] = True,
                  params: Optional[SamplingParams] = None, embeddings: bool = False,
                  pooling: Optional[str] = None, embed_batch: int = 2048,
-                 chat_template: Optional[str] = None):
+                 chat_template: Optional[str] = None, deterministic: bool = False):
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int)
                                       or max_queue < 0):
             raise ValueError(f"max_queue must be None or an int >= 0, got {max_queue!r}")
@@ -155,7 +157,8 @@ class AsyncEngine:
                 raise
         try:
             self._ctx = Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                                n_seq_max=n_parallel, n_threads=n_threads, kv_unified=True)
+                                n_seq_max=n_parallel, n_threads=n_threads, kv_unified=True,
+                                deterministic=bool(deterministic))
             self._batch = BatchGenerator(self._ctx, n_parallel=n_parallel, prompt_cache=prompt_cache)
             self._ectx = None
             if embeddings:
@@ -172,6 +175,7 @@ class AsyncEngine:
             raise
         self.n_ctx = self._ctx.n_ctx
         self.n_parallel = n_parallel
+        self.deterministic = self._ctx.deterministic
         self.max_queue = max_queue
         self.defaults = params if params is not None else SamplingParams()
         self._lock = threading.Condition()

@@ -207,14 +207,16 @@ class GenerateStage:
     ``overrides``: None (every such column), or the names allowed (``()``: none).
     ``model_kwargs`` go to ``llamagen.Model`` (e.g. ``n_gpu_layers``), ``context_kwargs`` to
     ``llamagen.Context`` (e.g. ``n_batch``, ``kv_unified``; ``n_ctx`` there replaces
-    ``n_seq_max * n_ctx_seq``).
+    ``n_seq_max * n_ctx_seq``).  ``deterministic=True``: a row's output does not depend on the
+    rows batched with it, nor on the actor or the order (docs/determinism.md).
     """
 
     def __init__(self, model, *, prompt_column: str = "prompt", n_seq_max: int = 16,
                  n_ctx_seq: int = 2048, n_threads: Optional[int] = None,
                  params: Optional[SamplingParams] = None, overrides: Optional[Iterable[str]] = None,
                  model_kwargs: Optional[Mapping[str, Any]] = None,
-                 context_kwargs: Optional[Mapping[str, Any]] = None, **sampling):
+                 context_kwargs: Optional[Mapping[str, Any]] = None, deterministic: bool = False,
+                 **sampling):
         self.params = resolve(params, (), sampling)
         self.prompt_column = self._input_column(prompt_column)
         if overrides is None:
@@ -234,6 +236,7 @@ class GenerateStage:
         self.model = Model(_model_path(model), **dict(model_kwargs or {}))
         ckw = dict(context_kwargs or {})
         ckw.setdefault("n_ctx", n_seq_max * n_ctx_seq)
+        ckw.setdefault("deterministic", bool(deterministic))
         self.ctx = Context(self.model, n_seq_max=n_seq_max, n_threads=self.n_threads,
                            n_threads_batch=self.n_threads, **ckw)
 

@@ -153,11 +153,16 @@ def _fetch_module():
 def test_patches_are_applied_to_the_unpacked_source():
     fetch = _fetch_module()
     patches = fetch.patch_files()
-    assert [Path(p).name for p in patches] == ["llama_cpp-0001-ggml-cpu-flash-attn-no-split-kv.patch"]
+    assert [Path(p).name for p in patches] == ["llama_cpp-0001-ggml-cpu-flash-attn-no-split-kv.patch",
+                                               "llama_cpp-0002-ggml-cpu-batch-invariant.patch"]
     if os.environ.get("LLAMAGEN_LLAMA_CPP_DIR"):
         pytest.skip("built against the user's own llama.cpp checkout (built as it is)")
-    ops = (ROOT / "third_party" / "llama.cpp" / "ggml" / "src" / "ggml-cpu" / "ops.cpp").read_text()
+    cpu = ROOT / "third_party" / "llama.cpp" / "ggml" / "src" / "ggml-cpu"
+    ops = (cpu / "ops.cpp").read_text()
     assert "LLAMAGEN_FA_SPLIT_KV" in ops
+    assert "ggml_compute_forward_flash_attn_ext_f16_canonical" in ops
+    assert "batch_invariant" in (cpu / "repack.cpp").read_text()
+    assert "params->batch_invariant" in (cpu / "tiled" / "tiled.cpp").read_text()
     # the unpacked tree is stamped with the pin and the patches: a changed patch unpacks afresh
     stamp = (ROOT / "third_party" / "llama.cpp" / fetch.MARKER).read_text().strip()
     assert stamp == fetch.load_pin()["stamp"]
