@@ -34,7 +34,9 @@ cdef class Model:
     """A GGUF model loaded with llama.cpp.
 
     ``Model(path, *, n_gpu_layers=0, use_mmap=True, use_mlock=False, vocab_only=False,
-    check_tensors=False, main_gpu=0)``.  Loading releases the GIL.  ``close()`` is idempotent;
+    check_tensors=False, main_gpu=0, repack=True)``.  ``repack=False`` keeps the weights as stored
+    instead of repacking them for the CPU's GEMM kernels (llama.cpp's ``--no-repack``: for comparing
+    kernels).  Loading releases the GIL.  ``close()`` is idempotent;
     while a Context still uses the model the memory is kept until the last one closes.
     """
     cdef llama.llama_model * _model
