@@ -7,7 +7,7 @@ what the batch-invariant kernels cost.
    must read 0.  Each row runs in its own process (ggml reads its switches once).
 2. ``--speed``: generate_batch at 1, 8, 16 and 32 sequences (32 new tokens each) and a 480-token
    prefill, default and deterministic contexts alternating in one process, median of ``--reps``.
-3. ``--server``: ``llamagen serve`` with and without ``--deterministic``, 8/16/32 concurrent
+3. ``--server``: ``llamagen serve`` with and without ``--deterministic``, 1/8/16/32 concurrent
    streams of 64 tokens (bench/server/loadgen.py), one server at a time.
 
     python bench/determinism.py --sources --speed --server [--reps 3] [--json out.json]
@@ -204,14 +204,14 @@ def run_server(reps):
                 args.append("--deterministic")
             srv = Server(args, __import__("pathlib").Path("/tmp/llamagen-bench-det.log"))
             try:
-                for n in (8, 16, 32):
+                for n in (1, 8, 16, 32):
                     res, wall = asyncio.run(loadgen.run_concurrent(srv.url, n, 64))
                     s = loadgen.summarize(res, wall, 64)
                     rows.setdefault((det, n), []).append(s["tokens_per_s"])
             finally:
                 srv.stop()
     out = []
-    for n in (8, 16, 32):
+    for n in (1, 8, 16, 32):
         d, x = statistics.median(rows[(False, n)]), statistics.median(rows[(True, n)])
         out.append({"case": f"serve, {n} streams (tokens/s)", "default": d, "deterministic": x,
                     "cost": 1 - x / d})
