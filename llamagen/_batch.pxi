@@ -363,6 +363,36 @@ cdef class BatchGenerator:
         q.n_cached = best
         self.n_shared_tokens += best
 
+    cdef bint _no_room_to_start(self, SeqCore * q, int32_t n_in_batch) noexcept nogil:
+        """On a unified cache: True when ``q``'s prompt has not started and the rest of it does
+        not fit in the cells no live sequence holds or will need for the prompt it has begun
+        (idle caches count as room: they are dropped when needed).  Starting it anyway let
+        prompts that could not all fit each take part of the cache and wait forever for the
+        rest (issue 26: four 450-token prompts on 512 cells).  False when no other sequence
+        holds cells: then nothing would ever free any, so it starts (and is cut if too long)."""
+        cdef size_t i
+        cdef SeqCore * o
+        cdef int64_t held = 0, pending = 0, n_ctx
+        cdef bint others = False
+        if not self._context.kv_unified or q.n_fed != q.n_cached:
+            return False
+        for i in range(self._active.size()):
+            o = self._active[i]
+            if o.slot < 0:
+                continue
+            if o.n_fed < <int32_t> o.prompt.size():
+                held += o.n_fed
+                if o.n_fed != o.n_cached or o.fed_now > 0:     # begun: its rest is spoken for
+                    pending += <int32_t> o.prompt.size() - o.n_fed - o.fed_now
+            else:
+                held += o.n_past + 1           # (and the cell its next token needs)
+            if o != q and (o.n_fed > 0 or o.n_past > 0 or o.fed_now > 0):
+                others = True
+        if not others:
+            return False
+        n_ctx = llama.llama_n_ctx(self._context._ctx)
+        return held + pending + n_in_batch + (<int32_t> q.prompt.size() - q.n_fed) > n_ctx
+
     cdef int _fill_batch(self, int n_gen_limit, bint with_prompts) noexcept nogil:
         """Put generating tokens (at most n_gen_limit sequences) and prompt chunks in the batch."""
         cdef size_t i
@@ -393,6 +423,8 @@ cdef class BatchGenerator:
                     self._share_prefix(q)
                     if q.n_fed == 0 and self._wait_for_prefix(q):
                         continue
+                if self._no_room_to_start(q, n):
+                    continue
                 k = <int32_t> q.prompt.size() - q.n_fed
                 if k > self._n_batch - n:
                     k = self._n_batch - n

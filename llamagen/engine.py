@@ -9,11 +9,13 @@ finished sequence's cells in its slot for the next request with the same prefix.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import itertools
 import os
 import queue
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -97,6 +99,20 @@ class EngineStats:
 
 
 _DONE = object()
+
+# Engines not closed yet.  At interpreter exit a still-running engine thread would go on decoding
+# while C++ static destructors tear ggml down (SIGSEGV, issue 26): close them first, while the
+# interpreter is whole (atexit runs before daemon threads are abandoned).
+_open_engines: "weakref.WeakSet[AsyncEngine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    for engine in list(_open_engines):
+        try:
+            engine.close()
+        except Exception:       # exiting anyway: one engine's failure must not keep the others open
+            pass
 
 
 class _Request:
@@ -190,6 +206,7 @@ class AsyncEngine:
         self._stats = self._snapshot()
         self._thread = threading.Thread(target=self._run, name="llamagen-engine", daemon=True)
         self._thread.start()
+        _open_engines.add(self)
 
     # -- submitting ----------------------------------------------------------------------------
 
@@ -394,6 +411,7 @@ class AsyncEngine:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         if not self._thread.is_alive():
+            _open_engines.discard(self)
             self._ctx.close()
             if self._ectx is not None:
                 self._ectx.close()
