@@ -66,6 +66,9 @@ cdef class BatchGenerator:
     cdef readonly int64_t n_cache_queries   # prompt tokens looked up in idle slots' caches
     cdef readonly int64_t n_cache_hits      # ... of those, found there (not prefilled)
     cdef readonly int64_t n_compactions     # times idle caches were packed (_pack_idle)
+    # steps that decoded nothing while sequences held slots: a watchdog (0 in a healthy batch;
+    # it counted 150k in 30 s when prompts that could not all fit waited on each other)
+    cdef readonly int64_t n_stalled_steps
 
     def __cinit__(self):
         self._has_batch = False
@@ -677,6 +680,8 @@ cdef class BatchGenerator:
                 ctx._abort.interrupted = 0
                 raise KeyboardInterrupt
             self.n_steps += 1
+            if rc == -100:
+                self.n_stalled_steps += 1
             if rc < 0 and rc != -100:
                 for q in self._slots:
                     if q is not None:

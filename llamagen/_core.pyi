@@ -190,6 +190,7 @@ class BatchGenerator(Iterator[Tuple[int, str]]):
     n_cache_queries: int
     n_cache_hits: int
     n_compactions: int
+    n_stalled_steps: int
     def __init__(self, ctx: Context, *, n_parallel: Optional[int] = None,
                  params: Optional[SamplingParams] = None, add_special: bool = True,
                  parse_special: bool = True, share_prefix: Optional[int] = 16,

@@ -96,6 +96,7 @@ class EngineStats:
     prefix_cache_hits: int         # ... found there (not prefilled)
     requests_total: int
     n_steps: int
+    n_stalled_steps: int = 0       # steps that decoded nothing with sequences live (a watchdog)
 
 
 _DONE = object()
@@ -443,7 +444,8 @@ class AsyncEngine:
             kv_size=self.n_ctx, prompt_tokens_total=self._prompt_total,
             generated_tokens_total=self._gen_total, prefix_cache_queries=b.n_cache_queries,
             prefix_cache_hits=b.n_cache_hits + b.n_shared_tokens,
-            requests_total=self._requests_total, n_steps=b.n_steps)
+            requests_total=self._requests_total, n_steps=b.n_steps,
+            n_stalled_steps=b.n_stalled_steps)
 
     def _warm_up(self) -> None:
         """One decode before the first request, as llama-server does (first-use costs: buffer

@@ -40,6 +40,7 @@ def test_engine_completes_prompts_that_cannot_all_fit_at_once(tiny_model_path):
             t.join(timeout=60)
         assert out == {0: 16, 1: 16, 2: 16, 3: 16}
         assert e.stats().n_steps < 500, e.stats()
+        assert e.stats().n_stalled_steps == 0
         # and a small request after them still completes
         assert len(e.generate_sync("hello", max_new_tokens=4, temp=0, ignore_eos=True).tokens) == 4
 
@@ -54,6 +55,7 @@ def test_batch_generator_waits_for_room_instead_of_starting_every_prompt(tiny_mo
             steps += 1
             assert steps < 500, "the batch made no progress"
         assert [len(b.tokens(s)) for s in sids] == [16] * 4
+        assert b.n_stalled_steps == 0
         assert {b.finish_reason(s) for s in sids} == {"length"}
 
 

@@ -63,6 +63,8 @@ class _EngineCollector:
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                       s.prefix_cache_hits)
         yield counter("requests", "Requests the engine accepted.", s.requests_total)
+        yield counter("engine_stalled_steps", "Engine steps that decoded nothing while requests "
+                      "held sequences (a watchdog: stays 0 in a healthy engine).", s.n_stalled_steps)
 
 
 class Metrics:
