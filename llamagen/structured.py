@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, Iterator, Tuple
+from typing import Any
 
-__all__ = ["schema_to_grammar", "check_schema", "JSON_OBJECT_SCHEMA", "UNSUPPORTED_KEYWORDS"]
+from llamagen._schema import MAX_SCHEMA_DEPTH, check_depth, subschemas
+
+__all__ = ["schema_to_grammar", "check_schema", "check_depth", "JSON_OBJECT_SCHEMA",
+           "UNSUPPORTED_KEYWORDS", "MAX_SCHEMA_DEPTH"]
 
 # any JSON object (OpenAI's response_format {"type": "json_object"})
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
@@ -27,30 +30,6 @@ UNSUPPORTED_KEYWORDS = frozenset({
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _FORMATS = frozenset({"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4",
                       "uuid5"})
-# keywords whose values are schemas / lists of schemas / maps of schemas
-_ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
-        "unevaluatedProperties", "unevaluatedItems")
-_MANY = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
-_MAP = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
-
-
-def _subschemas(node: dict, path: str) -> Iterator[Tuple[Any, str]]:
-    for k in _ONE:
-        v = node.get(k)
-        if isinstance(v, dict):
-            yield v, f"{path}/{k}"
-    for k in _MANY:
-        v = node.get(k)
-        if isinstance(v, list):
-            for i, s in enumerate(v):
-                yield s, f"{path}/{k}/{i}"
-    for k in _MAP:
-        v = node.get(k)
-        if isinstance(v, dict):
-            for name, s in v.items():
-                yield s, f"{path}/{k}/{name}"
-
-
 def check_schema(schema: Any) -> None:
     """Raise ValueError naming the first keyword (with its JSON pointer) that the converter would
     ignore; structural errors (a bad type, a $ref that does not resolve) are the converter's."""
@@ -78,7 +57,8 @@ def check_schema(schema: Any) -> None:
                 "type, properties, required, additionalProperties, items, prefixItems, minItems, "
                 "maxItems, enum, const, anyOf, oneOf, allOf, $ref, $defs, minLength, maxLength, "
                 "pattern, format (date, time, date-time, uuid), integer minimum/maximum")
-        stack.extend(_subschemas(node, path))
+        stack.extend(subschemas(node, path))
+    check_depth(schema)
 
 
 def normalize(value: Any) -> str:

@@ -69,3 +69,72 @@ def test_an_engine_left_open_at_exit_does_not_crash_the_process(real_model_path)
             raise RuntimeError("boom")
             """, MODEL=str(real_model_path), timeout=120)
         assert rc == 1 and "RuntimeError: boom" in out, (rc, out[-2000:])
+
+
+# -- schemas whose $refs chain deeper than llama.cpp's converter can recurse ----------------------
+
+def _ref_chain(n, wrap=True):
+    """$defs d0 -> d1 -> ... -> dn: flat JSON (depth 6), but the converter expands each $ref in
+    place, two levels per hop when each link is an object holding the next."""
+    defs = {f"d{i}": ({"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}}
+                      if wrap else {"$ref": f"#/$defs/d{i + 1}"}) for i in range(n)}
+    defs[f"d{n}"] = {"type": "string"}
+    return {"type": "object", "$defs": defs, "properties": {"a": {"$ref": "#/$defs/d0"}}}
+
+
+def test_a_long_ref_chain_is_refused_before_the_converter():
+    # before: a chain of 5,000 object links (20,000 plain aliases) was a SIGSEGV in the converter
+    rc, out = run_script("""
+        from llamagen.structured import schema_to_grammar
+        from llamagen.sampling import SamplingParams
+        chain = __import__("json").loads(CHAIN)
+        assert schema_to_grammar(__import__("json").loads(SHORT))      # 400 links convert
+        for bad in (chain, __import__("json").loads(ALIASES)):
+            for make in (schema_to_grammar, lambda s: SamplingParams(json_schema=s)):
+                try:
+                    make(bad)
+                except ValueError as e:
+                    assert "nests more than 1000 levels deep" in str(e), e
+                else:
+                    raise AssertionError("accepted")
+        print("refused")
+        """, CHAIN=__import__("json").dumps(_ref_chain(5000)),
+        ALIASES=__import__("json").dumps(_ref_chain(20000, wrap=False)),
+        SHORT=__import__("json").dumps(_ref_chain(400)), timeout=120)
+    assert rc == 0 and "refused" in out, (rc, out[-2000:])
+
+
+def test_a_long_ref_chain_in_tool_parameters_is_refused(smollm2_path, tmp_path):
+    from pathlib import Path
+
+    import openai
+
+    from server_util import Server
+
+    template = Path(__file__).resolve().parents[1] / "examples" / "chatml-tools.jinja"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": _ref_chain(5000)}}]
+    rc, out = run_script("""
+        from llamagen import tools as T
+        m = llamagen.Model(MODEL)
+        try:
+            T.prepare(m, [{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice="required",
+                      template=open(TEMPLATE).read())
+        except ValueError as e:
+            print("refused:", str(e)[:100])
+        """, MODEL=str(smollm2_path), TOOLS=tools, TEMPLATE=str(template), timeout=120)
+    assert rc == 0 and "refused: tools[0]['function']['parameters'] nests more" in out, out[-2000:]
+    srv = Server(["--model", smollm2_path, "--chat-template-file", str(template)],
+                 tmp_path / "serve.log")
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+        try:
+            c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                      tools=tools, max_tokens=4)
+        except openai.BadRequestError as e:
+            assert "nests more than 1000 levels deep" in str(e)
+        else:
+            raise AssertionError("accepted")
+        assert c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=2).choices[0].message is not None
+    finally:
+        assert srv.stop() == 0, srv.log()

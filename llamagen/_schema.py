@@ -1,0 +1,105 @@
+"""JSON schemas as llama.cpp's converter walks them: their subschemas, local $refs and how deep
+they nest.  Below _core (which checks tool parameter schemas with it) and structured.py."""
+from __future__ import annotations
+
+from typing import Any, Iterator, Tuple
+
+__all__ = ["MAX_SCHEMA_DEPTH", "check_depth", "subschemas"]
+
+# keywords whose values are schemas / lists of schemas / maps of schemas
+_ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
+        "unevaluatedProperties", "unevaluatedItems")
+_MANY = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_MAP = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+
+
+# How deep llama.cpp's converter may recurse, counting the levels it follows through $refs: it
+# expands a $ref's target in place, so a chain of 5,000 $refs to objects holding the next one (JSON
+# depth 6, 10,000 levels) overflowed its 8 MiB stack (SIGSEGV, issue 26); 1,000 of them (2,000
+# levels) converted.  Real schemas stay far below.
+MAX_SCHEMA_DEPTH = 1000
+
+
+def _pointer(root: Any, ref: str) -> Any:
+    """The node a local $ref ("#/a/b") names in ``root``, or None."""
+    node = root
+    for part in ref[2:].split("/") if ref.startswith("#/") else ():
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node if ref.startswith("#") else None
+
+
+def _children(root: Any, node: dict, path: str) -> list:
+    """The subschemas of ``node`` and the target of its local $ref, with their paths."""
+    out = list(subschemas(node, path))
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        target = _pointer(root, ref)
+        if isinstance(target, dict):
+            out.append((target, f"{path}/$ref"))
+    return out
+
+
+def _short(path: str) -> str:
+    return path if len(path) <= 120 else f"{path[:56]}...{path[-56:]}"
+
+
+def check_depth(schema: Any, where: str = "json_schema") -> None:
+    """ValueError when ``schema`` nests deeper than MAX_SCHEMA_DEPTH levels, following local
+    $refs (a $ref already being followed is not followed again: the converter makes it a rule).
+    Iterative, each node once: a deep schema cannot overflow Python's stack here either."""
+    below: dict = {}          # id(node) -> levels from it down, itself included
+    on_path: set = set()
+    stack = [(schema, "#", 1, False)]
+    while stack:
+        node, path, level, done = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            d = 1 + max((below.get(id(c), 0) for c, _ in _children(schema, node, path)), default=0)
+            below[key] = d
+            if level - 1 + d > MAX_SCHEMA_DEPTH:
+                raise ValueError(_too_deep(where, path))
+            continue
+        if key in below:                    # met before, from elsewhere: as deep from here?
+            if level - 1 + below[key] > MAX_SCHEMA_DEPTH:
+                raise ValueError(_too_deep(where, path))
+            continue
+        if key in on_path:
+            continue
+        if level > MAX_SCHEMA_DEPTH:        # the descent stops here: paths stay short
+            raise ValueError(_too_deep(where, path))
+        on_path.add(key)
+        stack.append((node, path, level, True))
+        for c, p in _children(schema, node, path):
+            if isinstance(c, dict) and id(c) not in on_path:
+                stack.append((c, p, level + 1, False))
+
+
+def _too_deep(where: str, path: str) -> str:
+    return (f"{where} nests more than {MAX_SCHEMA_DEPTH} levels deep, counting the levels its "
+            f"$refs lead through (at {_short(path)})")
+
+
+def subschemas(node: dict, path: str) -> Iterator[Tuple[Any, str]]:
+    for k in _ONE:
+        v = node.get(k)
+        if isinstance(v, dict):
+            yield v, f"{path}/{k}"
+    for k in _MANY:
+        v = node.get(k)
+        if isinstance(v, list):
+            for i, s in enumerate(v):
+                yield s, f"{path}/{k}/{i}"
+    for k in _MAP:
+        v = node.get(k)
+        if isinstance(v, dict):
+            for name, s in v.items():
+                yield s, f"{path}/{k}/{name}"
