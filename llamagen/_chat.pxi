@@ -84,6 +84,36 @@ cdef str _chat_str(value, str where):
 # JSON data nested deeper than this is refused: llama.cpp's Jinja runtime recurses over it with
 # no limit of its own (a stack overflow would kill the process)
 _CHAT_MAX_DEPTH = 64
+# llama.cpp's chat parser recurses over the JSON in model output: a reply nesting 10,000 brackets
+# was a SIGSEGV (3,000 parsed), so deeper output is not given to it (issue 26)
+cdef int _PARSE_MAX_DEPTH = 512
+
+
+cdef int _json_depth(const string & s) noexcept nogil:
+    """The deepest nesting of [ and { in ``s`` outside JSON strings (a bound on what a JSON
+    parser recurses through; stray closers are ignored)."""
+    cdef size_t i
+    cdef int depth = 0, deepest = 0
+    cdef bint in_str = False, esc = False
+    cdef char ch
+    for i in range(s.size()):
+        ch = s[i]
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == b'\\':
+                esc = True
+            elif ch == b'"':
+                in_str = False
+        elif ch == b'"':
+            in_str = True
+        elif ch == b'[' or ch == b'{':
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        elif (ch == b']' or ch == b'}') and depth > 0:
+            depth -= 1
+    return deepest
 
 
 cdef object _chat_json_value(value, str where, int depth=0):
@@ -143,6 +173,10 @@ cdef list _chat_tool_calls(value, str where):
         if "name" not in fn:
             raise ValueError(f"{cw}['function'] has no 'name'")
         args = fn.get("arguments", "{}")
+        if isinstance(args, str) and _json_depth(args.encode("utf-8", "surrogatepass")) > _CHAT_MAX_DEPTH:
+            # (llama.cpp parses the text as JSON and the template runtime walks it)
+            raise ValueError(f"{cw}['function']['arguments'] is JSON nested more than "
+                             f"{_CHAT_MAX_DEPTH} levels deep")
         out = {"type": "function",
                "function": {"name": _chat_str(fn["name"], f"{cw}['function']['name']"),
                             "arguments": _chat_json_value(args, f"{cw}['function']['arguments']")}}
@@ -362,7 +396,12 @@ cdef class _ChatParser:
         cdef string err
         cdef int rc
         with nogil:
-            rc = lgchat.parser_parse(self.ptr, t, partial, out, err)
+            rc = -1 if _json_depth(t) > _PARSE_MAX_DEPTH else 0
+            if rc == 0:
+                rc = lgchat.parser_parse(self.ptr, t, partial, out, err)
+        if rc == -1:
+            raise ValueError(f"the model's output nests JSON more than {_PARSE_MAX_DEPTH} levels "
+                             f"deep: not parsed (llama.cpp's parser would overflow its stack)")
         if rc != 0:
             raise ValueError(f"the model's output does not parse as a message of this chat "
                              f"format: {err.decode('utf-8', 'replace')}")

@@ -4,7 +4,9 @@
   part of it and waited forever for the rest (the engine thread spun thousands of empty steps a
   second); a prompt now starts only when its rest fits beside what live sequences hold;
 * SIGSEGV at interpreter exit with an AsyncEngine left open: its thread went on decoding while
-  C++ static destructors tore ggml down; open engines are closed at exit.
+  C++ static destructors tore ggml down; open engines are closed at exit;
+* unbounded recursion in llama.cpp's C++ (SIGSEGV): JSON schemas whose $refs chain deep (flat
+  JSON), tool-call arguments strings and model output nesting brackets deeply.
 """
 from __future__ import annotations
 
@@ -138,3 +140,48 @@ def test_a_long_ref_chain_in_tool_parameters_is_refused(smollm2_path, tmp_path):
                                           max_tokens=2).choices[0].message is not None
     finally:
         assert srv.stop() == 0, srv.log()
+
+
+# -- JSON nested deeper than llama.cpp's chat parser and template runtime can recurse -------------
+
+def test_deeply_nested_json_in_chat_data_and_model_output(smollm2_path):
+    # before: a reply nesting 10,000 brackets crashed parse, reply and ToolStream (SIGSEGV; 3,000
+    # parsed), and so did an assistant message's arguments string nesting 100,000
+    from pathlib import Path
+    template = Path(__file__).resolve().parents[1] / "examples" / "chatml-tools.jinja"
+    rc, out = run_script("""
+        from llamagen import tools as T
+        m = llamagen.Model(MODEL)
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        chat = T.prepare(m, [{"role": "user", "content": "hi"}], tools=tools,
+                         template=open(TEMPLATE).read())
+        deep = "[" * 10000 + "]" * 10000
+        text = '<tool_call>\\n{"name": "f", "arguments": {"a": ' + deep + '}}\\n</tool_call>'
+        try:
+            chat.parse(text)
+        except ValueError as e:
+            assert "nests JSON more than 512 levels deep" in str(e), e
+        else:
+            raise AssertionError("parsed")
+        assert chat.reply(text) == {"role": "assistant", "content": text}     # as text
+        s = T.ToolStream(chat)
+        for i in range(0, len(text), 997):
+            s.feed(text[i:i + 997])
+        s.finish("stop")
+        assert s.message == {"role": "assistant", "content": text}
+        # a shallow call still parses
+        ok = chat.parse('<tool_call>\\n{"name": "f", "arguments": {"a": [[1]]}}\\n</tool_call>')
+        assert ok["tool_calls"][0]["function"]["name"] == "f"
+        msgs = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                 "function": {"name": "f", "arguments": "[" * 100000 + "]" * 100000}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+        try:
+            T.prepare(m, msgs, tools=tools, template=open(TEMPLATE).read())
+        except ValueError as e:
+            assert "['arguments'] is JSON nested more than 64 levels deep" in str(e), e
+        else:
+            raise AssertionError("rendered")
+        print("contained")
+        """, MODEL=str(smollm2_path), TEMPLATE=str(template), timeout=120)
+    assert rc == 0 and "contained" in out, (rc, out[-2000:])
