@@ -15,6 +15,10 @@ DEFAULT_DRY_BREAKERS = ("\n", ":", '"', "*")
 SAMPLER_IMPLS = ("fast", "llama.cpp", "backend")
 MAX_LOGPROBS = 20           # alternatives per token, as OpenAI's top_logprobs
 MAX_DRY_BREAKERS = 64
+# a grammar trigger is compiled with std::regex, which recurses per element: a 100,000-character
+# pattern (plain letters too) or 100,000 nested groups was a SIGSEGV; 10,000 of either compiled
+MAX_TRIGGER_CHARS = 4096
+MAX_TRIGGER_NESTING = 256
 
 
 # the C types the values go to: int32_t (llama.cpp's counts, lengths and token ids) and float
@@ -92,6 +96,40 @@ def _strings(name, value, what):
         if not isinstance(x, str) or not x:
             raise ValueError(f"{name} must be non-empty {what}")
         _text(name, x)
+    return items
+
+
+def _regex_nesting(pattern):
+    """How deep ``pattern``'s groups nest (escapes and character classes skipped)."""
+    depth = deepest = 0
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")" and depth > 0:
+            depth -= 1
+        i += 1
+    return deepest
+
+
+def _triggers(value):
+    items = _strings("grammar_triggers", value, "regex strings")
+    for i, x in enumerate(items):
+        if len(x) > MAX_TRIGGER_CHARS:
+            raise ValueError(f"grammar_triggers[{i}] is {len(x)} characters long: at most "
+                             f"{MAX_TRIGGER_CHARS} (std::regex recurses per element)")
+        if _regex_nesting(x) > MAX_TRIGGER_NESTING:
+            raise ValueError(f"grammar_triggers[{i}] nests groups more than {MAX_TRIGGER_NESTING} "
+                             f"deep (std::regex recurses per group)")
     return items
 
 
@@ -293,8 +331,7 @@ class SamplingParams:
                                  "converted grammar's rule is 'root')")
         s(self, "_schema_grammar", schema_grammar)
         s(self, "grammar_lazy", _flag("grammar_lazy", self.grammar_lazy))
-        s(self, "grammar_triggers", _strings("grammar_triggers", self.grammar_triggers,
-                                             "regex strings"))
+        s(self, "grammar_triggers", _triggers(self.grammar_triggers))
         for name in ("grammar_trigger_tokens", "grammar_prefill", "preserved_tokens"):
             ids = _tuple(name, getattr(self, name) or (), "a list of token ids")
             s(self, name, tuple(_int(f"{name} entry", t, 0, INT32_MAX, "a token id in [0, 2**31 - 1]")

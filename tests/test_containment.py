@@ -6,7 +6,8 @@
 * SIGSEGV at interpreter exit with an AsyncEngine left open: its thread went on decoding while
   C++ static destructors tore ggml down; open engines are closed at exit;
 * unbounded recursion in llama.cpp's C++ (SIGSEGV): JSON schemas whose $refs chain deep (flat
-  JSON), tool-call arguments strings and model output nesting brackets deeply.
+  JSON), tool-call arguments strings and model output nesting brackets deeply, grammar trigger
+  regexes std::regex compiles recursively.
 """
 from __future__ import annotations
 
@@ -185,3 +186,20 @@ def test_deeply_nested_json_in_chat_data_and_model_output(smollm2_path):
         print("contained")
         """, MODEL=str(smollm2_path), TEMPLATE=str(template), timeout=120)
     assert rc == 0 and "contained" in out, (rc, out[-2000:])
+
+
+def test_grammar_triggers_std_regex_would_recurse_through_are_refused(tiny_model):
+    # before: a 100,000-character trigger (letters alone) or 100,000 nested groups was a SIGSEGV
+    # when llama.cpp compiled it with std::regex
+    import pytest
+    from llamagen import SamplingParams
+    lazy = dict(grammar='root ::= "a"+', grammar_lazy=True)
+    with pytest.raises(ValueError, match=r"grammar_triggers\[1\] is 100000 characters long: at most 4096"):
+        SamplingParams(grammar_triggers=("x", "a" * 100000), **lazy)
+    with pytest.raises(ValueError, match=r"nests groups more than 256 deep"):
+        SamplingParams(grammar_triggers=("(" * 300 + "a" + ")" * 300,), **lazy)
+    # escaped and bracketed parentheses are not groups; 256 groups and 4,096 characters compile
+    ok = [r"\(" * 1000, "[(]" * 1000, "(" * 256 + "a" + ")" * 256, "a" * 4096]
+    with Context(tiny_model, n_ctx=256) as ctx:
+        for rx in ok:
+            llamagen.generate(ctx, "hi", max_new_tokens=2, grammar_triggers=(rx,), **lazy)
