@@ -154,7 +154,8 @@ def test_patches_are_applied_to_the_unpacked_source():
     fetch = _fetch_module()
     patches = fetch.patch_files()
     assert [Path(p).name for p in patches] == ["llama_cpp-0001-ggml-cpu-flash-attn-no-split-kv.patch",
-                                               "llama_cpp-0002-ggml-cpu-batch-invariant.patch"]
+                                               "llama_cpp-0002-ggml-cpu-batch-invariant.patch",
+                                               "llama_cpp-0003-jinja-macro-depth.patch"]
     if os.environ.get("LLAMAGEN_LLAMA_CPP_DIR"):
         pytest.skip("built against the user's own llama.cpp checkout (built as it is)")
     cpu = ROOT / "third_party" / "llama.cpp" / "ggml" / "src" / "ggml-cpu"
@@ -163,6 +164,8 @@ def test_patches_are_applied_to_the_unpacked_source():
     assert "ggml_compute_forward_flash_attn_ext_f16_canonical" in ops
     assert "batch_invariant" in (cpu / "repack.cpp").read_text()
     assert "params->batch_invariant" in (cpu / "tiled" / "tiled.cpp").read_text()
+    jinja = ROOT / "third_party" / "llama.cpp" / "common" / "jinja" / "runtime.cpp"
+    assert "lg_macro_depth" in jinja.read_text()
     # the unpacked tree is stamped with the pin and the patches: a changed patch unpacks afresh
     stamp = (ROOT / "third_party" / "llama.cpp" / fetch.MARKER).read_text().strip()
     assert stamp == fetch.load_pin()["stamp"]

@@ -7,7 +7,7 @@
   C++ static destructors tore ggml down; open engines are closed at exit;
 * unbounded recursion in llama.cpp's C++ (SIGSEGV): JSON schemas whose $refs chain deep (flat
   JSON), tool-call arguments strings and model output nesting brackets deeply, grammar trigger
-  regexes std::regex compiles recursively.
+  regexes std::regex compiles recursively, chat-template macros that call themselves.
 """
 from __future__ import annotations
 
@@ -203,3 +203,25 @@ def test_grammar_triggers_std_regex_would_recurse_through_are_refused(tiny_model
     with Context(tiny_model, n_ctx=256) as ctx:
         for rx in ok:
             llamagen.generate(ctx, "hi", max_new_tokens=2, grammar_triggers=(rx,), **lazy)
+
+
+def test_a_chat_template_whose_macro_calls_itself_is_an_error(make_tiny_model):
+    # before: SIGSEGV in llama.cpp's Jinja runtime (patch 0003 bounds macro calls at 256)
+    endless = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"
+    deep_ok = ("{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{% endif %}x{% endmacro %}"
+               "{{ f(200) }}")
+    path = make_tiny_model(chat_template=endless)
+    rc, out = run_script("""
+        m = llamagen.Model(MODEL)
+        msgs = [{"role": "user", "content": "hi"}]
+        assert m.render_chat(msgs, template=DEEP_OK) == "x" * 201
+        for template in (None, ENDLESS):          # the GGUF's own, and one given
+            try:
+                m.render_chat(msgs, template=template)
+            except ValueError as e:
+                assert "macro calls nested more than 256 deep" in str(e), e
+            else:
+                raise AssertionError("rendered")
+        print("contained")
+        """, MODEL=str(path), ENDLESS=endless, DEEP_OK=deep_ok, timeout=120)
+    assert rc == 0 and "contained" in out, (rc, out[-2000:])
