@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import json
+import textwrap
 import threading
 
 import llamagen
@@ -18,6 +20,24 @@ from llamagen import BatchGenerator, Context
 from llamagen.engine import AsyncEngine
 
 from script_util import run_script
+
+
+# the refusal cases run in a fresh interpreter: a regression is then a failed test, not a crash
+_PRELUDE = '''
+def refuses(call, message):
+    try:
+        call()
+    except ValueError as e:
+        assert message in str(e), e
+    else:
+        raise AssertionError("accepted, expected: " + message)
+'''
+
+
+def _contained(body, **names):
+    rc, out = run_script(_PRELUDE + textwrap.dedent(body) + "print('contained')\n", timeout=120,
+                         **names)
+    assert rc == 0 and "contained" in out, (rc, out[-2000:])
 
 
 def _long_prompts(n, length=450):
@@ -87,24 +107,16 @@ def _ref_chain(n, wrap=True):
 
 def test_a_long_ref_chain_is_refused_before_the_converter():
     # before: a chain of 5,000 object links (20,000 plain aliases) was a SIGSEGV in the converter
-    rc, out = run_script("""
+    _contained("""
+        import json
         from llamagen.structured import schema_to_grammar
         from llamagen.sampling import SamplingParams
-        chain = __import__("json").loads(CHAIN)
-        assert schema_to_grammar(__import__("json").loads(SHORT))      # 400 links convert
-        for bad in (chain, __import__("json").loads(ALIASES)):
-            for make in (schema_to_grammar, lambda s: SamplingParams(json_schema=s)):
-                try:
-                    make(bad)
-                except ValueError as e:
-                    assert "nests more than 1000 levels deep" in str(e), e
-                else:
-                    raise AssertionError("accepted")
-        print("refused")
-        """, CHAIN=__import__("json").dumps(_ref_chain(5000)),
-        ALIASES=__import__("json").dumps(_ref_chain(20000, wrap=False)),
-        SHORT=__import__("json").dumps(_ref_chain(400)), timeout=120)
-    assert rc == 0 and "refused" in out, (rc, out[-2000:])
+        assert schema_to_grammar(json.loads(SHORT))      # 400 links convert
+        for bad in (json.loads(CHAIN), json.loads(ALIASES)):
+            refuses(lambda: schema_to_grammar(bad), "nests more than 1000 levels deep")
+            refuses(lambda: SamplingParams(json_schema=bad), "nests more than 1000 levels deep")
+        """, CHAIN=json.dumps(_ref_chain(5000)), ALIASES=json.dumps(_ref_chain(20000, wrap=False)),
+               SHORT=json.dumps(_ref_chain(400)))
 
 
 def test_a_long_ref_chain_in_tool_parameters_is_refused(smollm2_path, tmp_path):
@@ -116,16 +128,13 @@ def test_a_long_ref_chain_in_tool_parameters_is_refused(smollm2_path, tmp_path):
 
     template = Path(__file__).resolve().parents[1] / "examples" / "chatml-tools.jinja"
     tools = [{"type": "function", "function": {"name": "f", "parameters": _ref_chain(5000)}}]
-    rc, out = run_script("""
+    _contained("""
         from llamagen import tools as T
         m = llamagen.Model(MODEL)
-        try:
-            T.prepare(m, [{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice="required",
-                      template=open(TEMPLATE).read())
-        except ValueError as e:
-            print("refused:", str(e)[:100])
-        """, MODEL=str(smollm2_path), TOOLS=tools, TEMPLATE=str(template), timeout=120)
-    assert rc == 0 and "refused: tools[0]['function']['parameters'] nests more" in out, out[-2000:]
+        refuses(lambda: T.prepare(m, [{"role": "user", "content": "hi"}], tools=TOOLS,
+                                  tool_choice="required", template=open(TEMPLATE).read()),
+                "tools[0]['function']['parameters'] nests more than 1000 levels deep")
+        """, MODEL=str(smollm2_path), TOOLS=tools, TEMPLATE=str(template))
     srv = Server(["--model", smollm2_path, "--chat-template-file", str(template)],
                  tmp_path / "serve.log")
     try:
@@ -150,7 +159,7 @@ def test_deeply_nested_json_in_chat_data_and_model_output(smollm2_path):
     # parsed), and so did an assistant message's arguments string nesting 100,000
     from pathlib import Path
     template = Path(__file__).resolve().parents[1] / "examples" / "chatml-tools.jinja"
-    rc, out = run_script("""
+    _contained("""
         from llamagen import tools as T
         m = llamagen.Model(MODEL)
         tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
@@ -158,12 +167,7 @@ def test_deeply_nested_json_in_chat_data_and_model_output(smollm2_path):
                          template=open(TEMPLATE).read())
         deep = "[" * 10000 + "]" * 10000
         text = '<tool_call>\\n{"name": "f", "arguments": {"a": ' + deep + '}}\\n</tool_call>'
-        try:
-            chat.parse(text)
-        except ValueError as e:
-            assert "nests JSON more than 512 levels deep" in str(e), e
-        else:
-            raise AssertionError("parsed")
+        refuses(lambda: chat.parse(text), "nests JSON more than 512 levels deep")
         assert chat.reply(text) == {"role": "assistant", "content": text}     # as text
         s = T.ToolStream(chat)
         for i in range(0, len(text), 997):
@@ -177,15 +181,9 @@ def test_deeply_nested_json_in_chat_data_and_model_output(smollm2_path):
                 {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
                  "function": {"name": "f", "arguments": "[" * 100000 + "]" * 100000}}]},
                 {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
-        try:
-            T.prepare(m, msgs, tools=tools, template=open(TEMPLATE).read())
-        except ValueError as e:
-            assert "['arguments'] is JSON nested more than 64 levels deep" in str(e), e
-        else:
-            raise AssertionError("rendered")
-        print("contained")
-        """, MODEL=str(smollm2_path), TEMPLATE=str(template), timeout=120)
-    assert rc == 0 and "contained" in out, (rc, out[-2000:])
+        refuses(lambda: T.prepare(m, msgs, tools=tools, template=open(TEMPLATE).read()),
+                "['arguments'] is JSON nested more than 64 levels deep")
+        """, MODEL=str(smollm2_path), TEMPLATE=str(template))
 
 
 def test_grammar_triggers_std_regex_would_recurse_through_are_refused(tiny_model):
@@ -211,17 +209,11 @@ def test_a_chat_template_whose_macro_calls_itself_is_an_error(make_tiny_model):
     deep_ok = ("{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{% endif %}x{% endmacro %}"
                "{{ f(200) }}")
     path = make_tiny_model(chat_template=endless)
-    rc, out = run_script("""
+    _contained("""
         m = llamagen.Model(MODEL)
         msgs = [{"role": "user", "content": "hi"}]
         assert m.render_chat(msgs, template=DEEP_OK) == "x" * 201
         for template in (None, ENDLESS):          # the GGUF's own, and one given
-            try:
-                m.render_chat(msgs, template=template)
-            except ValueError as e:
-                assert "macro calls nested more than 256 deep" in str(e), e
-            else:
-                raise AssertionError("rendered")
-        print("contained")
-        """, MODEL=str(path), ENDLESS=endless, DEEP_OK=deep_ok, timeout=120)
-    assert rc == 0 and "contained" in out, (rc, out[-2000:])
+            refuses(lambda: m.render_chat(msgs, template=template),
+                    "macro calls nested more than 256 deep")
+        """, MODEL=str(path), ENDLESS=endless, DEEP_OK=deep_ok)
