@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import pathlib
 import random
 import statistics
 import subprocess
@@ -202,7 +203,7 @@ def run_server(reps):
             args = ["--model", gemma3(), "--parallel", "32", "--ctx-size", "8192"]
             if det:
                 args.append("--deterministic")
-            srv = Server(args, __import__("pathlib").Path("/tmp/llamagen-bench-det.log"))
+            srv = Server(args, pathlib.Path("/tmp/llamagen-bench-det.log"))
             try:
                 for n in (1, 8, 16, 32):
                     res, wall = asyncio.run(loadgen.run_concurrent(srv.url, n, 64))

@@ -21,6 +21,11 @@ from llamagen.sampling import resolve as _resolve_params
 
 _MAIN_THREAD = _threading.main_thread().ident
 
+
+cdef inline int64_t _cells_held(SeqCore * c) noexcept nogil:
+    """KV cells a live sequence holds: its prompt fed so far, or its prompt and tokens."""
+    return c.n_fed if c.n_fed < <int32_t> c.prompt.size() else c.n_past
+
 # below this vocabulary size sampling a sequence costs microseconds: threads would cost more
 cdef int32_t _PARALLEL_MIN_VOCAB = 16384
 
@@ -234,12 +239,7 @@ cdef class BatchGenerator:
         cdef int64_t n = 0
         for slot in range(self._n_slots):
             q = self._slots[slot]
-            if q is None:
-                n += self._slot_cache[slot].size()
-            elif q.c.n_fed < <int32_t> q.c.prompt.size():
-                n += q.c.n_fed
-            else:
-                n += q.c.n_past
+            n += self._slot_cache[slot].size() if q is None else _cells_held(q.c)
         return n
 
     def cancel(self, seq_id):
@@ -383,12 +383,11 @@ cdef class BatchGenerator:
             o = self._active[i]
             if o.slot < 0:
                 continue
-            if o.n_fed < <int32_t> o.prompt.size():
-                held += o.n_fed
-                if o.n_fed != o.n_cached or o.fed_now > 0:     # begun: its rest is spoken for
-                    pending += <int32_t> o.prompt.size() - o.n_fed - o.fed_now
-            else:
-                held += o.n_past + 1           # (and the cell its next token needs)
+            held += _cells_held(o)
+            if o.n_fed >= <int32_t> o.prompt.size():
+                held += 1                      # the cell its next token needs
+            elif o.n_fed != o.n_cached or o.fed_now > 0:       # begun: its rest is spoken for
+                pending += <int32_t> o.prompt.size() - o.n_fed - o.fed_now
             if o != q and (o.n_fed > 0 or o.n_past > 0 or o.fed_now > 0):
                 others = True
         if not others:

@@ -172,14 +172,14 @@ cdef list _chat_tool_calls(value, str where):
             raise ValueError(f"{cw} needs a 'function' dict with 'name' and 'arguments'")
         if "name" not in fn:
             raise ValueError(f"{cw}['function'] has no 'name'")
-        args = fn.get("arguments", "{}")
-        if isinstance(args, str) and _json_depth(args.encode("utf-8", "surrogatepass")) > _CHAT_MAX_DEPTH:
+        args = _chat_json_value(fn.get("arguments", "{}"), f"{cw}['function']['arguments']")
+        if isinstance(args, str) and _json_depth(args.encode("utf-8")) > _CHAT_MAX_DEPTH:
             # (llama.cpp parses the text as JSON and the template runtime walks it)
             raise ValueError(f"{cw}['function']['arguments'] is JSON nested more than "
                              f"{_CHAT_MAX_DEPTH} levels deep")
         out = {"type": "function",
                "function": {"name": _chat_str(fn["name"], f"{cw}['function']['name']"),
-                            "arguments": _chat_json_value(args, f"{cw}['function']['arguments']")}}
+                            "arguments": args}}
         if call.get("id") is not None:
             out["id"] = _chat_str(call["id"], f"{cw}['id']")
         calls.append(out)

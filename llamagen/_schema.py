@@ -55,15 +55,15 @@ def check_depth(schema: Any, where: str = "json_schema") -> None:
     Iterative, each node once: a deep schema cannot overflow Python's stack here either."""
     below: dict = {}          # id(node) -> levels from it down, itself included
     on_path: set = set()
-    stack = [(schema, "#", 1, False)]
+    stack = [(schema, "#", 1, None)]       # children: None until the node's subtree is pushed
     while stack:
-        node, path, level, done = stack.pop()
+        node, path, level, children = stack.pop()
         if not isinstance(node, dict):
             continue
         key = id(node)
-        if done:
+        if children is not None:            # its subtree is done
             on_path.discard(key)
-            d = 1 + max((below.get(id(c), 0) for c, _ in _children(schema, node, path)), default=0)
+            d = 1 + max((below.get(id(c), 0) for c, _ in children), default=0)
             below[key] = d
             if level - 1 + d > MAX_SCHEMA_DEPTH:
                 raise ValueError(_too_deep(where, path))
@@ -77,10 +77,11 @@ def check_depth(schema: Any, where: str = "json_schema") -> None:
         if level > MAX_SCHEMA_DEPTH:        # the descent stops here: paths stay short
             raise ValueError(_too_deep(where, path))
         on_path.add(key)
-        stack.append((node, path, level, True))
-        for c, p in _children(schema, node, path):
+        children = _children(schema, node, path)
+        stack.append((node, path, level, children))
+        for c, p in children:
             if isinstance(c, dict) and id(c) not in on_path:
-                stack.append((c, p, level + 1, False))
+                stack.append((c, p, level + 1, None))
 
 
 def _too_deep(where: str, path: str) -> str:

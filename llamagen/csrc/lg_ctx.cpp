@@ -80,18 +80,14 @@ int compact(llama_context * ctx, const int32_t * seqs, int n_seqs, int32_t follo
     return 0;
 }
 
-int set_batch_invariant(llama_context * ctx, bool on) noexcept {
+void set_batch_invariant(llama_context * ctx, bool on) noexcept {
     ggml_backend_sched_t sched = ctx->get_sched();
-    int others = 0;
     for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
         ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
         if (ggml_backend_is_cpu(b)) {
             ggml_backend_cpu_set_batch_invariant(b, on);
-        } else {
-            others++;
         }
     }
-    return others;
 }
 
 }  // namespace lgctx

@@ -20,8 +20,8 @@ namespace lgctx {
 int compact(llama_context * ctx, const int32_t * seqs, int n_seqs, int32_t follow) noexcept;
 
 // Batch-invariant kernels on every CPU backend of ``ctx`` (our ggml-cpu patch 0002, see
-// docs/determinism.md): a row's logits no longer depend on its companions or its cells.  Returns
-// the number of other (GPU) backends, which the patch does not reach: 0 when the context is whole.
-int set_batch_invariant(llama_context * ctx, bool on) noexcept;
+// docs/determinism.md): a row's logits no longer depend on its companions or its cells.  Other
+// (GPU) backends are not reached: Context refuses deterministic=True with GPU layers.
+void set_batch_invariant(llama_context * ctx, bool on) noexcept;
 
 }  // namespace lgctx
