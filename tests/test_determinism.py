@@ -17,6 +17,7 @@ import llamagen
 from llamagen import BatchGenerator, Context, generate_batch
 from llamagen.engine import AsyncEngine
 
+from script_util import run_script
 from server_util import Server
 
 N_NEW = 10
@@ -129,11 +130,28 @@ def test_cached_prefix_gives_the_same_logits(real_model_path):
 
 
 def test_thread_count_does_not_matter(real_model_path):
-    prompts = _prompts(4, seed=9)
-    with llamagen.Model(real_model_path) as model:
-        one = _alone(model, prompts, True, temp=0)
-        with Context(model, n_ctx=512, n_threads=2, deterministic=True) as ctx:
-            assert [_run(ctx, [p], temp=0)[0] for p in prompts] == one
+    # ggml's split-KV attention (off by default: patch 0001) cuts the cells into one chunk per
+    # thread; turned back on, the default mode's answer depends on the thread count, and the
+    # deterministic mode must not take that path at all.  (A fresh interpreter: ggml reads the
+    # switch once.)
+    rc, out = run_script("""
+        import os
+        os.environ["LLAMAGEN_FA_SPLIT_KV"] = "1"
+        model = llamagen.Model(MODEL)
+        prompt = " ".join(["river stone cloud music paper light"] * 100)   # 600+ cells
+        for det in (False, True):
+            got = []
+            for threads in (1, 2):
+                with llamagen.Context(model, n_ctx=1024, n_threads=threads,
+                                      deterministic=det) as ctx:
+                    c = llamagen.generate_batch(ctx, [prompt], max_new_tokens=8, temp=0, logprobs=0,
+                                                return_logprobs=True, ignore_eos=True)[0]
+                    got.append((c.tokens, [t.logprob for t in c.logprobs]))
+            print("deterministic" if det else "default", "same" if got[0] == got[1] else "differ")
+        """, MODEL=str(real_model_path), timeout=300)
+    assert rc == 0, out[-2000:]
+    assert "deterministic same" in out, out[-2000:]
+    assert "default differ" in out, "the default mode did not depend on threads here: " + out[-500:]
 
 
 def test_engine_answers_do_not_depend_on_the_load(real_model_path):
