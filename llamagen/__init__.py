@@ -6,7 +6,7 @@ from typing import NamedTuple
 from llamagen import _core
 from llamagen._core import (
     QUANT_TYPES, BatchGenerator, Context, GenerationState, Model, QuantizeResult, build_info, quantize,
-    system_info,
+    set_template_budget, system_info, template_budget,
 )
 from llamagen.batch import BatchResult, generate_batch, map_generate
 from llamagen.embeddings import EmbedResult, embed, map_embed, rerank
@@ -40,6 +40,7 @@ def backend_devices() -> list[Device]:
 __all__ = [
     "Model", "Context", "GenerationState", "SamplingParams", "gen_begin", "gen_next", "gen_end",
     "generate", "BatchGenerator", "BatchResult", "generate_batch", "map_generate", "Device", "backend_devices", "build_info", "system_info", "__version__",
+    "set_template_budget", "template_budget",
     "quantize", "QuantizeResult", "QUANT_TYPES",
     "LlamaError", "ModelLoadError", "ContextError", "DecodeError", "KVCacheFullError",
     "StaleStateError", "GrammarError", "QuantizeError", "PromptTooLongError", "QueueFullError",

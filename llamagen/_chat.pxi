@@ -12,6 +12,39 @@ import json as _json
 # templates parsed for overrides, kept per Model (most recent last)
 _CHAT_OVERRIDES_KEPT = 4
 
+# What one render (or a template's load, which renders probes) may cost: llama.cpp's Jinja
+# runtime had no bound, so a template with a long loop never returned and one that doubles a
+# string took all memory (docs/limits.md has the measurements behind these values).
+_template_budget = {"max_steps": 4_000_000, "max_bytes": 384 << 20, "max_seconds": 10.0}
+
+
+def set_template_budget(*, max_steps=None, max_bytes=None, max_seconds=None):
+    """Change what one chat-template render may cost (every thread, every model): statements
+    run, bytes of strings produced, wall time (0 = no limit).  A render past one fails with a
+    ValueError.  Returns the budget before the change, as a dict."""
+    old = dict(_template_budget)
+    for name, value, kind in (("max_steps", max_steps, int), ("max_bytes", max_bytes, int),
+                              ("max_seconds", max_seconds, (int, float))):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind) or value < 0 or value != value:
+            raise ValueError(f"{name} must be a number >= 0 (0: no limit), got {value!r}")
+        _template_budget[name] = value
+    return old
+
+
+def template_budget():
+    """What one chat-template render may cost now (set_template_budget)."""
+    return dict(_template_budget)
+
+
+cdef lgchat.Budget _chat_budget():
+    cdef lgchat.Budget b
+    b.max_steps = _template_budget["max_steps"]
+    b.max_bytes = _template_budget["max_bytes"]
+    b.max_seconds = _template_budget["max_seconds"]
+    return b
+
 
 cdef class _ChatTemplates:
     """Owns one parsed lgchat::Templates.  A render holds a reference to this object while it
@@ -33,12 +66,13 @@ cdef _ChatTemplates _chat_templates_load(Model model, template):
     cdef string err
     cdef lgchat.Templates * t
     cdef _ChatTemplates out
+    cdef lgchat.Budget budget = _chat_budget()
     if template is not None:
         src = template.encode("utf-8")
     model._pin()
     try:
         with nogil:
-            t = lgchat.templates_new(model._model, src, err)
+            t = lgchat.templates_new(model._model, src, budget, err)
     finally:
         model._release_user()
     if t == NULL:
@@ -292,6 +326,7 @@ cdef object _render_chat(Model model, messages, bint add_generation_prompt, temp
     cdef _ChatTemplates t
     cdef int thinking
     cdef int rc
+    cdef lgchat.Budget budget = _chat_budget()
     model._check()
     if template is not None:
         if not isinstance(template, str):
@@ -330,7 +365,7 @@ cdef object _render_chat(Model model, messages, bint add_generation_prompt, temp
     # only read, and the model is kept open by the caller)
     with nogil:
         rc = lgchat.render(t.ptr, model._vocab, msgs_json, kwargs_json, tools_json, choice, parallel,
-                           add_generation_prompt, prefill_assistant, thinking, r, err)
+                           add_generation_prompt, prefill_assistant, thinking, budget, r, err)
     if rc != 0:
         raise ValueError(f"the chat template could not render these messages: "
                          f"{err.decode('utf-8', 'replace')}")

@@ -155,7 +155,7 @@ def test_patches_are_applied_to_the_unpacked_source():
     patches = fetch.patch_files()
     assert [Path(p).name for p in patches] == ["llama_cpp-0001-ggml-cpu-flash-attn-no-split-kv.patch",
                                                "llama_cpp-0002-ggml-cpu-batch-invariant.patch",
-                                               "llama_cpp-0003-jinja-macro-depth.patch"]
+                                               "llama_cpp-0003-jinja-limits.patch"]
     if os.environ.get("LLAMAGEN_LLAMA_CPP_DIR"):
         pytest.skip("built against the user's own llama.cpp checkout (built as it is)")
     cpu = ROOT / "third_party" / "llama.cpp" / "ggml" / "src" / "ggml-cpu"

@@ -217,3 +217,85 @@ def test_a_chat_template_whose_macro_calls_itself_is_an_error(make_tiny_model):
             refuses(lambda: m.render_chat(msgs, template=template),
                     "macro calls nested more than 256 deep")
         """, MODEL=str(path), ENDLESS=endless, DEEP_OK=deep_ok)
+
+
+def test_chat_templates_nesting_deeply_in_their_source_are_an_error(make_tiny_model):
+    # before: SIGSEGV (parsing, running and freeing the tree recursed once per level; 4,000
+    # parentheses or 10,000 chained + were enough).  Patch 0003 bounds the source's nesting at 256.
+    deep = {
+        "parentheses": "{{ " + "(" * 100000 + "1" + ")" * 100000 + " }}",
+        "lists": "{{ " + "[" * 100000 + "1" + "]" * 100000 + " }}",
+        "blocks": "{% if true %}" * 100000 + "x" + "{% endif %}" * 100000,
+        "loops": "{% for a in [1] %}" * 20000 + "x" + "{% endfor %}" * 20000,
+        "a + chain": "{{ " + "1+" * 100000 + "1 }}",
+        "a filter chain": "{{ 'a'" + "|upper" * 100000 + " }}",
+        "negations": "{{ " + "not " * 100000 + "true }}",
+        "calls": "{{ range" + "(1)" * 100000 + " }}",
+    }
+    # what real templates do, many times over, still renders
+    fine = {
+        "{{ " + "(" * 200 + "1" + ")" * 200 + " }}": "1",
+        "{{ " + "1+" * 200 + "1 }}": "201",
+        "{% if true %}" * 200 + "x" + "{% endif %}" * 200: "x",
+        "{{ 'a'" + "|upper" * 200 + " }}": "A",
+    }
+    path = make_tiny_model(chat_template=deep["parentheses"])
+    _contained("""
+        m = llamagen.Model(MODEL)
+        msgs = [{"role": "user", "content": "hi"}]
+        for template, out in FINE.items():
+            assert m.render_chat(msgs, template=template) == out, template[:40]
+        refuses(lambda: m.render_chat(msgs), "the template nests more than 256 levels deep")
+        for name, template in DEEP.items():
+            try:
+                m.render_chat(msgs, template=template)
+            except ValueError as e:
+                assert "more than 256" in str(e), (name, e)
+            else:
+                raise AssertionError(name + " rendered")
+        """, MODEL=str(path), DEEP=deep, FINE=fine)
+
+
+def test_chat_templates_are_held_to_a_budget_of_steps_memory_and_time(make_tiny_model):
+    # before: a long loop never returned, and doubling a string (or range(10**9)) took every
+    # byte of memory until the OOM killer ended the process
+    path = make_tiny_model()
+    _contained("""
+        import resource
+        m = llamagen.Model(MODEL)
+        msgs = [{"role": "user", "content": "hi"}]
+        def render(t):
+            return lambda: m.render_chat(msgs, template=t)
+        budget = llamagen.template_budget()
+        assert budget == {"max_steps": 4_000_000, "max_bytes": 384 << 20, "max_seconds": 10.0}
+        t0 = time.time()
+        doubling = ("{% set ns = namespace(s='ab') %}{% for i in range(60) %}"
+                    "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}")
+        refuses(render(doubling), "bytes (its memory budget)")
+        refuses(render("{{ 'abcdefgh' * 1000000000 }}"), "bytes (its memory budget)")
+        refuses(render("{% for i in range(1000000000) %}x{% endfor %}"), "bytes (its memory budget)")
+        refuses(render("{{ 'x'|indent(1000000000000) }}"), "bytes (its memory budget)")
+        refuses(render("{% set ns = namespace(x=[]) %}{% for i in range(300) %}"
+                       "{% set ns.x = [ns.x] %}{% endfor %}"), "nested more than 256 deep")
+        # each of those stopped within a few hundred MB and seconds
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        assert peak_mb < 1024, peak_mb
+        assert time.time() - t0 < 30
+        # no memory used, only time: the step budget, then the clock
+        spin = ("{% set xs = range(3000) %}{% for i in xs %}{% for j in xs %}{% endfor %}"
+                "{% endfor %}")
+        llamagen.set_template_budget(max_bytes=0, max_steps=200_000)
+        refuses(render(spin), "ran more than 200000 steps (its step budget)")
+        llamagen.set_template_budget(max_steps=0, max_seconds=0.5)
+        t0 = time.time()
+        refuses(render(spin), "ran longer than its time budget")
+        assert time.time() - t0 < 5
+        # a real conversation fits the default budget many times over
+        llamagen.set_template_budget(**budget)
+        long = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hello " * 20}
+                for i in range(5000)]
+        assert len(m.render_chat(long)) > 5000 * 100
+        for bad in ({"max_steps": -1}, {"max_bytes": 1.5}, {"max_seconds": float("nan")},
+                    {"max_steps": True}):
+            refuses(lambda: llamagen.set_template_budget(**bad), "must be a number >= 0")
+        """, MODEL=str(path))

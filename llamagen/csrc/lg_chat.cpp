@@ -8,6 +8,7 @@
 #include "json.h"
 #include "llama.h"
 #include "log.h"
+#include "jinja/utils.h"   // the render budget (third_party patch 0003)
 
 #include <algorithm>
 #include <cctype>
@@ -109,12 +110,21 @@ void derive_sampling(const llama_vocab * vocab, const std::vector<common_grammar
     }
 }
 
+jinja::lg_budget jinja_budget(const Budget & b) {
+    jinja::lg_budget out;
+    out.max_steps   = b.max_steps;
+    out.max_bytes   = b.max_bytes;
+    out.max_seconds = b.max_seconds;
+    return out;
+}
+
 }  // namespace
 
 Templates * templates_new(const llama_model * model, const std::string & override_src,
-                          std::string & err) noexcept {
+                          const Budget & budget, std::string & err) noexcept {
     try {
         quiet_common_log();
+        jinja::lg_budget_scope scope(jinja_budget(budget));
         if (override_src.empty() && model == nullptr) {
             // common_chat_templates_init asserts (aborts) on this
             throw std::invalid_argument("no model and no template");
@@ -166,9 +176,10 @@ std::string templates_source(const Templates * t) noexcept {
 int render(const Templates * t, const llama_vocab * vocab, const std::string & messages_json,
            const std::string & kwargs_json, const std::string & tools_json, const std::string & tool_choice,
            int parallel_tool_calls, bool add_generation_prompt, bool prefill_assistant, int enable_thinking,
-           Rendered & out, std::string & err) noexcept {
+           const Budget & budget, Rendered & out, std::string & err) noexcept {
     try {
         quiet_common_log();
+        jinja::lg_budget_scope scope(jinja_budget(budget));
         common_json messages = common_json::parse(messages_json);
 
         common_chat_templates_inputs inputs;

@@ -15,6 +15,14 @@ struct llama_vocab;
 
 namespace lgchat {
 
+// Budgets for one template render (Jinja runtime, third_party patch 0003): statements run, bytes
+// of strings produced, wall time; 0 = no limit.  A template past one fails the call (err).
+struct Budget {
+    long long max_steps = 0;
+    long long max_bytes = 0;
+    double max_seconds = 0;
+};
+
 // Parsed templates of one model (or one override source); read-only after creation, so one
 // object may render from several threads at once (llama-server does the same).
 struct Templates;
@@ -45,8 +53,9 @@ struct Rendered {
 // The model's templates (override_src empty) or the given Jinja source ("chatml" = llama.cpp's
 // built-in ChatML).  A model without a template gets ChatML, as in llama-server.  The model is
 // only read here: the result does not reference it.  nullptr on failure, with the reason in err.
+// budget: for the probe renders llama.cpp runs while loading (capability detection).
 Templates * templates_new(const llama_model * model, const std::string & override_src,
-                          std::string & err) noexcept;
+                          const Budget & budget, std::string & err) noexcept;
 void templates_free(Templates * t) noexcept;
 
 // The Jinja source that renders by default (after llama.cpp's fallbacks and fixes).
@@ -63,7 +72,7 @@ std::string templates_source(const Templates * t) noexcept;
 int render(const Templates * t, const llama_vocab * vocab, const std::string & messages_json,
            const std::string & kwargs_json, const std::string & tools_json, const std::string & tool_choice,
            int parallel_tool_calls, bool add_generation_prompt, bool prefill_assistant, int enable_thinking,
-           Rendered & out, std::string & err) noexcept;
+           const Budget & budget, Rendered & out, std::string & err) noexcept;
 
 // An output parser: generated text -> an assistant message, as llama-server parses it
 // (common_chat_parse with the format, generation prompt and parser that render() gave,

@@ -32,14 +32,19 @@ cdef extern from "lg_chat.h" namespace "lgchat" nogil:
         int format_id
         string parser
 
+    cdef cppclass Budget:
+        long long max_steps
+        long long max_bytes
+        double max_seconds
+
     Templates * templates_new(const llama_model * model, const string & override_src,
-                              string & err) noexcept
+                              const Budget & budget, string & err) noexcept
     void templates_free(Templates * t) noexcept
     string templates_source(const Templates * t) noexcept
     int render(const Templates * t, const llama_vocab * vocab, const string & messages_json,
                const string & kwargs_json, const string & tools_json, const string & tool_choice,
                int parallel_tool_calls, cbool add_generation_prompt, cbool prefill_assistant,
-               int enable_thinking, Rendered & out, string & err) noexcept
+               int enable_thinking, const Budget & budget, Rendered & out, string & err) noexcept
     cdef cppclass Parser:
         pass
 
