@@ -11,7 +11,11 @@ reads the text as a C string.  Left to it, some grammars end the process or neve
   initialisation somewhere between 50,000 (passed) and 200,000 (measured on the main thread's
   8 MB stack; limits here: 256 and 2,000, far below, for threads with small stacks);
 - a NUL character ends the text early (the rest is silently dropped);
-- ``<[id]>`` takes any 32-bit id, so a token past the vocabulary makes a rule nothing can match.
+- ``<[id]>`` takes any 32-bit id, so a token past the vocabulary makes a rule nothing can match;
+- every alternative that can start at one position is a parse stack, and llama.cpp deduplicates
+  new stacks with a linear search: quadratic in their number.  A rule of 10,000 alternatives took
+  0.24 s to build (once to check, once per sequence, again at the first token), 30,000 took 1.9 s,
+  100,000 took 40 s -- an ``enum`` of 100,000 values in a JSON schema is such a rule.
 
 This scanner reads the text exactly as the parser tokenizes it -- comments run to ``\\r`` or
 ``\\n``; string literals, character classes and token references are skipped as units; inside
@@ -26,6 +30,7 @@ from typing import Dict, List, Optional, Set
 MAX_NESTING = 256           # parentheses
 MAX_CHAIN = 2000            # rules that each start with a reference to the next
 MAX_EXPANDED = 2_000_000    # grammar symbols once repetitions are expanded (about)
+MAX_FANOUT = 4096           # alternatives that can start at one position (0.04 s to build)
 REPETITION_THRESHOLD = 2000  # llama.cpp: a larger minimum is an error, a larger maximum unbounded
 
 _WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
@@ -116,6 +121,32 @@ def _longest_chain(edges: Dict[str, Set[str]]) -> int:
     return best
 
 
+def _widest_fanout(alts: Dict[str, int], edges: Dict[str, Set[str]]) -> tuple:
+    """(fan-out, rule): the most alternatives one rule opens at its start, counting those of
+    the rules its alternatives start with (cycles cut).  Iterative DFS."""
+    fan: Dict[str, int] = {}
+    for start in alts:
+        if start in fan:
+            continue
+        stack = [(start, iter(edges.get(start, ())))]
+        on_path = {start}
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                stack.pop()
+                on_path.discard(node)
+                fan[node] = alts.get(node, 1) + sum(fan.get(k, 0) for k in edges.get(node, ())
+                                                    if k not in on_path)
+            elif nxt not in fan and nxt not in on_path and nxt in alts:
+                on_path.add(nxt)
+                stack.append((nxt, iter(edges.get(nxt, ()))))
+    if not fan:
+        return 0, None
+    rule = max(fan, key=fan.get)
+    return fan[rule], rule
+
+
 def check(text: str, n_vocab: int) -> Optional[str]:
     """A message for the first problem found in ``text``, or None."""
     if "\0" in text:
@@ -126,6 +157,7 @@ def check(text: str, n_vocab: int) -> Optional[str]:
     depth = 0
     rule: Optional[str] = None
     edges: Dict[str, Set[str]] = {}
+    alts: Dict[str, int] = {}           # rule -> its alternatives ('|' at any depth, plus one)
     at_start = False                    # the next element begins an alternative
     frames: List[List[int]] = [[0, 0]]  # per open group: [symbols so far, last element's]
     total = 0
@@ -169,6 +201,7 @@ def check(text: str, n_vocab: int) -> Optional[str]:
                 frames = [[0, 0]]
                 rule = name
                 edges.setdefault(rule, set())
+                alts[rule] = alts.get(rule, 0) + 1
                 at_start = True
                 i = k + 3
                 continue
@@ -179,6 +212,8 @@ def check(text: str, n_vocab: int) -> Optional[str]:
             i = j
         elif c == "|":
             at_start = True
+            if rule is not None:
+                alts[rule] += 1
             i += 1
         elif c == "(":
             depth += 1
@@ -219,6 +254,11 @@ def check(text: str, n_vocab: int) -> Optional[str]:
         if frames[-1][0] + total > MAX_EXPANDED:
             return (f"repetitions expand to more than {MAX_EXPANDED:,} grammar symbols "
                     "(nested repetition counts multiply); use smaller counts or * / +")
+    fanout, wide = _widest_fanout(alts, edges)
+    if fanout > MAX_FANOUT:
+        return (f"rule {wide!r} opens {fanout:,} alternatives at one position (the limit is "
+                f"{MAX_FANOUT:,}: llama.cpp's grammar takes time quadratic in them); a JSON-schema "
+                "enum or anyOf this long is such a rule: use a pattern or fewer values")
     chain = _longest_chain(edges)
     if chain > MAX_CHAIN:
         return (f"{chain} rules each start with a reference to the next (the limit is "

@@ -52,6 +52,7 @@ cdef class Model:
     cdef fs.lgfs_trie * _gtrie   # the vocabulary's prefix tree for grammar re-samples (lazy)
     cdef object _chat_default    # _ChatTemplates of the model's own template (lazy, _chat.pxi)
     cdef dict _chat_overrides    # template source -> _ChatTemplates, a few most recent
+    cdef dict _grammars_ok       # grammars _check_grammar accepted (their key), most recent last
     cdef dict _pieces            # token id -> piece bytes with specials rendered (logprobs)
     cdef object __weakref__
 
@@ -63,6 +64,7 @@ cdef class Model:
         self._gtrie = NULL
         self._chat_default = None
         self._chat_overrides = {}
+        self._grammars_ok = {}
         self._pieces = {}
 
     def __init__(self, path, *, n_gpu_layers=0, bint use_mmap=True, bint use_mlock=False,

@@ -141,7 +141,13 @@ cdef llama.llama_sampler * _build_grammar(object p, const llama.llama_vocab * vo
         patterns.push_back(x.encode("utf-8"))
     trig_tokens = p.grammar_trigger_tokens
     prefill = p.grammar_prefill
-    g = lgschema.grammar_init(vocab, gb, rb, p.grammar_lazy, patterns, trig_tokens, prefill, printed)
+    cdef cbool lazy = p.grammar_lazy
+    cdef string gs = gb
+    cdef string rs = rb
+    # a large grammar takes a while to build: other threads (a server's event loop) run meanwhile
+    with nogil:
+        g = lgschema.grammar_init(vocab, gs.c_str(), rs.c_str(), lazy, patterns, trig_tokens,
+                                  prefill, printed)
     if g == NULL:
         said = printed.decode("utf-8", "replace")
         if p.grammar_lazy or p.grammar_prefill:
@@ -614,11 +620,23 @@ def _replay_run(Context ctx not None, prompt, driver_params, samplers, int n_ste
     return out
 
 
+_GRAMMARS_OK_KEPT = 64
+
+
 def _check_grammar(Model model not None, params):
     """Raise GrammarError now if ``params.grammar`` does not parse for ``model``'s vocabulary
     (what starting a sequence would raise), so a server can refuse the request up front."""
     cdef llama.llama_sampler * g
     model._check()
+    if params.gbnf is None:
+        return
+    # the same grammar (a schema's, a tool format's) checked once: building it is the cost
+    key = (params.gbnf, params.grammar_root, params.grammar_lazy, params.grammar_triggers,
+           params.grammar_trigger_tokens, params.grammar_prefill)
+    ok = model._grammars_ok
+    if ok.pop(key, None) is not None:
+        ok[key] = True
+        return
     model._pin()
     try:
         g = _build_grammar(params, model._vocab)
@@ -626,3 +644,6 @@ def _check_grammar(Model model not None, params):
             llama.llama_sampler_free(g)
     finally:
         model._release_user()
+    ok[key] = True
+    while len(ok) > _GRAMMARS_OK_KEPT:
+        del ok[next(iter(ok))]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Tuple
 
-__all__ = ["MAX_SCHEMA_DEPTH", "check_depth", "subschemas"]
+__all__ = ["MAX_SCHEMA_DEPTH", "MAX_OPTIONAL_PROPERTIES", "check_depth", "subschemas"]
 
 # keywords whose values are schemas / lists of schemas / maps of schemas
 _ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
@@ -18,6 +18,11 @@ _MAP = ("properties", "$defs", "definitions", "patternProperties", "dependentSch
 # depth 6, 10,000 levels) overflowed its 8 MiB stack (SIGSEGV, issue 26); 1,000 of them (2,000
 # levels) converted.  Real schemas stay far below.
 MAX_SCHEMA_DEPTH = 1000
+
+# Optional properties of one object: the converter writes a rule for each property listing the
+# ones that may follow it, and builds those strings by repeated concatenation: cubic.  300 took
+# 0.10 s, 500 0.24 s, 1,000 1.5 s, 3,000 about 40 s, a few MB of them tens of GB (issue 26).
+MAX_OPTIONAL_PROPERTIES = 256
 
 
 def _pointer(root: Any, ref: str) -> Any:
@@ -51,8 +56,9 @@ def _short(path: str) -> str:
 
 def check_depth(schema: Any, where: str = "json_schema") -> None:
     """ValueError when ``schema`` nests deeper than MAX_SCHEMA_DEPTH levels, following local
-    $refs (a $ref already being followed is not followed again: the converter makes it a rule).
-    Iterative, each node once: a deep schema cannot overflow Python's stack here either."""
+    $refs (a $ref already being followed is not followed again: the converter makes it a rule),
+    or when an object has more than MAX_OPTIONAL_PROPERTIES optional properties.  Iterative, each
+    node once: a deep schema cannot overflow Python's stack here either."""
     below: dict = {}          # id(node) -> levels from it down, itself included
     on_path: set = set()
     stack = [(schema, "#", 1, None)]       # children: None until the node's subtree is pushed
@@ -76,12 +82,28 @@ def check_depth(schema: Any, where: str = "json_schema") -> None:
             continue
         if level > MAX_SCHEMA_DEPTH:        # the descent stops here: paths stay short
             raise ValueError(_too_deep(where, path))
+        _check_optional(node, where, path)
         on_path.add(key)
         children = _children(schema, node, path)
         stack.append((node, path, level, children))
         for c, p in children:
             if isinstance(c, dict) and id(c) not in on_path:
                 stack.append((c, p, level + 1, None))
+
+
+def _check_optional(node: dict, where: str, path: str) -> None:
+    props = node.get("properties")
+    if not isinstance(props, dict) or len(props) <= MAX_OPTIONAL_PROPERTIES:
+        return
+    required = node.get("required")
+    required = set(required) if isinstance(required, list) and \
+        all(isinstance(r, str) for r in required) else set()
+    n = sum(1 for k in props if k not in required)
+    if n > MAX_OPTIONAL_PROPERTIES:
+        raise ValueError(
+            f"{where} has an object with {n:,} optional properties at {_short(path)} (the limit "
+            f"is {MAX_OPTIONAL_PROPERTIES}: llama.cpp's converter takes time cubic in them); list "
+            "them in 'required' or split the object")
 
 
 def _too_deep(where: str, path: str) -> str:

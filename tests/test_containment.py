@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 import textwrap
 import threading
+import time
+
+import pytest
 
 import llamagen
-from llamagen import BatchGenerator, Context
+from llamagen import BatchGenerator, Context, SamplingParams
 from llamagen.engine import AsyncEngine
 
 from script_util import run_script
@@ -299,3 +302,36 @@ def test_chat_templates_are_held_to_a_budget_of_steps_memory_and_time(make_tiny_
                     {"max_steps": True}):
             refuses(lambda: llamagen.set_template_budget(**bad), "must be a number >= 0")
         """, MODEL=str(path))
+
+
+def test_schemas_and_grammars_that_cost_superlinear_time_are_refused(tiny_model):
+    # before: 3,000 optional properties took the converter ~40 s (cubic), and a rule of 100,000
+    # alternatives (an enum that long) 40 s to build, each time a sequence started
+    from llamagen import _gbnf, _schema
+    many = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(3000)}}
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"3,000 optional properties at # \(the limit is 256"):
+        llamagen.schema_to_grammar(many)
+    # the same properties all required are linear, and convert
+    assert "p2999-kv" in llamagen.schema_to_grammar({**many, "required": list(many["properties"])})
+    with pytest.raises(llamagen.GrammarError, match="opens 100,000 alternatives at one position"):
+        _check(tiny_model, SamplingParams(json_schema={"enum": [f"v{i}" for i in range(100000)]}))
+    # two rules of 3,000 that one rule starts with: 6,002 stacks at once
+    wide = ("root ::= a | b\na ::= " + " | ".join(f'"x{i}"' for i in range(3000)) +
+            "\nb ::= " + " | ".join(f'"y{i}"' for i in range(3000)) + "\n")
+    with pytest.raises(llamagen.GrammarError, match="rule 'root' opens 6,002 alternatives"):
+        _check(tiny_model, SamplingParams(grammar=wide))
+    assert time.monotonic() - t0 < 10
+    # at the limits they build, and the tool-parameter path refuses the same way
+    fine = {"enum": [f"v{i}" for i in range(_gbnf.MAX_FANOUT - 10)]}
+    _check(tiny_model, SamplingParams(json_schema=fine))
+    many_tool = [{"type": "function", "function": {"name": "f", "parameters": many}}]
+    with pytest.raises(ValueError, match="optional properties"):
+        tiny_model.render_chat_params([{"role": "user", "content": "hi"}], tools=many_tool)
+    assert _schema.MAX_OPTIONAL_PROPERTIES == 256
+
+
+def _check(model, params):
+    from llamagen.engine import _check_grammar
+    from llamagen.sampling import resolve
+    _check_grammar(model, resolve(params, (), {}))
