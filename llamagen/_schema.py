@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Tuple
 
-__all__ = ["MAX_SCHEMA_DEPTH", "MAX_OPTIONAL_PROPERTIES", "check_depth", "subschemas"]
+__all__ = ["MAX_SCHEMA_DEPTH", "MAX_OPTIONAL_PROPERTIES", "MAX_OPTIONAL_COST", "MAX_SCHEMA_NODES",
+           "check_depth", "subschemas"]
 
 # keywords whose values are schemas / lists of schemas / maps of schemas
 _ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
@@ -23,6 +24,12 @@ MAX_SCHEMA_DEPTH = 1000
 # ones that may follow it, and builds those strings by repeated concatenation: cubic.  300 took
 # 0.10 s, 500 0.24 s, 1,000 1.5 s, 3,000 about 40 s, a few MB of them tens of GB (issue 26).
 MAX_OPTIONAL_PROPERTIES = 256
+# ... and over the whole schema: the sum of the cubes of each object's optional properties (50
+# objects at the limit took 2.7 s); 32 of them about 1.7 s
+MAX_OPTIONAL_COST = 32 * MAX_OPTIONAL_PROPERTIES ** 3
+# Subschemas (each visited once, $ref targets once): conversion is about linear in them, 10,000
+# properties in 0.23 s; a 16 MiB body of them would take 10 s
+MAX_SCHEMA_NODES = 50_000
 
 
 def _pointer(root: Any, ref: str) -> Any:
@@ -57,11 +64,14 @@ def _short(path: str) -> str:
 def check_depth(schema: Any, where: str = "json_schema") -> None:
     """ValueError when ``schema`` nests deeper than MAX_SCHEMA_DEPTH levels, following local
     $refs (a $ref already being followed is not followed again: the converter makes it a rule),
-    or when an object has more than MAX_OPTIONAL_PROPERTIES optional properties.  Iterative, each
-    node once: a deep schema cannot overflow Python's stack here either."""
+    or costs the converter more than its budget: an object with more than MAX_OPTIONAL_PROPERTIES
+    optional properties, more than MAX_OPTIONAL_COST over all objects, more than MAX_SCHEMA_NODES
+    subschemas.  Iterative, each node once: a deep schema cannot overflow Python's stack here
+    either."""
     below: dict = {}          # id(node) -> levels from it down, itself included
     on_path: set = set()
     stack = [(schema, "#", 1, None)]       # children: None until the node's subtree is pushed
+    nodes = cost = 0
     while stack:
         node, path, level, children = stack.pop()
         if not isinstance(node, dict):
@@ -82,7 +92,16 @@ def check_depth(schema: Any, where: str = "json_schema") -> None:
             continue
         if level > MAX_SCHEMA_DEPTH:        # the descent stops here: paths stay short
             raise ValueError(_too_deep(where, path))
-        _check_optional(node, where, path)
+        nodes += 1
+        if nodes > MAX_SCHEMA_NODES:
+            raise ValueError(f"{where} has more than {MAX_SCHEMA_NODES:,} subschemas (llama.cpp's "
+                             "converter and the grammar it makes grow with them)")
+        cost += _optional(node, where, path) ** 3
+        if cost > MAX_OPTIONAL_COST:
+            raise ValueError(
+                f"{where} has too many optional properties over its objects (the sum of their "
+                f"cubes passes {MAX_OPTIONAL_COST:,} at {_short(path)}; llama.cpp's converter "
+                "takes time cubic in them): list them in 'required'")
         on_path.add(key)
         children = _children(schema, node, path)
         stack.append((node, path, level, children))
@@ -91,10 +110,11 @@ def check_depth(schema: Any, where: str = "json_schema") -> None:
                 stack.append((c, p, level + 1, None))
 
 
-def _check_optional(node: dict, where: str, path: str) -> None:
+def _optional(node: dict, where: str, path: str) -> int:
+    """How many optional properties ``node`` has (ValueError past MAX_OPTIONAL_PROPERTIES)."""
     props = node.get("properties")
-    if not isinstance(props, dict) or len(props) <= MAX_OPTIONAL_PROPERTIES:
-        return
+    if not isinstance(props, dict):
+        return 0
     required = node.get("required")
     required = set(required) if isinstance(required, list) and \
         all(isinstance(r, str) for r in required) else set()
@@ -104,6 +124,7 @@ def _check_optional(node: dict, where: str, path: str) -> None:
             f"{where} has an object with {n:,} optional properties at {_short(path)} (the limit "
             f"is {MAX_OPTIONAL_PROPERTIES}: llama.cpp's converter takes time cubic in them); list "
             "them in 'required' or split the object")
+    return n
 
 
 def _too_deep(where: str, path: str) -> str:

@@ -296,7 +296,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     app = create_app(engine_factory=make_engine, api_keys=keys, on_fatal=on_fatal,
                      model_name=a.model_alias or os.path.basename(path),
-                     max_body_bytes=a.max_body_size, cors_origins=a.cors_origin or ())
+                     max_body_bytes=a.max_body_size, cors_origins=a.cors_origin or (),
+                     prepare_threads=a.prepare_threads, prepare_timeout=a.prepare_timeout)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                             timeout_graceful_shutdown=a.shutdown_grace, lifespan="on",
                             access_log=not a.no_access_log)
@@ -350,6 +351,13 @@ def _non_negative_float(v: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
     if not x >= 0 or x == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {v}")
+    return x
+
+
+def _positive_float(v: str) -> float:
+    x = _non_negative_float(v)
+    if x == 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {v}")
     return x
 
 
@@ -500,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "http://localhost:3000, or * for any); may be repeated; none: no CORS")
     v.add_argument("--max-body-size", type=_positive_int, default=16 * 2**20, metavar="BYTES",
                    help="larger request bodies get 413 (default 16 MiB)")
+    v.add_argument("--prepare-threads", type=_positive_int, default=4, metavar="N",
+                   help="requests prepared at once in worker threads (chat template, JSON schema, "
+                        "grammar, tokens), off the event loop (default 4)")
+    v.add_argument("--prepare-timeout", type=_positive_float, default=30.0, metavar="S",
+                   help="seconds a request's preparation may take, waiting included; then 503 "
+                        "(default 30)")
     v.add_argument("--shutdown-grace", type=_non_negative_float, default=10.0, metavar="S",
                    help="on SIGTERM, seconds running requests get to finish (default 10)")
     v.add_argument("--log-level", default="info",

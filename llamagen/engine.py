@@ -18,7 +18,7 @@ import threading
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 from llamagen._core import BatchGenerator, Context, Model, _check_grammar, _embed
 from llamagen.embeddings import EmbedResult, _norm_code, _rerank_items, _text_list
@@ -114,6 +114,12 @@ def _close_open_engines() -> None:
             engine.close()
         except Exception:       # exiting anyway: one engine's failure must not keep the others open
             pass
+
+
+class PreparedRequest(NamedTuple):
+    """A request checked and tokenized by ``AsyncEngine.prepare``, for ``stream_prepared``."""
+    tokens: List[int]
+    params: List[SamplingParams]          # one per choice, seeds resolved
 
 
 class _Request:
@@ -283,6 +289,27 @@ class AsyncEngine:
             self._inbox.append(("cancel", req))
             self._lock.notify()
 
+    def prepare(self, prompt, params: Optional[SamplingParams] = None, *, n: int = 1,
+                add_special: bool = True, parse_special: bool = True,
+                **sampling) -> "PreparedRequest":
+        """Everything ``stream`` does before submitting, from any thread: tokenize the prompt,
+        resolve and check the sampling (a JSON schema converted, a grammar built once).  These can
+        take a while for large inputs and release the GIL in C++, so a server runs them in a worker
+        thread and hands the result to ``stream_prepared`` on its event loop.  Raises what
+        ``stream`` raises."""
+        tokens, ps = self._prepare(prompt, params, n, add_special, parse_special, sampling)
+        return PreparedRequest(tokens, ps)
+
+    def stream_prepared(self, prepared: "PreparedRequest") -> "EngineStream":
+        """Submit a request ``prepare`` made (cheap: call it on the event loop)."""
+        if not isinstance(prepared, PreparedRequest):
+            raise TypeError(f"stream_prepared takes what prepare() returns, not "
+                            f"{type(prepared).__name__}")
+        loop = asyncio.get_running_loop()
+        s = EngineStream(self, len(prepared.tokens), loop)
+        s._req = self._submit(prepared.tokens, prepared.params, s._deliverer())
+        return s
+
     def stream(self, prompt, params: Optional[SamplingParams] = None, *, n: int = 1,
                add_special: bool = True, parse_special: bool = True, **sampling) -> "EngineStream":
         """Submit a request; returns an async iterator of EngineChunks (all choices interleaved,
@@ -291,11 +318,9 @@ class AsyncEngine:
         EngineClosedError.  Closing the iterator (``aclose()``, ``async with``, leaving an
         ``async for`` by break and dropping it, or cancelling the task reading it) cancels the
         request at the next step and frees its KV cells."""
-        loop = asyncio.get_running_loop()
-        tokens, ps = self._prepare(prompt, params, n, add_special, parse_special, sampling)
-        s = EngineStream(self, len(tokens), loop)
-        s._req = self._submit(tokens, ps, s._deliverer())
-        return s
+        asyncio.get_running_loop()           # (no loop: fail before any work)
+        return self.stream_prepared(self.prepare(prompt, params, n=n, add_special=add_special,
+                                                 parse_special=parse_special, **sampling))
 
     async def generate(self, prompt, params: Optional[SamplingParams] = None, *, n: int = 1,
                        add_special: bool = True, parse_special: bool = True,

@@ -329,9 +329,77 @@ def test_schemas_and_grammars_that_cost_superlinear_time_are_refused(tiny_model)
     with pytest.raises(ValueError, match="optional properties"):
         tiny_model.render_chat_params([{"role": "user", "content": "hi"}], tools=many_tool)
     assert _schema.MAX_OPTIONAL_PROPERTIES == 256
+    # over the whole schema: 33 objects at the limit (2.7 s for 50 before), 60,000 subschemas
+    objs = {f"o{j}": {"type": "object", "properties": {f"p{i}": {"type": "string"}
+                                                       for i in range(256)}} for j in range(33)}
+    with pytest.raises(ValueError, match="too many optional properties over its objects"):
+        llamagen.schema_to_grammar({"type": "object", "properties": objs})
+    wide_required = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(60000)}}
+    wide_required["required"] = list(wide_required["properties"])
+    with pytest.raises(ValueError, match="more than 50,000 subschemas"):
+        llamagen.schema_to_grammar(wide_required)
 
 
 def _check(model, params):
     from llamagen.engine import _check_grammar
     from llamagen.sampling import resolve
     _check_grammar(model, resolve(params, (), {}))
+
+
+def _heavy_schema(objects=30):
+    # legal (under every budget) and slow to prepare: 30 objects of 256 optional properties take
+    # llama.cpp's converter ~1.8 s on these machines
+    return {"type": "object", "required": [f"o{j}" for j in range(objects)], "properties": {
+        f"o{j}": {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(256)}}
+        for j in range(objects)}}
+
+
+def test_the_server_answers_and_streams_while_a_heavy_request_is_prepared(tiny_model_path,
+                                                                           tmp_path):
+    # before: schema conversion, grammar building, template rendering and tokenizing ran on the
+    # event loop: /health and every stream stopped until the request was prepared
+    import httpx
+    from server_util import Server
+    srv = Server(["--model", tiny_model_path, "--ctx-size", 2048, "--parallel", 2, "--threads", 1],
+                 tmp_path / "srv.log")
+    try:
+        stamps = []
+
+        def stream():
+            with httpx.stream("POST", srv.url + "/v1/completions", timeout=120, json={
+                    "prompt": "hello", "max_tokens": 400, "temperature": 0, "stream": True,
+                    "ignore_eos": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        stamps.append(time.monotonic())
+        st = threading.Thread(target=stream)
+        st.start()
+        while len(stamps) < 5:
+            time.sleep(0.01)
+        heavy = {}
+
+        def prepare_heavy():
+            t0 = time.monotonic()
+            r = httpx.post(srv.url + "/v1/completions", timeout=120, json={
+                "prompt": "x", "max_tokens": 1, "response_format": {
+                    "type": "json_schema", "json_schema": {"name": "s", "schema": _heavy_schema()}}})
+            heavy.update(status=r.status_code, seconds=time.monotonic() - t0)
+        ht = threading.Thread(target=prepare_heavy)
+        t_start = time.monotonic()
+        ht.start()
+        health = []
+        while ht.is_alive():
+            t0 = time.monotonic()
+            assert httpx.get(srv.url + "/health", timeout=30).status_code == 200
+            health.append(time.monotonic() - t0)
+            time.sleep(0.02)
+        t_end = time.monotonic()
+        st.join(120)
+        assert heavy["status"] == 200 and heavy["seconds"] > 1.0, heavy
+        # /health answered throughout (before: once, after the whole preparation)
+        assert len(health) >= 10 and max(health) < 1.0, (len(health), max(health))
+        # and the stream kept producing tokens while the request was prepared
+        during = [s for s in stamps if t_start < s < t_end]
+        assert len(during) >= 10, (len(during), heavy)
+    finally:
+        assert srv.stop() == 0, srv.log()

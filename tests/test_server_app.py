@@ -68,7 +68,10 @@ class StandIn:
     def apply_chat_template(self, messages, add_generation_prompt=True):
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
 
-    def stream(self, prompt, params=None, *, n=1, add_special=True, parse_special=True, **kw):
+    def prepare(self, prompt, params=None, *, n=1, add_special=True, parse_special=True, **kw):
+        return prompt
+
+    def stream_prepared(self, prepared):
         s = _Stream(self.text, self.delay)
         self.streams.append(s)
         return s
@@ -194,3 +197,27 @@ def test_an_unexpected_error_is_a_500_and_counted():
         metrics = c.get("/metrics").text
     assert 'llamagen:http_request_errors_total{model_name="m",status="500"} 1.0' in metrics
     assert 'llamagen:http_request_errors_total{model_name="m",status="400"} 1.0' in metrics
+
+
+def test_preparation_runs_off_the_event_loop_with_a_time_budget():
+    # a request whose preparation (template, schema, tokens) outlasts --prepare-timeout gets a
+    # 503; /health answers meanwhile, and the others' preparation goes on
+    gate = threading.Event()
+
+    class Slow(StandIn):
+        def prepare(self, prompt, params=None, **kw):
+            if prompt == "slow":
+                gate.wait(5)
+            return prompt
+    app = create_app(Slow(), model_name="m", prepare_timeout=0.3, prepare_threads=2)
+    with TestClient(app) as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/completions", json={"prompt": "slow"})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "preparation_timeout"
+        assert 0.3 <= time.monotonic() - t0 < 3
+        assert c.get("/health").status_code == 200
+        assert c.post("/v1/completions", json={"prompt": "x"}).json()["choices"][0]["text"] == "abc"
+        gate.set()
+    with pytest.raises(ValueError, match="prepare timeout"):
+        create_app(StandIn(), prepare_timeout=0)

@@ -45,12 +45,13 @@ def _unfinished(reason: str) -> APIError:
 @router.post("/v1/messages")
 async def messages(body: MessagesRequest, request: Request, engine=Depends(get_engine)):
     st = get_state(request)
-    prompt, chat = _prompt(engine, body)
+    prompt, chat = await st.prep.run(_prompt, engine, body)
     kwargs, origin = sampling_kwargs(body, seed=None)
     if chat is not None:
         add_tool_sampling(chat, kwargs, origin)
     timer = st.metrics.timer()
-    source = await sse.open_source(engine, [prompt], kwargs, origin, prompt_param="messages")
+    source = await sse.open_source(st.prep, engine, [prompt], kwargs, origin,
+                                   prompt_param="messages")
     msg_id = f"msg_{uuid.uuid4().hex}"
     if body.stream:
         return StreamingResponse(_stream(source, request.url.path, timer, st, msg_id, chat),
@@ -158,5 +159,6 @@ async def _stream(source: sse.ChunkSource, path: str, timer, st, msg_id: str, ch
 
 
 @router.post("/v1/messages/count_tokens")
-async def count_tokens(body: CountTokensRequest, engine=Depends(get_engine)):
-    return {"input_tokens": len(_prompt(engine, body)[0])}
+async def count_tokens(body: CountTokensRequest, request: Request, engine=Depends(get_engine)):
+    prompt, _ = await get_state(request).prep.run(_prompt, engine, body)
+    return {"input_tokens": len(prompt)}

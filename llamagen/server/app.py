@@ -22,6 +22,7 @@ from llamagen.server.errors import (
 )
 from llamagen.server.metrics import CONTENT_TYPE, Metrics
 from llamagen.server.models import DetokenizeRequest, TokenizeRequest
+from llamagen.server.work import DEFAULT_PREPARE_THREADS, DEFAULT_PREPARE_TIMEOUT, Preparation
 
 log = logging.getLogger("llamagen.server")
 
@@ -32,8 +33,10 @@ DEFAULT_PING_INTERVAL = 15.0
 class ServerState:
     """What the routes share, at ``app.state.llamagen``."""
 
-    def __init__(self, *, engine, model_name: str, api_keys: Iterable[str], ping_interval: float):
+    def __init__(self, *, engine, model_name: str, api_keys: Iterable[str], ping_interval: float,
+                 preparation: Optional[Preparation] = None):
         self.engine = engine
+        self.prep = preparation or Preparation()     # request preparation off the event loop
         self.load_error: Optional[BaseException] = None
         self.model_name = model_name
         self.api_keys = tuple(k.encode() for k in api_keys)
@@ -134,7 +137,9 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                ping_interval: float = DEFAULT_PING_INTERVAL,
                on_fatal: Optional[Callable[[BaseException], None]] = None,
-               close_engine: Optional[bool] = None, cors_origins: Iterable[str] = ()) -> FastAPI:
+               close_engine: Optional[bool] = None, cors_origins: Iterable[str] = (),
+               prepare_threads: int = DEFAULT_PREPARE_THREADS,
+               prepare_timeout: float = DEFAULT_PREPARE_TIMEOUT) -> FastAPI:
     """The server app.
 
     Give either a ready ``engine`` (an AsyncEngine, closed at shutdown only if ``close_engine``)
@@ -143,7 +148,9 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
     called with the factory's exception if it fails.  ``api_keys``: accepted keys (none: no
     check).  ``ping_interval``: seconds without a chunk before a stream gets a ``: ping``.
     ``cors_origins``: origins whose browser pages may call the API ("*": any); none: no CORS
-    headers, so browsers keep other sites' pages out.
+    headers, so browsers keep other sites' pages out.  ``prepare_threads`` /
+    ``prepare_timeout``: requests prepared at once in worker threads (template, schema, grammar,
+    tokens) and the seconds one may take, waiting included, before it gets a 503.
     """
     if (engine is None) == (engine_factory is None):
         raise TypeError("create_app needs exactly one of engine and engine_factory")
@@ -156,7 +163,8 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
         if not isinstance(k, str) or not k:
             raise ValueError("API keys must be non-empty strings")
     state = ServerState(engine=engine, model_name=model_name, api_keys=keys,
-                        ping_interval=ping_interval)
+                        ping_interval=ping_interval,
+                        preparation=Preparation(prepare_threads, prepare_timeout))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -267,12 +275,14 @@ async def metrics(request: Request):
 
 
 @_protected.post("/tokenize")
-async def tokenize(body: TokenizeRequest, engine=Depends(get_engine)):
-    tokens = engine.tokenize(body.content, add_special=body.add_special,
-                             parse_special=body.parse_special)
-    if not body.with_pieces:
-        return {"tokens": tokens}
-    return {"tokens": [{"id": t, "piece": engine.detokenize([t])} for t in tokens]}
+async def tokenize(body: TokenizeRequest, request: Request, engine=Depends(get_engine)):
+    def work():
+        tokens = engine.tokenize(body.content, add_special=body.add_special,
+                                 parse_special=body.parse_special)
+        if not body.with_pieces:
+            return {"tokens": tokens}
+        return {"tokens": [{"id": t, "piece": engine.detokenize([t])} for t in tokens]}
+    return await get_state(request).prep.run(work)
 
 
 @_protected.post("/detokenize")

@@ -127,7 +127,8 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
     response_format(body.response_format, kwargs, origin)
     timer = st.metrics.timer()
     n = 1 if body.n is None else body.n
-    source = await sse.open_source(engine, prompts, kwargs, origin, n=n, prompt_param="prompt")
+    source = await sse.open_source(st.prep, engine, prompts, kwargs, origin, n=n,
+                                   prompt_param="prompt")
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": st.model_name}
 
@@ -164,8 +165,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     st = get_state(request)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-    prompt, chat = chat_prompt(engine, openai_messages(body.messages), body.tools, body.tool_choice,
-                               body.parallel_tool_calls)
+    prompt, chat = await st.prep.run(chat_prompt, engine, openai_messages(body.messages),
+                                     body.tools, body.tool_choice, body.parallel_tool_calls)
     # no max_tokens: until the end of the turn or of the context, as OpenAI does
     kwargs, origin = sampling_kwargs(body, max_new_tokens=_unbounded(engine), seed=None)
     # chat's logprobs is a bool, its k is top_logprobs
@@ -178,7 +179,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         add_tool_sampling(chat, kwargs, origin)
     timer = st.metrics.timer()
     n = 1 if body.n is None else body.n
-    source = await sse.open_source(engine, [prompt], kwargs, origin, n=n, prompt_param="messages")
+    source = await sse.open_source(st.prep, engine, [prompt], kwargs, origin, n=n,
+                                   prompt_param="messages")
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": st.model_name, "system_fingerprint": None}
 

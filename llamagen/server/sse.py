@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Optional, Sequence, Union
 import anyio
 from starlette.requests import Request
 
-from llamagen.server.errors import dumps
+from llamagen.server.errors import APIError, dumps
 
 PING = b": ping\n\n"          # an SSE comment: every client ignores it (a data ping would not parse)
 DONE = b"data: [DONE]\n\n"
@@ -163,18 +163,27 @@ async def until_disconnect(request: Request, coro):
                     pass
 
 
-async def open_source(engine, prompts: Sequence, kwargs: dict, origin: dict, *, n: int = 1,
-                      prompt_param: str = "prompt", add_special: bool = True,
+async def open_source(prep, engine, prompts: Sequence, kwargs: dict, origin: dict, *,
+                      n: int = 1, prompt_param: str = "prompt", add_special: bool = True,
                       parse_special: bool = True) -> ChunkSource:
-    """Submit one engine request per prompt (the engine validates synchronously) and return the
-    ChunkSource over them; on an error, the ones already submitted are cancelled and the error
-    is an APIError."""
+    """Prepare one engine request per prompt off the event loop (``prep``: the server's
+    work.Preparation; the engine validates, tokenizes, converts schemas and checks grammars),
+    submit them and return the ChunkSource over them; an error is an APIError."""
     from llamagen.server.translate import engine_error
+
+    def work():
+        return [engine.prepare(p, n=n, add_special=add_special, parse_special=parse_special,
+                               **kwargs) for p in prompts]
+    try:
+        prepared = await prep.run(work)
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001 - translated
+        raise engine_error(e, {**origin, "n": "n"}, prompt_param) from None
     streams = []
     try:
-        for p in prompts:
-            streams.append(engine.stream(p, n=n, add_special=add_special,
-                                         parse_special=parse_special, **kwargs))
+        for p in prepared:
+            streams.append(engine.stream_prepared(p))
     except Exception as e:  # noqa: BLE001 - translated
         for s in streams:
             await s.aclose()

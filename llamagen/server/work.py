@@ -1,0 +1,45 @@
+"""Request preparation off the event loop.
+
+Rendering a chat template, converting a JSON schema, building a grammar and tokenizing a long
+prompt run in C++ without the GIL, but on the event loop's thread they would still stop it: while
+one large request was prepared, /health did not answer and every stream paused (issue 26).  Routes
+run that work through ``off_loop``: in a worker thread, a bounded number at a time, with a time
+budget.
+"""
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import anyio
+
+from llamagen.server.errors import Overloaded
+
+T = TypeVar("T")
+
+DEFAULT_PREPARE_THREADS = 4        # requests prepared at once; more wait (2 cores here)
+DEFAULT_PREPARE_TIMEOUT = 30.0     # seconds; the library's own budgets (template, schema) are
+                                   # tighter, this bounds a request that waits for a thread too
+
+
+class Preparation:
+    """The worker threads' limiter and time budget of one server."""
+
+    def __init__(self, threads: int = DEFAULT_PREPARE_THREADS,
+                 timeout: float = DEFAULT_PREPARE_TIMEOUT):
+        if threads < 1:
+            raise ValueError("prepare threads must be >= 1")
+        if not timeout > 0:
+            raise ValueError("prepare timeout must be > 0 seconds")
+        self.limiter = anyio.CapacityLimiter(threads)
+        self.timeout = timeout
+
+    async def run(self, fn: Callable[..., T], *args) -> T:
+        """``fn(*args)`` in a worker thread; its exception is raised here.  Past the timeout the
+        request gets a 503 (the thread finishes its bounded work in the background)."""
+        try:
+            with anyio.fail_after(self.timeout):
+                return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter,
+                                                      abandon_on_cancel=True)
+        except TimeoutError:
+            raise Overloaded(f"preparing the request took more than {self.timeout:g} s",
+                             code="preparation_timeout") from None
