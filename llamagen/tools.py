@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from llamagen import _core
 from llamagen.sampling import SamplingParams, resolve
@@ -73,15 +73,23 @@ class ChatPrompt:
         """``parse`` for a reply however it ended: one cut short (``finish_reason`` "length", a
         stop string) is parsed as far as it goes, and text that does not parse at all comes back
         as content rather than an error (the client still gets what the model said)."""
+        return self._reply(text, finish_reason, [])[0]
+
+    def reply_and_error(self, text: str, finish_reason: Optional[str] = "stop"
+                        ) -> Tuple[dict, Optional[str]]:
+        """``reply``, and why the text came back as content when it did not parse (None when it
+        parsed): the parser's error, e.g. output nesting past llamagen's parser limit."""
         return self._reply(text, finish_reason, [])
 
-    def _reply(self, text: str, finish_reason: Optional[str], ids: List[str]) -> dict:
+    def _reply(self, text: str, finish_reason: Optional[str], ids: List[str]
+               ) -> Tuple[dict, Optional[str]]:
+        error = None
         for partial in ((False, True) if finish_reason == "stop" else (True,)):
             try:
-                return _normalize(self._parser.parse(text, partial), ids)
-            except ValueError:
-                continue
-        return {"role": "assistant", "content": text or None}
+                return _normalize(self._parser.parse(text, partial), ids), None
+            except ValueError as e:
+                error = str(e)
+        return {"role": "assistant", "content": text or None}, error
 
 
 def _normalize(msg: dict, ids: List[str]) -> dict:
@@ -137,12 +145,14 @@ class ToolStream:
     certain: ``{"content": ...}``, ``{"reasoning_content": ...}`` and ``{"tool_calls": [{"index",
     "id", "type", "function": {"name", "arguments"}}]}`` (a call's id and name first, then its
     arguments in pieces); ``finish(finish_reason)`` parses the whole text (ChatPrompt.reply) and
-    returns the rest, and ``message`` is then the final message."""
+    returns the rest, and ``message`` is then the final message (``parse_error``: why it is text
+    only, when the text did not parse)."""
 
     def __init__(self, chat: ChatPrompt):
         self.chat = chat
         self.text = ""
         self.message: Optional[dict] = None
+        self.parse_error: Optional[str] = None
         self._ids: List[str] = []
         self._sent = {"content": "", "reasoning_content": ""}
         self._args: List[str] = []         # per call whose id and name went out: arguments sent
@@ -158,7 +168,7 @@ class ToolStream:
         return self._diff(_normalize(msg, self._ids))
 
     def finish(self, finish_reason: Optional[str] = "stop") -> List[dict]:
-        self.message = self.chat._reply(self.text, finish_reason, self._ids)
+        self.message, self.parse_error = self.chat._reply(self.text, finish_reason, self._ids)
         return self._diff(self.message)
 
     def _diff(self, msg: dict) -> List[dict]:

@@ -172,11 +172,15 @@ def test_deeply_nested_json_in_chat_data_and_model_output(smollm2_path):
         text = '<tool_call>\\n{"name": "f", "arguments": {"a": ' + deep + '}}\\n</tool_call>'
         refuses(lambda: chat.parse(text), "nests JSON more than 512 levels deep")
         assert chat.reply(text) == {"role": "assistant", "content": text}     # as text
+        msg, why = chat.reply_and_error(text)                                 # and why
+        assert msg == {"role": "assistant", "content": text} and "512 levels" in why, why
+        assert chat.reply_and_error('<tool_call>\\n{"name": "f", "arguments": {}}\\n</tool_call>')[1] is None
         s = T.ToolStream(chat)
         for i in range(0, len(text), 997):
             s.feed(text[i:i + 997])
         s.finish("stop")
         assert s.message == {"role": "assistant", "content": text}
+        assert "512 levels" in s.parse_error
         # a shallow call still parses
         ok = chat.parse('<tool_call>\\n{"name": "f", "arguments": {"a": [[1]]}}\\n</tool_call>')
         assert ok["tool_calls"][0]["function"]["name"] == "f"

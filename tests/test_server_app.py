@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -221,3 +222,31 @@ def test_preparation_runs_off_the_event_loop_with_a_time_budget():
         gate.set()
     with pytest.raises(ValueError, match="prepare timeout"):
         create_app(StandIn(), prepare_timeout=0)
+
+
+def test_a_reply_the_chat_parser_cannot_take_comes_back_as_text_with_the_reason(tiny_model):
+    # model output nesting past the parser's limit (issue 26): the reply is its text, and the
+    # choice says why (before: the reason was lost; earlier still, a SIGSEGV)
+    from pathlib import Path
+    import llamagen
+    template = (Path(__file__).resolve().parents[1] / "examples" / "chatml-tools.jinja").read_text()
+    deep = "[" * 600 + "]" * 600
+    text = '<tool_call>\n{"name": "f", "arguments": {"a": ' + deep + '}}\n</tool_call>'
+
+    class Tools(StandIn):
+        def prepare_chat(self, messages, **kw):
+            return llamagen.tools.prepare(tiny_model, messages, template=template, **kw)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": tools}
+    with TestClient(create_app(Tools(text=text), model_name="m")) as c:
+        r = c.post("/v1/chat/completions", json=body).json()
+        choice = r["choices"][0]
+        assert choice["message"]["content"] == text and "tool_calls" not in choice["message"]
+        assert "512 levels" in choice["parse_error"], choice.get("parse_error")
+        r = c.post("/v1/chat/completions", json={**body, "stream": True})
+        chunks = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+        assert "512 levels" in chunks[-1]["choices"][0]["parse_error"]
+        assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) == text
+        a = c.post("/v1/messages", json={"model": "m", "max_tokens": 10, "messages": body["messages"],
+                                         "tools": [{"name": "f", "input_schema": {"type": "object"}}]})
+        assert "512 levels" in a.json()["parse_error"], a.json()

@@ -67,12 +67,15 @@ async def messages(body: MessagesRequest, request: Request, engine=Depends(get_e
         raise _unfinished(reason)
     stop_sequence = got.stop_sequence.get((0, 0))
     text = "".join(got.texts.get((0, 0), []))
-    message = chat.reply(text, reason) if chat is not None else None
-    return {"id": msg_id, "type": "message", "role": "assistant", "model": st.model_name,
-            "content": anthropic_content(message) if message is not None else [{"type": "text", "text": text}],
-            "stop_reason": anthropic_stop(reason, stop_sequence, message),
-            "stop_sequence": stop_sequence if reason == "stop" else None,
-            "usage": _usage(source)}
+    message, parse_error = chat.reply_and_error(text, reason) if chat is not None else (None, None)
+    out = {"id": msg_id, "type": "message", "role": "assistant", "model": st.model_name,
+           "content": anthropic_content(message) if message is not None else [{"type": "text", "text": text}],
+           "stop_reason": anthropic_stop(reason, stop_sequence, message),
+           "stop_sequence": stop_sequence if reason == "stop" else None,
+           "usage": _usage(source)}
+    if parse_error is not None:
+        out["parse_error"] = parse_error                # why the reply is text only
+    return out
 
 
 async def _stream(source: sse.ChunkSource, path: str, timer, st, msg_id: str, chat=None):
@@ -145,12 +148,14 @@ async def _stream(source: sse.ChunkSource, path: str, timer, st, msg_id: str, ch
         if not started:
             yield start()
         yield ev("content_block_stop", {"type": "content_block_stop", "index": block["index"]})
-        yield ev("message_delta", {
-            "type": "message_delta",
-            "delta": {"stop_reason": anthropic_stop(reason, stop_sequence,
-                                                    parser.message if parser is not None else None),
-                      "stop_sequence": stop_sequence if reason == "stop" else None},
-            "usage": _usage(source)})
+        delta = {"type": "message_delta",
+                 "delta": {"stop_reason": anthropic_stop(reason, stop_sequence,
+                                                         parser.message if parser is not None else None),
+                           "stop_sequence": stop_sequence if reason == "stop" else None},
+                 "usage": _usage(source)}
+        if parser is not None and parser.parse_error is not None:
+            delta["parse_error"] = parser.parse_error   # why the reply is text only
+        yield ev("message_delta", delta)
         yield ev("message_stop", {"type": "message_stop"})
     except Exception as e:  # noqa: BLE001 - the stream has started: one error event, then end
         yield ev("error", error_body(path, generation_error(e)))

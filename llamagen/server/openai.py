@@ -198,8 +198,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
             deltas = ts.feed(c.text)
             if c.finish_reason is not None:
                 deltas += ts.finish(c.finish_reason)
-            return {"index": c.index, "delta": openai_tool_delta(deltas), "logprobs": lp,
-                    "finish_reason": tool_finish(c.finish_reason, ts.message)}
+            out = {"index": c.index, "delta": openai_tool_delta(deltas), "logprobs": lp,
+                   "finish_reason": tool_finish(c.finish_reason, ts.message)}
+            if ts.parse_error is not None:
+                out["parse_error"] = ts.parse_error     # why the reply is text only
+            return out
         head = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None} for i in range(n)]
         return _sse(_stream(source, request.url.path, timer, st.ping_interval,
@@ -216,13 +219,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
             lps = visible_logprobs(got.logprobs.get((0, i), []), reason, got.stop_sequence.get((0, i)))
         text = "".join(parts)
         message = {"role": "assistant", "content": text}
+        parse_error = None
         if chat is not None:
             # a reply cut short (length) may stop inside a call: parsed as far as it goes
-            message = chat.reply(text, reason)
-        choices.append({"index": i, "message": message,
-                        "logprobs": chat_logprobs(lps) if lps is not None else None,
-                        "finish_reason": tool_finish(reason, message) if chat is not None
-                        else openai_finish(reason)})
+            message, parse_error = chat.reply_and_error(text, reason)
+        choice = {"index": i, "message": message,
+                  "logprobs": chat_logprobs(lps) if lps is not None else None,
+                  "finish_reason": tool_finish(reason, message) if chat is not None
+                  else openai_finish(reason)}
+        if parse_error is not None:
+            choice["parse_error"] = parse_error         # why the reply is text only
+        choices.append(choice)
     return {**base, "object": "chat.completion", "choices": choices, "usage": _usage(source)}
 
 
