@@ -646,4 +646,7 @@ def _check_grammar(Model model not None, params):
         model._release_user()
     ok[key] = True
     while len(ok) > _GRAMMARS_OK_KEPT:
-        del ok[next(iter(ok))]
+        try:                        # (several threads prepare requests: another may trim too)
+            del ok[next(iter(ok))]
+        except (KeyError, RuntimeError, StopIteration):
+            break
