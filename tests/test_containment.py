@@ -405,6 +405,15 @@ def test_the_server_answers_and_streams_while_a_heavy_request_is_prepared(tiny_m
         # and the stream kept producing tokens while the request was prepared
         during = [s for s in stamps if t_start < s < t_end]
         assert len(during) >= 10, (len(during), heavy)
+        # schemas over a budget are 400s naming the field the client sent
+        for schema, says in (({"enum": [f"v{i}" for i in range(10000)]}, "alternatives at one position"),
+                             (_heavy_schema(33), "too many optional properties")):
+            r = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+                "prompt": "x", "max_tokens": 1, "response_format": {
+                    "type": "json_schema", "json_schema": {"name": "s", "schema": schema}}})
+            err = r.json()["error"]
+            assert r.status_code == 400 and says in err["message"], r.text[:300]
+            assert err["param"] == "response_format.json_schema.schema", err
     finally:
         assert srv.stop() == 0, srv.log()
 

@@ -100,7 +100,8 @@ def param_error(exc: Exception, origin: dict, default_param: Optional[str] = Non
     elif word in _ENGINE_FIELDS:
         param = word
     elif isinstance(exc, GrammarError):
-        param = "grammar"
+        # the grammar the client sent, or the one made of its schema (response_format)
+        param = origin.get("grammar") or origin.get("json_schema") or "grammar"
     else:
         param = default_param
     return InvalidRequest(msg, param=param)
