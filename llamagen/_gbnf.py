@@ -25,7 +25,7 @@ llama.cpp's own parser, whose message goes into the GrammarError.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 
 MAX_NESTING = 256           # parentheses
 MAX_CHAIN = 2000            # rules that each start with a reference to the next
@@ -96,15 +96,15 @@ def _repetition(text: str, i: int):
     return lo, hi, i + 1
 
 
-def _longest_chain(edges: Dict[str, Set[str]]) -> int:
-    """The longest path (in rules) along "starts with" edges, cycles cut (left recursion is
-    llama.cpp's error to report).  Iterative DFS."""
-    depth: Dict[str, int] = {}
-    best = 0
+def _fold(edges: Dict[str, Set[str]], combine: Callable[[str, List[int]], int]) -> Dict[str, int]:
+    """``combine(rule, values of the rules it starts with)`` for every rule, those first, along
+    "starts with" edges (cycles cut: left recursion is llama.cpp's error to report).  Iterative
+    DFS: a long chain of rules cannot overflow Python's stack here."""
+    out: Dict[str, int] = {}
     for start in edges:
-        if start in depth:
+        if start in out:
             continue
-        stack = [(start, iter(edges.get(start, ())))]
+        stack = [(start, iter(edges[start]))]
         on_path = {start}
         while stack:
             node, it = stack[-1]
@@ -112,35 +112,22 @@ def _longest_chain(edges: Dict[str, Set[str]]) -> int:
             if nxt is None:
                 stack.pop()
                 on_path.discard(node)
-                depth[node] = 1 + max((depth.get(k, 0) for k in edges.get(node, ())
-                                       if k not in on_path), default=0)
-                best = max(best, depth[node])
-            elif nxt not in depth and nxt not in on_path and nxt in edges:
+                out[node] = combine(node, [out.get(k, 0) for k in edges[node] if k not in on_path])
+            elif nxt not in out and nxt not in on_path and nxt in edges:
                 on_path.add(nxt)
-                stack.append((nxt, iter(edges.get(nxt, ()))))
-    return best
+                stack.append((nxt, iter(edges[nxt])))
+    return out
+
+
+def _longest_chain(edges: Dict[str, Set[str]]) -> int:
+    """The longest path (in rules) along "starts with" edges."""
+    return max(_fold(edges, lambda rule, below: 1 + max(below, default=0)).values(), default=0)
 
 
 def _widest_fanout(alts: Dict[str, int], edges: Dict[str, Set[str]]) -> tuple:
     """(fan-out, rule): the most alternatives one rule opens at its start, counting those of
-    the rules its alternatives start with (cycles cut).  Iterative DFS."""
-    fan: Dict[str, int] = {}
-    for start in alts:
-        if start in fan:
-            continue
-        stack = [(start, iter(edges.get(start, ())))]
-        on_path = {start}
-        while stack:
-            node, it = stack[-1]
-            nxt = next(it, None)
-            if nxt is None:
-                stack.pop()
-                on_path.discard(node)
-                fan[node] = alts.get(node, 1) + sum(fan.get(k, 0) for k in edges.get(node, ())
-                                                    if k not in on_path)
-            elif nxt not in fan and nxt not in on_path and nxt in alts:
-                on_path.add(nxt)
-                stack.append((nxt, iter(edges.get(nxt, ()))))
+    the rules its alternatives start with."""
+    fan = _fold(edges, lambda rule, below: alts.get(rule, 1) + sum(below))
     if not fan:
         return 0, None
     rule = max(fan, key=fan.get)
