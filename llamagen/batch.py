@@ -6,8 +6,9 @@ from typing import Any, Iterable, Iterator, List, Optional
 
 from llamagen._core import BatchGenerator, Context
 from llamagen._util import check_prompt
-from llamagen.generation import _exclusive, check_n, seeded
-from llamagen.logprobs import Completion, TokenLogprob
+from llamagen._shared import check_n, seeded, progress_bar as _progress
+from llamagen._shared import exclusive as _exclusive
+from llamagen._results import Completion, TokenLogprob
 from llamagen.sampling import SamplingParams, resolve
 
 __all__ = ["BatchGenerator", "BatchResult", "generate_batch", "map_generate"]
@@ -176,25 +177,3 @@ def map_generate(ctx: Context, iterable: Iterable, *, batch_size: int = 16, prog
             batch.cancel(sid)
         if bar is not None:
             bar.close()
-
-
-class _SimpleBar:
-    def __init__(self, total, desc):
-        import sys
-        self.total, self.n, self.out, self.desc = total, 0, sys.stderr, desc
-
-    def update(self, k):
-        self.n += k
-        self.out.write(f"\r{self.desc}: {self.n}" + (f"/{self.total}" if self.total else ""))
-        self.out.flush()
-
-    def close(self):
-        self.out.write("\n")
-
-
-def _progress(total, desc="map_generate", unit="prompt"):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _SimpleBar(total, desc)
-    return tqdm(total=total, desc=desc, unit=unit)

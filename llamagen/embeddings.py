@@ -93,8 +93,8 @@ def _embed_items(ctx, items, norm: int, truncate, add_special, parse_special, ra
                          "(query, document) pairs with llamagen.rerank" if not rank else
                          "rerank needs a reranker context: Context(model, embeddings=True, "
                          "pooling='rank')")
-    from llamagen.generation import _exclusive
-    with _exclusive(ctx):
+    from llamagen._shared import exclusive
+    with exclusive(ctx):
         return _core._embed(ctx, items, norm, truncate, add_special, parse_special)
 
 
@@ -147,8 +147,8 @@ def map_embed(ctx: Context, iterable: Iterable, *, batch_size: int = 64, progres
     total = len(iterable) if hasattr(iterable, "__len__") else None
     bar = None
     if progress:
-        from llamagen.batch import _progress
-        bar = _progress(total, "map_embed", "text")
+        from llamagen._shared import progress_bar
+        bar = progress_bar(total, "map_embed", "text")
     it = iter(iterable)
     base = 0
     try:

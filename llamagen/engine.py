@@ -22,10 +22,10 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 from llamagen._core import BatchGenerator, Context, Model, _check_grammar, _embed
 from llamagen.embeddings import EmbedResult, _norm_code, _rerank_items, _text_list
-from llamagen._util import check_prompt
+from llamagen._util import check_prompt, default_model_path
 from llamagen.errors import EngineClosedError, LlamaError, PromptTooLongError, QueueFullError
-from llamagen.generation import check_n, seeded
-from llamagen.logprobs import TokenLogprob
+from llamagen._shared import check_n, seeded
+from llamagen._results import TokenLogprob
 from llamagen.sampling import SamplingParams, resolve
 
 __all__ = ["AsyncEngine", "EngineChunk", "EngineResult", "EngineStats", "EngineStream", "Choice",
@@ -166,7 +166,6 @@ class AsyncEngine:
                                       or max_queue < 0):
             raise ValueError(f"max_queue must be None or an int >= 0, got {max_queue!r}")
         if model is None:
-            from llamagen.cli import default_model_path
             model = default_model_path()
         self._own_model = not isinstance(model, Model)
         self.model = Model(os.fspath(model)) if self._own_model else model

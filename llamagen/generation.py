@@ -1,11 +1,14 @@
 """Streaming and whole-text generation (the begin / next / end API and generate())."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 from llamagen import _core
 from llamagen._core import Context, GenerationState
-from llamagen.logprobs import Completion
+from llamagen._shared import MAX_N, check_n, seeded  # noqa: F401  (MAX_N, check_n: re-exported)
+from llamagen._shared import exclusive as _exclusive
+from llamagen.batch import _run_batch
+from llamagen._results import Completion
 from llamagen.sampling import SamplingParams, resolve
 
 __all__ = ["gen_begin", "gen_next", "gen_end", "generate"]
@@ -57,19 +60,12 @@ def generate(ctx: Context, prompt, *args, params: Optional[SamplingParams] = Non
         return _generate(ctx, prompt, p, n, return_logprobs, add_special, parse_special)
 
 
-def _exclusive(ctx):
-    if not isinstance(ctx, Context):
-        raise TypeError(f"ctx must be a llamagen.Context, got {type(ctx).__name__}")
-    return ctx._exclusive()
-
-
 def _generate(ctx, prompt, p, n, return_logprobs, add_special, parse_special):
     if n == 1:
         text, st = _core._generate(ctx, prompt, p, add_special, parse_special)
         return _completion(text, st) if return_logprobs else text
     ps = seeded(p, n)
     if ctx.n_seq_max >= 2:
-        from llamagen.batch import _run_batch
         outs = _run_batch(ctx, [prompt], ps, min(n, ctx.n_seq_max), add_special, parse_special)[0]
         return outs if return_logprobs else [c.text for c in outs]
     pairs = _core._generate_n(ctx, prompt, ps, add_special, parse_special)
@@ -80,20 +76,3 @@ def _completion(text: str, st: GenerationState) -> Completion:
     return Completion(text=text, tokens=st.tokens, finish_reason=st.finish_reason,
                       logprobs=st.logprobs,
                       n_prompt_tokens=st.n_prompt_tokens, seed=st.seed)
-
-
-MAX_N = 128
-_SEED_MOD = 0xFFFFFFFF       # seeds are ints in [0, 2**32 - 2]
-
-
-def check_n(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-        raise ValueError(f"n must be an int from 1 to {MAX_N}, got {n!r}")
-    return n
-
-
-def seeded(p: SamplingParams, n: int) -> List[SamplingParams]:
-    """n copies of ``p``; copy i samples with seed + i (a None seed stays None: fresh entropy)."""
-    if n == 1:
-        return [p]
-    return [p.replace(seed=None if p.seed is None else (p.seed + i) % _SEED_MOD) for i in range(n)]

@@ -79,10 +79,23 @@ def normalize(value: Any) -> str:
         raise ValueError(f"json_schema is not JSON-serializable: {e}") from None
 
 
+# llama.cpp's converter, installed by the compiled core as it loads (``import llamagen`` always
+# loads it): this module sits below the core, so that SamplingParams can convert a schema when it
+# is made without the Python layers importing each other in a circle
+_converter = None
+
+
+def _install_converter(fn) -> None:
+    global _converter
+    _converter = fn
+    _convert.cache_clear()
+
+
 @functools.lru_cache(maxsize=256)
 def _convert(text: str) -> str:
-    from llamagen import _core
-    return _core._json_schema_to_grammar(text)
+    if _converter is None:
+        raise RuntimeError("llamagen's compiled core is not loaded (import llamagen first)")
+    return _converter(text)
 
 
 def schema_to_grammar(schema: Any) -> str:

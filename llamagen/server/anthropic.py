@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import StreamingResponse
 
 from llamagen.server import sse
-from llamagen.server.app import get_engine, get_state
+from llamagen.server.deps import get_engine, get_state
 from llamagen.server.auth import require_api_key
 from llamagen.server.errors import APIError, Overloaded, error_body
 from llamagen.server.models import CountTokensRequest, MessagesRequest

@@ -16,11 +16,13 @@ import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
+from llamagen.server import anthropic, embeddings, openai
 from llamagen.server.auth import require_api_key
+from llamagen.server.deps import ServerState, get_engine, get_state  # noqa: F401  (re-exported)
 from llamagen.server.errors import (
-    InvalidRequest, NotFound, Overloaded, PayloadTooLarge, dumps, error_body, install_handlers,
+    InvalidRequest, NotFound, PayloadTooLarge, dumps, error_body, install_handlers,
 )
-from llamagen.server.metrics import CONTENT_TYPE, Metrics
+from llamagen.server.metrics import CONTENT_TYPE
 from llamagen.server.models import DetokenizeRequest, TokenizeRequest
 from llamagen.server.work import DEFAULT_PREPARE_THREADS, DEFAULT_PREPARE_TIMEOUT, Preparation
 
@@ -28,35 +30,6 @@ log = logging.getLogger("llamagen.server")
 
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20   # far above any prompt a 2**31-token context could hold as JSON
 DEFAULT_PING_INTERVAL = 15.0
-
-
-class ServerState:
-    """What the routes share, at ``app.state.llamagen``."""
-
-    def __init__(self, *, engine, model_name: str, api_keys: Iterable[str], ping_interval: float,
-                 preparation: Optional[Preparation] = None):
-        self.engine = engine
-        self.prep = preparation or Preparation()     # request preparation off the event loop
-        self.load_error: Optional[BaseException] = None
-        self.model_name = model_name
-        self.api_keys = tuple(k.encode() for k in api_keys)
-        self.ping_interval = ping_interval
-        self.created = int(time.time())
-        self.metrics = Metrics(model_name, lambda: self.engine)
-
-
-def get_state(request: Request) -> ServerState:
-    return request.app.state.llamagen
-
-
-def get_engine(request: Request):
-    """The engine, or 503 while it is being created."""
-    st = get_state(request)
-    if st.engine is None:
-        if st.load_error is not None:
-            raise Overloaded(f"the model failed to load: {st.load_error}", retry_after=60)
-        raise Overloaded("the model is loading", retry_after=5, code="loading")
-    return st.engine
 
 
 class _BodyLimit:
@@ -197,8 +170,6 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], max_age=600)
 
-    # (imported here: they import this module)
-    from llamagen.server import anthropic, embeddings, openai   # noqa: PLC0415
     app.include_router(_public)
     app.include_router(_protected)
     app.include_router(openai.router)

@@ -8,7 +8,7 @@ import re
 from fastapi import APIRouter, Depends, Request
 
 from llamagen.errors import PromptTooLongError
-from llamagen.server.app import get_engine, get_state
+from llamagen.server.deps import get_engine, get_state
 from llamagen.server.auth import require_api_key
 from llamagen.server.errors import InvalidRequest, NotServed
 from llamagen.server.models import EmbeddingRequest, RerankRequest

@@ -1,0 +1,41 @@
+"""What the routes depend on (FastAPI's "bigger applications" layout): the server's shared
+state and the engine, as dependencies.  Routers import this module, never app.py."""
+from __future__ import annotations
+
+import time
+from typing import Iterable, Optional
+
+from fastapi import Request
+
+from llamagen.server.errors import Overloaded
+from llamagen.server.metrics import Metrics
+from llamagen.server.work import Preparation
+
+
+class ServerState:
+    """What the routes share, at ``app.state.llamagen``."""
+
+    def __init__(self, *, engine, model_name: str, api_keys: Iterable[str], ping_interval: float,
+                 preparation: Optional[Preparation] = None):
+        self.engine = engine
+        self.prep = preparation or Preparation()     # request preparation off the event loop
+        self.load_error: Optional[BaseException] = None
+        self.model_name = model_name
+        self.api_keys = tuple(k.encode() for k in api_keys)
+        self.ping_interval = ping_interval
+        self.created = int(time.time())
+        self.metrics = Metrics(model_name, lambda: self.engine)
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.llamagen
+
+
+def get_engine(request: Request):
+    """The engine, or 503 while it is being created."""
+    st = get_state(request)
+    if st.engine is None:
+        if st.load_error is not None:
+            raise Overloaded(f"the model failed to load: {st.load_error}", retry_after=60)
+        raise Overloaded("the model is loading", retry_after=5, code="loading")
+    return st.engine
