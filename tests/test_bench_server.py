@@ -130,18 +130,16 @@ def test_report_renders_without_llamagen():
 
 
 def _llama_server_exe():
+    """llama-server from this checkout's build directory, built first if it is missing."""
     sys.path.insert(0, os.path.join(ROOT, "bench", "native"))
-    from build import build_dir
-    exe = os.path.join(build_dir(), "bin", "llama-server")
-    return exe if os.path.exists(exe) else None
+    from build import llama_tool
+    return llama_tool("llama-server")
 
 
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_smoke_against_llama_server(real_model_path):
     exe = _llama_server_exe()
-    if exe is None:
-        pytest.skip("llama-server is not built (cmake --build build/cmake-cpu --target llama-server)")
     run = _runner()
     model = str(real_model_path)
     port = run.free_port()

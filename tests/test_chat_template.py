@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -273,14 +273,14 @@ def test_render_from_threads(smollm2):
 # -- the same prompt as llama-server -----------------------------------------------------------
 
 def _llama_server_binary():
+    """llama-server from this checkout's build directory, built first if it is missing (or
+    LLAMAGEN_LLAMA_SERVER): the reference is never skipped."""
     env = os.environ.get("LLAMAGEN_LLAMA_SERVER")
     if env:
         return env
-    for build in sorted((ROOT / "build").glob("cmake-*")):
-        exe = build / "bin" / "llama-server"
-        if exe.is_file() and os.access(exe, os.X_OK):
-            return str(exe)
-    return shutil.which("llama-server")
+    sys.path.insert(0, str(ROOT / "bench" / "native"))
+    from build import llama_tool
+    return llama_tool("llama-server")
 
 
 def _free_port():
@@ -299,9 +299,6 @@ def _post(url, body, timeout=30):
 @contextlib.contextmanager
 def _running_llama_server(model_path, extra_args, log_dir):
     exe = _llama_server_binary()
-    if exe is None:
-        pytest.skip("no llama-server binary (cmake --build build/cmake-cpu --target llama-server, "
-                    "or set LLAMAGEN_LLAMA_SERVER)")
     port = _free_port()
     log = Path(log_dir) / "server.log"
     with open(log, "wb") as logf:
