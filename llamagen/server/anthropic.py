@@ -10,15 +10,15 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import StreamingResponse
 
-from llamagen.server import sse
+from llamagen.server import sse, streams
 from llamagen.server.deps import get_engine, get_state
 from llamagen.server.auth import require_api_key
 from llamagen.server.errors import APIError, Overloaded, error_body
 from llamagen.server.models import CountTokensRequest, MessagesRequest
-from llamagen.server.translate import (
-    add_tool_sampling, anthropic_content, anthropic_messages, anthropic_stop, anthropic_tools,
-    chat_prompt, generation_error, sampling_kwargs,
+from llamagen.server.anthropic_format import (
+    anthropic_content, anthropic_messages, anthropic_stop, anthropic_tools,
 )
+from llamagen.server.translate import add_tool_sampling, chat_prompt, generation_error, sampling_kwargs
 from llamagen.tools import ToolStream
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -30,7 +30,7 @@ def _prompt(engine, body):
     return chat_prompt(engine, anthropic_messages(body.system, body.messages), tools, choice, parallel)
 
 
-def _usage(source: sse.ChunkSource) -> dict:
+def _usage(source: streams.ChunkSource) -> dict:
     p, c, cached = source.usage()
     return {"input_tokens": p - cached, "output_tokens": c,
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
@@ -50,14 +50,14 @@ async def messages(body: MessagesRequest, request: Request, engine=Depends(get_e
     if chat is not None:
         add_tool_sampling(chat, kwargs, origin)
     timer = st.metrics.timer()
-    source = await sse.open_source(st.prep, engine, [prompt], kwargs, origin,
+    source = await streams.open_source(st.prep, engine, [prompt], kwargs, origin,
                                    prompt_param="messages")
     msg_id = f"msg_{uuid.uuid4().hex}"
     if body.stream:
         return StreamingResponse(_stream(source, request.url.path, timer, st, msg_id, chat),
                                  media_type="text/event-stream", headers=sse.SSE_HEADERS)
     try:
-        got = await sse.until_disconnect(request, sse.collect(source, timer))
+        got = await streams.until_disconnect(request, streams.collect(source, timer))
     except APIError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -78,7 +78,7 @@ async def messages(body: MessagesRequest, request: Request, engine=Depends(get_e
     return out
 
 
-async def _stream(source: sse.ChunkSource, path: str, timer, st, msg_id: str, chat=None):
+async def _stream(source: streams.ChunkSource, path: str, timer, st, msg_id: str, chat=None):
     """message_start, a text block (start, deltas, stop), with tools one tool_use block per call
     (start with id and name, input_json_delta pieces, stop), message_delta, message_stop; the
     official client dispatches on the ``event:`` line and drops data-only frames."""
@@ -124,7 +124,7 @@ async def _stream(source: sse.ChunkSource, path: str, timer, st, msg_id: str, ch
     try:
         reason = stop_sequence = None
         async for item in source.events(st.ping_interval):
-            if item is sse.Tick:
+            if item is streams.Tick:
                 yield sse.PING
                 continue
             _, c = item

@@ -19,10 +19,9 @@ from starlette.responses import JSONResponse, Response
 from llamagen.server import anthropic, embeddings, openai
 from llamagen.server.auth import require_api_key
 from llamagen.server.deps import ServerState, get_engine, get_state  # noqa: F401  (re-exported)
-from llamagen.server.errors import (
-    InvalidRequest, NotFound, PayloadTooLarge, dumps, error_body, install_handlers,
-)
+from llamagen.server.errors import InvalidRequest, NotFound, install_handlers
 from llamagen.server.metrics import CONTENT_TYPE
+from llamagen.server.middleware import BodyLimit, ErrorCount, JsonBody
 from llamagen.server.models import DetokenizeRequest, TokenizeRequest
 from llamagen.server.work import DEFAULT_PREPARE_THREADS, DEFAULT_PREPARE_TIMEOUT, Preparation
 
@@ -30,79 +29,6 @@ log = logging.getLogger("llamagen.server")
 
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20   # far above any prompt a 2**31-token context could hold as JSON
 DEFAULT_PING_INTERVAL = 15.0
-
-
-class _BodyLimit:
-    """Reject a body over ``max_bytes`` with 413 before any route reads it, and count error
-    responses for /metrics.  Plain ASGI: the body is buffered (bounded) and replayed, and later
-    ``receive`` calls go to the server, so disconnects still reach the routes."""
-
-    def __init__(self, app, max_bytes: int, state: ServerState):
-        self.app = app
-        self.max_bytes = max_bytes
-        self.state = state
-
-    async def _reject(self, scope, send, status_cls, message):
-        err = status_cls(message)
-        body = dumps(error_body(scope.get("path", ""), err))
-        await send({"type": "http.response.start", "status": err.status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-        self.state.metrics.http_error(err.status)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = self.max_bytes
-        headers = list(scope.get("headers", ()))
-        ctype = next((v for k, v in headers if k == b"content-type"), b"")
-        if scope.get("method") == "POST" and b"json" not in ctype.lower():
-            # every body here is JSON; `curl -d` sends it as a form, as llama-server's users do
-            headers = [(k, v) for k, v in headers if k != b"content-type"]
-            headers.append((b"content-type", b"application/json"))
-            scope = {**scope, "headers": headers}
-        for name, value in headers:
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    return await self._reject(scope, send, InvalidRequest, "invalid Content-Length")
-                if declared > limit:
-                    return await self._reject(
-                        scope, send, PayloadTooLarge,
-                        f"request body of {declared} bytes is over the limit of {limit} bytes")
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":   # a disconnect before the body ended
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > limit:
-                return await self._reject(scope, send, PayloadTooLarge,
-                                          f"request body is over the limit of {limit} bytes")
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        metrics = self.state.metrics
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                metrics.http_error(message["status"])
-            await send(message)
-
-        await self.app(scope, replay, counting_send)
 
 
 def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = None,
@@ -158,7 +84,10 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
                   openapi_url=None)
     app.state.llamagen = state
     install_handlers(app)
-    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes, state=state)
+    # innermost first: the body limit, JSON bodies, then every error response counted
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(JsonBody)
+    app.add_middleware(ErrorCount, metrics=state.metrics)
     origins = [o for o in cors_origins]
     for o in origins:
         if not isinstance(o, str) or not o or (o != "*" and "://" not in o):

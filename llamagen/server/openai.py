@@ -7,15 +7,18 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import StreamingResponse
 
-from llamagen.server import sse
+from llamagen.server import sse, streams
 from llamagen.server.deps import get_engine, get_state
 from llamagen.server.auth import require_api_key
 from llamagen.server.errors import APIError, InvalidRequest, Overloaded, error_body
 from llamagen.server.models import ChatCompletionRequest, CompletionRequest
+from llamagen.server.openai_format import (
+    chat_logprobs, completion_logprobs, openai_finish, openai_messages, openai_tool_delta,
+    tool_finish,
+)
 from llamagen.server.translate import (
-    add_tool_sampling, chat_logprobs, chat_prompt, completion_logprobs, generation_error,
-    openai_finish, openai_messages, openai_tool_delta, response_format, sampling_kwargs,
-    tool_finish, visible_logprobs,
+    add_tool_sampling, chat_prompt, generation_error, response_format, sampling_kwargs,
+    visible_logprobs,
 )
 from llamagen.tools import ToolStream
 
@@ -24,7 +27,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's documented default for /v1/completions
 
 
-def _usage(source: sse.ChunkSource) -> dict:
+def _usage(source: streams.ChunkSource) -> dict:
     p, c, cached = source.usage()
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
             "prompt_tokens_details": {"cached_tokens": cached}}
@@ -65,7 +68,7 @@ def _sse(gen) -> StreamingResponse:
     return StreamingResponse(gen, media_type="text/event-stream", headers=sse.SSE_HEADERS)
 
 
-async def _stream(source: sse.ChunkSource, path: str, timer, ping: float, include_usage: bool,
+async def _stream(source: streams.ChunkSource, path: str, timer, ping: float, include_usage: bool,
                   base: dict, make_choice, head=()):
     """The SSE body shared by both routes: ``head`` chunks, one chunk per engine chunk with text
     or a finish reason, the usage chunk if asked, [DONE]; or, on an error, one error event."""
@@ -75,7 +78,7 @@ async def _stream(source: sse.ChunkSource, path: str, timer, ping: float, includ
         for choice in head:
             yield sse.data({**base, "choices": [choice], **usage_null})
         async for item in source.events(ping):
-            if item is sse.Tick:
+            if item is streams.Tick:
                 yield sse.PING
                 continue
             k, c = item
@@ -100,11 +103,11 @@ async def _stream(source: sse.ChunkSource, path: str, timer, ping: float, includ
         await source.aclose()
 
 
-async def _collected(request: Request, source: sse.ChunkSource, timer):
+async def _collected(request: Request, source: streams.ChunkSource, timer):
     """A non-streamed request's chunks (cancelled when the client goes away); an engine error
     becomes the API error it stands for."""
     try:
-        return await sse.until_disconnect(request, sse.collect(source, timer))
+        return await streams.until_disconnect(request, streams.collect(source, timer))
     except APIError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -127,7 +130,7 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
     response_format(body.response_format, kwargs, origin)
     timer = st.metrics.timer()
     n = 1 if body.n is None else body.n
-    source = await sse.open_source(st.prep, engine, prompts, kwargs, origin, n=n,
+    source = await streams.open_source(st.prep, engine, prompts, kwargs, origin, n=n,
                                    prompt_param="prompt")
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": st.model_name}
@@ -179,7 +182,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         add_tool_sampling(chat, kwargs, origin)
     timer = st.metrics.timer()
     n = 1 if body.n is None else body.n
-    source = await sse.open_source(st.prep, engine, [prompt], kwargs, origin, n=n,
+    source = await streams.open_source(st.prep, engine, [prompt], kwargs, origin, n=n,
                                    prompt_param="messages")
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": st.model_name, "system_fingerprint": None}

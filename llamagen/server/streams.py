@@ -1,0 +1,207 @@
+"""The one place engine streams are consumed.
+
+``ChunkSource`` reads one or more engine streams (several prompts of one completions request) in
+pump tasks into a queue, so that the HTTP side can wait for "the next chunk of any stream, or a
+keep-alive tick" and a slow client never holds up the engine.  Closing it (always, in a
+``finally``) cancels every engine request that has not finished.  ``open_source`` prepares and
+submits a request's streams; ``collect`` gathers a non-streamed answer.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Optional, Sequence, Union
+
+import anyio
+from starlette.requests import Request
+
+from llamagen.server.errors import APIError, ClientClosed
+from llamagen.server.translate import engine_error
+
+
+class _End:
+    __slots__ = ("k",)
+
+    def __init__(self, k):
+        self.k = k
+
+
+class _Failed:
+    __slots__ = ("k", "exc")
+
+    def __init__(self, k, exc):
+        self.k, self.exc = k, exc
+
+
+Tick = None   # what ChunkSource.events yields when ``ping_interval`` passed without a chunk
+
+
+class ChunkSource:
+    """(k, chunk) pairs from engine streams ``streams[k]``, in arrival order."""
+
+    def __init__(self, streams: Sequence, n: int = 1):
+        self.streams = list(streams)
+        self.n = n
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pumps: list[asyncio.Task] = []
+        self._closed = False
+        self._unfinished: dict = {}     # stream -> choices without a finish_reason yet
+
+    async def _pump(self, k: int, stream) -> None:
+        put = self._queue.put_nowait
+        try:
+            async for chunk in stream:
+                put((k, chunk))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:   # noqa: BLE001 - handed to the consumer, which reports it
+            put(_Failed(k, e))
+            return
+        put(_End(k))
+
+    async def events(self, ping_interval: Optional[float] = None
+                     ) -> AsyncIterator[Union[tuple, None]]:
+        """Yield (k, chunk) until every stream ended, or None (a tick) after ``ping_interval``
+        seconds without a chunk.  An engine error is raised here."""
+        if not self._pumps:
+            self._pumps = [asyncio.ensure_future(self._pump(k, s)) for k, s in enumerate(self.streams)]
+        queue = self._queue
+        live = len(self.streams)
+        while live:
+            try:
+                item = queue.get_nowait()       # the common case: no timer, no task
+            except asyncio.QueueEmpty:
+                if ping_interval is None:
+                    item = await queue.get()
+                else:
+                    try:
+                        item = await asyncio.wait_for(queue.get(), ping_interval)
+                    except asyncio.TimeoutError:
+                        yield Tick
+                        continue
+            if isinstance(item, _End):
+                live -= 1
+                if self._unfinished.get(item.k, self.n):
+                    # every choice ends with a finish_reason; a stream that stops short of it
+                    # would otherwise look like a complete, empty answer
+                    raise RuntimeError("the engine ended the request without finishing it")
+            elif isinstance(item, _Failed):
+                raise item.exc
+            else:
+                if item[1].finish_reason is not None:
+                    self._unfinished[item[0]] = self._unfinished.get(item[0], self.n) - 1
+                yield item
+
+    async def aclose(self) -> None:
+        """Cancel what still runs.  Shielded: this runs in ``finally`` blocks of cancelled tasks
+        (a client disconnect cancels the response task) and must still reach the engine."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            for t in self._pumps:
+                t.cancel()
+            for t in self._pumps:
+                try:
+                    await t
+                except BaseException:   # noqa: BLE001 - a cancelled pump, or its error: both done
+                    pass
+            for s in self.streams:
+                try:
+                    await s.aclose()
+                except Exception:       # noqa: BLE001 - closing is best effort
+                    pass
+
+    def usage(self):
+        """(prompt, completion, cached) token totals over the streams (final once ended)."""
+        p = c = cached = 0
+        for s in self.streams:
+            u = s.usage
+            p += u.prompt_tokens
+            c += u.completion_tokens
+            cached += u.cached_tokens
+        return p, c, cached
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Return when the client has gone away (the server's http.disconnect message)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, coro):
+    """Await ``coro``; if the client disconnects first, cancel it and raise ClientClosed.
+    For non-streamed requests: without this a gone client's generation would run to the end."""
+    task = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise ClientClosed("client disconnected")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                try:
+                    await task
+                except BaseException:   # noqa: BLE001 - its cleanup ran; the result is unwanted
+                    pass
+
+
+async def open_source(prep, engine, prompts: Sequence, kwargs: dict, origin: dict, *,
+                      n: int = 1, prompt_param: str = "prompt", add_special: bool = True,
+                      parse_special: bool = True) -> ChunkSource:
+    """Prepare one engine request per prompt off the event loop (``prep``: the server's
+    work.Preparation; the engine validates, tokenizes, converts schemas and checks grammars),
+    submit them and return the ChunkSource over them; an error is an APIError."""
+
+    def work():
+        return [engine.prepare(p, n=n, add_special=add_special, parse_special=parse_special,
+                               **kwargs) for p in prompts]
+    try:
+        prepared = await prep.run(work)
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001 - translated
+        raise engine_error(e, {**origin, "n": "n"}, prompt_param) from None
+    streams = []
+    try:
+        for p in prepared:
+            streams.append(engine.stream_prepared(p))
+    except Exception as e:  # noqa: BLE001 - translated
+        for s in streams:
+            await s.aclose()
+        raise engine_error(e, {**origin, "n": "n"}, prompt_param) from None
+    return ChunkSource(streams, n)
+
+
+class Collected:
+    """The whole answer of a non-streamed request: text, finish reason and stop sequence per
+    choice (keyed by (k, index))."""
+
+    def __init__(self):
+        self.texts: dict = {}
+        self.finish: dict = {}
+        self.stop_sequence: dict = {}
+        self.logprobs: dict = {}          # (k, index) -> TokenLogprobs (requests that ask)
+
+
+async def collect(source: ChunkSource, timer) -> Collected:
+    out = Collected()
+    try:
+        async for k, c in source.events():
+            key = (k, c.index)
+            timer.chunk(key, c)
+            out.texts.setdefault(key, []).append(c.text)
+            if c.logprobs is not None:
+                out.logprobs.setdefault(key, []).extend(c.logprobs)
+            if c.finish_reason is not None:
+                out.finish[key] = c.finish_reason
+                out.stop_sequence[key] = c.stop_sequence
+        timer.done()
+    finally:
+        await source.aclose()
+    return out
