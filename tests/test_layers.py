@@ -1,5 +1,6 @@
 """The Python layers import each other in one direction (issue 27, docs/architecture.md): no
-import cycles, lazy imports inside functions included, and no layer imports one above it."""
+import cycles, lazy imports inside functions included (names imported for annotations only, under
+``if TYPE_CHECKING:``, are not imports at run time), and no layer imports one above it."""
 from __future__ import annotations
 
 import ast
@@ -30,7 +31,14 @@ def import_graph() -> dict:
             name = ".".join(rel.with_suffix("").parts)
             name = name[:-len(".__init__")] if name.endswith(".__init__") else name
             deps = set()
-            for node in ast.walk(ast.parse(path.read_text())):
+            tree = ast.parse(path.read_text())
+            # names for annotations only (``if TYPE_CHECKING:``) are not imported at run time
+            typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                           and getattr(block.test, "id", None) == "TYPE_CHECKING"
+                           for n in ast.walk(block)}
+            for node in ast.walk(tree):
+                if id(node) in typing_only:
+                    continue
                 if isinstance(node, ast.ImportFrom) and node.level == 0 and \
                         (node.module or "").startswith("llamagen"):
                     deps |= _targets(node.module, [a.name for a in node.names])

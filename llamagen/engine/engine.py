@@ -1,105 +1,48 @@
-"""AsyncEngine: continuous batching behind an asyncio (and thread-safe) request API.
-
-One engine thread owns a Context and a BatchGenerator and steps the batch (each decode releases
-the GIL); callers on any event loop or plain thread submit requests and receive chunks.  A request
-that arrives while others generate joins the running batch at the next step.  The context uses a
-unified KV cache, so a burst of prompts is prefilled together, and the prompt cache keeps a
-finished sequence's cells in its slot for the next request with the same prefix.
+"""AsyncEngine: the facade (validate, prepare, submit; embeddings; stats; close) and the engine
+thread's loop (admit, step, hand out), which talk through a locked inbox of (_Op, job) pairs.
 """
 from __future__ import annotations
 
 import asyncio
 import atexit
 import concurrent.futures
+import enum
 import itertools
 import os
-import queue
 import threading
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Union
 
 from llamagen._core import BatchGenerator, Context, Model, _check_grammar, _embed
-from llamagen.embeddings import EmbedResult, _norm_code, _rerank_items, _text_list
-from llamagen._util import check_prompt, default_model_path
-from llamagen.errors import EngineClosedError, LlamaError, PromptTooLongError, QueueFullError
 from llamagen._shared import check_n, seeded
-from llamagen._results import TokenLogprob
+from llamagen._util import check_prompt, default_model_path
+from llamagen.embeddings import EmbedResult, _norm_code, _rerank_items, _text_list
+from llamagen.engine.streams import _DONE, EngineStream, SyncStream
+from llamagen.engine.types import EngineChunk, EngineResult, EngineStats, PreparedRequest
+from llamagen.errors import EngineClosedError, LlamaError, PromptTooLongError, QueueFullError
 from llamagen.sampling import SamplingParams, resolve
 
-__all__ = ["AsyncEngine", "EngineChunk", "EngineResult", "EngineStats", "EngineStream", "Choice",
-           "Usage", "SyncStream"]
+__all__ = ["AsyncEngine"]
 
 
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int        # prompt tokens found in the KV cache (not prefilled)
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
+class _Op(enum.Enum):
+    """What the engine thread is asked to do (its inbox holds (op, job) pairs)."""
+    ADD = "add"          # a _Request: admit its sequences
+    CANCEL = "cancel"    # a _Request: drop its live sequences
+    EMBED = "embed"      # an _EmbedJob: run it between two steps
 
 
 @dataclass
-class EngineChunk:
-    """What one step produced for one choice: new text (valid UTF-8, may be empty while bytes
-    are held back) and the token ids behind it; ``finish_reason`` on the choice's last chunk."""
-    index: int
-    text: str
-    token_ids: List[int]
-    finish_reason: Optional[str] = None     # "stop", "length", "cancelled", "error"
-    stop_sequence: Optional[str] = None     # the stop string that ended the text, if one did
-    logprobs: Optional[List[TokenLogprob]] = None   # of token_ids (``logprobs=k`` requests)
+class _EmbedJob:
+    items: list
+    norm: int
+    truncate: bool
+    add_special: bool
+    parse_special: bool
+    future: concurrent.futures.Future
 
-
-@dataclass
-class Choice:
-    index: int
-    text: str = ""
-    tokens: List[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None
-    stop_sequence: Optional[str] = None
-    logprobs: Optional[List[TokenLogprob]] = None
-
-
-@dataclass
-class EngineResult:
-    choices: List[Choice]
-    usage: Usage
-
-    @property
-    def text(self) -> str:
-        return self.choices[0].text
-
-    @property
-    def tokens(self) -> List[int]:
-        return self.choices[0].tokens
-
-    @property
-    def finish_reason(self) -> Optional[str]:
-        return self.choices[0].finish_reason
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    n_running: int                 # sequences holding a slot
-    n_waiting: int                 # sequences submitted and waiting for one
-    kv_used: int                   # KV cells held (live sequences and idle prompt caches)
-    kv_size: int
-    prompt_tokens_total: int
-    generated_tokens_total: int
-    prefix_cache_queries: int      # prompt tokens looked up in the prompt cache
-    prefix_cache_hits: int         # ... found there (not prefilled)
-    requests_total: int
-    n_steps: int
-    n_stalled_steps: int = 0       # steps that decoded nothing with sequences live (a watchdog)
-
-
-_DONE = object()
 
 # Engines not closed yet.  At interpreter exit a still-running engine thread would go on decoding
 # while C++ static destructors tear ggml down (SIGSEGV, issue 26): close them first, while the
@@ -114,12 +57,6 @@ def _close_open_engines() -> None:
             engine.close()
         except Exception:       # exiting anyway: one engine's failure must not keep the others open
             pass
-
-
-class PreparedRequest(NamedTuple):
-    """A request checked and tokenized by ``AsyncEngine.prepare``, for ``stream_prepared``."""
-    tokens: List[int]
-    params: List[SamplingParams]          # one per choice, seeds resolved
 
 
 class _Request:
@@ -201,7 +138,7 @@ class AsyncEngine:
         self.max_queue = max_queue
         self.defaults = params if params is not None else SamplingParams()
         self._lock = threading.Condition()
-        self._inbox: deque = deque()        # ("add" | "cancel", request)
+        self._inbox: deque = deque()        # (_Op, _Request | _EmbedJob)
         self._n_seqs = 0                    # sequences submitted and not finished
         self._closing = False
         self._ids = itertools.count()
@@ -275,7 +212,7 @@ class AsyncEngine:
                 raise QueueFullError(f"{max(0, self._n_seqs - self.n_parallel)} sequences already "
                                      f"wait for a slot (max_queue={self.max_queue})")
             self._n_seqs += req.n
-            self._inbox.append(("add", req))
+            self._inbox.append((_Op.ADD, req))
             self._lock.notify()
         return req
 
@@ -285,7 +222,7 @@ class AsyncEngine:
             return
         req.cancelled = True
         with self._lock:
-            self._inbox.append(("cancel", req))
+            self._inbox.append((_Op.CANCEL, req))
             self._lock.notify()
 
     def prepare(self, prompt, params: Optional[SamplingParams] = None, *, n: int = 1,
@@ -373,13 +310,14 @@ class AsyncEngine:
 
     def _queue_embed(self, items, norm, truncate, add_special, parse_special):
         """An embedding job (token ids or texts) for the engine thread: a Future."""
-        job = (items, norm, bool(truncate), add_special, parse_special, concurrent.futures.Future())
+        job = _EmbedJob(items, norm, bool(truncate), add_special, parse_special,
+                        concurrent.futures.Future())
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is closed")
-            self._inbox.append(("embed", job))
+            self._inbox.append((_Op.EMBED, job))
             self._lock.notify()
-        return job[-1]
+        return job.future
 
     async def embed(self, texts, *, normalize=True, truncate: bool = False,
                     add_special: bool = True, parse_special: bool = False) -> EmbedResult:
@@ -405,13 +343,13 @@ class AsyncEngine:
         return self._queue_embed(_rerank_items(self.model, query, documents), -1, truncate,
                                  False, False)
 
-    def _run_embed(self, job) -> None:
-        items, norm, truncate, add_special, parse_special, fut = job
+    def _run_embed(self, job: _EmbedJob) -> None:
+        fut = job.future
         if not fut.set_running_or_notify_cancel():
             return
         try:
-            vectors, n_tokens, cut = _embed(self._ectx, items, norm, truncate, add_special,
-                                            parse_special)
+            vectors, n_tokens, cut = _embed(self._ectx, job.items, job.norm, job.truncate,
+                                            job.add_special, job.parse_special)
         except BaseException as e:      # noqa: BLE001 - handed to the caller
             fut.set_exception(e)
         else:
@@ -495,9 +433,9 @@ class AsyncEngine:
                     todo = list(self._inbox)
                     self._inbox.clear()
                 for op, req in todo:
-                    if op == "add":
+                    if op is _Op.ADD:
                         self._admit(req)
-                    elif op == "embed":
+                    elif op is _Op.EMBED:
                         self._run_embed(req)
                     else:
                         self._drop(req)
@@ -513,10 +451,10 @@ class AsyncEngine:
                 todo = list(self._inbox)
                 self._inbox.clear()
             for op, req in todo:
-                if op == "add":
+                if op is _Op.ADD:
                     self._finish(req, [EngineClosedError("the engine was closed")])
-                elif op == "embed" and req[-1].set_running_or_notify_cancel():
-                    req[-1].set_exception(EngineClosedError("the engine was closed"))
+                elif op is _Op.EMBED and req.future.set_running_or_notify_cancel():
+                    req.future.set_exception(EngineClosedError("the engine was closed"))
             self._fail_all(EngineClosedError("the engine was closed"))
 
     def _admit(self, req: _Request) -> None:
@@ -623,140 +561,3 @@ class AsyncEngine:
                 self._retire(req, sid)
 
 
-class _StreamBase:
-    def __init__(self, engine: AsyncEngine, n_prompt: int):
-        self._engine = engine
-        self._req: Optional[_Request] = None
-        self.n_prompt_tokens = n_prompt
-        self._ended = False
-
-    @property
-    def id(self) -> int:
-        return self._req.id
-
-    @property
-    def usage(self) -> Usage:
-        return Usage(self.n_prompt_tokens, self._req.completion, self._req.cached)
-
-    def _take(self, item) -> Optional[EngineChunk]:
-        """The chunk, None at the end, or the request's error raised."""
-        if item is _DONE or isinstance(item, BaseException):
-            self._ended = True
-            if item is not _DONE:
-                raise item
-            return None
-        return item
-
-    def cancel(self) -> None:
-        """Cancel the request at the engine's next step (any thread)."""
-        if self._req is not None and not self._ended:
-            self._engine._cancel(self._req)
-
-    def __del__(self):
-        try:
-            self.cancel()
-        except Exception:
-            pass
-
-    def _collect(self, chunks) -> EngineResult:
-        choices = [Choice(i) for i in range(self._req.n)]
-        texts: List[List[str]] = [[] for _ in choices]
-        for c in chunks:
-            ch = choices[c.index]
-            texts[c.index].append(c.text)
-            ch.tokens.extend(c.token_ids)
-            if c.logprobs is not None:
-                if ch.logprobs is None:
-                    ch.logprobs = []
-                ch.logprobs.extend(c.logprobs)
-            if c.finish_reason is not None:
-                ch.finish_reason = c.finish_reason
-                ch.stop_sequence = c.stop_sequence
-        for ch, t in zip(choices, texts):
-            ch.text = "".join(t)
-        return EngineResult(choices, self.usage)
-
-
-class EngineStream(_StreamBase):
-    """Async iterator of EngineChunks for one request (returned by AsyncEngine.stream)."""
-
-    def __init__(self, engine, n_prompt, loop):
-        super().__init__(engine, n_prompt)
-        self._loop = loop
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._buf: deque = deque()
-
-    def _deliverer(self) -> Callable[[list], None]:
-        """What the engine thread calls with new items.  It holds the queue, not the stream, so
-        a dropped stream is collected (and its __del__ cancels the request)."""
-        loop, put = self._loop, self._queue.put_nowait
-
-        def deliver(items):
-            loop.call_soon_threadsafe(put, items)     # RuntimeError once the loop is closed
-        return deliver
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> EngineChunk:
-        if self._ended:
-            raise StopAsyncIteration
-        if not self._buf:
-            try:
-                self._buf.extend(await self._queue.get())
-            except asyncio.CancelledError:
-                self.cancel()
-                raise
-        chunk = self._take(self._buf.popleft())
-        if chunk is None:
-            raise StopAsyncIteration
-        return chunk
-
-    async def aclose(self) -> None:
-        self.cancel()
-        self._ended = True
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.aclose()
-
-    async def collect(self) -> EngineResult:
-        """Read the rest of the stream into an EngineResult."""
-        return self._collect([c async for c in self])
-
-
-class SyncStream(_StreamBase):
-    """Blocking iterator of EngineChunks (AsyncEngine.stream_sync), for plain threads."""
-
-    def __init__(self, engine, n_prompt):
-        super().__init__(engine, n_prompt)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._buf: deque = deque()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> EngineChunk:
-        if self._ended:
-            raise StopIteration
-        if not self._buf:
-            self._buf.extend(self._queue.get())
-        chunk = self._take(self._buf.popleft())
-        if chunk is None:
-            raise StopIteration
-        return chunk
-
-    def close(self) -> None:
-        self.cancel()
-        self._ended = True
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def collect(self) -> EngineResult:
-        return self._collect(list(self))

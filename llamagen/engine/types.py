@@ -1,0 +1,82 @@
+"""What the engine hands out: chunks, results, usage, stats, and a prepared request."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, NamedTuple, Optional
+
+from llamagen._results import TokenLogprob
+from llamagen.sampling import SamplingParams
+
+__all__ = ["Usage", "EngineChunk", "Choice", "EngineResult", "EngineStats", "PreparedRequest"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int        # prompt tokens found in the KV cache (not prefilled)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class EngineChunk:
+    """What one step produced for one choice: new text (valid UTF-8, may be empty while bytes
+    are held back) and the token ids behind it; ``finish_reason`` on the choice's last chunk."""
+    index: int
+    text: str
+    token_ids: List[int]
+    finish_reason: Optional[str] = None     # "stop", "length", "cancelled", "error"
+    stop_sequence: Optional[str] = None     # the stop string that ended the text, if one did
+    logprobs: Optional[List[TokenLogprob]] = None   # of token_ids (``logprobs=k`` requests)
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    tokens: List[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    stop_sequence: Optional[str] = None
+    logprobs: Optional[List[TokenLogprob]] = None
+
+
+@dataclass
+class EngineResult:
+    choices: List[Choice]
+    usage: Usage
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def tokens(self) -> List[int]:
+        return self.choices[0].tokens
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return self.choices[0].finish_reason
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    n_running: int                 # sequences holding a slot
+    n_waiting: int                 # sequences submitted and waiting for one
+    kv_used: int                   # KV cells held (live sequences and idle prompt caches)
+    kv_size: int
+    prompt_tokens_total: int
+    generated_tokens_total: int
+    prefix_cache_queries: int      # prompt tokens looked up in the prompt cache
+    prefix_cache_hits: int         # ... found there (not prefilled)
+    requests_total: int
+    n_steps: int
+    n_stalled_steps: int = 0       # steps that decoded nothing with sequences live (a watchdog)
+
+
+class PreparedRequest(NamedTuple):
+    """A request checked and tokenized by ``AsyncEngine.prepare``, for ``stream_prepared``."""
+    tokens: List[int]
+    params: List[SamplingParams]          # one per choice, seeds resolved
