@@ -664,8 +664,11 @@ cdef vector[llama.llama_token] _prompt_tokens(Context ctx, prompt, bint add_spec
     if toks.size() == 0:
         raise ValueError("the prompt is empty (no tokens to condition on)")
     if <int32_t> toks.size() >= n_ctx:
-        raise ValueError(f"the prompt has {toks.size()} tokens but the context holds {n_ctx}: "
-                         "it must leave room for at least one new token (use a larger n_ctx)")
+        # the same error the engine raises for it (a ValueError, as before)
+        raise PromptTooLongError(toks.size(), n_ctx,
+                                 f"the prompt has {toks.size()} tokens but the context holds "
+                                 f"{n_ctx}: it must leave room for at least one new token (use a "
+                                 "larger n_ctx)")
     return toks
 
 

@@ -105,3 +105,19 @@ def test_no_layer_imports_one_above_it():
 def test_the_cycle_check_can_fail():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_a_prompt_too_long_is_the_same_error_on_every_path(tiny_model):
+    # issue 27: the engine raised PromptTooLongError, generate / BatchGenerator a plain ValueError
+    import llamagen
+    from llamagen import BatchGenerator, Context
+    long = list(range(3, 3 + 300))
+    with Context(tiny_model, n_ctx=256, n_seq_max=2) as ctx:
+        for call in (lambda: llamagen.generate(ctx, long, max_new_tokens=1),
+                     lambda: BatchGenerator(ctx, n_parallel=2).add(long, max_new_tokens=1)):
+            try:
+                call()
+            except llamagen.PromptTooLongError as e:
+                assert e.n_prompt == 300 and e.n_ctx <= 256 and isinstance(e, ValueError)
+            else:
+                raise AssertionError("accepted")
