@@ -176,7 +176,8 @@ def test_a_bad_row_gets_its_error(cluster, ray_tiny_path):
                         temp=0, max_new_tokens=4)
     got = {r["id"]: r for r in _run(out)}
     assert sorted(got) == list(range(6))
-    assert got[2]["error"].startswith("ValueError: ") and "tokens" in got[2]["error"]
+    # (PromptTooLongError, a ValueError: the same error as the engine and generate raise)
+    assert got[2]["error"].startswith("PromptTooLongError: ") and "tokens" in got[2]["error"]
     assert got[4]["error"] and got[4]["text"] == "" and got[4]["n_tokens"] == 0
     for i in (0, 1, 3, 5):
         assert got[i]["error"] is None and got[i]["n_tokens"] == 4
