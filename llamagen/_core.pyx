@@ -34,7 +34,7 @@ from llamagen.errors import (
 )
 from llamagen._gbnf import check as _gbnf_check
 from llamagen._gguf import check_loadable as _gguf_check_loadable
-from llamagen._schema import check_depth as _schema_check_depth
+from llamagen._schema import check_limits as _schema_check_limits
 from llamagen._util import check_prompt as _check_prompt
 from llamagen import structured as _structured
 

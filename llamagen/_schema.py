@@ -1,11 +1,11 @@
-"""JSON schemas as llama.cpp's converter walks them: their subschemas, local $refs and how deep
-they nest.  Below _core (which checks tool parameter schemas with it) and structured.py."""
+"""JSON schemas as llama.cpp's converter walks them: their subschemas, local $refs, how deep
+they nest and what converting them costs.  Below _core (which checks tool parameter schemas with it) and structured.py."""
 from __future__ import annotations
 
 from typing import Any, Iterator, Tuple
 
 __all__ = ["MAX_SCHEMA_DEPTH", "MAX_OPTIONAL_PROPERTIES", "MAX_OPTIONAL_COST", "MAX_SCHEMA_NODES",
-           "check_depth", "subschemas"]
+           "check_limits", "subschemas"]
 
 # keywords whose values are schemas / lists of schemas / maps of schemas
 _ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
@@ -61,7 +61,7 @@ def _short(path: str) -> str:
     return path if len(path) <= 120 else f"{path[:56]}...{path[-56:]}"
 
 
-def check_depth(schema: Any, where: str = "json_schema") -> None:
+def check_limits(schema: Any, where: str = "json_schema") -> None:
     """ValueError when ``schema`` nests deeper than MAX_SCHEMA_DEPTH levels, following local
     $refs (a $ref already being followed is not followed again: the converter makes it a rule),
     or costs the converter more than its budget: an object with more than MAX_OPTIONAL_PROPERTIES

@@ -12,9 +12,9 @@ import functools
 import json
 from typing import Any
 
-from llamagen._schema import MAX_SCHEMA_DEPTH, check_depth, subschemas
+from llamagen._schema import MAX_SCHEMA_DEPTH, check_limits, subschemas
 
-__all__ = ["schema_to_grammar", "check_schema", "check_depth", "JSON_OBJECT_SCHEMA",
+__all__ = ["schema_to_grammar", "check_schema", "check_limits", "JSON_OBJECT_SCHEMA",
            "UNSUPPORTED_KEYWORDS", "MAX_SCHEMA_DEPTH"]
 
 # any JSON object (OpenAI's response_format {"type": "json_object"})
@@ -58,7 +58,7 @@ def check_schema(schema: Any) -> None:
                 "maxItems, enum, const, anyOf, oneOf, allOf, $ref, $defs, minLength, maxLength, "
                 "pattern, format (date, time, date-time, uuid), integer minimum/maximum")
         stack.extend(subschemas(node, path))
-    check_depth(schema)
+    check_limits(schema)
 
 
 def normalize(value: Any) -> str:
