@@ -92,13 +92,10 @@ cdef _ChatTemplates _chat_templates(Model model, template):
             if model._chat_default is None:     # another thread may have loaded it meanwhile
                 model._chat_default = t
         return model._chat_default
-    cache = model._chat_overrides
-    t = cache.pop(template, None)
+    t = _lru_get(model._chat_overrides, template)
     if t is None:
         t = _chat_templates_load(model, template)
-    cache[template] = t                          # most recently used last
-    while len(cache) > _CHAT_OVERRIDES_KEPT:
-        del cache[next(iter(cache))]
+        _lru_put(model._chat_overrides, template, t, _CHAT_OVERRIDES_KEPT)
     return t
 
 

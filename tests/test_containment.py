@@ -431,3 +431,16 @@ def test_many_special_tokens_tokenize_in_linear_time_to_the_same_tokens(smollm2_
         assert whole.count(m.tokenize("<|im_start|>", add_special=False, parse_special=True)[0]) == 3000
     finally:
         m.close()
+
+
+def test_the_model_caches_keep_the_most_recent_entries():
+    # the chat-template overrides and the checked grammars of a Model share this LRU
+    from llamagen._util import lru_get, lru_put
+    cache: dict = {}
+    for k in "abcd":
+        lru_put(cache, k, k.upper(), 3)
+    assert list(cache) == ["b", "c", "d"]
+    assert lru_get(cache, "b") == "B" and list(cache) == ["c", "d", "b"]
+    assert lru_get(cache, "a") is None
+    lru_put(cache, "e", "E", 3)
+    assert list(cache) == ["d", "b", "e"]
