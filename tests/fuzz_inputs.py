@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import llamagen
 from llamagen import GrammarError, SamplingParams
-from llamagen.engine import _check_grammar
+from llamagen._core import _check_grammar
 from llamagen.sampling import resolve
 
 EXAMPLE_SECONDS = 30.0      # the budgets keep every case to a few seconds; a hang fails here

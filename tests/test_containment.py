@@ -345,7 +345,7 @@ def test_schemas_and_grammars_that_cost_superlinear_time_are_refused(tiny_model)
 
 
 def _check(model, params):
-    from llamagen.engine import _check_grammar
+    from llamagen._core import _check_grammar
     from llamagen.sampling import resolve
     _check_grammar(model, resolve(params, (), {}))
 

@@ -9,7 +9,6 @@ finished sequence's cells in its slot for the next request with the same prefix.
 The package: ``types`` (what the engine hands out), ``streams`` (the caller's iterators),
 ``engine`` (the facade that validates and submits, and the engine thread's loop).
 """
-from llamagen._core import _check_grammar  # noqa: F401  (tests check grammars as the engine does)
 from llamagen.engine.engine import AsyncEngine
 from llamagen.engine.streams import EngineStream, SyncStream
 from llamagen.engine.types import (
