@@ -399,9 +399,11 @@ def test_the_server_answers_and_streams_while_a_heavy_request_is_prepared(tiny_m
             time.sleep(0.02)
         t_end = time.monotonic()
         st.join(120)
-        assert heavy["status"] == 200 and heavy["seconds"] > 1.0, heavy
+        # (heavy enough that a loop stopped for it would show: ~1.8 s on these machines)
+        assert heavy["status"] == 200 and heavy["seconds"] > 0.5, heavy
         # /health answered throughout (before: once, after the whole preparation)
-        assert len(health) >= 10 and max(health) < 1.0, (len(health), max(health))
+        # a poll on a stopped loop waits for the whole preparation: relative to it, not a clock
+        assert len(health) >= 10 and max(health) < heavy["seconds"] / 3, (len(health), max(health))
         # and the stream kept producing tokens while the request was prepared
         during = [s for s in stamps if t_start < s < t_end]
         assert len(during) >= 10, (len(during), heavy)
