@@ -6,8 +6,7 @@ from typing import Any, Iterable, Iterator, List, Optional
 
 from llamagen._core import BatchGenerator, Context
 from llamagen._util import check_prompt
-from llamagen._shared import check_n, seeded, progress_bar as _progress
-from llamagen._shared import exclusive as _exclusive
+from llamagen._shared import check_n, exclusive, progress_bar, seeded
 from llamagen._results import Completion, TokenLogprob
 from llamagen.sampling import SamplingParams, resolve
 
@@ -50,7 +49,7 @@ def generate_batch(ctx: Context, prompts, *, params: Optional[SamplingParams] = 
     if isinstance(prompts, (str, bytes)):
         raise TypeError("prompts must be a list of prompts, got one " + type(prompts).__name__)
     prompts = [check_prompt(x, f"prompt {i}") for i, x in enumerate(prompts)]
-    with _exclusive(ctx):        # the whole call owns the context: other threads take turns
+    with exclusive(ctx):        # the whole call owns the context: other threads take turns
         outs = _run_batch(ctx, prompts, seeded(p, n), n_parallel)
     if not return_logprobs:
         outs = [[c.text for c in row] for row in outs]
@@ -104,7 +103,7 @@ def map_generate(ctx: Context, iterable: Iterable, *, batch_size: int = 16, prog
     n_parallel = min(batch_size, ctx.n_seq_max)
     batch = BatchGenerator(ctx, n_parallel=n_parallel, params=p)
     total = len(iterable) if hasattr(iterable, "__len__") else None
-    bar = _progress(total) if progress else None
+    bar = progress_bar(total) if progress else None
     items = enumerate(iter(iterable))
     pending = {}            # seq id -> (BatchResult, choice index)
     left = {}               # item index -> samples still running

