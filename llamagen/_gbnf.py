@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Set
 MAX_NESTING = 256           # parentheses
 MAX_CHAIN = 2000            # rules that each start with a reference to the next
 MAX_EXPANDED = 2_000_000    # grammar symbols once repetitions are expanded (about)
-MAX_FANOUT = 4096           # alternatives that can start at one position (0.04 s to build)
+MAX_FANOUT = 4096           # alternatives open at one position (an enum of 4,000: prepared in 0.03 s)
 REPETITION_THRESHOLD = 2000  # llama.cpp: a larger minimum is an error, a larger maximum unbounded
 
 _WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")

@@ -25,10 +25,10 @@ MAX_SCHEMA_DEPTH = 1000
 # 0.10 s, 500 0.24 s, 1,000 1.5 s, 3,000 about 40 s, a few MB of them tens of GB (issue 26).
 MAX_OPTIONAL_PROPERTIES = 256
 # ... and over the whole schema: the sum of the cubes of each object's optional properties (50
-# objects at the limit took 2.7 s); 32 of them about 1.7 s
+# objects at the limit took 2.7 s, 30 of them 1.3-1.8 s)
 MAX_OPTIONAL_COST = 32 * MAX_OPTIONAL_PROPERTIES ** 3
 # Subschemas (each visited once, $ref targets once): conversion is about linear in them, 10,000
-# properties in 0.23 s; a 16 MiB body of them would take 10 s
+# properties in 0.23 s; a 16 MiB body of them, extrapolated, about 10 s
 MAX_SCHEMA_NODES = 50_000
 
 
