@@ -13,6 +13,7 @@ do not depend on earlier requests"); each test below built a case that broke bef
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -212,11 +213,17 @@ def test_server_answer_is_the_same_after_a_mix_of_finished_requests(smollm2_path
             if i == 1:
                 break
         stream.close()
-        used = 0
-        for _ in range(50):         # the cancel lands at the engine's next step
-            used = round(metric(srv.url, "llamagen:kv_cache_usage_perc") * 8192)
+        # the cancel lands at the engine's next step; read the cells only once nothing runs
+        # (read before, a last decoded token could still add one)
+        for _ in range(200):
             if metric(srv.url, "llamagen:num_requests_running") == 0:
                 break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the cancelled stream never stopped")
+        used = round(metric(srv.url, "llamagen:kv_cache_usage_perc") * 8192)
+        time.sleep(0.2)
+        assert round(metric(srv.url, "llamagen:kv_cache_usage_perc") * 8192) == used
         assert used < 249, used
         c.completions.create(model="m", prompt=list(range(3000, 3000 + 250 - used)), max_tokens=1)
         assert round(metric(srv.url, "llamagen:kv_cache_usage_perc") * 8192) == 250
