@@ -14,11 +14,12 @@ from llamagen.engine import AsyncEngine, EngineChunk, EngineResult, EngineStats,
 from llamagen.generation import gen_begin, gen_end, gen_next, generate
 from llamagen.logprobs import Completion, ScoreResult, TokenLogprob, TopLogprob, score
 from llamagen.structured import schema_to_grammar
-from llamagen import tools  # noqa: F401  (llamagen.tools.prepare: tool calling)
+from llamagen import chat, tools  # noqa: F401  (llamagen.chat.prepare, llamagen.tools)
 from llamagen.sampling import SamplingParams
 from llamagen.errors import (
-    ContextError, DecodeError, EngineClosedError, GrammarError, KVCacheFullError, LlamaError,
-    ModelLoadError, PromptTooLongError, QuantizeError, QueueFullError, StaleStateError,
+    ContextError, DecodeError, EngineClosedError, GenerationError, GrammarError,
+    InvalidParamError, InvalidParamTypeError, KVCacheFullError, LlamaError, ModelLoadError,
+    PromptTooLongError, QuantizeError, QueueFullError, RequestCancelledError, StaleStateError,
 )
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "quantize", "QuantizeResult", "QUANT_TYPES",
     "LlamaError", "ModelLoadError", "ContextError", "DecodeError", "KVCacheFullError",
     "StaleStateError", "GrammarError", "QuantizeError", "PromptTooLongError", "QueueFullError",
-    "EngineClosedError", "AsyncEngine", "EngineChunk", "EngineResult", "EngineStats", "Usage",
+    "EngineClosedError", "InvalidParamError", "InvalidParamTypeError", "GenerationError",
+    "RequestCancelledError", "AsyncEngine", "EngineChunk", "EngineResult", "EngineStats", "Usage",
     "embed", "map_embed", "rerank", "EmbedResult", "score", "ScoreResult", "Completion", "TokenLogprob", "TopLogprob", "schema_to_grammar",
 ]

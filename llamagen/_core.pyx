@@ -30,7 +30,7 @@ import threading as _threading
 
 from llamagen.errors import (
     ContextError, DecodeError, GrammarError, KVCacheFullError, LlamaError, ModelLoadError,
-    PromptTooLongError, QuantizeError, StaleStateError,
+    PromptTooLongError, QuantizeError, StaleStateError, invalid,
 )
 from llamagen._gbnf import check as _gbnf_check
 from llamagen._gguf import check_loadable as _gguf_check_loadable

@@ -71,14 +71,16 @@ def _embed(Context ctx not None, list items, int norm, bint truncate, bint add_s
         try:
             t = _prompt_tokens(ctx, item, add_special, parse_special, INT32_MAX)
         except (ValueError, TypeError) as e:
-            raise type(e)(f"text {idx}: {e}") from None
+            raise _item_error(e, idx) from None
         cut = <int32_t> t.size() > limit
         if cut:
             if not truncate:
-                raise PromptTooLongError(t.size(), limit, f"text {idx} has {t.size()} tokens but "
+                err = PromptTooLongError(t.size(), limit, f"text {idx} has {t.size()} tokens but "
                                          f"one decode of this context holds {limit} (n_batch "
                                          f"{n_batch}, {llama.llama_n_ctx_seq(ctx._ctx)} cells per "
                                          "sequence): pass truncate=True or use a larger context")
+                err.index = idx
+                raise err
             t.resize(limit)
         toks.push_back(t)
         n_tokens.append(<int> t.size())

@@ -17,6 +17,22 @@ cdef int check_decode(int32_t rc, const char * what) except -1:
     raise DecodeError(rc, f"{where}: llama.cpp failed ({_take_errors() or 'allocation or compute error'})")
 
 
+def _item_error(e, Py_ssize_t idx):
+    """``e``, about text ``idx`` of a list (embed, score): the same kind of error with "text
+    idx: " before its message and ``index`` set.  A built-in error (UnicodeEncodeError from a
+    lone surrogate, say) becomes an InvalidParamError: its own constructor takes other arguments."""
+    msg = f"text {idx}: {e}"
+    if isinstance(e, LlamaError):
+        new = type(e).__new__(type(e))
+        new.__dict__.update(e.__dict__)
+        new.args = (msg,)
+    else:
+        new = invalid(TypeError if isinstance(e, TypeError) else ValueError,
+                      getattr(e, "field", None), msg)
+    new.index = idx
+    return new
+
+
 cdef inline int check_token(llama.llama_token tok, int32_t n_vocab) except -1:
     if tok < 0 or tok >= n_vocab:
         raise ValueError(f"token id {tok} is outside the vocabulary [0, {n_vocab})")

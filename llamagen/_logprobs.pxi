@@ -104,10 +104,12 @@ def _score(Context ctx not None, list texts, int32_t k, bint add_special, bint p
                 t = _prompt_tokens(ctx, text, add_special, parse_special, INT32_MAX)
                 firsts.push_back(1)
         except (ValueError, TypeError) as e:
-            raise type(e)(f"text {idx}: {e}") from None
+            raise _item_error(e, idx) from None
         if <int32_t> t.size() > n_ctx_seq:
-            raise PromptTooLongError(t.size(), n_ctx_seq, f"text {idx} has {t.size()} tokens but "
+            err = PromptTooLongError(t.size(), n_ctx_seq, f"text {idx} has {t.size()} tokens but "
                                      f"one sequence's context holds {n_ctx_seq} (use a larger n_ctx)")
+            err.index = idx
+            raise err
         toks.push_back(t)
     ctx._check()        # (reading the texts ran user code, which may have closed it)
     n_texts = <int32_t> toks.size()

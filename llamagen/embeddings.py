@@ -174,11 +174,17 @@ def map_embed(ctx: Context, iterable: Iterable, *, batch_size: int = 64, progres
 
 
 def _reindex(e: Exception, base: int) -> Exception:
-    """The error of a chunk with its "text i" turned into the index in the whole iterable."""
-    import re
-    msg = re.sub(r"^text (\d+)", lambda m: f"item {base + int(m.group(1))}", str(e))
+    """The error of a chunk about its text ``e.index`` turned into one about item ``base + index``
+    of the whole iterable."""
+    idx = getattr(e, "index", None)
+    if idx is None:
+        return e
+    msg, head = str(e), f"text {idx}"
+    if msg.startswith(head):
+        msg = f"item {base + idx}" + msg[len(head):]
     new = type(e).__new__(type(e))
     new.args = (msg,)
     for k, v in getattr(e, "__dict__", {}).items():
         setattr(new, k, v)
+    new.index = base + idx
     return new

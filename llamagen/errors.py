@@ -9,6 +9,27 @@ class LlamaError(Exception):
     """Base class of every error llamagen raises about llama.cpp or its use."""
 
 
+class InvalidParamError(LlamaError, ValueError):
+    """A request's parameter is invalid.  ``field`` names it as llamagen spells it (a
+    SamplingParams field, "prompt", "n", "input", ...); ``index``: which item of a list (a prompt,
+    an input text) when there are several.  Callers map it without reading the message."""
+
+    def __init__(self, message, field=None, index=None):
+        self.field = field
+        self.index = index
+        super().__init__(message)
+
+
+class InvalidParamTypeError(InvalidParamError, TypeError):
+    """InvalidParamError for a value of the wrong type (a TypeError too)."""
+
+
+def invalid(kind, field, message, index=None):
+    """The InvalidParamError (``kind`` ValueError) or InvalidParamTypeError (TypeError) to raise."""
+    cls = InvalidParamTypeError if issubclass(kind, TypeError) else InvalidParamError
+    return cls(message, field=field, index=index)
+
+
 class ModelLoadError(LlamaError, ValueError):
     """A model file could not be loaded (not GGUF, truncated, unsupported architecture, ...)."""
 
@@ -68,3 +89,18 @@ class QueueFullError(LlamaError):
 
 class EngineClosedError(LlamaError):
     """The engine was closed: it takes no more requests."""
+
+
+class GenerationError(LlamaError):
+    """A request's generation failed after it was accepted (a stream raises it in place of the
+    choice's chunks); ``index``: the choice, ``reason``: the engine's finish reason."""
+
+    def __init__(self, message, index=None, reason="error"):
+        self.index = index
+        self.reason = reason
+        super().__init__(message)
+
+
+class RequestCancelledError(GenerationError):
+    """The engine cancelled a request it had accepted (not the caller: closing a stream ends it
+    quietly)."""

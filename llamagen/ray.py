@@ -29,6 +29,7 @@ except ImportError as e:                       # pragma: no cover - the message 
     raise ImportError('llamagen.ray needs Ray Data: pip install "llamagen[ray]" '
                       f'(or pip install "ray[data]"): {e}') from e
 
+from llamagen import chat as _chat
 from llamagen._core import Context, Model
 from llamagen.batch import map_generate
 from llamagen.embeddings import embed as _embed
@@ -301,8 +302,8 @@ class GenerateStage:
 
 class ChatStage(GenerateStage):
     """GenerateStage for chat: each row's ``messages`` (OpenAI-style dicts ``{"role", "content"}``)
-    rendered with the model's chat template by ``Model.render_chat`` (ChatML for a model without
-    one; ``template=`` replaces it), tokenized as llama-server does (special tokens parsed, the
+    rendered and tokenized by ``llamagen.chat.prepare`` as llama-server does (the model's chat
+    template, ChatML for a model without one, ``template=`` instead; special tokens parsed, the
     model's BOS not doubled).  A row whose messages do not render gets the error; the others go
     on.  Other arguments as GenerateStage's.
     """
@@ -317,24 +318,24 @@ class ChatStage(GenerateStage):
         self.chat_template_kwargs = dict(chat_template_kwargs) if chat_template_kwargs else None
         self.enable_thinking = enable_thinking
 
-    def render(self, messages) -> str:
-        """The prompt text of one row's messages."""
+    def prepare(self, messages):
+        """One row's messages as llamagen.chat.prepare makes them (tokens, template sampling)."""
         msgs = _py(messages)
         if isinstance(msgs, str):
             raise TypeError("messages must be a list of {'role', 'content'} dicts, got a str")
         # a struct column has every key of every row's messages: a None is an absent key
         msgs = [{k: v for k, v in m.items() if v is not None or k == "content"}
                 if isinstance(m, dict) else m for m in msgs]
-        return self.model.render_chat(msgs, template=self.template,
-                                      chat_template_kwargs=self.chat_template_kwargs,
-                                      enable_thinking=self.enable_thinking)
+        return _chat.prepare(self.model, msgs, template=self.template,
+                             chat_template_kwargs=self.chat_template_kwargs,
+                             enable_thinking=self.enable_thinking)
+
+    def render(self, messages) -> str:
+        """The prompt text of one row's messages."""
+        return self.prepare(messages).prompt
 
     def _prompt(self, value):
-        toks = self.model.tokenize(self.render(value), add_special=True, parse_special=True)
-        bos = self.model.bos
-        if bos is not None and len(toks) >= 2 and toks[0] == bos and toks[1] == bos:
-            del toks[0]                              # the template wrote the BOS itself
-        return toks
+        return self.prepare(value).tokens
 
 
 # -- embeddings ----------------------------------------------------------------------------------

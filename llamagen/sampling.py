@@ -9,6 +9,8 @@ import struct
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Tuple
 
+from llamagen.errors import LlamaError, invalid
+
 __all__ = ["SamplingParams", "DEFAULT_DRY_BREAKERS", "SAMPLER_IMPLS"]
 
 DEFAULT_DRY_BREAKERS = ("\n", ":", '"', "*")
@@ -34,6 +36,11 @@ TEMP_MIN = 1e-30
 MAX_WINDOW = (1 << 31) - 1
 
 
+def _field(name: str) -> str:
+    """The SamplingParams field an error is about ("logit_bias for token 3" -> "logit_bias")."""
+    return name.split(" ", 1)[0]
+
+
 def _show(value):
     """repr() for an error message; a huge int is described, not printed (it may be thousands of
     digits long, or past the interpreter's int-to-str limit)."""
@@ -50,7 +57,7 @@ def _f32(name, v, original):
     except OverflowError:
         v32 = math.inf
     if v != 0.0 and not FLT_MIN <= abs(v32) <= FLT_MAX:
-        raise ValueError(f"{name} does not fit a 32-bit float (nonzero magnitudes from {FLT_MIN:.8g} "
+        raise invalid(ValueError, _field(name), f"{name} does not fit a 32-bit float (nonzero magnitudes from {FLT_MIN:.8g} "
                          f"to {FLT_MAX:.8g}), got {_show(original)}")
     return v
 
@@ -62,30 +69,30 @@ def _is_bool(value) -> bool:
 def _num(name, value, lo=-math.inf, hi=math.inf, *, lo_open=False, what=None):
     # numbers.Real takes numpy's floats and ints (np.float32 is not a float subclass)
     if _is_bool(value) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        raise invalid(TypeError, _field(name), f"{name} must be a number, got {type(value).__name__}")
     try:
         v = float(value)
     except OverflowError:               # an int beyond float64
         v = math.inf if value > 0 else -math.inf
     if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
-        raise ValueError(f"{name} must be {what or f'a finite number in [{lo}, {hi}]'}, "
+        raise invalid(ValueError, _field(name), f"{name} must be {what or f'a finite number in [{lo}, {hi}]'}, "
                          f"got {_show(value)}")
     return _f32(name, v, value)
 
 
 def _int(name, value, lo=INT32_MIN, hi=INT32_MAX, what=None):
     if _is_bool(value) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise invalid(TypeError, _field(name), f"{name} must be an int, got {type(value).__name__}")
     value = operator.index(value)       # numpy's ints -> int
     if value < lo or value > hi:
-        raise ValueError(f"{name} must be {what or f'an int in [{lo}, {hi}]'}, got {_show(value)}")
+        raise invalid(ValueError, _field(name), f"{name} must be {what or f'an int in [{lo}, {hi}]'}, got {_show(value)}")
     return value
 
 
 def _flag(name, value) -> bool:
     """True or False (numpy's bools and 0/1 too); bool("no") is True, so a str is refused."""
     if isinstance(value, str) or not (_is_bool(value) or value in (0, 1)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        raise invalid(TypeError, _field(name), f"{name} must be True or False, got {value!r}")
     return bool(value)
 
 
@@ -94,7 +101,7 @@ def _strings(name, value, what):
     items = (value,) if isinstance(value, str) else _tuple(name, value or (), "a str or a list of str")
     for x in items:
         if not isinstance(x, str) or not x:
-            raise ValueError(f"{name} must be non-empty {what}")
+            raise invalid(ValueError, _field(name), f"{name} must be non-empty {what}")
         _text(name, x)
     return items
 
@@ -125,10 +132,10 @@ def _triggers(value):
     items = _strings("grammar_triggers", value, "regex strings")
     for i, x in enumerate(items):
         if len(x) > MAX_TRIGGER_CHARS:
-            raise ValueError(f"grammar_triggers[{i}] is {len(x)} characters long: at most "
+            raise invalid(ValueError, "grammar_triggers", f"grammar_triggers[{i}] is {len(x)} characters long: at most "
                              f"{MAX_TRIGGER_CHARS} (std::regex recurses per element)")
         if _regex_nesting(x) > MAX_TRIGGER_NESTING:
-            raise ValueError(f"grammar_triggers[{i}] nests groups more than {MAX_TRIGGER_NESTING} "
+            raise invalid(ValueError, "grammar_triggers", f"grammar_triggers[{i}] nests groups more than {MAX_TRIGGER_NESTING} "
                              f"deep (std::regex recurses per group)")
     return items
 
@@ -138,7 +145,7 @@ def _text(name, value):
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{name} is not valid Unicode text: {e.reason} at index {e.start} "
+        raise invalid(ValueError, _field(name), f"{name} is not valid Unicode text: {e.reason} at index {e.start} "
                          f"({value[e.start]!r})") from None
     return value
 
@@ -147,7 +154,7 @@ def _tuple(name, value, what):
     try:
         return tuple(value)
     except TypeError:                   # not iterable
-        raise TypeError(f"{name} must be {what}, got {type(value).__name__}") from None
+        raise invalid(TypeError, _field(name), f"{name} must be {what}, got {type(value).__name__}") from None
 
 
 @dataclass(frozen=True)
@@ -218,7 +225,7 @@ class SamplingParams:
                                        "an int from 1 to 2**31 - 1"))
         s(self, "temp", _num("temp", self.temp, what="a finite number (<= 0 means greedy)"))
         if 0.0 < self.temp < TEMP_MIN:
-            raise ValueError(f"temp must be <= 0 (greedy) or at least {TEMP_MIN:g}: the logits are "
+            raise invalid(ValueError, "temp", f"temp must be <= 0 (greedy) or at least {TEMP_MIN:g}: the logits are "
                              f"divided by it in 32-bit floats and would overflow, got {self.temp!r}")
         s(self, "top_k", _int("top_k", self.top_k, what="an int in [-2**31, 2**31 - 1] (<= 0 = off)"))
         s(self, "top_p", _num("top_p", self.top_p, 0.0, 1.0))
@@ -236,18 +243,18 @@ class SamplingParams:
                                          what="a finite number (0 = off)"))
         if _is_bool(self.mirostat) or not isinstance(self.mirostat, numbers.Integral) or \
                 self.mirostat not in (0, 1, 2):
-            raise ValueError(f"mirostat must be 0, 1 or 2, got {self.mirostat!r}")
+            raise invalid(ValueError, "mirostat", f"mirostat must be 0, 1 or 2, got {self.mirostat!r}")
         s(self, "mirostat", int(self.mirostat))
         s(self, "mirostat_tau", _num("mirostat_tau", self.mirostat_tau, 0.0, math.inf))
         s(self, "mirostat_eta", _num("mirostat_eta", self.mirostat_eta, 0.0, math.inf))
         if self.grammar is not None and not isinstance(self.grammar, str):
-            raise TypeError(f"grammar must be a GBNF string or None, got {type(self.grammar).__name__}")
+            raise invalid(TypeError, "grammar", f"grammar must be a GBNF string or None, got {type(self.grammar).__name__}")
         if self.grammar is not None and not self.grammar.strip():
-            raise ValueError("grammar must not be empty (use None for no grammar)")
+            raise invalid(ValueError, "grammar", "grammar must not be empty (use None for no grammar)")
         if self.grammar is not None:
             _text("grammar", self.grammar)
             if "\0" in self.grammar:
-                raise ValueError("grammar contains a NUL character (llama.cpp would stop reading "
+                raise invalid(ValueError, "grammar", "grammar contains a NUL character (llama.cpp would stop reading "
                                  "there and silently drop the rest)")
         stop = self.stop
         if stop is None:
@@ -257,9 +264,9 @@ class SamplingParams:
         stop = _tuple("stop", stop, "a str or a list of str")
         for x in stop:
             if not isinstance(x, str):
-                raise TypeError(f"stop strings must be str, got {type(x).__name__}")
+                raise invalid(TypeError, "stop", f"stop strings must be str, got {type(x).__name__}")
             if not x:
-                raise ValueError("stop strings must not be empty")
+                raise invalid(ValueError, "stop", "stop strings must not be empty")
             _text("stop", x)
         s(self, "stop", stop)
         bias = self.logit_bias
@@ -272,11 +279,11 @@ class SamplingParams:
             try:
                 tok, b = pair
             except (TypeError, ValueError):
-                raise TypeError("logit_bias must be a dict {token id: bias}") from None
+                raise invalid(TypeError, "logit_bias", "logit_bias must be a dict {token id: bias}") from None
             tok = _int("logit_bias token", tok, 0, INT32_MAX, "a token id in [0, 2**31 - 1]")
             what = "a finite number or -inf (never pick the token)"
             if _is_bool(b) or not isinstance(b, numbers.Real):
-                raise ValueError(f"logit_bias for token {tok} must be {what}, got {b!r}")
+                raise invalid(ValueError, "logit_bias", f"logit_bias for token {tok} must be {what}, got {b!r}")
             if b != -math.inf:
                 b = _num(f"logit_bias for token {tok}", b, what=what)
             clean.append((tok, float(b)))
@@ -295,7 +302,7 @@ class SamplingParams:
         br = _strings("dry_sequence_breakers", self.dry_sequence_breakers, "strings")
         if len(br) > MAX_DRY_BREAKERS:
             # llama.cpp scans the whole vocabulary for each one when a sequence starts
-            raise ValueError(f"dry_sequence_breakers holds {len(br)} strings; the limit is "
+            raise invalid(ValueError, "dry_sequence_breakers", f"dry_sequence_breakers holds {len(br)} strings; the limit is "
                              f"{MAX_DRY_BREAKERS} (each costs ~23 ms per sequence at a 262k "
                              "vocabulary)")
         s(self, "dry_sequence_breakers", br)
@@ -303,10 +310,10 @@ class SamplingParams:
         s(self, "xtc_threshold", _num("xtc_threshold", self.xtc_threshold, 0.0, 1.0))
         s(self, "top_n_sigma", _num("top_n_sigma", self.top_n_sigma, what="a finite number (<= 0 = off)"))
         if not isinstance(self.grammar_root, str) or not self.grammar_root:
-            raise ValueError("grammar_root must be a non-empty rule name")
+            raise invalid(ValueError, "grammar_root", "grammar_root must be a non-empty rule name")
         _text("grammar_root", self.grammar_root)
         if self.sampler_impl not in SAMPLER_IMPLS:
-            raise ValueError(f"sampler_impl must be one of {', '.join(map(repr, SAMPLER_IMPLS))}, "
+            raise invalid(ValueError, "sampler_impl", f"sampler_impl must be one of {', '.join(map(repr, SAMPLER_IMPLS))}, "
                              f"got {self.sampler_impl!r}")
         if self.logprobs is not None:
             s(self, "logprobs", _int("logprobs", self.logprobs, 0, MAX_LOGPROBS,
@@ -317,17 +324,23 @@ class SamplingParams:
         if self.json_schema is not None or self.json_object:
             from llamagen import structured
             if self.json_schema is not None and self.json_object:
-                raise ValueError("json_schema and json_object=True are exclusive (a schema already "
+                raise invalid(ValueError, "json_schema", "json_schema and json_object=True are exclusive (a schema already "
                                  "says which JSON it takes)")
             if self.grammar is not None:
-                raise ValueError("grammar and json_schema/json_object are exclusive: the schema is "
+                raise invalid(ValueError, "grammar", "grammar and json_schema/json_object are exclusive: the schema is "
                                  "turned into a grammar")
-            if self.json_schema is not None:
-                s(self, "json_schema", structured.normalize(self.json_schema))
-            schema_grammar = structured.schema_to_grammar(
-                self.json_schema if self.json_schema is not None else structured.JSON_OBJECT_SCHEMA)
+            try:
+                if self.json_schema is not None:
+                    s(self, "json_schema", structured.normalize(self.json_schema))
+                schema_grammar = structured.schema_to_grammar(
+                    self.json_schema if self.json_schema is not None
+                    else structured.JSON_OBJECT_SCHEMA)
+            except (ValueError, TypeError) as e:
+                if isinstance(e, LlamaError):       # (a GrammarError, or one with its field)
+                    raise
+                raise invalid(type(e), "json_schema", str(e)) from None
             if self.grammar_root != "root":
-                raise ValueError("grammar_root does not apply to json_schema/json_object (the "
+                raise invalid(ValueError, "grammar_root", "grammar_root does not apply to json_schema/json_object (the "
                                  "converted grammar's rule is 'root')")
         s(self, "_schema_grammar", schema_grammar)
         s(self, "grammar_lazy", _flag("grammar_lazy", self.grammar_lazy))
@@ -340,20 +353,20 @@ class SamplingParams:
         s(self, "preserved_tokens", tuple(sorted(set(self.preserved_tokens))))
         if (self.grammar_lazy or self.grammar_triggers or self.grammar_trigger_tokens
                 or self.grammar_prefill) and self.gbnf is None:
-            raise ValueError("grammar_lazy, grammar_triggers, grammar_trigger_tokens and "
+            raise invalid(ValueError, "grammar_lazy", "grammar_lazy, grammar_triggers, grammar_trigger_tokens and "
                              "grammar_prefill need a grammar")
         if self.grammar_lazy and not (self.grammar_triggers or self.grammar_trigger_tokens):
-            raise ValueError("a lazy grammar needs grammar_triggers or grammar_trigger_tokens "
+            raise invalid(ValueError, "grammar_lazy", "a lazy grammar needs grammar_triggers or grammar_trigger_tokens "
                              "(nothing would ever wake it)")
         if (self.grammar_triggers or self.grammar_trigger_tokens) and not self.grammar_lazy:
-            raise ValueError("grammar_triggers/grammar_trigger_tokens only apply to a lazy grammar "
+            raise invalid(ValueError, "grammar_triggers", "grammar_triggers/grammar_trigger_tokens only apply to a lazy grammar "
                              "(grammar_lazy=True)")
         if self.sampler_impl == "backend" and self.gbnf is not None:
-            raise ValueError("a grammar cannot be combined with sampler_impl='backend': llama.cpp's "
+            raise invalid(ValueError, "sampler_impl", "a grammar cannot be combined with sampler_impl='backend': llama.cpp's "
                              "backend sampling has no grammar, and a rejected token would need "
                              "every logit back on the host (use 'fast')")
         if self.sampler_impl == "backend" and self.logprobs is not None:
-            raise ValueError("logprobs cannot be combined with sampler_impl='backend': the logits "
+            raise invalid(ValueError, "logprobs", "logprobs cannot be combined with sampler_impl='backend': the logits "
                              "stay on the output device (use 'fast')")
 
     @property

@@ -21,7 +21,6 @@ import pytest
 import llamagen
 from llamagen import BatchGenerator, Context, map_generate
 from llamagen.engine import AsyncEngine
-from llamagen.server.translate import chat_tokens
 
 from server_util import Server, metric
 
@@ -48,7 +47,7 @@ def _engine(model, **kw):
 
 
 def _chat(engine, text):
-    return chat_tokens(engine, engine.apply_chat_template([{"role": "user", "content": text}]))
+    return engine.prepare_chat([{"role": "user", "content": text}]).tokens
 
 
 def _ask(engine, text):
@@ -74,7 +73,7 @@ def _mix(engine):
     for choice in ("auto", "required"):
         chat = engine.prepare_chat([{"role": "user", "content": "Weather in Paris?"}],
                                    tools=[TOOL], tool_choice=choice)
-        engine.generate_sync(chat_tokens(engine, chat.prompt), chat.params(max_new_tokens=30))
+        engine.generate_sync(chat, max_new_tokens=30)      # (its tool grammar merged)
     engine.generate_sync(_chat(engine, "Name a color."), max_new_tokens=12, logprobs=5)
     engine.generate_sync(_chat(engine, "Say hi in three words."), n=3, max_new_tokens=10, temp=0.9)
     with engine.stream_sync(_chat(engine, "Write a poem about the sea."), max_new_tokens=60) as s:

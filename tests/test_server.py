@@ -185,7 +185,6 @@ def test_chat_streamed_equals_non_streamed_real_model(smol):
 def test_second_chat_turn_uses_the_prompt_cache(smol):
     """Turn 2 starts with turn 1 and its reply: most of it comes from the cache, and the text is
     what a cold engine (no prompt cache) generates for the same prompt."""
-    from llamagen.server.translate import chat_tokens, render_chat
     c = oai(smol)
     turn1 = [{"role": "user", "content": f"Say something about the number {time.time_ns()}."}]
     r1 = c.chat.completions.create(model="x", messages=turn1, max_tokens=24, temperature=0)
@@ -198,7 +197,7 @@ def test_second_chat_turn_uses_the_prompt_cache(smol):
     async def cold():
         async with llamagen.AsyncEngine(smol.model_path, n_ctx=2048, n_parallel=1, n_threads=1,
                                         prompt_cache=False) as e:
-            toks = chat_tokens(e, render_chat(e, turn2))
+            toks = e.prepare_chat(turn2).tokens
             assert len(toks) == r2.usage.prompt_tokens, (len(toks), r2.usage)
             res = await e.generate(toks, max_new_tokens=24, temp=0)
             return res.text, res.usage.cached_tokens

@@ -11,6 +11,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from llamagen.chat import ChatPrompt
 from llamagen.engine import EngineChunk, EngineStats, Usage
 from llamagen.server import create_app
 
@@ -66,8 +67,10 @@ class StandIn:
     def detokenize(self, tokens):
         return "".join(chr(t - 10) for t in tokens if t >= 10)
 
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+    def prepare_chat(self, messages, **kw):
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+        return ChatPrompt(prompt=text, sampling={}, tools=False, tool_choice="auto",
+                          format="", generation_prompt="<assistant>", tokens=self.tokenize(text))
 
     def prepare(self, prompt, params=None, *, n=1, add_special=True, parse_special=True, **kw):
         return prompt

@@ -28,9 +28,11 @@ class EngineChunk:
     index: int
     text: str
     token_ids: List[int]
-    finish_reason: Optional[str] = None     # "stop", "length", "cancelled", "error"
+    finish_reason: Optional[str] = None     # "stop" or "length" (a failed choice raises)
     stop_sequence: Optional[str] = None     # the stop string that ended the text, if one did
-    logprobs: Optional[List[TokenLogprob]] = None   # of token_ids (``logprobs=k`` requests)
+    # (``logprobs=k`` requests) of the tokens behind ``text``: a token whose text is held back
+    # comes with the chunk that shows it; the end-of-generation token has none
+    logprobs: Optional[List[TokenLogprob]] = None
 
 
 @dataclass

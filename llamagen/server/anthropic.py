@@ -13,13 +13,13 @@ from starlette.responses import StreamingResponse
 from llamagen.server import sse, streams
 from llamagen.server.deps import get_engine, get_state
 from llamagen.server.auth import require_api_key
-from llamagen.server.errors import APIError, Overloaded, error_body
+from llamagen.server.errors import APIError, error_body
 from llamagen.server.models import CountTokensRequest, MessagesRequest
 from llamagen.server.anthropic_format import (
     anthropic_content, anthropic_messages, anthropic_stop, anthropic_tools,
 )
 from llamagen.server.translate import (
-    add_tool_sampling, chat_prompt, generation_error, sampling_kwargs,
+    chat_prompt, generation_error, sampling_kwargs, tool_origin,
 )
 from llamagen.tools import ToolStream
 
@@ -27,7 +27,7 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 def _prompt(engine, body):
-    """(prompt tokens, ChatPrompt or None), as translate.chat_prompt makes them."""
+    """The request's ChatPrompt, as translate.chat_prompt makes it."""
     tools, choice, parallel = anthropic_tools(body.tools, body.tool_choice)
     return chat_prompt(engine, anthropic_messages(body.system, body.messages), tools, choice, parallel)
 
@@ -38,19 +38,13 @@ def _usage(source: streams.ChunkSource) -> dict:
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
 
 
-def _unfinished(reason: str) -> APIError:
-    if reason == "cancelled":
-        return Overloaded("the request was cancelled: the server is shutting down")
-    return APIError("generation failed")
-
-
 @router.post("/v1/messages")
 async def messages(body: MessagesRequest, request: Request, engine=Depends(get_engine)):
     st = get_state(request)
-    prompt, chat = await st.prep.run(_prompt, engine, body)
+    prompt = await st.prep.run(_prompt, engine, body)
+    chat = prompt if prompt.tools else None        # its replies are parsed for tool calls
     kwargs, origin = sampling_kwargs(body, seed=None)
-    if chat is not None:
-        add_tool_sampling(chat, kwargs, origin)
+    tool_origin(prompt, origin)
     timer = st.metrics.timer()
     source = await streams.open_source(st.prep, engine, [prompt], kwargs, origin,
                                        prompt_param="messages")
@@ -65,8 +59,6 @@ async def messages(body: MessagesRequest, request: Request, engine=Depends(get_e
     except Exception as e:  # noqa: BLE001
         raise generation_error(e) from None
     reason = got.finish.get((0, 0))
-    if reason in ("cancelled", "error"):
-        raise _unfinished(reason)
     stop_sequence = got.stop_sequence.get((0, 0))
     text = "".join(got.texts.get((0, 0), []))
     message, parse_error = chat.reply_and_error(text, reason) if chat is not None else (None, None)
@@ -134,8 +126,6 @@ async def _stream(source: streams.ChunkSource, path: str, timer, st, msg_id: str
             if not started:
                 started = True
                 yield start()
-            if c.finish_reason in ("cancelled", "error"):
-                raise _unfinished(c.finish_reason)
             if parser is not None:
                 out = tool_events(parser.feed(c.text))
                 if c.finish_reason is not None:
@@ -167,5 +157,5 @@ async def _stream(source: streams.ChunkSource, path: str, timer, st, msg_id: str
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, request: Request, engine=Depends(get_engine)):
-    prompt, _ = await get_state(request).prep.run(_prompt, engine, body)
-    return {"input_tokens": len(prompt)}
+    prompt = await get_state(request).prep.run(_prompt, engine, body)
+    return {"input_tokens": len(prompt.tokens)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import re
 
 from fastapi import APIRouter, Depends, Request
 
@@ -32,12 +31,14 @@ def _inputs(inp) -> list:
 
 
 async def _engine_call(call, param: str):
-    """Await an embedding job; an error about one item ("text i: ...") becomes a 400 naming
-    ``param[i]``, anything else (the engine closed) its usual translation."""
+    """Await an embedding job; an error about one item (its ``index``) becomes a 400 naming
+    ``param[index]``, anything else (the engine closed) its usual translation."""
     try:
         return await call
     except (ValueError, TypeError) as e:
-        msg = re.sub(r"^text (\d+)", lambda m: f"{param}[{m.group(1)}]", str(e))
+        msg, idx = str(e), getattr(e, "index", None)
+        if idx is not None and msg.startswith(f"text {idx}"):
+            msg = f"{param}[{idx}]" + msg[len(f"text {idx}"):]
         code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else None
         raise InvalidRequest(msg, param=param, code=code) from None
     except Exception as e:  # noqa: BLE001 - translated (the engine closed)

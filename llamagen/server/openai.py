@@ -10,15 +10,14 @@ from starlette.responses import StreamingResponse
 from llamagen.server import sse, streams
 from llamagen.server.deps import get_engine, get_state
 from llamagen.server.auth import require_api_key
-from llamagen.server.errors import APIError, InvalidRequest, Overloaded, error_body
+from llamagen.server.errors import APIError, InvalidRequest, error_body
 from llamagen.server.models import ChatCompletionRequest, CompletionRequest
 from llamagen.server.openai_format import (
     chat_logprobs, completion_logprobs, openai_finish, openai_messages, openai_tool_delta,
     tool_finish,
 )
 from llamagen.server.translate import (
-    add_tool_sampling, chat_prompt, generation_error, response_format, sampling_kwargs,
-    visible_logprobs,
+    chat_prompt, generation_error, response_format, sampling_kwargs, tool_origin,
 )
 from llamagen.tools import ToolStream
 
@@ -31,18 +30,6 @@ def _usage(source: streams.ChunkSource) -> dict:
     p, c, cached = source.usage()
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
             "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def _unfinished_error(reason: str) -> APIError:
-    if reason == "cancelled":
-        return Overloaded("the request was cancelled: the server is shutting down",
-                          code="shutting_down")
-    return APIError("generation failed")
-
-
-def _check_finish(c) -> None:
-    if c.finish_reason in ("cancelled", "error"):
-        raise _unfinished_error(c.finish_reason)
 
 
 def _prompts(prompt) -> list:
@@ -73,7 +60,6 @@ async def _stream(source: streams.ChunkSource, path: str, timer, ping: float, in
     """The SSE body shared by both routes: ``head`` chunks, one chunk per engine chunk with text
     or a finish reason, the usage chunk if asked, [DONE]; or, on an error, one error event."""
     usage_null = {"usage": None} if include_usage else {}
-    held = {}       # (k, index) -> logprobs of tokens whose text is still held back
     try:
         for choice in head:
             yield sse.data({**base, "choices": [choice], **usage_null})
@@ -82,17 +68,10 @@ async def _stream(source: streams.ChunkSource, path: str, timer, ping: float, in
                 yield sse.PING
                 continue
             k, c = item
-            key = (k, c.index)
-            timer.chunk(key, c)
-            _check_finish(c)
+            timer.chunk((k, c.index), c)
+            # (the engine's chunks carry the logprobs of the text they show)
             if c.text or c.finish_reason is not None:
-                if key in held:
-                    c.logprobs = held.pop(key) + (c.logprobs or [])
-                if c.logprobs is not None:
-                    c.logprobs = visible_logprobs(c.logprobs, c.finish_reason, c.stop_sequence)
                 yield sse.data({**base, "choices": [make_choice(k, c)], **usage_null})
-            elif c.logprobs:
-                held.setdefault(key, []).extend(c.logprobs)
         timer.done()
         if include_usage:
             yield sse.data({**base, "choices": [], "usage": _usage(source)})
@@ -151,11 +130,7 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
     choices = []
     for (k, i), parts in sorted(got.texts.items()):
         reason = got.finish.get((k, i))
-        if reason in ("cancelled", "error"):
-            raise _unfinished_error(reason)
-        lps = None
-        if body.logprobs is not None:
-            lps = visible_logprobs(got.logprobs.get((k, i), []), reason, got.stop_sequence.get((k, i)))
+        lps = got.logprobs.get((k, i), []) if body.logprobs is not None else None
         choices.append({"text": "".join(parts), "index": k * n + i,
                         "logprobs": completion_logprobs(lps, 0)[0] if lps is not None else None,
                         "finish_reason": openai_finish(reason)})
@@ -168,8 +143,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     st = get_state(request)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-    prompt, chat = await st.prep.run(chat_prompt, engine, openai_messages(body.messages),
-                                     body.tools, body.tool_choice, body.parallel_tool_calls)
+    prompt = await st.prep.run(chat_prompt, engine, openai_messages(body.messages),
+                               body.tools, body.tool_choice, body.parallel_tool_calls)
+    chat = prompt if prompt.tools else None        # its replies are parsed for tool calls
     # no max_tokens: until the end of the turn or of the context, as OpenAI does
     kwargs, origin = sampling_kwargs(body, max_new_tokens=_unbounded(engine), seed=None)
     # chat's logprobs is a bool, its k is top_logprobs
@@ -178,8 +154,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         kwargs["logprobs"] = body.top_logprobs or 0
         origin["logprobs"] = "top_logprobs"
     response_format(body.response_format, kwargs, origin)
-    if chat is not None:
-        add_tool_sampling(chat, kwargs, origin)
+    tool_origin(prompt, origin)
     timer = st.metrics.timer()
     n = 1 if body.n is None else body.n
     source = await streams.open_source(st.prep, engine, [prompt], kwargs, origin, n=n,
@@ -215,11 +190,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     choices = []
     for (_, i), parts in sorted(got.texts.items()):
         reason = got.finish.get((0, i))
-        if reason in ("cancelled", "error"):
-            raise _unfinished_error(reason)
-        lps = None
-        if body.logprobs:
-            lps = visible_logprobs(got.logprobs.get((0, i), []), reason, got.stop_sequence.get((0, i)))
+        lps = got.logprobs.get((0, i), []) if body.logprobs else None
         text = "".join(parts)
         message = {"role": "assistant", "content": text}
         parse_error = None

@@ -4,10 +4,12 @@ openai_format.py and anthropic_format.py.  No generation logic lives here or any
 layer."""
 from __future__ import annotations
 
-import re
 from typing import Optional, Sequence
 
-from llamagen.errors import GrammarError, LlamaError
+from llamagen.errors import (
+    EngineClosedError, GrammarError, LlamaError, PromptTooLongError, QueueFullError,
+    RequestCancelledError,
+)
 from llamagen.sampling import FIELDS as ENGINE_FIELDS
 
 from llamagen.server.errors import APIError, InvalidRequest, Overloaded
@@ -85,24 +87,18 @@ def _logit_bias(bias: dict) -> dict:
     return out
 
 
-_FIRST_WORD = re.compile(r"[A-Za-z_]+")
-
-
 def param_error(exc: Exception, origin: dict, default_param: Optional[str] = None) -> InvalidRequest:
-    """A 400 from an engine ValueError / TypeError; its message starts with the field it is about
-    (SamplingParams' convention), which is renamed to the client's name for it."""
+    """A 400 from an engine ValueError / TypeError.  An InvalidParamError names its field, which
+    is reported by the client's name for it (``temp`` -> ``temperature``); a grammar error is
+    about the client's grammar or the one made of its schema."""
     msg = str(exc) or type(exc).__name__
-    m = _FIRST_WORD.match(msg)
-    word = m.group(0) if m else ""
-    if word in origin:
-        param = origin[word]
-        if word != param:
-            msg = param + msg[len(word):]
-    elif word in _ENGINE_FIELDS:
-        param = word
-    elif isinstance(exc, GrammarError):
-        # the grammar the client sent, or the one made of its schema (response_format)
+    field = getattr(exc, "field", None)
+    if isinstance(exc, GrammarError):
         param = origin.get("grammar") or origin.get("json_schema") or "grammar"
+    elif field is not None:
+        param = origin.get(field, field)
+        if param != field and msg.startswith(field):
+            msg = param + msg[len(field):]
     else:
         param = default_param
     return InvalidRequest(msg, param=param)
@@ -110,19 +106,18 @@ def param_error(exc: Exception, origin: dict, default_param: Optional[str] = Non
 
 def engine_error(exc: BaseException, origin: dict, prompt_param: str) -> APIError:
     """The APIError for an exception from ``engine.stream`` (raised there, synchronously)."""
-    import llamagen
-    if isinstance(exc, getattr(llamagen, "PromptTooLongError", ())):
+    if isinstance(exc, PromptTooLongError):
         n_prompt, n_ctx = getattr(exc, "n_prompt", None), getattr(exc, "n_ctx", None)
         return InvalidRequest(
             f"the prompt is {n_prompt} tokens long but the context holds {n_ctx} tokens "
             f"(prompt and generated tokens together); shorten the prompt",
             param=prompt_param, code="context_length_exceeded")
-    if isinstance(exc, getattr(llamagen, "QueueFullError", ())):
+    if isinstance(exc, QueueFullError):
         return Overloaded(f"the server is busy: {exc}", code="queue_full")
-    if isinstance(exc, getattr(llamagen, "EngineClosedError", ())):
+    if isinstance(exc, EngineClosedError):
         return Overloaded("the server is shutting down", code="shutting_down")
     if isinstance(exc, (ValueError, TypeError, OverflowError)):
-        return param_error(exc, origin, prompt_param if "prompt" in str(exc) else None)
+        return param_error(exc, {**origin, "prompt": prompt_param}, prompt_param)
     if isinstance(exc, LlamaError):
         return APIError(f"{type(exc).__name__}: {exc}")
     raise exc
@@ -134,6 +129,9 @@ def generation_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, GrammarError):
         return InvalidRequest(f"grammar: {exc}", param="grammar")
+    if isinstance(exc, (EngineClosedError, RequestCancelledError)):
+        return Overloaded("the request was cancelled: the server is shutting down",
+                          code="shutting_down")
     return APIError(f"generation failed: {type(exc).__name__}: {exc}")
 
 
@@ -151,81 +149,26 @@ def text_parts(parts: Sequence, where: str) -> str:
     return "\n".join(texts)
 
 
-def render_chat(engine, messages: list[dict]) -> str:
-    """The prompt text for ``messages``.  A final assistant message is a prefill: the reply
-    continues it (Anthropic's documented behaviour, llama-server's too), so the template renders
-    the turns before it with the generation prompt and the prefill text follows verbatim."""
-    prefill = ""
-    if messages and messages[-1]["role"] == "assistant":
-        if messages[-1].get("tool_calls"):
-            raise InvalidRequest("the last message is an assistant's tool calls: send their "
-                                 "results after it", param="messages")
-        prefill = messages[-1].get("content") or ""
-        messages = messages[:-1]
-    try:
-        text = engine.apply_chat_template(messages, add_generation_prompt=True)
-    except (ValueError, TypeError) as e:
-        raise InvalidRequest(f"messages: the chat template failed: {e}", param="messages") from None
-    return text + prefill
-
-
-# -- tools ---------------------------------------------------------------------------------------
+# -- the chat prompt ------------------------------------------------------------------------------
 
 def chat_prompt(engine, messages: list[dict], tools=None, tool_choice=None,
                 parallel_tool_calls=None):
-    """(prompt token ids, llamagen.tools.ChatPrompt or None) for a chat request.  With tools the
-    template renders them and its tool-call syntax brings a grammar and a parser; a bad tool,
-    choice or message is a 400 naming the field at fault."""
-    if not tools:
-        if tool_choice not in (None, "none", "auto"):
-            raise InvalidRequest("tool_choice needs tools", param="tool_choice")
-        return chat_tokens(engine, render_chat(engine, messages)), None
+    """The llamagen.chat.ChatPrompt of a chat request, from the library's one chat path
+    (engine.prepare_chat: template, tools, tokens); a bad tool, choice or message is a 400 naming
+    the field at fault.  The engine takes it as the prompt and merges its sampling."""
     try:
-        chat = engine.prepare_chat(messages, tools=tools, tool_choice=tool_choice,
+        return engine.prepare_chat(messages, tools=tools, tool_choice=tool_choice,
                                    parallel_tool_calls=parallel_tool_calls)
     except (ValueError, TypeError) as e:
         text = str(e)
-        param = next((p for p in ("tool_choice", "tools", "messages") if text.startswith(p)), "messages")
+        param = getattr(e, "field", None) or next(
+            (p for p in ("tool_choice", "tools", "messages") if text.startswith(p)), "messages")
         if param == "messages" and not text.startswith("messages"):
             text = f"messages: the chat template failed: {text}"
         raise InvalidRequest(text, param=param) from None
-    return chat_tokens(engine, chat.prompt), chat
 
 
-def add_tool_sampling(chat, kwargs: dict, origin: dict) -> None:
-    """The sampling the tool-call format needs, merged into a request's SamplingParams fields: a
-    grammar or JSON schema of the client's own cannot go with it (llama-server refuses it too)."""
-    extra = dict(chat.sampling)
-    if "grammar" in extra and any(k in kwargs for k in ("grammar", "json_schema", "json_object")):
-        raise InvalidRequest("a grammar or response_format cannot be combined with tools: the "
-                             "tool-call format brings its own grammar", param="tools")
-    stops = extra.pop("stop", ())
-    if stops:
-        mine = kwargs.get("stop") or ()
-        mine = (mine,) if isinstance(mine, str) else tuple(mine)
-        kwargs["stop"] = mine + tuple(x for x in stops if x not in mine)
-    for k, v in extra.items():
-        kwargs[k] = v
-        origin[k] = "tools"
-
-
-# -- logprobs ------------------------------------------------------------------------------------
-
-def visible_logprobs(lps: list, reason: Optional[str], stop_sequence: Optional[str]) -> list:
-    """The logprobs of the tokens the text shows: a choice that ended at the end of generation
-    ("stop" without a stop string) ends with the end-of-generation token, which has no text
-    (OpenAI's and vLLM's logprobs leave it out)."""
-    if reason == "stop" and stop_sequence is None and lps:
-        return lps[:-1]
-    return lps
-
-
-def chat_tokens(engine, text: str) -> list[int]:
-    """The token ids of a rendered chat prompt, as llama-server makes them: special tokens
-    written by the template (<|im_start|>, <start_of_turn>) are parsed, the model's BOS is added,
-    and a BOS the template wrote itself is not doubled."""
-    toks = engine.tokenize(text, add_special=True, parse_special=True)
-    bos = getattr(engine.model, "bos", None)
-    if bos is not None and len(toks) >= 2 and toks[0] == bos and toks[1] == bos:
-        del toks[0]
-    return toks
+def tool_origin(chat, origin: dict) -> None:
+    """Errors about the sampling fields a tool-call template sets are about ``tools``."""
+    for k in chat.sampling:
+        origin.setdefault(k, "tools")
