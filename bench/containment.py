@@ -9,7 +9,14 @@ what the server's other clients see meanwhile.
    then for ``--seconds`` while one client sends the heavy requests back to back.  Targets:
    /health p99 <= 250 ms, stream ITL p50 within 2x of quiet.
 
+3. ``--fairness`` (issue 35): ``llamagen serve --embeddings`` (SmolLM2, ``--parallel 4``), one
+   stream running; each unfair request sent alone (a thousand prompts, a 15 MB /tokenize, an 8 MB
+   prompt, a thousand embedding inputs, 1,000 prompts x n=128): its status and time, the stream's
+   inter-token latency and /health's latency while it ran, and how long a small request sent
+   meanwhile took.  Targets: /health p99 <= 250 ms, ITL p99 <= 2x quiet.
+
     python bench/containment.py --memory --server [--streams 4] [--seconds 20] [--json out.json]
+    python bench/containment.py --fairness [--threads 1] [--json out.json]
 """
 from __future__ import annotations
 
@@ -211,10 +218,115 @@ def run_server(model: str, streams: int, seconds: float, threads: int) -> dict:
     return out
 
 
+def unfair() -> dict:
+    """name -> (path, body): the requests of issue 35 that stalled every other client."""
+    return {
+        "1,000 prompts (8 tokens each)": ("/v1/completions", {
+            "prompt": [f"item {i}" for i in range(1000)], "max_tokens": 8, "ignore_eos": True}),
+        "1,000 prompts x n=128": ("/v1/completions", {
+            "prompt": [f"item {i}" for i in range(1000)], "n": 128, "max_tokens": 8}),
+        "/tokenize 15 MB": ("/tokenize", {"content": "hello world " * 1_300_000}),
+        "prompt of 8 MB": ("/v1/completions", {"prompt": "hello world " * 700_000,
+                                               "max_tokens": 1}),
+        "1,000 embedding inputs": ("/v1/embeddings", {
+            "input": [f"a sentence to embed, number {i}, " * 4 for i in range(1000)]}),
+    }
+
+
+def run_fairness(model: str, threads: int) -> dict:
+    import httpx
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from server_util import Server
+    import pathlib
+    import tempfile
+    log = pathlib.Path(tempfile.mkdtemp()) / "serve.log"
+    srv = Server(["--model", model, "--ctx-size", 8192, "--parallel", 4, "--threads", threads,
+                  "--embeddings"], log)
+    phase = {"name": "warm"}
+    itl: dict = {}
+    health: dict = {}
+    stop = threading.Event()
+
+    def stream_loop():
+        with httpx.Client(timeout=300) as c:
+            while not stop.is_set():
+                last = None
+                with c.stream("POST", srv.url + "/v1/completions", json={
+                        "prompt": "Once upon a time", "max_tokens": 64, "temperature": 0.8,
+                        "stream": True, "ignore_eos": True}) as r:
+                    for line in r.iter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        now = time.monotonic()
+                        if last is not None:
+                            itl.setdefault(phase["name"], []).append(now - last)
+                        last = now
+                        if stop.is_set():
+                            break
+
+    def health_loop():
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                c.get(srv.url + "/health")
+                health.setdefault(phase["name"], []).append(time.monotonic() - t0)
+                time.sleep(0.05)
+
+    out = {"threads": threads, "cases": {}}
+    workers = [threading.Thread(target=stream_loop, daemon=True),
+               threading.Thread(target=health_loop, daemon=True)]
+    try:
+        for t in workers:
+            t.start()
+        time.sleep(3)
+        phase["name"] = "quiet"
+        time.sleep(10)
+        for name, (path, body) in unfair().items():
+            phase["name"] = name
+            res = {}
+
+            def send():
+                t0 = time.monotonic()
+                with httpx.Client(timeout=600) as c:
+                    r = c.post(srv.url + path, json=body)
+                res["status"], res["seconds"] = r.status_code, time.monotonic() - t0
+            t = threading.Thread(target=send)
+            t.start()
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            with httpx.Client(timeout=600) as c:
+                small = c.post(srv.url + "/v1/completions", json={"prompt": "hello",
+                                                                  "max_tokens": 8})
+            res["other_request_s"] = time.monotonic() - t0
+            res["other_status"] = small.status_code
+            t.join()
+            out["cases"][name] = res
+            phase["name"] = "between"
+            time.sleep(2)
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(60)
+        srv.stop()
+    for name in ["quiet"] + list(unfair()):
+        r = out["cases"].setdefault(name, {})
+        r.update({"itl_p50_ms": 1000 * _pct(itl.get(name, []), 0.5),
+                  "itl_p99_ms": 1000 * _pct(itl.get(name, []), 0.99),
+                  "tokens": len(itl.get(name, [])),
+                  "health_p99_ms": 1000 * _pct(health.get(name, []), 0.99),
+                  "health_max_ms": 1000 * max(health.get(name) or [float("nan")])})
+        print(f"  {name:32s} {r.get('status', ''):>4} {r.get('seconds', 0):7.2f} s   other request "
+              f"{r.get('other_request_s', 0):6.2f} s   ITL p50 {r['itl_p50_ms']:6.1f} p99 "
+              f"{r['itl_p99_ms']:7.1f} ms ({r['tokens']})   /health p99 {r['health_p99_ms']:6.1f} "
+              f"max {r['health_max_ms']:6.1f} ms", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--server", action="store_true")
+    ap.add_argument("--fairness", action="store_true")
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=1, help="decode threads of the server")
@@ -228,6 +340,9 @@ def main() -> None:
     if a.server:
         print(f"llamagen serve, {a.streams} streams, quiet then hostile:")
         results["server"] = run_server(model, a.streams, a.seconds, a.threads)
+    if a.fairness:
+        print("llamagen serve --embeddings, one stream; each unfair request alone:")
+        results["fairness"] = run_fairness(model, a.threads)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -182,9 +182,13 @@ cdef class BatchGenerator:
 
     cdef _Seq _get(self, seq_id):
         self._initialised()
-        q = self._seqs.get(seq_id)
+        try:
+            q = self._seqs.get(seq_id)
+        except TypeError:               # (unhashable)
+            q = None
         if q is None:
-            raise KeyError(f"no sequence {seq_id!r} in this batch")
+            raise UnknownSequenceError(f"seq_id: no sequence {seq_id!r} in this batch",
+                                       field="seq_id")
         return q
 
     def finish_reason(self, seq_id):

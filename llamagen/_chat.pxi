@@ -284,8 +284,9 @@ def _chat_tools_json(tools, tool_choice):
             raise TypeError(f"{where}['function']['parameters'] must be a JSON schema (a dict), "
                             f"not {type(params).__name__}")
         entry["parameters"] = _chat_json_value(params, f"{where}['function']['parameters']")
-        # llama.cpp converts it to the tool-call grammar: the same limits as response_format
-        _schema_check_limits(entry["parameters"], f"{where}['function']['parameters']")
+        # llama.cpp converts it to the tool-call grammar: the same checks as response_format
+        # (keywords the converter would drop, contradictions, limits)
+        _check_schema(entry["parameters"], f"{where}['function']['parameters']")
         if name in names:
             raise ValueError(f"{where}: a second tool named {name!r}")
         names.append(name)

@@ -30,11 +30,11 @@ import threading as _threading
 
 from llamagen.errors import (
     ContextError, DecodeError, GrammarError, KVCacheFullError, LlamaError, ModelLoadError,
-    PromptTooLongError, QuantizeError, StaleStateError, invalid,
+    PromptTooLongError, QuantizeError, StaleStateError, UnknownSequenceError, invalid,
 )
 from llamagen._gbnf import check as _gbnf_check
 from llamagen._gguf import check_loadable as _gguf_check_loadable
-from llamagen._schema import check_limits as _schema_check_limits
+from llamagen.structured import check_schema as _check_schema
 from llamagen._util import check_prompt as _check_prompt, lru_get as _lru_get, lru_put as _lru_put
 from llamagen import structured as _structured
 

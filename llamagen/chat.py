@@ -93,7 +93,9 @@ class ChatPrompt:
         cannot be combined with a tool-call grammar (llama-server refuses it too)."""
         p = resolve(params, (), overrides)
         extra = dict(self.sampling)
-        if "grammar" in extra and p.gbnf is not None:
+        # (with tools but a template without tool syntax too: calls could not be parsed from
+        # output a grammar of the client's shapes)
+        if p.gbnf is not None and ("grammar" in extra or self.tools):
             raise invalid(ValueError, "tools", "a grammar (or json_schema) cannot be combined "
                           "with tool calls: the tool-call format brings its own grammar")
         stops = tuple(extra.pop("stop", ()))

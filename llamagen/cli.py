@@ -411,8 +411,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--prepare-timeout", type=_positive_float, default=30.0, metavar="S",
                    help="seconds a request's preparation may take, waiting included; then 503 "
                         "(default 30)")
+    v.add_argument("--max-request-sequences", type=_positive_int, default=1024, metavar="N",
+                   help="the most sequences (prompts x n) one request may ask for; more get 400 "
+                        "(default 1024)")
     v.add_argument("--shutdown-grace", type=_non_negative_float, default=10.0, metavar="S",
-                   help="on SIGTERM, seconds running requests get to finish (default 10)")
+                   help="on SIGTERM, seconds running requests get to finish; then streams get an "
+                        "error event and requests still waiting a 503 (default 10)")
+    v.add_argument("--timeout-keep-alive", type=_positive_float, default=5.0, metavar="S",
+                   help="idle seconds before a keep-alive connection is closed (default 5)")
+    v.add_argument("--header-timeout", type=_positive_float, default=10.0, metavar="S",
+                   help="seconds a connection gets to send a request's headers (default 10)")
+    v.add_argument("--max-connections", type=_positive_int, default=1024, metavar="N",
+                   help="open connections (and requests) past which new requests get 503 "
+                        "(default 1024)")
     v.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug", "trace"))
     v.add_argument("--no-access-log", action="store_true", help="no line per request")

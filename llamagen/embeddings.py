@@ -173,15 +173,15 @@ def map_embed(ctx: Context, iterable: Iterable, *, batch_size: int = 64, progres
             bar.close()
 
 
-def _reindex(e: Exception, base: int) -> Exception:
-    """The error of a chunk about its text ``e.index`` turned into one about item ``base + index``
-    of the whole iterable."""
+def _reindex(e: Exception, base: int, label: str = "item") -> Exception:
+    """The error of a chunk about its text ``e.index`` turned into one about ``label`` ``base +
+    index`` of the whole iterable."""
     idx = getattr(e, "index", None)
-    if idx is None:
+    if idx is None or (base == 0 and label == "text"):
         return e
     msg, head = str(e), f"text {idx}"
     if msg.startswith(head):
-        msg = f"item {base + idx}" + msg[len(head):]
+        msg = f"{label} {base + idx}" + msg[len(head):]
     new = type(e).__new__(type(e))
     new.args = (msg,)
     for k, v in getattr(e, "__dict__", {}).items():

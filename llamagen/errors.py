@@ -24,6 +24,12 @@ class InvalidParamTypeError(InvalidParamError, TypeError):
     """InvalidParamError for a value of the wrong type (a TypeError too)."""
 
 
+class UnknownSequenceError(InvalidParamError, KeyError):
+    """A BatchGenerator sequence id that is not (or no longer) in the batch (a KeyError too)."""
+
+    __str__ = Exception.__str__         # (KeyError's would quote the message)
+
+
 def invalid(kind, field, message, index=None):
     """The InvalidParamError (``kind`` ValueError) or InvalidParamTypeError (TypeError) to raise."""
     cls = InvalidParamTypeError if issubclass(kind, TypeError) else InvalidParamError

@@ -9,11 +9,13 @@ import enum
 import itertools
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+import numpy as np
+
 from llamagen._core import BatchGenerator, Context, Model, _embed
-from llamagen.embeddings import EmbedResult
+from llamagen.embeddings import EmbedResult, _reindex
 from llamagen.engine.streams import _DONE
 from llamagen.engine.types import EngineChunk, EngineStats
 from llamagen.errors import (
@@ -21,6 +23,10 @@ from llamagen.errors import (
 )
 
 __all__ = ["EngineCore"]
+
+# characters of text embedded between two generation steps (at least one text, and at least the
+# embedding context's n_ctx): about one decode of the embedding context
+EMBED_SLICE_CHARS = 2048
 
 
 class _Op(enum.Enum):
@@ -39,6 +45,8 @@ class _EmbedJob:
     add_special: bool
     parse_special: bool
     future: concurrent.futures.Future
+    done: int = 0                        # items embedded so far (a slice per engine step)
+    parts: list = field(default_factory=list)       # their (vectors, n_tokens, truncated)
 
 
 class _Request:
@@ -81,6 +89,7 @@ class EngineCore:
         self.closing = False
         self._ids = itertools.count()
         self._live: Dict[int, _Request] = {}        # seq id -> request (engine thread only)
+        self._embeds: deque = deque()       # embedding jobs under way, oldest first (ditto)
         self._prompt_total = 0
         self._gen_total = 0
         self._requests_total = 0
@@ -131,17 +140,43 @@ class EngineCore:
 
     # -- the engine thread ---------------------------------------------------------------------
 
-    def _run_embed(self, job: _EmbedJob) -> None:
+    def _embed_slice(self) -> None:
+        """Embed the next slice of the oldest embedding job: about one decode's worth of text
+        (EMBED_SLICE_CHARS characters or n_ctx tokens of the embedding context), so that a job of
+        a thousand texts takes turns with generation steps instead of stalling every stream for
+        its whole length (21 s for 1,000 inputs, issue 35)."""
+        job = self._embeds[0]
         fut = job.future
-        if not fut.set_running_or_notify_cancel():
+        if job.done == 0 and not job.parts and not fut.set_running_or_notify_cancel():
+            self._embeds.popleft()
             return
+        items, i = job.items, job.done
+        budget, j, size = max(EMBED_SLICE_CHARS, self._ectx.n_ctx), i, 0
+        while j < len(items) and (j == i or size + len(items[j]) <= budget):
+            size += len(items[j])
+            j += 1
         try:
-            vectors, n_tokens, cut = _embed(self._ectx, job.items, job.norm, job.truncate,
-                                            job.add_special, job.parse_special)
+            part = _embed(self._ectx, items[i:j], job.norm, job.truncate, job.add_special,
+                          job.parse_special)
         except BaseException as e:      # noqa: BLE001 - handed to the caller
-            fut.set_exception(e)
-        else:
-            fut.set_result(EmbedResult(vectors, n_tokens, cut))
+            self._embeds.popleft()
+            fut.set_exception(_reindex(e, i, "text"))
+            return
+        job.parts.append(part)
+        job.done = j
+        if j < len(items):
+            return
+        self._embeds.popleft()
+        vectors, n_tokens, cut = [], [], []
+        for v, n, c in job.parts:
+            vectors.append(v)
+            n_tokens += n
+            cut += c
+        if isinstance(vectors[0], np.ndarray):      # pooled: one (n, n_embd) array
+            vectors = np.concatenate(vectors) if len(vectors) > 1 else vectors[0]
+        else:                                       # per token: a list of arrays
+            vectors = [a for v in vectors for a in v]
+        fut.set_result(EmbedResult(vectors, n_tokens, cut))
 
     def _snapshot(self) -> EngineStats:
         b = self._batch
@@ -171,7 +206,8 @@ class EngineCore:
             self._warm_up()
             while True:
                 with self._lock:
-                    while not self._inbox and not self._live and not self.closing:
+                    while not self._inbox and not self._live and not self._embeds and \
+                            not self.closing:
                         self._lock.wait()
                     if self.closing:
                         break
@@ -181,9 +217,11 @@ class EngineCore:
                     if op is _Op.ADD:
                         self._admit(req)
                     elif op is _Op.EMBED:
-                        self._run_embed(req)
+                        self._embeds.append(req)
                     else:
                         self._drop(req)
+                if self._embeds:
+                    self._embed_slice()
                 if self._live:
                     self._step()
                 self.stats = self._snapshot()
@@ -200,6 +238,10 @@ class EngineCore:
                     self._finish(req, [EngineClosedError("the engine was closed")])
                 elif op is _Op.EMBED and req.future.set_running_or_notify_cancel():
                     req.future.set_exception(EngineClosedError("the engine was closed"))
+            for job in self._embeds:
+                if not job.future.done():
+                    job.future.set_exception(EngineClosedError("the engine was closed"))
+            self._embeds.clear()
             self._fail_all(EngineClosedError("the engine was closed"))
 
     def _admit(self, req: _Request) -> None:

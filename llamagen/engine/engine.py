@@ -98,6 +98,7 @@ class AsyncEngine:
         self.deterministic = self._ctx.deterministic
         self.max_queue = max_queue
         self.defaults = params if params is not None else SamplingParams()
+        self._piece_bytes: Optional[int] = None
         self._core = EngineCore(self.model, self._ctx, self._batch, self._ectx, n_parallel,
                                 max_queue)
         _open_engines.add(self)
@@ -143,6 +144,16 @@ class AsyncEngine:
                               f"logit_bias names token {t}, not a token id in [0, {n_vocab})")
         prompt = check_prompt(prompt)
         if isinstance(prompt, (str, bytes)):
+            if len(prompt) >= self.n_ctx:
+                # no token is longer than the model's longest piece: a text that long per
+                # context cell cannot fit, and is refused before it is tokenized (an 8 MB prompt
+                # took 9.4 s to get its 400, issue 35)
+                at_least = -(-len(prompt) // self._max_piece_bytes())
+                if at_least >= self.n_ctx:
+                    raise PromptTooLongError(
+                        at_least, self.n_ctx, f"the prompt is at least {at_least} tokens long "
+                        f"({len(prompt)} characters, no token longer than "
+                        f"{self._max_piece_bytes()} bytes) but the context holds {self.n_ctx}")
             tokens = self.model.tokenize(prompt, add_special=add_special,
                                          parse_special=parse_special)
         else:
@@ -156,6 +167,14 @@ class AsyncEngine:
         if len(tokens) >= self.n_ctx:
             raise PromptTooLongError(len(tokens), self.n_ctx)
         return tokens, seeded(p, n)
+
+    def _max_piece_bytes(self) -> int:
+        """The longest token's text in bytes (special tokens too), found once."""
+        if self._piece_bytes is None:
+            m = self.model
+            self._piece_bytes = max(1, max((len(m.token_to_piece(t, special=True))
+                                            for t in range(m.n_vocab)), default=1))
+        return self._piece_bytes
 
     def _cancel(self, req: _Request) -> None:
         """Cancel a request at the engine's next step (streams call it; any thread)."""

@@ -18,7 +18,9 @@ from starlette.responses import JSONResponse, Response
 
 from llamagen.server import anthropic, embeddings, openai
 from llamagen.server.auth import require_api_key
-from llamagen.server.deps import ServerState, get_engine, get_state  # noqa: F401  (re-exported)
+from llamagen.server.deps import (  # noqa: F401  (re-exported)
+    DEFAULT_MAX_REQUEST_SEQUENCES, ServerState, get_engine, get_state,
+)
 from llamagen.server.errors import InvalidRequest, NotFound, install_handlers
 from llamagen.server.metrics import CONTENT_TYPE
 from llamagen.server.middleware import BodyLimit, ErrorCount, JsonBody
@@ -38,7 +40,8 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
                on_fatal: Optional[Callable[[BaseException], None]] = None,
                close_engine: Optional[bool] = None, cors_origins: Iterable[str] = (),
                prepare_threads: int = DEFAULT_PREPARE_THREADS,
-               prepare_timeout: float = DEFAULT_PREPARE_TIMEOUT) -> FastAPI:
+               prepare_timeout: float = DEFAULT_PREPARE_TIMEOUT,
+               max_request_sequences: int = DEFAULT_MAX_REQUEST_SEQUENCES) -> FastAPI:
     """The server app.
 
     Give either a ready ``engine`` (an AsyncEngine, closed at shutdown only if ``close_engine``)
@@ -50,6 +53,7 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
     headers, so browsers keep other sites' pages out.  ``prepare_threads`` /
     ``prepare_timeout``: requests prepared at once in worker threads (template, schema, grammar,
     tokens) and the seconds one may take, waiting included, before it gets a 503.
+    ``max_request_sequences``: the most sequences (prompts x n) one request may ask for (400).
     """
     if (engine is None) == (engine_factory is None):
         raise TypeError("create_app needs exactly one of engine and engine_factory")
@@ -63,7 +67,8 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
             raise ValueError("API keys must be non-empty strings")
     state = ServerState(engine=engine, model_name=model_name, api_keys=keys,
                         ping_interval=ping_interval,
-                        preparation=Preparation(prepare_threads, prepare_timeout))
+                        preparation=Preparation(prepare_threads, prepare_timeout),
+                        max_request_sequences=max_request_sequences)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -177,8 +182,11 @@ async def metrics(request: Request):
 @_protected.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request, engine=Depends(get_engine)):
     def work():
-        tokens = engine.tokenize(body.content, add_special=body.add_special,
-                                 parse_special=body.parse_special)
+        try:
+            tokens = engine.tokenize(body.content, add_special=body.add_special,
+                                     parse_special=body.parse_special)
+        except ValueError as e:         # (a lone surrogate: not UTF-8 text)
+            raise InvalidRequest(f"content: {e}", param="content") from None
         if not body.with_pieces:
             return {"tokens": tokens}
         return {"tokens": [{"id": t, "piece": engine.detokenize([t])} for t in tokens]}

@@ -12,12 +12,19 @@ from llamagen.server.metrics import Metrics
 from llamagen.server.work import Preparation
 
 
+# sequences one request may ask for (prompts x n): 1,000 prompts x n=128 was 128,000 sequences,
+# submitted at once, and the next client waited 185 s (issue 35)
+DEFAULT_MAX_REQUEST_SEQUENCES = 1024
+
+
 class ServerState:
     """What the routes share, at ``app.state.llamagen``."""
 
     def __init__(self, *, engine, model_name: str, api_keys: Iterable[str], ping_interval: float,
-                 preparation: Optional[Preparation] = None):
+                 preparation: Optional[Preparation] = None,
+                 max_request_sequences: int = DEFAULT_MAX_REQUEST_SEQUENCES):
         self.engine = engine
+        self.max_request_sequences = max_request_sequences     # prompts x n of one request
         self.prep = preparation or Preparation()     # request preparation off the event loop
         self.load_error: Optional[BaseException] = None
         self.model_name = model_name

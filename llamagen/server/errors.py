@@ -175,7 +175,9 @@ def install_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         cls = {404: NotFound, 405: MethodNotAllowed}.get(exc.status_code)
         if cls is None:
-            err = APIError(str(exc.detail))
+            # a 4xx from the framework (a body that does not parse: FastAPI's 400) is the
+            # client's error, typed as such; anything else keeps its status as a server error
+            err = (InvalidRequest if 400 <= exc.status_code < 500 else APIError)(str(exc.detail))
             err.status = exc.status_code
         else:
             err = cls(f"{request.method} {request.url.path}: {exc.detail}")

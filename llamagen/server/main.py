@@ -76,11 +76,15 @@ def serve(a) -> int:
     app = create_app(engine_factory=make_engine, api_keys=keys, on_fatal=on_fatal,
                      model_name=a.model_alias or os.path.basename(path),
                      max_body_bytes=a.max_body_size, cors_origins=a.cors_origin or (),
-                     prepare_threads=a.prepare_threads, prepare_timeout=a.prepare_timeout)
+                     prepare_threads=a.prepare_threads, prepare_timeout=a.prepare_timeout,
+                     max_request_sequences=a.max_request_sequences)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                             timeout_graceful_shutdown=a.shutdown_grace, lifespan="on",
-                            access_log=not a.no_access_log)
+                            access_log=not a.no_access_log, http=_protocol(a.header_timeout),
+                            timeout_keep_alive=a.timeout_keep_alive,
+                            limit_concurrency=a.max_connections)
     server = _server_class()(config)
+    server.llamagen_app = app
     try:
         server.run()
     finally:
@@ -93,12 +97,59 @@ def serve(a) -> int:
     return 0
 
 
+def _protocol(header_timeout: float):
+    """uvicorn's h11 protocol with a deadline for a request's headers: uvicorn closes idle
+    keep-alive connections, but one that connects and never sends (or never finishes) its headers
+    would stay open for good (200 of 200 were still open after 65 s, issue 35)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data):
+            super().data_received(data)
+            if self.cycle is None or self.cycle.response_complete:
+                if self._header_timer is None and not self.transport.is_closing():
+                    self._arm()         # bytes of a next request: its headers have a deadline
+            else:
+                self._disarm()          # its headers came: the route has the request now
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self):
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout, self._expired)
+
+        def _disarm(self):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expired(self):
+            self._header_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and \
+                    not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
+
+
 def _server_class():
+    import asyncio
     import contextlib
 
     class Server(uvicorn.Server):
-        """uvicorn's server, except that SIGTERM / SIGINT end it with status 0: uvicorn raises
-        the signal again after its graceful shutdown, which would kill the process with it."""
+        """uvicorn's server, except that SIGTERM / SIGINT end it with status 0 (uvicorn raises
+        the signal again after its graceful shutdown, which would kill the process with it), and
+        that requests still running near the end of the grace period end cleanly: the engine is
+        closed, so streams get an error event and their end, and waiting requests a 503, before
+        uvicorn would cancel them mid-response."""
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -107,5 +158,25 @@ def _server_class():
                     yield
                 finally:
                     self._captured_signals.clear()
+
+        async def shutdown(self, sockets=None):
+            grace = self.config.timeout_graceful_shutdown
+            closer = None
+            if grace is not None:
+                closer = asyncio.ensure_future(self._close_engine_at(max(0.0, grace - min(
+                    1.0, grace / 2))))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if closer is not None:
+                    closer.cancel()
+
+        async def _close_engine_at(self, delay: float):
+            await asyncio.sleep(delay)
+            app = getattr(self, "llamagen_app", None)
+            engine = getattr(getattr(app, "state", None), "llamagen", None)
+            engine = getattr(engine, "engine", None)
+            if engine is not None:
+                await asyncio.get_running_loop().run_in_executor(None, engine.close)
 
     return Server

@@ -103,12 +103,17 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise InvalidRequest("best_of is not supported (other than best_of == n)", param="best_of")
     prompts = _prompts(body.prompt)
+    n = 1 if body.n is None else body.n
+    if len(prompts) * n > st.max_request_sequences:
+        raise InvalidRequest(
+            f"{len(prompts)} prompts x n={n} is {len(prompts) * n} sequences; one request may ask "
+            f"for at most {st.max_request_sequences} (the server's --max-request-sequences): "
+            "split it", param="n" if n > 1 else "prompt", code="too_many_sequences")
     # (``logprobs``, an int, is SamplingParams' own field: sampling_kwargs passes it on)
     kwargs, origin = sampling_kwargs(body, max_new_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
                                      seed=None)
     response_format(body.response_format, kwargs, origin)
     timer = st.metrics.timer()
-    n = 1 if body.n is None else body.n
     source = await streams.open_source(st.prep, engine, prompts, kwargs, origin, n=n,
                                        prompt_param="prompt")
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",

@@ -1,7 +1,7 @@
 """The one place engine streams are consumed.
 
-``ChunkSource`` reads one or more engine streams (several prompts of one completions request) in
-pump tasks into a queue, so that the HTTP side can wait for "the next chunk of any stream, or a
+``ChunkSource`` reads one or more engine streams (several prompts of one completions request,
+submitted a window at a time) in pump tasks into a queue, so that the HTTP side can wait for "the next chunk of any stream, or a
 keep-alive tick" and a slow client never holds up the engine.  Closing it (always, in a
 ``finally``) cancels every engine request that has not finished.  ``open_source`` prepares and
 submits a request's streams; ``collect`` gathers a non-streamed answer.
@@ -36,15 +36,32 @@ Tick = None   # what ChunkSource.events yields when ``ping_interval`` passed wit
 
 
 class ChunkSource:
-    """(k, chunk) pairs from engine streams ``streams[k]``, in arrival order."""
+    """(k, chunk) pairs from the engine streams of a request's prompts, in arrival order.
 
-    def __init__(self, streams: Sequence, n: int = 1):
-        self.streams = list(streams)
+    ``pending``: prepared requests (one per prompt) submitted with ``submit`` as earlier ones end,
+    so that at most ``window`` sequences of this request are in the engine at once (at least one
+    prompt): a request of many prompts takes its turns between other clients' requests instead
+    of queueing all its sequences ahead of them."""
+
+    def __init__(self, pending: Sequence, submit, n: int = 1, window: Optional[int] = None):
         self.n = n
+        self.streams: list = []
+        self._pending = list(pending)
+        self._total = len(self._pending)
+        self._submit = submit
+        self._per_stream = max(1, n)
+        self._window = max(1, (window or self._total * self._per_stream) // self._per_stream)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pumps: list[asyncio.Task] = []
         self._closed = False
         self._unfinished: dict = {}     # stream -> choices without a finish_reason yet
+
+    def _open_next(self) -> None:
+        """Submit the next prompt's request and start pumping it (on the event loop)."""
+        k = len(self.streams)
+        self.streams.append(self._submit(self._pending[k]))
+        self._pending[k] = None
+        self._pumps.append(asyncio.ensure_future(self._pump(k, self.streams[k])))
 
     async def _pump(self, k: int, stream) -> None:
         put = self._queue.put_nowait
@@ -58,15 +75,19 @@ class ChunkSource:
             return
         put(_End(k))
 
+    def start(self) -> None:
+        """Submit the first window's requests (an engine error is raised here)."""
+        while len(self.streams) < min(self._window, self._total):
+            self._open_next()
+
     async def events(self, ping_interval: Optional[float] = None
                      ) -> AsyncIterator[Union[tuple, None]]:
         """Yield (k, chunk) until every stream ended, or None (a tick) after ``ping_interval``
         seconds without a chunk.  An engine error is raised here."""
-        if not self._pumps:
-            self._pumps = [asyncio.ensure_future(self._pump(k, s)) for k, s in enumerate(self.streams)]
+        self.start()
         queue = self._queue
-        live = len(self.streams)
-        while live:
+        ended = 0
+        while ended < self._total:
             try:
                 item = queue.get_nowait()       # the common case: no timer, no task
             except asyncio.QueueEmpty:
@@ -79,11 +100,13 @@ class ChunkSource:
                         yield Tick
                         continue
             if isinstance(item, _End):
-                live -= 1
+                ended += 1
                 if self._unfinished.get(item.k, self.n):
                     # every choice ends with a finish_reason; a stream that stops short of it
                     # would otherwise look like a complete, empty answer
                     raise RuntimeError("the engine ended the request without finishing it")
+                if len(self.streams) < self._total:
+                    self._open_next()
             elif isinstance(item, _Failed):
                 raise item.exc
             else:
@@ -97,6 +120,7 @@ class ChunkSource:
         if self._closed:
             return
         self._closed = True
+        self._pending = []
         with anyio.CancelScope(shield=True):
             for t in self._pumps:
                 t.cancel()
@@ -155,8 +179,9 @@ async def open_source(prep, engine, prompts: Sequence, kwargs: dict, origin: dic
                       n: int = 1, prompt_param: str = "prompt", add_special: bool = True,
                       parse_special: bool = True) -> ChunkSource:
     """Prepare one engine request per prompt off the event loop (``prep``: the server's
-    work.Preparation; the engine validates, tokenizes, converts schemas and checks grammars),
-    submit them and return the ChunkSource over them; an error is an APIError."""
+    work.Preparation; the engine validates, tokenizes, converts schemas and checks grammars) and
+    return the ChunkSource that submits them, the first window now (twice ``engine.n_parallel``
+    sequences: a request of many prompts takes turns with others); an error is an APIError."""
 
     def work():
         return [engine.prepare(p, n=n, add_special=add_special, parse_special=parse_special,
@@ -167,15 +192,14 @@ async def open_source(prep, engine, prompts: Sequence, kwargs: dict, origin: dic
         raise
     except Exception as e:  # noqa: BLE001 - translated
         raise engine_error(e, {**origin, "n": "n"}, prompt_param) from None
-    streams = []
+    source = ChunkSource(prepared, engine.stream_prepared, n,
+                         window=max(n, 2 * getattr(engine, "n_parallel", 1)))
     try:
-        for p in prepared:
-            streams.append(engine.stream_prepared(p))
+        source.start()
     except Exception as e:  # noqa: BLE001 - translated
-        for s in streams:
-            await s.aclose()
+        await source.aclose()
         raise engine_error(e, {**origin, "n": "n"}, prompt_param) from None
-    return ChunkSource(streams, n)
+    return source
 
 
 class Collected:

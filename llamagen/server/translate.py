@@ -132,6 +132,8 @@ def generation_error(exc: BaseException) -> APIError:
     if isinstance(exc, (EngineClosedError, RequestCancelledError)):
         return Overloaded("the request was cancelled: the server is shutting down",
                           code="shutting_down")
+    if isinstance(exc, QueueFullError):         # (a later prompt of a long request)
+        return Overloaded(f"the server is busy: {exc}", code="queue_full")
     return APIError(f"generation failed: {type(exc).__name__}: {exc}")
 
 

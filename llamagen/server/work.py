@@ -8,6 +8,8 @@ budget.
 """
 from __future__ import annotations
 
+import os
+import threading
 from typing import Callable, TypeVar
 
 import anyio
@@ -15,6 +17,24 @@ import anyio
 from llamagen.server.errors import Overloaded
 
 T = TypeVar("T")
+
+# The niceness of preparation threads: on a machine whose cores the engine's decode threads keep
+# busy, a large preparation (15 MB to tokenize) would take a core's share from decoding and slow
+# every stream; at a lower priority it runs in what the engine leaves (and at full speed when the
+# engine is idle).  Linux threads have their own niceness; elsewhere this is a no-op.
+PREPARE_NICE = 5
+_niced = threading.local()
+
+
+def _yielding(fn, args):
+    if not getattr(_niced, "done", False):
+        _niced.done = True
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                           max(os.getpriority(os.PRIO_PROCESS, 0), PREPARE_NICE))
+        except (AttributeError, OSError):
+            pass
+    return fn(*args)
 
 DEFAULT_PREPARE_THREADS = 4        # requests prepared at once; more wait (2 cores here)
 DEFAULT_PREPARE_TIMEOUT = 30.0     # seconds; the library's own budgets (template, schema) are
@@ -38,7 +58,7 @@ class Preparation:
         request gets a 503 (the thread finishes its bounded work in the background)."""
         try:
             with anyio.fail_after(self.timeout):
-                return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter,
+                return await anyio.to_thread.run_sync(_yielding, fn, args, limiter=self.limiter,
                                                       abandon_on_cancel=True)
         except TimeoutError:
             raise Overloaded(f"preparing the request took more than {self.timeout:g} s",
