@@ -233,7 +233,7 @@ def unfair() -> dict:
     }
 
 
-def run_fairness(model: str, threads: int) -> dict:
+def run_fairness(model: str, threads: int, only: str = "") -> dict:
     import httpx
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from server_util import Server
@@ -282,6 +282,8 @@ def run_fairness(model: str, threads: int) -> dict:
         phase["name"] = "quiet"
         time.sleep(10)
         for name, (path, body) in unfair().items():
+            if only not in name:
+                continue
             phase["name"] = name
             res = {}
 
@@ -308,7 +310,7 @@ def run_fairness(model: str, threads: int) -> dict:
         for t in workers:
             t.join(60)
         srv.stop()
-    for name in ["quiet"] + list(unfair()):
+    for name in ["quiet"] + [n for n in unfair() if only in n]:
         r = out["cases"].setdefault(name, {})
         r.update({"itl_p50_ms": 1000 * _pct(itl.get(name, []), 0.5),
                   "itl_p99_ms": 1000 * _pct(itl.get(name, []), 0.99),
@@ -327,6 +329,7 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--server", action="store_true")
     ap.add_argument("--fairness", action="store_true")
+    ap.add_argument("--only", default="", help="--fairness: only the cases whose name has this")
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=1, help="decode threads of the server")
@@ -342,7 +345,7 @@ def main() -> None:
         results["server"] = run_server(model, a.streams, a.seconds, a.threads)
     if a.fairness:
         print("llamagen serve --embeddings, one stream; each unfair request alone:")
-        results["fairness"] = run_fairness(model, a.threads)
+        results["fairness"] = run_fairness(model, a.threads, a.only)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

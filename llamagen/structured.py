@@ -196,7 +196,8 @@ class _Analysis:
             "object": {"properties", "required", "additionalProperties"},
             "allOf": {"allOf"},
             "array": {"items", "minItems", "maxItems"},
-            "tuple": {"items"} if isinstance(node.get("items"), list) else {"prefixItems"},
+            "tuple": ({"items"} if isinstance(node.get("items"), list) else {"prefixItems"})
+            | {"minItems", "maxItems"},     # (checked against the tuple's length below)
             "string": ({"pattern"} if "pattern" in node else {"format"} if node.get("format") in
                        _FORMATS else {"minLength", "maxLength"}),
             "integer": set(_BOUNDS),

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import threading
@@ -52,7 +53,8 @@ REFUSED = [
     ({"type": "integer", "minimum": 3, "exclusiveMinimum": 3}, "exclusiveMinimum beside"),
     ({"type": ["integer", "null"], "minimum": 3, "maximum": 1}, "#/type/0"),
     ({"type": "object", "anyOf": [{"type": "object"}, {"type": "string"}]}, "type 'object'"),
-    ({"type": "array", "minItems": 2}, "minItems here is ignored"),
+    ({"type": "array", "prefixItems": [{"type": "integer"}], "items": {"type": "string"}},
+     "prefixItems here is ignored"),
 ]
 
 ACCEPTED = [
@@ -64,6 +66,8 @@ ACCEPTED = [
                {"type": "object", "properties": {"k": {"const": "b"}}, "required": ["k"]}]},
     {"oneOf": [{"type": "integer"}, {"type": "string"}]},
     {"type": "integer", "minimum": 2.5, "maximum": 7.9},
+    {"type": "array", "minItems": 2},                               # items of any kind, >= 2
+    {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "null"}], "minItems": 2},
     {"$ref": "#/$defs/p", "$defs": {"p": {"type": "object", "properties": {
         "n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}}},
 ]
@@ -71,7 +75,7 @@ ACCEPTED = [
 
 @pytest.mark.parametrize("schema, match", REFUSED)
 def test_keywords_the_converter_drops_or_cannot_meet_are_refused(schema, match):
-    with pytest.raises(llamagen.InvalidParamError, match=match) as e:
+    with pytest.raises(llamagen.InvalidParamError, match=re.escape(match)) as e:
         llamagen.SamplingParams(json_schema=schema)
     assert e.value.field == "json_schema"
 
@@ -158,6 +162,10 @@ def test_every_accepted_schema_is_kept_by_the_output(tiny_engine, schema):
     for c in r.choices:
         if c.finish_reason != "stop":
             continue                            # cut by max_new_tokens: not a whole document
+        if "\ufffd" in c.text:
+            # bytes that are not UTF-8 (a random model's byte tokens): llama.cpp's grammar takes
+            # them as one character, the text shows one U+FFFD per byte (docs/structured.md)
+            continue
         doc = json.loads(c.text)
         errors = [e.message for e in validator.iter_errors(doc)]
         assert not errors, (schema, c.text, errors)
@@ -213,8 +221,8 @@ def test_an_embedding_job_takes_turns_with_generation(tiny_model):
         during = [x for x in times if start < x < done["t"]]
         # the stream went on while the job ran (it waited for the whole job before)
         assert len(during) >= 10, (len(during), done["t"] - start)
-        assert r.vectors.shape[0] == 600 and len(r.n_tokens) == 600
-        assert (r.vectors[:3] == alone.vectors).all()
+        assert len(r.vectors) == 600 and len(r.n_tokens) == 600
+        assert all((a == b).all() for a, b in zip(r.vectors[:3], alone.vectors))
         # an error names the text in the whole list, not in its slice
         bad = texts[:500] + ["x \ud800"]
         with pytest.raises(ValueError, match="text 500") as err:
@@ -282,14 +290,17 @@ def test_the_500s_are_4xx(srv):
     r = httpx.post(srv.url + "/v1/completions", content=b"{not json",
                    headers={"content-type": "application/json"})
     assert r.status_code in (400, 422) and r.json()["error"]["type"] == "invalid_request_error"
-    # a schema nested just under the body parser's limit
-    deep = {"type": "string"}
-    for _ in range(900):
-        deep = {"type": "array", "items": deep}
-    r = _post(srv, "/v1/chat/completions", {
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": deep}}})
-    assert r.status_code == 400, r.text
+    # schemas nested up to and past the body parser's limit: answered or refused, never a 500
+    for depth in (900, 950, 980, 990, 995, 1000, 1100, 5000):
+        deep = '{"type": "array", "items": ' * depth + '{"type": "string"}' + "}" * depth
+        body = ('{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, '
+                '"response_format": {"type": "json_schema", "json_schema": {"name": "x", '
+                '"schema": ' + deep + "}}}")
+        r = httpx.post(srv.url + "/v1/chat/completions", content=body, timeout=120,
+                       headers={"content-type": "application/json"})
+        assert r.status_code in (200, 400), (depth, r.text[:300])
+        if r.status_code == 400:
+            assert r.json()["error"]["type"] == "invalid_request_error", r.text[:300]
     # tools and a grammar, with a template that has no tool syntax
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     r = _post(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
@@ -313,8 +324,9 @@ def test_connections_that_send_no_headers_are_closed(srv):
     assert httpx.get(srv.url + "/health").status_code == 200
 
 
-def test_sigterm_ends_running_streams_with_an_error_event(tiny_model_path, tmp_path):
-    s = Server(["--model", tiny_model_path, "--parallel", "1", "--ctx-size", "2048",
+def test_sigterm_ends_running_streams_with_an_error_event(real_model_path, tmp_path):
+    # (the real model: a stream that outlasts the grace period)
+    s = Server(["--model", real_model_path, "--parallel", "1", "--ctx-size", "4096",
                 "--shutdown-grace", "2"], tmp_path / "term.log")
     got = {}
 

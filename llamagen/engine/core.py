@@ -8,6 +8,7 @@ import concurrent.futures
 import enum
 import itertools
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -24,9 +25,12 @@ from llamagen.errors import (
 
 __all__ = ["EngineCore"]
 
-# characters of text embedded between two generation steps (at least one text, and at least the
-# embedding context's n_ctx): about one decode of the embedding context
-EMBED_SLICE_CHARS = 2048
+# Embedding jobs take turns with generation.  While sequences generate, a slice takes about
+# EMBED_SLICE_SECONDS (sized by the rate the last slices ran at; at least one text): the streams
+# keep about half the engine's time.  With nothing generating, slices of EMBED_SLICE_CHARS
+# characters run back to back (a new request waits for one of them at most).
+EMBED_SLICE_SECONDS = 0.05
+EMBED_SLICE_CHARS = 16384
 
 
 class _Op(enum.Enum):
@@ -90,6 +94,7 @@ class EngineCore:
         self._ids = itertools.count()
         self._live: Dict[int, _Request] = {}        # seq id -> request (engine thread only)
         self._embeds: deque = deque()       # embedding jobs under way, oldest first (ditto)
+        self._embed_rate = 20_000.0         # characters embedded per second, as last measured
         self._prompt_total = 0
         self._gen_total = 0
         self._requests_total = 0
@@ -141,20 +146,23 @@ class EngineCore:
     # -- the engine thread ---------------------------------------------------------------------
 
     def _embed_slice(self) -> None:
-        """Embed the next slice of the oldest embedding job: about one decode's worth of text
-        (EMBED_SLICE_CHARS characters or n_ctx tokens of the embedding context), so that a job of
-        a thousand texts takes turns with generation steps instead of stalling every stream for
-        its whole length (21 s for 1,000 inputs, issue 35)."""
+        """Embed the next slice of the oldest embedding job (see EMBED_SLICE_SECONDS), so that a
+        job of a thousand texts takes turns with generation steps instead of stalling every
+        stream for its whole length (21 s for 1,000 inputs, issue 35)."""
         job = self._embeds[0]
         fut = job.future
         if job.done == 0 and not job.parts and not fut.set_running_or_notify_cancel():
             self._embeds.popleft()
             return
         items, i = job.items, job.done
-        budget, j, size = max(EMBED_SLICE_CHARS, self._ectx.n_ctx), i, 0
+        budget = EMBED_SLICE_CHARS
+        if self._live:
+            budget = min(budget, int(self._embed_rate * EMBED_SLICE_SECONDS))
+        j, size = i, 0
         while j < len(items) and (j == i or size + len(items[j]) <= budget):
             size += len(items[j])
             j += 1
+        t0 = time.perf_counter()
         try:
             part = _embed(self._ectx, items[i:j], job.norm, job.truncate, job.add_special,
                           job.parse_special)
@@ -162,6 +170,9 @@ class EngineCore:
             self._embeds.popleft()
             fut.set_exception(_reindex(e, i, "text"))
             return
+        took = time.perf_counter() - t0
+        if took > 0.002:                # (the rate of slices big enough to time)
+            self._embed_rate = 0.5 * self._embed_rate + 0.5 * size / took
         job.parts.append(part)
         job.done = j
         if j < len(items):

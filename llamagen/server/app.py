@@ -21,7 +21,7 @@ from llamagen.server.auth import require_api_key
 from llamagen.server.deps import (  # noqa: F401  (re-exported)
     DEFAULT_MAX_REQUEST_SEQUENCES, ServerState, get_engine, get_state,
 )
-from llamagen.server.errors import InvalidRequest, NotFound, install_handlers
+from llamagen.server.errors import InvalidRequest, NotFound, dumps, install_handlers
 from llamagen.server.metrics import CONTENT_TYPE
 from llamagen.server.middleware import BodyLimit, ErrorCount, JsonBody
 from llamagen.server.models import DetokenizeRequest, TokenizeRequest
@@ -188,9 +188,11 @@ async def tokenize(body: TokenizeRequest, request: Request, engine=Depends(get_e
         except ValueError as e:         # (a lone surrogate: not UTF-8 text)
             raise InvalidRequest(f"content: {e}", param="content") from None
         if not body.with_pieces:
-            return {"tokens": tokens}
-        return {"tokens": [{"id": t, "piece": engine.detokenize([t])} for t in tokens]}
-    return await get_state(request).prep.run(work)
+            return dumps({"tokens": tokens})
+        return dumps({"tokens": [{"id": t, "piece": engine.detokenize([t])} for t in tokens]})
+    # (serialized in the worker too: FastAPI's encoder took seconds on the event loop for the
+    # millions of ids of a 15 MB text, issue 35)
+    return Response(await get_state(request).prep.run(work), media_type="application/json")
 
 
 @_protected.post("/detokenize")

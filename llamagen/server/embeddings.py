@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 
 from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
 
 from llamagen.errors import PromptTooLongError
 from llamagen.server.deps import get_engine, get_state
 from llamagen.server.auth import require_api_key
-from llamagen.server.errors import InvalidRequest, NotServed
+from llamagen.server.errors import InvalidRequest, NotServed, dumps
 from llamagen.server.models import EmbeddingRequest, RerankRequest
 from llamagen.server.translate import engine_error
 
@@ -64,14 +65,20 @@ async def embeddings(body: EmbeddingRequest, request: Request, engine=Depends(ge
         raise InvalidRequest(f"dimensions: this model's embeddings have {n_embd} dimensions "
                              "(shortening is not supported)", param="dimensions")
     res = await _engine_call(engine.embed(texts), "input")
-    data = []
-    for i, v in enumerate(res.vectors):
-        vec = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if fmt == "base64" \
-            else v.tolist()
-        data.append({"object": "embedding", "index": i, "embedding": vec})
-    n = res.total_tokens
-    return {"object": "list", "data": data, "model": st.model_name,
-            "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    def body():
+        # a thousand vectors are a million numbers: encoded in a worker thread, straight to
+        # JSON bytes, one vector per call (a C encoder call holds the GIL: one call for all of
+        # them stopped the event loop for seconds, as FastAPI's encoder did on it, issue 35)
+        parts = []
+        for i, v in enumerate(res.vectors):
+            vec = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") \
+                if fmt == "base64" else v.tolist()
+            parts.append(dumps({"object": "embedding", "index": i, "embedding": vec}))
+        n = res.total_tokens
+        tail = dumps({"model": st.model_name, "usage": {"prompt_tokens": n, "total_tokens": n}})
+        return b'{"object":"list","data":[' + b",".join(parts) + b"]," + tail[1:]
+    return Response(await st.prep.run(body), media_type="application/json")
 
 
 @router.post("/v1/rerank")

@@ -22,7 +22,7 @@ T = TypeVar("T")
 # busy, a large preparation (15 MB to tokenize) would take a core's share from decoding and slow
 # every stream; at a lower priority it runs in what the engine leaves (and at full speed when the
 # engine is idle).  Linux threads have their own niceness; elsewhere this is a no-op.
-PREPARE_NICE = 5
+PREPARE_NICE = 10
 _niced = threading.local()
 
 
