@@ -131,6 +131,39 @@ def _pct(xs, q):
     return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else float("nan")
 
 
+def _stream_loop(url, stop, phase, itl, max_tokens, keep=None):
+    """Stream completions back to back; each inter-token gap recorded under the phase it fell
+    in (only phases in ``keep``, when given)."""
+    import httpx
+    with httpx.Client(timeout=300) as c:
+        while not stop.is_set():
+            last = None
+            with c.stream("POST", url + "/v1/completions", json={
+                    "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0.8,
+                    "stream": True, "ignore_eos": True}) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    now = time.monotonic()
+                    if last is not None and (keep is None or phase["name"] in keep):
+                        itl.setdefault(phase["name"], []).append(now - last)
+                    last = now
+                    if stop.is_set():
+                        break
+
+
+def _health_loop(url, stop, phase, health, keep=None):
+    """Poll /health every 50 ms; each latency recorded under its phase."""
+    import httpx
+    with httpx.Client(timeout=60) as c:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            c.get(url + "/health")
+            if keep is None or phase["name"] in keep:
+                health.setdefault(phase["name"], []).append(time.monotonic() - t0)
+            time.sleep(0.05)
+
+
 def run_server(model: str, streams: int, seconds: float, threads: int) -> dict:
     import httpx
     sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -144,32 +177,6 @@ def run_server(model: str, streams: int, seconds: float, threads: int) -> dict:
     itl = {"quiet": [], "hostile": []}
     health = {"quiet": [], "hostile": []}
     stop = threading.Event()
-
-    def stream_loop():
-        with httpx.Client(timeout=120) as c:
-            while not stop.is_set():
-                last = None
-                with c.stream("POST", srv.url + "/v1/completions", json={
-                        "prompt": "Once upon a time", "max_tokens": 128, "temperature": 0.8,
-                        "stream": True, "ignore_eos": True}) as r:
-                    for line in r.iter_lines():
-                        if not line.startswith("data: {"):
-                            continue
-                        now = time.monotonic()
-                        if last is not None and phase["name"] in itl:
-                            itl[phase["name"]].append(now - last)
-                        last = now
-                        if stop.is_set():
-                            break
-
-    def health_loop():
-        with httpx.Client(timeout=30) as c:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                c.get(srv.url + "/health")
-                if phase["name"] in health:
-                    health[phase["name"]].append(time.monotonic() - t0)
-                time.sleep(0.05)
 
     sent = {}
 
@@ -186,8 +193,12 @@ def run_server(model: str, streams: int, seconds: float, threads: int) -> dict:
                 sent[r.status_code] = sent.get(r.status_code, 0) + 1
                 i += 1
 
-    threads_ = [threading.Thread(target=stream_loop, daemon=True) for _ in range(streams)]
-    threads_ += [threading.Thread(target=health_loop, daemon=True),
+    keep = ("quiet", "hostile")
+    threads_ = [threading.Thread(target=_stream_loop, daemon=True,
+                                 args=(srv.url, stop, phase, itl, 128, keep))
+                for _ in range(streams)]
+    threads_ += [threading.Thread(target=_health_loop, daemon=True,
+                                  args=(srv.url, stop, phase, health, keep)),
                  threading.Thread(target=hostile_loop, daemon=True)]
     try:
         for t in threads_:
@@ -247,34 +258,11 @@ def run_fairness(model: str, threads: int, only: str = "") -> dict:
     health: dict = {}
     stop = threading.Event()
 
-    def stream_loop():
-        with httpx.Client(timeout=300) as c:
-            while not stop.is_set():
-                last = None
-                with c.stream("POST", srv.url + "/v1/completions", json={
-                        "prompt": "Once upon a time", "max_tokens": 64, "temperature": 0.8,
-                        "stream": True, "ignore_eos": True}) as r:
-                    for line in r.iter_lines():
-                        if not line.startswith("data: {"):
-                            continue
-                        now = time.monotonic()
-                        if last is not None:
-                            itl.setdefault(phase["name"], []).append(now - last)
-                        last = now
-                        if stop.is_set():
-                            break
-
-    def health_loop():
-        with httpx.Client(timeout=60) as c:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                c.get(srv.url + "/health")
-                health.setdefault(phase["name"], []).append(time.monotonic() - t0)
-                time.sleep(0.05)
-
     out = {"threads": threads, "cases": {}}
-    workers = [threading.Thread(target=stream_loop, daemon=True),
-               threading.Thread(target=health_loop, daemon=True)]
+    workers = [threading.Thread(target=_stream_loop, daemon=True,
+                                args=(srv.url, stop, phase, itl, 64)),
+               threading.Thread(target=_health_loop, daemon=True,
+                                args=(srv.url, stop, phase, health))]
     try:
         for t in workers:
             t.start()

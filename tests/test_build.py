@@ -156,7 +156,8 @@ def test_patches_are_applied_to_the_unpacked_source():
     assert [Path(p).name for p in patches] == ["llama_cpp-0001-ggml-cpu-flash-attn-no-split-kv.patch",
                                                "llama_cpp-0002-ggml-cpu-batch-invariant.patch",
                                                "llama_cpp-0003-jinja-limits.patch",
-                                               "llama_cpp-0004-tokenizer-linear-partition.patch"]
+                                               "llama_cpp-0004-tokenizer-linear-partition.patch",
+                                               "llama_cpp-0005-grammar-valid-utf8.patch"]
     if os.environ.get("LLAMAGEN_LLAMA_CPP_DIR"):
         pytest.skip("built against the user's own llama.cpp checkout (built as it is)")
     cpu = ROOT / "third_party" / "llama.cpp" / "ggml" / "src" / "ggml-cpu"
@@ -167,6 +168,7 @@ def test_patches_are_applied_to_the_unpacked_source():
     src = ROOT / "third_party" / "llama.cpp"
     assert "lg_budget_scope" in (src / "common" / "jinja" / "utils.h").read_text()
     assert "std::distance(buffer.begin(), it)" not in (src / "src" / "llama-vocab.cpp").read_text()
+    assert "C0, C1 and F5-FF never start UTF-8" in (src / "src" / "llama-grammar.cpp").read_text()
     assert "params->batch_invariant" in (cpu / "tiled" / "tiled.cpp").read_text()
     jinja = ROOT / "third_party" / "llama.cpp" / "common" / "jinja" / "runtime.cpp"
     assert "lg_macro_depth" in jinja.read_text()
