@@ -49,6 +49,8 @@ for _k in ("properties", "required", "additionalProperties"):
     _DOMAIN[_k] = frozenset({"object"})
 for _k in ("type", "enum", "const", "allOf", "anyOf", "oneOf", "$ref"):
     _DOMAIN[_k] = _ALL
+# how deep types() follows alternatives and $refs before it answers "any type" (it recurses)
+_TYPES_DEPTH = 48
 # the converter's int64 bounds (a larger one is cast and wraps)
 _INT_LIMIT = 2 ** 62
 
@@ -104,8 +106,8 @@ class _Analysis:
         key = id(node)
         if key in self.produced:
             return self.produced[key]
-        if key in seen:
-            return _ALL
+        if key in seen or len(seen) > _TYPES_DEPTH:
+            return _ALL                     # (a cycle, or deeper than worth following: unsure)
         seen = seen + (key,)
         out = self._types(node, seen)
         self.produced[key] = out
@@ -319,6 +321,8 @@ def check_schema(schema: Any, where: str = "json_schema") -> None:
     converter's."""
     if not isinstance(schema, dict):
         raise ValueError(f"{where} must be a JSON object (a schema), got {type(schema).__name__}")
+    check_limits(schema, where)             # (first: the walk below then meets no cycle-free
+                                            # chain deeper than MAX_SCHEMA_DEPTH)
     analysis = _Analysis(schema, where)
     stack = [(schema, "#")]
     visited = set()
@@ -344,7 +348,6 @@ def check_schema(schema: Any, where: str = "json_schema") -> None:
                 f"supported: {_SUPPORTED}")
         analysis.check(node, path)
         stack.extend(_children(schema, node, path))
-    check_limits(schema, where)
 
 
 def normalize(value: Any) -> str:

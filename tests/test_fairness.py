@@ -350,3 +350,19 @@ def test_sigterm_ends_running_streams_with_an_error_event(real_model_path, tmp_p
     assert status == 200 and '"shutting_down"' in text and text.rstrip().endswith("}"), text[-300:]
     status, text = got["queued"]
     assert status == 503 and "shutting_down" in text, (status, text)
+
+
+def test_connections_past_the_limit_get_503(tiny_model_path, tmp_path):
+    s = Server(["--model", tiny_model_path, "--max-connections", "3", "--header-timeout", "30"],
+               tmp_path / "limit.log")
+    try:
+        idle = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(3)]
+        time.sleep(0.3)
+        r = httpx.get(s.url + "/health", timeout=10)
+        assert r.status_code == 503, r.text
+        for sock in idle:
+            sock.close()
+        time.sleep(0.3)
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 200
+    finally:
+        assert s.stop() == 0, s.log()
