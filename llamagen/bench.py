@@ -29,11 +29,18 @@ import statistics
 import sys
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from llamagen._configs import (  # noqa: F401  (_require_matplotlib: the CLI checks it first)
+    Configs, ConfigSpec, _check_fields, _make_params, _normalize_configs, _require_matplotlib,
+)
+from llamagen.quality import (  # noqa: F401  (re-exported: llamagen.bench.sweep_quality)
+    DEFAULT_QUALITY_CONFIGS, format_quality_table, plot_frontier, sweep_quality, to_html,
+)
 from llamagen.sampling import FIELDS, SAMPLER_IMPLS, SamplingParams
 
 __all__ = [
     "DEFAULT_PROMPT", "JSON_OBJECT_GRAMMAR", "DEFAULT_CONFIGS", "METRICS", "sweep_samplers",
     "load_configs", "format_table", "format_engine_table", "to_json", "to_csv", "plot",
+    "sweep_quality", "DEFAULT_QUALITY_CONFIGS", "format_quality_table", "to_html", "plot_frontier",
 ]
 
 DEFAULT_PROMPT = "The three most important inventions in history are"
@@ -73,62 +80,10 @@ DEFAULT_CONFIGS: Dict[str, Dict[str, Any]] = {
 # per-run measurements, each reported as <name>_median, _min, _max, _stdev
 METRICS = ("sample_ms_per_token", "decode_ms_per_token", "tokens_per_second")
 
-_PLOT_HINT = 'plotting needs matplotlib: pip install "llamagen[plot]"'
 
-ConfigSpec = Union[Mapping[str, Any], SamplingParams]
-Configs = Union[Mapping[str, ConfigSpec], Iterable[Mapping[str, Any]]]
 
 
 # -- configurations ------------------------------------------------------------------------------
-
-def _normalize_configs(configs: Optional[Configs]) -> List[Tuple[str, ConfigSpec]]:
-    """[(name, fields dict or SamplingParams)] from any accepted form; structural errors raise."""
-    if configs is None:
-        return [(name, dict(spec)) for name, spec in DEFAULT_CONFIGS.items()]
-    out: List[Tuple[str, ConfigSpec]] = []
-    if isinstance(configs, Mapping):
-        for name, spec in configs.items():
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"configuration names must be non-empty strings, got {name!r}")
-            if not isinstance(spec, (Mapping, SamplingParams)):
-                raise TypeError(f"configuration {name!r} must be a dict of SamplingParams fields "
-                                f"or a SamplingParams, got {type(spec).__name__}")
-            out.append((name, spec if isinstance(spec, SamplingParams) else dict(spec)))
-    elif isinstance(configs, (str, bytes)) or not isinstance(configs, Iterable):
-        raise TypeError("configs must be a dict {name: fields}, a list of {'name': ..., fields}, "
-                        f"or None, got {type(configs).__name__}")
-    else:
-        seen = set()
-        for i, item in enumerate(configs):
-            if not isinstance(item, Mapping):
-                raise TypeError(f"configuration #{i} must be a dict with a 'name', "
-                                f"got {type(item).__name__}")
-            fields = dict(item)
-            name = fields.pop("name", None)
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"configuration #{i} needs a non-empty string 'name'")
-            if name in seen:
-                raise ValueError(f"configuration name {name!r} is used twice")
-            seen.add(name)
-            out.append((name, fields))
-    return out
-
-
-def _check_fields(fields: Mapping[str, Any], name: str) -> None:
-    unknown = sorted(set(fields) - set(FIELDS))
-    if unknown:
-        raise ValueError(f"configuration {name!r}: unknown sampling parameter(s): "
-                         f"{', '.join(unknown)} (valid: {', '.join(FIELDS)})")
-
-
-def _make_params(name: str, spec: ConfigSpec, max_new_tokens: int, ignore_eos: bool) -> SamplingParams:
-    if isinstance(spec, SamplingParams):
-        return spec.replace(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
-    _check_fields(spec, name)
-    fields = {"max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos}
-    fields.update(spec)
-    return SamplingParams(**fields)
-
 
 def load_configs(path: Union[str, os.PathLike]) -> Dict[str, Dict[str, Any]]:
     """Read sampler configurations from a JSON file and validate them against SamplingParams.
@@ -148,7 +103,7 @@ def load_configs(path: Union[str, os.PathLike]) -> Dict[str, Dict[str, Any]]:
         raise ValueError(f"{path}: expected a JSON object {{name: {{fields}}}} or a list of "
                          f"{{\"name\": ..., fields}}, got {type(data).__name__}")
     try:
-        items = _normalize_configs(data)
+        items = _normalize_configs(data, DEFAULT_CONFIGS)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
     if not items:
@@ -299,7 +254,7 @@ def sweep_samplers(model, configs: Optional[Configs] = None, *, prompt: str = DE
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    items = _normalize_configs(configs)
+    items = _normalize_configs(configs, DEFAULT_CONFIGS)
     if not items:
         raise ValueError("no configurations to run")
     names = [n for n, _ in items]
@@ -462,15 +417,6 @@ def to_csv(rows: List[Dict[str, Any]]) -> str:
                 rec[c] = ""
         w.writerow(rec)
     return buf.getvalue()
-
-
-def _require_matplotlib():
-    try:
-        from matplotlib.figure import Figure
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
-    except ImportError as e:
-        raise ImportError(_PLOT_HINT) from e
-    return Figure
 
 
 def plot(rows: List[Dict[str, Any]], path: Union[str, os.PathLike], *,

@@ -153,8 +153,53 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_quality(a: argparse.Namespace) -> int:
+    from llamagen import bench, quality
+    if a.plot:
+        try:
+            bench._require_matplotlib()
+        except ImportError as e:
+            print(f"llamagen: error: {e}", file=sys.stderr)
+            return 2
+    configs = bench.load_configs(a.configs) if a.configs else None
+    prompts = quality.load_prompts(a.prompts)          # (the shipped file without --prompts)
+    model = _load(a)
+    try:
+        rows = quality.sweep_quality(model, configs, prompts, samples=a.samples,
+                                     max_new_tokens=a.max_new_tokens, n_threads=a.threads,
+                                     judge=a.judge, progress=not a.no_progress)
+    finally:
+        model.close()
+    if a.json:
+        sys.stdout.write(json.dumps(rows, indent=1, default=str) + "\n")
+    elif a.csv:
+        import csv
+        import io
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["config", "error"] + [f"{k}_{p}" for k in quality.QUALITY_METRICS
+                                          for p in ("mean", "lo", "hi")] + ["tokens_per_second"])
+        for r in rows:
+            m = r.get("metrics") or {}
+            w.writerow([r["name"], r["error"] or ""] + [
+                m.get(k, {}).get(p, "") for k in quality.QUALITY_METRICS
+                for p in ("mean", "lo", "hi")] + [r.get("tokens_per_second", "")])
+        sys.stdout.write(buf.getvalue())
+    else:
+        sys.stdout.write(quality.format_quality_table(rows))
+    if a.html:
+        quality.to_html(rows, a.html)
+        print(f"llamagen: wrote {a.html}", file=sys.stderr)
+    if a.plot:
+        quality.plot_frontier(rows, a.plot)
+        print(f"llamagen: wrote {a.plot}", file=sys.stderr)
+    return 0
+
+
 def cmd_bench_samplers(a: argparse.Namespace) -> int:
     from llamagen import bench
+    if a.quality:
+        return cmd_bench_quality(a)
     if a.plot:
         try:
             bench._require_matplotlib()
@@ -334,6 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", default=None, metavar="OUT.png",
                    help='also write a bar chart (needs pip install "llamagen[plot]")')
     s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    s.add_argument("--quality", action="store_true",
+                   help="measure what each configuration does to the text (diversity, "
+                        "repetition, log-likelihood, accuracy) over a prompts file, with 95%% "
+                        "intervals (default configurations: llamagen.quality's grid)")
+    s.add_argument("--prompts", default=None, metavar="FILE.jsonl",
+                   help="--quality: prompts, one {\"prompt\", \"answer\"|\"regex\"|\"schema\"} a "
+                        "line (default: the file shipped with llamagen)")
+    s.add_argument("--samples", type=_positive_int, default=8, metavar="N",
+                   help="--quality: samples per prompt (default 8)")
+    s.add_argument("--judge", default=None, metavar="GGUF",
+                   help="--quality: also score the samples under this model")
+    s.add_argument("--html", default=None, metavar="OUT.html", help="--quality: write a report")
     s.add_argument("--engines", choices=("fast", "llama.cpp", "both", "backend"), default=None,
                    help="sampling engine(s) to time: both = every configuration with llama.cpp's "
                         "chain and with llamagen's engine, side by side; backend = llama.cpp's "
