@@ -74,6 +74,9 @@ cdef class BatchGenerator:
     # steps that decoded nothing while sequences held slots: a watchdog (0 in a healthy batch;
     # it counted 150k in 30 s when prompts that could not all fit waited on each other)
     cdef readonly int64_t n_stalled_steps
+    # time spent sampling (chains, grammars, logprobs) over all steps, and the tokens sampled
+    cdef readonly int64_t sample_us
+    cdef readonly int64_t n_sampled
 
     def __cinit__(self):
         self._has_batch = False
@@ -638,6 +641,7 @@ cdef class BatchGenerator:
         cdef int rc
         cdef size_t i
         cdef int32_t slot
+        cdef int64_t t_sample
         self._initialised()
         ctx._acquire()
         try:
@@ -675,7 +679,10 @@ cdef class BatchGenerator:
                 with nogil:
                     rc = self._decode_step()
                     if rc == 0:
+                        t_sample = llamagen_monotonic_us()
                         self._sample_all()
+                        self.sample_us += llamagen_monotonic_us() - t_sample
+                        self.n_sampled += <int64_t> self._sampled.size()
             finally:
                 ctx._abort.armed = 0
             if ctx._abort.interrupted and rc != 0:

@@ -194,6 +194,8 @@ class BatchGenerator(Iterator[Tuple[int, str]]):
     n_cache_hits: int
     n_compactions: int
     n_stalled_steps: int
+    sample_us: int          # microseconds spent sampling over all steps
+    n_sampled: int          # tokens sampled over all steps
     def __init__(self, ctx: Context, *, n_parallel: Optional[int] = None,
                  params: Optional[SamplingParams] = None, add_special: bool = True,
                  parse_special: bool = True, share_prefix: Optional[int] = 16,

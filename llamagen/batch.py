@@ -87,14 +87,16 @@ def _run_batch(ctx: Context, prompts, ps: List[SamplingParams], n_parallel: Opti
 
 def map_generate(ctx: Context, iterable: Iterable, *, batch_size: int = 16, progress: bool = False,
                  params: Optional[SamplingParams] = None, n: int = 1,
-                 **sampling) -> Iterator[BatchResult]:
+                 stats: Optional[dict] = None, **sampling) -> Iterator[BatchResult]:
     """Generate for every item of ``iterable`` (a prompt, or a dict {"prompt": ..., **overrides}),
     keeping ``batch_size`` sequences busy, and yield BatchResults in input order.
 
     Items are read lazily.  An item that cannot run (a prompt too long, bad overrides) yields a
     result with ``error`` set; the others go on.  ``n`` > 1: n samples per item (seed + i, the
     prompt prefilled once), all in ``BatchResult.choices``.  With ``logprobs=k`` each result's
-    ``logprobs`` (and each choice's) holds the generated tokens' TokenLogprobs.
+    ``logprobs`` (and each choice's) holds the generated tokens' TokenLogprobs.  ``stats``: a
+    dict updated as the generation goes with ``steps``, ``sampled_tokens`` and
+    ``sample_seconds`` (the time spent in the sampler chains and grammars).
     """
     p = resolve(params, (), sampling)
     n = check_n(n)
@@ -157,7 +159,11 @@ def map_generate(ctx: Context, iterable: Iterable, *, batch_size: int = 16, prog
                 if not pending and not done:
                     break
                 continue
-            for sid, chunk in batch.step():
+            out = batch.step()
+            if stats is not None:
+                stats.update(steps=batch.n_steps, sampled_tokens=batch.n_sampled,
+                             sample_seconds=batch.sample_us / 1e6)
+            for sid, chunk in out:
                 chunks[sid].append(chunk)
                 if batch.finish_reason(sid) is not None:
                     res, c = pending.pop(sid)

@@ -15,7 +15,8 @@ bootstrap 95 % interval across prompts:
   ``perplexity``, under the model and optionally under a ``judge`` model;
 * ``accuracy`` for prompts that give an ``answer`` (the answer as a word in the text), a ``regex``
   or a ``schema`` (the first JSON value in the text validates; needs ``jsonschema``);
-* ``length`` (tokens) and the finish reasons; ``tokens_per_second`` of the generation.
+* ``length`` (tokens) and the finish reasons; ``tokens_per_second`` of the generation and
+  ``sample_ms_per_token`` (time in the sampler chain, decode excluded).
 
 Token n-grams are over token ids.  ``to_html`` writes a report (table and example samples),
 ``plot_frontier`` the quality-diversity frontier (needs matplotlib).  From the command line:
@@ -274,12 +275,15 @@ def _one_config(ctx, jctx, items, name, spec, samples, max_new_tokens, batch_siz
         # copies side by side would only measure llama.cpp's batch variance)
         n_gen = 1 if params.greedy else samples
         t0 = time.perf_counter()
+        stats: Dict[str, float] = {}
         results = list(map_generate(ctx, [it["prompt"] for it in items], batch_size=batch_size,
-                                    params=params, n=n_gen, progress=progress))
+                                    params=params, n=n_gen, progress=progress, stats=stats))
         gen_s = time.perf_counter() - t0
+        gen_tokens = 0
         for r in results:
             if r.error is not None:
                 raise r.error
+            gen_tokens += sum(len(c.tokens) for c in r.choices)
             if n_gen == 1:
                 r.choices = list(r.choices) * samples
         t0 = time.perf_counter()
@@ -319,7 +323,9 @@ def _one_config(ctx, jctx, items, name, spec, samples, max_new_tokens, batch_siz
     row["tokens"] = n_tokens
     row["generate_seconds"] = gen_s
     row["score_seconds"] = score_s
-    row["tokens_per_second"] = n_tokens / gen_s if gen_s > 0 else math.nan
+    row["tokens_per_second"] = gen_tokens / gen_s if gen_s > 0 else math.nan   # (generated)
+    row["sample_ms_per_token"] = (1000 * stats["sample_seconds"] / stats["sampled_tokens"]
+                                  if stats.get("sampled_tokens") else math.nan)
     row["examples"] = [{"prompt": it["prompt"], "text": r.choices[0].text}
                        for it, r in list(zip(items, results))[:examples]]
     return row
@@ -339,14 +345,14 @@ def _cell(m: Optional[Mapping[str, float]]) -> str:
 
 def format_quality_table(rows: List[Dict[str, Any]]) -> str:
     """A plain-text table: each metric's mean [95 % interval]."""
-    head = ["config"] + list(_SHOWN) + ["tok/s"]
+    head = ["config"] + list(_SHOWN) + ["tok/s", "sample ms/tok"]
     lines = ["\t".join(head)]
     for r in rows:
         if r.get("error"):
             lines.append(f"{r['name']}\terror: {r['error']}")
             continue
         cells = [r["name"]] + [_cell(r["metrics"].get(k)) for k in _SHOWN] + \
-            [f"{r['tokens_per_second']:.1f}"]
+            [f"{r['tokens_per_second']:.1f}", f"{r['sample_ms_per_token']:.3f}"]
         lines.append("\t".join(cells))
     return "\n".join(lines) + "\n"
 
@@ -362,15 +368,17 @@ def to_html(rows: List[Dict[str, Any]], path: Union[str, os.PathLike], *,
            "td:first-child{text-align:left}pre{white-space:pre-wrap;background:#f6f6f6;"
            "padding:6px}</style></head><body>", f"<h1>{e(title)}</h1>",
            "<table id='metrics'><thead><tr><th>config</th>"]
-    out += [f"<th>{e(k)}</th>" for k in _SHOWN] + ["<th>tokens/s</th></tr></thead><tbody>"]
+    out += [f"<th>{e(k)}</th>" for k in _SHOWN] + ["<th>tokens/s</th><th>sample ms/token</th>"
+                                                   "</tr></thead><tbody>"]
     for r in rows:
         if r.get("error"):
-            out.append(f"<tr><td>{e(r['name'])}</td><td colspan='{len(_SHOWN) + 1}'>"
+            out.append(f"<tr><td>{e(r['name'])}</td><td colspan='{len(_SHOWN) + 2}'>"
                        f"error: {e(r['error'])}</td></tr>")
             continue
         cells = "".join(f"<td>{e(_cell(r['metrics'].get(k)))}</td>" for k in _SHOWN)
         out.append(f"<tr><td>{e(r['name'])}</td>{cells}"
-                   f"<td>{r['tokens_per_second']:.1f}</td></tr>")
+                   f"<td>{r['tokens_per_second']:.1f}</td>"
+                   f"<td>{r['sample_ms_per_token']:.3f}</td></tr>")
     out.append("</tbody></table><h2>Examples</h2>")
     for r in rows:
         if r.get("error"):

@@ -97,6 +97,7 @@ def test_greedy_has_no_diversity_and_temperature_adds_it(sweep):
         m = r["metrics"]
         assert m["accuracy"]["mean"] is not None and 0.0 <= m["accuracy"]["mean"] <= 1.0
         assert 0 < m["length"]["mean"] <= 24 and r["tokens"] > 0 and r["tokens_per_second"] > 0
+        assert 0 < r["sample_ms_per_token"] < 1000
         assert sum(r["finish_reasons"].values()) == 3 * 4
         assert len(r["examples"]) == 3
 
