@@ -179,16 +179,20 @@ def is_correct(item: Mapping[str, Any], text: str) -> Optional[bool]:
         dec = json.JSONDecoder()
         for m in _JSON_START.finditer(text):
             try:
-                value, _ = dec.raw_decode(text[m.start():])
+                value, _ = dec.raw_decode(text, m.start())
             except ValueError:
                 continue
-            try:
-                import jsonschema
-            except ImportError:
-                return isinstance(value, dict)     # (without jsonschema: an object parses)
-            return jsonschema.Draft202012Validator(item["schema"]).is_valid(value)
+            return _validates(item["schema"], value)
         return False
     return None
+
+
+def _validates(schema: dict, value: Any) -> bool:
+    try:
+        import jsonschema
+    except ImportError:
+        return isinstance(value, dict)      # (without jsonschema: an object parses)
+    return jsonschema.Draft202012Validator(schema).is_valid(value)
 
 
 def bootstrap_ci(values: Sequence[float], *, n_boot: int = 2000, level: float = 0.95,

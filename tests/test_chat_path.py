@@ -161,7 +161,9 @@ def test_chunk_logprobs_are_those_of_the_text_shown(smol):
             assert r.choices[0].logprobs == shown
 
 
-def test_a_failed_choice_raises_instead_of_finishing():
+def test_the_failure_types_carry_the_choice_and_reason():
+    # (the engine raises them where a choice ends "cancelled" / "error"; no test reaches
+    # that branch: a grammar dead end raises GrammarError from the step instead)
     assert issubclass(llamagen.RequestCancelledError, llamagen.GenerationError)
     e = llamagen.GenerationError("x", index=2, reason="error")
     assert (e.index, e.reason) == (2, "error") and isinstance(e, llamagen.LlamaError)

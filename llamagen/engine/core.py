@@ -151,7 +151,7 @@ class EngineCore:
         stream for its whole length (21 s for 1,000 inputs, issue 35)."""
         job = self._embeds[0]
         fut = job.future
-        if job.done == 0 and not job.parts and not fut.set_running_or_notify_cancel():
+        if not job.parts and not fut.set_running_or_notify_cancel():     # (its first slice)
             self._embeds.popleft()
             return
         items, i = job.items, job.done
