@@ -16,6 +16,7 @@ from llamagen.logprobs import Completion, ScoreResult, TokenLogprob, TopLogprob,
 from llamagen.structured import schema_to_grammar
 from llamagen import chat, tools  # noqa: F401  (llamagen.chat.prepare, llamagen.tools)
 from llamagen.sampling import SamplingParams
+from llamagen.speculative import Speculative
 from llamagen.errors import (
     ContextError, DecodeError, EngineClosedError, GenerationError, GrammarError,
     InvalidParamError, InvalidParamTypeError, KVCacheFullError, LlamaError, ModelLoadError,
@@ -39,7 +40,7 @@ def backend_devices() -> list[Device]:
 
 
 __all__ = [
-    "Model", "Context", "GenerationState", "SamplingParams", "gen_begin", "gen_next", "gen_end",
+    "Model", "Context", "GenerationState", "SamplingParams", "Speculative", "gen_begin", "gen_next", "gen_end",
     "generate", "BatchGenerator", "BatchResult", "generate_batch", "map_generate", "Device", "backend_devices", "build_info", "system_info", "__version__",
     "set_template_budget", "template_budget",
     "quantize", "QuantizeResult", "QUANT_TYPES",

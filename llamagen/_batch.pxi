@@ -77,6 +77,12 @@ cdef class BatchGenerator:
     # time spent sampling (chains, grammars, logprobs) over all steps, and the tokens sampled
     cdef readonly int64_t sample_us
     cdef readonly int64_t n_sampled
+    # speculative decoding: one drafter per kind of Speculative (its key), shared by the slots
+    cdef dict _drafter_index              # Speculative.key -> index in _drafters
+    cdef vector[lgspec.Drafter *] _drafters
+    cdef bint _no_drafts                  # this step's retry decodes without drafts
+    cdef readonly int64_t n_drafted       # drafted tokens verified, over all sequences
+    cdef readonly int64_t n_accepted      # ... of those accepted
 
     def __cinit__(self):
         self._has_batch = False
@@ -137,6 +143,7 @@ cdef class BatchGenerator:
             self._parse_special = parse_special
             self._batch = llama.llama_batch_init(self._n_batch, 0, 1)
             self._has_batch = True
+            self._drafter_index = {}
             self._cands.resize(self._n_threads)
             ctx._take_over()
             self._epoch = ctx._epoch
@@ -145,9 +152,21 @@ cdef class BatchGenerator:
             ctx._release()
 
     def __dealloc__(self):
+        cdef size_t i
         if self._has_batch:
             llama.llama_batch_free(self._batch)
             self._has_batch = False
+        for i in range(self._drafters.size()):
+            lgspec.destroy(self._drafters[i])
+        self._drafters.clear()
+
+    cdef lgspec.Drafter * _drafter_for(self, spec) except NULL:
+        """The batch's drafter for ``spec``'s kind (made on first use, one seq per slot)."""
+        i = self._drafter_index.get(spec.key)
+        if i is None:
+            self._drafters.push_back(_new_drafter(spec, <uint32_t> self._n_slots))
+            i = self._drafter_index[spec.key] = self._drafters.size() - 1
+        return self._drafters[<size_t> i]
 
     # -- adding and inspecting sequences -----------------------------------------------------
 
@@ -225,6 +244,11 @@ cdef class BatchGenerator:
 
     def n_prompt_tokens(self, seq_id):
         return self._get(seq_id).c.n_prompt
+
+    def speculative_stats(self, seq_id):
+        """``seq_id``'s speculative decoding: drafted and accepted tokens, acceptance_rate and
+        the decodes that verified a draft (None without ``speculative`` in its parameters)."""
+        return _spec_stats(self._get(seq_id).c)
 
     def n_cached(self, seq_id):
         """Prompt tokens of ``seq_id`` that were not prefilled: found in a slot's prompt cache or
@@ -323,6 +347,8 @@ cdef class BatchGenerator:
             if q.c.attached:
                 self._context._detach(slot)       # frees the chain
         q.c.drop_attached()
+        q.c.drafter = NULL                        # (the batch's: the next sequence in the slot
+        q.c.draft.clear()                         # begins it afresh)
         self._slots[slot] = None
         q.c.slot = -1
 
@@ -423,6 +449,28 @@ cdef class BatchGenerator:
                 q.batch_idx = n
                 n += 1
                 n_gen += 1
+        for i in range(self._active.size()):
+            # each generating sequence's draft after every pending token (drafts are optional:
+            # they never take the room a pending token needs)
+            q = self._active[i]
+            q.draft_idx = -1
+            if q.draft.size() == 0:
+                continue
+            if q.batch_idx < 0 or self._no_drafts or n + 1 >= self._n_batch:
+                q.draft.clear()
+                continue
+            k = <int32_t> q.draft.size()
+            if k > self._n_batch - n - 1:
+                k = self._n_batch - n - 1
+                q.draft.resize(k)
+            q.draft_idx = n
+            for j in range(k):
+                b.token[n + j] = q.draft[j]
+                b.pos[n + j] = q.n_past + 1 + j
+                b.n_seq_id[n + j] = 1
+                b.seq_id[n + j][0] = q.slot
+                b.logits[n + j] = 1
+            n += k
         if with_prompts:
             for i in range(self._active.size()):
                 q = self._active[i]
@@ -464,18 +512,36 @@ cdef class BatchGenerator:
         cdef size_t i
         cdef bint prompts = True
         cdef SeqCore * q
+        cdef bint asked = False
         for i in range(self._active.size()):
-            if self._active[i].pending >= 0:
+            q = self._active[i]
+            if q.pending >= 0:
                 n_gen += 1
+                if q.drafter != NULL and q.spec_want(q.spec_budget()):
+                    asked = True
+        if asked:
+            for i in range(self._drafters.size()):
+                lgspec.run(self._drafters[i])
+            for i in range(self._active.size()):
+                q = self._active[i]
+                if q.spec_asked:
+                    q.spec_take()
         limit = n_gen
+        self._no_drafts = False
         while True:
             if self._fill_batch(limit, prompts) == 0:
                 return -100
             rc = llama.llama_decode(lctx, self._batch)
             if rc != 1:
                 break
-            # no KV room: first drop idle prompt caches, then defer the prompts, then half of the
-            # generating sequences
+            # no KV room: first drop the drafts, then idle prompt caches, then defer the
+            # prompts, then half of the generating sequences
+            if not self._no_drafts:
+                for i in range(self._active.size()):
+                    if self._active[i].draft.size() > 0:
+                        self._no_drafts = True
+                if self._no_drafts:
+                    continue
             if self._drop_idle_caches():
                 continue
             if prompts:
@@ -628,11 +694,24 @@ cdef class BatchGenerator:
             for i in prange(n, num_threads=self._n_threads, schedule="dynamic"):
                 tid = threadid()
                 q = self._active[self._sampled[i]]
-                q.consume(lctx, q.batch_idx, self._cands[tid].data())
+                if q.draft_idx >= 0:
+                    q.verify(lctx, q.batch_idx, self._cands[tid].data())
+                else:
+                    q.consume(lctx, q.batch_idx, self._cands[tid].data())
         else:
             for i in range(n):
                 q = self._active[self._sampled[i]]
-                q.consume(lctx, q.batch_idx, self._cands[0].data())
+                if q.draft_idx >= 0:
+                    q.verify(lctx, q.batch_idx, self._cands[0].data())
+                else:
+                    q.consume(lctx, q.batch_idx, self._cands[0].data())
+        for i in range(n):
+            # (one thread: the KV cache and the shared drafters)
+            q = self._active[self._sampled[i]]
+            if q.spec_acc >= 0:
+                self.n_drafted += <int64_t> q.draft.size()
+                self.n_accepted += q.spec_acc
+                q.spec_settle(lctx, q.slot)
 
     cdef int _step(self) except -1:
         """One decode step for every live sequence; queues (id, chunk) pairs.  0 when idle."""
@@ -659,6 +738,10 @@ cdef class BatchGenerator:
                 self._slots[slot] = q
                 if q.c.backend:
                     q.c.attach(ctx._attach(slot, q.c.chain))
+                if q.c.spec_n_max > 0:
+                    q.c.drafter = self._drafter_for(q.params.speculative)
+                    q.c.dseq = slot
+                    q.c.spec_begun = False
             self._active.clear()
             for q in self._slots:
                 if q is not None:

@@ -23,6 +23,7 @@ from libcpp.vector cimport vector
 from llamagen.includes cimport chat as lgchat, sampling_engine as fs, ggml, llama
 from llamagen.includes cimport embed as lgembd, logprobs as lglp, schema as lgschema
 from llamagen.includes cimport ctx as lgctx
+from llamagen.includes cimport spec as lgspec
 
 import logging as _logging
 import os as _os

@@ -136,6 +136,26 @@ cdef cppclass SeqCore:
     vector[float] lp                        # per generated token: its logprob
     vector[int32_t] lp_ids                  # ... n_logprobs most likely ids (most likely first)
     vector[float] lp_top                    # ... and their logprobs
+    # speculative decoding (SamplingParams.speculative): a drafter proposes what follows the
+    # pending token, one decode computes all of it, verify() keeps the drafted tokens only while
+    # they equal what this sequence's own sampling picks (see llamagen/speculative.py)
+    lgspec.Drafter * drafter                # NULL: no drafting
+    bint owns_drafter                       # single streams own theirs; a batch shares one per kind
+    bint spec_begun                         # the drafter has seen the prompt
+    int32_t dseq                            # this sequence's id in the drafter
+    int32_t spec_n_max
+    int32_t spec_n_min
+    bint spec_adaptive
+    int32_t spec_cur                        # the current draft budget (adaptive)
+    int32_t spec_pause                      # steps left without drafting (adaptive back-off)
+    int32_t spec_backoff                    # the next pause's length
+    int32_t spec_acc                        # drafted tokens the latest verify() accepted (-1: none)
+    bint spec_asked                         # spec_want asked the drafter this step
+    int32_t draft_idx                       # batch row of draft[0]
+    vector[llama.llama_token] draft         # this step's draft (after the pending token)
+    int64_t n_drafted                       # totals: tokens drafted and verified, ...
+    int64_t n_accepted                      # ... of those accepted, ...
+    int64_t n_verified                      # ... and decodes that verified a draft
 
     __init__():
         this.chain = NULL
@@ -156,6 +176,22 @@ cdef cppclass SeqCore:
         this.uid = -1
         this.t_sample_ns = 0
         this.n_logprobs = -1
+        this.drafter = NULL
+        this.owns_drafter = False
+        this.spec_begun = False
+        this.dseq = 0
+        this.spec_n_max = 0
+        this.spec_n_min = 0
+        this.spec_adaptive = True
+        this.spec_cur = 0
+        this.spec_pause = 0
+        this.spec_backoff = 1
+        this.spec_acc = -1
+        this.spec_asked = False
+        this.draft_idx = -1
+        this.n_drafted = 0
+        this.n_accepted = 0
+        this.n_verified = 0
 
     __dealloc__():
         this.free_samplers()
@@ -168,6 +204,10 @@ cdef cppclass SeqCore:
 
     void free_samplers() noexcept nogil:
         this.drop_attached()
+        if this.drafter != NULL and this.owns_drafter:
+            lgspec.destroy(this.drafter)
+        this.drafter = NULL
+        this.draft.clear()
         if this.chain != NULL:
             llama.llama_sampler_free(this.chain)
             this.chain = NULL
@@ -299,6 +339,87 @@ cdef cppclass SeqCore:
                 this.pending = tok
 
 
+    int32_t spec_budget() noexcept nogil:
+        # how many tokens to draft after the pending one this step (0: decode it alone): the
+        # current budget, bounded by max_new_tokens and the cells left
+        cdef int32_t b
+        if this.drafter == NULL or this.pending < 0 or this.finish != FINISH_NONE:
+            return 0
+        if this.spec_pause > 0:
+            this.spec_pause -= 1
+            return 0
+        b = this.spec_cur
+        if b > this.max_new - <int32_t> this.tokens.size() - 1:
+            b = this.max_new - <int32_t> this.tokens.size() - 1
+        if b > this.n_ctx - this.n_past - 1:
+            b = this.n_ctx - this.n_past - 1
+        return b if b > 0 else 0
+
+    bint spec_want(int32_t budget) noexcept nogil:
+        # ask the drafter for this step's draft (made by lgspec.run); False when not asked
+        this.draft.clear()
+        if budget <= 0:
+            return False
+        if not this.spec_begun:
+            lgspec.begin(this.drafter, this.dseq, this.prompt.data(), <int32_t> this.prompt.size())
+            this.spec_begun = True
+        # the generated tokens in the KV cache (the pending one, tokens.back(), is not yet)
+        lgspec.want(this.drafter, this.dseq, this.tokens.data(), this.n_past - this.n_prompt,
+                    this.pending, budget)
+        this.spec_asked = True
+        return True
+
+    int32_t spec_take() noexcept nogil:
+        # the draft lgspec.run made, unless shorter than n_min; returns its length
+        cdef const vector[int32_t] * r
+        if not this.spec_asked:
+            return 0
+        this.spec_asked = False
+        r = &lgspec.result(this.drafter, this.dseq)
+        if <int32_t> r.size() < this.spec_n_min or r.size() == 0:
+            this.draft.clear()
+            return 0
+        this.draft.assign(r.begin(), r.end())
+        return <int32_t> this.draft.size()
+
+    void verify(llama.llama_context * lctx, int32_t idx, llama.llama_token_data * cand) noexcept nogil:
+        # consume() for the pending token's row, then for each drafted token the sampled token
+        # equals: its row's logits were computed from exactly the tokens sampling chose, so each
+        # row is sampled as plain decoding would (one RNG draw per emitted token)
+        cdef int32_t i = 0, n = <int32_t> this.draft.size()
+        this.consume(lctx, idx, cand)
+        while this.finish == FINISH_NONE and i < n and this.pending == this.draft[i]:
+            this.consume(lctx, this.draft_idx + i, cand)
+            i += 1
+        this.n_drafted += n
+        this.n_accepted += i
+        this.n_verified += 1
+        this.spec_acc = i
+        if not this.spec_adaptive:
+            return
+        if i == n:                      # all taken: draft longer next time
+            this.spec_cur = this.spec_cur * 2 if this.spec_cur * 2 < this.spec_n_max else this.spec_n_max
+            this.spec_backoff = 1
+        elif i > 0:                     # partly: about what was taken
+            this.spec_cur = i + 1
+            this.spec_backoff = 1
+        else:                           # nothing: pause drafting, longer each time (<= 64 steps)
+            this.spec_cur = 1
+            this.spec_pause = this.spec_backoff
+            this.spec_backoff = this.spec_backoff * 2 if this.spec_backoff < 64 else 64
+
+    void spec_settle(llama.llama_context * lctx, int32_t seq) noexcept nogil:
+        # after verify (one thread at a time): the rejected draft's cells go, the drafter learns
+        # how much was accepted
+        if this.spec_acc < 0:
+            return
+        llama.llama_memory_seq_rm(llama.llama_get_memory(lctx), seq, this.n_past, -1)
+        if this.drafter != NULL:
+            lgspec.accept(this.drafter, this.dseq, this.spec_acc)
+        this.spec_acc = -1
+        this.draft.clear()
+
+
 cdef class _Seq:
     """Python-side owner of a SeqCore, with the parameters and seed it was built from."""
     cdef SeqCore * c
@@ -351,7 +472,35 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
         # "backend": the same chain, attached to the context when the sequence starts decoding
         c.backend = params.sampler_impl == "backend"
     c.grammar = _build_grammar(params, ctx._vocab)
+    spec = params.speculative
+    if spec is not None and c.engine != ENGINE_BACKEND and not c.backend:
+        c.spec_n_max = spec.n_max
+        c.spec_n_min = spec.n_min
+        c.spec_adaptive = spec.adaptive
+        c.spec_cur = spec.n_max
     return q
+
+
+cdef object _spec_stats(SeqCore * c):
+    if c.spec_n_max <= 0:
+        return None
+    return {"drafted": c.n_drafted, "accepted": c.n_accepted,
+            "acceptance_rate": <double> c.n_accepted / c.n_drafted if c.n_drafted else None,
+            "verify_steps": c.n_verified}
+
+
+cdef lgspec.Drafter * _new_drafter(spec, uint32_t n_seq) except NULL:
+    """A drafter of ``spec``'s kind (a validated llamagen.Speculative) for ``n_seq`` sequences."""
+    cdef string err
+    cdef lgspec.Drafter * d
+    cdef bytes kind_b = spec.type.encode()
+    cdef const char * kind = kind_b
+    cdef int32_t size_n = spec.ngram_n, size_m = spec.ngram_m, hits = spec.min_hits
+    with nogil:         # (ngram-mod fills a 16 MB table)
+        d = lgspec.create(kind, n_seq, size_n, size_m, hits, err)
+    if d == NULL:
+        raise invalid(ValueError, "speculative.type", err.decode("utf-8", "replace"))
+    return d
 
 
 cdef class GenerationState:
@@ -372,10 +521,13 @@ cdef class GenerationState:
     cdef int64_t _t_prefill_us
     cdef int64_t _t_gen_us
     cdef Py_ssize_t _chunk_from             # tokens before the latest step (chunk_logprobs)
+    cdef llama.llama_batch _sbatch          # speculative steps: the pending token and its draft
+    cdef bint _has_sbatch
 
     def __cinit__(self):
         self._lctx = NULL
         self._ended = False
+        self._has_sbatch = False
         # a placeholder until gen_begin sets the real one: an instance made without gen_begin
         # (GenerationState.__new__) raises instead of touching NULL
         self._seq = _Seq.__new__(_Seq)
@@ -383,6 +535,11 @@ cdef class GenerationState:
 
     def __init__(self):
         raise TypeError("use llamagen.gen_begin(ctx, prompt, ...) to start a generation")
+
+    def __dealloc__(self):
+        if self._has_sbatch:
+            llama.llama_batch_free(self._sbatch)
+            self._has_sbatch = False
 
     cdef void _free_samplers(self) noexcept:
         if self._seq is not None:
@@ -392,18 +549,39 @@ cdef class GenerationState:
 
     cdef int _step(self) noexcept nogil:
         cdef SeqCore * q = self._core
-        """One token.  Returns 0, or llama_decode's non-zero code (the state then stops)."""
-        cdef int32_t rc
+        """One token (or, speculating, the pending token and the accepted part of its draft).
+        Returns 0, or llama_decode's non-zero code (the state then stops)."""
+        cdef int32_t rc, k = 0, j
         cdef int64_t t0 = llama.llama_time_us()
+        cdef llama.llama_batch * b = &self._sbatch
         q.out.clear()
         if q.pending >= 0:
-            rc = llama.llama_decode(self._lctx, llama.llama_batch_get_one(&q.pending, 1))
+            if q.spec_want(q.spec_budget()):
+                lgspec.run(q.drafter)
+                k = q.spec_take()
+            if k == 0:
+                rc = llama.llama_decode(self._lctx, llama.llama_batch_get_one(&q.pending, 1))
+            else:
+                for j in range(k + 1):
+                    b.token[j] = q.pending if j == 0 else q.draft[j - 1]
+                    b.pos[j] = q.n_past + j
+                    b.n_seq_id[j] = 1
+                    b.seq_id[j][0] = 0
+                    b.logits[j] = 1
+                b.n_tokens = k + 1
+                rc = llama.llama_decode(self._lctx, b[0])
             if rc != 0:
+                q.draft.clear()
                 q.finish = FINISH_LENGTH if rc == 1 else FINISH_STOP
                 q.flush()
                 self._t_gen_us += llama.llama_time_us() - t0
                 return rc
-        q.consume(self._lctx, -1, self._cand.data())
+        if k == 0:
+            q.consume(self._lctx, -1, self._cand.data())
+        else:
+            q.draft_idx = 1
+            q.verify(self._lctx, 0, self._cand.data())
+            q.spec_settle(self._lctx, 0)
         self._t_gen_us += llama.llama_time_us() - t0
         return 0
 
@@ -581,6 +759,12 @@ cdef class GenerationState:
         return _ENGINE_NAMES[self._core.engine]
 
     @property
+    def speculative_stats(self):
+        """Speculative decoding so far: drafted tokens, accepted ones, acceptance_rate and the
+        decodes that verified a draft (None when the parameters have no ``speculative``)."""
+        return _spec_stats(self._core)
+
+    @property
     def timings(self):
         """prefill_ms; decode_ms (all steps: decode + sampling + detokenizing); sample_ms (the
         sampling part of it); n_tokens; tokens_per_second."""
@@ -698,6 +882,12 @@ cdef GenerationState _start(Context ctx, vector[llama.llama_token] & toks, param
         st._context = ctx
         st._lctx = ctx._ctx
         st._cand.resize(ctx._n_vocab)
+        if st._core.spec_n_max > 0:
+            st._core.drafter = _new_drafter(params.speculative, 1)
+            st._core.owns_drafter = True
+            st._core.prompt = toks          # (what the drafter begins with)
+            st._sbatch = llama.llama_batch_init(st._core.spec_n_max + 1, 0, 1)
+            st._has_sbatch = True
         if ctx._epoch != keep_epoch:
             keep = 0
         ctx._take_over()

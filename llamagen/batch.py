@@ -162,6 +162,7 @@ def map_generate(ctx: Context, iterable: Iterable, *, batch_size: int = 16, prog
             out = batch.step()
             if stats is not None:
                 stats.update(steps=batch.n_steps, sampled_tokens=batch.n_sampled,
+                             draft_tokens=batch.n_drafted, accepted_draft_tokens=batch.n_accepted,
                              sample_seconds=batch.sample_us / 1e6)
             for sid, chunk in out:
                 chunks[sid].append(chunk)

@@ -40,6 +40,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, action="store_true", default=None)
         elif f.name == "logprobs":
             continue            # the CLI prints text; logprobs are a library / server feature
+        elif f.name == "speculative":
+            continue            # --spec-* (add_spec_args)
         elif f.name == "json_schema":
             g.add_argument(flag, default=None, metavar="JSON|@PATH",
                            help="constrain the output to a JSON schema (text, or @file)")
@@ -51,6 +53,34 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
         else:
             g.add_argument(flag, type=type(f.default), default=None, metavar="X")
     g.add_argument("--grammar-file", default=None, metavar="PATH", help="read the GBNF from a file")
+    add_spec_args(p)
+
+
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding flags, named as llama-server's (``--spec-type`` ...)."""
+    from llamagen.speculative import SPEC_TYPES
+    g = p.add_argument_group("speculative decoding (llamagen.Speculative, docs/speculative.md)")
+    g.add_argument("--spec-type", default=None, metavar="TYPE",
+                   help=f"draft with llama.cpp's n-gram drafter: {', '.join(SPEC_TYPES)}")
+    g.add_argument("--spec-draft-max", "--draft-max", type=int, default=None, metavar="N",
+                   help="most tokens drafted per step (default 16)")
+    g.add_argument("--spec-draft-min", "--draft-min", type=int, default=None, metavar="N",
+                   help="shorter drafts are not verified (default 0)")
+    g.add_argument("--spec-ngram-size-n", type=int, default=None, metavar="N",
+                   help="the drafter's n-gram size (default: llama.cpp's)")
+    g.add_argument("--spec-ngram-size-m", type=int, default=None, metavar="N",
+                   help="the drafter's longest proposal (default: llama.cpp's)")
+    g.add_argument("--spec-ngram-min-hits", type=int, default=None, metavar="N")
+    g.add_argument("--spec-no-adaptive", action="store_true",
+                   help="keep the draft length when drafts are rejected")
+    g.add_argument("--model-draft", "-md", default=None, metavar="PATH",
+                   help="a draft model (not supported yet: refused)")
+
+
+def spec_from_args(a: argparse.Namespace):
+    """The llamagen.Speculative the --spec-* flags ask for, or None."""
+    from llamagen.speculative import from_flags
+    return from_flags(a)
 
 
 def _sampling_from_args(a: argparse.Namespace) -> SamplingParams:
@@ -75,6 +105,9 @@ def _sampling_from_args(a: argparse.Namespace) -> SamplingParams:
         changes[f.name] = v
     if a.seed_random:
         changes["seed"] = None
+    spec = spec_from_args(a)
+    if spec is not None:
+        changes["speculative"] = spec
     if getattr(a, "grammar_file", None):
         try:
             with open(a.grammar_file, encoding="utf-8") as fh:
@@ -481,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-connections", type=_positive_int, default=1024, metavar="N",
                    help="open connections (and requests) past which new requests get 503 "
                         "(default 1024)")
+    add_spec_args(v)
     v.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug", "trace"))
     v.add_argument("--no-access-log", action="store_true", help="no line per request")

@@ -7,9 +7,12 @@ import numbers
 import operator
 import struct
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Tuple
 
 from llamagen.errors import LlamaError, invalid
+
+if TYPE_CHECKING:
+    from llamagen.speculative import Speculative
 
 __all__ = ["SamplingParams", "DEFAULT_DRY_BREAKERS", "SAMPLER_IMPLS"]
 
@@ -218,6 +221,10 @@ class SamplingParams:
     grammar_trigger_tokens: Tuple[int, ...] = ()
     grammar_prefill: Tuple[int, ...] = ()
     preserved_tokens: Tuple[int, ...] = ()
+    # speculative decoding (llamagen.Speculative, a type name or a dict of its fields): draft
+    # tokens from the sequence's history and verify them in one decode; the same tokens as
+    # without it wherever the logits agree (see llamagen.speculative)
+    speculative: Optional["Speculative"] = None
 
     def __post_init__(self):
         s = object.__setattr__
@@ -365,6 +372,13 @@ class SamplingParams:
             raise invalid(ValueError, "sampler_impl", "a grammar cannot be combined with sampler_impl='backend': llama.cpp's "
                              "backend sampling has no grammar, and a rejected token would need "
                              "every logit back on the host (use 'fast')")
+        if self.speculative is not None:
+            from llamagen.speculative import coerce
+            s(self, "speculative", coerce(self.speculative))
+        if self.sampler_impl == "backend" and self.speculative is not None:
+            raise invalid(ValueError, "speculative", "speculative decoding cannot be combined with "
+                             "sampler_impl='backend': each drafted position is sampled on the host "
+                             "(use 'fast')")
         if self.sampler_impl == "backend" and self.logprobs is not None:
             raise invalid(ValueError, "logprobs", "logprobs cannot be combined with sampler_impl='backend': the logits "
                              "stay on the output device (use 'fast')")
@@ -392,6 +406,8 @@ class SamplingParams:
         d["dry_sequence_breakers"] = list(self.dry_sequence_breakers)
         for name in ("grammar_triggers", "grammar_trigger_tokens", "grammar_prefill", "preserved_tokens"):
             d[name] = list(d[name])
+        if self.speculative is not None:
+            d["speculative"] = self.speculative.to_dict()
         return d
 
 

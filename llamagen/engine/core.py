@@ -56,7 +56,7 @@ class _EmbedJob:
 class _Request:
     """One submitted request (n choices) as the engine thread sees it."""
     __slots__ = ("id", "tokens", "params", "deliver", "n", "sids", "seen", "left", "cached",
-                 "completion", "cancelled", "done", "held")
+                 "completion", "cancelled", "done", "held", "drafted", "accepted")
 
     def __init__(self, rid, tokens, params, deliver):
         self.id = rid
@@ -72,6 +72,8 @@ class _Request:
         self.cancelled = False
         self.done = False
         self.held: Dict[int, list] = {}     # seq id -> logprobs of tokens whose text is held back
+        self.drafted = 0                    # speculative decoding, over the finished choices
+        self.accepted = 0
 
 
 class EngineCore:
@@ -198,6 +200,7 @@ class EngineCore:
             generated_tokens_total=self._gen_total, prefix_cache_queries=b.n_cache_queries,
             prefix_cache_hits=b.n_cache_hits + b.n_shared_tokens,
             requests_total=self._requests_total, n_steps=b.n_steps,
+            draft_tokens_total=b.n_drafted, accepted_draft_tokens_total=b.n_accepted,
             n_stalled_steps=b.n_stalled_steps)
 
     def _warm_up(self) -> None:
@@ -338,6 +341,11 @@ class EngineCore:
                 self._retire(req, sid)
                 continue
             stop = b.stop_sequence(sid) if reason == "stop" else None
+            if reason is not None:
+                spec = b.speculative_stats(sid)
+                if spec is not None:
+                    req.drafted += spec["drafted"]
+                    req.accepted += spec["accepted"]
             items.append(EngineChunk(index, text, toks, reason, stop,
                                      self._visible_logprobs(req, sid, b.logprobs(sid, seen), text,
                                                             toks, reason, stop)))

@@ -21,6 +21,7 @@ from llamagen.engine.streams import EngineStream, SyncStream
 from llamagen.engine.types import EngineResult, EngineStats, PreparedRequest
 from llamagen.errors import EngineClosedError, LlamaError, PromptTooLongError, invalid
 from llamagen.sampling import SamplingParams, resolve
+from llamagen.speculative import coerce as coerce_speculative
 
 __all__ = ["AsyncEngine"]
 
@@ -51,7 +52,9 @@ class AsyncEngine:
     holding up to max(2 * n_batch, n_ctx // n_parallel) cells (the least recently used go first);
     an int sets that budget; False turns it off.  ``deterministic=True``: a request's tokens and
     logprobs are the same whatever else the engine runs and whatever ran before
-    (``Context(deterministic=True)``, docs/determinism.md).
+    (``Context(deterministic=True)``, docs/determinism.md).  ``speculative``: a
+    llamagen.Speculative (or type name) every request drafts with unless its own parameters say
+    otherwise (docs/speculative.md).
     """
 
     def __init__(self, model: Union[Model, str, os.PathLike, None] = None, *, n_ctx: int = 16384,
@@ -59,7 +62,10 @@ class AsyncEngine:
                  max_queue: Optional[int] = None, prompt_cache: Union[bool, int] = True,
                  params: Optional[SamplingParams] = None, embeddings: bool = False,
                  pooling: Optional[str] = None, embed_batch: int = 2048,
-                 chat_template: Optional[str] = None, deterministic: bool = False):
+                 chat_template: Optional[str] = None, deterministic: bool = False,
+                 speculative=None):
+        # every request drafts this way unless it says otherwise (``speculative=`` / its params)
+        self.speculative = coerce_speculative(speculative)
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int)
                                       or max_queue < 0):
             raise ValueError(f"max_queue must be None or an int >= 0, got {max_queue!r}")
@@ -131,7 +137,13 @@ class AsyncEngine:
         if self._core.closing:
             raise EngineClosedError("the engine is closed")
         n = check_n(n)
+        spec = sampling.get("speculative")
+        if isinstance(spec, dict) and self.speculative is not None:
+            # a request's fields change the engine's drafting, not replace it
+            sampling = dict(sampling, speculative={**self.speculative.to_dict(), **spec})
         p = resolve(params if params is not None else self.defaults, (), sampling)
+        if self.speculative is not None and p.speculative is None and "speculative" not in sampling:
+            p = p.replace(speculative=self.speculative)
         if isinstance(prompt, chat.ChatPrompt):
             p = prompt.params(p)                   # what its template asks of sampling
             prompt = prompt.tokens

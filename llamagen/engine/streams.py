@@ -30,7 +30,8 @@ class _StreamBase:
 
     @property
     def usage(self) -> Usage:
-        return Usage(self.n_prompt_tokens, self._req.completion, self._req.cached)
+        return Usage(self.n_prompt_tokens, self._req.completion, self._req.cached,
+                     self._req.drafted, self._req.accepted)
 
     def _take(self, item) -> Optional[EngineChunk]:
         """The chunk, None at the end, or the request's error raised."""

@@ -15,6 +15,10 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int        # prompt tokens found in the KV cache (not prefilled)
+    # speculative decoding (requests with ``speculative``): drafted tokens verified, and of
+    # those the ones accepted (each accepted token saved one decode)
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -76,6 +80,8 @@ class EngineStats:
     requests_total: int
     n_steps: int
     n_stalled_steps: int = 0       # steps that decoded nothing with sequences live (a watchdog)
+    draft_tokens_total: int = 0    # speculative decoding: drafted tokens verified
+    accepted_draft_tokens_total: int = 0   # ... of those accepted
 
 
 class PreparedRequest(NamedTuple):

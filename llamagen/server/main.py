@@ -11,6 +11,7 @@ import uvicorn
 import llamagen
 from llamagen._util import default_model_path as _default_model_path
 from llamagen.server.app import create_app
+from llamagen.speculative import from_flags
 
 
 def serve(a) -> int:
@@ -43,6 +44,7 @@ def serve(a) -> int:
                 template = fh.read()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--chat-template-file {a.chat_template_file!r}: {e}") from None
+    speculative = from_flags(a)                 # (a bad --spec-* flag: before the model loads)
     model = llamagen.Model(path, n_gpu_layers=a.n_gpu_layers)
     if template is not None:
         try:
@@ -64,7 +66,8 @@ def serve(a) -> int:
                                     n_threads=a.threads, n_batch=a.batch_size,
                                     max_queue=a.max_queue, embeddings=a.embeddings,
                                     pooling=a.pooling, embed_batch=a.embed_batch_size,
-                                    chat_template=template, deterministic=a.deterministic)
+                                    chat_template=template, deterministic=a.deterministic,
+                                    speculative=speculative)
 
     server = None
 

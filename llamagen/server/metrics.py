@@ -65,6 +65,13 @@ class _EngineCollector:
         yield counter("requests", "Requests the engine accepted.", s.requests_total)
         yield counter("engine_stalled_steps", "Engine steps that decoded nothing while requests "
                       "held sequences (a watchdog: stays 0 in a healthy engine).", s.n_stalled_steps)
+        yield counter("spec_draft_tokens", "Speculative decoding: drafted tokens verified.",
+                      s.draft_tokens_total)
+        yield counter("spec_accepted_tokens", "Speculative decoding: drafted tokens accepted "
+                      "(each saved one decode).", s.accepted_draft_tokens_total)
+        yield gauge("spec_acceptance_rate", "Accepted / drafted tokens since the start (0 before "
+                    "any draft).", s.accepted_draft_tokens_total / s.draft_tokens_total
+                    if s.draft_tokens_total else 0.0)
 
 
 class Metrics:

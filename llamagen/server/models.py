@@ -44,6 +44,16 @@ class LlamagenSampling(_Body):
     sampler_impl: Optional[str] = None
     seed: Optional[int] = None
     logit_bias: Optional[dict[str, float]] = None     # {token id: bias}, as in OpenAI's API
+    # speculative decoding: a type name or {type, n_max, n_min, ngram_n, ngram_m, min_hits,
+    # adaptive} (llamagen.Speculative), or llama-server's dotted fields; merged into the server's
+    # --spec-type default
+    speculative: Optional[Union[str, dict[str, Any]]] = None
+    speculative_type: Optional[str] = Field(default=None, alias="speculative.type")
+    speculative_n_max: Optional[int] = Field(default=None, alias="speculative.n_max")
+    speculative_n_min: Optional[int] = Field(default=None, alias="speculative.n_min")
+    speculative_ngram_size_n: Optional[int] = Field(default=None, alias="speculative.ngram_size_n")
+    speculative_ngram_size_m: Optional[int] = Field(default=None, alias="speculative.ngram_size_m")
+    speculative_ngram_min_hits: Optional[int] = Field(default=None, alias="speculative.ngram_min_hits")
 
 
 class StreamOptions(_Body):

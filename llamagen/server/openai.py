@@ -28,8 +28,14 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's documented default for /v1/comp
 
 def _usage(source: streams.ChunkSource) -> dict:
     p, c, cached = source.usage()
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+           "prompt_tokens_details": {"cached_tokens": cached}}
+    drafted, accepted = source.draft_usage()
+    if drafted:
+        # speculative decoding, in the fields OpenAI reports Predicted Outputs with
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": drafted - accepted}
+    return out
 
 
 def _prompts(prompt) -> list:

@@ -145,6 +145,14 @@ class ChunkSource:
             cached += u.cached_tokens
         return p, c, cached
 
+    def draft_usage(self):
+        """(drafted, accepted) speculative tokens over the streams (final once ended)."""
+        d = a = 0
+        for s in self.streams:
+            d += s.usage.draft_tokens
+            a += s.usage.accepted_draft_tokens
+        return d, a
+
 
 async def wait_disconnect(request: Request) -> None:
     """Return when the client has gone away (the server's http.disconnect message)."""

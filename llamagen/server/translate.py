@@ -24,6 +24,12 @@ _RENAMED = {
     "stop_sequences": "stop",
 }
 _ENGINE_FIELDS = frozenset(ENGINE_FIELDS)
+# llama-server's per-request speculative fields -> llamagen.Speculative's
+_SPEC_DOTTED = {
+    "speculative_type": "type", "speculative_n_max": "n_max", "speculative_n_min": "n_min",
+    "speculative_ngram_size_n": "ngram_n", "speculative_ngram_size_m": "ngram_m",
+    "speculative_ngram_min_hits": "min_hits",
+}
 
 
 def sampling_kwargs(req: LlamagenSampling, **defaults) -> tuple[dict, dict]:
@@ -33,9 +39,13 @@ def sampling_kwargs(req: LlamagenSampling, **defaults) -> tuple[dict, dict]:
     error that names ``temp`` be reported as ``temperature``, the field the client knows."""
     out = dict(defaults)
     origin = {}
+    spec = {}
     for name in req.model_fields_set:
         value = getattr(req, name)
         if value is None:
+            continue
+        if name in _SPEC_DOTTED:
+            spec[_SPEC_DOTTED[name]] = value
             continue
         field = _RENAMED.get(name, name)
         if field not in _ENGINE_FIELDS:
@@ -46,6 +56,14 @@ def sampling_kwargs(req: LlamagenSampling, **defaults) -> tuple[dict, dict]:
             value = tuple(value)
         out[field] = value
         origin[field] = name
+    if spec:
+        # llama-server's "speculative.n_max" etc. beside (and over) a "speculative" object
+        base = out.get("speculative")
+        if isinstance(base, str):
+            base = {"type": base}
+        out["speculative"] = {**(base if isinstance(base, dict) else {}), **spec}
+    if isinstance(out.get("speculative"), dict):
+        origin["speculative"] = "speculative"
     return out, origin
 
 

@@ -1,0 +1,135 @@
+"""Speculative decoding: draft several tokens, verify them in one decode, keep what the request's
+own sampling would have chosen anyway.
+
+``Speculative(type="ngram-mod", n_max=16)`` goes into ``SamplingParams(speculative=...)`` (or
+``generate(..., speculative=...)``, ``BatchGenerator.add``, ``AsyncEngine``, ``llamagen serve
+--spec-type``).  The drafters are llama.cpp's own (``common/speculative.h``): they look the last
+tokens up in the sequence's history (prompt and output) and propose what followed them there.
+Each drafted position is then sampled by the request's chain with its RNG, and a draft token is
+kept only while it equals the sampled one, so the text is the one plain decoding gives wherever the
+logits agree (see docs/speculative.md).
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+from llamagen.errors import invalid
+
+__all__ = ["Speculative", "SPEC_TYPES", "coerce", "from_flags"]
+
+# llama.cpp's self-speculative (n-gram) types at the pinned commit, by its names
+SPEC_TYPES = ("ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
+# types llama.cpp knows that need a draft (or MTP/EAGLE) model: named in the refusal
+_MODEL_TYPES = ("draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark")
+MAX_DRAFT = 64          # tokens verified in one decode per sequence (llama-server caps at 64 too)
+MAX_NGRAM = 1024
+
+
+def _count(name, value, lo, hi):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise invalid(TypeError, f"speculative.{name}",
+                      f"speculative.{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if not lo <= value <= hi:
+        raise invalid(ValueError, f"speculative.{name}",
+                      f"speculative.{name} must be an int from {lo} to {hi}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Speculative:
+    """How to draft.  ``type``: one of SPEC_TYPES (llama.cpp's n-gram drafters; ``ngram-mod``
+    hashes every ``ngram_n``-gram of the history, ``ngram-simple`` searches the history for the
+    last ``ngram_n`` tokens, ``ngram-map-k``/``-k4v`` keep a map of repeated n-grams,
+    ``ngram-cache`` a 3-level n-gram cache).  ``n_max``: the most tokens drafted per step;
+    ``n_min``: shorter drafts are not verified.  ``ngram_n`` / ``ngram_m`` / ``min_hits``: the
+    drafter's n-gram size, its longest proposal and how often a key must have been seen (0:
+    llama.cpp's defaults: 24 for ngram-mod, 12 and 48 for the others).  ``adaptive``: after
+    drafts that were mostly rejected the draft length shrinks, down to pausing drafting for a
+    while, so text the history does not predict costs little."""
+    type: str = "ngram-mod"
+    n_max: int = 16
+    n_min: int = 0
+    ngram_n: int = 0
+    ngram_m: int = 0
+    min_hits: int = 0
+    adaptive: bool = True
+
+    def __post_init__(self):
+        s = object.__setattr__
+        if not isinstance(self.type, str):
+            raise invalid(TypeError, "speculative.type",
+                          f"speculative.type must be a str, got {type(self.type).__name__}")
+        if self.type not in SPEC_TYPES:
+            extra = (" (a draft model is not supported yet: use an n-gram type)"
+                     if self.type in _MODEL_TYPES else "")
+            raise invalid(ValueError, "speculative.type",
+                          f"speculative.type must be one of {', '.join(SPEC_TYPES)}, got "
+                          f"{self.type!r}{extra}")
+        s(self, "n_max", _count("n_max", self.n_max, 1, MAX_DRAFT))
+        s(self, "n_min", _count("n_min", self.n_min, 0, MAX_DRAFT))
+        if self.n_min > self.n_max:
+            raise invalid(ValueError, "speculative.n_min",
+                          f"speculative.n_min ({self.n_min}) must not exceed n_max ({self.n_max})")
+        s(self, "ngram_n", _count("ngram_n", self.ngram_n, 0, MAX_NGRAM))
+        s(self, "ngram_m", _count("ngram_m", self.ngram_m, 0, MAX_NGRAM))
+        s(self, "min_hits", _count("min_hits", self.min_hits, 0, 65535))
+        if self.type == "ngram-mod" and 0 < self.ngram_n < 2:
+            raise invalid(ValueError, "speculative.ngram_n",
+                          "speculative.ngram_n must be at least 2 for ngram-mod")
+        if not isinstance(self.adaptive, bool):
+            raise invalid(TypeError, "speculative.adaptive",
+                          f"speculative.adaptive must be True or False, got {self.adaptive!r}")
+
+    @property
+    def key(self) -> tuple:
+        """What makes two configurations share one drafter (everything but the lengths)."""
+        return (self.type, self.ngram_n, self.ngram_m, self.min_hits)
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "n_max": self.n_max, "n_min": self.n_min,
+                "ngram_n": self.ngram_n, "ngram_m": self.ngram_m, "min_hits": self.min_hits,
+                "adaptive": self.adaptive}
+
+
+def coerce(value) -> Optional[Speculative]:
+    """None, a Speculative, a type name, or a dict of Speculative's fields -> Speculative/None."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, Speculative):
+        return value
+    if isinstance(value, str):
+        return Speculative(type=value)
+    if isinstance(value, dict):
+        unknown = set(value) - set(Speculative.__dataclass_fields__)
+        if unknown:
+            name = sorted(unknown)[0]
+            raise invalid(ValueError, f"speculative.{name}",
+                          f"unknown speculative field {name!r} (known: "
+                          f"{', '.join(Speculative.__dataclass_fields__)})")
+        return Speculative(**value)
+    raise invalid(TypeError, "speculative",
+                  "speculative must be None, a llamagen.Speculative, a type name or a dict, got "
+                  f"{type(value).__name__}")
+
+
+def from_flags(a) -> Optional[Speculative]:
+    """The Speculative that command-line flags ask for (``--spec-type``, ``--spec-draft-max``, ...,
+    as parsed onto ``a`` by llamagen's CLI), or None; ValueError naming the flag."""
+    if getattr(a, "model_draft", None):
+        raise ValueError("--model-draft: draft models are not supported yet; use --spec-type "
+                         "with an n-gram drafter")
+    fields = {"n_max": a.spec_draft_max, "n_min": a.spec_draft_min, "ngram_n": a.spec_ngram_size_n,
+              "ngram_m": a.spec_ngram_size_m, "min_hits": a.spec_ngram_min_hits}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if a.spec_type is None or a.spec_type == "none":
+        if fields:
+            raise ValueError("--spec-draft-max and the other --spec-* flags need --spec-type")
+        return None
+    try:
+        return Speculative(type=a.spec_type, adaptive=not a.spec_no_adaptive, **fields)
+    except (ValueError, TypeError) as e:
+        flag = "--spec-" + str(getattr(e, "field", "type")).split(".")[-1].replace("_", "-")
+        raise ValueError(f"{flag}: {e}") from None
