@@ -95,13 +95,14 @@ class Speculative:
 
 
 def coerce(value) -> Optional[Speculative]:
-    """None, a Speculative, a type name, or a dict of Speculative's fields -> Speculative/None."""
+    """None, a Speculative, a type name ("none": off), or a dict of Speculative's fields ->
+    Speculative/None."""
     if value is None or value is False:
         return None
     if isinstance(value, Speculative):
         return value
     if isinstance(value, str):
-        return Speculative(type=value)
+        return None if value == "none" else Speculative(type=value)
     if isinstance(value, dict):
         unknown = set(value) - set(Speculative.__dataclass_fields__)
         if unknown:

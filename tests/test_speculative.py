@@ -1,0 +1,329 @@
+"""Speculative decoding (issue 28): llama.cpp's n-gram drafters, verified by one decode, each
+position sampled by the request's own chain.  Identity with plain decoding is asserted on
+deterministic contexts (batch-invariant kernels: a k-token verify batch computes each row as a
+single-token decode would); on default contexts the verify batch may round differently (batch
+variance, docs/speculative.md), so those tests compare streams with whole generations.  Every
+identity test also asserts that drafts were accepted: a test whose drafts all failed would only
+check plain decoding."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+import llamagen
+from llamagen import AsyncEngine, InvalidParamError, SamplingParams, Speculative
+from llamagen.errors import InvalidParamTypeError
+
+from server_util import serving
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARAGRAPH = ("The quick brown fox jumps over the lazy dog. The committee met on Tuesday to discuss "
+             "the annual budget, which had grown by twelve percent since last year. Several members "
+             "raised concerns about the cost of the new library wing.")
+# llama.cpp's defaults look for 12- to 24-token matches: shorter n-grams suit these short texts
+SIMPLE = Speculative(type="ngram-simple", ngram_n=4, ngram_m=16)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    m = llamagen.Model(smollm2_path)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def det_ctx(smollm2):
+    with llamagen.Context(smollm2, n_ctx=2048, n_seq_max=4, kv_unified=True,
+                          deterministic=True) as ctx:
+        yield ctx
+
+
+@pytest.fixture(scope="module")
+def plain_ctx(smollm2):
+    with llamagen.Context(smollm2, n_ctx=2048) as ctx:
+        yield ctx
+
+
+def copy_prompt(model, text=PARAGRAPH):
+    return model.render_chat([{"role": "user", "content":
+                               f"Repeat the following text exactly, word for word:\n\n{text}"}])
+
+
+def run(ctx, prompt, **kw):
+    st = llamagen.gen_begin(ctx, prompt, **kw)
+    chunks = list(st)
+    text = "".join(chunks) + st.end()
+    return text, st.tokens, chunks, st
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,field", [
+    (dict(type="ngram-nope"), "speculative.type"),
+    (dict(type="draft-simple"), "speculative.type"),
+    (dict(n_max=0), "speculative.n_max"),
+    (dict(n_max=65), "speculative.n_max"),
+    (dict(n_max=4, n_min=5), "speculative.n_min"),
+    (dict(ngram_n=-1), "speculative.ngram_n"),
+    (dict(type="ngram-mod", ngram_n=1), "speculative.ngram_n"),
+    (dict(bogus=1), "speculative.bogus"),
+])
+def test_a_bad_configuration_names_its_field(value, field):
+    with pytest.raises(InvalidParamError) as e:
+        SamplingParams(speculative=value)
+    assert e.value.field == field
+    if value.get("type") == "draft-simple":
+        assert "draft model" in str(e.value)
+
+
+def test_configuration_types_and_forms():
+    with pytest.raises(InvalidParamTypeError) as e:
+        SamplingParams(speculative=3)
+    assert e.value.field == "speculative"
+    with pytest.raises(InvalidParamTypeError):
+        Speculative(n_max="4")
+    assert SamplingParams(speculative="ngram-cache").speculative == Speculative(type="ngram-cache")
+    assert SamplingParams(speculative="none").speculative is None
+    assert SamplingParams(speculative={"type": "ngram-simple", "n_max": 4}).speculative.n_max == 4
+    with pytest.raises(InvalidParamError) as e:
+        SamplingParams(speculative="ngram-mod", sampler_impl="backend")
+    assert e.value.field == "speculative"
+    assert SamplingParams(speculative=SIMPLE).to_dict()["speculative"]["ngram_n"] == 4
+
+
+# -- one stream ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", [SIMPLE, Speculative(type="ngram-cache"),
+                                  Speculative(type="ngram-mod", ngram_n=8),
+                                  Speculative(type="ngram-map-k4v", ngram_n=4, ngram_m=16)],
+                         ids=lambda s: s.type)
+def test_greedy_speculative_equals_plain_with_drafts_accepted(det_ctx, smollm2, spec):
+    prompt = copy_prompt(smollm2)
+    text, toks, _, _ = run(det_ctx, prompt, max_new_tokens=80, temp=0)
+    stext, stoks, chunks, st = run(det_ctx, prompt, max_new_tokens=80, temp=0, speculative=spec)
+    assert (stext, stoks) == (text, toks)
+    stats = st.speculative_stats
+    assert stats["accepted"] > 10, stats
+    assert stats["verify_steps"] > 0 and 0 < stats["acceptance_rate"] <= 1
+    # accepted tokens come several to a step
+    assert len(chunks) < len(stoks)
+    assert st.timings["n_tokens"] == len(stoks)
+
+
+def test_seeded_sampling_speculative_equals_plain(det_ctx, smollm2):
+    prompt = copy_prompt(smollm2)
+    kw = dict(max_new_tokens=80, temp=0.7, top_k=40, top_p=0.95, seed=11, repeat_penalty=1.05)
+    text, toks, _, _ = run(det_ctx, prompt, **kw)
+    stext, stoks, _, st = run(det_ctx, prompt, speculative=SIMPLE, **kw)
+    assert (stext, stoks) == (text, toks)
+    assert st.speculative_stats["accepted"] > 10
+    other, _, _, _ = run(det_ctx, prompt, **dict(kw, seed=12, temp=1.5))
+    assert other != text          # (the seed matters: this is sampling, not greedy)
+
+
+def test_logprobs_with_speculation_equal_plain(det_ctx, smollm2):
+    prompt = copy_prompt(smollm2)
+    _, toks, _, a = run(det_ctx, prompt, max_new_tokens=40, temp=0, logprobs=3)
+    _, stoks, _, b = run(det_ctx, prompt, max_new_tokens=40, temp=0, logprobs=3, speculative=SIMPLE)
+    assert stoks == toks and b.speculative_stats["accepted"] > 0
+    assert [(x.token, x.logprob, [t.token for t in x.top]) for x in a.logprobs] == \
+        [(x.token, x.logprob, [t.token for t in x.top]) for x in b.logprobs]
+
+
+def test_stream_equals_generate_on_a_default_context(plain_ctx, smollm2):
+    prompt = copy_prompt(smollm2)
+    text, st = llamagen.generate(plain_ctx, prompt, max_new_tokens=80, temp=0.5, seed=5,
+                                 speculative=SIMPLE), None
+    stext, stoks, chunks, st = run(plain_ctx, prompt, max_new_tokens=80, temp=0.5, seed=5,
+                                   speculative=SIMPLE)
+    assert stext == text
+    assert st.speculative_stats["accepted"] > 0 and len(chunks) < len(stoks)
+    for c in chunks:
+        c.encode("utf-8")           # whole characters in every chunk
+
+
+def test_stop_strings_and_max_new_tokens_stay_exact(det_ctx, smollm2):
+    prompt = copy_prompt(smollm2)
+    full, _, _, _ = run(det_ctx, prompt, max_new_tokens=80, temp=0)
+    stop = "budget"
+    assert stop in full
+    for kw in (dict(stop=[stop]), dict(stop=["twelve per"]), dict(max_new_tokens=23),
+               dict(max_new_tokens=1)):
+        kw = dict(dict(max_new_tokens=80, temp=0), **kw)
+        a, at, _, sa = run(det_ctx, prompt, **kw)
+        b, bt, _, sb = run(det_ctx, prompt, speculative=SIMPLE, **kw)
+        assert (b, bt, sb.finish_reason) == (a, at, sa.finish_reason), kw
+        if "stop" in kw:
+            assert sb.finish_reason == "stop" and kw["stop"][0] not in b
+        else:
+            assert len(bt) == kw["max_new_tokens"]
+    # drafts were accepted on the way to the stop string
+    assert sb is not None
+    _, _, _, s = run(det_ctx, prompt, speculative=SIMPLE, max_new_tokens=80, temp=0, stop=["twelve"])
+    assert s.speculative_stats["accepted"] > 0
+
+
+def test_grammar_with_speculation(det_ctx, smollm2):
+    schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    prompt = smollm2.render_chat([{"role": "user", "content":
+                                   f"Put this text in a JSON object under \"text\":\n\n{PARAGRAPH}"}])
+    kw = dict(max_new_tokens=96, temp=0, json_schema=schema)
+    a, at, _, _ = run(det_ctx, prompt, **kw)
+    b, bt, _, st = run(det_ctx, prompt, speculative=SIMPLE, **kw)
+    assert (b, bt) == (a, at)
+    assert st.speculative_stats["accepted"] > 0, st.speculative_stats
+    json.loads(b)
+
+
+def test_open_ended_text_drafts_little(det_ctx, smollm2):
+    """Adaptive: wrong drafts shrink the draft length and pause drafting."""
+    prompt = smollm2.render_chat([{"role": "user", "content": "Write a poem about the sea."}])
+    a, at, _, _ = run(det_ctx, prompt, max_new_tokens=96, temp=0)
+    b, bt, _, st = run(det_ctx, prompt, max_new_tokens=96, temp=0,
+                       speculative=Speculative(type="ngram-simple", ngram_n=2, ngram_m=16))
+    assert (b, bt) == (a, at)
+    s = st.speculative_stats
+    # at most a few full-length drafts before the back-off: far fewer drafted tokens than 16 a step
+    assert s["drafted"] < 16 * 10, s
+    _, _, _, fixed = run(det_ctx, prompt, max_new_tokens=96, temp=0,
+                         speculative=Speculative(type="ngram-simple", ngram_n=2, ngram_m=16,
+                                                 adaptive=False))
+    assert fixed.speculative_stats["drafted"] > s["drafted"]
+
+
+def test_tiny_synthetic_model_loops_are_drafted(tiny_model):
+    # a random tiny model's greedy text falls into a loop, which n-gram drafts predict
+    with llamagen.Context(tiny_model, n_ctx=512, deterministic=True) as ctx:
+        a, at, _, _ = run(ctx, "hello world", max_new_tokens=120, temp=0, ignore_eos=True)
+        b, bt, _, st = run(ctx, "hello world", max_new_tokens=120, temp=0, ignore_eos=True,
+                           speculative=Speculative(type="ngram-simple", ngram_n=3, ngram_m=16))
+        assert (b, bt) == (a, at)
+        assert st.speculative_stats["accepted"] > 20, st.speculative_stats
+
+
+# -- batches ---------------------------------------------------------------------------------------
+
+TEXTS = [PARAGRAPH,
+         "Water boils at one hundred degrees Celsius at sea level, but at higher altitudes it boils "
+         "at lower temperatures because the air pressure is lower.",
+         "Several members raised concerns about the cost of the new library wing, while others "
+         "argued it was overdue and would serve the town for decades."]
+
+
+def test_batches_equal_plain_and_every_sequence_drafts(det_ctx, smollm2):
+    prompts = [copy_prompt(smollm2, t) for t in TEXTS]
+    plain = llamagen.generate_batch(det_ctx, prompts, max_new_tokens=64, temp=0)
+    spec = llamagen.generate_batch(det_ctx, prompts, max_new_tokens=64, temp=0, speculative=SIMPLE)
+    assert spec == plain
+    b = llamagen.BatchGenerator(det_ctx, speculative=SIMPLE, max_new_tokens=64, temp=0)
+    ids = [b.add(p) for p in prompts]
+    out = {i: "" for i in ids}
+    for sid, chunk in b:
+        out[sid] += chunk
+    assert [out[i] for i in ids] == plain
+    for i in ids:
+        assert b.speculative_stats(i)["accepted"] > 0, (i, b.speculative_stats(i))
+    assert b.n_accepted == sum(b.speculative_stats(i)["accepted"] for i in ids)
+    stats = {}
+    res = list(llamagen.map_generate(det_ctx, prompts * 2, batch_size=3, max_new_tokens=64,
+                                     temp=0, speculative=SIMPLE, stats=stats))
+    assert [r.text for r in res] == plain * 2
+    assert stats["accepted_draft_tokens"] > 0 and stats["draft_tokens"] >= stats["accepted_draft_tokens"]
+
+
+# -- the engine and the server ---------------------------------------------------------------------
+
+def test_engine_speculates_and_a_rejected_draft_leaves_the_cache_clean(smollm2):
+    prompt = copy_prompt(smollm2)
+    story = smollm2.render_chat([{"role": "user", "content": "Write a poem about the sea."}])
+    turn = lambda first, reply: first + reply + "<|im_end|>\n<|im_start|>user\nAgain, please.<|im_end|>\n<|im_start|>assistant\n"
+    kw = dict(max_new_tokens=64, temp=0)
+    with AsyncEngine(smollm2, n_ctx=4096, n_parallel=2, deterministic=True,
+                     speculative=Speculative(type="ngram-simple", ngram_n=2, ngram_m=16)) as eng:
+        r = eng.generate_sync(prompt, **kw)
+        assert r.usage.accepted_draft_tokens > 0
+        assert r.usage.draft_tokens >= r.usage.accepted_draft_tokens
+        off = eng.generate_sync(prompt, speculative="none", **kw)
+        assert off.usage.draft_tokens == 0 and off.text == r.text
+        # open-ended text: drafts rejected, their cells removed; the next turn reuses the cache
+        first = eng.generate_sync(story, **kw)
+        assert first.usage.draft_tokens > first.usage.accepted_draft_tokens
+        second = eng.generate_sync(turn(story, first.text), **kw)
+        assert second.usage.cached_tokens > 0
+        st = eng.stats()
+        assert st.draft_tokens_total >= r.usage.draft_tokens + first.usage.draft_tokens
+        assert st.accepted_draft_tokens_total >= r.usage.accepted_draft_tokens
+    with AsyncEngine(smollm2, n_ctx=4096, n_parallel=2, deterministic=True) as cold:
+        assert cold.generate_sync(story, **kw).text == first.text
+        assert cold.generate_sync(turn(story, first.text), **kw).text == second.text
+
+
+@pytest.fixture(scope="module")
+def spec_server(tmp_path_factory, smollm2_path):
+    yield from serving(tmp_path_factory, "spec", smollm2_path, "--parallel", "2", "--ctx-size",
+                       "4096", "--deterministic", "--spec-type", "ngram-simple",
+                       "--spec-ngram-size-n", "4", "--spec-ngram-size-m", "16")
+
+
+def test_server_speculates_by_default_and_per_request(spec_server):
+    from openai import OpenAI
+    client = OpenAI(base_url=spec_server.url + "/v1", api_key="x")
+    msgs = [{"role": "user", "content": f"Repeat the following text exactly, word for word:\n\n{PARAGRAPH}"}]
+    a = client.chat.completions.create(model="m", messages=msgs, max_tokens=64, temperature=0)
+    details = a.usage.completion_tokens_details
+    assert details is not None and details.accepted_prediction_tokens > 0
+    b = client.chat.completions.create(model="m", messages=msgs, max_tokens=64, temperature=0,
+                                       extra_body={"speculative": "none"})
+    assert b.choices[0].message.content == a.choices[0].message.content
+    assert b.usage.completion_tokens_details is None or \
+        not b.usage.completion_tokens_details.accepted_prediction_tokens
+    # llama-server's dotted per-request fields, streamed
+    chunks = list(client.chat.completions.create(
+        model="m", messages=msgs, max_tokens=64, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"speculative.n_max": 4}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        a.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens_details.accepted_prediction_tokens > 0
+    metrics = httpx.get(spec_server.url + "/metrics").text
+    line = next(x for x in metrics.splitlines() if x.startswith("llamagen:spec_accepted_tokens_total"))
+    assert float(line.split()[-1]) > 0
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"speculative.n_max": 0}, "speculative.n_max"),
+    ({"speculative.type": "draft-simple"}, "speculative.type"),
+    ({"speculative": {"type": "ngram-simple", "n_min": 99}}, "speculative.n_min"),
+    ({"speculative": 5}, None),
+])
+def test_server_refuses_bad_speculative_fields(spec_server, body, param):
+    r = httpx.post(spec_server.url + "/v1/completions",
+                   json={"prompt": "hi", "max_tokens": 4, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error"
+    if param:
+        assert err["param"] == param, err
+
+
+def test_cli_spec_flags(smollm2_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    base = [sys.executable, "-m", "llamagen", "generate", "--model", str(smollm2_path),
+            "--chat", "--deterministic", "--max-new-tokens", "40", "--temp", "0",
+            f"Repeat the following text exactly, word for word:\n\n{PARAGRAPH}"]
+    plain = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
+    spec = subprocess.run(base + ["--spec-type", "ngram-simple", "--spec-ngram-size-n", "4"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert plain.returncode == spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout and PARAGRAPH[:20] in spec.stdout
+    bad = subprocess.run(base + ["--spec-type", "ngram-nope"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert bad.returncode == 2 and "--spec-type" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run(base + ["--spec-draft-max", "4"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert bad.returncode == 2 and "--spec-type" in bad.stderr
