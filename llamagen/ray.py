@@ -240,6 +240,8 @@ class GenerateStage:
         ckw.setdefault("deterministic", bool(deterministic))
         self.ctx = Context(self.model, n_seq_max=n_seq_max, n_threads=self.n_threads,
                            n_threads_batch=self.n_threads, **ckw)
+        # over this actor's batches: speculative decoding's drafted and accepted tokens
+        self.stats = {"draft_tokens": 0, "accepted_draft_tokens": 0}
 
     def _input_column(self, name):
         if not isinstance(name, str) or not name:
@@ -286,14 +288,17 @@ class GenerateStage:
             rows.append(i)
             items.append(item)
         if items:
+            run_stats: dict = {}
             for r in map_generate(self.ctx, items, batch_size=self.ctx.n_seq_max,
-                                  params=self.params):
+                                  params=self.params, stats=run_stats):
                 i = rows[r.index]
                 if r.error is not None:
                     error[i] = _error_text(r.error)
                     continue
                 text[i], reason[i], n_tok[i] = r.text, r.finish_reason, len(r.tokens)
                 n_prompt[i] = r.choices[0].n_prompt_tokens
+            for k in self.stats:
+                self.stats[k] += run_stats.get(k, 0)
         out = dict(cols)
         out.update(text=np.array(text, dtype=object), finish_reason=np.array(reason, dtype=object),
                    n_prompt_tokens=n_prompt, n_tokens=n_tok, error=np.array(error, dtype=object))

@@ -282,3 +282,17 @@ def test_chat_stage_renders_with_the_template(cluster, make_tiny_model):
         assert g["n_prompt_tokens"] == len(t)
         assert g["text"] == w.text
     assert "role" in got[3]["error"]
+
+
+def test_the_stage_speculates(ray_tiny_path):
+    """speculative= on the stage: the texts of plain decoding (deterministic context), with
+    drafts accepted (the tiny model's greedy text loops)."""
+    kw = dict(n_seq_max=2, n_ctx_seq=N_CTX_SEQ, n_threads=1, temp=0, max_new_tokens=48,
+              ignore_eos=True, context_kwargs={"deterministic": True})
+    batch = {"prompt": np.array(["The cat", "hello"], dtype=object)}
+    plain = lray.GenerateStage(ray_tiny_path, **kw)(batch)
+    stage = lray.GenerateStage(ray_tiny_path, speculative={"type": "ngram-simple", "ngram_n": 3,
+                                                           "ngram_m": 16}, **kw)
+    out = stage(batch)
+    assert list(out["text"]) == list(plain["text"])
+    assert stage.stats["accepted_draft_tokens"] > 0
