@@ -81,11 +81,13 @@ cdef class BatchGenerator:
     cdef dict _drafter_index              # Speculative.key -> index in _drafters
     cdef vector[lgspec.Drafter *] _drafters
     cdef bint _no_drafts                  # this step's retry decodes without drafts
+    cdef SpecCost _cost                   # decode time against rows (token-only steps)
     cdef readonly int64_t n_drafted       # drafted tokens verified, over all sequences
     cdef readonly int64_t n_accepted      # ... of those accepted
 
     def __cinit__(self):
         self._has_batch = False
+        memset(&self._cost, 0, sizeof(SpecCost))
 
     def __init__(self, Context ctx not None, *, n_parallel=None, params=None,
                  bint add_special=True, bint parse_special=True, share_prefix=16,
@@ -512,12 +514,19 @@ cdef class BatchGenerator:
         cdef size_t i
         cdef bint prompts = True
         cdef SeqCore * q
-        cdef bint asked = False
+        cdef bint asked = False, any_spec = False, timed
+        cdef double ratio
+        cdef int64_t td
         for i in range(self._active.size()):
             q = self._active[i]
             if q.pending >= 0:
                 n_gen += 1
-                if q.drafter != NULL and q.spec_want(q.spec_budget()):
+                any_spec = any_spec or q.drafter != NULL
+        if any_spec:
+            ratio = _spec_cost_ratio(&self._cost, n_gen)
+            for i in range(self._active.size()):
+                q = self._active[i]
+                if q.drafter != NULL and q.spec_want(q.spec_budget(ratio)):
                     asked = True
         if asked:
             for i in range(self._drafters.size()):
@@ -531,7 +540,17 @@ cdef class BatchGenerator:
         while True:
             if self._fill_batch(limit, prompts) == 0:
                 return -100
+            # the cost model sees steps of generated tokens and drafts only (prompt chunks take
+            # other kernels)
+            timed = any_spec and self._batch.n_tokens <= 64
+            for i in range(self._active.size()):
+                if self._active[i].fed_now > 0:
+                    timed = False
+            td = llama.llama_time_us()
             rc = llama.llama_decode(lctx, self._batch)
+            if rc == 0 and timed:
+                llama.llama_synchronize(lctx)
+                _spec_cost_add(&self._cost, self._batch.n_tokens, llama.llama_time_us() - td)
             if rc != 1:
                 break
             # no KV room: first drop the drafts, then idle prompt caches, then defer the

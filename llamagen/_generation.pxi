@@ -146,7 +146,8 @@ cdef cppclass SeqCore:
     int32_t spec_n_max
     int32_t spec_n_min
     bint spec_adaptive
-    int32_t spec_cur                        # the current draft budget (adaptive)
+    double spec_s                           # decayed counts of drafted tokens accepted and of
+    double spec_f                           # drafts cut short: this sequence's acceptance rate
     int32_t spec_pause                      # steps left without drafting (adaptive back-off)
     int32_t spec_backoff                    # the next pause's length
     int32_t spec_acc                        # drafted tokens the latest verify() accepted (-1: none)
@@ -183,7 +184,8 @@ cdef cppclass SeqCore:
         this.spec_n_max = 0
         this.spec_n_min = 0
         this.spec_adaptive = True
-        this.spec_cur = 0
+        this.spec_s = 0.0
+        this.spec_f = 0.0
         this.spec_pause = 0
         this.spec_backoff = 1
         this.spec_acc = -1
@@ -339,21 +341,39 @@ cdef cppclass SeqCore:
                 this.pending = tok
 
 
-    int32_t spec_budget() noexcept nogil:
-        # how many tokens to draft after the pending one this step (0: decode it alone): the
-        # current budget, bounded by max_new_tokens and the cells left
-        cdef int32_t b
+    int32_t spec_budget(double r) noexcept nogil:
+        # how many tokens to draft after the pending one this step (0: decode it alone).
+        # Adaptive: the i-th drafted token pays off when the chance it is accepted, alpha^i,
+        # exceeds ``r``, the share of a decode step one more row costs (_spec_cost_ratio): a
+        # drafted row that is rejected is wasted, an accepted one saves a step.  When no draft
+        # pays, drafting pauses, probing with one token after 1, 2, 4, ... 64 steps.
+        cdef int32_t b, k = 0
+        cdef double alpha, p
         if this.drafter == NULL or this.pending < 0 or this.finish != FINISH_NONE:
             return 0
-        if this.spec_pause > 0:
-            this.spec_pause -= 1
-            return 0
-        b = this.spec_cur
+        b = this.spec_n_max
         if b > this.max_new - <int32_t> this.tokens.size() - 1:
             b = this.max_new - <int32_t> this.tokens.size() - 1
         if b > this.n_ctx - this.n_past - 1:
             b = this.n_ctx - this.n_past - 1
-        return b if b > 0 else 0
+        if b <= 0:
+            return 0
+        if not this.spec_adaptive:
+            return b
+        alpha = (this.spec_s + 1.0) / (this.spec_s + this.spec_f + 2.0)
+        p = alpha
+        while k < b and p > r:
+            k += 1
+            p *= alpha
+        if k > 0:
+            return k
+        if this.spec_pause > 0:
+            this.spec_pause -= 1
+            return 0
+        this.spec_pause = this.spec_backoff       # a probe; the next one waits longer unless
+        if this.spec_backoff < 64:                # it is accepted (verify resets the back-off)
+            this.spec_backoff *= 2
+        return 1
 
     bint spec_want(int32_t budget) noexcept nogil:
         # ask the drafter for this step's draft (made by lgspec.run); False when not asked
@@ -395,18 +415,12 @@ cdef cppclass SeqCore:
         this.n_accepted += i
         this.n_verified += 1
         this.spec_acc = i
-        if not this.spec_adaptive:
-            return
-        if i == n:                      # all taken: draft longer next time
-            this.spec_cur = this.spec_cur * 2 if this.spec_cur * 2 < this.spec_n_max else this.spec_n_max
+        # acceptance, decayed so that it follows the text (a copied span ends, another begins)
+        this.spec_s = 0.8 * this.spec_s + i
+        this.spec_f = 0.8 * this.spec_f + (1.0 if i < n else 0.0)
+        if i > 0:
             this.spec_backoff = 1
-        elif i > 0:                     # partly: about what was taken
-            this.spec_cur = i + 1
-            this.spec_backoff = 1
-        else:                           # nothing: pause drafting, longer each time (<= 64 steps)
-            this.spec_cur = 1
-            this.spec_pause = this.spec_backoff
-            this.spec_backoff = this.spec_backoff * 2 if this.spec_backoff < 64 else 64
+            this.spec_pause = 0
 
     void spec_settle(llama.llama_context * lctx, int32_t seq) noexcept nogil:
         # after verify (one thread at a time): the rejected draft's cells go, the drafter learns
@@ -477,8 +491,48 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
         c.spec_n_max = spec.n_max
         c.spec_n_min = spec.n_min
         c.spec_adaptive = spec.adaptive
-        c.spec_cur = spec.n_max
     return q
+
+
+cdef struct SpecCost:
+    # decode time against rows decoded (t = a + b * rows), fitted over recent decodes with
+    # exponentially decaying weights: what one more verified row costs on this hardware (on 2
+    # CPU cores a row of SmolLM2 Q4_1 costs about half a one-token decode, of gemma3 Q4_K_M a
+    # tenth: measured in docs/speculative.md)
+    double w
+    double sx
+    double sy
+    double sxx
+    double sxy
+
+
+cdef inline void _spec_cost_add(SpecCost * c, double rows, double us) noexcept nogil:
+    c.w = 0.97 * c.w + 1.0
+    c.sx = 0.97 * c.sx + rows
+    c.sy = 0.97 * c.sy + us
+    c.sxx = 0.97 * c.sxx + rows * rows
+    c.sxy = 0.97 * c.sxy + rows * us
+
+
+cdef inline double _spec_cost_ratio(SpecCost * c, double n_gen) noexcept nogil:
+    """b / (b + a / n_gen): the cost of one more row in a step's decode relative to one
+    sequence's share of the step (``n_gen`` sequences decode a token in it).  0.3 until decodes
+    of more than one size have been timed."""
+    cdef double mx, my, var, b, a
+    if c.w < 2.0:
+        return 0.3
+    mx = c.sx / c.w
+    my = c.sy / c.w
+    var = c.sxx / c.w - mx * mx
+    if var < 0.05:
+        return 0.3
+    b = (c.sxy / c.w - mx * my) / var
+    a = my - b * mx
+    if b <= 0.0:
+        return 0.02
+    if a < 0.0:
+        a = 0.0
+    return b / (b + a / (n_gen if n_gen > 1.0 else 1.0))
 
 
 cdef object _spec_stats(SeqCore * c):
@@ -523,11 +577,13 @@ cdef class GenerationState:
     cdef Py_ssize_t _chunk_from             # tokens before the latest step (chunk_logprobs)
     cdef llama.llama_batch _sbatch          # speculative steps: the pending token and its draft
     cdef bint _has_sbatch
+    cdef SpecCost _cost                     # speculative steps: decode time against rows
 
     def __cinit__(self):
         self._lctx = NULL
         self._ended = False
         self._has_sbatch = False
+        memset(&self._cost, 0, sizeof(SpecCost))
         # a placeholder until gen_begin sets the real one: an instance made without gen_begin
         # (GenerationState.__new__) raises instead of touching NULL
         self._seq = _Seq.__new__(_Seq)
@@ -552,15 +608,20 @@ cdef class GenerationState:
         """One token (or, speculating, the pending token and the accepted part of its draft).
         Returns 0, or llama_decode's non-zero code (the state then stops)."""
         cdef int32_t rc, k = 0, j
-        cdef int64_t t0 = llama.llama_time_us()
+        cdef int64_t t0 = llama.llama_time_us(), td = 0
         cdef llama.llama_batch * b = &self._sbatch
         q.out.clear()
         if q.pending >= 0:
-            if q.spec_want(q.spec_budget()):
+            if q.spec_want(q.spec_budget(_spec_cost_ratio(&self._cost, 1.0))):
                 lgspec.run(q.drafter)
                 k = q.spec_take()
             if k == 0:
+                if q.drafter != NULL:
+                    td = llama.llama_time_us()
                 rc = llama.llama_decode(self._lctx, llama.llama_batch_get_one(&q.pending, 1))
+                if q.drafter != NULL:
+                    llama.llama_synchronize(self._lctx)
+                    _spec_cost_add(&self._cost, 1, llama.llama_time_us() - td)
             else:
                 for j in range(k + 1):
                     b.token[j] = q.pending if j == 0 else q.draft[j - 1]
@@ -569,7 +630,10 @@ cdef class GenerationState:
                     b.seq_id[j][0] = 0
                     b.logits[j] = 1
                 b.n_tokens = k + 1
+                td = llama.llama_time_us()
                 rc = llama.llama_decode(self._lctx, b[0])
+                llama.llama_synchronize(self._lctx)
+                _spec_cost_add(&self._cost, k + 1, llama.llama_time_us() - td)
             if rc != 0:
                 q.draft.clear()
                 q.finish = FINISH_LENGTH if rc == 1 else FINISH_STOP
