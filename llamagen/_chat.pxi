@@ -208,6 +208,14 @@ cdef list _chat_tool_calls(value, str where):
             # (llama.cpp parses the text as JSON and the template runtime walks it)
             raise ValueError(f"{cw}['function']['arguments'] is JSON nested more than "
                              f"{_CHAT_MAX_DEPTH} levels deep")
+        if isinstance(args, str):
+            try:
+                _json.loads(args)
+            except ValueError:
+                # a small model's own earlier call, sent back by the agent loop: llama.cpp would
+                # refuse the whole conversation ("Failed to parse tool call arguments"); the
+                # template gets the text as a JSON string instead
+                args = _json.dumps(args, ensure_ascii=False)
         out = {"type": "function",
                "function": {"name": _chat_str(fn["name"], f"{cw}['function']['name']"),
                             "arguments": args}}

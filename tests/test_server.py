@@ -339,7 +339,6 @@ _CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "top_p": 2}, "top_p"),
     ("/v1/completions", {"prompt": "hi", "n": 0}, "n"),
-    ("/v1/completions", {"prompt": "hi", "seed": -1}, "seed"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"99999": 1}}, "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "ignore_eos": "yes"}, "ignore_eos"),
@@ -868,3 +867,32 @@ def test_bad_rerank_requests_are_400(reranker, body, param):
 def test_reranker_server_does_not_embed(reranker):
     err = assert_openai_error(post(reranker, "/v1/embeddings", {"input": "x"}), 501)
     assert "/v1/rerank" in err["message"]
+
+
+# -- what real clients send (issue 29, parts of sections 3 and 6) ------------------------------------
+
+def test_every_integer_seed_is_accepted_and_reproduces(tiny):
+    """-1 is random (llama-server's convention); any other integer, 64-bit ones included, is
+    folded into the sampler's range: the same seed gives the same text, others differ."""
+    body = {"prompt": "hello", "max_tokens": 24, "temperature": 1.5}
+    texts = {}
+    for seed in (2**63 - 1, -(2**63), 7, 2**64 + 7):
+        r = [post(tiny, "/v1/completions", dict(body, seed=seed)) for _ in range(2)]
+        assert all(x.status_code == 200 for x in r), r[0].text
+        texts[seed] = [x.json()["choices"][0]["text"] for x in r]
+        assert texts[seed][0] == texts[seed][1], seed
+    assert len({t[0] for t in texts.values()}) > 1
+    r = post(tiny, "/v1/completions", dict(body, seed=-1))
+    assert r.status_code == 200
+
+
+def test_llama_server_route_aliases_without_v1(tiny):
+    assert httpx.get(tiny.url + "/models").json()["data"][0]["id"] == \
+        httpx.get(tiny.url + "/v1/models").json()["data"][0]["id"]
+    r = post(tiny, "/completions", {"prompt": "hi", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["object"] == "text_completion"
+    r = post(tiny, "/chat/completions", {**_CHAT, "temperature": 0})
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    r = post(tiny, "/embeddings", {"input": "hi"})
+    assert r.status_code == 501          # (this server runs without --embeddings: the route exists)
+

@@ -121,6 +121,22 @@ def test_earlier_calls_and_results_are_rendered(smol_pair):
     assert "<tool_response>\nsunny, 25 C\n</tool_response>" in chat.prompt
 
 
+def test_an_earlier_call_with_broken_arguments_is_rendered_not_refused(smol_pair):
+    """A small model's own earlier call whose arguments are not JSON, sent back by the agent
+    loop: llama.cpp refused the conversation ("Failed to parse tool call arguments"); the
+    template now gets the text as a JSON string."""
+    smol = smol_pair[0]
+    broken = [dict(m) for m in CONVERSATION]
+    for i, m in enumerate(broken):
+        if m.get("tool_calls"):
+            call = dict(m["tool_calls"][0], function={"name": "get_weather",
+                                                      "arguments": '{"city": "Rome"'})
+            broken[i] = dict(m, tool_calls=[call])
+    chat = lt.prepare(smol, broken, tools=[WEATHER], template=TEMPLATE)
+    assert '"arguments": "{\\"city\\": \\"Rome\\""' in chat.prompt, chat.prompt
+    assert "<tool_response>\nsunny, 25 C\n</tool_response>" in chat.prompt
+
+
 @pytest.mark.parametrize("kwargs, exc, match", [
     ({"tools": "get_weather"}, TypeError, "tools must be a list"),
     ({"tools": [{"type": "function", "function": {}}]}, ValueError, r"tools\[0\]\['function'\]\['name'\]"),

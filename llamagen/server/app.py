@@ -161,11 +161,13 @@ def _model_card(st: ServerState) -> dict:
 
 
 @_protected.get("/v1/models")
+@_protected.get("/models", include_in_schema=False)          # llama-server's alias
 async def list_models(request: Request):
     return {"object": "list", "data": [_model_card(get_state(request))]}
 
 
 @_protected.get("/v1/models/{model_id:path}")
+@_protected.get("/models/{model_id:path}", include_in_schema=False)
 async def get_model(model_id: str, request: Request):
     st = get_state(request)
     if model_id != st.model_name:

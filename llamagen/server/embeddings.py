@@ -47,6 +47,7 @@ async def _engine_call(call, param: str):
 
 
 @router.post("/v1/embeddings")
+@router.post("/embeddings", include_in_schema=False)
 async def embeddings(body: EmbeddingRequest, request: Request, engine=Depends(get_engine)):
     st = get_state(request)
     if not getattr(engine, "embeddings", False):

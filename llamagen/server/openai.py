@@ -100,6 +100,7 @@ async def _collected(request: Request, source: streams.ChunkSource, timer):
 
 
 @router.post("/v1/completions")
+@router.post("/completions", include_in_schema=False)     # llama-server's alias (litellm without /v1)
 async def completions(body: CompletionRequest, request: Request, engine=Depends(get_engine)):
     st = get_state(request)
     if body.echo:
@@ -149,6 +150,7 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
 
 
 @router.post("/v1/chat/completions")
+@router.post("/chat/completions", include_in_schema=False)
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            engine=Depends(get_engine)):
     st = get_state(request)

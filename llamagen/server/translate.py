@@ -52,6 +52,8 @@ def sampling_kwargs(req: LlamagenSampling, **defaults) -> tuple[dict, dict]:
             continue
         if field == "logit_bias":
             value = _logit_bias(value)
+        elif field == "seed":
+            value = fold_seed(value)
         elif field == "stop" and isinstance(value, list):
             value = tuple(value)
         out[field] = value
@@ -65,6 +67,16 @@ def sampling_kwargs(req: LlamagenSampling, **defaults) -> tuple[dict, dict]:
     if isinstance(out.get("speculative"), dict):
         origin["speculative"] = "speculative"
     return out, origin
+
+
+# SamplingParams takes seeds 0 .. 2**32 - 2; clients send any integer (OpenAI's is a 64-bit int)
+SEED_RANGE = 0xFFFFFFFF
+
+
+def fold_seed(seed: int):
+    """A client's seed as SamplingParams takes it: -1 is random (llama-server's convention, None
+    here); any other integer is folded into the sampler's range, the same seed always the same."""
+    return None if seed == -1 else seed % SEED_RANGE
 
 
 def response_format(rf: Optional[ResponseFormat], kwargs: dict, origin: dict) -> None:
