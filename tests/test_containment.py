@@ -307,6 +307,11 @@ def test_chat_templates_are_held_to_a_budget_of_steps_memory_and_time(make_tiny_
         for bad in ({"max_steps": -1}, {"max_bytes": 1.5}, {"max_seconds": float("nan")},
                     {"max_steps": True}):
             refuses(lambda: llamagen.set_template_budget(**bad), "must be a number >= 0")
+        # found by the 30-minute fuzz run: a render of 1 MB passes the budgets, then llama.cpp's
+        # reply-parser analysis diffed such renders in quadratic time (47 s; patch 0006 caps it)
+        t0 = time.time()
+        refuses(render("{{ 'ab' * 1000 }}{{ messages|tojson }}" * 500), "Unable to generate parser")
+        assert time.time() - t0 < 10
         """, MODEL=str(path))
 
 
