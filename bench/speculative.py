@@ -349,19 +349,19 @@ def write(res) -> str:
         L[-1] += (f"{d['model']} {d['kind']}: token {d['index']}, plain's top-2 margin "
                   f"{fmt(d['margin'], 4)} nats. ")
     if res.get("batch"):
-        L += ["", "**Batched** (`map_generate`, two prompts per slot, repetitive kinds, total "
-              "generated tokens over wall time):", "",
-              "| model | sequences | mode | plain t/s | spec t/s | x | accepted / drafted | same texts |",
-              "|---|---:|---|---:|---:|---:|---:|---:|"]
+        _table(L, "**Batched** (`map_generate`, two prompts per slot, repetitive kinds, total "
+               "generated tokens over wall time):",
+               ["model", "sequences:", "mode", "plain t/s:", "spec t/s:", "x:",
+                "accepted / drafted:", "same texts:"])
         for b in res["batch"]:
             L.append(f"| {b['model']} | {b['size']} | {b['mode']} | {fmt(b['plain_tps'])} | "
                      f"{fmt(b['spec_tps'])} | {fmt(b['spec_tps'] / b['plain_tps'], 2)} | "
                      f"{b['accepted']} / {b['drafted']} | {b['same']}/{b['n']} |")
     if res.get("servers"):
-        L += ["", "**Servers** (SmolLM2, 8 slots, greedy `/v1/completions` of the repetitive "
-              "prompts, 2 requests per stream, aggregate completion tokens/s):", "",
-              "| streams | llamagen plain | llamagen spec | llama-server plain | llama-server spec | llamagen spec / llama-server spec |",
-              "|---:|---:|---:|---:|---:|---:|"]
+        _table(L, "**Servers** (SmolLM2, 8 slots, greedy `/v1/completions` of the repetitive "
+               "prompts, 2 requests per stream, aggregate completion tokens/s):",
+               ["streams:", "llamagen plain:", "llamagen spec:", "llama-server plain:",
+                "llama-server spec:", "llamagen spec / llama-server spec:"])
         by = {(s["server"], s["label"], s["streams"]): s["tokens_per_second"] for s in res["servers"]}
         for n in sorted({s["streams"] for s in res["servers"]}):
             a, b = by.get(("llamagen", "spec", n)), by.get(("llama-server", "spec", n))
@@ -370,6 +370,13 @@ def write(res) -> str:
                      f"{fmt(a / b if a and b else None, 2)} |")
     L += ["", res.get("notes", ""), ""]
     return "\n".join(L)
+
+
+def _table(L, intro, columns):
+    """A markdown table's intro, header and alignment row (a column ending in ':' is numeric)."""
+    names = [c.rstrip(":") for c in columns]
+    L += ["", intro, "", "| " + " | ".join(names) + " |",
+          "|" + "|".join("---:" if c.endswith(":") else "---" for c in columns) + "|"]
 
 
 def group_single(rows, ls, lcp):

@@ -887,8 +887,9 @@ def test_every_integer_seed_is_accepted_and_reproduces(tiny):
 
 
 def test_llama_server_route_aliases_without_v1(tiny):
-    assert httpx.get(tiny.url + "/models").json()["data"][0]["id"] == \
-        httpx.get(tiny.url + "/v1/models").json()["data"][0]["id"]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(tiny.url + "/models", headers=auth).json()["data"][0]["id"] == \
+        httpx.get(tiny.url + "/v1/models", headers=auth).json()["data"][0]["id"] == "tiny"
     r = post(tiny, "/completions", {"prompt": "hi", "max_tokens": 3, "temperature": 0})
     assert r.status_code == 200 and r.json()["object"] == "text_completion"
     r = post(tiny, "/chat/completions", {**_CHAT, "temperature": 0})

@@ -32,9 +32,8 @@ SIMPLE = Speculative(type="ngram-simple", ngram_n=4, ngram_m=16)
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path):
-    m = llamagen.Model(smollm2_path)
-    yield m
-    m.close()
+    with llamagen.Model(smollm2_path) as m:
+        yield m
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +220,9 @@ def test_batches_equal_plain_and_every_sequence_drafts(det_ctx, smollm2):
     plain = llamagen.generate_batch(det_ctx, prompts, max_new_tokens=64, temp=0)
     spec = llamagen.generate_batch(det_ctx, prompts, max_new_tokens=64, temp=0, speculative=SIMPLE)
     assert spec == plain
-    b = llamagen.BatchGenerator(det_ctx, speculative=SIMPLE, max_new_tokens=64, temp=0)
+    # (fixed-length drafts: whether every sequence drafts does not depend on measured timings)
+    fixed = Speculative(type="ngram-simple", ngram_n=4, ngram_m=16, adaptive=False)
+    b = llamagen.BatchGenerator(det_ctx, speculative=fixed, max_new_tokens=64, temp=0)
     ids = [b.add(p) for p in prompts]
     out = {i: "" for i in ids}
     for sid, chunk in b:
@@ -244,8 +245,11 @@ def test_engine_speculates_and_a_rejected_draft_leaves_the_cache_clean(smollm2):
     story = smollm2.render_chat([{"role": "user", "content": "Write a poem about the sea."}])
     turn = lambda first, reply: first + reply + "<|im_end|>\n<|im_start|>user\nAgain, please.<|im_end|>\n<|im_start|>assistant\n"
     kw = dict(max_new_tokens=64, temp=0)
+    # adaptive=False: the draft lengths do not depend on measured decode times, so the open-ended
+    # turn always has drafts to reject
     with AsyncEngine(smollm2, n_ctx=4096, n_parallel=2, deterministic=True,
-                     speculative=Speculative(type="ngram-simple", ngram_n=2, ngram_m=16)) as eng:
+                     speculative=Speculative(type="ngram-simple", ngram_n=2, ngram_m=16,
+                                             adaptive=False)) as eng:
         r = eng.generate_sync(prompt, **kw)
         assert r.usage.accepted_draft_tokens > 0
         assert r.usage.draft_tokens >= r.usage.accepted_draft_tokens
