@@ -382,8 +382,7 @@ def _table(L, intro, columns):
 def group_single(rows, ls, lcp):
     groups = {}
     for r in rows:
-        repetitive = r["kind"] not in OPEN_KINDS
-        key = (r["model"], r["kind"] if not repetitive else r["kind"], r["mode"])
+        key = (r["model"], r["kind"], r["mode"])
         g = groups.setdefault(key, {"plain": [], "spec": [], "accepted": 0, "drafted": 0,
                                     "ls_plain": [], "ls_spec": [], "lcp_plain": [], "lcp_lookup": []})
         g["plain"].append(r["plain"]["tokens_per_second"])

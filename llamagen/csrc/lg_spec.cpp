@@ -11,7 +11,6 @@ struct Seq {
     llama_tokens hist;        // prompt + generated tokens in the KV cache
     int32_t n_prompt = 0;
     llama_tokens draft;
-    bool begun = false;
 };
 
 struct Drafter {
@@ -47,7 +46,6 @@ Drafter * create(const char * type, uint32_t n_seq, int32_t size_n, int32_t size
         if (size_m > 0) d->params.ngram_mod.n_max = size_m;
         // our own n_min applies after the draft (Python side); the drafter may propose any length
         d->params.ngram_mod.n_min = 1;
-        if (d->params.ngram_mod.n_min > d->params.ngram_mod.n_max) d->params.ngram_mod.n_min = d->params.ngram_mod.n_max;
         d->spec = common_speculative_init(d->params, n_seq);
         if (d->spec == nullptr) {
             delete d;
@@ -75,7 +73,6 @@ void begin(Drafter * d, int32_t seq, const int32_t * prompt, int32_t n_prompt) n
     s.hist.assign(prompt, prompt + n_prompt);
     s.n_prompt = n_prompt;
     s.draft.clear();
-    s.begun = true;
     common_speculative_get_draft_params(d->spec, seq).drafting = false;
     common_speculative_begin(d->spec, seq, s.hist);
 }
@@ -113,10 +110,6 @@ const std::vector<int32_t> & result(Drafter * d, int32_t seq) noexcept {
 
 void accept(Drafter * d, int32_t seq, int32_t n_accepted) noexcept {
     common_speculative_accept(d->spec, seq, (uint16_t) n_accepted);
-}
-
-int32_t n_max(const Drafter * d) noexcept {
-    return common_speculative_n_max(d->spec);
 }
 
 }  // namespace lgspec

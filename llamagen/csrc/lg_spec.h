@@ -36,7 +36,4 @@ const std::vector<int32_t> & result(Drafter * d, int32_t seq) noexcept;
 // ``n_accepted`` tokens of ``seq``'s last draft were accepted (the drafter adapts).
 void accept(Drafter * d, int32_t seq, int32_t n_accepted) noexcept;
 
-// The largest draft the drafter makes (its m-gram size), for the caller's bounds.
-int32_t n_max(const Drafter * d) noexcept;
-
 }  // namespace lgspec

@@ -18,4 +18,3 @@ cdef extern from "lg_spec.h" namespace "lgspec" nogil:
     void run(Drafter * d) noexcept
     const vector[int32_t] & result(Drafter * d, int32_t seq) noexcept
     void accept(Drafter * d, int32_t seq, int32_t n_accepted) noexcept
-    int32_t n_max(const Drafter * d) noexcept

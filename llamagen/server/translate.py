@@ -64,8 +64,6 @@ def sampling_kwargs(req: LlamagenSampling, **defaults) -> tuple[dict, dict]:
         if isinstance(base, str):
             base = {"type": base}
         out["speculative"] = {**(base if isinstance(base, dict) else {}), **spec}
-    if isinstance(out.get("speculative"), dict):
-        origin["speculative"] = "speculative"
     return out, origin
 
 

@@ -1,0 +1,422 @@
+# SeqCore: one sequence's sampling and text state, stepped without the GIL by single streams
+# (_generation.pxi) and batches (_batch.pxi); its speculative verification; _Seq, its Python
+# owner.  Included by _core.pyx.
+
+from libc.math cimport INFINITY
+
+cdef enum:
+    ENGINE_FAST = 0
+    ENGINE_LLAMA_CPP = 1
+    ENGINE_BACKEND = 2
+
+_ENGINE_NAMES = {ENGINE_FAST: "fast", ENGINE_LLAMA_CPP: "llama.cpp", ENGINE_BACKEND: "backend"}
+
+
+cdef enum:
+    FINISH_NONE = 0
+    FINISH_STOP = 1
+    FINISH_LENGTH = 2
+    FINISH_ERROR = 3        # the grammar allows no token (GrammarError)
+    FINISH_CANCELLED = 4    # end() before the generation finished
+
+_FINISH_NAMES = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length",
+                 FINISH_ERROR: "error", FINISH_CANCELLED: "cancelled"}
+
+
+cdef cppclass SeqCore:
+    # One sequence's sampling and text state: sampler chain, grammar, generated tokens, the
+    # UTF-8 / stop-string hold-back, and (for batches) its prompt feed and KV slot.  A plain C++
+    # object, so single streams and batches step it without the GIL (and batches in parallel).
+    llama.llama_sampler * chain             # llama.cpp's chain (sampler_impl "llama.cpp"/"backend")
+    fs.lgfs_engine * fast                   # llamagen's engine (sampler_impl="fast"), or NULL
+    bint backend                            # sampler_impl="backend": attach the chain to the context
+    bint attached                           # ... done: the context owns ``chain`` now and samples
+                                            # with it inside llama_decode (see Context._attach)
+    int32_t error                           # why finish is FINISH_ERROR (GRAMMAR_DEAD_END, ...)
+    int engine                              # ENGINE_*: what chose the tokens (kept after end())
+    llama.llama_sampler * grammar
+    const llama.llama_vocab * vocab
+    int32_t n_vocab
+    vector[llama.llama_token] tokens
+    vector[llama.llama_token] preserved    # sorted: special tokens whose text is shown
+    vector[llama.llama_token] prompt       # batches: the prompt still being fed
+    int32_t n_fed                           # batches: prompt tokens already in the KV cache
+    int32_t slot                            # batches: the llama seq_id in use (-1: none)
+    int32_t batch_idx                       # batches: output row in the current batch (-1: none)
+    int32_t fed_now                         # batches: prompt tokens put in the current batch
+    int32_t n_cached                        # batches: prompt tokens found in the KV cache (a
+                                            # slot's cached prefix or another sequence's copy)
+    int64_t uid                             # batches: the id BatchGenerator.add returned
+    llama.llama_token pending               # sampled and emitted, not yet decoded (-1: none)
+    int32_t n_past                          # this sequence's tokens in the KV cache
+    int32_t n_ctx                           # cells available to this sequence
+    int32_t max_new
+    int32_t n_prompt
+    bint ignore_eos
+    int finish
+    string raw                              # bytes of an unfinished UTF-8 character
+    string text                             # valid UTF-8 held back: could start a stop string
+    string out                              # the chunk produced by the current step
+    vector[string] stops
+    int32_t stop_index                      # which of ``stops`` ended the text (-1: none)
+    int64_t t_sample_ns      # time spent choosing tokens (ns: a tiny model's step is < 1 us)
+    int32_t n_logprobs                      # -1: no logprobs; else alternatives per token (<= 20)
+    vector[float] lp                        # per generated token: its logprob
+    vector[int32_t] lp_ids                  # ... n_logprobs most likely ids (most likely first)
+    vector[float] lp_top                    # ... and their logprobs
+    # speculative decoding (SamplingParams.speculative): a drafter proposes what follows the
+    # pending token, one decode computes all of it, verify() keeps the drafted tokens only while
+    # they equal what this sequence's own sampling picks (see llamagen/speculative.py)
+    lgspec.Drafter * drafter                # NULL: no drafting
+    bint owns_drafter                       # single streams own theirs; a batch shares one per kind
+    bint spec_begun                         # the drafter has seen the prompt
+    int32_t dseq                            # this sequence's id in the drafter
+    int32_t spec_n_max
+    int32_t spec_n_min
+    bint spec_adaptive
+    double spec_s                           # decayed counts of drafted tokens accepted and of
+    double spec_f                           # drafts cut short: this sequence's acceptance rate
+    int32_t spec_pause                      # steps left without drafting (adaptive back-off)
+    int32_t spec_backoff                    # the next pause's length
+    int32_t spec_acc                        # drafted tokens the latest verify() accepted (-1: none)
+    bint spec_asked                         # spec_want asked the drafter this step
+    int32_t draft_idx                       # batch row of draft[0]
+    vector[llama.llama_token] draft         # this step's draft (after the pending token)
+    int64_t n_drafted                       # totals: tokens drafted and verified, ...
+    int64_t n_accepted                      # ... of those accepted, ...
+    int64_t n_verified                      # ... and decodes that verified a draft
+
+    __init__():
+        this.chain = NULL
+        this.fast = NULL
+        this.grammar = NULL
+        this.backend = False
+        this.attached = False
+        this.error = 0
+        this.engine = ENGINE_LLAMA_CPP
+        this.pending = -1
+        this.finish = FINISH_NONE
+        this.n_fed = 0
+        this.slot = -1
+        this.batch_idx = -1
+        this.fed_now = 0
+        this.n_cached = 0
+        this.stop_index = -1
+        this.uid = -1
+        this.t_sample_ns = 0
+        this.n_logprobs = -1
+        this.drafter = NULL
+        this.owns_drafter = False
+        this.spec_begun = False
+        this.dseq = 0
+        this.spec_n_max = 0
+        this.spec_n_min = 0
+        this.spec_adaptive = True
+        this.spec_s = 0.0
+        this.spec_f = 0.0
+        this.spec_pause = 0
+        this.spec_backoff = 1
+        this.spec_acc = -1
+        this.spec_asked = False
+        this.draft_idx = -1
+        this.n_drafted = 0
+        this.n_accepted = 0
+        this.n_verified = 0
+
+    __dealloc__():
+        this.free_samplers()
+
+    void drop_attached() noexcept nogil:
+        # forget an attached chain: the context owns it (and frees it when it detaches it)
+        if this.attached:
+            this.attached = False
+            this.chain = NULL
+
+    void free_samplers() noexcept nogil:
+        this.drop_attached()
+        if this.drafter != NULL and this.owns_drafter:
+            lgspec.destroy(this.drafter)
+        this.drafter = NULL
+        this.draft.clear()
+        if this.chain != NULL:
+            llama.llama_sampler_free(this.chain)
+            this.chain = NULL
+        if this.fast != NULL:
+            fs.lgfs_free(this.fast)
+            this.fast = NULL
+        if this.grammar != NULL:
+            llama.llama_sampler_free(this.grammar)
+            this.grammar = NULL
+
+    llama.llama_token sample(const float * logits, llama.llama_token_data * cand) noexcept nogil:
+        # the chain (llama.cpp's objects or llamagen's fast engine), then the grammar check;
+        # re-sample with the grammar only on rejection; accept (see _sample_token)
+        return _sample_token(this.chain, this.fast, this.grammar, this.n_vocab, logits, cand, -1)
+
+    void attach(bint ok) noexcept nogil:
+        # the outcome of Context._attach for this sequence's chain
+        this.attached = ok
+        if ok:
+            this.engine = ENGINE_BACKEND
+
+    void flush() noexcept nogil:
+        # move everything held back into the output (the generation is over)
+        _utf8_take(this.raw, this.text, True)
+        this.out.append(this.text)
+        this.text.clear()
+
+    void emit() noexcept nogil:
+        # move held text to the output, except what could still begin a stop string
+        cdef size_t best = <size_t> -1, pos, j, keep = 0, L, n
+        cdef size_t s
+        cdef int32_t which = -1
+        _utf8_take(this.raw, this.text, False)
+        if this.stops.size() == 0:
+            this.out.append(this.text)
+            this.text.clear()
+            return
+        for s in range(this.stops.size()):
+            pos = this.text.find(this.stops[s])
+            if pos != <size_t> -1 and pos < best:
+                best = pos
+                which = <int32_t> s
+        if best != <size_t> -1:
+            this.stop_index = which
+            this.out.append(this.text, 0, best)
+            this.text.clear()
+            this.raw.clear()
+            this.finish = FINISH_STOP
+            return
+        # longest suffix of the held text that is a proper prefix of some stop string
+        n = this.text.size()
+        for s in range(this.stops.size()):
+            L = this.stops[s].size()
+            j = L - 1 if L - 1 < n else n
+            while j > keep:
+                if this.text.compare(n - j, j, this.stops[s], 0, j) == 0:
+                    keep = j
+                    break
+                j -= 1
+        this.out.append(this.text, 0, n - keep)
+        this.text.erase(0, n - keep)
+
+    void consume(llama.llama_context * lctx, int32_t idx, llama.llama_token_data * cand) noexcept nogil:
+        # the pending token (if any) has been decoded: sample the next one from output row `idx`
+        # of the last decode, produce its text into `out` and decide whether the sequence is
+        # finished
+        cdef llama.llama_token tok
+        cdef char buf[128]
+        cdef int32_t n
+        cdef bint special
+        cdef vector[char] big
+        cdef const float * logits
+        cdef double norm = 0.0
+        cdef size_t at
+        cdef llama.llama_token_data heap[lglp.MAX_TOP + 1]
+        cdef int64_t t1 = llamagen_monotonic_ns()
+        if this.pending >= 0:
+            this.n_past += 1
+            this.pending = -1
+        if this.attached:
+            tok = _backend_token(lctx, idx, this.chain, cand)
+        else:
+            logits = llama.llama_get_logits_ith(lctx, idx)
+            if this.n_logprobs >= 0:
+                # from the raw row, before the sampler chain (OpenAI's and vLLM's definition)
+                at = this.lp_ids.size()
+                this.lp_ids.resize(at + this.n_logprobs)
+                this.lp_top.resize(at + this.n_logprobs)
+                norm = lglp.row(logits, this.n_vocab, this.n_logprobs, this.lp_ids.data() + at,
+                                this.lp_top.data() + at, heap)
+            tok = this.sample(logits, cand)
+            if this.n_logprobs >= 0 and tok >= 0:
+                this.lp.push_back(<float> (<double> logits[tok] - norm))
+        this.t_sample_ns += llamagen_monotonic_ns() - t1
+        if tok < 0:         # GRAMMAR_DEAD_END or BACKEND_NO_OUTPUT
+            if this.n_logprobs >= 0:
+                this.lp_ids.resize(this.lp.size() * this.n_logprobs)
+                this.lp_top.resize(this.lp.size() * this.n_logprobs)
+            this.error = tok
+            this.finish = FINISH_ERROR
+            this.flush()
+            return
+        this.tokens.push_back(tok)
+        if llama.llama_vocab_is_eog(this.vocab, tok) and (
+                not this.ignore_eos or
+                # ignore_eos goes on past the model's end, but not past a grammar's: one that
+                # allows nothing else would make every later token an end token too
+                (this.grammar != NULL and _grammar_only_ends(this.grammar, this.vocab, this.n_vocab, cand))):
+            this.finish = FINISH_STOP
+            this.flush()
+            return
+        special = not this.preserved.empty() and \
+            binary_search(this.preserved.begin(), this.preserved.end(), tok)
+        n = llama.llama_token_to_piece(this.vocab, tok, buf, sizeof(buf), 0, special)
+        if n >= 0:
+            this.raw.append(buf, n)
+        else:
+            big.resize(-n)
+            n = llama.llama_token_to_piece(this.vocab, tok, big.data(), <int32_t> big.size(), 0, special)
+            if n > 0:
+                this.raw.append(big.data(), n)
+        this.emit()
+        if this.finish == FINISH_NONE:
+            if <int32_t> this.tokens.size() >= this.max_new or this.n_past >= this.n_ctx:
+                # out of budget, or no cell left to decode this token into
+                this.finish = FINISH_LENGTH
+                this.flush()
+            else:
+                this.pending = tok
+
+
+    int32_t spec_budget(double r) noexcept nogil:
+        # how many tokens to draft after the pending one this step (0: decode it alone).
+        # Adaptive: the i-th drafted token pays off when the chance it is accepted, alpha^i,
+        # exceeds ``r``, the share of a decode step one more row costs (_spec_cost_ratio): a
+        # drafted row that is rejected is wasted, an accepted one saves a step.  When no draft
+        # pays, drafting pauses, probing with one token after 1, 2, 4, ... 64 steps.
+        cdef int32_t b, k = 0
+        cdef double alpha, p
+        if this.drafter == NULL or this.pending < 0 or this.finish != FINISH_NONE:
+            return 0
+        b = this.spec_n_max
+        if b > this.max_new - <int32_t> this.tokens.size() - 1:
+            b = this.max_new - <int32_t> this.tokens.size() - 1
+        if b > this.n_ctx - this.n_past - 1:
+            b = this.n_ctx - this.n_past - 1
+        if b <= 0:
+            return 0
+        if not this.spec_adaptive:
+            return b
+        alpha = (this.spec_s + 1.0) / (this.spec_s + this.spec_f + 2.0)
+        p = alpha
+        while k < b and p > r:
+            k += 1
+            p *= alpha
+        if k > 0:
+            return k
+        if this.spec_pause > 0:
+            this.spec_pause -= 1
+            return 0
+        this.spec_pause = this.spec_backoff       # a probe; the next one waits longer unless
+        if this.spec_backoff < 64:                # it is accepted (verify resets the back-off)
+            this.spec_backoff *= 2
+        return 1
+
+    bint spec_want(int32_t budget) noexcept nogil:
+        # ask the drafter for this step's draft (made by lgspec.run); False when not asked
+        this.draft.clear()
+        if budget <= 0:
+            return False
+        if not this.spec_begun:
+            lgspec.begin(this.drafter, this.dseq, this.prompt.data(), <int32_t> this.prompt.size())
+            this.spec_begun = True
+        # the generated tokens in the KV cache (the pending one, tokens.back(), is not yet)
+        lgspec.want(this.drafter, this.dseq, this.tokens.data(), this.n_past - this.n_prompt,
+                    this.pending, budget)
+        this.spec_asked = True
+        return True
+
+    int32_t spec_take() noexcept nogil:
+        # the draft lgspec.run made, unless shorter than n_min; returns its length
+        cdef const vector[int32_t] * r
+        if not this.spec_asked:
+            return 0
+        this.spec_asked = False
+        r = &lgspec.result(this.drafter, this.dseq)
+        if <int32_t> r.size() < this.spec_n_min or r.size() == 0:
+            this.draft.clear()
+            return 0
+        this.draft.assign(r.begin(), r.end())
+        return <int32_t> this.draft.size()
+
+    void verify(llama.llama_context * lctx, int32_t idx, llama.llama_token_data * cand) noexcept nogil:
+        # consume() for the pending token's row, then for each drafted token the sampled token
+        # equals: its row's logits were computed from exactly the tokens sampling chose, so each
+        # row is sampled as plain decoding would (one RNG draw per emitted token)
+        cdef int32_t i = 0, n = <int32_t> this.draft.size()
+        this.consume(lctx, idx, cand)
+        while this.finish == FINISH_NONE and i < n and this.pending == this.draft[i]:
+            this.consume(lctx, this.draft_idx + i, cand)
+            i += 1
+        this.n_drafted += n
+        this.n_accepted += i
+        this.n_verified += 1
+        this.spec_acc = i
+        # acceptance, decayed so that it follows the text (a copied span ends, another begins)
+        this.spec_s = 0.8 * this.spec_s + i
+        this.spec_f = 0.8 * this.spec_f + (1.0 if i < n else 0.0)
+        if i > 0:
+            this.spec_backoff = 1
+            this.spec_pause = 0
+
+    void spec_settle(llama.llama_context * lctx, int32_t seq) noexcept nogil:
+        # after verify (one thread at a time): the rejected draft's cells go, the drafter learns
+        # how much was accepted
+        if this.spec_acc < 0:
+            return
+        llama.llama_memory_seq_rm(llama.llama_get_memory(lctx), seq, this.n_past, -1)
+        if this.drafter != NULL:
+            lgspec.accept(this.drafter, this.dseq, this.spec_acc)
+        this.spec_acc = -1
+        this.draft.clear()
+
+
+cdef class _Seq:
+    """Python-side owner of a SeqCore, with the parameters and seed it was built from."""
+    cdef SeqCore * c
+    cdef readonly object params
+    cdef readonly object seed
+
+    def __cinit__(self):
+        self.c = new SeqCore()
+
+    def __dealloc__(self):
+        del self.c
+
+    cdef str take_out(self):
+        """The produced chunk as str (always valid UTF-8), clearing it."""
+        s = PyUnicode_DecodeUTF8(self.c.out.data(), <Py_ssize_t> self.c.out.size(), NULL)
+        self.c.out.clear()
+        return s
+
+
+cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
+    """A _Seq with its sampler chain and grammar built for ``params`` (validated SamplingParams)."""
+    cdef _Seq q = _Seq.__new__(_Seq)
+    cdef SeqCore * c = q.c
+    cdef uint32_t seed = _draw_seed() if params.seed is None else <uint32_t> params.seed
+    q.seed = seed
+    q.params = params
+    c.vocab = ctx._vocab
+    c.n_vocab = ctx._n_vocab
+    c.n_ctx = n_ctx
+    c.n_prompt = n_prompt
+    c.n_past = n_prompt
+    c.max_new = params.max_new_tokens
+    c.ignore_eos = params.ignore_eos
+    if params.logprobs is not None:
+        c.n_logprobs = min(<int32_t> params.logprobs, ctx._n_vocab)
+    for s in params.stop:
+        c.stops.push_back(s.encode("utf-8"))
+    c.preserved = params.preserved_tokens       # sorted and unique (SamplingParams)
+    c.tokens.reserve(min(params.max_new_tokens, n_ctx))
+    if len(params.logit_bias) >= ctx._n_vocab:
+        banned = {t for t, b in params.logit_bias if b == -INFINITY and 0 <= t < ctx._n_vocab}
+        if len(banned) == ctx._n_vocab:
+            raise ValueError("logit_bias bans every token of the vocabulary (-inf for all "
+                             f"{ctx._n_vocab}): nothing could be generated")
+    if params.sampler_impl == "fast" and _fast_supported(params):
+        c.fast = _build_fast(params, ctx._vocab, ctx._n_vocab, n_ctx, seed, _trie_for(ctx.model, params))
+        c.engine = ENGINE_FAST
+    else:
+        c.chain = _build_chain(params, ctx._vocab, ctx._n_vocab, n_ctx, seed)
+        # "backend": the same chain, attached to the context when the sequence starts decoding
+        c.backend = params.sampler_impl == "backend"
+    c.grammar = _build_grammar(params, ctx._vocab)
+    spec = params.speculative
+    if spec is not None and c.engine != ENGINE_BACKEND and not c.backend:
+        c.spec_n_max = spec.n_max
+        c.spec_n_min = spec.n_min
+        c.spec_adaptive = spec.adaptive
+    return q
