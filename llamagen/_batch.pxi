@@ -30,6 +30,12 @@ cdef inline int64_t _cells_held(SeqCore * c) noexcept nogil:
 cdef int32_t _PARALLEL_MIN_VOCAB = 16384
 
 
+cdef struct _PromptRow:
+    SeqCore * q
+    int32_t pos          # the prompt position whose row predicts prompt[pos + 1]
+    int32_t batch_idx
+
+
 @cython.no_gc_clear
 cdef class BatchGenerator:
     """Continuous batching over one Context: ``add`` prompts (any time), iterate to get
@@ -84,6 +90,8 @@ cdef class BatchGenerator:
     cdef SpecCost _cost                   # decode time against rows (token-only steps)
     cdef readonly int64_t n_drafted       # drafted tokens verified, over all sequences
     cdef readonly int64_t n_accepted      # ... of those accepted
+    cdef int32_t _plp_rows                # most prompt-logprob rows of one sequence per decode
+    cdef vector[_PromptRow] _prows        # this step's prompt-logprob rows
 
     def __cinit__(self):
         self._has_batch = False
@@ -126,6 +134,8 @@ cdef class BatchGenerator:
             self._n_batch = llama.llama_n_batch(ctx._ctx)
             self._n_ctx_seq = llama.llama_n_ctx_seq(ctx._ctx)
             self._n_threads = max(1, llama.llama_n_threads(ctx._ctx))
+            self._plp_rows = <int32_t> max(1, min(<int64_t> self._n_batch,
+                                                  _SCORE_LOGITS_BUDGET // max(1, ctx._n_vocab)))
             self._slots = [None] * n_parallel
             if prompt_cache is True:
                 # about one slot's share of the cache
@@ -239,6 +249,16 @@ cdef class BatchGenerator:
         if q.c.n_logprobs < 0:
             return None
         return _seq_logprobs(self._context.model, q.c, start, -1)
+
+    def prompt_logprobs(self, seq_id):
+        """TokenLogprobs of ``seq_id``'s prompt tokens once its prompt is in (the first has no
+        logprob: None), or None when its parameters have ``prompt_logprobs=None``."""
+        cdef _Seq q = self._get(seq_id)
+        if q.c.n_prompt_lp < 0:
+            return None
+        if q.c.n_fed < <int32_t> q.c.prompt.size():
+            return []
+        return _prompt_logprobs(self._context.model, q.c)
 
     def n_tokens(self, seq_id):
         """How many tokens ``seq_id`` has generated (``tokens(seq_id, start)`` reads new ones)."""
@@ -440,6 +460,7 @@ cdef class BatchGenerator:
             q = self._active[i]
             q.batch_idx = -1
             q.fed_now = 0
+            q.plp_count = 0
         for i in range(self._active.size()):
             q = self._active[i]
             if q.pending >= 0 and q.finish == FINISH_NONE and n_gen < n_gen_limit and n < self._n_batch:
@@ -478,22 +499,38 @@ cdef class BatchGenerator:
                 q = self._active[i]
                 if q.n_fed >= <int32_t> q.prompt.size() or n >= self._n_batch:
                     continue
-                if q.n_fed == 0 and self._min_share > 0:
+                if q.n_fed == 0 and self._min_share > 0 and q.n_prompt_lp < 0:
                     self._share_prefix(q)
                     if q.n_fed == 0 and self._wait_for_prefix(q):
                         continue
                 if self._no_room_to_start(q, n):
                     continue
                 k = <int32_t> q.prompt.size() - q.n_fed
+                if k > 1 and q.n_prompt_lp < 0:
+                    # the last prompt token is decoded alone, in a later step, as it is after a
+                    # prompt-cache hit: its logits then do not depend on whether the prompt was
+                    # cached (a row computed in a many-row chunk rounds differently on the
+                    # repacked CPU kernels), so a seeded request reproduces (issue 29).  With
+                    # prompt logprobs the prompt goes in whole, as llamagen.score decodes it
+                    # (the same numbers), and its last cell is decoded again, alone (below).
+                    k -= 1
                 if k > self._n_batch - n:
                     k = self._n_batch - n
+                if q.n_prompt_lp >= 0 and k > self._plp_rows:
+                    k = self._plp_rows          # (llama.cpp keeps every output row's logits)
                 for j in range(k):
                     b.token[n + j] = q.prompt[q.n_fed + j]
                     b.pos[n + j] = q.n_fed + j
                     b.n_seq_id[n + j] = 1
                     b.seq_id[n + j][0] = q.slot
-                    b.logits[n + j] = 0
-                if q.n_fed + k == <int32_t> q.prompt.size():
+                    # prompt logprobs: a row for each token that predicts a prompt token
+                    b.logits[n + j] = q.n_prompt_lp >= 0 and q.n_fed + j + 1 < <int32_t> q.prompt.size()
+                if q.n_prompt_lp >= 0:
+                    q.plp_row = n
+                    q.plp_pos = q.n_fed
+                    q.plp_count = min(k, <int32_t> q.prompt.size() - 1 - q.n_fed)
+                if q.n_fed + k == <int32_t> q.prompt.size() and q.max_new > 0 and (
+                        k == 1 or q.n_prompt_lp < 0):
                     b.logits[n + k - 1] = 1
                     q.batch_idx = n + k - 1
                 q.fed_now = k
@@ -586,8 +623,16 @@ cdef class BatchGenerator:
             q = self._active[i]
             if q.fed_now > 0:
                 q.n_fed += q.fed_now
+                if q.n_fed == <int32_t> q.prompt.size() and q.batch_idx < 0 and q.max_new > 0:
+                    # prompt logprobs, the prompt in whole: its last cell again, alone, for the
+                    # first token's logits (as after a cached prompt: see _fill_batch)
+                    llama.llama_memory_seq_rm(llama.llama_get_memory(lctx), q.slot, q.n_fed - 1, -1)
+                    q.n_fed -= 1
                 if q.n_fed == <int32_t> q.prompt.size():
                     q.n_past = q.n_fed       # the prompt stays: later sequences may share it
+                    if q.max_new == 0:       # the prompt only (its prompt_logprobs)
+                        q.finish = FINISH_LENGTH
+                        q.flush()
         return 0
 
     cdef bint _drop_idle_caches(self) noexcept nogil:
@@ -636,6 +681,8 @@ cdef class BatchGenerator:
         cdef int32_t slot, best = -1, best_len = -1, L, limit, n, worth
         cdef llama.llama_memory_t mem = llama.llama_get_memory(self._context._ctx)
         limit = <int32_t> q.prompt.size() - 1          # at least one token left to decode
+        if q.n_prompt_lp >= 0:
+            limit = 0           # prompt logprobs: every prompt row is computed
         worth = min(16, (limit + 2) // 2)
         for slot in range(self._n_slots):
             if self._slots[slot] is not None:
@@ -724,6 +771,7 @@ cdef class BatchGenerator:
                     q.verify(lctx, q.batch_idx, self._cands[0].data())
                 else:
                     q.consume(lctx, q.batch_idx, self._cands[0].data())
+        self._prompt_rows(lctx)
         for i in range(n):
             # (one thread: the KV cache and the shared drafters)
             q = self._active[self._sampled[i]]
@@ -731,6 +779,39 @@ cdef class BatchGenerator:
                 self.n_drafted += <int64_t> q.draft.size()
                 self.n_accepted += q.spec_acc
                 q.spec_settle(lctx, q.slot)
+
+    cdef void _prompt_rows(self, llama.llama_context * lctx) noexcept nogil:
+        """Prompt logprobs: the rows this step computed for sequences that asked for them
+        (``prompt_logprobs``), in parallel as llamagen.score does."""
+        cdef size_t i
+        cdef int32_t j, k, m
+        cdef Py_ssize_t r, n_rows
+        cdef SeqCore * q
+        cdef _PromptRow pr
+        self._prows.clear()
+        for i in range(self._active.size()):
+            q = self._active[i]
+            if q.n_prompt_lp < 0 or q.plp_count <= 0:
+                continue
+            m = <int32_t> q.prompt.size() - 1
+            if <int32_t> q.plp.size() < m:
+                k = q.n_prompt_lp
+                q.plp.resize(m)
+                q.plp_ids.resize(<size_t> m * k)
+                q.plp_top.resize(<size_t> m * k)
+            for j in range(q.plp_count):
+                pr.q = q
+                pr.pos = q.plp_pos + j
+                pr.batch_idx = q.plp_row + j
+                self._prows.push_back(pr)
+            q.plp_count = 0
+        n_rows = <Py_ssize_t> self._prows.size()
+        if n_rows > 1 and self._n_threads > 1:
+            for r in prange(n_rows, num_threads=self._n_threads, schedule="static"):
+                _prompt_row(lctx, &self._prows[r])
+        else:
+            for r in range(n_rows):
+                _prompt_row(lctx, &self._prows[r])
 
     cdef int _step(self) except -1:
         """One decode step for every live sequence; queues (id, chunk) pairs.  0 when idle."""

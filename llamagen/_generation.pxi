@@ -306,7 +306,8 @@ cdef int _prefill(Context ctx, vector[llama.llama_token] & toks, SeqCore * q,
     generation's prompt, see _generate_n): everything after them is removed and only the rest is
     decoded.  A backend-sampling ``q`` gets its chain attached to sequence 0 before the last chunk
     (the one whose last token is sampled): earlier chunks sample nothing and draw no random
-    numbers."""
+    numbers.  The last prompt token is decoded alone, so its logits are those of a cached
+    prompt's (the batch's cache, ``keep``, the server): seeds reproduce either way."""
     cdef int32_t n_batch = llama.llama_n_batch(ctx._ctx)
     cdef int32_t i = keep, n, total = <int32_t> toks.size(), rc = 0
     cdef llama.llama_memory_t mem = llama.llama_get_memory(ctx._ctx)
@@ -321,6 +322,8 @@ cdef int _prefill(Context ctx, vector[llama.llama_token] & toks, SeqCore * q,
                 i = 0
             while i < total:
                 n = total - i
+                if n > 1:
+                    n -= 1          # the last token alone, as after a cached prefix (_fill_batch)
                 if n > n_batch:
                     n = n_batch
                 if i + n == total and q.backend and not q.attached:
@@ -373,6 +376,10 @@ def _gen_begin(Context ctx not None, prompt, params, bint add_special=True, bint
     cdef vector[llama.llama_token] toks
     if not isinstance(params, SamplingParams):
         raise TypeError("params must be a llamagen.SamplingParams")
+    if params.prompt_logprobs is not None:
+        raise invalid(ValueError, "prompt_logprobs",
+                      "prompt_logprobs is computed by batches and the engine (BatchGenerator, "
+                      "map_generate, AsyncEngine); for one text use llamagen.score")
     ctx._check_generative()
     toks = _prompt_tokens(ctx, prompt, add_special, parse_special, llama.llama_n_ctx_seq(ctx._ctx))
     return _start(ctx, toks, params, 0, 0)

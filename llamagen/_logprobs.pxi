@@ -54,6 +54,29 @@ cdef list _seq_logprobs(Model model, SeqCore * c, Py_ssize_t start, Py_ssize_t e
     return out
 
 
+cdef void _prompt_row(llama.llama_context * lctx, _PromptRow * pr) noexcept nogil:
+    """One prompt-logprob row of a batch sequence (BatchGenerator._prompt_rows)."""
+    cdef llama.llama_token_data heap[lglp.MAX_TOP + 1]
+    cdef SeqCore * q = pr.q
+    cdef int32_t k = q.n_prompt_lp
+    cdef const float * row = llama.llama_get_logits_ith(lctx, pr.batch_idx)
+    cdef double norm = lglp.row(row, q.n_vocab, k, q.plp_ids.data() + <size_t> pr.pos * k,
+                                q.plp_top.data() + <size_t> pr.pos * k, heap)
+    q.plp[pr.pos] = <float> (<double> row[q.prompt[pr.pos + 1]] - norm)
+
+
+cdef list _prompt_logprobs(Model model, SeqCore * c):
+    """TokenLogprobs of a batch sequence's prompt tokens: None for the first."""
+    cdef Py_ssize_t i, n = <Py_ssize_t> c.prompt.size()
+    cdef int32_t k = c.n_prompt_lp
+    out = [_TokenLogprob(c.prompt[0], None, _piece_of(model, c.prompt[0]), ())]
+    for i in range(1, n):
+        out.append(_TokenLogprob(c.prompt[i], <double> c.plp[i - 1], _piece_of(model, c.prompt[i]),
+                                 _top_of(model, c.plp_ids.data() + (i - 1) * k,
+                                         c.plp_top.data() + (i - 1) * k, k)))
+    return out
+
+
 cdef struct _ScoreRow:
     int32_t text         # which text
     int32_t pos          # the token this row predicts the next of

@@ -64,6 +64,13 @@ cdef cppclass SeqCore:
     vector[float] lp                        # per generated token: its logprob
     vector[int32_t] lp_ids                  # ... n_logprobs most likely ids (most likely first)
     vector[float] lp_top                    # ... and their logprobs
+    int32_t n_prompt_lp                     # batches: -1, or prompt logprobs with k alternatives:
+    vector[float] plp                       # ... per prompt position p, logp(prompt[p + 1])
+    vector[int32_t] plp_ids                 # ... the k most likely ids at p
+    vector[float] plp_top                   # ... and their logprobs
+    int32_t plp_row                         # ... this step: batch row of position plp_pos
+    int32_t plp_pos                         # ... (the first prompt row computed this step)
+    int32_t plp_count                       # ... and how many rows
     # speculative decoding (SamplingParams.speculative): a drafter proposes what follows the
     # pending token, one decode computes all of it, verify() keeps the drafted tokens only while
     # they equal what this sequence's own sampling picks (see llamagen/speculative.py)
@@ -105,6 +112,10 @@ cdef cppclass SeqCore:
         this.uid = -1
         this.t_sample_ns = 0
         this.n_logprobs = -1
+        this.n_prompt_lp = -1
+        this.plp_row = -1
+        this.plp_pos = 0
+        this.plp_count = 0
         this.drafter = NULL
         this.owns_drafter = False
         this.spec_begun = False
@@ -397,6 +408,8 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
     c.ignore_eos = params.ignore_eos
     if params.logprobs is not None:
         c.n_logprobs = min(<int32_t> params.logprobs, ctx._n_vocab)
+    if params.prompt_logprobs is not None:
+        c.n_prompt_lp = min(<int32_t> params.prompt_logprobs, ctx._n_vocab)
     for s in params.stop:
         c.stops.push_back(s.encode("utf-8"))
     c.preserved = params.preserved_tokens       # sorted and unique (SamplingParams)

@@ -207,6 +207,11 @@ class SamplingParams:
     # log-probabilities of generated tokens: None (off) or k = 0..20 alternatives per token besides
     # the chosen one (log-softmax of the raw logits, before any sampler, as OpenAI reports them)
     logprobs: Optional[int] = None
+    # log-probabilities of the prompt's tokens (vLLM's ``prompt_logprobs``; OpenAI's ``echo`` with
+    # ``logprobs``): None (off) or k alternatives per token; each prompt token but the first gets
+    # logp(token | tokens before it).  Batches and the engine only (one text: llamagen.score).  The
+    # whole prompt is then computed (no prompt cache), and ``max_new_tokens=0`` is allowed
+    prompt_logprobs: Optional[int] = None
     # structured output: a JSON schema (dict or JSON text, kept as JSON text) or any JSON object;
     # converted to a grammar by llama.cpp's converter (see llamagen.structured)
     json_schema: Optional[str] = None
@@ -228,8 +233,14 @@ class SamplingParams:
 
     def __post_init__(self):
         s = object.__setattr__
-        s(self, "max_new_tokens", _int("max_new_tokens", self.max_new_tokens, 1, INT32_MAX,
-                                       "an int from 1 to 2**31 - 1"))
+        if self.prompt_logprobs is not None:
+            s(self, "prompt_logprobs", _int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS,
+                                            f"None (off) or an int from 0 to {MAX_LOGPROBS} "
+                                            "(alternatives per prompt token)"))
+        # (0: the prompt only, for its prompt_logprobs)
+        s(self, "max_new_tokens", _int("max_new_tokens", self.max_new_tokens,
+                                       0 if self.prompt_logprobs is not None else 1, INT32_MAX,
+                                       "an int from 1 (0 with prompt_logprobs) to 2**31 - 1"))
         s(self, "temp", _num("temp", self.temp, what="a finite number (<= 0 means greedy)"))
         if 0.0 < self.temp < TEMP_MIN:
             raise invalid(ValueError, "temp", f"temp must be <= 0 (greedy) or at least {TEMP_MIN:g}: the logits are "
@@ -379,6 +390,9 @@ class SamplingParams:
             raise invalid(ValueError, "speculative", "speculative decoding cannot be combined with "
                              "sampler_impl='backend': each drafted position is sampled on the host "
                              "(use 'fast')")
+        if self.sampler_impl == "backend" and self.prompt_logprobs is not None:
+            raise invalid(ValueError, "prompt_logprobs", "prompt_logprobs cannot be combined with "
+                             "sampler_impl='backend' (use 'fast')")
         if self.sampler_impl == "backend" and self.logprobs is not None:
             raise invalid(ValueError, "logprobs", "logprobs cannot be combined with sampler_impl='backend': the logits "
                              "stay on the output device (use 'fast')")

@@ -346,9 +346,12 @@ class EngineCore:
                 if spec is not None:
                     req.drafted += spec["drafted"]
                     req.accepted += spec["accepted"]
-            items.append(EngineChunk(index, text, toks, reason, stop,
-                                     self._visible_logprobs(req, sid, b.logprobs(sid, seen), text,
-                                                            toks, reason, stop)))
+            chunk = EngineChunk(index, text, toks, reason, stop,
+                                self._visible_logprobs(req, sid, b.logprobs(sid, seen), text,
+                                                       toks, reason, stop))
+            if seen == 0 and req.params[index].prompt_logprobs is not None:
+                chunk.prompt_logprobs = b.prompt_logprobs(sid)
+            items.append(chunk)
             if reason is not None:
                 self._retire(req, sid)
         if error is not None:
@@ -386,7 +389,10 @@ class EngineCore:
             if lps:
                 req.held[sid] = lps
             return []
-        if reason == "stop" and stop is None and lps and toks and self.model.is_eog(toks[-1]):
+        if reason == "stop" and stop is None and lps and toks and self.model.is_eog(toks[-1]) \
+                and req.params[0].prompt_logprobs is None:
+            # (with the prompt's logprobs, every token is listed: OpenAI's echo, which scorers
+            # such as lm-eval read as prompt + the generated tokens)
             lps = lps[:-1]
         return lps
 

@@ -56,7 +56,10 @@ class _StreamBase:
     def _collect(self, chunks) -> EngineResult:
         choices = [Choice(i) for i in range(self._req.n)]
         texts: List[List[str]] = [[] for _ in choices]
+        prompt_lps = None
         for c in chunks:
+            if c.prompt_logprobs is not None and c.index == 0:
+                prompt_lps = c.prompt_logprobs
             ch = choices[c.index]
             texts[c.index].append(c.text)
             ch.tokens.extend(c.token_ids)
@@ -69,7 +72,7 @@ class _StreamBase:
                 ch.stop_sequence = c.stop_sequence
         for ch, t in zip(choices, texts):
             ch.text = "".join(t)
-        return EngineResult(choices, self.usage)
+        return EngineResult(choices, self.usage, prompt_lps)
 
 
 class EngineStream(_StreamBase):

@@ -37,6 +37,9 @@ class EngineChunk:
     # (``logprobs=k`` requests) of the tokens behind ``text``: a token whose text is held back
     # comes with the chunk that shows it; the end-of-generation token has none
     logprobs: Optional[List[TokenLogprob]] = None
+    # (``prompt_logprobs=k`` requests) on each choice's first chunk: the prompt's tokens, the
+    # first with logprob None
+    prompt_logprobs: Optional[List[TokenLogprob]] = None
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Choice:
 class EngineResult:
     choices: List[Choice]
     usage: Usage
+    prompt_logprobs: Optional[List[TokenLogprob]] = None   # (``prompt_logprobs=k`` requests)
 
     @property
     def text(self) -> str:
