@@ -348,7 +348,8 @@ _CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     ("/v1/completions", {"prompt": 5}, "prompt"),
     ("/v1/completions", {"prompt": []}, "prompt"),
     ("/v1/completions", {"prompt": [1, 999999]}, "prompt"),
-    ("/v1/completions", {"prompt": "hi", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"max_tokens": 2}, "prompt"),
     ("/v1/chat/completions", {**_CHAT, "max_tokens": -5}, "max_tokens"),
     ("/v1/chat/completions", {**_CHAT, "stop": [""]}, "stop"),
@@ -514,7 +515,8 @@ def test_metrics_parse(tiny):
 def test_tokenize_detokenize(tiny):
     toks = post(tiny, "/tokenize", {"content": "hello world"}).json()["tokens"]
     assert toks and all(isinstance(t, int) for t in toks)
-    assert post(tiny, "/detokenize", {"tokens": toks}).json() == {"content": "hello world"}
+    assert post(tiny, "/detokenize", {"tokens": toks}).json() == {"content": "hello world",
+                                                                  "prompt": "hello world"}
     with_bos = post(tiny, "/tokenize", {"content": "hello world", "add_special": True}).json()
     assert with_bos["tokens"] == [1] + toks
     pieces = post(tiny, "/tokenize", {"content": "hello", "with_pieces": True}).json()["tokens"]

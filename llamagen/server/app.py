@@ -1,8 +1,8 @@
 """The FastAPI application: ``create_app`` builds it around a ``llamagen.AsyncEngine``.
 
-Routes (see docs/server.md): OpenAI's /v1/completions and /v1/chat/completions, Anthropic's
-/v1/messages and /v1/messages/count_tokens, /v1/models, /health, /metrics, /tokenize,
-/detokenize.  Every route but /health needs the API key when keys are configured.
+Routes (see docs/server.md): OpenAI's /v1/completions, /v1/chat/completions and /v1/responses,
+Anthropic's /v1/messages and /v1/messages/count_tokens, /v1/models, /health, /metrics, /tokenize,
+/detokenize, /tokenizer_info.  Every route but /health needs the API key when keys are configured.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
-from llamagen.server import anthropic, embeddings, openai
+from llamagen.server import anthropic, embeddings, openai, responses
 from llamagen.server.auth import require_api_key
 from llamagen.server.deps import (  # noqa: F401  (re-exported)
     DEFAULT_MAX_REQUEST_SEQUENCES, ServerState, get_engine, get_state,
@@ -109,6 +109,7 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
     app.include_router(openai.router)
     app.include_router(embeddings.router)
     app.include_router(anthropic.router)
+    app.include_router(responses.router)
     return app
 
 
@@ -183,12 +184,24 @@ async def metrics(request: Request):
 
 @_protected.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request, engine=Depends(get_engine)):
+    if (body.content is None) == (body.prompt is None):
+        raise InvalidRequest("give the text as 'content' (llama-server) or 'prompt' (vLLM), "
+                             "exactly one of them", param="content")
+    vllm = body.prompt is not None
+    text, field = (body.prompt, "prompt") if vllm else (body.content, "content")
+    # (vLLM adds the model's special tokens unless told not to; llama-server does not)
+    add_special = (body.add_special_tokens if body.add_special_tokens is not None else True) \
+        if vllm else body.add_special
+
     def work():
         try:
-            tokens = engine.tokenize(body.content, add_special=body.add_special,
+            tokens = engine.tokenize(text, add_special=add_special,
                                      parse_special=body.parse_special)
         except ValueError as e:         # (a lone surrogate: not UTF-8 text)
-            raise InvalidRequest(f"content: {e}", param="content") from None
+            raise InvalidRequest(f"{field}: {e}", param=field) from None
+        if vllm:
+            return dumps({"count": len(tokens), "max_model_len": engine.n_ctx,
+                          "tokens": tokens, "token_strs": None})
         if not body.with_pieces:
             return dumps({"tokens": tokens})
         return dumps({"tokens": [{"id": t, "piece": engine.detokenize([t])} for t in tokens]})
@@ -204,4 +217,18 @@ async def detokenize(body: DetokenizeRequest, engine=Depends(get_engine)):
         if not 0 <= t < n_vocab:
             raise InvalidRequest(f"tokens[{i}] = {t} is not a token id (0 to {n_vocab - 1})",
                                  param=f"tokens[{i}]")
-    return {"content": engine.detokenize(body.tokens)}
+    text = engine.detokenize(body.tokens)
+    return {"content": text, "prompt": text}        # (llama-server's key, and vLLM's)
+
+
+@_protected.get("/tokenizer_info")
+async def tokenizer_info(engine=Depends(get_engine)):
+    """vLLM's tokenizer description, which lm-eval's remote tokenizer reads (``eos_token``,
+    ``bos_token`` as text; its /tokenize then maps them back to ids)."""
+    m = engine.model
+
+    def piece(t):
+        return None if t is None else m.token_to_piece(t, special=True).decode("utf-8", "replace")
+    return {"tokenizer_class": "llama.cpp", "eos_token": piece(m.eos), "bos_token": piece(m.bos),
+            "pad_token": None, "unk_token": None, "chat_template": m.chat_template,
+            "model_max_length": engine.n_ctx, "vocab_size": m.n_vocab, "add_bos_token": m.add_bos}

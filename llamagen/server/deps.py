@@ -7,6 +7,7 @@ from typing import Iterable, Optional
 
 from fastapi import Request
 
+from llamagen.server.responses_format import ResponseStore
 from llamagen.server.errors import Overloaded
 from llamagen.server.metrics import Metrics
 from llamagen.server.work import Preparation
@@ -32,6 +33,7 @@ class ServerState:
         self.ping_interval = ping_interval
         self.created = int(time.time())
         self.metrics = Metrics(model_name, lambda: self.engine)
+        self.responses = ResponseStore()      # for previous_response_id (Responses API)
 
 
 def get_state(request: Request) -> ServerState:

@@ -181,11 +181,42 @@ class RerankRequest(_Body):
 
 
 class TokenizeRequest(_Body):
-    content: str
+    """llama-server's shape (``content``), or vLLM's (``prompt``, ``add_special_tokens``: what
+    lm-eval's remote tokenizer sends)."""
+    content: Optional[str] = None
     add_special: bool = False        # llama-server's defaults
     parse_special: bool = True
     with_pieces: bool = False
+    prompt: Optional[str] = None
+    add_special_tokens: Optional[bool] = None
 
 
 class DetokenizeRequest(_Body):
     tokens: List[int]
+
+
+class ResponsesRequest(LlamagenSampling):
+    """OpenAI's Responses API (``POST /v1/responses``); items stay plain dicts (many shapes),
+    checked where they are translated (responses_format.py)."""
+    model: Optional[str] = None
+    input: Union[str, List[Any]]
+    instructions: Optional[str] = None
+    tools: Optional[List[Any]] = None
+    tool_choice: Optional[Union[str, dict]] = None
+    parallel_tool_calls: Optional[bool] = None
+    text: Optional[dict] = None
+    max_output_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    previous_response_id: Optional[str] = None
+    store: Optional[bool] = None
+    stream: Optional[bool] = False
+    metadata: Optional[dict] = None
+    user: Optional[str] = None
+    truncation: Optional[str] = None
+    reasoning: Optional[dict] = None
+    include: Optional[List[str]] = None
+
+
+class InputTokensRequest(ResponsesRequest):
+    """``POST /v1/responses/input_tokens``: the prompt a /v1/responses request would have."""

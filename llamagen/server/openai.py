@@ -103,8 +103,6 @@ async def _collected(request: Request, source: streams.ChunkSource, timer):
 @router.post("/completions", include_in_schema=False)     # llama-server's alias (litellm without /v1)
 async def completions(body: CompletionRequest, request: Request, engine=Depends(get_engine)):
     st = get_state(request)
-    if body.echo:
-        raise InvalidRequest("echo is not supported", param="echo")
     if body.suffix:
         raise InvalidRequest("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):
@@ -119,21 +117,39 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
     # (``logprobs``, an int, is SamplingParams' own field: sampling_kwargs passes it on)
     kwargs, origin = sampling_kwargs(body, max_new_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
                                      seed=None)
+    echo = bool(body.echo)
+    if echo and (body.logprobs is not None or body.max_tokens == 0):
+        # the prompt's own logprobs (scoring: lm-eval's loglikelihood requests); max_tokens 0
+        # answers with the prompt alone
+        kwargs["prompt_logprobs"] = body.logprobs or 0
+        origin["prompt_logprobs"] = "logprobs"
     response_format(body.response_format, kwargs, origin)
     timer = st.metrics.timer()
     source = await streams.open_source(st.prep, engine, prompts, kwargs, origin, n=n,
                                        prompt_param="prompt")
+    echoed = None
+    if echo:
+        # the text an echo repeats: the prompt as sent (token ids: their text, off the loop)
+        echoed = await st.prep.run(
+            lambda: [p if isinstance(p, str) else engine.detokenize(p) for p in prompts])
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": st.model_name}
 
     if body.stream:
         offsets = {}
+        started = set()
 
         def choice(k, c):
             lp = None
-            if c.logprobs is not None:
-                lp, offsets[k, c.index] = completion_logprobs(c.logprobs, offsets.get((k, c.index), 0))
-            return {"text": c.text, "index": k * n + c.index, "logprobs": lp,
+            text, lps = c.text, c.logprobs
+            if echo and (k, c.index) not in started:
+                started.add((k, c.index))
+                text = echoed[k] + text
+                if c.prompt_logprobs is not None and body.logprobs is not None:
+                    lps = c.prompt_logprobs + (lps or [])
+            if lps is not None:
+                lp, offsets[k, c.index] = completion_logprobs(lps, offsets.get((k, c.index), 0))
+            return {"text": text, "index": k * n + c.index, "logprobs": lp,
                     "finish_reason": openai_finish(c.finish_reason)}
         return _sse(_stream(source, request.url.path, timer, st.ping_interval,
                             _include_usage(body), base, choice))
@@ -143,6 +159,10 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
     for (k, i), parts in sorted(got.texts.items()):
         reason = got.finish.get((k, i))
         lps = got.logprobs.get((k, i), []) if body.logprobs is not None else None
+        if echo:
+            parts = [echoed[k]] + parts
+            if lps is not None:
+                lps = got.prompt_logprobs.get((k, i), []) + lps
         choices.append({"text": "".join(parts), "index": k * n + i,
                         "logprobs": completion_logprobs(lps, 0)[0] if lps is not None else None,
                         "finish_reason": openai_finish(reason)})

@@ -83,14 +83,17 @@ def completion_logprobs(lps, offset: int) -> tuple[dict, int]:
     """OpenAI completions' ``choice.logprobs`` for TokenLogprobs whose text starts at character
     ``offset`` of the choice's text; and the offset after them.  ``top_logprobs`` maps the k most
     likely tokens' text to their logprobs, the sampled token included (OpenAI's "up to logprobs +
-    1 elements")."""
+    1 elements"); an echoed prompt's first token has null for both."""
     tokens, token_lps, tops, offsets = [], [], [], []
     for t in lps:
         tokens.append(t.text)
         token_lps.append(t.logprob)
-        top = {a.text: a.logprob for a in t.top}
-        top.setdefault(t.text, t.logprob)
-        tops.append(top)
+        if t.logprob is None:           # an echoed prompt's first token: nothing precedes it
+            tops.append(None)
+        else:
+            top = {a.text: a.logprob for a in t.top}
+            top.setdefault(t.text, t.logprob)
+            tops.append(top)
         offsets.append(offset)
         offset += len(t.text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,

@@ -219,6 +219,7 @@ class Collected:
         self.finish: dict = {}
         self.stop_sequence: dict = {}
         self.logprobs: dict = {}          # (k, index) -> TokenLogprobs (requests that ask)
+        self.prompt_logprobs: dict = {}   # (k, index) -> the prompt's (prompt_logprobs requests)
 
 
 async def collect(source: ChunkSource, timer) -> Collected:
@@ -230,6 +231,8 @@ async def collect(source: ChunkSource, timer) -> Collected:
             out.texts.setdefault(key, []).append(c.text)
             if c.logprobs is not None:
                 out.logprobs.setdefault(key, []).extend(c.logprobs)
+            if c.prompt_logprobs is not None:
+                out.prompt_logprobs[key] = c.prompt_logprobs
             if c.finish_reason is not None:
                 out.finish[key] = c.finish_reason
                 out.stop_sequence[key] = c.stop_sequence

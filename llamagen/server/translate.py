@@ -20,6 +20,7 @@ _RENAMED = {
     "temperature": "temp",
     "max_tokens": "max_new_tokens",
     "max_completion_tokens": "max_new_tokens",
+    "max_output_tokens": "max_new_tokens",
     "repetition_penalty": "repeat_penalty",
     "stop_sequences": "stop",
 }
