@@ -416,11 +416,16 @@ cdef class _ChatParser:
     after creation: threads may parse with one at once (the GIL is released while parsing)."""
     cdef lgchat.Parser * ptr
 
-    def __cinit__(self, int format_id, generation_prompt, bytes parser, bint parse_tool_calls):
+    def __cinit__(self, int format_id, generation_prompt, bytes parser, bint parse_tool_calls,
+                  int reasoning_format=3):
+        # (reasoning_format: llama.cpp's common_reasoning_format, 3 = deepseek, llama-server's
+        # default; llamagen.chat.REASONING_FORMATS names them)
         cdef string gp = _chat_str(generation_prompt, "generation_prompt").encode("utf-8")
         cdef string ps = parser
         cdef string err
-        self.ptr = lgchat.parser_new(format_id, gp, ps, parse_tool_calls, err)
+        if not 0 <= reasoning_format <= 3:
+            raise ValueError(f"reasoning_format must be 0 to 3, got {reasoning_format}")
+        self.ptr = lgchat.parser_new(format_id, gp, ps, parse_tool_calls, reasoning_format, err)
         if self.ptr == NULL:
             raise ValueError(f"the chat format's output parser could not be loaded: "
                              f"{err.decode('utf-8', 'replace')}")

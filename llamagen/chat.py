@@ -27,7 +27,11 @@ from llamagen import _core
 from llamagen.errors import invalid
 from llamagen.sampling import SamplingParams, resolve
 
-__all__ = ["ChatPrompt", "prepare", "base_template", "new_call_id"]
+__all__ = ["ChatPrompt", "prepare", "base_template", "new_call_id", "REASONING_FORMATS"]
+
+# llama-server's --reasoning-format values -> llama.cpp's common_reasoning_format: "none" leaves a
+# thinking model's reasoning in the content; the others put it in ``reasoning_content``
+REASONING_FORMATS = {"none": 0, "auto": 1, "deepseek-legacy": 2, "deepseek": 3}
 
 # llama.cpp's built-in "gemma" turn format as Jinja, for Gemma-family models whose GGUF carries
 # no template (the base models): a system message goes at the top of the first user turn, and
@@ -69,7 +73,10 @@ class ChatPrompt:
     ``prompt``: the text to generate from; ``tokens``: its token ids (special tokens parsed, one
     BOS); ``sampling``: SamplingParams fields (grammar, its triggers, prefill and preserved
     tokens, the template's extra stop strings) that ``params()`` merges into any parameters;
-    ``tools``: whether tool calls are parsed from the output."""
+    ``tools``: whether tool calls are parsed from the output; ``thinking``: whether the
+    template has a reasoning syntax (``<think>`` ... ``</think>``), whose text replies then carry
+    as ``reasoning_content`` (unless ``reasoning_format`` is "none").  ``parses``: whether the
+    replies go through llama.cpp's parser (tools, or reasoning to split out)."""
     prompt: str
     sampling: dict
     tools: bool
@@ -79,6 +86,12 @@ class ChatPrompt:
     _parser: Any = dataclasses.field(repr=False, compare=False, default=None)   # _core._ChatParser
     tokens: List[int] = dataclasses.field(repr=False, compare=False, default_factory=list)
     _spec: Any = dataclasses.field(repr=False, compare=False, default=None)
+    thinking: bool = False
+    reasoning_format: str = "deepseek"
+
+    @property
+    def parses(self) -> bool:
+        return self.tools or (self.thinking and self.reasoning_format != "none")
 
     @property
     def parser(self):
@@ -166,12 +179,18 @@ def prompt_tokens(model, text: str) -> List[int]:
 
 def prepare(model, messages, *, tools=None, tool_choice=None, parallel_tool_calls=None,
             template=None, chat_template_kwargs=None, enable_thinking=None,
-            tokenize: bool = True) -> ChatPrompt:
+            reasoning_format: str = "deepseek", tokenize: bool = True) -> ChatPrompt:
     """Render ``messages`` (OpenAI-style dicts, tool calls and ``tool`` results included) with
     ``tools`` for ``model`` (a Model): see Model.render_chat_params for the arguments.  The GIL
     is released while the template renders.  TypeError / ValueError name what is wrong: the
     field (``tools``, ``tool_choice``) or ``messages``.  ``tokenize=False`` leaves ``tokens``
-    empty (for callers that only want the text)."""
+    empty (for callers that only want the text).  ``enable_thinking`` (None: the template's
+    default) and ``chat_template_kwargs`` go to the template; ``reasoning_format`` (see
+    REASONING_FORMATS) says where a thinking template's reasoning goes in the parsed reply."""
+    if reasoning_format not in REASONING_FORMATS:
+        raise invalid(ValueError, "reasoning_format",
+                      f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}, got "
+                      f"{reasoning_format!r}")
     if not tools and tool_choice not in (None, "none", "auto"):
         raise invalid(ValueError, "tool_choice", "tool_choice needs tools")
     if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant" \
@@ -196,11 +215,14 @@ def prepare(model, messages, *, tools=None, tool_choice=None, parallel_tool_call
             sampling["grammar_prefill"] = tuple(r["prefill_tokens"])
     if r["preserved_ids"]:
         sampling["preserved_tokens"] = tuple(r["preserved_ids"])
-    spec = (r["format_id"], r["generation_prompt"], r["parser"], r["tools"])
+    spec = (r["format_id"], r["generation_prompt"], r["parser"], r["tools"],
+            REASONING_FORMATS[reasoning_format])
+    thinking = bool(r["supports_thinking"])
+    parses = r["tools"] or (thinking and reasoning_format != "none")
     return ChatPrompt(prompt=r["prompt"], sampling=sampling, tools=r["tools"],
                       tool_choice=r["tool_choice"], format=r["format"],
                       generation_prompt=r["generation_prompt"],
-                      # tool calls are parsed on every reply: load the parser now, once
-                      _parser=_core._ChatParser(*spec) if r["tools"] else None,
+                      # replies that are parsed are parsed every time: load the parser now, once
+                      _parser=_core._ChatParser(*spec) if parses else None,
                       tokens=prompt_tokens(model, r["prompt"]) if tokenize else [],
-                      _spec=spec)
+                      _spec=spec, thinking=thinking, reasoning_format=reasoning_format)

@@ -259,12 +259,12 @@ struct Parser {
 };
 
 Parser * parser_new(int format_id, const std::string & generation_prompt, const std::string & parser,
-                    bool parse_tool_calls, std::string & err) noexcept {
+                    bool parse_tool_calls, int reasoning_format, std::string & err) noexcept {
     try {
         quiet_common_log();
         std::unique_ptr<Parser> p(new Parser());
         p->params.format               = (common_chat_format) format_id;
-        p->params.reasoning_format     = COMMON_REASONING_FORMAT_DEEPSEEK;   // llama-server's default
+        p->params.reasoning_format     = (common_reasoning_format) reasoning_format;
         p->params.reasoning_in_content = false;
         p->params.generation_prompt    = generation_prompt;
         p->params.parse_tool_calls     = parse_tool_calls;

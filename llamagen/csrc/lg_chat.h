@@ -76,12 +76,13 @@ int render(const Templates * t, const llama_vocab * vocab, const std::string & m
 
 // An output parser: generated text -> an assistant message, as llama-server parses it
 // (common_chat_parse with the format, generation prompt and parser that render() gave,
-// reasoning split out as with its default --reasoning-format deepseek).  Loading the parser (a
+// reasoning split out per reasoning_format: a common_reasoning_format, llama-server's default
+// COMMON_REASONING_FORMAT_DEEPSEEK; NONE leaves it in the content).  Loading the parser (a
 // saved PEG arena) costs more than parsing a reply, so it is loaded once; read-only afterwards,
 // so several threads may parse with one.  nullptr with err set when it cannot be loaded.
 struct Parser;
 Parser * parser_new(int format_id, const std::string & generation_prompt, const std::string & parser,
-                    bool parse_tool_calls, std::string & err) noexcept;
+                    bool parse_tool_calls, int reasoning_format, std::string & err) noexcept;
 void parser_free(Parser * p) noexcept;
 
 // is_partial: the text may stop mid-way (streaming).  out_json: the message as OpenAI JSON

@@ -49,7 +49,7 @@ cdef extern from "lg_chat.h" namespace "lgchat" nogil:
         pass
 
     Parser * parser_new(int format_id, const string & generation_prompt, const string & parser,
-                        cbool parse_tool_calls, string & err) noexcept
+                        cbool parse_tool_calls, int reasoning_format, string & err) noexcept
     void parser_free(Parser * p) noexcept
     int parser_parse(const Parser * p, const string & text, cbool is_partial, string & out_json,
                      string & err) noexcept

@@ -26,11 +26,15 @@ def anthropic_messages(system, messages) -> list[dict]:
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
             continue
-        texts, calls, results = [], [], 0
+        texts, calls, results, thoughts = [], [], 0, []
         for j, b in enumerate(m.content):
             where = f"messages[{i}].content[{j}]"
             if b.type == "text" and b.text is not None:
                 texts.append(b.text)
+            elif b.type == "thinking" and m.role == "assistant" and isinstance(b.thinking, str):
+                thoughts.append(b.thinking)       # (the template may render it, or drop it)
+            elif b.type == "redacted_thinking" and m.role == "assistant":
+                continue
             elif b.type == "tool_use" and m.role == "assistant":
                 if not b.id or not b.name or not isinstance(b.input, dict):
                     raise InvalidRequest(f"{where}: a tool_use block needs 'id', 'name' and an "
@@ -56,6 +60,8 @@ def anthropic_messages(system, messages) -> list[dict]:
             continue            # tool results only: they are the turn
         if calls:
             msg["tool_calls"] = calls
+        if thoughts:
+            msg["reasoning_content"] = "\n".join(thoughts)
         out.append(msg)
     return out
 
@@ -93,12 +99,17 @@ def anthropic_tools(tools, tool_choice):
 def anthropic_content(message: dict) -> list:
     """An assistant message (ChatPrompt.reply) as Anthropic content blocks."""
     blocks = []
+    if message.get("reasoning_content"):
+        blocks.append({"type": "thinking", "thinking": message["reasoning_content"],
+                       "signature": ""})
     if message.get("content"):
         blocks.append({"type": "text", "text": message["content"]})
     for call in message.get("tool_calls") or ():
         blocks.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
                        "input": tool_input(call["function"]["arguments"])})
-    return blocks or [{"type": "text", "text": ""}]
+    if not any(b["type"] != "thinking" for b in blocks):
+        blocks.append({"type": "text", "text": ""})
+    return blocks
 
 
 def tool_input(arguments: str):

@@ -107,6 +107,7 @@ class ContentPart(_Body):
 class ChatMessage(_Body):
     role: str
     content: Optional[Union[str, List[ContentPart]]] = None
+    reasoning_content: Optional[str] = None
     name: Optional[str] = None
     tool_calls: Optional[List[Any]] = None
     tool_call_id: Optional[str] = None
@@ -114,6 +115,10 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(OpenAISampling):
     messages: List[ChatMessage] = Field(min_length=1)
+    # reasoning models: llama-server's fields, and OpenAI's reasoning_effort
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    reasoning_format: Optional[str] = None
+    reasoning_effort: Optional[str] = None
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
@@ -128,7 +133,10 @@ class TextBlock(_Body):
 
 
 class ContentBlock(TextBlock):
-    """An Anthropic content block: text, tool_use (assistant) or tool_result (user)."""
+    """An Anthropic content block: text, thinking / redacted_thinking and tool_use (assistant),
+    tool_result (user)."""
+    thinking: Optional[str] = None
+    signature: Optional[str] = None
     id: Optional[str] = None
     name: Optional[str] = None
     input: Optional[Any] = None
@@ -153,6 +161,8 @@ class MessagesRequest(LlamagenSampling):
     stream: Optional[bool] = False
     tools: Optional[List[Any]] = None
     tool_choice: Optional[dict] = None
+    thinking: Optional[dict] = None                  # {"type": "enabled"|"disabled", ...}
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
 class CountTokensRequest(_Body):
@@ -214,8 +224,10 @@ class ResponsesRequest(LlamagenSampling):
     metadata: Optional[dict] = None
     user: Optional[str] = None
     truncation: Optional[str] = None
-    reasoning: Optional[dict] = None
+    reasoning: Optional[dict] = None                 # {"effort": ...}: as reasoning_effort
     include: Optional[List[str]] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    reasoning_format: Optional[str] = None
 
 
 class InputTokensRequest(ResponsesRequest):

@@ -17,7 +17,7 @@ from llamagen.server.openai_format import (
     tool_finish,
 )
 from llamagen.server.translate import (
-    chat_prompt, generation_error, response_format, sampling_kwargs, tool_origin,
+    chat_prompt, generation_error, response_format, sampling_kwargs, thinking_kwargs, tool_origin,
 )
 from llamagen.tools import ToolStream
 
@@ -176,9 +176,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     st = get_state(request)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-    prompt = await st.prep.run(chat_prompt, engine, openai_messages(body.messages),
-                               body.tools, body.tool_choice, body.parallel_tool_calls)
-    chat = prompt if prompt.tools else None        # its replies are parsed for tool calls
+    thinking = thinking_kwargs(body.chat_template_kwargs, body.reasoning_format,
+                               body.reasoning_effort)
+    messages = openai_messages(body.messages)
+    prompt = await st.prep.run(lambda: chat_prompt(engine, messages, body.tools, body.tool_choice,
+                                                   body.parallel_tool_calls, **thinking))
+    # replies are parsed for tool calls and reasoning (reasoning_content), when there can be any
+    chat = prompt if prompt.parses else None
     # no max_tokens: until the end of the turn or of the context, as OpenAI does
     kwargs, origin = sampling_kwargs(body, max_new_tokens=_unbounded(engine), seed=None)
     # chat's logprobs is a bool, its k is top_logprobs

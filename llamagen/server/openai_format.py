@@ -34,6 +34,8 @@ def openai_messages(messages: Iterable[ChatMessage]) -> list[dict]:
                 text_parts(m.content, f"messages[{i}].content")
         if m.tool_calls:
             msg["tool_calls"] = m.tool_calls
+        if m.reasoning_content is not None and role == "assistant":
+            msg["reasoning_content"] = m.reasoning_content
         if role == "tool":
             if m.tool_call_id is not None:
                 msg["tool_call_id"] = m.tool_call_id

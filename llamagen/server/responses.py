@@ -25,7 +25,7 @@ from llamagen.server.responses_format import (
     output_text, reasoning_item, response_format_of, response_object, status_of, usage,
 )
 from llamagen.server.translate import (
-    chat_prompt, generation_error, response_format, sampling_kwargs, tool_origin,
+    chat_prompt, generation_error, response_format, sampling_kwargs, thinking_kwargs, tool_origin,
 )
 from llamagen.tools import ToolStream
 
@@ -52,7 +52,10 @@ def _conversation(st, body) -> tuple[list, list]:
 def _prompt(engine, st, body):
     messages, conversation = _conversation(st, body)
     tools, choice = chat_tools(body.tools, body.tool_choice)
-    return chat_prompt(engine, messages, tools, choice, body.parallel_tool_calls), conversation
+    effort = body.reasoning.get("effort") if isinstance(body.reasoning, dict) else None
+    thinking = thinking_kwargs(body.chat_template_kwargs, body.reasoning_format, effort)
+    return chat_prompt(engine, messages, tools, choice, body.parallel_tool_calls,
+                       **thinking), conversation
 
 
 @router.post("/v1/responses")
@@ -60,7 +63,7 @@ def _prompt(engine, st, body):
 async def create_response(body: ResponsesRequest, request: Request, engine=Depends(get_engine)):
     st = get_state(request)
     prompt, conversation = await st.prep.run(_prompt, engine, st, body)
-    chat = prompt if prompt.tools else None         # its replies are parsed for tool calls
+    chat = prompt if prompt.parses else None        # parsed for tool calls and reasoning
     # no max_output_tokens: until the end of the turn or of the context
     kwargs, origin = sampling_kwargs(body, max_new_tokens=int(engine.n_ctx), seed=None)
     rf = response_format_of(body.text)

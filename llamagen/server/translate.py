@@ -182,18 +182,44 @@ def text_parts(parts: Sequence, where: str) -> str:
 
 # -- the chat prompt ------------------------------------------------------------------------------
 
+def thinking_kwargs(chat_template_kwargs=None, reasoning_format=None, reasoning_effort=None,
+                    enable_thinking=None) -> dict:
+    """A request's reasoning fields as llamagen.chat.prepare's keywords: llama-server's
+    ``chat_template_kwargs`` (``enable_thinking`` among them) and ``reasoning_format``, OpenAI's
+    ``reasoning_effort`` (passed to the template as ``reasoning_effort``; "none" turns thinking
+    off), Anthropic's ``thinking`` (as ``enable_thinking``)."""
+    out: dict = {}
+    kwargs = dict(chat_template_kwargs or {})
+    if reasoning_effort is not None:
+        if not isinstance(reasoning_effort, str):
+            raise InvalidRequest("reasoning_effort must be a string", param="reasoning_effort")
+        if reasoning_effort == "none":
+            enable_thinking = False
+        else:
+            kwargs.setdefault("reasoning_effort", reasoning_effort)
+    if kwargs:
+        out["chat_template_kwargs"] = kwargs
+    if enable_thinking is not None:
+        out["enable_thinking"] = enable_thinking
+    if reasoning_format is not None:
+        out["reasoning_format"] = reasoning_format
+    return out
+
+
 def chat_prompt(engine, messages: list[dict], tools=None, tool_choice=None,
-                parallel_tool_calls=None):
+                parallel_tool_calls=None, **thinking):
     """The llamagen.chat.ChatPrompt of a chat request, from the library's one chat path
     (engine.prepare_chat: template, tools, tokens); a bad tool, choice or message is a 400 naming
-    the field at fault.  The engine takes it as the prompt and merges its sampling."""
+    the field at fault.  The engine takes it as the prompt and merges its sampling.
+    ``thinking``: thinking_kwargs()."""
     try:
         return engine.prepare_chat(messages, tools=tools, tool_choice=tool_choice,
-                                   parallel_tool_calls=parallel_tool_calls)
+                                   parallel_tool_calls=parallel_tool_calls, **thinking)
     except (ValueError, TypeError) as e:
         text = str(e)
         param = getattr(e, "field", None) or next(
-            (p for p in ("tool_choice", "tools", "messages") if text.startswith(p)), "messages")
+            (p for p in ("tool_choice", "tools", "messages", "chat_template_kwargs")
+             if text.startswith(p)), "messages")
         if param == "messages" and not text.startswith("messages"):
             text = f"messages: the chat template failed: {text}"
         raise InvalidRequest(text, param=param) from None

@@ -1,0 +1,163 @@
+"""Reasoning models (issue 29, section 5): a chat template that thinks (``<think>`` ... ``</think>``,
+written here in Qwen3's manner: the generation prompt opens the block, ``enable_thinking=false``
+closes it empty), llama.cpp's parser splitting the reasoning out, and each API's shape for it:
+chat ``reasoning_content`` (replies and deltas), ``reasoning_format``, ``chat_template_kwargs``,
+``reasoning_effort``; Anthropic ``thinking`` blocks in and out; Responses ``reasoning`` items.
+
+SmolLM2 never writes ``</think>`` by itself, so a grammar shapes its output as
+``<reasoning></think><answer>``: what the parser does with a thinking model's reply."""
+from __future__ import annotations
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+import llamagen
+from llamagen import chat
+
+from server_util import serving
+
+THINK_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' -}}"
+    "{%- if m['role'] == 'assistant' and m.get('reasoning_content') -%}"
+    "{{- '<think>\\n' + m['reasoning_content'] + '\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{{- (m['content'] or '') + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- else -%}{{- '<think>\\n' -}}{%- endif -%}"
+    "{%- endif -%}")
+# the model's reply: some reasoning, the end tag, an answer
+SHAPE = 'root ::= [a-z]{3,8} " " [a-z]{3,8} "</think>" [A-Z] [a-z]{2,8} "."'
+Q = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path):
+    m = llamagen.Model(smollm2_path)
+    yield m
+    m.close()
+
+
+def test_prepare_knows_the_template_thinks(smol):
+    cp = chat.prepare(smol, Q, template=THINK_TEMPLATE)
+    assert cp.thinking and cp.parses and not cp.tools
+    assert cp.prompt.endswith("<|im_start|>assistant\n<think>\n")
+    assert cp.reply("first step\n</think>\n\nHello!") == {
+        "role": "assistant", "content": "Hello!", "reasoning_content": "first step\n"}
+    # cut short inside the reasoning: all of it is reasoning
+    assert cp.reply("still thinking", "length") == {
+        "role": "assistant", "content": None, "reasoning_content": "still thinking"}
+    off = chat.prepare(smol, Q, template=THINK_TEMPLATE, enable_thinking=False)
+    assert off.prompt.endswith("<think>\n\n</think>\n\n")
+    kw = chat.prepare(smol, Q, template=THINK_TEMPLATE,
+                      chat_template_kwargs={"enable_thinking": False})
+    assert kw.prompt == off.prompt
+    raw = chat.prepare(smol, Q, template=THINK_TEMPLATE, reasoning_format="none")
+    assert raw.thinking and not raw.parses
+    # an earlier turn's reasoning is rendered by the template
+    hist = chat.prepare(smol, Q + [{"role": "assistant", "content": "Hi", "reasoning_content": "greet"},
+                                   {"role": "user", "content": "Again."}], template=THINK_TEMPLATE)
+    assert "<think>\ngreet\n</think>" in hist.prompt
+    with pytest.raises(ValueError, match="reasoning_format"):
+        chat.prepare(smol, Q, template=THINK_TEMPLATE, reasoning_format="verbose")
+    # a template without a thinking syntax: nothing to parse
+    plain = chat.prepare(smol, Q)
+    assert not plain.thinking and not plain.parses
+
+
+@pytest.fixture(scope="module")
+def srv(smollm2_path, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tmpl") / "think.jinja"
+    path.write_text(THINK_TEMPLATE)
+    yield from serving(tmp_path_factory, "think", smollm2_path, "--ctx-size", 2048,
+                       "--parallel", 2, "--chat-template-file", path)
+
+
+@pytest.fixture(scope="module")
+def oai(srv):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def _chat(oai, **kw):
+    body = dict(model="m", messages=Q, temperature=0, max_tokens=40, extra_body={"grammar": SHAPE})
+    body["extra_body"] = {**body["extra_body"], **kw.pop("extra_body", {})}
+    return oai.chat.completions.create(**body, **kw)
+
+
+def test_chat_reasoning_content_streamed_and_not(oai):
+    r = _chat(oai)
+    m = r.choices[0].message
+    reasoning = m.model_extra["reasoning_content"]
+    assert reasoning and "</think>" not in reasoning and " " in reasoning
+    assert m.content and m.content[0].isupper() and m.content.endswith(".")
+    parts = {"reasoning_content": "", "content": ""}
+    for chunk in _chat(oai, stream=True):
+        if chunk.choices:
+            d = chunk.choices[0].delta
+            parts["content"] += d.content or ""
+            parts["reasoning_content"] += (d.model_extra or {}).get("reasoning_content") or ""
+    assert parts == {"reasoning_content": reasoning, "content": m.content}
+
+
+def test_reasoning_format_none_keeps_it_in_the_content(oai):
+    r = _chat(oai, extra_body={"reasoning_format": "none"})
+    m = r.choices[0].message
+    assert "</think>" in m.content and not (m.model_extra or {}).get("reasoning_content")
+    bad = httpx.post(str(oai.base_url) + "chat/completions",
+                     json={"messages": Q, "reasoning_format": "loud", "max_tokens": 2})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "reasoning_format"
+
+
+def test_thinking_off_through_kwargs_and_reasoning_effort(oai):
+    on = _chat(oai).usage.prompt_tokens
+    off = _chat(oai, extra_body={"chat_template_kwargs": {"enable_thinking": False}}).usage.prompt_tokens
+    effort_none = _chat(oai, reasoning_effort="none").usage.prompt_tokens
+    assert off == effort_none > on          # the closed, empty think block is in the prompt
+    # other efforts reach the template as reasoning_effort (this one ignores it)
+    assert _chat(oai, reasoning_effort="high").usage.prompt_tokens == on
+
+
+def test_anthropic_thinking_blocks_out_and_in(srv):
+    c = anthropic.Anthropic(base_url=srv.url, api_key="none", max_retries=0, timeout=120)
+    kw = dict(model="m", max_tokens=40, messages=Q, extra_body={"grammar": SHAPE, "temperature": 0})
+    r = c.messages.create(**kw)
+    assert [b.type for b in r.content] == ["thinking", "text"]
+    thinking, text = r.content[0].thinking, r.content[1].text
+    with c.messages.stream(**kw) as s:
+        final = s.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert (final.content[0].thinking, final.content[1].text) == (thinking, text)
+    # thinking disabled: the template closes the block in the prompt
+    off = c.messages.create(**kw, thinking={"type": "disabled"})
+    assert off.usage.input_tokens > r.usage.input_tokens
+    # an earlier turn's thinking block goes back to the template
+    turn = [{"role": "assistant", "content": [{"type": "thinking", "thinking": "greet them",
+                                                "signature": ""},
+                                               {"type": "text", "text": "Hello."}]},
+            {"role": "user", "content": "Again."}]
+    with_block = c.messages.count_tokens(model="m", messages=Q + turn).input_tokens
+    turn[0]["content"] = turn[0]["content"][1:]
+    without = c.messages.count_tokens(model="m", messages=Q + turn).input_tokens
+    assert with_block > without
+
+
+def test_responses_reasoning_items(oai):
+    kw = dict(model="m", input="Say hello.", temperature=0, max_output_tokens=40,
+              extra_body={"grammar": SHAPE})
+    r = oai.responses.create(**kw)
+    assert [o.type for o in r.output] == ["reasoning", "message"]
+    reasoning = r.output[0].content[0].text
+    assert reasoning and r.output_text
+    deltas = ""
+    with oai.responses.stream(**kw) as s:
+        for ev in s:
+            if ev.type == "response.reasoning_text.delta":
+                deltas += ev.delta
+        final = s.get_final_response()
+    assert deltas == reasoning and final.output_text == r.output_text
