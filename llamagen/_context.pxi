@@ -60,13 +60,27 @@ _POOLING_NAMES = {v: k for k, v in _POOLING.items()}
 # caught in a reference cycle (a subclass instance referring to itself, say) gets ``model`` set to
 # None by the cycle collector first: the Model could then be freed before this context (which
 # llama.cpp still ties to it), or, when kept elsewhere, never be freed by its close().
+# KV cache element types (llama-server's -ctk / -ctv choices)
+_KV_TYPES = {"f32": ggml.GGML_TYPE_F32, "f16": ggml.GGML_TYPE_F16, "bf16": ggml.GGML_TYPE_BF16,
+             "q8_0": ggml.GGML_TYPE_Q8_0, "q4_0": ggml.GGML_TYPE_Q4_0, "q4_1": ggml.GGML_TYPE_Q4_1,
+             "iq4_nl": ggml.GGML_TYPE_IQ4_NL, "q5_0": ggml.GGML_TYPE_Q5_0,
+             "q5_1": ggml.GGML_TYPE_Q5_1}
+
+
+cdef ggml.ggml_type _kv_type(str field, value) except *:
+    if not isinstance(value, str) or value not in _KV_TYPES:
+        raise invalid(ValueError, field, f"{field} must be one of {', '.join(_KV_TYPES)}, got "
+                      f"{value!r}")
+    return <ggml.ggml_type> _KV_TYPES[value]
+
+
 @cython.no_gc_clear
 cdef class Context:
     """A llama.cpp context over a Model: the KV cache and compute state for generation.
 
     ``Context(model, *, n_ctx=2048, n_batch=512, n_ubatch=512, n_seq_max=1, n_threads=None,
     n_threads_batch=None, flash_attn=None, kv_unified=None, embeddings=False, pooling=None,
-    deterministic=False)``.
+    deterministic=False, type_k="f16", type_v="f16")``.
     ``n_ctx=0`` takes the model's training context; ``n_threads=None`` uses the machine's
     physical cores.  ``embeddings=True`` makes a context for llamagen.embed (pooled vectors;
     ``pooling`` "mean", "cls", "last" or "none", default the model's own): it generates nothing,
@@ -75,8 +89,10 @@ cdef class Context:
     actually uses back from the properties.  ``deterministic=True``: every sequence's logits are
     bit-identical whether it is decoded alone or with any companions, in any slot or cell, from
     a cached prefix or not, with any thread count (batch-invariant kernels, docs/determinism.md;
-    CPU only, flash attention on).  One lock per context serializes every call into it;
-    creation releases the GIL.
+    CPU only, flash attention on).  ``type_k`` / ``type_v``: the KV cache's element types
+    (f16, q8_0, q4_0, ... as llama-server's -ctk / -ctv); a quantized V cache needs flash
+    attention (``flash_attn=None`` then turns it on).  One lock per context serializes every
+    call into it; creation releases the GIL.
     """
     cdef llama.llama_context * _ctx
     cdef readonly Model model
@@ -89,6 +105,8 @@ cdef class Context:
     # owned by the context from llama_set_sampler until it is detached (llama.cpp keeps a pointer)
     cdef vector[llama.llama_sampler *] _attached
     cdef readonly bint kv_unified
+    cdef readonly str type_k          # KV cache element types ("f16", "q8_0", ...)
+    cdef readonly str type_v
     cdef readonly bint deterministic  # batch-invariant kernels (docs/determinism.md)
     cdef readonly bint embeddings     # an embedding context (llamagen.embed): no generation
     # pooled embeddings from the final hidden states, skipping the lm_head (csrc/lg_embed.h):
@@ -115,7 +133,8 @@ cdef class Context:
     def __init__(self, Model model not None, *, n_ctx=2048, n_batch=512, n_ubatch=512,
                  n_seq_max=1, n_threads=None, n_threads_batch=None, flash_attn=None,
                  kv_unified=None, bint offload_kqv=True, bint swa_full=True,
-                 bint embeddings=False, pooling=None, bint deterministic=False):
+                 bint embeddings=False, pooling=None, bint deterministic=False,
+                 type_k="f16", type_v="f16"):
         cdef llama.llama_context_params params = llama.llama_context_default_params()
         cdef llama.llama_context * c
         if self._ctx != NULL:
@@ -195,6 +214,16 @@ cdef class Context:
             params.op_offload = False      # no big CPU-weight matmul sent to a GPU for large batches
         params.kv_unified = kv_unified
         self.kv_unified = kv_unified
+        params.type_k = _kv_type("type_k", type_k)
+        params.type_v = _kv_type("type_v", type_v)
+        if ggml.ggml_is_quantized(params.type_v):
+            # llama.cpp refuses a quantized V cache without flash attention (its plain attention
+            # path multiplies by V^T, which it cannot transpose when quantized)
+            if flash_attn is False:
+                raise invalid(ValueError, "type_v", f"type_v={type_v}: a quantized V cache needs "
+                              "flash attention (flash_attn=None or True)")
+            params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        self.type_k, self.type_v = type_k, type_v
         params.offload_kqv = offload_kqv
         params.swa_full = swa_full
         params.no_perf = True
@@ -329,6 +358,18 @@ cdef class Context:
     def n_ctx(self):
         self._check()
         return llama.llama_n_ctx(self._ctx)
+
+    def seq_state_size(self, int seq_id=0):
+        """Bytes of sequence ``seq_id``'s state (its KV cells, as llama_state_seq_get_size
+        counts them): with the KV cache's element types, what a cached token costs."""
+        self._acquire()
+        try:
+            if not 0 <= seq_id < llama.llama_n_seq_max(self._ctx):
+                raise invalid(ValueError, "seq_id", f"seq_id must be 0 to "
+                              f"{llama.llama_n_seq_max(self._ctx) - 1}, got {seq_id}")
+            return llama.llama_state_seq_get_size(self._ctx, seq_id)
+        finally:
+            self._release()
 
     @property
     def n_ctx_seq(self):

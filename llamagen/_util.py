@@ -78,3 +78,8 @@ def lru_put(cache: dict, key, value, kept: int) -> None:
             del cache[next(iter(cache))]
         except (KeyError, RuntimeError, StopIteration):
             break
+
+
+# the KV cache element types Context(type_k=, type_v=) takes (llama-server's -ctk / -ctv
+# choices; _context.pxi maps them to ggml types)
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import sys
 
-from llamagen._util import default_model_path as _default_model_path
+from llamagen._util import KV_TYPES, default_model_path as _default_model_path
 from llamagen.errors import LlamaError
 from llamagen.sampling import SamplingParams
 
@@ -470,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--deterministic", action="store_true",
                    help="a request's tokens do not depend on the other requests (batch-invariant "
                         "kernels, CPU only; see docs/determinism.md)")
+    v.add_argument("--cache-type-k", "-ctk", default="f16", choices=KV_TYPES, metavar="TYPE",
+                   help=f"KV cache type for K ({', '.join(KV_TYPES)}; default f16)")
+    v.add_argument("--cache-type-v", "-ctv", default="f16", choices=KV_TYPES, metavar="TYPE",
+                   help="KV cache type for V (the same; a quantized V turns flash attention on)")
     v.add_argument("--embeddings", action="store_true",
                    help="also serve /v1/embeddings (a second, embedding context on the same model)")
     v.add_argument("--pooling", default=None, choices=("mean", "cls", "last", "rank"),

@@ -284,14 +284,17 @@ def llama_perplexity_exe() -> str:
     return llama_tool("llama-perplexity")
 
 
-def llamagen_perplexity(model, text: str, n_ctx: int) -> float:
+def llamagen_perplexity(model, text: str, n_ctx: int, **context) -> float:
     """llama-perplexity's figure computed with llamagen.score: the text's tokens in chunks of
-    n_ctx, each starting with BOS, the second half of each chunk scored."""
+    n_ctx, each starting with BOS, the second half of each chunk scored (``context``: more
+    Context arguments, e.g. the KV cache types)."""
     toks = model.tokenize(text)
-    bos = toks[0]
-    chunks = [[bos] + toks[c * n_ctx + 1:(c + 1) * n_ctx] for c in range(len(toks) // n_ctx)]
+    # (llama-perplexity puts BOS first in each chunk where the model adds one)
+    head = [toks[0]] if model.add_bos else []
+    chunks = [head + toks[c * n_ctx + len(head):(c + 1) * n_ctx] for c in range(len(toks) // n_ctx)]
     first = n_ctx // 2
-    with llamagen.Context(model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=2) as ctx:
+    with llamagen.Context(model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=2,
+                          **context) as ctx:
         # the first half of each chunk is context (llama-perplexity asks no logits for it)
         res = llamagen.score(ctx, [(ch[:first + 1], ch[first + 1:]) for ch in chunks])
     assert all(r.n_scored == n_ctx - first - 1 for r in res)

@@ -54,7 +54,8 @@ class AsyncEngine:
     logprobs are the same whatever else the engine runs and whatever ran before
     (``Context(deterministic=True)``, docs/determinism.md).  ``speculative``: a
     llamagen.Speculative (or type name) every request drafts with unless its own parameters say
-    otherwise (docs/speculative.md).
+    otherwise (docs/speculative.md).  ``type_k`` / ``type_v``: the KV cache's element types
+    (``Context``'s; q8_0 halves the cache, docs/kv-cache.md).
     """
 
     def __init__(self, model: Union[Model, str, os.PathLike, None] = None, *, n_ctx: int = 16384,
@@ -63,7 +64,7 @@ class AsyncEngine:
                  params: Optional[SamplingParams] = None, embeddings: bool = False,
                  pooling: Optional[str] = None, embed_batch: int = 2048,
                  chat_template: Optional[str] = None, deterministic: bool = False,
-                 speculative=None):
+                 speculative=None, type_k: str = "f16", type_v: str = "f16"):
         # every request drafts this way unless it says otherwise (``speculative=`` / its params)
         self.speculative = coerce_speculative(speculative)
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int)
@@ -84,7 +85,7 @@ class AsyncEngine:
         try:
             self._ctx = Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                                 n_seq_max=n_parallel, n_threads=n_threads, kv_unified=True,
-                                deterministic=bool(deterministic))
+                                deterministic=bool(deterministic), type_k=type_k, type_v=type_v)
             self._batch = BatchGenerator(self._ctx, n_parallel=n_parallel, prompt_cache=prompt_cache)
             self._ectx = None
             if embeddings:

@@ -15,6 +15,16 @@ cdef extern from "ggml.h" nogil:
     cdef enum ggml_type:
         GGML_TYPE_F32
         GGML_TYPE_F16
+        GGML_TYPE_Q4_0
+        GGML_TYPE_Q4_1
+        GGML_TYPE_Q5_0
+        GGML_TYPE_Q5_1
+        GGML_TYPE_Q8_0
+        GGML_TYPE_IQ4_NL
+        GGML_TYPE_BF16
+
+    const char * ggml_type_name(ggml_type type)
+    cbool ggml_is_quantized(ggml_type type)
 
     ctypedef struct ggml_tensor:
         pass

@@ -236,6 +236,7 @@ cdef extern from "llama.h" nogil:
     uint32_t llama_n_seq_max(const llama_context * ctx)
 
     const llama_model * llama_get_model(const llama_context * ctx)
+    size_t llama_state_seq_get_size(llama_context * ctx, llama_seq_id seq_id)
     llama_memory_t llama_get_memory(const llama_context * ctx)
     const llama_vocab * llama_model_get_vocab(const llama_model * model)
 

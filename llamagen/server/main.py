@@ -67,7 +67,8 @@ def serve(a) -> int:
                                     max_queue=a.max_queue, embeddings=a.embeddings,
                                     pooling=a.pooling, embed_batch=a.embed_batch_size,
                                     chat_template=template, deterministic=a.deterministic,
-                                    speculative=speculative)
+                                    speculative=speculative, type_k=a.cache_type_k,
+                                    type_v=a.cache_type_v)
 
     server = None
 
