@@ -105,6 +105,11 @@ cdef class Context:
     # owned by the context from llama_set_sampler until it is detached (llama.cpp keeps a pointer)
     cdef vector[llama.llama_sampler *] _attached
     cdef readonly bint kv_unified
+    # saved state loaded into sequence 0 (load_state / load_seq_state / set_seq_state): its
+    # tokens, which the next gen_begin on a prompt they begin does not prefill again, while
+    # nothing else took the context over since (epoch)
+    cdef object _resume
+    cdef uint64_t _resume_epoch
     cdef readonly str type_k          # KV cache element types ("f16", "q8_0", ...)
     cdef readonly str type_v
     cdef readonly bint deterministic  # batch-invariant kernels (docs/determinism.md)
@@ -358,6 +363,180 @@ cdef class Context:
     def n_ctx(self):
         self._check()
         return llama.llama_n_ctx(self._ctx)
+
+    # -- saved state -----------------------------------------------------------------------------
+
+    cdef int _check_seq(self, seq_id) except -1:
+        n = llama.llama_n_seq_max(self._ctx)
+        if isinstance(seq_id, bool) or not isinstance(seq_id, int) or not 0 <= seq_id < n:
+            raise invalid(ValueError, "seq_id", f"seq_id must be an int from 0 to {n - 1}, got "
+                          f"{seq_id!r}")
+        return 0
+
+    cdef vector[llama.llama_token] _state_tokens(self, tokens) except *:
+        cdef vector[llama.llama_token] toks
+        if tokens is None:
+            return toks
+        _fill_tokens(toks, list(tokens), self._n_vocab)
+        if <int64_t> toks.size() > llama.llama_n_ctx(self._ctx):
+            raise invalid(ValueError, "tokens", f"{toks.size()} tokens are more than the context "
+                          f"holds ({llama.llama_n_ctx(self._ctx)})")
+        return toks
+
+    cdef void _resume_with(self, list tokens) noexcept:
+        # (lock held) the loaded state replaced what earlier states relied on
+        self._take_over()
+        self._resume = tokens
+        self._resume_epoch = self._epoch
+
+    def save_state(self, path, tokens=None):
+        """Write the whole context state (every sequence's KV cells) and ``tokens`` (the token
+        ids those cells hold, for whoever loads it) to ``path`` (llama_state_save_file)."""
+        cdef vector[llama.llama_token] toks
+        cdef bytes pb = _os.fsencode(path)
+        cdef const char * p = pb
+        cdef bint ok
+        self._acquire()
+        try:
+            toks = self._state_tokens(tokens)
+            with nogil:
+                ok = llama.llama_state_save_file(self._ctx, p, toks.data(), toks.size())
+        finally:
+            self._release()
+        if not ok:
+            raise LlamaError(f"could not save the state to {path!r}: {_take_errors() or 'I/O error'}")
+
+    def load_state(self, path):
+        """Read a state ``save_state`` wrote (from a context of the same model and shape) and
+        return its tokens.  Earlier generations on this context become stale; a ``gen_begin``
+        whose prompt begins with sequence 0's tokens prefills only the rest.  LlamaError for a
+        file that is not such a state (nothing is left half-loaded: the cache is then empty)."""
+        cdef vector[llama.llama_token] toks
+        cdef bytes pb = _os.fsencode(path)
+        cdef const char * p = pb
+        cdef size_t n = 0
+        cdef bint ok
+        if not _os.path.isfile(path):
+            raise FileNotFoundError(f"no state file {path!r}")
+        self._acquire()
+        try:
+            toks.resize(llama.llama_n_ctx(self._ctx))
+            _take_errors()
+            with nogil:
+                ok = llama.llama_state_load_file(self._ctx, p, toks.data(), toks.size(), &n)
+            if not ok:
+                llama.llama_memory_clear(llama.llama_get_memory(self._ctx), True)
+                self._take_over()
+                raise LlamaError(f"could not load the state in {path!r} (another model or context "
+                                 f"shape, or not a state file): {_take_errors() or 'rejected'}")
+            tokens = [toks[i] for i in range(n)]
+            self._resume_with(tokens)
+            return tokens
+        finally:
+            self._release()
+
+    def seq_state(self, seq_id=0):
+        """Sequence ``seq_id``'s state (its KV cells) as bytes (llama_state_seq_get_data)."""
+        cdef size_t size, got
+        cdef int32_t seq
+        cdef bytearray buf
+        cdef unsigned char[::1] view
+        self._acquire()
+        try:
+            self._check_seq(seq_id)
+            seq = seq_id
+            size = llama.llama_state_seq_get_size(self._ctx, seq)
+            buf = bytearray(size)
+            if size:
+                view = buf
+                with nogil:
+                    got = llama.llama_state_seq_get_data(self._ctx, &view[0], size, seq)
+                if got == 0:
+                    raise LlamaError(f"could not read sequence {seq_id}'s state")
+                del buf[got:]
+            return bytes(buf)
+        finally:
+            self._release()
+
+    def set_seq_state(self, data, seq_id=0, tokens=None):
+        """Put a state ``seq_state`` returned into sequence ``seq_id`` (its cells are replaced).
+        ``tokens``: the token ids it holds, so that a later gen_begin (sequence 0) can continue
+        from it.  LlamaError when llama.cpp refuses the data (another model or shape)."""
+        cdef const unsigned char[::1] view
+        cdef size_t got
+        cdef int32_t seq
+        if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+            raise invalid(TypeError, "data", "data must be the non-empty bytes seq_state returned")
+        view = bytes(data)
+        self._acquire()
+        try:
+            self._check_seq(seq_id)
+            seq = seq_id
+            toks = self._state_tokens(tokens)
+            _take_errors()
+            with nogil:
+                llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), seq, -1, -1)
+                got = llama.llama_state_seq_set_data(self._ctx, &view[0], view.shape[0], seq)
+            if got == 0:
+                llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), seq_id, -1, -1)
+                self._take_over()
+                raise LlamaError(f"could not restore sequence {seq_id}'s state (another model or "
+                                 f"context shape?): {_take_errors() or 'rejected'}")
+            self._resume_with(list(toks) if seq_id == 0 and tokens is not None else None)
+        finally:
+            self._release()
+
+    def save_seq_state(self, path, seq_id=0, tokens=None):
+        """Write sequence ``seq_id``'s state and ``tokens`` to ``path``; returns the bytes
+        written (llama_state_seq_save_file)."""
+        cdef vector[llama.llama_token] toks
+        cdef bytes pb = _os.fsencode(path)
+        cdef const char * p = pb
+        cdef int32_t seq
+        cdef size_t n
+        self._acquire()
+        try:
+            self._check_seq(seq_id)
+            seq = seq_id
+            toks = self._state_tokens(tokens)
+            with nogil:
+                n = llama.llama_state_seq_save_file(self._ctx, p, seq, toks.data(), toks.size())
+        finally:
+            self._release()
+        if n == 0:
+            raise LlamaError(f"could not save sequence {seq_id}'s state to {path!r}")
+        return n
+
+    def load_seq_state(self, path, seq_id=0):
+        """Read a file ``save_seq_state`` wrote into sequence ``seq_id`` (its cells replaced);
+        returns its tokens.  Loaded into sequence 0, a gen_begin whose prompt begins with them
+        prefills only the rest."""
+        cdef vector[llama.llama_token] toks
+        cdef bytes pb = _os.fsencode(path)
+        cdef const char * p = pb
+        cdef size_t n = 0, got
+        cdef int32_t seq
+        if not _os.path.isfile(path):
+            raise FileNotFoundError(f"no state file {path!r}")
+        self._acquire()
+        try:
+            self._check_seq(seq_id)
+            seq = seq_id
+            toks.resize(llama.llama_n_ctx(self._ctx))
+            _take_errors()
+            with nogil:
+                llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), seq, -1, -1)
+                got = llama.llama_state_seq_load_file(self._ctx, p, seq, toks.data(), toks.size(), &n)
+            if got == 0:
+                llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), seq, -1, -1)
+                self._take_over()
+                raise LlamaError(f"could not load the sequence state in {path!r} (another model or "
+                                 f"context shape, or not a state file): {_take_errors() or 'rejected'}")
+            tokens = [toks[i] for i in range(n)]
+            self._resume_with(tokens if seq_id == 0 else None)
+            return tokens
+        finally:
+            self._release()
 
     def seq_state_size(self, int seq_id=0):
         """Bytes of sequence ``seq_id``'s state (its KV cells, as llama_state_seq_get_size

@@ -21,6 +21,7 @@ cdef class GenerationState:
     cdef vector[llama.llama_token_data] _cand
     cdef bint _ended
     cdef int64_t _t_prefill_us
+    cdef int32_t _n_reused            # prompt tokens found in the cache (a loaded state), not prefilled
     cdef int64_t _t_gen_us
     cdef Py_ssize_t _chunk_from             # tokens before the latest step (chunk_logprobs)
     cdef llama.llama_batch _sbatch          # speculative steps: the pending token and its draft
@@ -279,7 +280,8 @@ cdef class GenerationState:
     @property
     def timings(self):
         """prefill_ms; decode_ms (all steps: decode + sampling + detokenizing); sample_ms (the
-        sampling part of it); n_tokens; tokens_per_second."""
+        sampling part of it); n_tokens; tokens_per_second; n_cached_tokens (prompt tokens taken
+        from a loaded state or the kept prompt of ``n`` > 1, not prefilled)."""
         n = self._core.tokens.size()
         gen_s = self._t_gen_us / 1e6
         n_prompt = self._core.n_prompt
@@ -288,6 +290,7 @@ cdef class GenerationState:
             "decode_ms": self._t_gen_us / 1e3,
             "sample_ms": self._core.t_sample_ns / 1e6,
             "n_prompt_tokens": n_prompt,
+            "n_cached_tokens": self._n_reused,
             "n_tokens": n,
             "prefill_tokens_per_second": (n_prompt / (self._t_prefill_us / 1e6)
                                           if self._t_prefill_us > 0 else None),
@@ -382,7 +385,15 @@ def _gen_begin(Context ctx not None, prompt, params, bint add_special=True, bint
                       "map_generate, AsyncEngine); for one text use llamagen.score")
     ctx._check_generative()
     toks = _prompt_tokens(ctx, prompt, add_special, parse_special, llama.llama_n_ctx_seq(ctx._ctx))
-    return _start(ctx, toks, params, 0, 0)
+    cdef int32_t keep = 0, limit
+    resume = ctx._resume
+    if resume is not None:
+        # a loaded state (Context.load_state ...): its tokens that begin the prompt stay, all but
+        # the prompt's last token (decoded alone, as after any cached prompt)
+        limit = min(<int32_t> toks.size() - 1, <int32_t> len(resume))
+        while keep < limit and toks[keep] == resume[keep]:
+            keep += 1
+    return _start(ctx, toks, params, keep, ctx._resume_epoch if keep > 0 else 0)
 
 
 cdef GenerationState _start(Context ctx, vector[llama.llama_token] & toks, params, int32_t keep,
@@ -409,6 +420,7 @@ cdef GenerationState _start(Context ctx, vector[llama.llama_token] & toks, param
             st._has_sbatch = True
         if ctx._epoch != keep_epoch:
             keep = 0
+        st._n_reused = keep
         ctx._take_over()
         st._epoch = ctx._epoch
         t0 = llama.llama_time_us()

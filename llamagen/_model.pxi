@@ -373,6 +373,16 @@ cdef class Model:
         return None if t == llama.LLAMA_TOKEN_NULL else t
 
     @property
+    def fim_tokens(self):
+        """The fill-in-the-middle tokens llama.cpp found for this model (from its metadata, or
+        by name in the vocabulary): {"pre", "suf", "mid", "rep", "sep"} -> id or None."""
+        self._check()
+        ids = {"pre": llama.llama_vocab_fim_pre(self._vocab), "suf": llama.llama_vocab_fim_suf(self._vocab),
+               "mid": llama.llama_vocab_fim_mid(self._vocab), "rep": llama.llama_vocab_fim_rep(self._vocab),
+               "sep": llama.llama_vocab_fim_sep(self._vocab)}
+        return {k: (None if v == llama.LLAMA_TOKEN_NULL else v) for k, v in ids.items()}
+
+    @property
     def add_bos(self):
         self._check()
         return bool(llama.llama_vocab_get_add_bos(self._vocab))

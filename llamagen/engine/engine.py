@@ -101,6 +101,7 @@ class AsyncEngine:
                 self.model.close()
             raise
         self.n_ctx = self._ctx.n_ctx
+        self.n_batch = n_batch
         self.n_parallel = n_parallel
         self.deterministic = self._ctx.deterministic
         self.max_queue = max_queue

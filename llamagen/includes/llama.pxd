@@ -1,7 +1,7 @@
 # Raw declarations from llama.h (pinned llama.cpp, see third_party/llama_cpp.pin.json), in header
 # order.  Only what llamagen calls is declared.  No logic here: cimport this module as a namespace
 # (`from llamagen.includes cimport llama`) so every C call reads `llama.llama_xxx(...)`.
-from libc.stdint cimport int8_t, int32_t, int64_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdio cimport FILE
 from libcpp cimport bool as cbool
 
@@ -237,6 +237,21 @@ cdef extern from "llama.h" nogil:
 
     const llama_model * llama_get_model(const llama_context * ctx)
     size_t llama_state_seq_get_size(llama_context * ctx, llama_seq_id seq_id)
+    size_t llama_state_seq_get_data(llama_context * ctx, uint8_t * dst, size_t size,
+                                    llama_seq_id seq_id)
+    size_t llama_state_seq_set_data(llama_context * ctx, const uint8_t * src, size_t size,
+                                    llama_seq_id dest_seq_id)
+    size_t llama_state_seq_save_file(llama_context * ctx, const char * filepath,
+                                     llama_seq_id seq_id, const llama_token * tokens,
+                                     size_t n_token_count)
+    size_t llama_state_seq_load_file(llama_context * ctx, const char * filepath,
+                                     llama_seq_id dest_seq_id, llama_token * tokens_out,
+                                     size_t n_token_capacity, size_t * n_token_count_out)
+    bint llama_state_save_file(llama_context * ctx, const char * path_session,
+                               const llama_token * tokens, size_t n_token_count)
+    bint llama_state_load_file(llama_context * ctx, const char * path_session,
+                               llama_token * tokens_out, size_t n_token_capacity,
+                               size_t * n_token_count_out)
     llama_memory_t llama_get_memory(const llama_context * ctx)
     const llama_vocab * llama_model_get_vocab(const llama_model * model)
 
@@ -312,6 +327,11 @@ cdef extern from "llama.h" nogil:
     llama_token llama_vocab_bos(const llama_vocab * vocab)
     llama_token llama_vocab_eos(const llama_vocab * vocab)
     llama_token llama_vocab_eot(const llama_vocab * vocab)
+    llama_token llama_vocab_fim_pre(const llama_vocab * vocab)
+    llama_token llama_vocab_fim_suf(const llama_vocab * vocab)
+    llama_token llama_vocab_fim_mid(const llama_vocab * vocab)
+    llama_token llama_vocab_fim_rep(const llama_vocab * vocab)
+    llama_token llama_vocab_fim_sep(const llama_vocab * vocab)
     llama_token llama_vocab_sep(const llama_vocab * vocab)
     llama_token llama_vocab_nl(const llama_vocab * vocab)
     llama_token llama_vocab_pad(const llama_vocab * vocab)

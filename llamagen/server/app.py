@@ -2,7 +2,7 @@
 
 Routes (see docs/server.md): OpenAI's /v1/completions, /v1/chat/completions and /v1/responses,
 Anthropic's /v1/messages and /v1/messages/count_tokens, /v1/models, /health, /metrics, /tokenize,
-/detokenize, /tokenizer_info.  Every route but /health needs the API key when keys are configured.
+/detokenize, /tokenizer_info, /infill.  Every route but /health needs the API key when keys are configured.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
-from llamagen.server import anthropic, embeddings, openai, responses
+from llamagen.server import anthropic, embeddings, infill, openai, responses
 from llamagen.server.auth import require_api_key
 from llamagen.server.deps import (  # noqa: F401  (re-exported)
     DEFAULT_MAX_REQUEST_SEQUENCES, ServerState, get_engine, get_state,
@@ -110,6 +110,7 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
     app.include_router(embeddings.router)
     app.include_router(anthropic.router)
     app.include_router(responses.router)
+    app.include_router(infill.router)
     return app
 
 

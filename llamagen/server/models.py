@@ -232,3 +232,18 @@ class ResponsesRequest(LlamagenSampling):
 
 class InputTokensRequest(ResponsesRequest):
     """``POST /v1/responses/input_tokens``: the prompt a /v1/responses request would have."""
+
+
+class InfillRequest(LlamagenSampling):
+    """llama-server's ``/infill``: fill in between ``input_prefix`` and ``input_suffix``."""
+    input_prefix: str
+    input_suffix: str
+    input_extra: Optional[List[Any]] = None
+    prompt: Optional[str] = None
+    n_predict: Optional[int] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stop: Optional[Union[str, List[str]]] = None
+    stream: Optional[bool] = False
+    model: Optional[str] = None

@@ -21,6 +21,7 @@ _RENAMED = {
     "max_tokens": "max_new_tokens",
     "max_completion_tokens": "max_new_tokens",
     "max_output_tokens": "max_new_tokens",
+    "n_predict": "max_new_tokens",
     "repetition_penalty": "repeat_penalty",
     "stop_sequences": "stop",
 }
