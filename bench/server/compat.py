@@ -13,7 +13,6 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,12 +23,12 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 sys.path.insert(0, os.path.join(ROOT, "bench", "native"))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, HERE)
 
 import httpx  # noqa: E402
 
 from build import llama_tool  # noqa: E402
-from server_util import free_port  # noqa: E402
+from run import Server, free_port  # noqa: E402
 from tool_calls import CALL_BIAS, CONVERSATION, WEATHER  # noqa: E402
 
 TEMPLATE = os.path.join(ROOT, "examples", "chatml-tools.jinja")
@@ -43,27 +42,17 @@ def smollm2() -> str:
     return os.path.join(loc, "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def start(kind: str, model: str, log):
-    port = free_port()
+def server(kind: str, model: str, log_path: str):
+    """bench/server/run.py's Server for ``kind`` (its own process group, stopped by its id)."""
+    port = str(free_port())
     if kind == "llamagen":
-        cmd = [sys.executable, "-m", "llamagen", "serve", "--model", model, "--port", str(port),
-               "--parallel", "2", "--ctx-size", "4096", "--threads", "2",
-               "--chat-template-file", TEMPLATE, "--no-access-log"]
+        argv = [sys.executable, "-m", "llamagen", "serve", "--model", model, "--port", port,
+                "--parallel", "2", "--ctx-size", "4096", "--threads", "2",
+                "--chat-template-file", TEMPLATE, "--no-access-log"]
     else:
-        cmd = [llama_tool("llama-server"), "-m", model, "--port", str(port), "-np", "2",
-               "-c", "4096", "-t", "2", "--jinja", "--chat-template-file", TEMPLATE]
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"{kind} did not start")
+        argv = [llama_tool("llama-server"), "-m", model, "--port", port, "-np", "2",
+                "-c", "4096", "-t", "2", "--jinja", "--chat-template-file", TEMPLATE]
+    return Server(kind, argv, "/health", log_path)
 
 
 # -- probes: each returns a short note (raises on failure) ----------------------------------------
@@ -279,16 +268,12 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("llamagen", "llama-server"):
-            with open(os.path.join(tmp, f"{kind}.log"), "wb") as log:
-                proc, url = start(kind, model, log)
-                try:
-                    results[kind] = run_all(url)
-                finally:
-                    proc.terminate()
-                    try:
-                        proc.wait(30)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+            srv = server(kind, model, os.path.join(tmp, f"{kind}.log"))
+            srv.start()
+            try:
+                results[kind] = run_all(srv.url)
+            finally:
+                srv.stop()
             for (client, feature, _), (ok, note) in zip(PROBES, results[kind]):
                 print(kind, client, feature, ok, note, flush=True)
     lines = ["# Client compatibility", "",

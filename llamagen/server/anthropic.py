@@ -13,7 +13,7 @@ from starlette.responses import StreamingResponse
 from llamagen.server import sse, streams
 from llamagen.server.deps import get_engine, get_state
 from llamagen.server.auth import require_api_key
-from llamagen.server.errors import APIError, InvalidRequest, error_body
+from llamagen.server.errors import InvalidRequest, error_body
 from llamagen.server.models import CountTokensRequest, MessagesRequest
 from llamagen.server.anthropic_format import (
     anthropic_content, anthropic_messages, anthropic_stop, anthropic_tools,
@@ -60,12 +60,7 @@ async def messages(body: MessagesRequest, request: Request, engine=Depends(get_e
     if body.stream:
         return StreamingResponse(_stream(source, request.url.path, timer, st, msg_id, chat),
                                  media_type="text/event-stream", headers=sse.SSE_HEADERS)
-    try:
-        got = await streams.until_disconnect(request, streams.collect(source, timer))
-    except APIError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise generation_error(e) from None
+    got = await streams.collected(request, source, timer)
     reason = got.finish.get((0, 0))
     stop_sequence = got.stop_sequence.get((0, 0))
     text = "".join(got.texts.get((0, 0), []))

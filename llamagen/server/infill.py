@@ -10,7 +10,7 @@ from llamagen import infill
 from llamagen.server import sse, streams
 from llamagen.server.auth import require_api_key
 from llamagen.server.deps import get_engine, get_state
-from llamagen.server.errors import APIError, InvalidRequest, NotServed, error_body
+from llamagen.server.errors import InvalidRequest, NotServed, error_body
 from llamagen.server.models import InfillRequest
 from llamagen.server.translate import generation_error, sampling_kwargs
 
@@ -76,11 +76,6 @@ async def infill_route(body: InfillRequest, request: Request, engine=Depends(get
             finally:
                 await source.aclose()
         return StreamingResponse(gen(), media_type="text/event-stream", headers=sse.SSE_HEADERS)
-    try:
-        got = await streams.until_disconnect(request, streams.collect(source, timer))
-    except APIError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise generation_error(e) from None
+    got = await streams.collected(request, source, timer)
     return final("".join(got.texts.get((0, 0), [])), got.finish.get((0, 0)),
                  got.stop_sequence.get((0, 0)))

@@ -10,7 +10,7 @@ from starlette.responses import StreamingResponse
 from llamagen.server import sse, streams
 from llamagen.server.deps import get_engine, get_state
 from llamagen.server.auth import require_api_key
-from llamagen.server.errors import APIError, InvalidRequest, error_body
+from llamagen.server.errors import InvalidRequest, error_body
 from llamagen.server.models import ChatCompletionRequest, CompletionRequest
 from llamagen.server.openai_format import (
     chat_logprobs, completion_logprobs, openai_finish, openai_messages, openai_tool_delta,
@@ -88,17 +88,6 @@ async def _stream(source: streams.ChunkSource, path: str, timer, ping: float, in
         await source.aclose()
 
 
-async def _collected(request: Request, source: streams.ChunkSource, timer):
-    """A non-streamed request's chunks (cancelled when the client goes away); an engine error
-    becomes the API error it stands for."""
-    try:
-        return await streams.until_disconnect(request, streams.collect(source, timer))
-    except APIError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise generation_error(e) from None
-
-
 @router.post("/v1/completions")
 @router.post("/completions", include_in_schema=False)     # llama-server's alias (litellm without /v1)
 async def completions(body: CompletionRequest, request: Request, engine=Depends(get_engine)):
@@ -154,7 +143,7 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
         return _sse(_stream(source, request.url.path, timer, st.ping_interval,
                             _include_usage(body), base, choice))
 
-    got = await _collected(request, source, timer)
+    got = await streams.collected(request, source, timer)
     choices = []
     for (k, i), parts in sorted(got.texts.items()):
         reason = got.finish.get((k, i))
@@ -223,7 +212,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         return _sse(_stream(source, request.url.path, timer, st.ping_interval,
                             _include_usage(body), base, choice, head))
 
-    got = await _collected(request, source, timer)
+    got = await streams.collected(request, source, timer)
     choices = []
     for (_, i), parts in sorted(got.texts.items()):
         reason = got.finish.get((0, i))

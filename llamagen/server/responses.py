@@ -18,7 +18,7 @@ from starlette.responses import StreamingResponse
 from llamagen.server import sse, streams
 from llamagen.server.auth import require_api_key
 from llamagen.server.deps import get_engine, get_state
-from llamagen.server.errors import APIError, InvalidRequest, NotFound, error_body
+from llamagen.server.errors import InvalidRequest, NotFound, error_body
 from llamagen.server.models import InputTokensRequest, ResponseFormat, ResponsesRequest
 from llamagen.server.responses_format import (
     call_item, chat_tools, history_messages, input_messages, message_item, new_id, output_items,
@@ -93,12 +93,7 @@ async def create_response(body: ResponsesRequest, request: Request, engine=Depen
         return StreamingResponse(_stream(source, request.url.path, timer, st, body, resp_id,
                                          created, chat, finish),
                                  media_type="text/event-stream", headers=sse.SSE_HEADERS)
-    try:
-        got = await streams.until_disconnect(request, streams.collect(source, timer))
-    except APIError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise generation_error(e) from None
+    got = await streams.collected(request, source, timer)
     reason = got.finish.get((0, 0))
     text = "".join(got.texts.get((0, 0), []))
     message = chat.reply_and_error(text, reason)[0] if chat is not None else None

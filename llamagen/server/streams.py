@@ -15,7 +15,7 @@ import anyio
 from starlette.requests import Request
 
 from llamagen.server.errors import APIError, ClientClosed
-from llamagen.server.translate import engine_error
+from llamagen.server.translate import engine_error, generation_error
 
 
 class _End:
@@ -240,3 +240,14 @@ async def collect(source: ChunkSource, timer) -> Collected:
     finally:
         await source.aclose()
     return out
+
+
+async def collected(request: Request, source: ChunkSource, timer) -> Collected:
+    """A non-streamed request's whole answer (``collect``, cancelled when the client goes away);
+    an engine error becomes the API error it stands for."""
+    try:
+        return await until_disconnect(request, collect(source, timer))
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001 - translated
+        raise generation_error(e) from None
