@@ -133,12 +133,10 @@ async def _stream(source: streams.ChunkSource, path: str, timer, st, msg_id: str
         return out
     try:
         reason = stop_sequence = None
-        async for item in source.events(st.ping_interval):
-            if item is streams.Tick:
+        async for c in streams.one_choice(source, timer, st.ping_interval):
+            if c is streams.Tick:
                 yield sse.PING
                 continue
-            _, c = item
-            timer.chunk(0, c)
             if not started:
                 started = True
                 yield start()

@@ -59,12 +59,10 @@ async def infill_route(body: InfillRequest, request: Request, engine=Depends(get
         async def gen():
             reason = stop_sequence = None
             try:
-                async for item in source.events(st.ping_interval):
-                    if item is streams.Tick:
+                async for c in streams.one_choice(source, timer, st.ping_interval):
+                    if c is streams.Tick:
                         yield sse.PING
                         continue
-                    _, c = item
-                    timer.chunk(0, c)
                     if c.text:
                         yield sse.data({"index": 0, "content": c.text, "stop": False})
                     if c.finish_reason is not None:

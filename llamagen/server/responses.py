@@ -187,12 +187,10 @@ async def _stream(source, path, timer, st, body, resp_id, created, chat, finish)
         yield ev("response.created", response=shell("in_progress"))
         yield ev("response.in_progress", response=shell("in_progress"))
         reason = None
-        async for item in source.events(st.ping_interval):
-            if item is streams.Tick:
+        async for c in streams.one_choice(source, timer, st.ping_interval):
+            if c is streams.Tick:
                 yield sse.PING
                 continue
-            _, c = item
-            timer.chunk(0, c)
             if parser is not None:
                 out = deltas(parser.feed(c.text))
                 if c.finish_reason is not None:

@@ -251,3 +251,15 @@ async def collected(request: Request, source: ChunkSource, timer) -> Collected:
         raise
     except Exception as e:  # noqa: BLE001 - translated
         raise generation_error(e) from None
+
+
+async def one_choice(source: ChunkSource, timer, ping: Optional[float]):
+    """The chunks of a one-prompt, one-choice request for an SSE body, each timed, with ``Tick``
+    between them when a keep-alive ping is due (the caller writes it)."""
+    async for item in source.events(ping):
+        if item is Tick:
+            yield Tick
+            continue
+        _, c = item
+        timer.chunk(0, c)
+        yield c
