@@ -30,12 +30,6 @@ cdef inline int64_t _cells_held(SeqCore * c) noexcept nogil:
 cdef int32_t _PARALLEL_MIN_VOCAB = 16384
 
 
-cdef struct _PromptRow:
-    SeqCore * q
-    int32_t pos          # the prompt position whose row predicts prompt[pos + 1]
-    int32_t batch_idx
-
-
 @cython.no_gc_clear
 cdef class BatchGenerator:
     """Continuous batching over one Context: ``add`` prompts (any time), iterate to get
@@ -771,7 +765,7 @@ cdef class BatchGenerator:
                     q.verify(lctx, q.batch_idx, self._cands[0].data())
                 else:
                     q.consume(lctx, q.batch_idx, self._cands[0].data())
-        self._prompt_rows(lctx)
+        _prompt_rows(lctx, self._active, self._prows, self._n_threads)
         for i in range(n):
             # (one thread: the KV cache and the shared drafters)
             q = self._active[self._sampled[i]]
@@ -779,39 +773,6 @@ cdef class BatchGenerator:
                 self.n_drafted += <int64_t> q.draft.size()
                 self.n_accepted += q.spec_acc
                 q.spec_settle(lctx, q.slot)
-
-    cdef void _prompt_rows(self, llama.llama_context * lctx) noexcept nogil:
-        """Prompt logprobs: the rows this step computed for sequences that asked for them
-        (``prompt_logprobs``), in parallel as llamagen.score does."""
-        cdef size_t i
-        cdef int32_t j, k, m
-        cdef Py_ssize_t r, n_rows
-        cdef SeqCore * q
-        cdef _PromptRow pr
-        self._prows.clear()
-        for i in range(self._active.size()):
-            q = self._active[i]
-            if q.n_prompt_lp < 0 or q.plp_count <= 0:
-                continue
-            m = <int32_t> q.prompt.size() - 1
-            if <int32_t> q.plp.size() < m:
-                k = q.n_prompt_lp
-                q.plp.resize(m)
-                q.plp_ids.resize(<size_t> m * k)
-                q.plp_top.resize(<size_t> m * k)
-            for j in range(q.plp_count):
-                pr.q = q
-                pr.pos = q.plp_pos + j
-                pr.batch_idx = q.plp_row + j
-                self._prows.push_back(pr)
-            q.plp_count = 0
-        n_rows = <Py_ssize_t> self._prows.size()
-        if n_rows > 1 and self._n_threads > 1:
-            for r in prange(n_rows, num_threads=self._n_threads, schedule="static"):
-                _prompt_row(lctx, &self._prows[r])
-        else:
-            for r in range(n_rows):
-                _prompt_row(lctx, &self._prows[r])
 
     cdef int _step(self) except -1:
         """One decode step for every live sequence; queues (id, chunk) pairs.  0 when idle."""

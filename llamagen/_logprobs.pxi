@@ -54,6 +54,41 @@ cdef list _seq_logprobs(Model model, SeqCore * c, Py_ssize_t start, Py_ssize_t e
     return out
 
 
+cdef void _prompt_rows(llama.llama_context * lctx, vector[SeqCore *] & active,
+                       vector[_PromptRow] & rows, int n_threads) noexcept nogil:
+    """Prompt logprobs (``prompt_logprobs``): the rows a batch step computed for the sequences
+    that asked for them, in parallel as _score does (BatchGenerator._sample_all)."""
+    cdef size_t i
+    cdef int32_t j, k, m
+    cdef Py_ssize_t r, n_rows
+    cdef SeqCore * q
+    cdef _PromptRow pr
+    rows.clear()
+    for i in range(active.size()):
+        q = active[i]
+        if q.n_prompt_lp < 0 or q.plp_count <= 0:
+            continue
+        m = <int32_t> q.prompt.size() - 1
+        if <int32_t> q.plp.size() < m:
+            k = q.n_prompt_lp
+            q.plp.resize(m)
+            q.plp_ids.resize(<size_t> m * k)
+            q.plp_top.resize(<size_t> m * k)
+        for j in range(q.plp_count):
+            pr.q = q
+            pr.pos = q.plp_pos + j
+            pr.batch_idx = q.plp_row + j
+            rows.push_back(pr)
+        q.plp_count = 0
+    n_rows = <Py_ssize_t> rows.size()
+    if n_rows > 1 and n_threads > 1:
+        for r in prange(n_rows, num_threads=n_threads, schedule="static"):
+            _prompt_row(lctx, &rows[r])
+    else:
+        for r in range(n_rows):
+            _prompt_row(lctx, &rows[r])
+
+
 cdef void _prompt_row(llama.llama_context * lctx, _PromptRow * pr) noexcept nogil:
     """One prompt-logprob row of a batch sequence (BatchGenerator._prompt_rows)."""
     cdef llama.llama_token_data heap[lglp.MAX_TOP + 1]

@@ -373,6 +373,13 @@ cdef cppclass SeqCore:
         this.draft.clear()
 
 
+cdef struct _PromptRow:
+    # a prompt-logprob row of a batch step (_logprobs.pxi, _prompt_rows)
+    SeqCore * q
+    int32_t pos          # the prompt position whose row predicts prompt[pos + 1]
+    int32_t batch_idx
+
+
 cdef class _Seq:
     """Python-side owner of a SeqCore, with the parameters and seed it was built from."""
     cdef SeqCore * c
