@@ -538,15 +538,13 @@ cdef class Context:
         finally:
             self._release()
 
-    def seq_state_size(self, int seq_id=0):
+    def seq_state_size(self, seq_id=0):
         """Bytes of sequence ``seq_id``'s state (its KV cells, as llama_state_seq_get_size
         counts them): with the KV cache's element types, what a cached token costs."""
         self._acquire()
         try:
-            if not 0 <= seq_id < llama.llama_n_seq_max(self._ctx):
-                raise invalid(ValueError, "seq_id", f"seq_id must be 0 to "
-                              f"{llama.llama_n_seq_max(self._ctx) - 1}, got {seq_id}")
-            return llama.llama_state_seq_get_size(self._ctx, seq_id)
+            self._check_seq(seq_id)
+            return llama.llama_state_seq_get_size(self._ctx, <int32_t> seq_id)
         finally:
             self._release()
 

@@ -217,12 +217,12 @@ def prepare(model, messages, *, tools=None, tool_choice=None, parallel_tool_call
         sampling["preserved_tokens"] = tuple(r["preserved_ids"])
     spec = (r["format_id"], r["generation_prompt"], r["parser"], r["tools"],
             REASONING_FORMATS[reasoning_format])
-    thinking = bool(r["supports_thinking"])
-    parses = r["tools"] or (thinking and reasoning_format != "none")
-    return ChatPrompt(prompt=r["prompt"], sampling=sampling, tools=r["tools"],
-                      tool_choice=r["tool_choice"], format=r["format"],
-                      generation_prompt=r["generation_prompt"],
-                      # replies that are parsed are parsed every time: load the parser now, once
-                      _parser=_core._ChatParser(*spec) if parses else None,
-                      tokens=prompt_tokens(model, r["prompt"]) if tokenize else [],
-                      _spec=spec, thinking=thinking, reasoning_format=reasoning_format)
+    cp = ChatPrompt(prompt=r["prompt"], sampling=sampling, tools=r["tools"],
+                    tool_choice=r["tool_choice"], format=r["format"],
+                    generation_prompt=r["generation_prompt"],
+                    tokens=prompt_tokens(model, r["prompt"]) if tokenize else [],
+                    _spec=spec, thinking=bool(r["supports_thinking"]),
+                    reasoning_format=reasoning_format)
+    if cp.parses:
+        cp.parser           # (parsed on every reply: load the parser now, once)
+    return cp
