@@ -5,8 +5,8 @@ from typing import NamedTuple
 
 from llamagen import _core
 from llamagen._core import (
-    QUANT_TYPES, BatchGenerator, Context, GenerationState, Model, QuantizeResult, build_info, quantize,
-    set_template_budget, system_info, template_budget,
+    QUANT_TYPES, BatchGenerator, Context, ControlVector, GenerationState, LoraAdapter, Model,
+    QuantizeResult, build_info, quantize, set_template_budget, system_info, template_budget,
 )
 from llamagen.batch import BatchResult, generate_batch, map_generate
 from llamagen.embeddings import EmbedResult, embed, map_embed, rerank
@@ -18,7 +18,7 @@ from llamagen import chat, tools  # noqa: F401  (llamagen.chat.prepare, llamagen
 from llamagen.sampling import SamplingParams
 from llamagen.speculative import Speculative
 from llamagen.errors import (
-    ContextError, DecodeError, EngineClosedError, GenerationError, GrammarError,
+    AdapterLoadError, ContextError, DecodeError, EngineClosedError, GenerationError, GrammarError,
     InvalidParamError, InvalidParamTypeError, KVCacheFullError, LlamaError, ModelLoadError,
     PromptTooLongError, QuantizeError, QueueFullError, RequestCancelledError, StaleStateError,
 )
@@ -42,7 +42,7 @@ def backend_devices() -> list[Device]:
 __all__ = [
     "Model", "Context", "GenerationState", "SamplingParams", "Speculative", "gen_begin", "gen_next", "gen_end",
     "generate", "BatchGenerator", "BatchResult", "generate_batch", "map_generate", "Device", "backend_devices", "build_info", "system_info", "__version__",
-    "set_template_budget", "template_budget",
+    "set_template_budget", "template_budget", "LoraAdapter", "ControlVector", "AdapterLoadError",
     "quantize", "QuantizeResult", "QUANT_TYPES",
     "LlamaError", "ModelLoadError", "ContextError", "DecodeError", "KVCacheFullError",
     "StaleStateError", "GrammarError", "QuantizeError", "PromptTooLongError", "QueueFullError",

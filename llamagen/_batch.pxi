@@ -55,7 +55,12 @@ cdef class BatchGenerator:
     cdef object _ready                # (id, chunk) produced, not yet handed out
     cdef int64_t _next_id
     cdef uint64_t _epoch
-    cdef vector[SeqCore *] _active
+    cdef vector[SeqCore *] _active        # the sequences this decode serves (one LoRA set)
+    cdef vector[SeqCore *] _live          # every sequence holding a slot
+    cdef dict _lora_ids                   # LoRA set -> its number (SeqCore.lora_id)
+    cdef int32_t _next_lora_id
+    cdef vector[int32_t] _slot_lora       # idle slot -> the LoRA set its cached cells were made with
+    cdef readonly int64_t n_lora_switches # decodes that switched the context's LoRA set
     cdef vector[int32_t] _sampled
     cdef vector[vector[llama.llama_token_data]] _cands
     cdef bint _add_special
@@ -141,6 +146,9 @@ cdef class BatchGenerator:
             self._keep_cache = self._cache_budget > 0
             self._slot_cache.resize(n_parallel)
             self._slot_stamp.assign(n_parallel, 0)
+            self._slot_lora.assign(n_parallel, -1)
+            self._lora_ids = {}
+            self._next_lora_id = 0
             self._seqs = {}
             self._waiting = _deque()
             self._ready = _deque()
@@ -190,11 +198,14 @@ cdef class BatchGenerator:
                               self._n_ctx_seq)
         # (reading the prompt ran user code, which may have closed the context: check again
         # under the lock, held while the samplers are built from its vocabulary)
+        lora = _lora_key(self._context, p.lora)
         self._context._acquire()
         try:
             q = _new_seq(self._context, p, <int32_t> toks.size(), self._n_ctx_seq)
         finally:
             self._context._release()
+        q.lora = lora
+        q.c.lora_id = self._lora_id(lora)
         q.c.prompt = toks
         q.c.n_past = 0
         q.c.uid = self._next_id
@@ -202,6 +213,17 @@ cdef class BatchGenerator:
         self._seqs[q.c.uid] = q
         self._waiting.append(q.c.uid)
         return q.c.uid
+
+    cdef int32_t _lora_id(self, tuple key) except -1:
+        """The number of LoRA set ``key`` in this batch (numbers are never reused: forgetting
+        old sets only makes their idle caches miss)."""
+        i = self._lora_ids.get(key)
+        if i is None:
+            if len(self._lora_ids) >= 4096:
+                self._lora_ids.clear()
+            i = self._lora_ids[key] = self._next_lora_id
+            self._next_lora_id += 1
+        return i
 
     cdef int _initialised(self) except -1:
         if self._context is None:
@@ -357,6 +379,7 @@ cdef class BatchGenerator:
                         self._slot_cache[slot].insert(self._slot_cache[slot].end(), c.tokens.begin(),
                                                       c.tokens.begin() + n_gen)
                 self._slot_stamp[slot] = self.n_steps
+                self._slot_lora[slot] = c.lora_id
                 self._trim_idle_caches(slot)
             else:
                 llama.llama_memory_seq_rm(llama.llama_get_memory(self._context._ctx), slot, -1, -1)
@@ -428,8 +451,8 @@ cdef class BatchGenerator:
         cdef bint others = False
         if not self._context.kv_unified or q.n_fed != q.n_cached:
             return False
-        for i in range(self._active.size()):
-            o = self._active[i]
+        for i in range(self._live.size()):
+            o = self._live[i]
             if o.slot < 0:
                 continue
             held += _cells_held(o)
@@ -682,6 +705,8 @@ cdef class BatchGenerator:
             if self._slots[slot] is not None:
                 continue
             n = min(limit, <int32_t> self._slot_cache[slot].size())
+            if self._slot_lora[slot] != q.lora_id:
+                n = 0           # (cells computed with other adapters)
             L = 0
             while L < n and self._slot_cache[slot][L] == q.prompt[L]:
                 L += 1
@@ -774,6 +799,27 @@ cdef class BatchGenerator:
                 self.n_accepted += q.spec_acc
                 q.spec_settle(lctx, q.slot)
 
+    cdef int _decode_group(self) noexcept:
+        """Decode and sample the sequences in ``_active`` (lock held).  Ctrl-C aborts a long decode
+        (a batch of long prompts) between graph nodes; the tokens of that decode stay unfed and a
+        later step decodes them again.  (Only on the main thread, where Python runs signal
+        handlers: an engine thread would take the GIL every 50 ms for nothing.)"""
+        cdef Context ctx = self._context
+        cdef int rc
+        cdef int64_t t_sample
+        ctx._abort.armed = _threading.get_ident() == _MAIN_THREAD
+        ctx._abort.interrupted = 0
+        ctx._abort.last_us = llamagen_monotonic_us()
+        with nogil:
+            rc = self._decode_step()
+            if rc == 0:
+                t_sample = llamagen_monotonic_us()
+                self._sample_all()
+                self.sample_us += llamagen_monotonic_us() - t_sample
+                self.n_sampled += <int64_t> self._sampled.size()
+        ctx._abort.armed = 0
+        return rc
+
     cdef int _step(self) except -1:
         """One decode step for every live sequence; queues (id, chunk) pairs.  0 when idle."""
         cdef Context ctx = self._context
@@ -781,7 +827,6 @@ cdef class BatchGenerator:
         cdef int rc
         cdef size_t i
         cdef int32_t slot
-        cdef int64_t t_sample
         self._initialised()
         ctx._acquire()
         try:
@@ -803,44 +848,57 @@ cdef class BatchGenerator:
                     q.c.drafter = self._drafter_for(q.params.speculative)
                     q.c.dseq = slot
                     q.c.spec_begun = False
-            self._active.clear()
+            groups = {}                 # LoRA set number -> its live sequences
+            self._live.clear()
             for q in self._slots:
                 if q is not None:
-                    self._active.push_back(q.c)
-            if self._active.size() == 0:
+                    self._live.push_back(q.c)
+                    g = groups.get(q.c.lora_id)
+                    if g is None:
+                        groups[q.c.lora_id] = g = [q]
+                    else:
+                        g.append(q)
+            if self._live.size() == 0:
                 return 0
             if self._cands[0].size() == 0:
                 for i in range(self._cands.size()):
                     self._cands[i].resize(ctx._n_vocab)
-            # Ctrl-C aborts a long decode (a batch of long prompts) between graph nodes; the
-            # tokens of that decode stay unfed and a later step decodes them again.  (Only on
-            # the main thread, where Python runs signal handlers: an engine thread would take
-            # the GIL every 50 ms for nothing.)
-            ctx._abort.armed = _threading.get_ident() == _MAIN_THREAD
-            ctx._abort.interrupted = 0
-            ctx._abort.last_us = llamagen_monotonic_us()
-            try:
-                with nogil:
-                    rc = self._decode_step()
-                    if rc == 0:
-                        t_sample = llamagen_monotonic_us()
-                        self._sample_all()
-                        self.sample_us += llamagen_monotonic_us() - t_sample
-                        self.n_sampled += <int64_t> self._sampled.size()
-            finally:
-                ctx._abort.armed = 0
-            if ctx._abort.interrupted and rc != 0:
-                # the decode was aborted (nothing of it counts): the batch stays usable
-                ctx._abort.interrupted = 0
-                raise KeyboardInterrupt
+            # llama.cpp applies adapters per context: one decode per LoRA set, the set already
+            # applied first (two sets alternating switch once per step, not twice)
+            order = [groups[k] for k in sorted(groups)]
+            for gi in range(1, len(order)):
+                if (<_Seq> order[gi][0]).lora == ctx._lora_applied:
+                    order.insert(0, order.pop(gi))
+                    break
+            rc_all = -100
+            aborted = False
+            for gi, g in enumerate(order):
+                if (<_Seq> g[0]).lora != ctx._lora_applied:
+                    ctx._use_lora((<_Seq> g[0]).lora)
+                    self.n_lora_switches += 1
+                self._active.clear()
+                for q in g:
+                    self._active.push_back(q.c)
+                rc = self._decode_group()
+                if ctx._abort.interrupted and rc != 0:
+                    # the decode was aborted (nothing of it counts): the batch stays usable
+                    ctx._abort.interrupted = 0
+                    if gi == 0:
+                        raise KeyboardInterrupt
+                    for q in g:
+                        q.c.batch_idx = -1
+                    aborted = True      # (after the chunks of the sets decoded before it)
+                    break
+                if rc < 0 and rc != -100:
+                    for q in self._slots:
+                        if q is not None:
+                            self._release_slot(q, False)
+                    check_decode(rc, b"batch step")
+                if rc != -100:
+                    rc_all = rc
             self.n_steps += 1
-            if rc == -100:
+            if rc_all == -100 and not aborted:
                 self.n_stalled_steps += 1
-            if rc < 0 and rc != -100:
-                for q in self._slots:
-                    if q is not None:
-                        self._release_slot(q, False)
-                check_decode(rc, b"batch step")
             dead = []
             for slot in range(self._n_slots):
                 q = self._slots[slot]
@@ -859,7 +917,7 @@ cdef class BatchGenerator:
                 kind = type(dead[0][1]) if all(type(e) is type(dead[0][1]) for _, e in dead) \
                     else LlamaError
                 raise kind("; ".join(f"sequence {uid}: {e}" for uid, e in dead))
-            if ctx._abort.interrupted:          # Ctrl-C as the decode finished: after its chunks
+            if ctx._abort.interrupted or aborted:   # Ctrl-C as the decode finished: after its chunks
                 ctx._abort.interrupted = 0
                 raise KeyboardInterrupt
             return 1

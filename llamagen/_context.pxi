@@ -122,9 +122,19 @@ cdef class Context:
     # call waits instead of taking the context over between steps; a new stream (gen_begin,
     # BatchGenerator) takes it only while it starts.  Re-entrant: a thread may nest calls.
     cdef object _owner
+    # LoRA (_adapters.pxi): the default set (set_adapters), the set llama.cpp applies now, and
+    # the set a loaded state's cells are taken to have been computed with
+    cdef tuple _lora_default
+    cdef tuple _lora_applied
+    cdef tuple _resume_lora
+    cdef object _cvec                # (ControlVector, layer_start, layer_end) applied, or None
     cdef object __weakref__
 
     def __cinit__(self):
+        self._lora_default = ()
+        self._lora_applied = ()
+        self._resume_lora = ()
+        self._cvec = None
         self._ctx = NULL
         self._lock = PyThread_allocate_lock()
         if self._lock == NULL:
@@ -388,6 +398,81 @@ cdef class Context:
         self._take_over()
         self._resume = tokens
         self._resume_epoch = self._epoch
+        self._resume_lora = self._lora_default
+
+    # -- adapters (_adapters.pxi) --------------------------------------------------------------
+
+    def set_adapters(self, adapters=None):
+        """Make ``adapters`` ({LoraAdapter: scale}, pairs, one LoraAdapter (scale 1), or None /
+        {} for none) the LoRA set of every later request that does not name its own (``lora=``
+        in SamplingParams).  Requests already running keep theirs.  No reload: llama.cpp switches
+        sets between decodes."""
+        key = _canonical_lora(adapters) if adapters is not None else ()
+        key = _lora_key(self, key)
+        self._acquire()
+        try:
+            self._lora_default = key
+        finally:
+            self._release()
+
+    @property
+    def adapters(self):
+        """The default LoRA set ({LoraAdapter: scale}; see set_adapters)."""
+        return dict(self._lora_default)
+
+    cdef int _use_lora(self, tuple key) except -1:
+        """(lock held) Apply the adapter set ``key`` for the next decodes, if it is not already."""
+        cdef vector[llama.llama_adapter_lora *] ptrs
+        cdef vector[float] scales
+        if key == self._lora_applied:
+            return 0
+        for a, scale in key:
+            if (<LoraAdapter> a)._ptr == NULL or self.model._model == NULL:
+                raise LlamaError("a LoRA adapter of this request is no longer loaded")
+            ptrs.push_back((<LoraAdapter> a)._ptr)
+            scales.push_back(scale)
+        if llama.llama_set_adapters_lora(self._ctx, ptrs.data(), ptrs.size(), scales.data()) != 0:
+            raise ContextError("llama.cpp refused the LoRA adapter set")
+        self._lora_applied = key
+        return 0
+
+    def set_control_vector(self, cvec=None, *, layer_start=None, layer_end=None):
+        """Apply a ControlVector to layers ``layer_start``..``layer_end`` (inclusive; default 1 to
+        the model's last), or remove it (None).  It changes every later decode of this context,
+        so running generations and batches become stale (their cells were computed without it)."""
+        cdef ControlVector cv
+        cdef int32_t n_layer, lo, hi, rc
+        self._check()
+        n_layer = llama.llama_model_n_layer(self.model._model)
+        lo = 1 if layer_start is None else _check_int("layer_start", layer_start, 1, n_layer,
+                                                       f"a layer from 1 to {n_layer}")
+        hi = n_layer if layer_end is None else _check_int("layer_end", layer_end, lo, n_layer,
+                                                           f"a layer from {lo} to {n_layer}")
+        if cvec is not None:
+            cv = <ControlVector?> cvec
+            if cv.n_embd != llama.llama_model_n_embd(self.model._model):
+                raise invalid(ValueError, "cvec", f"the control vector has n_embd {cv.n_embd}, "
+                              f"the model {llama.llama_model_n_embd(self.model._model)}")
+        self._acquire()
+        try:
+            _take_errors()
+            if cvec is None:
+                rc = llama.llama_set_adapter_cvec(self._ctx, NULL, 0, 0, -1, -1)
+            else:
+                rc = llama.llama_set_adapter_cvec(self._ctx, cv._data.data(), cv._data.size(),
+                                                  cv.n_embd, lo, hi)
+            if rc != 0:
+                raise ContextError("llama.cpp refused the control vector: " + (_take_errors() or "?"))
+            self._take_over()
+            self._resume = None
+            self._cvec = None if cvec is None else (cvec, lo, hi)
+        finally:
+            self._release()
+
+    @property
+    def control_vector(self):
+        """(ControlVector, layer_start, layer_end) applied, or None."""
+        return self._cvec
 
     def save_state(self, path, tokens=None):
         """Write the whole context state (every sequence's KV cells) and ``tokens`` (the token
@@ -621,3 +706,13 @@ def _check_int(str name, value, long long lo, long long hi, str expect):
     if value < lo or value > hi:
         raise ValueError(f"{name} must be {expect}, got {value}")
     return value
+
+
+cdef tuple _lora_key(Context ctx, lora):
+    """The adapter set a request runs with: the context's default for None, else ``lora`` (a
+    canonical tuple from SamplingParams), each adapter checked against the context's model."""
+    if lora is None:
+        return ctx._lora_default
+    for a, _ in lora:
+        (<LoraAdapter?> a)._check_for(ctx.model)
+    return lora

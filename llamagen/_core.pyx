@@ -24,16 +24,19 @@ from llamagen.includes cimport chat as lgchat, sampling_engine as fs, ggml, llam
 from llamagen.includes cimport embed as lgembd, logprobs as lglp, schema as lgschema
 from llamagen.includes cimport ctx as lgctx
 from llamagen.includes cimport spec as lgspec
+from llamagen.includes cimport adapters as lgadapt
 
 import logging as _logging
 import os as _os
 import threading as _threading
 
 from llamagen.errors import (
-    ContextError, DecodeError, GrammarError, KVCacheFullError, LlamaError, ModelLoadError,
-    PromptTooLongError, QuantizeError, StaleStateError, UnknownSequenceError, invalid,
+    AdapterLoadError, ContextError, DecodeError, GrammarError, KVCacheFullError, LlamaError,
+    ModelLoadError, PromptTooLongError, QuantizeError, StaleStateError, UnknownSequenceError,
+    invalid,
 )
 from llamagen._gbnf import check as _gbnf_check
+from llamagen._gguf import check_adapter as _gguf_check_adapter
 from llamagen._gguf import check_loadable as _gguf_check_loadable
 from llamagen.structured import check_schema as _check_schema
 from llamagen._util import check_prompt as _check_prompt, lru_get as _lru_get, lru_put as _lru_put
@@ -52,6 +55,7 @@ cdef extern from "llamagen_build_info.h":
 include "_log.pxi"
 include "_errors.pxi"
 include "_model.pxi"
+include "_adapters.pxi"
 include "_chat.pxi"
 include "_context.pxi"
 include "_sampling.pxi"

@@ -121,6 +121,7 @@ def _embed(Context ctx not None, list items, int norm, bint truncate, bint add_s
     ctx._acquire()
     try:
         ctx._take_over()
+        ctx._use_lora(ctx._lora_default)
         batch = llama.llama_batch_init(n_batch, 0, 1)
         have_batch = True
         mem = llama.llama_get_memory(ctx._ctx)

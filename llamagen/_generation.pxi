@@ -27,6 +27,7 @@ cdef class GenerationState:
     cdef llama.llama_batch _sbatch          # speculative steps: the pending token and its draft
     cdef bint _has_sbatch
     cdef SpecCost _cost                     # speculative steps: decode time against rows
+    cdef tuple _lora                        # its LoRA set (see _adapters.pxi)
 
     def __cinit__(self):
         self._lctx = NULL
@@ -115,6 +116,11 @@ cdef class GenerationState:
             raise StaleStateError(
                 "this generation is no longer active: a newer gen_begin (or clear/close) on its "
                 "context replaced it")
+        try:
+            self._context._use_lora(self._lora)
+        except BaseException:
+            self._context._release()
+            raise
         return 0
 
     cdef object _next_chunk(self):
@@ -387,7 +393,7 @@ def _gen_begin(Context ctx not None, prompt, params, bint add_special=True, bint
     toks = _prompt_tokens(ctx, prompt, add_special, parse_special, llama.llama_n_ctx_seq(ctx._ctx))
     cdef int32_t keep = 0, limit
     resume = ctx._resume
-    if resume is not None:
+    if resume is not None and _lora_key(ctx, params.lora) == ctx._resume_lora:
         # a loaded state (Context.load_state ...): its tokens that begin the prompt stay, all but
         # the prompt's last token (decoded alone, as after any cached prompt)
         limit = min(<int32_t> toks.size() - 1, <int32_t> len(resume))
@@ -403,6 +409,7 @@ cdef GenerationState _start(Context ctx, vector[llama.llama_token] & toks, param
     cdef GenerationState st = GenerationState.__new__(GenerationState)
     cdef int64_t t0
     cdef int32_t n_ctx
+    st._lora = _lora_key(ctx, params.lora)
     # the lock from the "is it open?" check to the last C call: another thread's close() waits
     ctx._acquire()
     try:
@@ -421,6 +428,7 @@ cdef GenerationState _start(Context ctx, vector[llama.llama_token] & toks, param
         if ctx._epoch != keep_epoch:
             keep = 0
         st._n_reused = keep
+        ctx._use_lora(st._lora)
         ctx._take_over()
         st._epoch = ctx._epoch
         t0 = llama.llama_time_us()

@@ -306,3 +306,40 @@ def check_loadable(path) -> Optional[str]:
             return (f"tensor {t.name!r} has a dimension of 0 (shape {list(t.dims)}"
                     f"{'; ' + ', '.join(zero) if zero else ''}): llama.cpp cannot use an empty weight")
     return _check_hparams(arch, meta, n)
+
+
+def check_adapter(path, kind: str) -> Optional[str]:
+    """A reason to refuse a LoRA adapter (``kind`` "lora") or control vector ("control_vector")
+    file before llama.cpp reads it, or None.  Refused: what is not a whole GGUF header, a LoRA
+    file that says it is something else, a weight with a dimension of 0, and control vector
+    layers outside 1..512 (common's loader would allocate n_embd floats per layer up to the index
+    it reads) or not 1-D F32."""
+    try:
+        _, meta, tensors = read_gguf(path)
+    except GGUFFormatError as e:
+        return f"not a GGUF file ({e})"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    for t in tensors:
+        if any(d == 0 for d in t.dims):
+            return f"tensor {t.name!r} has a dimension of 0"
+    if kind == "lora":
+        if meta.get("general.type") != "adapter":
+            return (f"general.type is {meta.get('general.type')!r}, not 'adapter': a model file "
+                    "is not a LoRA adapter")
+        if meta.get("adapter.type") != "lora":
+            return f"adapter.type is {meta.get('adapter.type')!r}, not 'lora'"
+        return None
+    found = False
+    for t in tensors:
+        head, _, layer = t.name.partition(".")
+        if head != "direction":
+            continue
+        found = True
+        if not layer.isdigit() or not 0 < int(layer) <= LLAMA_MAX_LAYERS:
+            return f"tensor {t.name!r}: the layer index must be 1 to {LLAMA_MAX_LAYERS}"
+        if t.type != 0 or len(t.dims) != 1:
+            return f"tensor {t.name!r} must be a 1-D F32 vector"
+    if not found:
+        return "no direction.<layer> tensors: not a control vector"
+    return None

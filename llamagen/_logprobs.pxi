@@ -194,6 +194,7 @@ def _score(Context ctx not None, list texts, int32_t k, bint add_special, bint p
     ctx._acquire()
     try:
         ctx._take_over()
+        ctx._use_lora(ctx._lora_default)
         batch = llama.llama_batch_init(n_batch, 0, 1)
         have_batch = True
         mem = llama.llama_get_memory(ctx._ctx)

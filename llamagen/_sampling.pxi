@@ -591,6 +591,7 @@ def _replay_run(Context ctx not None, prompt, driver_params, samplers, int n_ste
     ctx._acquire()
     try:
         ctx._take_over()
+        ctx._use_lora(ctx._lora_default)
         n_batch = llama.llama_n_batch(ctx._ctx)
         llama.llama_memory_clear(llama.llama_get_memory(ctx._ctx), True)
         i = 0

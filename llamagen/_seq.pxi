@@ -47,6 +47,7 @@ cdef cppclass SeqCore:
     int32_t n_cached                        # batches: prompt tokens found in the KV cache (a
                                             # slot's cached prefix or another sequence's copy)
     int64_t uid                             # batches: the id BatchGenerator.add returned
+    int32_t lora_id                         # batches: its LoRA set's number (same set, same id)
     llama.llama_token pending               # sampled and emitted, not yet decoded (-1: none)
     int32_t n_past                          # this sequence's tokens in the KV cache
     int32_t n_ctx                           # cells available to this sequence
@@ -385,6 +386,7 @@ cdef class _Seq:
     cdef SeqCore * c
     cdef readonly object params
     cdef readonly object seed
+    cdef tuple lora                         # its LoRA set (_adapters.pxi), resolved when added
 
     def __cinit__(self):
         self.c = new SeqCore()

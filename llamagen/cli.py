@@ -40,8 +40,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, action="store_true", default=None)
         elif f.name == "logprobs":
             continue            # the CLI prints text; logprobs are a library / server feature
-        elif f.name == "speculative":
-            continue            # --spec-* (add_spec_args)
+        elif f.name in ("speculative", "lora"):
+            continue            # --spec-* (add_spec_args), --lora (add_adapter_args)
         elif f.name == "json_schema":
             g.add_argument(flag, default=None, metavar="JSON|@PATH",
                            help="constrain the output to a JSON schema (text, or @file)")
@@ -54,6 +54,25 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, type=type(f.default), default=None, metavar="X")
     g.add_argument("--grammar-file", default=None, metavar="PATH", help="read the GBNF from a file")
     add_spec_args(p)
+    add_adapter_args(p)
+
+
+def add_adapter_args(p: argparse.ArgumentParser, server: bool = False) -> None:
+    """LoRA and control vector flags, named and written as llama-server's."""
+    g = p.add_argument_group("adapters (llamagen.LoraAdapter / ControlVector, docs/adapters.md)")
+    g.add_argument("--lora", action="append", default=None, metavar="FNAME",
+                   help="a LoRA adapter at scale 1 (comma-separated or repeated for several)")
+    g.add_argument("--lora-scaled", action="append", default=None, metavar="FNAME:SCALE",
+                   help="a LoRA adapter with its scale (comma-separated or repeated)")
+    if server:
+        g.add_argument("--lora-init-without-apply", action="store_true",
+                       help="load the adapters at scale 0 (set scales later: POST /lora-adapters)")
+    g.add_argument("--control-vector", action="append", default=None, metavar="FNAME",
+                   help="a control vector at strength 1 (comma-separated or repeated: summed)")
+    g.add_argument("--control-vector-scaled", action="append", default=None,
+                   metavar="FNAME:SCALE", help="a control vector with its strength")
+    g.add_argument("--control-vector-layer-range", nargs=2, type=int, default=None,
+                   metavar=("START", "END"), help="layers the control vector applies to (inclusive)")
 
 
 def add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -139,8 +158,16 @@ def cmd_generate(a: argparse.Namespace) -> int:
         chat = llamagen.chat.prepare(model, [{"role": "user", "content": prompt}],
                                      template=llamagen.chat.base_template(model))
         prompt, params = chat.tokens, chat.params(params)
+    from llamagen import adapters
+    loras, cvecs, layers, _ = adapters.flag_specs(a)
+    loaded = adapters.load_loras(model, loras)
+    cvec = adapters.control_vector_from(cvecs)
     with llamagen.Context(model, n_ctx=a.n_ctx, n_threads=a.threads,
                           deterministic=a.deterministic) as ctx:
+        ctx.set_adapters(loaded)
+        if cvec is not None:
+            lo, hi = layers or (None, None)
+            ctx.set_control_vector(cvec, layer_start=lo, layer_end=hi)
         state = llamagen.gen_begin(ctx, prompt, params=params)
         out = sys.stdout
         try:
@@ -474,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"KV cache type for K ({', '.join(KV_TYPES)}; default f16)")
     v.add_argument("--cache-type-v", "-ctv", default="f16", choices=KV_TYPES, metavar="TYPE",
                    help="KV cache type for V (the same; a quantized V turns flash attention on)")
+    add_adapter_args(v, server=True)
     v.add_argument("--embeddings", action="store_true",
                    help="also serve /v1/embeddings (a second, embedding context on the same model)")
     v.add_argument("--pooling", default=None, choices=("mean", "cls", "last", "rank"),

@@ -45,6 +45,16 @@ class ModelLoadError(LlamaError, ValueError):
         super().__init__(_with_reason(f"could not load model {path!r}", reason))
 
 
+class AdapterLoadError(LlamaError, ValueError):
+    """A LoRA adapter or control vector file could not be loaded (not GGUF, another
+    architecture, shapes that do not fit the model, truncated, ...)."""
+
+    def __init__(self, path, reason=""):
+        self.path = path
+        self.reason = reason
+        super().__init__(_with_reason(f"could not load adapter {path!r}", reason))
+
+
 class ContextError(LlamaError):
     """A context could not be created, or was used in a way llama.cpp rejects."""
 

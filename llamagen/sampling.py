@@ -230,9 +230,15 @@ class SamplingParams:
     # tokens from the sequence's history and verify them in one decode; the same tokens as
     # without it wherever the logits agree (see llamagen.speculative)
     speculative: Optional["Speculative"] = None
+    # LoRA adapters for this request ({llamagen.LoraAdapter: scale}, pairs, or one adapter at
+    # scale 1), kept as a tuple of (adapter, scale) without zero scales; () is the base model,
+    # None the context's default (Context.set_adapters)
+    lora: Optional[Tuple[Tuple[object, float], ...]] = None
 
     def __post_init__(self):
         s = object.__setattr__
+        if self.lora is not None:
+            s(self, "lora", canonical_lora(self.lora))
         if self.prompt_logprobs is not None:
             s(self, "prompt_logprobs", _int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS,
                                             f"None (off) or an int from 0 to {MAX_LOGPROBS} "
@@ -422,12 +428,45 @@ class SamplingParams:
             d[name] = list(d[name])
         if self.speculative is not None:
             d["speculative"] = self.speculative.to_dict()
+        if self.lora is not None:
+            d["lora"] = [{"path": a.path, "scale": sc} for a, sc in self.lora]
         return d
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 _FIELDS_SET = frozenset(FIELDS)
 DEFAULT = SamplingParams()
+
+
+def _is_adapter(value) -> bool:
+    # (by name: this layer is below the compiled core, which imports it)
+    t = type(value)
+    return t.__name__ == "LoraAdapter" and t.__module__ == "llamagen._core"
+
+
+def canonical_lora(value) -> Tuple[Tuple[object, float], ...]:
+    """A LoRA set as SamplingParams keeps it: ((adapter, scale), ...) sorted, zero scales out."""
+    if _is_adapter(value):
+        items = [(value, 1.0)]
+    elif isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise invalid(TypeError, "lora", "lora must be None, a LoraAdapter, a dict {LoraAdapter: scale} "
+                      f"or (adapter, scale) pairs, got {type(value).__name__}")
+    else:
+        items = [(v, 1.0) if _is_adapter(v) else v for v in value]
+    out = {}
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise invalid(TypeError, "lora", f"lora entries must be (LoraAdapter, scale) pairs, got {item!r}")
+        a, scale = item
+        if not _is_adapter(a):
+            raise invalid(TypeError, "lora", f"lora keys must be llamagen.LoraAdapter objects, got {type(a).__name__}")
+        if a in out:
+            raise invalid(ValueError, "lora", f"the LoRA adapter {a.path!r} is given twice")
+        scale = _num("lora scale", scale, what="a finite number (negative subtracts the adapter, 0 leaves it out)")
+        out[a] = scale
+    return tuple(sorted(((a, sc) for a, sc in out.items() if sc != 0.0), key=lambda p: id(p[0])))
 
 
 def resolve(params: Optional[SamplingParams], args: Sequence, kwargs: dict) -> SamplingParams:

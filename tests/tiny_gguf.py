@@ -203,3 +203,70 @@ if __name__ == "__main__":  # pragma: no cover - manual use
 
     out = write_tiny_gguf(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf")
     print(out, out.stat().st_size, "bytes,", N_VOCAB, "tokens")
+
+
+def write_lora(
+    path: str | os.PathLike,
+    shapes: dict[str, tuple[int, int]],
+    *,
+    arch: str = "llama",
+    rank: int = 4,
+    alpha: float = 8.0,
+    seed: int = 0,
+    scale: float = 0.5,
+    task_name: str | None = None,
+    alora_tokens: list[int] | None = None,
+    dtype=np.float32,
+) -> Path:
+    """Write a LoRA adapter (GGUF, as convert_lora_to_gguf.py writes them) to ``path``.
+
+    ``shapes`` maps a base weight's name ("blk.0.attn_q.weight") to its ggml shape (n_in, n_out);
+    each gets a random pair ``lora_a`` (ggml {n_in, rank}) and ``lora_b`` ({rank, n_out}).
+    """
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", alpha)
+    if task_name is not None:
+        w.add_string("adapter.lora.task_name", task_name)
+    if alora_tokens is not None:
+        w.add_key_value("adapter.alora.invocation_tokens", list(alora_tokens),
+                        gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT32)
+    for name, (n_in, n_out) in shapes.items():
+        base = name[:-len(".weight")] if name.endswith(".weight") else name
+        w.add_tensor(base + ".weight.lora_a", (rng.standard_normal((rank, n_in)) * scale).astype(dtype))
+        w.add_tensor(base + ".weight.lora_b", (rng.standard_normal((n_out, rank)) * scale).astype(dtype))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def tiny_lora_shapes(n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_head_kv: int = 2,
+                     n_ff: int = 128, targets=("attn_q", "attn_v", "ffn_down")) -> dict:
+    """The ggml shapes of the tiny model's weights named in ``targets`` (write_lora's ``shapes``)."""
+    n_embd_kv = n_embd // n_head * n_head_kv
+    dims = {"attn_q": (n_embd, n_embd), "attn_k": (n_embd, n_embd_kv), "attn_v": (n_embd, n_embd_kv),
+            "attn_output": (n_embd, n_embd), "ffn_gate": (n_embd, n_ff), "ffn_up": (n_embd, n_ff),
+            "ffn_down": (n_ff, n_embd)}
+    return {f"blk.{i}.{t}.weight": dims[t] for i in range(n_layer) for t in targets}
+
+
+def write_control_vector(path: str | os.PathLike, n_embd: int = 64, n_layer: int = 2, *,
+                         seed: int = 0, scale: float = 1.0, arch: str = "llama") -> Path:
+    """Write a control vector (GGUF "direction.<layer>" F32 tensors, layers 1..n_layer - 1, as
+    llama.cpp's cvector-generator writes them)."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_string("general.type", "controlvector")
+    for layer in range(1, n_layer):
+        w.add_tensor(f"direction.{layer}", (rng.standard_normal(n_embd) * scale).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -11,7 +11,7 @@ import os
 import weakref
 from typing import List, Optional, Sequence, Union
 
-from llamagen import chat
+from llamagen import adapters as _adapters, chat
 from llamagen._core import BatchGenerator, Context, Model, _check_grammar
 from llamagen._shared import check_n, seeded
 from llamagen._util import check_prompt, default_model_path
@@ -55,7 +55,11 @@ class AsyncEngine:
     (``Context(deterministic=True)``, docs/determinism.md).  ``speculative``: a
     llamagen.Speculative (or type name) every request drafts with unless its own parameters say
     otherwise (docs/speculative.md).  ``type_k`` / ``type_v``: the KV cache's element types
-    (``Context``'s; q8_0 halves the cache, docs/kv-cache.md).
+    (``Context``'s; q8_0 halves the cache, docs/kv-cache.md).  ``lora``: LoRA adapters to
+    load (paths, (path, scale) pairs or LoraAdapters), applied to every request that does not
+    name its own set unless ``lora_apply=False``; ``engine.adapters`` lists them, a request's
+    ``lora={index or adapter: scale}`` picks its own (docs/adapters.md).  ``control_vector``:
+    a ControlVector, path or [(path, strength)] on layers ``control_vector_layers`` (start, end).
     """
 
     def __init__(self, model: Union[Model, str, os.PathLike, None] = None, *, n_ctx: int = 16384,
@@ -64,7 +68,8 @@ class AsyncEngine:
                  params: Optional[SamplingParams] = None, embeddings: bool = False,
                  pooling: Optional[str] = None, embed_batch: int = 2048,
                  chat_template: Optional[str] = None, deterministic: bool = False,
-                 speculative=None, type_k: str = "f16", type_v: str = "f16"):
+                 speculative=None, type_k: str = "f16", type_v: str = "f16", lora=None,
+                 lora_apply: bool = True, control_vector=None, control_vector_layers=None):
         # every request drafts this way unless it says otherwise (``speculative=`` / its params)
         self.speculative = coerce_speculative(speculative)
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int)
@@ -86,6 +91,13 @@ class AsyncEngine:
             self._ctx = Context(self.model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                                 n_seq_max=n_parallel, n_threads=n_threads, kv_unified=True,
                                 deterministic=bool(deterministic), type_k=type_k, type_v=type_v)
+            loaded = _adapters.load_loras(self.model, lora)
+            self.adapters = [a for a, _ in loaded]
+            self._ctx.set_adapters({a: sc for a, sc in loaded} if lora_apply else None)
+            cvec = _adapters.control_vector_from(control_vector)
+            if cvec is not None:
+                lo, hi = control_vector_layers or (None, None)
+                self._ctx.set_control_vector(cvec, layer_start=lo, layer_end=hi)
             self._batch = BatchGenerator(self._ctx, n_parallel=n_parallel, prompt_cache=prompt_cache)
             self._ectx = None
             if embeddings:
@@ -139,6 +151,8 @@ class AsyncEngine:
         if self._core.closing:
             raise EngineClosedError("the engine is closed")
         n = check_n(n)
+        if sampling.get("lora") is not None:
+            sampling = dict(sampling, lora=_adapters.lora_arg(self.adapters, sampling["lora"]))
         spec = sampling.get("speculative")
         if isinstance(spec, dict) and self.speculative is not None:
             # a request's fields change the engine's drafting, not replace it
@@ -149,6 +163,10 @@ class AsyncEngine:
         if isinstance(prompt, chat.ChatPrompt):
             p = prompt.params(p)                   # what its template asks of sampling
             prompt = prompt.tokens
+        for a, _ in p.lora or ():
+            if a.model is not self.model or a.closed:
+                raise invalid(ValueError, "lora", f"the LoRA adapter {a.path!r} is "
+                              + ("closed" if a.closed else "loaded for another model"))
         if p.gbnf is not None:
             _check_grammar(self.model, p)          # GrammarError now, not from the stream
         n_vocab = self.model.n_vocab
@@ -252,6 +270,18 @@ class AsyncEngine:
         with self.stream_sync(prompt, params, n=n, add_special=add_special,
                               parse_special=parse_special, **sampling) as s:
             return s.collect()
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    def lora_scales(self) -> List[float]:
+        """The default scale of each of ``adapters`` (0: not applied unless a request asks)."""
+        default = self._ctx.adapters
+        return [default.get(a, 0.0) for a in self.adapters]
+
+    def set_lora_scales(self, scales) -> None:
+        """New default scales ({index or adapter: scale}; adapters left out get 0) for requests
+        submitted from now on; running ones keep theirs."""
+        self._ctx.set_adapters(_adapters.lora_arg(self.adapters, scales) if scales else None)
 
     # -- embeddings ----------------------------------------------------------------------------
 

@@ -285,6 +285,23 @@ cdef extern from "llama.h" nogil:
     uint32_t llama_model_quantize(const char * fname_inp, const char * fname_out,
                                   const llama_model_quantize_params * params)
 
+    # adapters
+    cdef struct llama_adapter_lora:
+        pass
+    llama_adapter_lora * llama_adapter_lora_init(llama_model * model, const char * path_lora)
+    int32_t llama_adapter_meta_count(const llama_adapter_lora * adapter)
+    int32_t llama_adapter_meta_key_by_index(const llama_adapter_lora * adapter, int32_t i,
+                                            char * buf, size_t buf_size)
+    int32_t llama_adapter_meta_val_str_by_index(const llama_adapter_lora * adapter, int32_t i,
+                                                char * buf, size_t buf_size)
+    void llama_adapter_lora_free(llama_adapter_lora * adapter)
+    uint64_t llama_adapter_get_alora_n_invocation_tokens(const llama_adapter_lora * adapter)
+    const llama_token * llama_adapter_get_alora_invocation_tokens(const llama_adapter_lora * adapter)
+    int32_t llama_set_adapters_lora(llama_context * ctx, llama_adapter_lora ** adapters,
+                                    size_t n_adapters, float * scales)
+    int32_t llama_set_adapter_cvec(llama_context * ctx, const float * data, size_t len,
+                                   int32_t n_embd, int32_t il_start, int32_t il_end)
+
     void llama_memory_clear(llama_memory_t mem, bint data)
     bint llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1)
     void llama_memory_seq_cp(llama_memory_t mem, llama_seq_id seq_id_src, llama_seq_id seq_id_dst,

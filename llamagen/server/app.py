@@ -16,7 +16,7 @@ import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
-from llamagen.server import anthropic, embeddings, infill, openai, responses
+from llamagen.server import adapters, anthropic, embeddings, infill, openai, responses
 from llamagen.server.auth import require_api_key
 from llamagen.server.deps import (  # noqa: F401  (re-exported)
     DEFAULT_MAX_REQUEST_SEQUENCES, ServerState, get_engine, get_state,
@@ -111,6 +111,7 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
     app.include_router(anthropic.router)
     app.include_router(responses.router)
     app.include_router(infill.router)
+    app.include_router(adapters.router)
     return app
 
 

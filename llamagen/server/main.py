@@ -11,6 +11,8 @@ import uvicorn
 import llamagen
 from llamagen._util import default_model_path as _default_model_path
 from llamagen.server.app import create_app
+from llamagen.adapters import control_vector_from, load_loras
+from llamagen.adapters import flag_specs as adapter_flags
 from llamagen.speculative import from_flags
 
 
@@ -45,6 +47,7 @@ def serve(a) -> int:
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--chat-template-file {a.chat_template_file!r}: {e}") from None
     speculative = from_flags(a)                 # (a bad --spec-* flag: before the model loads)
+    loras, cvecs, cvec_layers, lora_init_without_apply = adapter_flags(a)
     model = llamagen.Model(path, n_gpu_layers=a.n_gpu_layers)
     if template is not None:
         try:
@@ -52,6 +55,13 @@ def serve(a) -> int:
         except (ValueError, TypeError) as e:
             model.close()
             raise ValueError(f"the chat template: {e}") from None
+    try:
+        # (a bad adapter file: a one-line error before the port is bound)
+        loras = load_loras(model, loras)
+        cvec = control_vector_from(cvecs)
+    except (OSError, ValueError, TypeError) as e:
+        model.close()
+        raise ValueError(str(e)) from None
     log = logging.getLogger("llamagen.server")      # uvicorn configures only its own loggers
     if not log.handlers:
         handler = logging.StreamHandler()
@@ -68,7 +78,9 @@ def serve(a) -> int:
                                     pooling=a.pooling, embed_batch=a.embed_batch_size,
                                     chat_template=template, deterministic=a.deterministic,
                                     speculative=speculative, type_k=a.cache_type_k,
-                                    type_v=a.cache_type_v)
+                                    type_v=a.cache_type_v, lora=loras,
+                                    lora_apply=not lora_init_without_apply,
+                                    control_vector=cvec, control_vector_layers=cvec_layers)
 
     server = None
 

@@ -15,6 +15,13 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+class LoraEntry(_Body):
+    """One adapter of llama-server's ``lora`` list: its id in GET /lora-adapters and its scale
+    (absent: 0, as llama-server)."""
+    id: int
+    scale: float = 0.0
+
+
 class LlamagenSampling(_Body):
     """llamagen's own sampling fields, accepted at the top level of every generation request
     (the llama-server / vLLM convention).  See llamagen.SamplingParams for their meaning."""
@@ -54,6 +61,8 @@ class LlamagenSampling(_Body):
     speculative_ngram_size_n: Optional[int] = Field(default=None, alias="speculative.ngram_size_n")
     speculative_ngram_size_m: Optional[int] = Field(default=None, alias="speculative.ngram_size_m")
     speculative_ngram_min_hits: Optional[int] = Field(default=None, alias="speculative.ngram_min_hits")
+    # LoRA adapters for this request, as llama-server: [{"id", "scale"}]; those not listed are off
+    lora: Optional[List[LoraEntry]] = None
 
 
 class StreamOptions(_Body):

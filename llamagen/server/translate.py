@@ -58,6 +58,8 @@ def sampling_kwargs(req: LlamagenSampling, **defaults) -> tuple[dict, dict]:
             value = fold_seed(value)
         elif field == "stop" and isinstance(value, list):
             value = tuple(value)
+        elif field == "lora":
+            value = {e.id: e.scale for e in value}      # (ids: the engine's adapter list)
         out[field] = value
         origin[field] = name
     if spec:
