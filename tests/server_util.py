@@ -1,15 +1,20 @@
 """Start ``llamagen serve`` in a subprocess on a free port for the server tests."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import httpx
+import pytest
 
 import llamagen
 
@@ -88,3 +93,60 @@ def metric(url: str, name: str, headers=None) -> float:
             if s.name == name:
                 return s.value
     raise KeyError(name)
+
+
+# -- llama-server, the reference ---------------------------------------------------------------
+
+def llama_server_binary():
+    """llama-server from this checkout's build directory, built first if it is missing (or
+    LLAMAGEN_LLAMA_SERVER): the reference is never skipped."""
+    env = os.environ.get("LLAMAGEN_LLAMA_SERVER")
+    if env:
+        return env
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "native"))
+    from build import llama_tool
+    return llama_tool("llama-server")
+
+
+def post_json(url, body, timeout=30):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+@contextlib.contextmanager
+def running_llama_server(model_path, extra_args, log_dir):
+    """A llama-server from this checkout's build on a free port (one slot, 512 cells, 1 thread
+    unless ``extra_args`` say otherwise); yields its base URL."""
+    exe = llama_server_binary()
+    port = free_port()
+    log = Path(log_dir) / "server.log"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen([exe, "-m", str(model_path), "--host", "127.0.0.1",
+                                 "--port", str(port), "-c", "512", "-np", "1", "-t", "1",
+                                 "--no-webui", *extra_args],
+                                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama-server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama-server did not become healthy:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

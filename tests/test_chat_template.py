@@ -7,14 +7,8 @@ only the GGUF file inside is used, the package itself is never imported).  .ci/r
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import llamagen
+from server_util import post_json, running_llama_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -272,75 +267,19 @@ def test_render_from_threads(smollm2):
 
 # -- the same prompt as llama-server -----------------------------------------------------------
 
-def _llama_server_binary():
-    """llama-server from this checkout's build directory, built first if it is missing (or
-    LLAMAGEN_LLAMA_SERVER): the reference is never skipped."""
-    env = os.environ.get("LLAMAGEN_LLAMA_SERVER")
-    if env:
-        return env
-    sys.path.insert(0, str(ROOT / "bench" / "native"))
-    from build import llama_tool
-    return llama_tool("llama-server")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url, body, timeout=30):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-@contextlib.contextmanager
-def _running_llama_server(model_path, extra_args, log_dir):
-    exe = _llama_server_binary()
-    port = _free_port()
-    log = Path(log_dir) / "server.log"
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen([exe, "-m", str(model_path), "--host", "127.0.0.1",
-                                 "--port", str(port), "-c", "512", "-np", "1", "-t", "1",
-                                 "--no-webui", *extra_args],
-                                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama-server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama-server did not become healthy:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+# (the helpers live in server_util: other modules compare with llama-server too)
 
 
 @pytest.fixture(scope="module")
 def server_smollm2(smollm2_path, tmp_path_factory):
-    with _running_llama_server(smollm2_path, [], tmp_path_factory.mktemp("srv-smollm2")) as url:
+    with running_llama_server(smollm2_path, [], tmp_path_factory.mktemp("srv-smollm2")) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def server_tiny(tiny_model_path, tmp_path_factory):
     """The tiny model has no chat template: llama-server falls back to ChatML."""
-    with _running_llama_server(tiny_model_path, [], tmp_path_factory.mktemp("srv-tiny")) as url:
+    with running_llama_server(tiny_model_path, [], tmp_path_factory.mktemp("srv-tiny")) as url:
         yield url
 
 
@@ -390,13 +329,13 @@ TOOL_CONVERSATION = [
 def server_custom(tiny_model_path, tmp_path_factory):
     d = tmp_path_factory.mktemp("srv-custom")
     (d / "template.jinja").write_text(CUSTOM_TEMPLATE)
-    with _running_llama_server(tiny_model_path, ["--chat-template-file", str(d / "template.jinja")],
+    with running_llama_server(tiny_model_path, ["--chat-template-file", str(d / "template.jinja")],
                                d) as url:
         yield url
 
 
 def _server_prompt(url, messages, **opts):
-    return _post(url + "/apply-template", {"messages": messages, **opts})["prompt"]
+    return post_json(url + "/apply-template", {"messages": messages, **opts})["prompt"]
 
 
 SERVER_CASES = [

@@ -59,6 +59,8 @@ def sampling_kwargs(req: LlamagenSampling, **defaults) -> tuple[dict, dict]:
         elif field == "stop" and isinstance(value, list):
             value = tuple(value)
         elif field == "lora":
+            if not value:
+                continue        # ([]: the server's default set, as in llama-server)
             value = {e.id: e.scale for e in value}      # (ids: the engine's adapter list)
         out[field] = value
         origin[field] = name
