@@ -61,6 +61,7 @@ cdef class BatchGenerator:
     cdef int32_t _next_lora_id
     cdef vector[int32_t] _slot_lora       # idle slot -> the LoRA set its cached cells were made with
     cdef readonly int64_t n_lora_switches # decodes that switched the context's LoRA set
+    cdef RamCache * _ram                  # idle caches evicted to host RAM (_ramcache.pxi)
     cdef vector[int32_t] _sampled
     cdef vector[vector[llama.llama_token_data]] _cands
     cdef bint _add_special
@@ -95,15 +96,22 @@ cdef class BatchGenerator:
     def __cinit__(self):
         self._has_batch = False
         memset(&self._cost, 0, sizeof(SpecCost))
+        self._ram = new RamCache()
 
     def __init__(self, Context ctx not None, *, n_parallel=None, params=None,
                  bint add_special=True, bint parse_special=True, share_prefix=16,
-                 prompt_cache=False, **sampling):
+                 prompt_cache=False, cache_ram=0, **sampling):
         cdef int i
         ctx._check_generative()
+        ram = _check_int("cache_ram", cache_ram, -1, 1 << 62,
+                         "bytes of host RAM for evicted prompt caches (0: off, -1: no limit)")
         with ctx._owner:        # (waits for another thread's whole generate() to finish)
             self._init(ctx, n_parallel, params, add_special, parse_special, share_prefix,
                        prompt_cache, sampling)
+        if ram != 0 and not self._keep_cache:
+            raise invalid(ValueError, "cache_ram", "cache_ram keeps evicted prompt caches: it needs "
+                          "prompt_cache")
+        self._ram.cap = (1 << 62) if ram < 0 else ram
 
     cdef _init(self, Context ctx, n_parallel, params, bint add_special, bint parse_special,
                share_prefix, prompt_cache, dict sampling):
@@ -173,6 +181,8 @@ cdef class BatchGenerator:
         for i in range(self._drafters.size()):
             lgspec.destroy(self._drafters[i])
         self._drafters.clear()
+        del self._ram
+        self._ram = NULL
 
     cdef lgspec.Drafter * _drafter_for(self, spec) except NULL:
         """The batch's drafter for ``spec``'s kind (made on first use, one seq per slot)."""
@@ -327,13 +337,20 @@ cdef class BatchGenerator:
         finally:
             self._context._release()
 
-    def drop_prompt_cache(self):
-        """Free the cells every idle slot keeps for the prompt cache (live sequences go on)."""
+    def drop_prompt_cache(self, bint ram=False):
+        """Free the cells every idle slot keeps for the prompt cache (live sequences go on; with
+        a RAM tier the caches move there, unless ``ram``: then it is emptied too)."""
         self._initialised()
         self._context._acquire()
         try:
+            if ram:
+                self._ram.clear()
             if self._epoch == self._context._epoch:
-                self._drop_idle_caches()
+                cap = self._ram.cap
+                if ram:
+                    self._ram.cap = 0
+                _drop_idle_caches(self)
+                self._ram.cap = cap
         finally:
             self._context._release()
 
@@ -380,7 +397,7 @@ cdef class BatchGenerator:
                                                       c.tokens.begin() + n_gen)
                 self._slot_stamp[slot] = self.n_steps
                 self._slot_lora[slot] = c.lora_id
-                self._trim_idle_caches(slot)
+                _trim_idle_caches(self, slot)
             else:
                 llama.llama_memory_seq_rm(llama.llama_get_memory(self._context._ctx), slot, -1, -1)
             if q.c.attached:
@@ -615,7 +632,7 @@ cdef class BatchGenerator:
                         self._no_drafts = True
                 if self._no_drafts:
                     continue
-            if self._drop_idle_caches():
+            if _drop_idle_caches(self):
                 continue
             if prompts:
                 prompts = False
@@ -652,113 +669,13 @@ cdef class BatchGenerator:
                         q.flush()
         return 0
 
-    cdef bint _drop_idle_caches(self) noexcept nogil:
-        """Free the cells of every idle slot's prompt cache; True if there were any."""
-        cdef size_t s
-        cdef bint any = False
-        for s in range(self._slot_cache.size()):
-            if self._slot_cache[s].size() > 0:
-                llama.llama_memory_seq_rm(llama.llama_get_memory(self._context._ctx), <int32_t> s, -1, -1)
-                self._slot_cache[s].clear()
-                any = True
-        return any
-
-    cdef void _trim_idle_caches(self, int32_t newest) noexcept:
-        """Drop the least recently released idle caches (never ``newest``) while they hold more
-        cells than the budget."""
-        cdef int32_t s, old
-        cdef int64_t total = 0
-        for s in range(self._n_slots):
-            total += self._slot_cache[s].size()
-        while total > self._cache_budget:
-            old = -1
-            for s in range(self._n_slots):
-                if s != newest and self._slot_cache[s].size() > 0 and (
-                        old < 0 or self._slot_stamp[s] < self._slot_stamp[old]):
-                    old = s
-            if old < 0:
-                return
-            llama.llama_memory_seq_rm(llama.llama_get_memory(self._context._ctx), old, -1, -1)
-            total -= self._slot_cache[old].size()
-            self._slot_cache[old].clear()
-
-    cdef inline bint _spare_first(self, int32_t a, int32_t b) noexcept:
-        """Of two free slots with equally useful caches, take ``a`` before ``b``: an empty one
-        first (the other cache may serve a later prompt), else the least recently released."""
-        cdef bint ea = self._slot_cache[a].size() == 0, eb = self._slot_cache[b].size() == 0
-        if ea != eb:
-            return ea
-        return self._slot_stamp[a] < self._slot_stamp[b]
-
-    cdef int32_t _take_slot(self, SeqCore * q) noexcept:
-        """A free slot for ``q`` (lock held): the one whose cached tokens share the longest prefix
-        with its prompt (that prefix is kept, the rest of the slot's cells removed), else an empty
-        one, else the least recently released.  -1 when none is free.  A prefix shorter than
-        min(16, half the prompt) does not count: a shared BOS is not worth another's cache."""
-        cdef int32_t slot, best = -1, best_len = -1, L, limit, n, worth
-        cdef llama.llama_memory_t mem = llama.llama_get_memory(self._context._ctx)
-        limit = <int32_t> q.prompt.size() - 1          # at least one token left to decode
-        if q.n_prompt_lp >= 0:
-            limit = 0           # prompt logprobs: every prompt row is computed
-        worth = min(16, (limit + 2) // 2)
-        for slot in range(self._n_slots):
-            if self._slots[slot] is not None:
-                continue
-            n = min(limit, <int32_t> self._slot_cache[slot].size())
-            if self._slot_lora[slot] != q.lora_id:
-                n = 0           # (cells computed with other adapters)
-            L = 0
-            while L < n and self._slot_cache[slot][L] == q.prompt[L]:
-                L += 1
-            if L < worth:
-                L = 0
-            if L > best_len or (L == best_len and self._spare_first(slot, best)):
-                best, best_len = slot, L
-        if best < 0:
-            return -1
-        if self._keep_cache:
-            self.n_cache_queries += q.prompt.size()
-        if best_len > 0 and llama.llama_memory_seq_rm(mem, best, best_len, -1):
-            self._slot_cache[best].resize(best_len)
-        else:
-            # (a memory that cannot cut a sequence in the middle keeps nothing)
-            llama.llama_memory_seq_rm(mem, best, -1, -1)
-            self._slot_cache[best].clear()
-            best_len = 0
-        if self._keep_cache and all(x is None for x in self._slots):
-            best_len = self._pack_idle(best, best_len)
-        if best_len > 0:
-            q.n_fed = best_len
-            q.n_cached = best_len
-            self.n_cache_hits += best_len
-        self._slot_cache[best].clear()
-        return best
-
-    cdef int32_t _pack_idle(self, int32_t best, int32_t best_len) noexcept:
-        """Before a sequence starts in an idle batch: pack the idle caches' cells from cell 0,
-        ``best``'s kept prefix last, so the new sequence's cells follow its prefix in order (see
-        lgctx::compact).  Returns the prefix length still cached (0 if packing failed)."""
-        cdef vector[int32_t] order
-        cdef int32_t s, follow
-        cdef int rc
-        for s in range(self._n_slots):
-            if s != best and self._slot_cache[s].size() > 0:
-                order.push_back(s)
-        if best_len > 0:
-            order.push_back(best)
-        if order.size() == 0:
-            return best_len
-        follow = best if best_len > 0 else -1
-        with nogil:         # (copies every idle cache's K/V rows: tens of ms for thousands of cells)
-            rc = lgctx.compact(self._context._ctx, order.data(), <int> order.size(), follow)
-        if rc < 0:
-            # the memory was cleared: forget every cache (the answers stay right, only slower)
-            for s in range(self._n_slots):
-                self._slot_cache[s].clear()
-            return 0
-        if rc == 0:
-            self.n_compactions += 1
-        return best_len
+    @property
+    def ram_cache(self):
+        """The host-RAM tier: bytes used of the cap, entries, and how many were saved and
+        restored (and the prompt tokens restoring spared)."""
+        return {"bytes": self._ram.used, "cap": self._ram.cap, "entries": self._ram.entries.size(),
+                "saved": self._ram.n_saved, "restored": self._ram.n_restored,
+                "restored_tokens": self._ram.n_restored_tokens}
 
     cdef void _sample_all(self) noexcept nogil:
         cdef llama.llama_context * lctx = self._context._ctx
@@ -836,7 +753,7 @@ cdef class BatchGenerator:
             # waiting prompts take free slots
             while self._waiting:
                 q = self._seqs[self._waiting[0]]
-                slot = self._take_slot(q.c)
+                slot = _take_slot(self, q.c)
                 if slot < 0:
                     break
                 self._waiting.popleft()

@@ -501,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"KV cache type for K ({', '.join(KV_TYPES)}; default f16)")
     v.add_argument("--cache-type-v", "-ctv", default="f16", choices=KV_TYPES, metavar="TYPE",
                    help="KV cache type for V (the same; a quantized V turns flash attention on)")
+    v.add_argument("--cache-ram", "-cram", type=int, default=8192, metavar="MiB",
+                   help="host RAM for prompt caches evicted from the KV cache, restored instead of "
+                        "prefilled (default 8192, as llama-server; -1 no limit, 0 off)")
     add_adapter_args(v, server=True)
     v.add_argument("--embeddings", action="store_true",
                    help="also serve /v1/embeddings (a second, embedding context on the same model)")

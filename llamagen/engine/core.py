@@ -194,6 +194,7 @@ class EngineCore:
     def _snapshot(self) -> EngineStats:
         b = self._batch
         running = b.n_active
+        ram = b.ram_cache
         return EngineStats(
             n_running=running, n_waiting=max(0, self._n_seqs - running), kv_used=b.kv_used,
             kv_size=self.n_ctx, prompt_tokens_total=self._prompt_total,
@@ -201,7 +202,8 @@ class EngineCore:
             prefix_cache_hits=b.n_cache_hits + b.n_shared_tokens,
             requests_total=self._requests_total, n_steps=b.n_steps,
             draft_tokens_total=b.n_drafted, accepted_draft_tokens_total=b.n_accepted,
-            n_stalled_steps=b.n_stalled_steps)
+            n_stalled_steps=b.n_stalled_steps, ram_cache_bytes=ram["bytes"],
+            ram_cache_restored_tokens=ram["restored_tokens"])
 
     def _warm_up(self) -> None:
         """One decode before the first request, as llama-server does (first-use costs: buffer

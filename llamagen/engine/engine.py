@@ -60,6 +60,8 @@ class AsyncEngine:
     name its own set unless ``lora_apply=False``; ``engine.adapters`` lists them, a request's
     ``lora={index or adapter: scale}`` picks its own (docs/adapters.md).  ``control_vector``:
     a ControlVector, path or [(path, strength)] on layers ``control_vector_layers`` (start, end).
+    ``cache_ram_mib``: host RAM for prompt caches evicted from the KV cache, restored on a later
+    hit instead of prefilled (llama-server's ``--cache-ram``; 0 off, -1 no limit; docs/state.md).
     """
 
     def __init__(self, model: Union[Model, str, os.PathLike, None] = None, *, n_ctx: int = 16384,
@@ -69,7 +71,8 @@ class AsyncEngine:
                  pooling: Optional[str] = None, embed_batch: int = 2048,
                  chat_template: Optional[str] = None, deterministic: bool = False,
                  speculative=None, type_k: str = "f16", type_v: str = "f16", lora=None,
-                 lora_apply: bool = True, control_vector=None, control_vector_layers=None):
+                 lora_apply: bool = True, control_vector=None, control_vector_layers=None,
+                 cache_ram_mib: int = 0):
         # every request drafts this way unless it says otherwise (``speculative=`` / its params)
         self.speculative = coerce_speculative(speculative)
         if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int)
@@ -98,7 +101,11 @@ class AsyncEngine:
             if cvec is not None:
                 lo, hi = control_vector_layers or (None, None)
                 self._ctx.set_control_vector(cvec, layer_start=lo, layer_end=hi)
-            self._batch = BatchGenerator(self._ctx, n_parallel=n_parallel, prompt_cache=prompt_cache)
+            if isinstance(cache_ram_mib, bool) or not isinstance(cache_ram_mib, int) or cache_ram_mib < -1:
+                raise ValueError(f"cache_ram_mib must be -1 (no limit), 0 (off) or MiB, got {cache_ram_mib!r}")
+            ram = -1 if cache_ram_mib < 0 else cache_ram_mib << 20
+            self._batch = BatchGenerator(self._ctx, n_parallel=n_parallel, prompt_cache=prompt_cache,
+                                         cache_ram=ram if prompt_cache else 0)
             self._ectx = None
             if embeddings:
                 # (llama.cpp needs n_batch to be a multiple of n_seq_max for pooling)

@@ -86,6 +86,8 @@ class EngineStats:
     n_stalled_steps: int = 0       # steps that decoded nothing with sequences live (a watchdog)
     draft_tokens_total: int = 0    # speculative decoding: drafted tokens verified
     accepted_draft_tokens_total: int = 0   # ... of those accepted
+    ram_cache_bytes: int = 0       # host-RAM tier of the prompt cache: bytes held (cache_ram_mib)
+    ram_cache_restored_tokens: int = 0     # prompt tokens restored from it instead of prefilled
 
 
 class PreparedRequest(NamedTuple):

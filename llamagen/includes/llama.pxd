@@ -247,6 +247,13 @@ cdef extern from "llama.h" nogil:
     size_t llama_state_seq_load_file(llama_context * ctx, const char * filepath,
                                      llama_seq_id dest_seq_id, llama_token * tokens_out,
                                      size_t n_token_capacity, size_t * n_token_count_out)
+    ctypedef uint32_t llama_state_seq_flags
+    size_t llama_state_seq_get_size_ext(llama_context * ctx, llama_seq_id seq_id,
+                                        llama_state_seq_flags flags)
+    size_t llama_state_seq_get_data_ext(llama_context * ctx, uint8_t * dst, size_t size,
+                                        llama_seq_id seq_id, llama_state_seq_flags flags)
+    size_t llama_state_seq_set_data_ext(llama_context * ctx, const uint8_t * src, size_t size,
+                                        llama_seq_id dest_seq_id, llama_state_seq_flags flags)
     bint llama_state_save_file(llama_context * ctx, const char * path_session,
                                const llama_token * tokens, size_t n_token_count)
     bint llama_state_load_file(llama_context * ctx, const char * path_session,

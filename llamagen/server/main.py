@@ -48,6 +48,8 @@ def serve(a) -> int:
             raise ValueError(f"--chat-template-file {a.chat_template_file!r}: {e}") from None
     speculative = from_flags(a)                 # (a bad --spec-* flag: before the model loads)
     loras, cvecs, cvec_layers, lora_init_without_apply = adapter_flags(a)
+    if a.cache_ram < -1:
+        raise ValueError(f"--cache-ram must be -1 (no limit), 0 (off) or MiB, got {a.cache_ram}")
     model = llamagen.Model(path, n_gpu_layers=a.n_gpu_layers)
     if template is not None:
         try:
@@ -80,7 +82,8 @@ def serve(a) -> int:
                                     speculative=speculative, type_k=a.cache_type_k,
                                     type_v=a.cache_type_v, lora=loras,
                                     lora_apply=not lora_init_without_apply,
-                                    control_vector=cvec, control_vector_layers=cvec_layers)
+                                    control_vector=cvec, control_vector_layers=cvec_layers,
+                                    cache_ram_mib=a.cache_ram)
 
     server = None
 

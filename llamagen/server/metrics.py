@@ -62,6 +62,10 @@ class _EngineCollector:
                       s.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                       s.prefix_cache_hits)
+        yield gauge("prompt_cache_ram_bytes", "Host RAM held by evicted prompt caches (--cache-ram).",
+                    s.ram_cache_bytes)
+        yield counter("prompt_cache_ram_restored_tokens", "Prompt tokens restored from host RAM "
+                      "instead of prefilled.", s.ram_cache_restored_tokens)
         yield counter("requests", "Requests the engine accepted.", s.requests_total)
         yield counter("engine_stalled_steps", "Engine steps that decoded nothing while requests "
                       "held sequences (a watchdog: stays 0 in a healthy engine).", s.n_stalled_steps)
