@@ -11,7 +11,7 @@ from llamagen._core import (
 from llamagen.batch import BatchResult, generate_batch, map_generate
 from llamagen.embeddings import EmbedResult, embed, map_embed, rerank
 from llamagen.engine import AsyncEngine, EngineChunk, EngineResult, EngineStats, Usage
-from llamagen.generation import gen_begin, gen_end, gen_next, generate
+from llamagen.generation import gen_begin, gen_end, gen_next, gen_resume, generate
 from llamagen.logprobs import Completion, ScoreResult, TokenLogprob, TopLogprob, score
 from llamagen.structured import schema_to_grammar
 from llamagen import chat, tools  # noqa: F401  (llamagen.chat.prepare, llamagen.tools)
@@ -40,7 +40,7 @@ def backend_devices() -> list[Device]:
 
 
 __all__ = [
-    "Model", "Context", "GenerationState", "SamplingParams", "Speculative", "gen_begin", "gen_next", "gen_end",
+    "Model", "Context", "GenerationState", "SamplingParams", "Speculative", "gen_begin", "gen_next", "gen_end", "gen_resume",
     "generate", "BatchGenerator", "BatchResult", "generate_batch", "map_generate", "Device", "backend_devices", "build_info", "system_info", "__version__",
     "set_template_budget", "template_budget", "LoraAdapter", "ControlVector", "AdapterLoadError",
     "quantize", "QuantizeResult", "QUANT_TYPES",

@@ -354,6 +354,21 @@ cdef class BatchGenerator:
         finally:
             self._context._release()
 
+    def save_slot(self, slot, path):
+        """Write idle slot ``slot``'s cached cells and the tokens they hold to ``path``
+        (llama_state_seq_save_file): (tokens, bytes written).  ValueError for a busy slot."""
+        return _slot_save(self, slot, path)
+
+    def restore_slot(self, slot, path):
+        """Load a ``save_slot`` file into idle slot ``slot`` as its prompt cache (a later prompt
+        that begins with those tokens prefills only the rest): (tokens, bytes read).
+        LlamaError for a file of another model or context shape (the slot is left empty)."""
+        return _slot_restore(self, slot, path)
+
+    def erase_slot(self, slot):
+        """Forget idle slot ``slot``'s prompt cache; the number of cells it held."""
+        return _slot_erase(self, slot)
+
     def forget(self, seq_id):
         """Drop a finished sequence's bookkeeping (long-running pipelines)."""
         cdef _Seq q = self._get(seq_id)

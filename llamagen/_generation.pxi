@@ -283,6 +283,13 @@ cdef class GenerationState:
         decodes that verified a draft (None when the parameters have no ``speculative``)."""
         return _spec_stats(self._core)
 
+    def save(self, path=None):
+        """Save this running generation -- its KV cells, tokens, held-back text and sampler
+        state -- as bytes (also written to ``path`` when given); ``llamagen.gen_resume(ctx,
+        saved)`` goes on with it on any context of the same model, with the tokens this state
+        would have produced.  Needs sampler_impl "fast" (the default) or greedy sampling."""
+        return _gen_save(self, path)
+
     @property
     def timings(self):
         """prefill_ms; decode_ms (all steps: decode + sampling + detokenizing); sample_ms (the
@@ -419,10 +426,10 @@ cdef GenerationState _start(Context ctx, vector[llama.llama_token] & toks, param
         st._context = ctx
         st._lctx = ctx._ctx
         st._cand.resize(ctx._n_vocab)
+        st._core.prompt = toks              # (what a drafter begins with, and save() keeps)
         if st._core.spec_n_max > 0:
             st._core.drafter = _new_drafter(params.speculative, 1)
             st._core.owns_drafter = True
-            st._core.prompt = toks          # (what the drafter begins with)
             st._sbatch = llama.llama_batch_init(st._core.spec_n_max + 1, 0, 1)
             st._has_sbatch = True
         if ctx._epoch != keep_epoch:

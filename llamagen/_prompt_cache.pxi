@@ -143,3 +143,87 @@ cdef int32_t _pack_idle(BatchGenerator self, int32_t best, int32_t best_len) noe
     if rc == 0:
         self.n_compactions += 1
     return best_len
+
+
+# -- one slot's cache to and from a file (llama-server's /slots/{id}?action=save|restore|erase) --
+
+cdef int32_t _idle_slot(BatchGenerator self, slot) except -1:
+    """(lock held) ``slot`` checked: a slot of this batch, idle, the batch not stale."""
+    cdef int32_t s = _check_int("slot", slot, 0, self._n_slots - 1,
+                                f"a slot from 0 to {self._n_slots - 1}")
+    if self._epoch != self._context._epoch:
+        raise StaleStateError("this batch is no longer active")
+    if self._slots[s] is not None:
+        raise invalid(ValueError, "slot", f"slot {s} is busy (a sequence is running in it)")
+    return s
+
+
+def _slot_save(BatchGenerator self, slot, path):
+    cdef bytes pb = _os.fsencode(path)
+    cdef const char * p = pb
+    cdef int32_t s
+    cdef size_t n
+    self._initialised()
+    self._context._acquire()
+    try:
+        s = _idle_slot(self, slot)
+        with nogil:
+            n = llama.llama_state_seq_save_file(self._context._ctx, p, s, self._slot_cache[s].data(),
+                                                self._slot_cache[s].size())
+        if n == 0:
+            raise LlamaError(f"could not save slot {s} to {path!r}: {_take_errors() or 'I/O error'}")
+        return self._slot_cache[s].size(), n
+    finally:
+        self._context._release()
+
+
+def _slot_restore(BatchGenerator self, slot, path):
+    cdef bytes pb = _os.fsencode(path)
+    cdef const char * p = pb
+    cdef int32_t s
+    cdef size_t n, count = 0
+    cdef vector[llama.llama_token] toks
+    if not _os.path.isfile(pb):
+        raise FileNotFoundError(2, "slot file not found", path)
+    self._initialised()
+    self._context._acquire()
+    try:
+        s = _idle_slot(self, slot)
+        toks.resize(self._n_ctx_seq)
+        _drop_slot(self, s)
+        _take_errors()
+        with nogil:
+            n = llama.llama_state_seq_load_file(self._context._ctx, p, s, toks.data(), toks.size(),
+                                                &count)
+        if n == 0:
+            llama.llama_memory_seq_rm(llama.llama_get_memory(self._context._ctx), s, -1, -1)
+            raise LlamaError(f"could not restore slot {s} from {path!r}: not a state of this model "
+                             f"and context, or no room ({_take_errors() or 'llama.cpp refused it'})")
+        for i in range(count):
+            if not 0 <= toks[i] < self._context._n_vocab:
+                llama.llama_memory_seq_rm(llama.llama_get_memory(self._context._ctx), s, -1, -1)
+                raise LlamaError(f"{path!r} holds token ids outside this model's vocabulary")
+        toks.resize(count)
+        self._slot_cache[s] = toks
+        self._slot_lora[s] = self._lora_id(self._context._lora_default)
+        self._slot_stamp[s] = self.n_steps
+        return count, n
+    finally:
+        self._context._release()
+
+
+cdef int32_t _drop_slot(BatchGenerator self, int32_t s) noexcept:
+    """(lock held) Forget idle slot ``s``'s cache (not to RAM): its cell count."""
+    cdef int32_t n = <int32_t> self._slot_cache[s].size()
+    llama.llama_memory_seq_rm(llama.llama_get_memory(self._context._ctx), s, -1, -1)
+    self._slot_cache[s].clear()
+    return n
+
+
+def _slot_erase(BatchGenerator self, slot):
+    self._initialised()
+    self._context._acquire()
+    try:
+        return _drop_slot(self, _idle_slot(self, slot))
+    finally:
+        self._context._release()

@@ -504,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cache-ram", "-cram", type=int, default=8192, metavar="MiB",
                    help="host RAM for prompt caches evicted from the KV cache, restored instead of "
                         "prefilled (default 8192, as llama-server; -1 no limit, 0 off)")
+    v.add_argument("--slot-save-path", default=None, metavar="DIR",
+                   help="folder for POST /slots/{id}?action=save|restore (off without it)")
     add_adapter_args(v, server=True)
     v.add_argument("--embeddings", action="store_true",
                    help="also serve /v1/embeddings (a second, embedding context on the same model)")

@@ -11,7 +11,7 @@ from llamagen.batch import _run_batch
 from llamagen._results import Completion
 from llamagen.sampling import SamplingParams, resolve
 
-__all__ = ["gen_begin", "gen_next", "gen_end", "generate"]
+__all__ = ["gen_begin", "gen_next", "gen_end", "gen_resume", "generate"]
 
 
 def gen_begin(ctx: Context, prompt, *args, params: Optional[SamplingParams] = None,
@@ -28,6 +28,16 @@ def gen_begin(ctx: Context, prompt, *args, params: Optional[SamplingParams] = No
     p = resolve(params, args, kwargs)
     with _exclusive(ctx):                  # waits for another thread's whole generate()
         return _core._gen_begin(ctx, prompt, p, add_special, parse_special)
+
+
+def gen_resume(ctx: Context, saved, *, lora=None) -> GenerationState:
+    """Go on with a generation ``GenerationState.save`` saved (its bytes or file), on ``ctx`` (any
+    context of the same model, even in another process): its KV cells are loaded into sequence 0,
+    its sampler rebuilt and brought to where it was, and the stream continues with the tokens
+    the saved one would have produced.  ``lora``: the adapters it ran with, when it had any
+    (adapters cannot be saved).  Takes the context over, like gen_begin.  ValueError for what
+    is not such a save, or one of another model; LlamaError when the cells do not fit ``ctx``."""
+    return _core._gen_resume(ctx, saved, lora)
 
 
 def gen_next(state: GenerationState) -> Optional[str]:

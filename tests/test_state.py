@@ -109,3 +109,62 @@ def test_bad_state_is_a_clear_error_not_a_crash(real_model, tiny_model, tmp_path
         with pytest.raises(LlamaError):
             other.set_seq_state(data, 0)
         assert llamagen.generate(other, "hi", max_new_tokens=2, temp=0) is not None
+
+
+# -- a running generation saved and resumed (GenerationState.save / gen_resume) -----------------
+
+SEEDED = dict(max_new_tokens=40, temp=0.9, top_k=40, top_p=0.95, seed=7, repeat_penalty=1.2,
+              repeat_last_n=16, logprobs=2)
+
+
+def _stream(st):
+    return "".join(st) + st.end()
+
+
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=40, temp=0, logprobs=1), SEEDED,
+                                dict(SEEDED, dry_multiplier=0.8, mirostat=2, seed=3),
+                                dict(SEEDED, json_schema={"type": "object", "properties": {
+                                    "name": {"type": "string"}}, "required": ["name"]})],
+                         ids=["greedy", "seeded", "dry-mirostat", "grammar"])
+def test_a_saved_generation_resumes_on_another_context_with_the_same_tokens(real_model, tmp_path, kw):
+    with llamagen.Context(real_model, n_ctx=512) as ctx:
+        whole = llamagen.gen_begin(ctx, PROMPT, **kw)
+        want = _stream(whole)
+        want_tokens, want_lp = whole.tokens, [t.logprob for t in whole.logprobs]
+        st = llamagen.gen_begin(ctx, PROMPT, **kw)
+        head = "".join(next(st) for _ in range(5))
+        saved = st.save(tmp_path / "gen.state")
+        assert head + _stream(st) == want    # the original goes on: the save changed nothing
+    with llamagen.Context(real_model, n_ctx=1024) as other:     # (another size: same streams)
+        r = llamagen.gen_resume(other, tmp_path / "gen.state")
+        assert r.timings["n_cached_tokens"] > 5
+        tail = _stream(r)
+        assert head + tail == want and r.tokens == want_tokens
+        assert [t.logprob for t in r.logprobs] == want_lp
+        r2 = llamagen.gen_resume(other, saved)           # bytes work as well as a file
+        assert _stream(r2) == tail
+
+
+def test_resume_refuses_what_it_cannot_continue(real_model, tiny_model, tmp_path):
+    with llamagen.Context(real_model, n_ctx=512) as ctx:
+        st = llamagen.gen_begin(ctx, PROMPT, **SEEDED)
+        next(st)
+        saved = st.save()
+        with pytest.raises(ValueError, match="not a saved generation"):
+            llamagen.gen_resume(ctx, b"nonsense bytes here")
+        with pytest.raises(ValueError, match="truncated"):
+            llamagen.gen_resume(ctx, saved[:40])
+        with pytest.raises(LlamaError, match="do not fit"):
+            llamagen.gen_resume(ctx, saved[:-100])
+        assert llamagen.generate(ctx, PROMPT, max_new_tokens=4, temp=0)   # still usable
+        ch = llamagen.gen_begin(ctx, PROMPT, max_new_tokens=8, temp=0.9, seed=1,
+                                sampler_impl="llama.cpp")
+        with pytest.raises(ValueError, match="sampler_impl"):
+            ch.save()
+        done = llamagen.gen_begin(ctx, PROMPT, max_new_tokens=2, temp=0)
+        _stream(done)
+        with pytest.raises(LlamaError, match="over"):
+            done.save()
+    with llamagen.Context(tiny_model, n_ctx=512) as tctx:
+        with pytest.raises(ValueError, match="another model"):
+            llamagen.gen_resume(tctx, saved)

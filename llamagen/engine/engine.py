@@ -290,6 +290,20 @@ class AsyncEngine:
         submitted from now on; running ones keep theirs."""
         self._ctx.set_adapters(_adapters.lora_arg(self.adapters, scales) if scales else None)
 
+    # -- slots (llama-server's /slots/{id}?action=...) --------------------------------------------
+
+    def save_slot(self, slot: int, path) -> tuple:
+        """Write idle slot ``slot``'s prompt cache (its cells and tokens) to ``path``: (tokens,
+        bytes).  Blocks until the engine is between steps; call it off the event loop."""
+        return self._batch.save_slot(slot, path)
+
+    def restore_slot(self, slot: int, path) -> tuple:
+        """Load a ``save_slot`` file into idle slot ``slot`` as its prompt cache: (tokens, bytes)."""
+        return self._batch.restore_slot(slot, path)
+
+    def erase_slot(self, slot: int) -> int:
+        return self._batch.erase_slot(slot)
+
     # -- embeddings ----------------------------------------------------------------------------
 
     @property

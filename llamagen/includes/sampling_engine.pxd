@@ -2,6 +2,7 @@
 # No logic here: cimport as a namespace (`from llamagen.includes cimport sampling_engine as fs`).
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libcpp cimport bool as cbool
+from libcpp.string cimport string
 
 from llamagen.includes.llama cimport llama_sampler, llama_token, llama_token_data, llama_vocab
 
@@ -50,6 +51,8 @@ cdef extern from "sampling/api.h" nogil:
         llama_token resample_grammar(const float * logits, llama_token_data * cand, llama_sampler * grammar)
         void accept(llama_token tok)
         float mirostat_mu()
+        string rng_state() except +
+        bint set_rng_state(const string & s) except +
 
     lgfs_engine * lgfs_new(const lgfs_config & c) except +
     void lgfs_free(lgfs_engine * e)

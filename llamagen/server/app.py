@@ -16,7 +16,7 @@ import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
-from llamagen.server import adapters, anthropic, embeddings, infill, openai, responses
+from llamagen.server import adapters, anthropic, embeddings, infill, openai, responses, slots
 from llamagen.server.auth import require_api_key
 from llamagen.server.deps import (  # noqa: F401  (re-exported)
     DEFAULT_MAX_REQUEST_SEQUENCES, ServerState, get_engine, get_state,
@@ -41,7 +41,8 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
                close_engine: Optional[bool] = None, cors_origins: Iterable[str] = (),
                prepare_threads: int = DEFAULT_PREPARE_THREADS,
                prepare_timeout: float = DEFAULT_PREPARE_TIMEOUT,
-               max_request_sequences: int = DEFAULT_MAX_REQUEST_SEQUENCES) -> FastAPI:
+               max_request_sequences: int = DEFAULT_MAX_REQUEST_SEQUENCES,
+               slot_save_path: Optional[str] = None) -> FastAPI:
     """The server app.
 
     Give either a ready ``engine`` (an AsyncEngine, closed at shutdown only if ``close_engine``)
@@ -69,6 +70,7 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
                         ping_interval=ping_interval,
                         preparation=Preparation(prepare_threads, prepare_timeout),
                         max_request_sequences=max_request_sequences)
+    state.slot_save_path = slot_save_path     # POST /slots/{id}?action=save|restore (slots.py)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -112,6 +114,7 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
     app.include_router(responses.router)
     app.include_router(infill.router)
     app.include_router(adapters.router)
+    app.include_router(slots.router)
     return app
 
 

@@ -34,6 +34,7 @@ class ServerState:
         self.created = int(time.time())
         self.metrics = Metrics(model_name, lambda: self.engine)
         self.responses = ResponseStore()      # for previous_response_id (Responses API)
+        self.slot_save_path: Optional[str] = None     # --slot-save-path (slots.py)
 
 
 def get_state(request: Request) -> ServerState:

@@ -48,6 +48,8 @@ def serve(a) -> int:
             raise ValueError(f"--chat-template-file {a.chat_template_file!r}: {e}") from None
     speculative = from_flags(a)                 # (a bad --spec-* flag: before the model loads)
     loras, cvecs, cvec_layers, lora_init_without_apply = adapter_flags(a)
+    if a.slot_save_path is not None and not os.path.isdir(a.slot_save_path):
+        raise ValueError(f"--slot-save-path {a.slot_save_path!r}: no such folder")
     if a.cache_ram < -1:
         raise ValueError(f"--cache-ram must be -1 (no limit), 0 (off) or MiB, got {a.cache_ram}")
     model = llamagen.Model(path, n_gpu_layers=a.n_gpu_layers)
@@ -96,7 +98,8 @@ def serve(a) -> int:
                      model_name=a.model_alias or os.path.basename(path),
                      max_body_bytes=a.max_body_size, cors_origins=a.cors_origin or (),
                      prepare_threads=a.prepare_threads, prepare_timeout=a.prepare_timeout,
-                     max_request_sequences=a.max_request_sequences)
+                     max_request_sequences=a.max_request_sequences,
+                     slot_save_path=a.slot_save_path)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                             timeout_graceful_shutdown=a.shutdown_grace, lifespan="on",
                             access_log=not a.no_access_log, http=_protocol(a.header_timeout),

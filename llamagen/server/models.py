@@ -15,6 +15,11 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+class SlotAction(_Body):
+    """The body of POST /slots/{id}?action=save|restore (erase needs none)."""
+    filename: Optional[str] = None
+
+
 class LoraEntry(_Body):
     """One adapter of llama-server's ``lora`` list: its id in GET /lora-adapters and its scale
     (absent: 0, as llama-server)."""

@@ -9,6 +9,10 @@
 #include "expf.h"
 #include "types.h"
 
+#include <cstring>
+#include <sstream>
+#include <string>
+
 namespace lgfs {
 
 struct GrammarTrie;                     // grammar.h
@@ -124,6 +128,30 @@ public:
     }
 
     float mirostat_mu() const { return mu; }
+
+    // The random state (the three generators and mirostat's mu) as text, and back: with the
+    // accepted tokens replayed, a saved generation goes on with the draws it would have made.
+    std::string rng_state() const {
+        uint32_t bits;
+        std::memcpy(&bits, &mu, sizeof bits);
+        std::ostringstream o;
+        o << rng_dist << ' ' << rng_xtc << ' ' << rng_miro << ' ' << bits;
+        return o.str();
+    }
+    bool set_rng_state(const std::string & s) {
+        std::istringstream i(s);
+        std::mt19937 d, x, m;
+        uint32_t bits = 0;
+        i >> d >> x >> m >> bits;
+        if (i.fail()) {
+            return false;
+        }
+        rng_dist = d;
+        rng_xtc = x;
+        rng_miro = m;
+        std::memcpy(&mu, &bits, sizeof bits);
+        return true;
+    }
 
 private:
     Config cfg;
