@@ -214,6 +214,7 @@ cdef class BatchGenerator:
             q = _new_seq(self._context, p, <int32_t> toks.size(), self._n_ctx_seq)
         finally:
             self._context._release()
+        _reasoning_prime(q.c, toks, p)
         q.lora = lora
         q.c.lora_id = self._lora_id(lora)
         q.c.prompt = toks

@@ -423,6 +423,7 @@ cdef GenerationState _start(Context ctx, vector[llama.llama_token] & toks, param
         n_ctx = llama.llama_n_ctx_seq(ctx._ctx)
         st._seq = _new_seq(ctx, params, <int32_t> toks.size(), n_ctx)
         st._core = st._seq.c
+        _reasoning_prime(st._core, toks, params)
         st._context = ctx
         st._lctx = ctx._ctx
         st._cand.resize(ctx._n_vocab)

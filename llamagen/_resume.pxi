@@ -127,7 +127,10 @@ def _gen_resume(Context ctx not None, source, lora=None):
             llama.llama_memory_clear(mem, True)
             raise LlamaError("the saved KV cells do not fit this context (another shape or KV "
                              f"type?): {_take_errors() or 'llama.cpp refused them'}")
+        _reasoning_prime(q, prompt, params)
         for t in tokens:          # the sampler's windows and the grammar, as they were
+            if q.rbudget != NULL:
+                llama.llama_sampler_accept(q.rbudget, t)
             if q.grammar != NULL and fs.lgfs_grammar_accept(q.grammar, t) != 0:
                 raise invalid(ValueError, "source", "the saved tokens leave the grammar")
             if q.fast != NULL:

@@ -35,6 +35,8 @@ cdef cppclass SeqCore:
     int32_t error                           # why finish is FINISH_ERROR (GRAMMAR_DEAD_END, ...)
     int engine                              # ENGINE_*: what chose the tokens (kept after end())
     llama.llama_sampler * grammar
+    llama.llama_sampler * rbudget           # thinking budget (SamplingParams.reasoning_budget)
+    vector[float] masked                    # ... the logits row while it forces its end tag
     const llama.llama_vocab * vocab
     int32_t n_vocab
     vector[llama.llama_token] tokens
@@ -98,6 +100,7 @@ cdef cppclass SeqCore:
         this.chain = NULL
         this.fast = NULL
         this.grammar = NULL
+        this.rbudget = NULL
         this.backend = False
         this.attached = False
         this.error = 0
@@ -159,11 +162,27 @@ cdef cppclass SeqCore:
         if this.grammar != NULL:
             llama.llama_sampler_free(this.grammar)
             this.grammar = NULL
+        if this.rbudget != NULL:
+            llama.llama_sampler_free(this.rbudget)
+            this.rbudget = NULL
 
     llama.llama_token sample(const float * logits, llama.llama_token_data * cand) noexcept nogil:
         # the chain (llama.cpp's objects or llamagen's fast engine), then the grammar check;
         # re-sample with the grammar only on rejection; accept (see _sample_token)
         return _sample_token(this.chain, this.fast, this.grammar, this.n_vocab, logits, cand, -1)
+
+    const float * forced_row(const float * logits, llama.llama_token_data * cand) noexcept nogil:
+        # the thinking budget is spent: its sampler leaves one token finite (the next of the
+        # forced end tag); the request's own chain then samples that row, so its windows and
+        # random draws go on as llama.cpp's would
+        cdef llama.llama_token_data_array arr
+        cdef int32_t i
+        _whole_vocab(&arr, cand, logits, this.n_vocab)
+        llama.llama_sampler_apply(this.rbudget, &arr)
+        this.masked.resize(this.n_vocab)
+        for i in range(this.n_vocab):
+            this.masked[cand[i].id] = cand[i].logit
+        return this.masked.data()
 
     void attach(bint ok) noexcept nogil:
         # the outcome of Context._attach for this sequence's chain
@@ -240,9 +259,14 @@ cdef cppclass SeqCore:
                 this.lp_top.resize(at + this.n_logprobs)
                 norm = lglp.row(logits, this.n_vocab, this.n_logprobs, this.lp_ids.data() + at,
                                 this.lp_top.data() + at, heap)
-            tok = this.sample(logits, cand)
+            if this.rbudget != NULL and lgchat.reasoning_budget_state(this.rbudget) == 2:
+                tok = this.sample(this.forced_row(logits, cand), cand)
+            else:
+                tok = this.sample(logits, cand)
             if this.n_logprobs >= 0 and tok >= 0:
                 this.lp.push_back(<float> (<double> logits[tok] - norm))
+            if this.rbudget != NULL and tok >= 0:
+                llama.llama_sampler_accept(this.rbudget, tok)
         this.t_sample_ns += llamagen_monotonic_ns() - t1
         if tok < 0:         # GRAMMAR_DEAD_END or BACKEND_NO_OUTPUT
             if this.n_logprobs >= 0:
@@ -436,9 +460,54 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
         # "backend": the same chain, attached to the context when the sequence starts decoding
         c.backend = params.sampler_impl == "backend"
     c.grammar = _build_grammar(params, ctx._vocab)
+    if params.reasoning_budget is not None:
+        c.rbudget = _reasoning_budget(params, ctx._vocab)
     spec = params.speculative
-    if spec is not None and c.engine != ENGINE_BACKEND and not c.backend:
+    if spec is not None and c.engine != ENGINE_BACKEND and not c.backend and c.rbudget == NULL:
         c.spec_n_max = spec.n_max
         c.spec_n_min = spec.n_min
         c.spec_adaptive = spec.adaptive
     return q
+
+
+cdef llama.llama_sampler * _reasoning_budget(params, const llama.llama_vocab * vocab) except NULL:
+    """The thinking-budget sampler of ``params`` (llama.cpp's common/reasoning-budget.h)."""
+    cdef vector[int] start = params.reasoning_start
+    cdef vector[int] forced = params.reasoning_forced
+    cdef vector[int] ends, lens
+    cdef string err
+    cdef llama.llama_sampler * r
+    for e in params.reasoning_end:
+        lens.push_back(len(e))
+        for t in e:
+            ends.push_back(t)
+    r = lgchat.reasoning_budget_new(vocab, start.data(), <int> start.size(), ends.data(),
+                                    lens.data(), <int> lens.size(), forced.data(),
+                                    <int> forced.size(), params.reasoning_budget, err)
+    if r == NULL:
+        raise invalid(ValueError, "reasoning_budget", err.decode("utf-8", "replace"))
+    return r
+
+
+cdef void _reasoning_prime(SeqCore * c, const vector[llama.llama_token] & prompt, params) noexcept:
+    """A template that opens the thinking block in its generation prompt: the budget starts
+    counting there (its start tag, the last in the prompt and not closed after it, is shown to
+    the budget sampler; the tokens after the tag are not counted, only generated ones are)."""
+    cdef size_t n = prompt.size()
+    if c.rbudget == NULL:
+        return
+    tail = [prompt[i] for i in range(n - min(n, <size_t> 256), n)]
+    start = list(params.reasoning_start)
+    ends = [list(e) for e in params.reasoning_end]
+    k = len(start)
+    for i in range(len(tail) - k, -1, -1):
+        if tail[i:i + k] != start:
+            continue
+        after = tail[i + k:]
+        for e in ends:
+            for j in range(len(after)):
+                if after[j:j + len(e)] == e:
+                    return              # closed again in the prompt
+        for t in start:
+            llama.llama_sampler_accept(c.rbudget, t)
+        return

@@ -103,7 +103,9 @@ class ChatPrompt:
     def params(self, params: Optional[SamplingParams] = None, **overrides) -> SamplingParams:
         """SamplingParams for this chat: ``params`` (or the defaults) with ``overrides``, plus
         what the template asks (its stop strings are added to yours).  A grammar of your own
-        cannot be combined with a tool-call grammar (llama-server refuses it too)."""
+        cannot be combined with a tool-call grammar (llama-server refuses it too).
+        ``reasoning_budget`` uses the template's thinking tags (a ValueError without them)."""
+        budget = overrides.pop("reasoning_budget", None)
         p = resolve(params, (), overrides)
         extra = dict(self.sampling)
         # (with tools but a template without tool syntax too: calls could not be parsed from
@@ -114,6 +116,8 @@ class ChatPrompt:
         stops = tuple(extra.pop("stop", ()))
         if stops:
             extra["stop"] = tuple(p.stop) + tuple(s for s in stops if s not in p.stop)
+        if budget is not None:
+            extra["reasoning_budget"] = budget
         return p.replace(**extra) if extra else p
 
     def parse(self, text: str, *, partial: bool = False) -> dict:
@@ -215,6 +219,12 @@ def prepare(model, messages, *, tools=None, tool_choice=None, parallel_tool_call
             sampling["grammar_prefill"] = tuple(r["prefill_tokens"])
     if r["preserved_ids"]:
         sampling["preserved_tokens"] = tuple(r["preserved_ids"])
+    if r["supports_thinking"] and r["thinking_start_tag"] and any(r["thinking_end_tags"]):
+        # the thinking tags as tokens, for a thinking budget (SamplingParams.reasoning_budget)
+        def ids(tag):
+            return tuple(model.tokenize(tag, add_special=False, parse_special=True))
+        sampling["reasoning_start"] = ids(r["thinking_start_tag"])
+        sampling["reasoning_end"] = tuple(ids(t) for t in r["thinking_end_tags"] if t)
     spec = (r["format_id"], r["generation_prompt"], r["parser"], r["tools"],
             REASONING_FORMATS[reasoning_format])
     cp = ChatPrompt(prompt=r["prompt"], sampling=sampling, tools=r["tools"],

@@ -42,6 +42,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
             continue            # the CLI prints text; logprobs are a library / server feature
         elif f.name in ("speculative", "lora"):
             continue            # --spec-* (add_spec_args), --lora (add_adapter_args)
+        elif f.name in ("reasoning_start", "reasoning_end", "reasoning_forced", "prompt_logprobs"):
+            continue            # (token ids a chat template gives; a library / server feature)
+        elif f.name == "reasoning_budget":
+            g.add_argument(flag, type=int, default=None, metavar="N",
+                           help="thinking tokens before the end tag is forced (--chat)")
         elif f.name == "json_schema":
             g.add_argument(flag, default=None, metavar="JSON|@PATH",
                            help="constrain the output to a JSON schema (text, or @file)")

@@ -234,6 +234,14 @@ class SamplingParams:
     # scale 1), kept as a tuple of (adapter, scale) without zero scales; () is the base model,
     # None the context's default (Context.set_adapters)
     lora: Optional[Tuple[Tuple[object, float], ...]] = None
+    # thinking budget (a template that thinks, common/reasoning-budget.h): at most
+    # ``reasoning_budget`` tokens after ``reasoning_start`` and before one of ``reasoning_end``,
+    # then ``reasoning_forced`` (default: the first end sequence) is forced token by token.
+    # Token ids; llamagen.chat fills start / end from the template (ChatPrompt.params)
+    reasoning_budget: Optional[int] = None
+    reasoning_start: Tuple[int, ...] = ()
+    reasoning_end: Tuple[Tuple[int, ...], ...] = ()
+    reasoning_forced: Tuple[int, ...] = ()
 
     def __post_init__(self):
         s = object.__setattr__
@@ -392,6 +400,7 @@ class SamplingParams:
         if self.speculative is not None:
             from llamagen.speculative import coerce
             s(self, "speculative", coerce(self.speculative))
+        self._check_reasoning(s)
         if self.sampler_impl == "backend" and self.speculative is not None:
             raise invalid(ValueError, "speculative", "speculative decoding cannot be combined with "
                              "sampler_impl='backend': each drafted position is sampled on the host "
@@ -402,6 +411,32 @@ class SamplingParams:
         if self.sampler_impl == "backend" and self.logprobs is not None:
             raise invalid(ValueError, "logprobs", "logprobs cannot be combined with sampler_impl='backend': the logits "
                              "stay on the output device (use 'fast')")
+
+    def _check_reasoning(self, s) -> None:
+        ids = "token ids (ints >= 0)"
+        s(self, "reasoning_start", tuple(_int("reasoning_start", t, 0, INT32_MAX, ids)
+                                         for t in _tuple("reasoning_start", self.reasoning_start, ids)))
+        ends = []
+        for e in _tuple("reasoning_end", self.reasoning_end, "token id sequences"):
+            seq = tuple(_int("reasoning_end", t, 0, INT32_MAX, ids) for t in _tuple("reasoning_end", e, ids))
+            if seq:
+                ends.append(seq)
+        s(self, "reasoning_end", tuple(ends))
+        s(self, "reasoning_forced", tuple(_int("reasoning_forced", t, 0, INT32_MAX, ids)
+                                          for t in _tuple("reasoning_forced", self.reasoning_forced, ids)))
+        if self.reasoning_budget is None:
+            return
+        s(self, "reasoning_budget", _int("reasoning_budget", self.reasoning_budget, 0, INT32_MAX,
+                                         "None (no budget) or the most thinking tokens, >= 0"))
+        if not self.reasoning_start or not self.reasoning_end:
+            raise invalid(ValueError, "reasoning_budget", "reasoning_budget needs the thinking "
+                          "tags (reasoning_start / reasoning_end): a chat template that thinks "
+                          "fills them (llamagen.chat.prepare(...).params())")
+        if not self.reasoning_forced:
+            s(self, "reasoning_forced", self.reasoning_end[0])
+        if self.sampler_impl == "backend":
+            raise invalid(ValueError, "reasoning_budget", "a thinking budget cannot be combined "
+                          "with sampler_impl='backend' (use 'fast')")
 
     @property
     def gbnf(self) -> Optional[str]:
@@ -424,8 +459,10 @@ class SamplingParams:
         d["logit_bias"] = dict(self.logit_bias)
         d["stop"] = list(self.stop)
         d["dry_sequence_breakers"] = list(self.dry_sequence_breakers)
-        for name in ("grammar_triggers", "grammar_trigger_tokens", "grammar_prefill", "preserved_tokens"):
+        for name in ("grammar_triggers", "grammar_trigger_tokens", "grammar_prefill", "preserved_tokens",
+                     "reasoning_start", "reasoning_forced"):
             d[name] = list(d[name])
+        d["reasoning_end"] = [list(e) for e in self.reasoning_end]
         if self.speculative is not None:
             d["speculative"] = self.speculative.to_dict()
         if self.lora is not None:

@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from llamagen._schema import MAX_SCHEMA_DEPTH, _children, _pointer, check_limits
+from llamagen._schema_lower import lower
 
 __all__ = ["schema_to_grammar", "check_schema", "check_limits", "JSON_OBJECT_SCHEMA",
            "UNSUPPORTED_KEYWORDS", "MAX_SCHEMA_DEPTH"]
@@ -33,7 +34,9 @@ _FORMATS = frozenset({"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uu
                       "uuid5"})
 _SUPPORTED = ("type, properties, required, additionalProperties, items, prefixItems, minItems, "
               "maxItems, enum, const, anyOf, oneOf, allOf, $ref, $defs, minLength, maxLength, "
-              "pattern, format (date, time, date-time, uuid), integer minimum/maximum")
+              "pattern, format (date, time, date-time, uuid, email, hostname, ipv4, uri), "
+              "minimum/maximum/exclusiveMinimum/exclusiveMaximum on integers and numbers, "
+              "integer multipleOf (docs/structured.md)")
 
 # What each keyword constrains: a keyword the converter drops at a node matters only when the node
 # can produce an instance of those types (JSON Schema applies ``minLength`` to strings only, ...)
@@ -361,14 +364,17 @@ def normalize(value: Any) -> str:
         parsed = value
     else:
         raise TypeError(f"json_schema must be a dict or a JSON string, got {type(value).__name__}")
-    check_schema(parsed)
+    if isinstance(parsed, dict):
+        check_limits(parsed)                # (first: what follows walks it)
     try:
-        return json.dumps(parsed, ensure_ascii=False, allow_nan=False)
+        text = json.dumps(parsed, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"json_schema is not JSON-serializable: {e}") from None
     except RecursionError:      # (json's encoder recurses per level; the caller's stack counts)
         raise ValueError(f"json_schema nests too deeply to serialize (the limit is "
                          f"{MAX_SCHEMA_DEPTH} levels, fewer on a deep call stack)") from None
+    check_schema(lower(parsed)[0])          # (what lower() enforces is no longer refused)
+    return text
 
 
 # llama.cpp's converter, installed by the compiled core as it loads (``import llamagen`` always
@@ -387,7 +393,18 @@ def _install_converter(fn) -> None:
 def _convert(text: str) -> str:
     if _converter is None:
         raise RuntimeError("llamagen's compiled core is not loaded (import llamagen first)")
-    return _converter(text)
+    parsed = json.loads(text)
+    lowered, subs = lower(parsed)
+    grammar = _converter(text if lowered is parsed else json.dumps(lowered, ensure_ascii=False))
+    extra = []
+    for name, (expr, rules) in subs.items():
+        literal = '"\\"' + name + '\\""'
+        if literal not in grammar:
+            raise RuntimeError(f"the converter did not write placeholder {name}")
+        grammar = grammar.replace(literal, "(" + expr + ")")
+        if rules:
+            extra.append(rules)
+    return grammar.rstrip("\n") + ("\n" + "\n".join(extra) if extra else "") + "\n"
 
 
 def schema_to_grammar(schema: Any) -> str:

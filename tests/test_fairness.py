@@ -39,7 +39,9 @@ REFUSED = [
     ({"type": "integer", "minimum": 2 ** 70}, "beyond the converter's integer range"),
     ({"minimum": 3}, "minimum here is ignored"),                    # bounds without a type
     ({"maximum": 3, "description": "x"}, "maximum here is ignored"),
-    ({"$ref": "#/x", "x": {"type": "integer", "multipleOf": 3}}, "multipleOf at #/$ref"),
+    ({"$ref": "#/x", "x": {"type": "number", "multipleOf": 0.5}}, "multipleOf 0.5 on a number at #/x"),
+    ({"type": "number", "minimum": 2, "maximum": 1}, "no number lies between"),
+    ({"type": "number", "minimum": 1e20}, "beyond 1e16"),
     ({"$ref": "#/$defs/a", "$defs": {"a": {"type": "string"}}, "maxLength": 2}, "beside $ref"),
     ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]},
      "required names 'b'"),

@@ -161,3 +161,60 @@ def test_responses_reasoning_items(oai):
                 deltas += ev.delta
         final = s.get_final_response()
     assert deltas == reasoning and final.output_text == r.output_text
+
+
+# -- the thinking budget (common/reasoning-budget.h) -----------------------------------------------
+
+def _think_split(model, tokens):
+    """(tokens before the first "</think>", the whole text) of generated ``tokens``."""
+    text = model.detokenize(tokens)
+    end = model.tokenize("</think>", add_special=False, parse_special=True)
+    for i in range(len(tokens) - len(end) + 1):
+        if tokens[i:i + len(end)] == end:
+            return i, text
+    return None, text
+
+
+@pytest.mark.parametrize("budget", [0, 6])
+def test_a_thinking_budget_forces_the_end_tag_after_its_tokens(smol, budget):
+    cp = chat.prepare(smol, Q, template=THINK_TEMPLATE)
+    p = cp.params(max_new_tokens=40, temp=0.8, seed=3, reasoning_budget=budget)
+    assert p.reasoning_start and p.reasoning_end and p.reasoning_forced == p.reasoning_end[0]
+    with llamagen.Context(smol, n_ctx=1024, n_seq_max=2) as ctx:
+        free = llamagen.generate(ctx, cp.tokens, params=cp.params(max_new_tokens=40, temp=0.8, seed=3),
+                                 return_logprobs=True)
+        assert _think_split(smol, free.tokens)[0] is None or _think_split(smol, free.tokens)[0] > budget
+        c = llamagen.generate(ctx, cp.tokens, params=p, return_logprobs=True)
+        at, text = _think_split(smol, c.tokens)
+        assert at == budget, text                  # exactly the budget, then the end tag
+        assert len(c.tokens) > at + 3              # and the answer goes on after it
+        assert c.tokens[:budget] == free.tokens[:budget]     # nothing changed before the cut
+        st = llamagen.gen_begin(ctx, cp.tokens, params=p)
+        assert "".join(st) + st.end() == c.text    # the stream: the same text
+        bg = llamagen.BatchGenerator(ctx, params=p)
+        sid = bg.add(cp.tokens)
+        assert "".join(ch for _, ch in bg) == c.text
+    reply = cp.reply(c.text)                       # the parser splits the cut block out
+    assert "</think>" not in (reply["content"] or "")
+    assert bool(reply.get("reasoning_content")) == (budget > 0)
+
+
+def test_a_budget_needs_thinking_tags():
+    with pytest.raises(ValueError, match="thinking"):
+        llamagen.SamplingParams(reasoning_budget=10)
+    with pytest.raises(llamagen.InvalidParamError):
+        llamagen.SamplingParams(reasoning_budget=-3, reasoning_start=(1,), reasoning_end=((2,),))
+
+
+def test_budget_over_http_chat_and_anthropic(oai, srv, smol):
+    r = oai.chat.completions.create(model="m", messages=Q, max_tokens=40, temperature=0,
+                                    extra_body={"reasoning_budget_tokens": 3})
+    reasoning = r.choices[0].message.model_extra["reasoning_content"]
+    assert len(smol.tokenize(reasoning, add_special=False)) <= 4, reasoning
+    free = oai.chat.completions.create(model="m", messages=Q, max_tokens=40, temperature=0)
+    assert len(free.choices[0].message.model_extra.get("reasoning_content") or "") > len(reasoning)
+    c = anthropic.Anthropic(base_url=srv.url, api_key="none", max_retries=0, timeout=120)
+    m = c.messages.create(model="m", max_tokens=40, messages=Q, extra_body={"temperature": 0},
+                          thinking={"type": "enabled", "budget_tokens": 3})
+    assert m.content[0].type == "thinking"
+    assert len(smol.tokenize(m.content[0].thinking, add_special=False)) <= 4

@@ -369,7 +369,7 @@ _CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         "type": "json_schema", "json_schema": {"schema": {"type": "object"}}}},
      "response_format.json_schema.name"),
     ("/v1/chat/completions", {**_CHAT, "response_format": {
-        "type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "number", "minimum": 1}}}},
+        "type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "number", "multipleOf": 0.1}}}},
      "response_format.json_schema.schema"),
     ("/v1/completions", {"prompt": "hi", "response_format": {
         "type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "nope"}}}},

@@ -402,10 +402,10 @@ def test_bad_anthropic_tool_requests_are_400(smol_tools, body):
 def test_the_same_call_as_llama_server(smol_tools, smollm2_path, template_file, tmp_path):
     # llama-server (same llama.cpp, --jinja, the same template file) answers the same request
     # with the same call
-    from test_chat_template import _running_llama_server
+    from server_util import running_llama_server
     body = {"messages": CONVERSATION, "tools": [WEATHER], "tool_choice": "required", "temperature": 0,
             "max_tokens": 120, "logit_bias": SMOL_BIAS}
-    with _running_llama_server(smollm2_path, ["--jinja", "--chat-template-file", str(template_file)],
+    with running_llama_server(smollm2_path, ["--jinja", "--chat-template-file", str(template_file)],
                                tmp_path) as url:
         theirs = httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
     ours = _post(smol_tools, "/v1/chat/completions", body).json()

@@ -8,6 +8,7 @@
 #include "json.h"
 #include "llama.h"
 #include "log.h"
+#include "reasoning-budget.h"
 #include "jinja/utils.h"   // the render budget (third_party patch 0003)
 
 #include <algorithm>
@@ -297,6 +298,29 @@ int parser_parse(const Parser * p, const std::string & text, bool is_partial, st
         set_error(err, "unknown C++ exception while parsing the model's output");
     }
     return -1;
+}
+
+llama_sampler * reasoning_budget_new(const llama_vocab * vocab, const int * start, int n_start,
+                                     const int * ends, const int * end_lens, int n_ends,
+                                     const int * forced, int n_forced, int budget,
+                                     std::string & err) noexcept {
+    try {
+        std::vector<llama_tokens> end_seqs;
+        for (int i = 0, at = 0; i < n_ends; at += end_lens[i], i++) {
+            end_seqs.emplace_back(ends + at, ends + at + end_lens[i]);
+        }
+        return common_reasoning_budget_init(vocab, {llama_tokens(start, start + n_start)}, end_seqs,
+                                            llama_tokens(forced, forced + n_forced), budget);
+    } catch (const std::exception & e) {
+        set_error(err, e.what());
+    } catch (...) {
+        set_error(err, "unknown C++ exception while making the reasoning budget");
+    }
+    return nullptr;
+}
+
+int reasoning_budget_state(const llama_sampler * smpl) noexcept {
+    return (int) common_reasoning_budget_get_state(smpl);
 }
 
 }  // namespace lgchat

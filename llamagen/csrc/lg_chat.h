@@ -12,6 +12,7 @@
 
 struct llama_model;
 struct llama_vocab;
+struct llama_sampler;
 
 namespace lgchat {
 
@@ -90,5 +91,16 @@ void parser_free(Parser * p) noexcept;
 // success; -1 with err set when the text does not parse.
 int parser_parse(const Parser * p, const std::string & text, bool is_partial, std::string & out_json,
                  std::string & err) noexcept;
+
+// A thinking budget (common/reasoning-budget.h): a llama_sampler that, once ``budget`` tokens were
+// generated after ``start`` (and before any of ``ends``), makes ``forced`` the only tokens left,
+// one by one.  ``ends`` holds end sequences back to back, ``end_lens`` their lengths.  The state
+// of common_reasoning_budget_state is returned by reasoning_budget_state (FORCING: 2).  nullptr
+// when llama.cpp refuses (err set).
+llama_sampler * reasoning_budget_new(const llama_vocab * vocab, const int * start, int n_start,
+                                            const int * ends, const int * end_lens, int n_ends,
+                                            const int * forced, int n_forced, int budget,
+                                            std::string & err) noexcept;
+int reasoning_budget_state(const llama_sampler * smpl) noexcept;
 
 }  // namespace lgchat

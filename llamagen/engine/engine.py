@@ -164,11 +164,18 @@ class AsyncEngine:
         if isinstance(spec, dict) and self.speculative is not None:
             # a request's fields change the engine's drafting, not replace it
             sampling = dict(sampling, speculative={**self.speculative.to_dict(), **spec})
+        budget = None
+        if isinstance(prompt, chat.ChatPrompt) and "reasoning_budget" in sampling:
+            sampling = dict(sampling)
+            budget = sampling.pop("reasoning_budget")   # (needs the template's thinking tags)
         p = resolve(params if params is not None else self.defaults, (), sampling)
         if self.speculative is not None and p.speculative is None and "speculative" not in sampling:
             p = p.replace(speculative=self.speculative)
         if isinstance(prompt, chat.ChatPrompt):
             p = prompt.params(p)                   # what its template asks of sampling
+            if budget is not None and p.reasoning_end:
+                # (a template that does not think: ignored, as llama-server does)
+                p = p.replace(reasoning_budget=budget)
             prompt = prompt.tokens
         for a, _ in p.lora or ():
             if a.model is not self.model or a.closed:

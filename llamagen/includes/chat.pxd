@@ -6,7 +6,7 @@ from libcpp cimport bool as cbool
 from libcpp.string cimport string
 from libcpp.vector cimport vector
 
-from llamagen.includes.llama cimport llama_model, llama_vocab
+from llamagen.includes.llama cimport llama_model, llama_sampler, llama_vocab
 
 
 cdef extern from "lg_chat.h" namespace "lgchat" nogil:
@@ -53,3 +53,9 @@ cdef extern from "lg_chat.h" namespace "lgchat" nogil:
     void parser_free(Parser * p) noexcept
     int parser_parse(const Parser * p, const string & text, cbool is_partial, string & out_json,
                      string & err) noexcept
+
+    llama_sampler * reasoning_budget_new(const llama_vocab * vocab, const int * start, int n_start,
+                                         const int * ends, const int * end_lens, int n_ends,
+                                         const int * forced, int n_forced, int budget,
+                                         string & err) noexcept
+    int reasoning_budget_state(const llama_sampler * smpl) noexcept

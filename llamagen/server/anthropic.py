@@ -53,6 +53,10 @@ async def messages(body: MessagesRequest, request: Request, engine=Depends(get_e
     chat = prompt if prompt.parses else None       # parsed for tool calls and thinking
     kwargs, origin = sampling_kwargs(body, seed=None)
     tool_origin(prompt, origin)
+    budget = (body.thinking or {}).get("budget_tokens")
+    if (body.thinking or {}).get("type") == "enabled" and budget is not None:
+        kwargs["reasoning_budget"] = budget         # Anthropic's thinking budget, enforced
+        origin["reasoning_budget"] = "thinking.budget_tokens"
     timer = st.metrics.timer()
     source = await streams.open_source(st.prep, engine, [prompt], kwargs, origin,
                                        prompt_param="messages")

@@ -68,6 +68,9 @@ class LlamagenSampling(_Body):
     speculative_ngram_min_hits: Optional[int] = Field(default=None, alias="speculative.ngram_min_hits")
     # LoRA adapters for this request, as llama-server: [{"id", "scale"}]; those not listed are off
     lora: Optional[List[LoraEntry]] = None
+    # a thinking budget (llama-server's name; -1: none): the end tag is forced after this many
+    # thinking tokens (chat requests with a template that thinks)
+    reasoning_budget_tokens: Optional[int] = None
 
 
 class StreamOptions(_Body):

@@ -24,6 +24,7 @@ _RENAMED = {
     "n_predict": "max_new_tokens",
     "repetition_penalty": "repeat_penalty",
     "stop_sequences": "stop",
+    "reasoning_budget_tokens": "reasoning_budget",      # llama-server's name
 }
 _ENGINE_FIELDS = frozenset(ENGINE_FIELDS)
 # llama-server's per-request speculative fields -> llamagen.Speculative's
@@ -58,6 +59,8 @@ def sampling_kwargs(req: LlamagenSampling, **defaults) -> tuple[dict, dict]:
             value = fold_seed(value)
         elif field == "stop" and isinstance(value, list):
             value = tuple(value)
+        elif field == "reasoning_budget" and value == -1:
+            continue            # (llama-server's "no budget")
         elif field == "lora":
             if not value:
                 continue        # ([]: the server's default set, as in llama-server)
