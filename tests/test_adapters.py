@@ -33,10 +33,8 @@ def files(tmp_path_factory, tiny_model_path):
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_path):
-    m = llamagen.Model(tiny_model_path)
-    yield m
-    m.close()
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
