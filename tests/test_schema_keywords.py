@@ -138,7 +138,7 @@ def smol_ctx(smollm2_path):
     model.close()
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
+@settings(max_examples=15, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(fields=st.lists(_field(), min_size=1, max_size=3), seed=st.integers(0, 2**16))
 def test_generated_json_always_validates_under_constrained_schemas(smol_ctx, fields, seed):
