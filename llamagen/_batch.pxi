@@ -781,37 +781,47 @@ cdef class BatchGenerator:
                     q.c.drafter = self._drafter_for(q.params.speculative)
                     q.c.dseq = slot
                     q.c.spec_begun = False
-            groups = {}                 # LoRA set number -> its live sequences
+            first = None
+            mixed = False
             self._live.clear()
             for q in self._slots:
                 if q is not None:
                     self._live.push_back(q.c)
-                    g = groups.get(q.c.lora_id)
-                    if g is None:
-                        groups[q.c.lora_id] = g = [q]
-                    else:
-                        g.append(q)
+                    if first is None:
+                        first = q
+                    elif q.c.lora_id != (<_Seq> first).c.lora_id:
+                        mixed = True
             if self._live.size() == 0:
                 return 0
             if self._cands[0].size() == 0:
                 for i in range(self._cands.size()):
                     self._cands[i].resize(ctx._n_vocab)
-            # llama.cpp applies adapters per context: one decode per LoRA set, the set already
-            # applied first (two sets alternating switch once per step, not twice)
-            order = [groups[k] for k in sorted(groups)]
-            for gi in range(1, len(order)):
-                if (<_Seq> order[gi][0]).lora == ctx._lora_applied:
-                    order.insert(0, order.pop(gi))
-                    break
+            order = [None]              # (one LoRA set, the usual case: every live sequence)
+            if mixed:
+                # llama.cpp applies adapters per context: one decode per LoRA set, the set
+                # already applied first (two sets alternating switch once per step, not twice)
+                groups = {}
+                for q in self._slots:
+                    if q is not None:
+                        groups.setdefault(q.c.lora_id, []).append(q)
+                order = [groups[k] for k in sorted(groups)]
+                for gi in range(1, len(order)):
+                    if (<_Seq> order[gi][0]).lora == ctx._lora_applied:
+                        order.insert(0, order.pop(gi))
+                        break
             rc_all = -100
             aborted = False
             for gi, g in enumerate(order):
-                if (<_Seq> g[0]).lora != ctx._lora_applied:
-                    ctx._use_lora((<_Seq> g[0]).lora)
+                head = first if g is None else g[0]
+                if (<_Seq> head).lora != ctx._lora_applied:
+                    ctx._use_lora((<_Seq> head).lora)
                     self.n_lora_switches += 1
-                self._active.clear()
-                for q in g:
-                    self._active.push_back(q.c)
+                if g is None:
+                    self._active = self._live
+                else:
+                    self._active.clear()
+                    for q in g:
+                        self._active.push_back(q.c)
                 rc = self._decode_group()
                 if ctx._abort.interrupted and rc != 0:
                     # the decode was aborted (nothing of it counts): the batch stays usable
