@@ -1,10 +1,8 @@
 """Saved and restored state (issue 30): the whole context to a file and back, one sequence as bytes
-or a file, and a generation continued from a loaded state without prefilling its tokens again,
-with the very tokens and logprobs of a cold run."""
+or a file, a generation continued from a loaded state without prefilling its tokens again, with
+the very tokens and logprobs of a cold run, and a running GenerationState saved and resumed on
+another context with the tokens it would have produced."""
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 
