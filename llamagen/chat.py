@@ -88,6 +88,8 @@ class ChatPrompt:
     _spec: Any = dataclasses.field(repr=False, compare=False, default=None)
     thinking: bool = False
     reasoning_format: str = "deepseek"
+    # the model's tokenizer (a budget message's tokens)
+    _tokenize: Any = dataclasses.field(repr=False, compare=False, default=None)
 
     @property
     def parses(self) -> bool:
@@ -106,6 +108,7 @@ class ChatPrompt:
         cannot be combined with a tool-call grammar (llama-server refuses it too).
         ``reasoning_budget`` uses the template's thinking tags (a ValueError without them)."""
         budget = overrides.pop("reasoning_budget", None)
+        message = overrides.pop("reasoning_budget_message", None)
         p = resolve(params, (), overrides)
         extra = dict(self.sampling)
         # (with tools but a template without tool syntax too: calls could not be parsed from
@@ -116,9 +119,24 @@ class ChatPrompt:
         stops = tuple(extra.pop("stop", ()))
         if stops:
             extra["stop"] = tuple(p.stop) + tuple(s for s in stops if s not in p.stop)
-        if budget is not None:
-            extra["reasoning_budget"] = budget
-        return p.replace(**extra) if extra else p
+        p = p.replace(**extra) if extra else p
+        return self.budgeted(p, budget, message, strict=True) if budget is not None else p
+
+    def budgeted(self, p: SamplingParams, budget: Optional[int], message: Optional[str] = None,
+                 strict: bool = False) -> SamplingParams:
+        """``p`` (made by ``params``) with a thinking budget of ``budget`` tokens, after which
+        ``message`` (if any) and the template's end tag are forced.  A template that does not
+        think: ``p`` as it is (llama-server ignores the budget then), or a ValueError if
+        ``strict``."""
+        if budget is None or (not p.reasoning_end and not strict):
+            return p
+        forced = ()
+        if message and p.reasoning_end:
+            if not isinstance(message, str):
+                raise invalid(TypeError, "reasoning_budget_message", "reasoning_budget_message "
+                              f"must be a string, got {type(message).__name__}")
+            forced = tuple(self._tokenize(message)) + p.reasoning_end[0]
+        return p.replace(reasoning_budget=budget, reasoning_forced=forced)
 
     def parse(self, text: str, *, partial: bool = False) -> dict:
         """The assistant message in ``text`` (the generated text, as generate() returns it):
@@ -232,7 +250,8 @@ def prepare(model, messages, *, tools=None, tool_choice=None, parallel_tool_call
                     generation_prompt=r["generation_prompt"],
                     tokens=prompt_tokens(model, r["prompt"]) if tokenize else [],
                     _spec=spec, thinking=bool(r["supports_thinking"]),
-                    reasoning_format=reasoning_format)
+                    reasoning_format=reasoning_format,
+                    _tokenize=lambda t: model.tokenize(t, add_special=False, parse_special=False))
     if cp.parses:
         cp.parser           # (parsed on every reply: load the parser now, once)
     return cp

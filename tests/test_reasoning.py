@@ -218,3 +218,16 @@ def test_budget_over_http_chat_and_anthropic(oai, srv, smol):
                           thinking={"type": "enabled", "budget_tokens": 3})
     assert m.content[0].type == "thinking"
     assert len(smol.tokenize(m.content[0].thinking, add_special=False)) <= 4
+
+
+def test_a_budget_message_is_written_before_the_end_tag(smol, oai):
+    cp = chat.prepare(smol, Q, template=THINK_TEMPLATE)
+    p = cp.params(max_new_tokens=30, temp=0, reasoning_budget=2,
+                  reasoning_budget_message=" Time is up.")
+    assert p.reasoning_forced[-len(p.reasoning_end[0]):] == p.reasoning_end[0]
+    with llamagen.Context(smol, n_ctx=1024) as ctx:
+        text = llamagen.generate(ctx, cp.tokens, params=p)
+    assert " Time is up.</think>" in text
+    r = oai.chat.completions.create(model="m", messages=Q, max_tokens=30, temperature=0, extra_body={
+        "reasoning_budget_tokens": 2, "reasoning_budget_message": " Time is up."})
+    assert r.choices[0].message.model_extra["reasoning_content"].rstrip().endswith("Time is up.")

@@ -164,18 +164,20 @@ class AsyncEngine:
         if isinstance(spec, dict) and self.speculative is not None:
             # a request's fields change the engine's drafting, not replace it
             sampling = dict(sampling, speculative={**self.speculative.to_dict(), **spec})
-        budget = None
-        if isinstance(prompt, chat.ChatPrompt) and "reasoning_budget" in sampling:
-            sampling = dict(sampling)
-            budget = sampling.pop("reasoning_budget")   # (needs the template's thinking tags)
+        budget = message = None
+        if "reasoning_budget_message" in sampling or (isinstance(prompt, chat.ChatPrompt)
+                                                     and "reasoning_budget" in sampling):
+            sampling = dict(sampling)       # (a chat budget needs the template's thinking tags)
+            message = sampling.pop("reasoning_budget_message", None)
+            if isinstance(prompt, chat.ChatPrompt):
+                budget = sampling.pop("reasoning_budget", None)
         p = resolve(params if params is not None else self.defaults, (), sampling)
         if self.speculative is not None and p.speculative is None and "speculative" not in sampling:
             p = p.replace(speculative=self.speculative)
         if isinstance(prompt, chat.ChatPrompt):
             p = prompt.params(p)                   # what its template asks of sampling
-            if budget is not None and p.reasoning_end:
-                # (a template that does not think: ignored, as llama-server does)
-                p = p.replace(reasoning_budget=budget)
+            # (a template that does not think: the budget is ignored, as llama-server does)
+            p = prompt.budgeted(p, budget, message)
             prompt = prompt.tokens
         for a, _ in p.lora or ():
             if a.model is not self.model or a.closed:

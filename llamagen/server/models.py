@@ -71,6 +71,7 @@ class LlamagenSampling(_Body):
     # a thinking budget (llama-server's name; -1: none): the end tag is forced after this many
     # thinking tokens (chat requests with a template that thinks)
     reasoning_budget_tokens: Optional[int] = None
+    reasoning_budget_message: Optional[str] = None  # written before the forced end tag
 
 
 class StreamOptions(_Body):

@@ -51,6 +51,9 @@ def sampling_kwargs(req: LlamagenSampling, **defaults) -> tuple[dict, dict]:
             spec[_SPEC_DOTTED[name]] = value
             continue
         field = _RENAMED.get(name, name)
+        if field == "reasoning_budget_message":
+            out[field] = value              # (chat: ChatPrompt.budgeted tokenizes it)
+            continue
         if field not in _ENGINE_FIELDS:
             continue
         if field == "logit_bias":
