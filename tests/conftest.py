@@ -106,6 +106,14 @@ def real_model(real_model_path):
     model.close()
 
 
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_path):
+    """SmolLM2 loaded once for the modules that only read it (contexts of their own)."""
+    model = llamagen.Model(smollm2_path)
+    yield model
+    model.close()
+
+
 # -- one context per test module ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")

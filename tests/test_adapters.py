@@ -233,9 +233,12 @@ def test_an_adapter_outliving_its_model_is_refused_and_frees_nothing_twice(files
     m = llamagen.Model(make_tiny_model())
     a = LoraAdapter(m, files["a"])
     c = llamagen.Context(m, n_ctx=256)
+    base = llamagen.generate(c, [1, 20, 30], **GREEDY)
     c.set_adapters({a: 1.0})
+    adapted = llamagen.generate(c, [1, 20, 30], **GREEDY)
+    assert adapted != base
     m.close()                       # deferred: the context still uses the model
-    assert llamagen.generate(c, [1, 20, 30], **GREEDY) is not None     # (the adapter applied)
+    assert llamagen.generate(c, [1, 20, 30], **GREEDY) == adapted      # the adapter still applies
     c.close()                       # now the model (and its adapters) are freed
     with pytest.raises(llamagen.LlamaError, match="model is closed"):
         LoraAdapter(m, files["a"])

@@ -40,13 +40,8 @@ def _evict_and_restore(model, n_ctx=4096):
 
 
 @pytest.mark.parametrize("which", ["tiny", "smollm2"])
-def test_a_restored_prefix_continues_bit_for_bit(which, tiny_model, smollm2_path):
-    model = tiny_model if which == "tiny" else llamagen.Model(smollm2_path)
-    try:
-        cold, first, again, ram, n = _evict_and_restore(model)
-    finally:
-        if which != "tiny":
-            model.close()
+def test_a_restored_prefix_continues_bit_for_bit(which, tiny_model, smollm2_model):
+    cold, first, again, ram, n = _evict_and_restore(tiny_model if which == "tiny" else smollm2_model)
     assert first[1] == 0 and again[1] == n - 1           # all but the last token from RAM
     assert again[0] == first[0] == cold.text
     assert again[2] == first[2] == [x.logprob for x in cold.logprobs]     # bit for bit

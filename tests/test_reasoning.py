@@ -38,10 +38,8 @@ Q = [{"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_path):
-    m = llamagen.Model(smollm2_path)
-    yield m
-    m.close()
+def smol(smollm2_model):
+    return smollm2_model
 
 
 def test_prepare_knows_the_template_thinks(smol):

@@ -131,11 +131,9 @@ def _field(draw):
 
 
 @pytest.fixture(scope="module")
-def smol_ctx(smollm2_path):
-    model = llamagen.Model(smollm2_path)
-    with llamagen.Context(model, n_ctx=1024) as ctx:
+def smol_ctx(smollm2_model):
+    with llamagen.Context(smollm2_model, n_ctx=1024) as ctx:
         yield ctx
-    model.close()
 
 
 @settings(max_examples=15, deadline=None, derandomize=True,
