@@ -116,11 +116,8 @@ cdef class GenerationState:
             raise StaleStateError(
                 "this generation is no longer active: a newer gen_begin (or clear/close) on its "
                 "context replaced it")
-        try:
-            self._context._use_lora(self._lora)
-        except BaseException:
-            self._context._release()
-            raise
+        # (its LoRA set was applied when it started: anything that decodes with another set on
+        # this context took it over first, which the epoch check above catches)
         return 0
 
     cdef object _next_chunk(self):
