@@ -163,6 +163,13 @@ cdef llama.llama_sampler * _build_grammar(object p, const llama.llama_vocab * vo
         logger.error("grammar does not parse: %s", reason)
         raise GrammarError(f"the grammar does not parse: {reason}")
     _take_errors()
+    unique = getattr(p, "_unique_spec", None)
+    if unique is not None:
+        # uniqueItems: a grammar cannot remember earlier items; the wrapper rejects repeats
+        spec = unique.encode("utf-8")
+        g = lgschema.wrap(g, vocab, spec, printed)
+        if g == NULL:
+            raise GrammarError(f"uniqueItems: {printed.decode('utf-8', 'replace')}")
     return g
 
 

@@ -375,6 +375,9 @@ class SamplingParams:
                 raise invalid(ValueError, "grammar_root", "grammar_root does not apply to json_schema/json_object (the "
                                  "converted grammar's rule is 'root')")
         s(self, "_schema_grammar", schema_grammar)
+        # uniqueItems: the grammar sampler is wrapped in one that rejects repeated items
+        s(self, "_unique_spec", structured.unique_spec(self.json_schema)
+          if self.json_schema is not None else None)
         s(self, "grammar_lazy", _flag("grammar_lazy", self.grammar_lazy))
         s(self, "grammar_triggers", _triggers(self.grammar_triggers))
         for name in ("grammar_trigger_tokens", "grammar_prefill", "preserved_tokens"):

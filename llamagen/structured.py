@@ -15,6 +15,7 @@ from typing import Any
 
 from llamagen._schema import MAX_SCHEMA_DEPTH, _children, _pointer, check_limits
 from llamagen._schema_lower import lower
+from llamagen._schema_unique import unique_spec as _unique_spec
 
 __all__ = ["schema_to_grammar", "check_schema", "check_limits", "JSON_OBJECT_SCHEMA",
            "UNSUPPORTED_KEYWORDS", "MAX_SCHEMA_DEPTH"]
@@ -90,8 +91,10 @@ class _Analysis:
     where it still constrains the output, and a contradiction the grammar cannot satisfy, are
     refused; anything the builder itself rejects is left to it (its message is better)."""
 
-    def __init__(self, root: dict, where: str):
+    def __init__(self, root: dict, where: str, unique_items: bool = False):
         self.root, self.where = root, where
+        # uniqueItems enforced by the caller's sampler wherever it stands (_schema_unique)
+        self.unique_items = unique_items
         self.produced: dict = {}          # id(node) -> the JSON types it can produce
         self.variants: list = []          # nodes made here, kept alive: their ids stay theirs
 
@@ -213,7 +216,7 @@ class _Analysis:
     def dropped(self, node: dict, path: str, present, honoured, where: str) -> None:
         produced = self.types(node)
         for k in present:
-            if k in honoured:
+            if k in honoured or (k == "uniqueItems" and self.unique_items):
                 continue
             if k == "type":
                 t = node["type"]
@@ -317,16 +320,17 @@ def _array_kind(node: dict) -> str:
     return "tuple" if isinstance(node.get(key), list) else "array"
 
 
-def check_schema(schema: Any, where: str = "json_schema") -> None:
+def check_schema(schema: Any, where: str = "json_schema", unique_items: bool = False) -> None:
     """Raise ValueError naming the first keyword (with its JSON pointer) that the converter would
     ignore where it constrains the output, or a constraint no output can meet; every node reached,
     through local $refs too.  Structural errors (a bad type, a $ref that does not resolve) are the
-    converter's."""
+    converter's.  ``unique_items``: uniqueItems is enforced by the caller (a response schema's
+    sampler, see llamagen._schema_unique), not refused."""
     if not isinstance(schema, dict):
         raise ValueError(f"{where} must be a JSON object (a schema), got {type(schema).__name__}")
     check_limits(schema, where)             # (first: the walk below then meets no cycle-free
                                             # chain deeper than MAX_SCHEMA_DEPTH)
-    analysis = _Analysis(schema, where)
+    analysis = _Analysis(schema, where, unique_items)
     stack = [(schema, "#")]
     visited = set()
     while stack:
@@ -335,7 +339,7 @@ def check_schema(schema: Any, where: str = "json_schema") -> None:
             continue
         visited.add(id(node))
         bad = sorted(k for k in node if k in UNSUPPORTED_KEYWORDS)
-        if node.get("uniqueItems") is True:
+        if node.get("uniqueItems") is True and not unique_items:
             bad.append("uniqueItems")
         types = node.get("type")
         types = [types] if isinstance(types, str) else types if isinstance(types, list) else []
@@ -373,7 +377,8 @@ def normalize(value: Any) -> str:
     except RecursionError:      # (json's encoder recurses per level; the caller's stack counts)
         raise ValueError(f"json_schema nests too deeply to serialize (the limit is "
                          f"{MAX_SCHEMA_DEPTH} levels, fewer on a deep call stack)") from None
-    check_schema(lower(parsed)[0])          # (what lower() enforces is no longer refused)
+    check_schema(lower(parsed)[0], unique_items=True)   # (what lower() and the unique-items
+    unique_spec(text)                                   # sampler enforce is no longer refused)
     return text
 
 
@@ -405,6 +410,12 @@ def _convert(text: str) -> str:
         if rules:
             extra.append(rules)
     return grammar.rstrip("\n") + ("\n" + "\n".join(extra) if extra else "") + "\n"
+
+
+@functools.lru_cache(maxsize=256)
+def unique_spec(text: str):
+    """The unique-items sampler's spec for a schema's JSON text (None: no unique arrays)."""
+    return _unique_spec(json.loads(text))
 
 
 def schema_to_grammar(schema: Any) -> str:

@@ -132,7 +132,7 @@ def test_params_keep_the_schema_and_its_grammar():
 @pytest.mark.parametrize("schema, match", [
     ({"type": "object", "not": {"required": ["a"]}}, "not at #"),
     ({"type": "number", "multipleOf": 0.5}, "multipleOf 0.5"),
-    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
+    ({"type": "array", "items": {"type": "object"}, "uniqueItems": True}, "uniqueItems at # on items"),
     ({"type": "object", "properties": {"e": {"type": "string", "format": "ipv6"}}},
      "format 'ipv6' at #/properties/e"),
     ({"type": "object", "patternProperties": {"^a": {"type": "integer"}}}, "patternProperties"),

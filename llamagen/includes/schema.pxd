@@ -16,3 +16,8 @@ cdef extern from "lg_schema.h" namespace "lgschema" nogil:
                                  const vector[string] & trigger_patterns,
                                  const vector[int] & trigger_tokens, const vector[int] & prefill,
                                  string & messages) noexcept
+
+
+cdef extern from "lg_unique.h" namespace "lgunique" nogil:
+    llama_sampler * wrap(llama_sampler * inner, const llama_vocab * vocab, const string & spec,
+                         string & err) noexcept
