@@ -85,6 +85,8 @@ def _domain(root: Any, node: Any, depth: int = 0) -> Optional[list]:
                 vals += [True, False]
             elif ty == "null":
                 vals.append(None)
+            elif ty == "string" and node.get("maxLength") == 0:
+                vals.append("")
             elif ty == "integer":
                 lo, hi = _int_bound(node, True), _int_bound(node, False)
                 m = node.get("multipleOf")

@@ -5,6 +5,7 @@ SmolLM2 is prompted to repeat itself; the same schema without ``uniqueItems`` sh
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import FrozenSet, Literal, Set
 
@@ -12,6 +13,8 @@ import jsonschema
 import openai
 import pydantic
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import llamagen
 from server_util import Server
@@ -154,3 +157,48 @@ def test_server_response_format_with_a_set(smollm2_path, tmp_path_factory):
         assert "uniqueItems" in str(e.value)
     finally:
         assert srv.stop() == 0, srv.log()
+
+
+# a family of unique arrays of scalar items, inside an object: bounded and free integers,
+# numbers, strings with lengths or a pattern or a format, enums mixing types, booleans, nullables
+_items = st.one_of(
+    st.builds(lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
+              st.integers(-20, 20), st.integers(0, 12)),
+    st.just({"type": "integer"}), st.just({"type": "number"}),
+    st.builds(lambda a, b: {"type": "string", "minLength": a, "maxLength": a + b},
+              st.integers(0, 2), st.integers(0, 3)),
+    st.just({"type": "string", "pattern": "^[a-c]{1,2}$"}),
+    st.just({"type": "string", "format": "date"}),
+    st.lists(st.one_of(st.integers(-3, 3), st.sampled_from(["x", "yy", None, True, False, 1.5])),
+             min_size=1, max_size=5, unique_by=lambda v: json.dumps(v)).map(lambda v: {"enum": v}),
+    st.just({"type": "boolean"}), st.just({"type": ["integer", "null"], "minimum": 0, "maximum": 2}))
+_family = st.lists(st.builds(lambda it, lo, span: {"type": "array", "items": it, "uniqueItems": True,
+                                                   "minItems": lo, "maxItems": lo + span},
+                             _items, st.integers(2, 7), st.integers(0, 3)),
+                   min_size=1, max_size=3).map(lambda arrs: {
+                       "type": "object", "properties": {f"a{i}": a for i, a in enumerate(arrs)},
+                       "required": [f"a{i}" for i in range(len(arrs))], "additionalProperties": False})
+
+
+@pytest.fixture(scope="module")
+def tiny_ctx(tiny_model):
+    with llamagen.Context(tiny_model, n_ctx=1024) as c:
+        yield c
+
+
+@settings(max_examples=int(os.environ.get("LLAMAGEN_UNIQUE_EXAMPLES", 60)), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(schema=_family, seed=st.integers(0, 2 ** 31))
+def test_every_accepted_unique_schema_is_kept_by_a_random_model(tiny_ctx, schema, seed):
+    # the tiny model's random weights wander through whatever the grammar allows: repeats,
+    # long numbers, exponents, escapes; the reply validates or the schema was refused, and no
+    # reply runs into a state where no token is left (a GrammarError)
+    try:
+        params = llamagen.SamplingParams(json_schema=schema, temp=1.5, seed=seed,
+                                         max_new_tokens=300)
+    except llamagen.InvalidParamError as e:
+        assert "minItems" in str(e), e          # (only: more items than distinct values)
+        return
+    c = llamagen.generate(tiny_ctx, "{", params=params, return_logprobs=True)
+    if c.finish_reason == "stop":
+        jsonschema.validate(json.loads(c.text), schema, format_checker=jsonschema.FormatChecker())

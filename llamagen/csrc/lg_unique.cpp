@@ -5,6 +5,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -70,7 +72,8 @@ struct Text {
 
 // tokens of one byte that continue a string / a number (the lookahead's questions)
 struct Extenders {
-    std::vector<llama_token> str, num, num_no_exp;
+    std::vector<std::pair<llama_token, char>> str, num, num_no_exp;
+    std::vector<llama_token> quote, closers;    // '"'; what ends a number in an array
 };
 
 struct Unique {
@@ -81,6 +84,20 @@ struct Unique {
     State st;
     std::string out;
 };
+
+// an item's value; a number past double's range is what validators reading doubles make of it
+// (+-inf: nlohmann refuses it, Python's json reads 1e999 and 2e999 as the same inf)
+json parse_value(const std::string & text) {
+    json v = json::parse(text, nullptr, false);
+    if (v.is_discarded() && !text.empty() && (text[0] == '-' || (text[0] >= '0' && text[0] <= '9'))) {
+        char * end = nullptr;
+        const double d = std::strtod(text.c_str(), &end);
+        if (end == text.c_str() + text.size()) {
+            return json(d);
+        }
+    }
+    return v;
+}
 
 bool is_ws(char c) {
     return c == ' ' || c == '\t' || c == '\n' || c == '\r';
@@ -259,7 +276,7 @@ class Reader {
         }
         f.in_item = false;
         const std::string text = t_.slice(f.item_start, end);
-        json v = json::parse(text, nullptr, false);
+        json v = parse_value(text);
         if (v.is_discarded()) {
             return true;            // (not JSON: the grammar's business, not ours)
         }
@@ -357,61 +374,108 @@ int zero_mantissa(const std::string & text) {
     return 1;
 }
 
-// Whether the item being written, if it ended right here, would repeat an earlier one: the
-// state a token leaves must then allow the item to go on, or no token could follow (a used
-// "0" in an integer array, a repeated date in a set of dates).  0: not at risk; 1: at risk;
-// 2: at risk, and a zero so far (its exponent would not help); 3: a repeat whatever follows.
-int at_risk(const State & s, const std::string & out, const char * p, size_t n) {
-    if (s.stack.empty() || (s.lex != L_STR && s.lex != L_NUM) || s.key) {
-        return 0;
+// the decoded value of a string item's text so far (inside the quotes); false when it ends
+// inside an escape
+bool decode_str(const std::string & raw, std::string & val) {
+    if (raw.find('\\') == std::string::npos) {
+        val = raw;
+        return true;
+    }
+    json v = json::parse("\"" + raw + "\"", nullptr, false);
+    if (!v.is_string()) {
+        return false;
+    }
+    val = v.get<std::string>();
+    return true;
+}
+
+bool str_used(const Frame & f, const std::string & raw) {
+    std::string val;
+    if (!f.used_str || !decode_str(raw, val)) {
+        return false;
+    }
+    for (const std::string & u : *f.used_str) {
+        if (u == val) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bool num_used(const Frame & f, const std::string & text) {
+    json v = parse_value(text);
+    if (v.is_discarded() || !f.used) {
+        return false;
+    }
+    for (const json & u : *f.used) {
+        if (u == v) {
+            return true;
+        }
+    }
+    return false;
+}
+
+// What a candidate leaves of the item being written, where an earlier item could still be
+// repeated: the item must then have a way to end as a new value, or no token could follow it
+// (a used "0" in an integer array, a repeated date in a set of dates, "b" when "b", "ba", "bb"
+// and "bc" are used and the pattern allows no more).
+struct Risk {
+    int level = 0;          // 0 none; 1 look ahead; 2 look ahead, no exponent (a zero mantissa
+                            // stays zero); 3 a repeat whatever follows
+    bool str = false;
+    std::string text;       // the item so far (a string's without its opening quote)
+};
+
+Risk at_risk(const State & s, const std::string & out, const char * p, size_t n) {
+    Risk r;
+    if (s.stack.empty() || (s.lex != L_STR && s.lex != L_ESC && s.lex != L_HEX && s.lex != L_NUM) ||
+        s.key) {
+        return r;
     }
     const Frame & f = s.stack.back();
     if (f.obj || !f.in_item || f.uniq < 0 || !f.used) {
-        return 0;
+        return r;
     }
     Text t{out, p};
     const size_t end = out.size() + n;
-    if (s.lex == L_STR) {
+    if (s.lex != L_NUM) {
         if (!f.used_str) {
-            return 0;
+            return r;
         }
-        const std::string raw = t.slice(f.item_start + 1, end);
-        std::string val = raw;
-        if (raw.find('\\') != std::string::npos) {
-            json v = json::parse("\"" + raw + "\"", nullptr, false);
-            if (!v.is_string()) {
-                return 0;
-            }
-            val = v.get<std::string>();
+        r.str = true;
+        r.text = t.slice(f.item_start + 1, end);
+        std::string val;
+        bool prefix = !decode_str(r.text, val);     // (inside an escape: look ahead)
+        for (size_t i = 0; !prefix && i < f.used_str->size(); ++i) {
+            prefix = (*f.used_str)[i].compare(0, val.size(), val) == 0;
         }
-        for (const std::string & u : *f.used_str) {
-            if (u == val) {
-                return 1;
-            }
-        }
-        return 0;
+        r.level = prefix ? 1 : 0;
+        return r;
     }
-    const std::string text = t.slice(f.item_start, end);
-    const int zero = zero_mantissa(text);
+    r.text = t.slice(f.item_start, end);
+    const int zero = zero_mantissa(r.text);
     if (zero == 2) {
         // 0e...: zero whatever exponent follows; a repeat once 0 is used
         for (const json & u : *f.used) {
             if (u.is_number() && u == json(0)) {
-                return 3;
+                r.level = 3;
             }
         }
-        return 0;
+        return r;
     }
-    json v = json::parse(text, nullptr, false);
-    if (v.is_discarded()) {
-        return 0;
-    }
-    for (const json & u : *f.used) {
-        if (u == v) {
-            return zero == 1 ? 2 : 1;
+    if (num_used(f, r.text)) {
+        r.level = zero == 1 ? 2 : 1;
+        // an exponent that already overflows to +-inf or underflows to 0 only grows with more
+        // digits: the value stays the used one whatever follows
+        const size_t ex = r.text.find_first_of("eE");
+        if (ex != std::string::npos && r.text.find_first_of("0123456789", ex) != std::string::npos) {
+            const double d = std::strtod(r.text.c_str(), nullptr);
+            if (std::isinf(d) || d == 0.0) {
+                r.level = 3;
+            }
         }
     }
-    return 0;
+    return r;
 }
 
 bool has_unique(const State & s) {
@@ -454,12 +518,18 @@ const Extenders & extenders(Unique * u) {
             }
             const unsigned char c = (unsigned char) b[0];
             if (c >= 0x20 && c < 0x7f && c != '"') {
-                e->str.push_back(t);
+                e->str.emplace_back(t, (char) c);
+            }
+            if (c == '"') {
+                e->quote.push_back(t);
+            }
+            if (c == ',' || c == ']' || is_ws((char) c)) {
+                e->closers.push_back(t);
             }
             if ((c >= '0' && c <= '9') || c == '.' || c == 'e' || c == 'E' || c == '+' || c == '-') {
-                e->num.push_back(t);
+                e->num.emplace_back(t, (char) c);
                 if (c != 'e' && c != 'E') {
-                    e->num_no_exp.push_back(t);
+                    e->num_no_exp.emplace_back(t, (char) c);
                 }
             }
         }
@@ -468,25 +538,80 @@ const Extenders & extenders(Unique * u) {
     return *u->ext;
 }
 
-// whether, after `tok`, the grammar lets the item being written go on (one byte further);
-// `no_exp`: not by an exponent (a zero mantissa stays zero whatever follows)
-bool extendable(Unique * u, llama_token tok, bool str, bool no_exp) {
+// the tokens of `ask` the grammar `g` accepts now
+std::vector<llama_token> accepted(llama_sampler * g, const std::vector<llama_token> & ask) {
+    std::vector<llama_token_data> a;
+    a.reserve(ask.size());
+    for (llama_token t : ask) {
+        a.push_back(llama_token_data{t, 0.0f, 0.0f});
+    }
+    llama_token_data_array arr{a.data(), a.size(), -1, false};
+    llama_sampler_apply(g, &arr);
+    std::vector<llama_token> ok;
+    for (const llama_token_data & d : a) {
+        if (d.logit != -INFINITY) {
+            ok.push_back(d.id);
+        }
+    }
+    return ok;
+}
+
+// Whether the item, at `text` with the grammar at `g`, can still end as a value no earlier item
+// has: a depth-first search one byte at a time (single-byte tokens), within `budget` grammar
+// copies; an exhausted search answers yes (the search guards against a dead end, and a long
+// one means many ways on).
+bool viable(Unique * u, const Frame & f, llama_sampler * g, const std::string & text, bool str,
+            bool no_exp, int depth, int & budget) {
+    const Extenders & e = extenders(u);
+    if (str ? !accepted(g, e.quote).empty() && !str_used(f, text) && [&] {
+                  std::string v;
+                  return decode_str(text, v);
+              }()
+            : !accepted(g, e.closers).empty() && !num_used(f, text)) {
+        return true;
+    }
+    if (depth == 0 || budget <= 0) {
+        return true;
+    }
+    const auto & ext = str ? e.str : no_exp ? e.num_no_exp : e.num;
+    std::vector<llama_token> ask;
+    for (const auto & tc : ext) {
+        ask.push_back(tc.first);
+    }
+    for (llama_token t : accepted(g, ask)) {
+        if (--budget < 0) {
+            return true;
+        }
+        char c = 0;
+        for (const auto & tc : ext) {
+            if (tc.first == t) {
+                c = tc.second;
+                break;
+            }
+        }
+        llama_sampler * g2 = llama_sampler_clone(g);
+        bool ok = false;
+        try {
+            llama_sampler_accept(g2, t);
+            ok = viable(u, f, g2, text + c, str, no_exp, depth - 1, budget);
+        } catch (...) {
+        }
+        llama_sampler_free(g2);
+        if (ok) {
+            return true;
+        }
+    }
+    return false;
+}
+
+// viable() from the state `tok` leaves
+bool viable_after(Unique * u, const State & after, llama_token tok, const Risk & r) {
     llama_sampler * g = llama_sampler_clone(u->inner);
-    bool ok = false;
+    bool ok = true;
     try {
         llama_sampler_accept(g, tok);
-        const Extenders & e = extenders(u);
-        const std::vector<llama_token> & ask = str ? e.str : no_exp ? e.num_no_exp : e.num;
-        std::vector<llama_token_data> a;
-        a.reserve(ask.size());
-        for (llama_token t : ask) {
-            a.push_back(llama_token_data{t, 0.0f, 0.0f});
-        }
-        llama_token_data_array arr{a.data(), a.size(), -1, false};
-        llama_sampler_apply(g, &arr);
-        for (const llama_token_data & d : a) {
-            ok = ok || d.logit != -INFINITY;
-        }
+        int budget = 48;
+        ok = viable(u, after.stack.back(), g, r.text, r.str, r.level == 2, 12, budget);
     } catch (...) {
         ok = true;                  // (the grammar's own verdict on `tok` stands)
     }
@@ -533,8 +658,8 @@ void u_apply(llama_sampler * smpl, llama_token_data_array * cur) {
             }
             after = &probe;
         }
-        const int risk = at_risk(*after, u->out, buf.data(), (size_t) n);
-        if (risk == 3 || (risk > 0 && !extendable(u, d.id, after->lex == L_STR, risk == 2))) {
+        const Risk risk = at_risk(*after, u->out, buf.data(), (size_t) n);
+        if (risk.level == 3 || (risk.level > 0 && !viable_after(u, *after, d.id, risk))) {
             d.logit = -INFINITY;
         }
     }
