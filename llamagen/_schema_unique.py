@@ -7,8 +7,8 @@ complete an item equal (JSON equality) to an earlier item of the same array; the
 re-sampled from what the grammar and that check leave.  It finds the arrays by their path in the
 document (object keys, any array index), so a unique array must have one: not below
 ``additionalProperties`` or a recursive ``$ref``; its items must be scalars (strings, numbers,
-booleans, null), for which a token that would leave only a repeat to write is rejected too (one
-byte of lookahead through the grammar).  Items of a small finite set (``enum``,
+booleans, null), for which a token that would leave only a repeat to write is rejected too (a
+bounded search through the grammar).  Items of a small finite set (``enum``,
 ``const``, booleans, null, integers with both bounds) are checked as they are written too: an
 item no unused value begins with is never started, and no separator is written once every value
 is taken, so generation cannot paint itself into a corner.  Below structured.py."""
