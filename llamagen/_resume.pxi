@@ -129,9 +129,10 @@ def _gen_resume(Context ctx not None, source, lora=None):
                              f"type?): {_take_errors() or 'llama.cpp refused them'}")
         _reasoning_prime(q, prompt, params)
         for t in tokens:          # the sampler's windows and the grammar, as they were
+            paused = q.thinking()
             if q.rbudget != NULL:
                 llama.llama_sampler_accept(q.rbudget, t)
-            if q.grammar != NULL and fs.lgfs_grammar_accept(q.grammar, t) != 0:
+            if q.grammar != NULL and not paused and fs.lgfs_grammar_accept(q.grammar, t) != 0:
                 raise invalid(ValueError, "source", "the saved tokens leave the grammar")
             if q.fast != NULL:
                 q.fast.accept(t)

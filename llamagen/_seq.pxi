@@ -35,7 +35,9 @@ cdef cppclass SeqCore:
     int32_t error                           # why finish is FINISH_ERROR (GRAMMAR_DEAD_END, ...)
     int engine                              # ENGINE_*: what chose the tokens (kept after end())
     llama.llama_sampler * grammar
-    llama.llama_sampler * rbudget           # thinking budget (SamplingParams.reasoning_budget)
+    llama.llama_sampler * rbudget           # thinking budget (SamplingParams.reasoning_budget),
+                                            # or only where the thinking block is (grammar_pause)
+    bint grammar_pause                      # a lazy grammar sleeps inside the thinking block
     vector[float] masked                    # ... the logits row while it forces its end tag
     const llama.llama_vocab * vocab
     int32_t n_vocab
@@ -101,6 +103,7 @@ cdef cppclass SeqCore:
         this.fast = NULL
         this.grammar = NULL
         this.rbudget = NULL
+        this.grammar_pause = False
         this.backend = False
         this.attached = False
         this.error = 0
@@ -166,10 +169,22 @@ cdef cppclass SeqCore:
             llama.llama_sampler_free(this.rbudget)
             this.rbudget = NULL
 
+    bint thinking() noexcept nogil:
+        # inside the thinking block (its start seen, its end not yet), where a lazy grammar
+        # sleeps: a tool-call tag the model writes while thinking is not a call
+        cdef int state
+        if not this.grammar_pause or this.rbudget == NULL:
+            return False
+        state = lgchat.reasoning_budget_state(this.rbudget)
+        return state != 0 and state != 4        # (not IDLE, not DONE)
+
     llama.llama_token sample(const float * logits, llama.llama_token_data * cand) noexcept nogil:
         # the chain (llama.cpp's objects or llamagen's fast engine), then the grammar check;
         # re-sample with the grammar only on rejection; accept (see _sample_token)
-        return _sample_token(this.chain, this.fast, this.grammar, this.n_vocab, logits, cand, -1)
+        cdef llama.llama_sampler * g = this.grammar
+        if this.thinking():
+            g = NULL
+        return _sample_token(this.chain, this.fast, g, this.n_vocab, logits, cand, -1)
 
     const float * forced_row(const float * logits, llama.llama_token_data * cand) noexcept nogil:
         # the thinking budget is spent: its sampler leaves one token finite (the next of the
@@ -460,7 +475,11 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
         # "backend": the same chain, attached to the context when the sequence starts decoding
         c.backend = params.sampler_impl == "backend"
     c.grammar = _build_grammar(params, ctx._vocab)
-    if params.reasoning_budget is not None:
+    # a lazy grammar (a template's tool calls) sleeps while the model thinks: the budget
+    # sampler, without a budget, tells where the thinking block is
+    c.grammar_pause = c.grammar != NULL and params.grammar_lazy and \
+        bool(params.reasoning_start) and bool(params.reasoning_end)
+    if params.reasoning_budget is not None or c.grammar_pause:
         c.rbudget = _reasoning_budget(params, ctx._vocab)
     spec = params.speculative
     if spec is not None and c.engine != ENGINE_BACKEND and not c.backend and c.rbudget == NULL:
@@ -473,7 +492,8 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
 cdef llama.llama_sampler * _reasoning_budget(params, const llama.llama_vocab * vocab) except NULL:
     """The thinking-budget sampler of ``params`` (llama.cpp's common/reasoning-budget.h)."""
     cdef vector[int] start = params.reasoning_start
-    cdef vector[int] forced = params.reasoning_forced
+    cdef vector[int] forced = params.reasoning_forced or params.reasoning_end[0]
+    cdef int budget = params.reasoning_budget if params.reasoning_budget is not None else INT32_MAX
     cdef vector[int] ends, lens
     cdef string err
     cdef llama.llama_sampler * r
@@ -483,7 +503,7 @@ cdef llama.llama_sampler * _reasoning_budget(params, const llama.llama_vocab * v
             ends.push_back(t)
     r = lgchat.reasoning_budget_new(vocab, start.data(), <int> start.size(), ends.data(),
                                     lens.data(), <int> lens.size(), forced.data(),
-                                    <int> forced.size(), params.reasoning_budget, err)
+                                    <int> forced.size(), budget, err)
     if r == NULL:
         raise invalid(ValueError, "reasoning_budget", err.decode("utf-8", "replace"))
     return r

@@ -8,6 +8,9 @@ SmolLM2 never writes ``</think>`` by itself, so a grammar shapes its output as
 ``<reasoning></think><answer>``: what the parser does with a thinking model's reply."""
 from __future__ import annotations
 
+import json
+import re
+
 import anthropic
 import httpx
 import openai
@@ -229,3 +232,33 @@ def test_a_budget_message_is_written_before_the_end_tag(smol, oai):
     r = oai.chat.completions.create(model="m", messages=Q, max_tokens=30, temperature=0, extra_body={
         "reasoning_budget_tokens": 2, "reasoning_budget_message": " Time is up."})
     assert r.choices[0].message.model_extra["reasoning_content"].rstrip().endswith("Time is up.")
+
+
+def test_a_lazy_grammar_sleeps_inside_the_thinking_block(smol):
+    # A template's tool-call grammar is lazy: a trigger wakes it.  Written while thinking, the
+    # trigger is not a call: the grammar sleeps until the thinking block ends (llama-server
+    # wakes it there).  The thinking is forced (a budget of 0) and holds the trigger token.
+    def ids(t):
+        return tuple(smol.tokenize(t, add_special=False, parse_special=True))
+
+    prompt = "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    tags = dict(reasoning_start=ids("<think>"), reasoning_end=(ids("</think>"),),
+                max_new_tokens=40, temp=0)
+    with llamagen.Context(smol, n_ctx=512) as ctx:
+        # the forced thought holds a newline token, and the model's first token after it is a
+        # newline again: the trigger
+        forced = ids("Plan\nmore.</think>\n")
+        nl = ids("\n")[0]
+        first = llamagen.generate(ctx, prompt, reasoning_budget=0, reasoning_forced=forced,
+                                  return_logprobs=True, **tags).tokens[len(forced)]
+        assert first == nl and forced.count(nl) == 2
+        p = llamagen.SamplingParams(grammar='root ::= "\\n" "CALL(" [a-z]{1,8} ")"',
+                                    grammar_lazy=True, grammar_trigger_tokens=(nl,),
+                                    reasoning_budget=0, reasoning_forced=forced, **tags)
+        c = llamagen.generate(ctx, prompt, params=p, return_logprobs=True)
+        thought = smol.detokenize(list(forced), unparse_special=True)
+        # asleep through the thought's two newlines (awake at the first, the grammar would have
+        # allowed only "CALL(" next, and the forced "more" would have been a dead end, a
+        # GrammarError); awake at the first newline after it: the grammar's call, then the end
+        assert re.fullmatch(re.escape(thought + "\n") + r"CALL\([a-z]{1,8}\)", c.text), c.text
+        assert c.finish_reason == "stop"
