@@ -7,7 +7,8 @@ grammar of our own) before it runs, so that they are enforced rather than refuse
   writes a placeholder ``const``; exclusive bounds become the next float, so a validator reading
   the number as a double agrees;
 - ``multipleOf`` on integers (and integral ``multipleOf`` on numbers): the multiples as an
-  ``enum`` when bounds leave at most 1,000 of them, else (no bounds) a divisibility grammar.
+  ``enum`` when bounds leave at most 1,000 of them, else (no bounds, or one) a divisibility
+  grammar (a digit automaton: remainder, and with one bound how the digits compare with it).
 
 ``lower(schema)`` returns the rewritten schema and the grammar of each placeholder;
 ``llamagen.structured`` puts them together.  What is left (float ``multipleOf``, ``uniqueItems``,
@@ -189,14 +190,14 @@ def _multiple(node: dict, path: str, t: str, mult, subs) -> None:
             return
         raise Unenforceable(f"multipleOf {m} between bounds that hold {n} multiples at {path}: "
                             f"at most {MAX_ENUM_MULTIPLES} are enforced")
-    if lo is not None or hi is not None:
-        raise Unenforceable(f"multipleOf beside one bound at {path} is not enforced: give both "
-                            "minimum and maximum (or neither)")
     if m > MAX_DFA_MODULUS:
-        raise Unenforceable(f"multipleOf {m} without bounds at {path}: at most {MAX_DFA_MODULUS} "
-                            "is enforced (give minimum and maximum)")
+        raise Unenforceable(f"multipleOf {m} {'beside one bound' if lo is not None or hi is not None else 'without bounds'} "
+                            f"at {path}: at most {MAX_DFA_MODULUS} is enforced (give minimum and maximum)")
     name = f"lgmul{next(_counter)}"
-    _placeholder(node, subs, *_multiples_grammar(m, name))
+    if lo is None and hi is None:
+        _placeholder(node, subs, *_multiples_grammar(m, name))
+    else:
+        _placeholder(node, subs, *_one_bound_multiples(m, lo, hi, name))
 
 
 def _int_bounds(node: dict, path: str) -> Tuple[Optional[int], Optional[int]]:
@@ -373,6 +374,111 @@ def _number_range(lo: Optional[Decimal], hi: Optional[Decimal]) -> str:
         if neg:
             parts.append(_seq('"-"', neg))
     return _alt(parts)
+
+
+def _magnitudes(m: int, bound: int, ge: bool, name: str) -> Tuple[Optional[str], list]:
+    """Magnitudes (1 to MAX_INT_DIGITS digits, no leading zero) divisible by m and >= bound
+    (``ge``) or <= bound, bound >= 1: (expression, rules), None when there are none.  A digit
+    automaton: the remainder so far, the digits written, and how the digits compare with the
+    bound's first ones (t: equal so far, g: greater, l: less); states that cannot reach an end
+    are dropped, so a model is never led where no number is left."""
+    B = str(bound)
+    D = len(B)
+    L = MAX_INT_DIGITS
+
+    def step(w, c, r, d):
+        w2, r2 = w + 1, (10 * r + d) % m
+        if w2 > D:
+            return None if not ge else (w2, "x", r2)
+        c2 = c if c != "t" else ("g" if d > int(B[w2 - 1]) else "l" if d < int(B[w2 - 1]) else "t")
+        return (w2, c2, r2)
+
+    def accepting(st):
+        w, c, r = st
+        if r != 0:
+            return False
+        if ge:
+            return w > D or (w == D and c in "tg")
+        return w < D or (w == D and c in "tl")
+
+    # every state reachable from the start, with its moves
+    start = [(d, (1, "t" if d == int(B[0]) else "g" if d > int(B[0]) else "l", d % m))
+             for d in range(1, 10) if not (not ge and D == 1 and d > int(B[0]))]
+    moves: dict = {}
+    todo = [st for _, st in start]
+    while todo:
+        st = todo.pop()
+        if st in moves:
+            continue
+        out = []
+        if st[0] < L:
+            for d in range(10):
+                nxt = step(*st, d)
+                if nxt is not None:
+                    out.append((d, nxt))
+                    todo.append(nxt)
+        moves[st] = out
+    live = {st for st in moves if accepting(st)}
+    grew = True
+    while grew:
+        grew = False
+        for st, out in moves.items():
+            if st not in live and any(n in live for _, n in out):
+                live.add(st)
+                grew = True
+
+    def rule(st):
+        w, c, r = st
+        return f"{name}-{w}{c}{r}"
+
+    def alts(out):
+        by: dict = {}
+        for d, n in out:
+            if n in live:
+                by.setdefault(n, []).append(d)
+        res = []
+        for n, ds in sorted(by.items(), key=lambda kv: kv[1]):
+            cls = f'"{ds[0]}"' if len(ds) == 1 else "[" + "".join(map(str, ds)) + "]"
+            res.append(f"{cls} {rule(n)}")
+        return res
+
+    rules = []
+    for st in sorted(live):
+        a = alts(moves[st]) + (['""'] if accepting(st) else [])
+        rules.append(f"{rule(st)} ::= " + " | ".join(a))
+    first = alts(start)
+    return (_alt(first) if first else None), rules
+
+
+def _one_bound_multiples(m: int, lo: Optional[int], hi: Optional[int], name: str) -> Tuple[str, str]:
+    """Integers divisible by m with one bound (lo or hi), as the converter writes integers (at
+    most MAX_INT_DIGITS digits, "0" unsigned): (expression, rules)."""
+    parts, rules = [], []
+
+    def add(expr, rs, neg=False):
+        if expr is not None:
+            parts.append(f'"-" {expr}' if neg else expr)
+            rules.extend(rs)
+
+    if lo is not None:
+        if lo >= 1:
+            add(*_magnitudes(m, lo, True, f"{name}-p"))
+        else:
+            parts.append('"0"')
+            add(*_magnitudes(m, 1, True, f"{name}-p"))
+            if lo <= -1:
+                add(*_magnitudes(m, -lo, False, f"{name}-n"), neg=True)
+    else:
+        if hi >= 0:
+            parts.append('"0"')
+            if hi >= 1:
+                add(*_magnitudes(m, hi, False, f"{name}-p"))
+            add(*_magnitudes(m, 1, True, f"{name}-n"), neg=True)
+        else:
+            add(*_magnitudes(m, -hi, True, f"{name}-n"), neg=True)
+    if not parts:
+        raise Unenforceable(f"no multiple of {m} of at most {MAX_INT_DIGITS} digits meets the bound")
+    return _alt(parts), "\n".join(rules)
 
 
 def _multiples_grammar(m: int, name: str) -> Tuple[str, str]:

@@ -76,11 +76,71 @@ def test_the_number_range_grammar_is_exactly_the_bounds():
     assert checked > 20000
 
 
+def _gbnf_matcher(expr: str, rules: str):
+    """Whether a string matches ``expr`` under ``rules`` (the digit automata's shapes only:
+    alternatives of a literal or class, then a rule, a group or nothing)."""
+    table = {}
+    for line in filter(str.strip, rules.split("\n")):
+        name, body = line.split(" ::= ")
+        table[name] = [a.strip() for a in body.split(" | ")]
+
+    def top(x):
+        out, depth, cur = [], 0, ""
+        for ch in x:
+            depth += (ch == "(") - (ch == ")")
+            if ch == "|" and depth == 0:
+                out.append(cur.strip())
+                cur = ""
+            else:
+                cur += ch
+        return out + [cur.strip()]
+
+    def alt(a, s):
+        if a == '""':
+            return s == ""
+        if a.startswith("("):
+            return any(alt(b, s) for b in top(a[1:-1]))
+        m = re.match(r'^("[^"]*"|\[[0-9]+\])\s*(.*)$', a)
+        lit, rest = m.group(1), m.group(2).strip()
+        if lit.startswith('"'):
+            if not s.startswith(lit[1:-1]):
+                return False
+            s = s[len(lit) - 2:]
+        elif not s or s[0] not in lit[1:-1]:
+            return False
+        else:
+            s = s[1:]
+        if not rest:
+            return s == ""
+        if rest[0] in '("[':
+            return alt(rest, s)
+        return any(alt(b, s) for b in table[rest])
+
+    return lambda s: alt("(" + expr + ")", s)
+
+
+def test_one_bound_multiples_are_exactly_the_multiples():
+    from llamagen._schema_lower import _one_bound_multiples
+    rng = random.Random(3)
+    checked = 0
+    for _ in range(120):
+        m = rng.choice([1, 2, 3, 5, 7, 10, 12, 25, 97, 100])
+        b = rng.choice([rng.randint(-500, 500), rng.randint(-10 ** 6, 10 ** 6), 0, 1, -1, 100])
+        lo, hi = (b, None) if rng.random() < 0.5 else (None, b)
+        accepts = _gbnf_matcher(*_one_bound_multiples(m, lo, hi, "t"))
+        for n in list(range(b - 150, b + 150)) + [rng.randint(-10 ** 15, 10 ** 15) for _ in range(50)]:
+            want = n % m == 0 and (lo is None or n >= lo) and (hi is None or n <= hi)
+            assert accepts(str(n)) == want, (m, lo, hi, n)
+            checked += 1
+        assert not any(accepts(j) for j in ("-0", "007", "+5", "", "-", "1" * 17))
+    assert checked > 40000
+
+
 def test_refused_keywords_name_themselves_and_their_pointer():
     cases = [({"type": "number", "multipleOf": 0.01}, "multipleOf 0.01"),
              ({"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}},
               "uniqueItems at #/properties/tags"),
-             ({"type": "integer", "multipleOf": 3, "minimum": 0}, "one bound"),
+             ({"type": "integer", "multipleOf": 150, "minimum": 0}, "multipleOf 150 beside one bound"),
              ({"type": "number", "minimum": 5, "exclusiveMaximum": 5}, "no number lies"),
              ({"type": "string", "format": "ipv6"}, "format 'ipv6'")]
     for schema, words in cases:
@@ -116,11 +176,19 @@ def _field(draw):
         return {"type": "string", "format": draw(st.sampled_from(sorted(FORMAT_PATTERNS)))}
     if kind == "multiple":
         m = draw(st.integers(2, 13))
-        if draw(st.booleans()):
+        bounds = draw(st.sampled_from(["both", "none", "min", "max", "exclusiveMinimum"]))
+        if bounds == "both":
             lo = draw(st.integers(-100, 100))
             return {"type": "integer", "multipleOf": m, "minimum": lo,
                     "maximum": lo + draw(st.integers(m, 400))}
-        return {"type": draw(st.sampled_from(["integer", "number"])), "multipleOf": m}
+        node = {"type": draw(st.sampled_from(["integer", "number"])), "multipleOf": m}
+        if bounds == "min":
+            node["minimum"] = draw(st.integers(-1000, 1000))
+        elif bounds == "max":
+            node["maximum"] = draw(st.integers(-1000, 1000))
+        elif bounds == "exclusiveMinimum":
+            node["exclusiveMinimum"] = draw(st.integers(-1000, 1000))
+        return node
     node = {"type": kind}
     keys = draw(st.lists(st.sampled_from(["minimum", "maximum", "exclusiveMinimum",
                                           "exclusiveMaximum"]), min_size=1, max_size=2,
