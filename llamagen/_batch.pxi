@@ -188,7 +188,7 @@ cdef class BatchGenerator:
         """The batch's drafter for ``spec``'s kind (made on first use, one seq per slot)."""
         i = self._drafter_index.get(spec.key)
         if i is None:
-            self._drafters.push_back(_new_drafter(spec, <uint32_t> self._n_slots))
+            self._drafters.push_back(_new_drafter(spec, <uint32_t> self._n_slots, self._context))
             i = self._drafter_index[spec.key] = self._drafters.size() - 1
         return self._drafters[<size_t> i]
 

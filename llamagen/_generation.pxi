@@ -426,7 +426,7 @@ cdef GenerationState _start(Context ctx, vector[llama.llama_token] & toks, param
         st._cand.resize(ctx._n_vocab)
         st._core.prompt = toks              # (what a drafter begins with, and save() keeps)
         if st._core.spec_n_max > 0:
-            st._core.drafter = _new_drafter(params.speculative, 1)
+            st._core.drafter = _new_drafter(params.speculative, 1, ctx)
             st._core.owns_drafter = True
             st._sbatch = llama.llama_batch_init(st._core.spec_n_max + 1, 0, 1)
             st._has_sbatch = True

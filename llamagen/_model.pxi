@@ -183,6 +183,12 @@ cdef class Model:
         state = "closed" if self._closed else f"n_vocab={self.n_vocab}"
         return f"<llamagen.Model {self.path!r} {state}>"
 
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self                     # (a draft model in SamplingParams.to_dict's copy)
+
     # -- description -------------------------------------------------------------------------
 
     @property

@@ -154,7 +154,7 @@ def _gen_resume(Context ctx not None, source, lora=None):
             q.lp_ids = h["lp_ids"]
             q.lp_top = h["lp_top"]
         if q.spec_n_max > 0:
-            q.drafter = _new_drafter(params.speculative, 1)
+            q.drafter = _new_drafter(params.speculative, 1, ctx)
             q.owns_drafter = True
             st._sbatch = llama.llama_batch_init(q.spec_n_max + 1, 0, 1)
             st._has_sbatch = True

@@ -52,15 +52,49 @@ cdef object _spec_stats(SeqCore * c):
             "verify_steps": c.n_verified}
 
 
-cdef lgspec.Drafter * _new_drafter(spec, uint32_t n_seq) except NULL:
-    """A drafter of ``spec``'s kind (a validated llamagen.Speculative) for ``n_seq`` sequences."""
+cdef lgspec.Drafter * _new_drafter(spec, uint32_t n_seq, Context ctx) except NULL:
+    """A drafter of ``spec``'s kind (a validated llamagen.Speculative) for ``n_seq`` sequences of
+    ``ctx`` (draft-simple: a context of its own on the draft model, as large as ``ctx``)."""
     cdef string err
     cdef lgspec.Drafter * d
     cdef bytes kind_b = spec.type.encode()
     cdef const char * kind = kind_b
     cdef int32_t size_n = spec.ngram_n, size_m = spec.ngram_m, hits = spec.min_hits
+    cdef Model dm
+    cdef uint32_t n_ctx, n_batch
+    cdef int32_t n_threads
+    if spec.type == "draft-simple":
+        dm = _draft_model(spec, ctx)
+        n_ctx = llama.llama_n_ctx(ctx._ctx)
+        n_batch = llama.llama_n_batch(ctx._ctx)
+        n_threads = llama.llama_n_threads(ctx._ctx)
+        _take_errors()
+        with nogil:
+            d = lgspec.create_draft(dm._model, ctx._ctx, n_seq, n_ctx, n_batch, n_threads, err)
+        if d == NULL:
+            raise invalid(ValueError, "speculative.draft_model",
+                          f"speculative.draft_model: {err.decode('utf-8', 'replace')}"
+                          f"{(' (' + _take_errors() + ')') if _take_errors() else ''}")
+        return d
     with nogil:         # (ngram-mod fills a 16 MB table)
         d = lgspec.create(kind, n_seq, size_n, size_m, hits, err)
     if d == NULL:
         raise invalid(ValueError, "speculative.type", err.decode("utf-8", "replace"))
     return d
+
+
+cdef Model _draft_model(spec, Context ctx):
+    """``spec.draft_model``, checked against ``ctx``'s model before llama.cpp sees it."""
+    dm = spec.draft_model
+    if not isinstance(dm, Model):
+        raise invalid(TypeError, "speculative.draft_model", "speculative.draft_model must be a "
+                      f"llamagen.Model (the draft), got {type(dm).__name__}")
+    cdef Model m = <Model> dm
+    if m._model == NULL:
+        raise invalid(ValueError, "speculative.draft_model", "speculative.draft_model is closed")
+    cdef const llama.llama_vocab * dv = llama.llama_model_get_vocab(m._model)
+    if llama.llama_vocab_n_tokens(dv) != ctx._n_vocab:
+        raise invalid(ValueError, "speculative.draft_model",
+                      f"speculative.draft_model has a vocabulary of {llama.llama_vocab_n_tokens(dv)} "
+                      f"tokens, the model {ctx._n_vocab}: a draft must share the target's vocabulary")
+    return m

@@ -85,7 +85,8 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     from llamagen.speculative import SPEC_TYPES
     g = p.add_argument_group("speculative decoding (llamagen.Speculative, docs/speculative.md)")
     g.add_argument("--spec-type", default=None, metavar="TYPE",
-                   help=f"draft with llama.cpp's n-gram drafter: {', '.join(SPEC_TYPES)}")
+                   help=f"draft with llama.cpp's drafters: {', '.join(SPEC_TYPES)} "
+                        "(draft-simple: with --model-draft)")
     g.add_argument("--spec-draft-max", "--draft-max", type=int, default=None, metavar="N",
                    help="most tokens drafted per step (default 16)")
     g.add_argument("--spec-draft-min", "--draft-min", type=int, default=None, metavar="N",
@@ -98,13 +99,15 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spec-no-adaptive", action="store_true",
                    help="keep the draft length when drafts are rejected")
     g.add_argument("--model-draft", "-md", default=None, metavar="PATH",
-                   help="a draft model (not supported yet: refused)")
+                   help="a draft model sharing the model's vocabulary (draft-simple)")
 
 
 def spec_from_args(a: argparse.Namespace):
     """The llamagen.Speculative the --spec-* flags ask for, or None."""
     from llamagen.speculative import from_flags
-    return from_flags(a)
+    import llamagen
+    return from_flags(a, load_model=lambda path: llamagen.Model(
+        path, n_gpu_layers=getattr(a, "n_gpu_layers", None) or 0))
 
 
 def _sampling_from_args(a: argparse.Namespace) -> SamplingParams:

@@ -34,6 +34,7 @@ from llamagen._core import Context, Model
 from llamagen.batch import map_generate
 from llamagen.embeddings import embed as _embed
 from llamagen.sampling import FIELDS, SamplingParams, resolve
+from llamagen.speculative import Speculative
 
 __all__ = ["GenerateStage", "ChatStage", "EmbedStage", "generate", "chat", "embed",
            "OUTPUT_COLUMNS", "EMBED_COLUMNS", "assigned_cpus", "actor_pool_kwargs"]
@@ -217,7 +218,7 @@ class GenerateStage:
                  params: Optional[SamplingParams] = None, overrides: Optional[Iterable[str]] = None,
                  model_kwargs: Optional[Mapping[str, Any]] = None,
                  context_kwargs: Optional[Mapping[str, Any]] = None, deterministic: bool = False,
-                 **sampling):
+                 draft_model=None, **sampling):
         self.params = resolve(params, (), sampling)
         self.prompt_column = self._input_column(prompt_column)
         if overrides is None:
@@ -235,6 +236,16 @@ class GenerateStage:
             raise ValueError(f"n_ctx_seq must be an int >= 1, got {n_ctx_seq!r}")
         self.n_threads = _threads(n_threads)
         self.model = Model(_model_path(model), **dict(model_kwargs or {}))
+        # draft_model (a path, loaded here beside the model): speculative decoding with it
+        # (draft-simple), the lengths from ``speculative=`` when given
+        self.draft_model = None
+        if draft_model is not None:
+            self.draft_model = Model(_model_path(draft_model), **dict(model_kwargs or {}))
+            spec = self.params.speculative
+            fields = {k: v for k, v in (spec.to_dict() if spec is not None else {}).items()
+                      if k in ("n_max", "n_min", "adaptive")}
+            self.params = self.params.replace(speculative=Speculative(
+                type="draft-simple", draft_model=self.draft_model, **fields))
         ckw = dict(context_kwargs or {})
         ckw.setdefault("n_ctx", n_seq_max * n_ctx_seq)
         ckw.setdefault("deterministic", bool(deterministic))
@@ -372,6 +383,16 @@ class EmbedStage:
         self.normalize, self.truncate = normalize, truncate
         self.n_threads = _threads(n_threads)
         self.model = Model(_model_path(model), **dict(model_kwargs or {}))
+        # draft_model (a path, loaded here beside the model): speculative decoding with it
+        # (draft-simple), the lengths from ``speculative=`` when given
+        self.draft_model = None
+        if draft_model is not None:
+            self.draft_model = Model(_model_path(draft_model), **dict(model_kwargs or {}))
+            spec = self.params.speculative
+            fields = {k: v for k, v in (spec.to_dict() if spec is not None else {}).items()
+                      if k in ("n_max", "n_min", "adaptive")}
+            self.params = self.params.replace(speculative=Speculative(
+                type="draft-simple", draft_model=self.draft_model, **fields))
         ckw = dict(context_kwargs or {})
         ckw.setdefault("n_ctx", n_batch)
         self.ctx = Context(self.model, embeddings=True, pooling=pooling, n_batch=n_batch,
@@ -458,7 +479,7 @@ def generate(ds, *, model, prompt_column: str = "prompt", actors: Union[int, Tup
              n_ctx_seq: int = 2048, n_threads: Optional[int] = None,
              model_kwargs: Optional[Mapping[str, Any]] = None,
              context_kwargs: Optional[Mapping[str, Any]] = None,
-             map_kwargs: Optional[Mapping[str, Any]] = None, **sampling):
+             map_kwargs: Optional[Mapping[str, Any]] = None, draft_model=None, **sampling):
     """``ds`` with every row's ``prompt_column`` generated: GenerateStage on a pool of ``actors``
     actors (an int, or a ``(min, max)`` range) of ``cpus_per_actor`` CPUs, ``batch_size`` rows per
     call.  Returns a lazy Dataset: the input columns plus text, finish_reason, n_prompt_tokens,
@@ -470,14 +491,16 @@ def generate(ds, *, model, prompt_column: str = "prompt", actors: Union[int, Tup
     when the actors would take them all (then each actor requests fewer CPUs but still runs
     ``cpus_per_actor`` threads); True always, False never.  ``map_kwargs`` go to
     ``map_batches`` (``memory``, ``num_gpus``, ``max_restarts``, ``max_task_retries``, ...).
-    Sampling keywords and the rest as GenerateStage's.
+    ``draft_model``: a draft model's path, loaded by each actor (speculative decoding with
+    draft-simple).  Sampling keywords and the rest as GenerateStage's.
     """
     return _generation(ds, GenerateStage, dict(model=model, prompt_column=prompt_column),
                        actors=actors, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
                        n_seq_max=n_seq_max, preserve_order=preserve_order,
                        reserve_cpu=reserve_cpu, params=params, overrides=overrides,
                        n_ctx_seq=n_ctx_seq, n_threads=n_threads, model_kwargs=model_kwargs,
-                       context_kwargs=context_kwargs, map_kwargs=map_kwargs, **sampling)
+                       context_kwargs=context_kwargs, map_kwargs=map_kwargs,
+                       draft_model=draft_model, **sampling)
 
 
 def chat(ds, *, model, messages_column: str = "messages", template: Optional[str] = None,
@@ -494,10 +517,10 @@ def chat(ds, *, model, messages_column: str = "messages", template: Optional[str
 def _generation(ds, cls, stage: dict, *, actors=4, cpus_per_actor=2, batch_size=64,
                 n_seq_max=None, preserve_order=False, reserve_cpu=None, params=None,
                 overrides=None, n_ctx_seq=2048, n_threads=None, model_kwargs=None,
-                context_kwargs=None, map_kwargs=None, **sampling):
+                context_kwargs=None, map_kwargs=None, draft_model=None, **sampling):
     ctor = dict(stage, n_seq_max=n_seq_max or min(batch_size, 64), n_ctx_seq=n_ctx_seq,
                 n_threads=n_threads, params=resolve(params, (), sampling), overrides=overrides,
-                model_kwargs=model_kwargs, context_kwargs=context_kwargs)
+                model_kwargs=model_kwargs, context_kwargs=context_kwargs, draft_model=draft_model)
     return _map(ds, cls, ctor, actors=actors, cpus_per_actor=cpus_per_actor,
                 batch_size=batch_size, preserve_order=preserve_order, reserve_cpu=reserve_cpu,
                 map_kwargs=map_kwargs)

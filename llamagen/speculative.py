@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from llamagen.errors import invalid
 
 __all__ = ["Speculative", "SPEC_TYPES", "coerce", "from_flags"]
 
 # llama.cpp's self-speculative (n-gram) types at the pinned commit, by its names
-SPEC_TYPES = ("ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
-# types llama.cpp knows that need a draft (or MTP/EAGLE) model: named in the refusal
-_MODEL_TYPES = ("draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark")
+NGRAM_TYPES = ("ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
+# ... and its draft-model type (a smaller model sharing the vocabulary drafts greedily)
+SPEC_TYPES = NGRAM_TYPES + ("draft-simple",)
+# types llama.cpp knows that need an MTP/EAGLE head: named in the refusal
+_MODEL_TYPES = ("draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark")
 MAX_DRAFT = 64          # tokens verified in one decode per sequence (llama-server caps at 64 too)
 MAX_NGRAM = 1024
 
@@ -48,7 +50,9 @@ class Speculative:
     drafter's n-gram size, its longest proposal and how often a key must have been seen (0:
     llama.cpp's defaults: 24 for ngram-mod, 12 and 48 for the others).  ``adaptive``: after
     drafts that were mostly rejected the draft length shrinks, down to pausing drafting for a
-    while, so text the history does not predict costs little."""
+    while, so text the history does not predict costs little.  ``draft-simple`` drafts with
+    ``draft_model`` (a ``llamagen.Model`` sharing the target's vocabulary, in a context of its
+    own that follows each sequence's tokens)."""
     type: str = "ngram-mod"
     n_max: int = 16
     n_min: int = 0
@@ -56,6 +60,7 @@ class Speculative:
     ngram_m: int = 0
     min_hits: int = 0
     adaptive: bool = True
+    draft_model: Any = None
 
     def __post_init__(self):
         s = object.__setattr__
@@ -63,8 +68,8 @@ class Speculative:
             raise invalid(TypeError, "speculative.type",
                           f"speculative.type must be a str, got {type(self.type).__name__}")
         if self.type not in SPEC_TYPES:
-            extra = (" (a draft model is not supported yet: use an n-gram type)"
-                     if self.type in _MODEL_TYPES else "")
+            extra = (" (EAGLE/MTP heads are not supported: use draft-simple with a draft model, "
+                     "or an n-gram type)" if self.type in _MODEL_TYPES else "")
             raise invalid(ValueError, "speculative.type",
                           f"speculative.type must be one of {', '.join(SPEC_TYPES)}, got "
                           f"{self.type!r}{extra}")
@@ -79,6 +84,14 @@ class Speculative:
         if self.type == "ngram-mod" and 0 < self.ngram_n < 2:
             raise invalid(ValueError, "speculative.ngram_n",
                           "speculative.ngram_n must be at least 2 for ngram-mod")
+        if self.type == "draft-simple" and self.draft_model is None:
+            raise invalid(ValueError, "speculative.draft_model",
+                          "speculative.type 'draft-simple' needs speculative.draft_model (a "
+                          "llamagen.Model sharing the target's vocabulary; llamagen serve "
+                          "--model-draft)")
+        if self.type != "draft-simple" and self.draft_model is not None:
+            raise invalid(ValueError, "speculative.draft_model",
+                          f"speculative.draft_model is for type 'draft-simple', not {self.type!r}")
         if not isinstance(self.adaptive, bool):
             raise invalid(TypeError, "speculative.adaptive",
                           f"speculative.adaptive must be True or False, got {self.adaptive!r}")
@@ -86,12 +99,15 @@ class Speculative:
     @property
     def key(self) -> tuple:
         """What makes two configurations share one drafter (everything but the lengths)."""
-        return (self.type, self.ngram_n, self.ngram_m, self.min_hits)
+        return (self.type, self.ngram_n, self.ngram_m, self.min_hits, self.draft_model)
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "n_max": self.n_max, "n_min": self.n_min,
-                "ngram_n": self.ngram_n, "ngram_m": self.ngram_m, "min_hits": self.min_hits,
-                "adaptive": self.adaptive}
+        d = {"type": self.type, "n_max": self.n_max, "n_min": self.n_min,
+             "ngram_n": self.ngram_n, "ngram_m": self.ngram_m, "min_hits": self.min_hits,
+             "adaptive": self.adaptive}
+        if self.draft_model is not None:
+            d["draft_model"] = self.draft_model
+        return d
 
 
 def coerce(value) -> Optional[Speculative]:
@@ -116,12 +132,18 @@ def coerce(value) -> Optional[Speculative]:
                   f"{type(value).__name__}")
 
 
-def from_flags(a) -> Optional[Speculative]:
+def from_flags(a, load_model=None) -> Optional[Speculative]:
     """The Speculative that command-line flags ask for (``--spec-type``, ``--spec-draft-max``, ...,
-    as parsed onto ``a`` by llamagen's CLI), or None; ValueError naming the flag."""
-    if getattr(a, "model_draft", None):
-        raise ValueError("--model-draft: draft models are not supported yet; use --spec-type "
-                         "with an n-gram drafter")
+    ``--model-draft``, as parsed onto ``a`` by llamagen's CLI), or None; ValueError naming the
+    flag.  ``load_model(path)`` loads the draft model (called last, once the flags check)."""
+    draft = getattr(a, "model_draft", None)
+    if draft:
+        if a.spec_type not in (None, "draft-simple"):
+            raise ValueError(f"--model-draft drafts with draft-simple: --spec-type {a.spec_type} "
+                             "cannot go with it")
+        a.spec_type = "draft-simple"
+    elif a.spec_type == "draft-simple":
+        raise ValueError("--spec-type draft-simple needs --model-draft (the draft model's path)")
     fields = {"n_max": a.spec_draft_max, "n_min": a.spec_draft_min, "ngram_n": a.spec_ngram_size_n,
               "ngram_m": a.spec_ngram_size_m, "min_hits": a.spec_ngram_min_hits}
     fields = {k: v for k, v in fields.items() if v is not None}
@@ -129,6 +151,19 @@ def from_flags(a) -> Optional[Speculative]:
         if fields:
             raise ValueError("--spec-draft-max and the other --spec-* flags need --spec-type")
         return None
+    try:
+        Speculative(type=a.spec_type, adaptive=not a.spec_no_adaptive,
+                    draft_model=object() if draft else None, **fields)
+    except (ValueError, TypeError) as e:
+        flag = "--spec-" + str(getattr(e, "field", "type")).split(".")[-1].replace("_", "-")
+        raise ValueError(f"{flag}: {e}") from None
+    if draft:
+        if load_model is None:
+            raise ValueError("--model-draft: no model loader given")
+        try:
+            fields["draft_model"] = load_model(draft)
+        except Exception as e:  # noqa: BLE001 - a load failure of any kind, one message
+            raise ValueError(f"--model-draft {draft!r}: {e}") from None
     try:
         return Speculative(type=a.spec_type, adaptive=not a.spec_no_adaptive, **fields)
     except (ValueError, TypeError) as e:

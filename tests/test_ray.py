@@ -296,3 +296,10 @@ def test_the_stage_speculates(ray_tiny_path):
     out = stage(batch)
     assert list(out["text"]) == list(plain["text"])
     assert stage.stats["accepted_draft_tokens"] > 0
+    # a draft model (the same weights: greedy drafts accepted), by path, lengths from speculative=
+    stage = lray.GenerateStage(ray_tiny_path, draft_model=ray_tiny_path,
+                               speculative={"type": "ngram-simple", "n_max": 6}, **kw)
+    out = stage(batch)
+    assert list(out["text"]) == list(plain["text"])
+    assert stage.params.speculative.type == "draft-simple" and stage.params.speculative.n_max == 6
+    assert stage.stats["accepted_draft_tokens"] > 20

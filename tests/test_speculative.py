@@ -65,7 +65,9 @@ def run(ctx, prompt, **kw):
 
 @pytest.mark.parametrize("value,field", [
     (dict(type="ngram-nope"), "speculative.type"),
-    (dict(type="draft-simple"), "speculative.type"),
+    (dict(type="draft-simple"), "speculative.draft_model"),
+    (dict(type="ngram-mod", draft_model=object()), "speculative.draft_model"),
+    (dict(type="draft-eagle3"), "speculative.type"),
     (dict(n_max=0), "speculative.n_max"),
     (dict(n_max=65), "speculative.n_max"),
     (dict(n_max=4, n_min=5), "speculative.n_min"),
@@ -78,7 +80,7 @@ def test_a_bad_configuration_names_its_field(value, field):
         SamplingParams(speculative=value)
     assert e.value.field == field
     if value.get("type") == "draft-simple":
-        assert "draft model" in str(e.value)
+        assert "draft_model" in str(e.value)
 
 
 def test_configuration_types_and_forms():
@@ -302,7 +304,8 @@ def test_server_speculates_by_default_and_per_request(spec_server):
 
 @pytest.mark.parametrize("body,param", [
     ({"speculative.n_max": 0}, "speculative.n_max"),
-    ({"speculative.type": "draft-simple"}, "speculative.type"),
+    ({"speculative.type": "draft-simple"}, "speculative.draft_model"),
+    ({"speculative": {"type": "ngram-simple", "draft_model": "/etc/passwd"}}, "speculative.draft_model"),
     ({"speculative": {"type": "ngram-simple", "n_min": 99}}, "speculative.n_min"),
     ({"speculative": 5}, None),
 ])
@@ -332,3 +335,100 @@ def test_cli_spec_flags(smollm2_path):
     bad = subprocess.run(base + ["--spec-draft-max", "4"], capture_output=True, text=True,
                          env=env, timeout=120)
     assert bad.returncode == 2 and "--spec-type" in bad.stderr
+
+    bad = subprocess.run(base + ["--spec-type", "draft-simple"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert bad.returncode == 2 and "--model-draft" in bad.stderr and "Traceback" not in bad.stderr
+    draft = subprocess.run(base + ["--model-draft", str(smollm2_path), "--spec-draft-max", "8"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert draft.returncode == 0 and draft.stdout == plain.stdout, draft.stderr
+
+
+# -- draft models (draft-simple) -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_pair(make_tiny_model):
+    """A tiny target, a draft with the same weights (every greedy draft accepted) and one with
+    other weights (drafts rejected), all sharing the vocabulary."""
+    with llamagen.Model(make_tiny_model(seed=0)) as t, llamagen.Model(make_tiny_model(seed=0)) as same, \
+            llamagen.Model(make_tiny_model(seed=1, n_layer=1)) as other:
+        yield t, same, other
+
+
+def _draft(model, **kw):
+    return Speculative(type="draft-simple", draft_model=model, adaptive=False, **kw)
+
+
+def test_draft_model_greedy_and_seeded_equal_plain(tiny_pair, smollm2, det_ctx):
+    t, same, other = tiny_pair
+    with llamagen.Context(t, n_ctx=512, deterministic=True) as ctx:
+        for temp, seed in ((0, 1), (0.8, 7)):
+            kw = dict(max_new_tokens=80, temp=temp, seed=seed, ignore_eos=True)
+            a, at, _, _ = run(ctx, "hello world", **kw)
+            for draft, full in ((same, True), (other, False)):
+                b, bt, chunks, st = run(ctx, "hello world", speculative=_draft(draft, n_max=6), **kw)
+                assert (b, bt) == (a, at), (temp, draft)
+                s = st.speculative_stats
+                assert s["drafted"] > 0, s
+                if full and temp == 0:
+                    assert s["accepted"] == s["drafted"] and max(map(len, chunks)) > 1, s
+                if not full:
+                    assert s["accepted"] < s["drafted"], s
+    # a real model drafting for itself: identical text, drafts accepted
+    prompt = copy_prompt(smollm2)
+    a, at, _, _ = run(det_ctx, prompt, max_new_tokens=48, temp=0)
+    b, bt, _, st = run(det_ctx, prompt, max_new_tokens=48, temp=0, speculative=_draft(smollm2, n_max=8))
+    assert (b, bt) == (a, at) and st.speculative_stats["accepted"] > 30
+
+
+def test_draft_model_in_batches_and_a_rejected_draft_leaves_no_trace(tiny_pair):
+    t, same, other = tiny_pair
+    prompts = ["hello world", "the quick brown", "one two three four"]
+    with llamagen.Context(t, n_ctx=2048, n_seq_max=3, kv_unified=True, deterministic=True) as ctx:
+        kw = dict(max_new_tokens=60, temp=0, ignore_eos=True)
+        plain = llamagen.generate_batch(ctx, prompts, **kw)
+        b = llamagen.BatchGenerator(ctx, speculative=_draft(same, n_max=6), **kw)
+        ids = [b.add(p) for p in prompts]
+        out = {i: "" for i in ids}
+        for sid, chunk in b:
+            out[sid] += chunk
+        assert [out[i] for i in ids] == plain
+        assert all(b.speculative_stats(i)["accepted"] > 0 for i in ids)
+        # a draft that is mostly wrong: the same texts, and the batch's prompt cache afterwards
+        # gives what a cold context gives
+        assert llamagen.generate_batch(ctx, prompts, speculative=_draft(other, n_max=6), **kw) == plain
+        again = llamagen.generate_batch(ctx, [p + " again" for p in prompts], **kw)
+    with llamagen.Context(t, n_ctx=2048, n_seq_max=3, kv_unified=True, deterministic=True) as cold:
+        assert llamagen.generate_batch(cold, [p + " again" for p in prompts], **kw) == again
+
+
+def test_a_bad_draft_model_is_a_clear_error(tiny_pair, smollm2):
+    t, same, _ = tiny_pair
+    with llamagen.Context(smollm2, n_ctx=512) as ctx:
+        # another vocabulary
+        with pytest.raises(InvalidParamError) as e:
+            llamagen.generate(ctx, "hi", max_new_tokens=4, speculative=_draft(t))
+        assert e.value.field == "speculative.draft_model" and "vocabulary" in str(e.value)
+        with pytest.raises(InvalidParamError) as e:
+            llamagen.generate(ctx, "hi", max_new_tokens=4, speculative=_draft("model.gguf"))
+        assert e.value.field == "speculative.draft_model"
+        assert llamagen.generate(ctx, "hi", max_new_tokens=4, temp=0)       # still usable
+
+
+def test_server_with_a_draft_model(tmp_path_factory, smollm2_path):
+    from openai import OpenAI
+    gen = serving(tmp_path_factory, "draft", smollm2_path, "--parallel", "2", "--ctx-size",
+                  "2048", "--deterministic", "--model-draft", smollm2_path, "--spec-draft-max", "8",
+                  "--spec-no-adaptive")
+    srv = next(gen)
+    try:
+        client = OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        msgs = [{"role": "user", "content": f"Repeat exactly:\n\n{PARAGRAPH}"}]
+        a = client.chat.completions.create(model="m", messages=msgs, max_tokens=48, temperature=0)
+        assert a.usage.completion_tokens_details.accepted_prediction_tokens > 20
+        b = client.chat.completions.create(model="m", messages=msgs, max_tokens=48, temperature=0,
+                                           extra_body={"speculative": "none"})
+        assert b.choices[0].message.content == a.choices[0].message.content
+    finally:
+        with pytest.raises(StopIteration):
+            next(gen)

@@ -3,6 +3,7 @@
 #include "common.h"
 #include "speculative.h"
 
+#include <algorithm>
 #include <exception>
 
 namespace lgspec {
@@ -11,6 +12,7 @@ struct Seq {
     llama_tokens hist;        // prompt + generated tokens in the KV cache
     int32_t n_prompt = 0;
     llama_tokens draft;
+    llama_tokens dft;         // draft-simple: the tokens in the draft context's cells
 };
 
 struct Drafter {
@@ -18,6 +20,8 @@ struct Drafter {
     common_speculative * spec = nullptr;
     std::vector<Seq> seqs;
     bool any = false;         // want() was called since the last run()
+    llama_context * ctx_dft = nullptr;      // draft-simple: owned
+    uint32_t n_batch = 512;
 };
 
 Drafter * create(const char * type, uint32_t n_seq, int32_t size_n, int32_t size_m,
@@ -62,10 +66,121 @@ Drafter * create(const char * type, uint32_t n_seq, int32_t size_n, int32_t size
     return nullptr;
 }
 
+Drafter * create_draft(llama_model * draft, llama_context * target, uint32_t n_seq,
+                       uint32_t n_ctx, uint32_t n_batch, int32_t n_threads,
+                       std::string & err) noexcept {
+    Drafter * d = nullptr;
+    try {
+        llama_context_params cp = llama_context_default_params();
+        cp.n_ctx = n_ctx;
+        cp.n_batch = n_batch;
+        cp.n_ubatch = std::min<uint32_t>(n_batch, 512);
+        cp.n_seq_max = n_seq;
+        cp.kv_unified = true;         // (the sequences share the cells, as the target's do)
+        cp.n_threads = n_threads;
+        cp.n_threads_batch = n_threads;
+        cp.no_perf = true;
+        llama_context * ctx = llama_init_from_model(draft, cp);
+        if (ctx == nullptr) {
+            err = "llama.cpp could not make a context for the draft model (memory?)";
+            return nullptr;
+        }
+        d = new Drafter();
+        d->ctx_dft = ctx;
+        d->n_batch = n_batch;
+        d->params.types = { COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE };
+        d->params.draft.ctx_tgt = target;
+        d->params.draft.ctx_dft = ctx;
+        d->params.draft.n_max = 64;   // (each request's n_max is asked per draft)
+        d->params.draft.n_min = 0;    // (our own n_min applies after the draft)
+        d->spec = common_speculative_init(d->params, n_seq);
+        if (d->spec == nullptr) {
+            err = "llama.cpp made no draft-simple drafter";
+            destroy(d);
+            return nullptr;
+        }
+        d->seqs.resize(n_seq);
+        return d;
+    } catch (const std::exception & e) {
+        err = e.what();
+    } catch (...) {
+        err = "unknown error creating the draft-model drafter";
+    }
+    destroy(d);
+    return nullptr;
+}
+
 void destroy(Drafter * d) noexcept {
     if (d == nullptr) return;
-    common_speculative_free(d->spec);
+    if (d->spec != nullptr) {
+        common_speculative_free(d->spec);
+    }
+    if (d->ctx_dft != nullptr) {
+        llama_free(d->ctx_dft);
+    }
     delete d;
+}
+
+// draft-simple: the draft context's cells of every sequence about to draft made to hold its
+// history (positions 0 .. hist.size() - 1): cut where they differ, decode the rest (all
+// sequences in shared batches); false when llama.cpp refuses a decode
+static bool sync_draft(Drafter * d) {
+    llama_memory_t mem = llama_get_memory(d->ctx_dft);
+    std::vector<std::pair<int32_t, int32_t>> todo;     // (seq, first position to decode)
+    size_t total = 0;
+    for (int32_t s = 0; s < (int32_t) d->seqs.size(); ++s) {
+        if (!common_speculative_get_draft_params(d->spec, s).drafting) {
+            continue;
+        }
+        Seq & q = d->seqs[s];
+        size_t p = 0;
+        const size_t n = std::min(q.dft.size(), q.hist.size());
+        while (p < n && q.dft[p] == q.hist[p]) {
+            ++p;
+        }
+        if (p < q.dft.size()) {
+            llama_memory_seq_rm(mem, s, (llama_pos) p, -1);
+            q.dft.resize(p);
+        }
+        if (p < q.hist.size()) {
+            todo.emplace_back(s, (int32_t) p);
+            total += q.hist.size() - p;
+        }
+    }
+    if (total == 0) {
+        return true;
+    }
+    llama_batch b = llama_batch_init((int32_t) d->n_batch, 0, 1);
+    bool ok = true;
+    for (auto & t : todo) {
+        Seq & q = d->seqs[t.first];
+        for (size_t i = (size_t) t.second; i < q.hist.size() && ok; ++i) {
+            const int32_t k = b.n_tokens++;
+            b.token[k] = q.hist[i];
+            b.pos[k] = (llama_pos) i;
+            b.n_seq_id[k] = 1;
+            b.seq_id[k][0] = t.first;
+            b.logits[k] = 0;
+            if (b.n_tokens == (int32_t) d->n_batch) {
+                ok = llama_decode(d->ctx_dft, b) == 0;
+                b.n_tokens = 0;
+            }
+        }
+        if (ok) {
+            q.dft = q.hist;
+        }
+    }
+    if (ok && b.n_tokens > 0) {
+        ok = llama_decode(d->ctx_dft, b) == 0;
+    }
+    llama_batch_free(b);
+    if (!ok) {
+        for (auto & t : todo) {     // (unknown what landed: the next sync starts over)
+            llama_memory_seq_rm(mem, t.first, 0, -1);
+            d->seqs[t.first].dft.clear();
+        }
+    }
+    return ok;
 }
 
 void begin(Drafter * d, int32_t seq, const int32_t * prompt, int32_t n_prompt) noexcept {
@@ -101,7 +216,29 @@ void want(Drafter * d, int32_t seq, const int32_t * gen, int32_t n_gen, int32_t 
 void run(Drafter * d) noexcept {
     if (!d->any) return;
     d->any = false;
-    common_speculative_draft(d->spec);
+    if (d->ctx_dft == nullptr) {
+        common_speculative_draft(d->spec);
+        return;
+    }
+    std::vector<int32_t> wanted;
+    for (int32_t s = 0; s < (int32_t) d->seqs.size(); ++s) {
+        if (common_speculative_get_draft_params(d->spec, s).drafting) {
+            wanted.push_back(s);
+        }
+    }
+    try {
+        if (sync_draft(d)) {
+            common_speculative_draft(d->spec);
+        }
+    } catch (...) {
+    }
+    // drafting decoded the pending token and the draft in the draft context: cut back to the
+    // history (what the target accepts is decoded by the next sync)
+    llama_memory_t mem = llama_get_memory(d->ctx_dft);
+    for (int32_t s : wanted) {
+        llama_memory_seq_rm(mem, s, (llama_pos) d->seqs[s].dft.size(), -1);
+        common_speculative_get_draft_params(d->spec, s).drafting = false;
+    }
 }
 
 const std::vector<int32_t> & result(Drafter * d, int32_t seq) noexcept {

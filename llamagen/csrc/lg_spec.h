@@ -9,6 +9,9 @@
 #include <string>
 #include <vector>
 
+struct llama_context;
+struct llama_model;
+
 namespace lgspec {
 
 struct Drafter;
@@ -19,6 +22,14 @@ struct Drafter;
 // ``err`` set when llama.cpp refuses.
 Drafter * create(const char * type, uint32_t n_seq, int32_t size_n, int32_t size_m,
                  int32_t min_hits, std::string & err) noexcept;
+// A draft-model drafter (llama.cpp's draft-simple) for ``n_seq`` sequences: a context of its own
+// on ``draft`` (``n_ctx`` cells shared by the sequences, ``n_batch``, ``n_threads``), kept
+// holding each sequence's history (the tokens in the target's KV cache) by run(), which decodes
+// what the history gained since and removes what it lost, then lets llama.cpp draft.
+// ``target``: only to check that the vocabularies agree.  NULL with ``err`` set on a refusal.
+Drafter * create_draft(llama_model * draft, llama_context * target, uint32_t n_seq,
+                       uint32_t n_ctx, uint32_t n_batch, int32_t n_threads,
+                       std::string & err) noexcept;
 void destroy(Drafter * d) noexcept;
 
 // A new generation on ``seq``: its prompt (the tokens in the KV cache before the first sampled one).

@@ -46,7 +46,8 @@ def serve(a) -> int:
                 template = fh.read()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--chat-template-file {a.chat_template_file!r}: {e}") from None
-    speculative = from_flags(a)                 # (a bad --spec-* flag: before the model loads)
+    # (a bad --spec-* flag: before the model loads; the draft model loads first)
+    speculative = from_flags(a, load_model=lambda p: llamagen.Model(p, n_gpu_layers=a.n_gpu_layers))
     loras, cvecs, cvec_layers, lora_init_without_apply = adapter_flags(a)
     if a.slot_save_path is not None and not os.path.isdir(a.slot_save_path):
         raise ValueError(f"--slot-save-path {a.slot_save_path!r}: no such folder")
