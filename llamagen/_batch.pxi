@@ -628,8 +628,8 @@ cdef class BatchGenerator:
             if self._fill_batch(limit, prompts) == 0:
                 return -100
             # the cost model sees steps of generated tokens and drafts only (prompt chunks take
-            # other kernels)
-            timed = any_spec and self._batch.n_tokens <= 64
+            # other kernels), of any size: a 32-sequence batch's steps are what fit its drafts
+            timed = any_spec
             for i in range(self._active.size()):
                 if self._active[i].fed_now > 0:
                     timed = False
