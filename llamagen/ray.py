@@ -383,16 +383,6 @@ class EmbedStage:
         self.normalize, self.truncate = normalize, truncate
         self.n_threads = _threads(n_threads)
         self.model = Model(_model_path(model), **dict(model_kwargs or {}))
-        # draft_model (a path, loaded here beside the model): speculative decoding with it
-        # (draft-simple), the lengths from ``speculative=`` when given
-        self.draft_model = None
-        if draft_model is not None:
-            self.draft_model = Model(_model_path(draft_model), **dict(model_kwargs or {}))
-            spec = self.params.speculative
-            fields = {k: v for k, v in (spec.to_dict() if spec is not None else {}).items()
-                      if k in ("n_max", "n_min", "adaptive")}
-            self.params = self.params.replace(speculative=Speculative(
-                type="draft-simple", draft_model=self.draft_model, **fields))
         ckw = dict(context_kwargs or {})
         ckw.setdefault("n_ctx", n_batch)
         self.ctx = Context(self.model, embeddings=True, pooling=pooling, n_batch=n_batch,
