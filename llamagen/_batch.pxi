@@ -87,7 +87,9 @@ cdef class BatchGenerator:
     cdef dict _drafter_index              # Speculative.key -> index in _drafters
     cdef vector[lgspec.Drafter *] _drafters
     cdef bint _no_drafts                  # this step's retry decodes without drafts
-    cdef SpecCost _cost                   # decode time against rows (token-only steps)
+    cdef SpecCost _cost                   # step time against rows (token-only steps)
+    cdef int32_t _timed_rows              # this step's rows, when the cost model times it (else 0)
+    cdef int64_t _timed_us                # ... its decode time; the sampling time is added
     cdef readonly int64_t n_drafted       # drafted tokens verified, over all sequences
     cdef readonly int64_t n_accepted      # ... of those accepted
     cdef int32_t _plp_rows                # most prompt-logprob rows of one sequence per decode
@@ -635,9 +637,11 @@ cdef class BatchGenerator:
                     timed = False
             td = llama.llama_time_us()
             rc = llama.llama_decode(lctx, self._batch)
+            self._timed_rows = 0
             if rc == 0 and timed:
                 llama.llama_synchronize(lctx)
-                _spec_cost_add(&self._cost, self._batch.n_tokens, llama.llama_time_us() - td)
+                self._timed_rows = self._batch.n_tokens
+                self._timed_us = llama.llama_time_us() - td
             if rc != 1:
                 break
             # no KV room: first drop the drafts, then idle prompt caches, then defer the
@@ -748,8 +752,14 @@ cdef class BatchGenerator:
             if rc == 0:
                 t_sample = llamagen_monotonic_us()
                 self._sample_all()
-                self.sample_us += llamagen_monotonic_us() - t_sample
+                t_sample = llamagen_monotonic_us() - t_sample
+                self.sample_us += t_sample
                 self.n_sampled += <int64_t> self._sampled.size()
+                if self._timed_rows > 0:
+                    # a drafted row costs its decode and its sampling (a large vocabulary's
+                    # rows are sampled one by one): the step's whole time against its rows
+                    _spec_cost_add(&self._cost, self._timed_rows, self._timed_us + t_sample)
+                    self._timed_rows = 0
         ctx._abort.armed = 0
         return rc
 
