@@ -638,7 +638,7 @@ void u_apply(llama_sampler * smpl, llama_token_data_array * cur) {
     if (u->st.done) {
         return;
     }
-    std::vector<char> buf(256);
+    thread_local std::vector<char> buf(256);    // (no allocation per token)
     for (size_t k = 0; k < cur->size; ++k) {
         llama_token_data & d = cur->data[k];
         if (d.logit == -INFINITY || llama_vocab_is_eog(u->vocab, d.id)) {
@@ -671,7 +671,7 @@ void u_accept(llama_sampler * smpl, llama_token tok) {
     if (llama_vocab_is_eog(u->vocab, tok)) {
         return;
     }
-    std::vector<char> buf(256);
+    thread_local std::vector<char> buf(256);    // (no allocation per token)
     const int n = piece(u->vocab, tok, buf);
     // a token this sampler would have rejected (a forced one) is read on all the same
     feed(u->st, *u->spec, u->out, buf.data(), (size_t) n);
