@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <exception>
+#include <new>
 
 namespace lgspec {
 
@@ -24,90 +25,92 @@ struct Drafter {
     uint32_t n_batch = 512;
 };
 
-Drafter * create(const char * type, uint32_t n_seq, int32_t size_n, int32_t size_m,
-                 int32_t min_hits, std::string & err) noexcept {
+// ``d`` (its params set) started by llama.cpp for ``n_seq`` sequences; on a refusal or an
+// exception ``d`` is freed (its draft context with it) and ``err`` says why
+static Drafter * start(Drafter * d, uint32_t n_seq, const std::string & what, std::string & err) noexcept {
     try {
-        const common_speculative_type t = common_speculative_type_from_name(type);
-        switch (t) {
-            case COMMON_SPECULATIVE_TYPE_NGRAM_SIMPLE:
-            case COMMON_SPECULATIVE_TYPE_NGRAM_MAP_K:
-            case COMMON_SPECULATIVE_TYPE_NGRAM_MAP_K4V:
-            case COMMON_SPECULATIVE_TYPE_NGRAM_MOD:
-            case COMMON_SPECULATIVE_TYPE_NGRAM_CACHE:
-                break;
-            default:
-                err = std::string("unsupported speculative type '") + type + "'";
-                return nullptr;
-        }
-        auto * d = new Drafter();
-        d->params.types = { t };
-        for (auto * m : { &d->params.ngram_simple, &d->params.ngram_map_k, &d->params.ngram_map_k4v }) {
-            if (size_n > 0) m->size_n = (uint16_t) size_n;
-            if (size_m > 0) m->size_m = (uint16_t) size_m;
-            if (min_hits > 0) m->min_hits = (uint16_t) min_hits;
-        }
-        if (size_n > 0) d->params.ngram_mod.n_match = size_n;
-        if (size_m > 0) d->params.ngram_mod.n_max = size_m;
-        // our own n_min applies after the draft (Python side); the drafter may propose any length
-        d->params.ngram_mod.n_min = 1;
         d->spec = common_speculative_init(d->params, n_seq);
-        if (d->spec == nullptr) {
-            delete d;
-            err = std::string("llama.cpp made no drafter of type '") + type + "'";
-            return nullptr;
+        if (d->spec != nullptr) {
+            d->seqs.resize(n_seq);
+            return d;
         }
-        d->seqs.resize(n_seq);
-        return d;
+        err = "llama.cpp made no " + what + " drafter";
     } catch (const std::exception & e) {
         err = e.what();
     } catch (...) {
-        err = "unknown error creating the drafter";
+        err = "unknown error creating the " + what + " drafter";
     }
+    destroy(d);
     return nullptr;
+}
+
+Drafter * create(const char * type, uint32_t n_seq, int32_t size_n, int32_t size_m,
+                 int32_t min_hits, std::string & err) noexcept {
+    common_speculative_type t = COMMON_SPECULATIVE_TYPE_NONE;
+    try {
+        t = common_speculative_type_from_name(type);
+    } catch (...) {
+    }
+    switch (t) {
+        case COMMON_SPECULATIVE_TYPE_NGRAM_SIMPLE:
+        case COMMON_SPECULATIVE_TYPE_NGRAM_MAP_K:
+        case COMMON_SPECULATIVE_TYPE_NGRAM_MAP_K4V:
+        case COMMON_SPECULATIVE_TYPE_NGRAM_MOD:
+        case COMMON_SPECULATIVE_TYPE_NGRAM_CACHE:
+            break;
+        default:
+            err = std::string("unsupported speculative type '") + type + "'";
+            return nullptr;
+    }
+    auto * d = new (std::nothrow) Drafter();
+    if (d == nullptr) {
+        err = "out of memory creating the drafter";
+        return nullptr;
+    }
+    d->params.types = { t };
+    for (auto * m : { &d->params.ngram_simple, &d->params.ngram_map_k, &d->params.ngram_map_k4v }) {
+        if (size_n > 0) m->size_n = (uint16_t) size_n;
+        if (size_m > 0) m->size_m = (uint16_t) size_m;
+        if (min_hits > 0) m->min_hits = (uint16_t) min_hits;
+    }
+    if (size_n > 0) d->params.ngram_mod.n_match = size_n;
+    if (size_m > 0) d->params.ngram_mod.n_max = size_m;
+    // our own n_min applies after the draft (Python side); the drafter may propose any length
+    d->params.ngram_mod.n_min = 1;
+    return start(d, n_seq, std::string("'") + type + "'", err);
 }
 
 Drafter * create_draft(llama_model * draft, llama_context * target, uint32_t n_seq,
                        uint32_t n_ctx, uint32_t n_batch, int32_t n_threads,
                        std::string & err) noexcept {
-    Drafter * d = nullptr;
-    try {
-        llama_context_params cp = llama_context_default_params();
-        cp.n_ctx = n_ctx;
-        cp.n_batch = n_batch;
-        cp.n_ubatch = std::min<uint32_t>(n_batch, 512);
-        cp.n_seq_max = n_seq;
-        cp.kv_unified = true;         // (the sequences share the cells, as the target's do)
-        cp.n_threads = n_threads;
-        cp.n_threads_batch = n_threads;
-        cp.no_perf = true;
-        llama_context * ctx = llama_init_from_model(draft, cp);
-        if (ctx == nullptr) {
-            err = "llama.cpp could not make a context for the draft model (memory?)";
-            return nullptr;
-        }
-        d = new Drafter();
-        d->ctx_dft = ctx;
-        d->n_batch = n_batch;
-        d->params.types = { COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE };
-        d->params.draft.ctx_tgt = target;
-        d->params.draft.ctx_dft = ctx;
-        d->params.draft.n_max = 64;   // (each request's n_max is asked per draft)
-        d->params.draft.n_min = 0;    // (our own n_min applies after the draft)
-        d->spec = common_speculative_init(d->params, n_seq);
-        if (d->spec == nullptr) {
-            err = "llama.cpp made no draft-simple drafter";
-            destroy(d);
-            return nullptr;
-        }
-        d->seqs.resize(n_seq);
-        return d;
-    } catch (const std::exception & e) {
-        err = e.what();
-    } catch (...) {
-        err = "unknown error creating the draft-model drafter";
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = n_ctx;
+    cp.n_batch = n_batch;
+    cp.n_ubatch = std::min<uint32_t>(n_batch, 512);
+    cp.n_seq_max = n_seq;
+    cp.kv_unified = true;         // (the sequences share the cells, as the target's do)
+    cp.n_threads = n_threads;
+    cp.n_threads_batch = n_threads;
+    cp.no_perf = true;
+    llama_context * ctx = llama_init_from_model(draft, cp);
+    if (ctx == nullptr) {
+        err = "llama.cpp could not make a context for the draft model (memory?)";
+        return nullptr;
     }
-    destroy(d);
-    return nullptr;
+    auto * d = new (std::nothrow) Drafter();
+    if (d == nullptr) {
+        llama_free(ctx);
+        err = "out of memory creating the drafter";
+        return nullptr;
+    }
+    d->ctx_dft = ctx;
+    d->n_batch = n_batch;
+    d->params.types = { COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE };
+    d->params.draft.ctx_tgt = target;
+    d->params.draft.ctx_dft = ctx;
+    d->params.draft.n_max = 64;   // (each request's n_max is asked per draft)
+    d->params.draft.n_min = 0;    // (our own n_min applies after the draft)
+    return start(d, n_seq, "draft-simple", err);
 }
 
 void destroy(Drafter * d) noexcept {
