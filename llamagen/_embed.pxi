@@ -231,6 +231,200 @@ def _embed(Context ctx not None, list items, int norm, bint truncate, bint add_s
     return result, n_tokens, truncated
 
 
+def _embed_splits(Context ctx not None):
+    """Whether _EmbedText can embed one text a few tokens per call on ``ctx``: causal attention
+    (a token's hidden state does not depend on later tokens, so pieces decoded one after another
+    over kept KV cells give the whole text's rows) and a pooling that combines across pieces
+    (not RANK's head)."""
+    ctx._check()
+    return bool(ctx.embeddings and llama.llama_get_causal_attn(ctx._ctx)
+                and llama.llama_get_pooling_type(ctx._ctx) != llama.LLAMA_POOLING_TYPE_RANK)
+
+
+cdef class _EmbedText:
+    """One text embedded ``step(k)`` tokens at a time, its KV cells kept between steps: an engine
+    interleaves a long text with generation steps instead of stalling every stream for the whole
+    text (issue 35).  Needs _embed_splits(ctx).  The result is _embed's for that one text (the same
+    tokens, truncation and errors) up to llama.cpp's batch variance: MEAN pools the sum of every
+    piece's rows, CLS the first piece's, LAST the last one's.  If the context was used by anything
+    else between steps, the text starts again from its first token."""
+    cdef Context ctx
+    cdef vector[llama.llama_token] toks
+    cdef int32_t n_embd, norm
+    cdef readonly int32_t done
+    cdef llama.llama_pooling_type pooling
+    cdef uint64_t epoch
+    cdef vector[float] acc           # pooled: the sum (MEAN) or the vector (CLS, LAST) so far
+    cdef vector[float] rows          # the tap's hidden states of one piece
+    cdef readonly object vectors     # as _embed returns them for one text
+    cdef readonly int n_tokens
+    cdef readonly bint truncated
+
+    def __init__(self, Context ctx not None, item, int norm, bint truncate, bint add_special,
+                 bint parse_special):
+        if not _embed_splits(ctx):
+            raise ValueError("this context cannot embed a text in pieces (bidirectional attention "
+                             "or rank pooling)")
+        self.ctx = ctx
+        self.norm = norm
+        self.pooling = llama.llama_get_pooling_type(ctx._ctx)
+        self.n_embd = llama.llama_model_n_embd_out(ctx.model._model)
+        # the same tokens, limit and errors as _embed (a text fits one decode there)
+        n_batch = min(llama.llama_n_batch(ctx._ctx), llama.llama_n_ctx(ctx._ctx))
+        limit = min(n_batch, llama.llama_n_ctx_seq(ctx._ctx))
+        try:
+            t = _prompt_tokens(ctx, item, add_special, parse_special, INT32_MAX)
+        except (ValueError, TypeError) as e:
+            raise _item_error(e, 0) from None
+        if <int32_t> t.size() > limit:
+            if not truncate:
+                err = PromptTooLongError(t.size(), limit, f"text 0 has {t.size()} tokens but one "
+                                         f"decode of this context holds {limit} (n_batch "
+                                         f"{n_batch}, {llama.llama_n_ctx_seq(ctx._ctx)} cells per "
+                                         "sequence): pass truncate=True or use a larger context")
+                err.index = 0
+                raise err
+            t.resize(limit)
+            self.truncated = True
+        self.toks = t
+        self.n_tokens = <int> t.size()
+        if self.pooling == llama.LLAMA_POOLING_TYPE_NONE:
+            self.vectors = [_np.zeros((self.n_tokens, self.n_embd), dtype=_np.float32)]
+        else:
+            self.vectors = _np.zeros((1, self.n_embd), dtype=_np.float32)
+        self.acc.assign(self.n_embd, 0)
+
+    @property
+    def finished(self):
+        return self.done >= <int32_t> self.toks.size()
+
+    def step(self, int32_t max_tokens):
+        """Decode the next ``max_tokens`` tokens (at least one, at most a ubatch); True once the
+        text is done and ``vectors`` holds its result."""
+        cdef Context ctx = self.ctx
+        cdef int32_t size = <int32_t> self.toks.size(), k, i, j, done, n_embd = self.n_embd
+        cdef int32_t rc = 0
+        cdef llama.llama_batch batch
+        cdef bint have_batch = False, use_tap = False, last
+        cdef llama.llama_memory_t mem
+        cdef const float * src
+        cdef float * out
+        cdef float * acc
+        cdef int how = lgembd.POOL_MEAN
+        cdef float[:, ::1] view
+        ctx._check()
+        if self.done >= size:
+            return True
+        if self.pooling == llama.LLAMA_POOLING_TYPE_CLS:
+            how = lgembd.POOL_FIRST
+        elif self.pooling == llama.LLAMA_POOLING_TYPE_LAST:
+            how = lgembd.POOL_LAST
+        view = self.vectors[0] if self.pooling == llama.LLAMA_POOLING_TYPE_NONE else self.vectors
+        out = NULL
+        if n_embd > 0 and view.shape[0] > 0:
+            out = &view[0, 0]
+        ctx._acquire()
+        try:
+            mem = llama.llama_get_memory(ctx._ctx)
+            if self.done == 0 or ctx._epoch != self.epoch:
+                # (someone else decoded here meanwhile: the kept cells are gone)
+                self.done = 0
+                self.acc.assign(n_embd, 0)
+                ctx._take_over()
+                ctx._use_lora(ctx._lora_default)
+                llama.llama_memory_clear(mem, True)
+                self.epoch = ctx._epoch
+            done = self.done
+            k = min(max(1, max_tokens), size - done, <int32_t> llama.llama_n_ubatch(ctx._ctx))
+            last = done + k == size
+            use_tap = ctx._tap_state == 1 and n_embd > 0
+            if use_tap:
+                self.rows.resize(<size_t> k * n_embd)
+            acc = self.acc.data()
+            batch = llama.llama_batch_init(k, 0, 1)
+            have_batch = True
+            ctx._abort.armed = 1
+            ctx._abort.interrupted = 0
+            ctx._abort.last_us = llamagen_monotonic_us()
+            with nogil:
+                for j in range(k):
+                    batch.token[j] = self.toks[done + j]
+                    batch.pos[j] = done + j
+                    batch.n_seq_id[j] = 1
+                    batch.seq_id[j][0] = 0
+                    batch.logits[j] = 1
+                batch.n_tokens = k
+                if use_tap:
+                    ctx._tap.armed = 1
+                    ctx._tap.stop = 1
+                    ctx._tap.got = 0
+                    ctx._tap.unpooled = self.pooling == llama.LLAMA_POOLING_TYPE_NONE
+                    ctx._tap.n_embd = n_embd
+                    ctx._tap.n_rows = k
+                    ctx._tap.dst = self.rows.data()
+                rc = llama.llama_decode(ctx._ctx, batch)
+                ctx._tap.armed = 0
+                use_tap = use_tap and ctx._tap.got
+                if rc == 0 and n_embd > 0:
+                    if self.pooling == llama.LLAMA_POOLING_TYPE_NONE:
+                        for j in range(k):
+                            if use_tap:
+                                src = self.rows.data() + <size_t> j * n_embd
+                            else:
+                                src = llama.llama_get_embeddings_ith(ctx._ctx, j)
+                                if src == NULL:
+                                    rc = -100
+                                    break
+                            common_embd_normalize(src, out + <size_t> (done + j) * n_embd,
+                                                  n_embd, self.norm)
+                    elif use_tap:
+                        if how == lgembd.POOL_MEAN:
+                            for j in range(k):
+                                src = self.rows.data() + <size_t> j * n_embd
+                                for i in range(n_embd):
+                                    acc[i] += src[i]
+                        elif how == lgembd.POOL_FIRST and done == 0:
+                            lgembd.pool(self.rows.data(), n_embd, 0, k, how, acc)
+                        elif how == lgembd.POOL_LAST and last:
+                            lgembd.pool(self.rows.data(), n_embd, 0, k, how, acc)
+                    else:
+                        # llama.cpp pooled this piece: a mean weighs by its length
+                        src = llama.llama_get_embeddings_seq(ctx._ctx, 0)
+                        if src == NULL:
+                            rc = -100
+                        elif how == lgembd.POOL_MEAN:
+                            for i in range(n_embd):
+                                acc[i] += k * src[i]
+                        elif (how == lgembd.POOL_FIRST and done == 0) or \
+                                (how == lgembd.POOL_LAST and last):
+                            for i in range(n_embd):
+                                acc[i] = src[i]
+                if rc == 0 and last:
+                    if self.pooling != llama.LLAMA_POOLING_TYPE_NONE and n_embd > 0:
+                        if how == lgembd.POOL_MEAN:
+                            for i in range(n_embd):
+                                acc[i] /= size
+                        common_embd_normalize(acc, out, n_embd, self.norm)
+                    llama.llama_memory_clear(mem, True)
+            if rc == 0:
+                self.done = done + k
+        finally:
+            ctx._abort.armed = 0
+            ctx._tap.armed = 0
+            if have_batch:
+                llama.llama_batch_free(batch)
+            ctx._release()
+        if ctx._abort.interrupted:
+            ctx._abort.interrupted = 0
+            raise KeyboardInterrupt
+        if rc == -100:
+            raise LlamaError("llama.cpp returned no embeddings for a sequence (does this model "
+                             "support the context's pooling?)")
+        if rc != 0:
+            check_decode(rc, b"embedding")
+        return self.done >= size
+
+
 def _rerank_tokens(Model model not None, query, document):
     """One (query, document) pair as llama-server formats it for a reranker
     (format_prompt_rerank): the GGUF's "rerank" template with {query} and {document} replaced,

@@ -52,7 +52,7 @@ cdef class Model:
     cdef fs.lgfs_trie * _gtrie   # the vocabulary's prefix tree for grammar re-samples (lazy)
     cdef object _chat_default    # _ChatTemplates of the model's own template (lazy, _chat.pxi)
     cdef dict _chat_overrides    # template source -> _ChatTemplates, a few most recent
-    cdef dict _grammars_ok       # grammars _check_grammar accepted (their key), most recent last
+    cdef dict _grammars          # grammar key -> _GrammarProto (_sampling.pxi), most recent last
     cdef dict _pieces            # token id -> piece bytes with specials rendered (logprobs)
     cdef object __weakref__
 
@@ -64,7 +64,7 @@ cdef class Model:
         self._gtrie = NULL
         self._chat_default = None
         self._chat_overrides = {}
-        self._grammars_ok = {}
+        self._grammars = {}
         self._pieces = {}
 
     def __init__(self, path, *, n_gpu_layers=0, bint use_mmap=True, bint use_mlock=False,
@@ -164,6 +164,7 @@ cdef class Model:
     def close(self):
         """Free the model (deferred while a Context still uses it).  Idempotent."""
         self._closed = True
+        self._grammars.clear()
         if self._users <= 0 and self._model != NULL:
             llama.llama_model_free(self._model)
             self._model = NULL
@@ -171,6 +172,10 @@ cdef class Model:
     @property
     def closed(self):
         return self._closed
+
+    def _n_grammars_kept(self):
+        """How many built grammars this model keeps for sequences to clone (tests, debugging)."""
+        return len(self._grammars)
 
     def __enter__(self):
         self._check()

@@ -111,9 +111,75 @@ cdef llama.llama_sampler * _init_dry(const llama.llama_vocab * vocab, float mult
     return s
 
 
+cdef class _GrammarProto:
+    """A built grammar sampler that nothing advances: sequences start from clones of it.  A clone
+    copies the rules and stacks; building parses the GBNF and checks it (about a second for a
+    2 MB schema grammar), which the engine thread used to do as each sequence started while every
+    other stream waited (issue 35).  Freed when its last holder lets go, so a thread cloning it
+    keeps it alive past an eviction."""
+    cdef llama.llama_sampler * g
+    cdef Py_ssize_t size
+
+    def __dealloc__(self):
+        if self.g != NULL:
+            llama.llama_sampler_free(self.g)
+            self.g = NULL
+
+
+# prototypes kept per model: at most this many, and this many characters of GBNF in all (the
+# built rules take a few bytes per character)
+_GRAMMARS_KEPT = 64
+_GRAMMAR_CHARS_KEPT = 32 << 20
+
+
+cdef tuple _grammar_key(object p):
+    return (p.gbnf, p.grammar_root, p.grammar_lazy, p.grammar_triggers, p.grammar_trigger_tokens,
+            p.grammar_prefill, getattr(p, "_unique_spec", None))
+
+
+cdef _GrammarProto _grammar_proto(object p, Model model):
+    """The model's prototype of ``p``'s grammar (None when it has none), built and kept the first
+    time.  Raises GrammarError."""
+    cdef _GrammarProto proto
+    if p.gbnf is None:
+        return None
+    key = _grammar_key(p)
+    cache = model._grammars
+    found = _lru_get(cache, key)
+    if found is not None:
+        return <_GrammarProto> found
+    proto = _GrammarProto()
+    proto.g = _build_grammar(p, model._vocab)
+    proto.size = len(p.gbnf)
+    if proto.size <= _GRAMMAR_CHARS_KEPT:
+        cache.pop(key, None)
+        cache[key] = proto
+        total = sum([(<_GrammarProto> v).size for v in list(cache.values())])
+        while len(cache) > 1 and (len(cache) > _GRAMMARS_KEPT or total > _GRAMMAR_CHARS_KEPT):
+            try:
+                old = cache.pop(next(iter(cache)))
+            except (KeyError, RuntimeError, StopIteration):   # (another thread trimmed it)
+                break
+            total -= (<_GrammarProto> old).size
+    return proto
+
+
+cdef llama.llama_sampler * _grammar_for(object p, Model model) except? NULL:
+    """A fresh grammar sampler for ``p`` (NULL when it has none): a clone of the model's
+    prototype.  Raises GrammarError."""
+    cdef llama.llama_sampler * g
+    cdef _GrammarProto proto = _grammar_proto(p, model)
+    if proto is None:
+        return NULL
+    with nogil:
+        g = llama.llama_sampler_clone(proto.g)
+    return g
+
+
 cdef llama.llama_sampler * _build_grammar(object p, const llama.llama_vocab * vocab) except? NULL:
     """The grammar sampler for ``p.gbnf`` (``grammar``, or the one made of a JSON schema; NULL
-    when there is none).  Raises GrammarError."""
+    when there is none), built from its text: _grammar_for clones a kept one instead.  Raises
+    GrammarError."""
     cdef llama.llama_sampler * g
     cdef llama.llama_sampler * plain
     grammar = p.gbnf
@@ -506,7 +572,7 @@ cdef class _ReplaySampler:
             self.chain = _build_chain(params, ctx._vocab, ctx._n_vocab, n_ctx, <uint32_t> params.seed)
         else:
             raise ValueError(f"impl must be 'fast' or 'llama.cpp', got {impl!r}")
-        self.grammar = _build_grammar(params, ctx._vocab)
+        self.grammar = _grammar_for(params, ctx.model)
         self.cand.resize(ctx._n_vocab)
         self.chosen = []
         self.params = params
@@ -630,26 +696,15 @@ def _replay_run(Context ctx not None, prompt, driver_params, samplers, int n_ste
     return out
 
 
-_GRAMMARS_OK_KEPT = 64
-
-
 def _check_grammar(Model model not None, params):
     """Raise GrammarError now if ``params.grammar`` does not parse for ``model``'s vocabulary
-    (what starting a sequence would raise), so a server can refuse the request up front."""
-    cdef llama.llama_sampler * g
+    (what starting a sequence would raise), so a server can refuse the request up front.  The
+    grammar built here is kept: its sequences start from clones of it."""
     model._check()
     if params.gbnf is None:
         return
-    # the same grammar (a schema's, a tool format's) checked once: building it is the cost
-    key = (params.gbnf, params.grammar_root, params.grammar_lazy, params.grammar_triggers,
-           params.grammar_trigger_tokens, params.grammar_prefill)
-    if _lru_get(model._grammars_ok, key) is not None:
-        return
     model._pin()
     try:
-        g = _build_grammar(params, model._vocab)
-        if g != NULL:
-            llama.llama_sampler_free(g)
+        _grammar_proto(params, model)
     finally:
         model._release_user()
-    _lru_put(model._grammars_ok, key, True, _GRAMMARS_OK_KEPT)

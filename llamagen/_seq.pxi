@@ -474,7 +474,7 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
         c.chain = _build_chain(params, ctx._vocab, ctx._n_vocab, n_ctx, seed)
         # "backend": the same chain, attached to the context when the sequence starts decoding
         c.backend = params.sampler_impl == "backend"
-    c.grammar = _build_grammar(params, ctx._vocab)
+    c.grammar = _grammar_for(params, ctx.model)
     # a lazy grammar (a template's tool calls) sleeps while the model thinks: the budget
     # sampler, without a budget, tells where the thinking block is
     c.grammar_pause = c.grammar != NULL and params.grammar_lazy and \

@@ -99,8 +99,10 @@ def test_tiny_quantized_models_are_batch_invariant(make_tiny_model, tmp_path, ft
 
 
 def test_real_model_is_batch_invariant(real_model_path):
+    # (16 prompts in batches of 3 and 16: 32 in 2, 8 and 32 took 50-100 s of CI; the tiny
+    # models above go to 32)
     with llamagen.Model(real_model_path) as model:
-        _invariance(model, 32, (2, 8, 32))
+        _invariance(model, 16, (3, 16))
 
 
 def test_cached_prefix_gives_the_same_logits(real_model_path):

@@ -180,8 +180,9 @@ def test_replay_real_model(real_model):
         "List of prime numbers: 2, 3, 5,",
     ]
     paths = [0, 0, 0, 0]
-    steps = _replay(real_model, prompts, 100, seeds=(1,), n_ctx=1024, paths=paths)
-    assert steps >= 300
+    # (3 of the prompts, 64 steps: the replay was CI's longest test, 140-316 s for 5 x 100)
+    steps = _replay(real_model, prompts[:3], 64, seeds=(1,), n_ctx=1024, paths=paths)
+    assert steps >= 150
     assert all(paths), paths
 
 
@@ -189,7 +190,7 @@ def test_replay_real_model(real_model):
 def test_generate_same_text_real_model(real_model):
     with llamagen.Context(real_model, n_ctx=1024) as ctx:
         for name, fields in {**CONFIGS, **GRAMMAR_CONFIGS}.items():
-            kw = dict(fields, seed=11, max_new_tokens=64)
+            kw = dict(fields, seed=11, max_new_tokens=40)
             prompt = "Write a short story about a robot:"
             a = llamagen.generate(ctx, prompt, sampler_impl="llama.cpp", **kw)
             b = llamagen.generate(ctx, prompt, sampler_impl="fast", **kw)

@@ -110,6 +110,7 @@ def write_tiny_gguf(
     pooling: int | None = None,
     rerank_template: str | None = None,
     control_tokens: tuple[str, ...] = (),
+    causal: bool | None = None,
 ) -> Path:
     """Write a tiny model to ``path`` and return it as a Path.
 
@@ -161,6 +162,8 @@ def write_tiny_gguf(
         w.add_string("tokenizer.chat_template.rerank", rerank_template)
     if pooling is not None:
         w.add_uint32(f"{arch}.pooling_type", pooling)
+    if causal is not None:       # False: bidirectional attention (an encoder, as BERT)
+        w.add_bool(f"{arch}.attention.causal", causal)
     if cls_labels:
         w.add_array(f"{arch}.classifier.output_labels", list(cls_labels))
 

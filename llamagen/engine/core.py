@@ -15,7 +15,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from llamagen._core import BatchGenerator, Context, Model, _embed
+from llamagen._core import BatchGenerator, Context, Model, _embed, _embed_splits, _EmbedText
 from llamagen.embeddings import EmbedResult, _reindex
 from llamagen.engine.streams import _DONE
 from llamagen.engine.types import EngineChunk, EngineStats
@@ -25,10 +25,13 @@ from llamagen.errors import (
 
 __all__ = ["EngineCore"]
 
-# Embedding jobs take turns with generation.  While sequences generate, a slice takes about
-# EMBED_SLICE_SECONDS (sized by the rate the last slices ran at; at least one text): the streams
-# keep about half the engine's time.  With nothing generating, slices of EMBED_SLICE_CHARS
-# characters run back to back (a new request waits for one of them at most).
+# Embedding jobs take turns with generation.  While sequences generate, a slice takes about as
+# long as a generation step (at most EMBED_SLICE_SECONDS; sized by the rate the last slices ran
+# at), so the streams keep about half the engine's time and a token waits about one extra step.
+# A text longer than a slice is decoded in pieces (a slice's worth of tokens, one at least) over
+# several steps where the embedding context allows it (causal attention: _embed_splits), else
+# whole.  With nothing generating, slices of EMBED_SLICE_CHARS characters run back to back (a new
+# request waits for one of them at most).
 EMBED_SLICE_SECONDS = 0.05
 EMBED_SLICE_CHARS = 16384
 
@@ -51,6 +54,7 @@ class _EmbedJob:
     future: concurrent.futures.Future
     done: int = 0                        # items embedded so far (a slice per engine step)
     parts: list = field(default_factory=list)       # their (vectors, n_tokens, truncated)
+    piece: Optional[_EmbedText] = None   # item ``done`` under way in pieces, if it is
 
 
 class _Request:
@@ -97,6 +101,10 @@ class EngineCore:
         self._live: Dict[int, _Request] = {}        # seq id -> request (engine thread only)
         self._embeds: deque = deque()       # embedding jobs under way, oldest first (ditto)
         self._embed_rate = 20_000.0         # characters embedded per second, as last measured
+        self._piece_rate = 2_000.0          # tokens per second of pieces, ditto
+        self._step_s = EMBED_SLICE_SECONDS  # a generation step's time (moving average)
+        self._split = ectx is not None and _embed_splits(ectx)
+        self.n_embed_pieces = 0             # pieces of texts embedded so far (tests, debugging)
         self._prompt_total = 0
         self._gen_total = 0
         self._requests_total = 0
@@ -153,19 +161,26 @@ class EngineCore:
         stream for its whole length (21 s for 1,000 inputs, issue 35)."""
         job = self._embeds[0]
         fut = job.future
-        if not job.parts and not fut.set_running_or_notify_cancel():     # (its first slice)
-            self._embeds.popleft()
+        if not job.parts and job.piece is None and not fut.set_running_or_notify_cancel():
+            self._embeds.popleft()          # (cancelled before its first slice)
             return
         items, i = job.items, job.done
-        budget = EMBED_SLICE_CHARS
-        if self._live:
-            budget = min(budget, int(self._embed_rate * EMBED_SLICE_SECONDS))
-        j, size = i, 0
-        while j < len(items) and (j == i or size + len(items[j]) <= budget):
-            size += len(items[j])
-            j += 1
-        t0 = time.perf_counter()
+        seconds = min(EMBED_SLICE_SECONDS, self._step_s) if self._live else None
+        budget = EMBED_SLICE_CHARS if seconds is None else \
+            min(EMBED_SLICE_CHARS, int(self._embed_rate * seconds))
         try:
+            if job.piece is None and seconds is not None and self._split and \
+                    len(items[i]) > budget:
+                job.piece = _EmbedText(self._ectx, items[i], job.norm, job.truncate,
+                                       job.add_special, job.parse_special)
+            if job.piece is not None:
+                self._embed_piece(job, seconds)
+                return
+            j, size = i, 0
+            while j < len(items) and (j == i or size + len(items[j]) <= budget):
+                size += len(items[j])
+                j += 1
+            t0 = time.perf_counter()
             part = _embed(self._ectx, items[i:j], job.norm, job.truncate, job.add_special,
                           job.parse_special)
         except BaseException as e:      # noqa: BLE001 - handed to the caller
@@ -177,8 +192,30 @@ class EngineCore:
             self._embed_rate = 0.5 * self._embed_rate + 0.5 * size / took
         job.parts.append(part)
         job.done = j
-        if j < len(items):
-            return
+        if j == len(items):
+            self._embed_done(job)
+
+    def _embed_piece(self, job: _EmbedJob, seconds: Optional[float]) -> None:
+        """The next piece of the text under way (a slice's worth of tokens, or the rest of it
+        when nothing generates any more)."""
+        p = job.piece
+        k = p.n_tokens if seconds is None else \
+            max(1, int(self._piece_rate * seconds))
+        before = p.done
+        t0 = time.perf_counter()
+        finished = p.step(k)
+        self.n_embed_pieces += 1
+        took = time.perf_counter() - t0
+        if took > 0.002 and p.done > before:
+            self._piece_rate = 0.5 * self._piece_rate + 0.5 * (p.done - before) / took
+        if finished:
+            job.parts.append((p.vectors, [p.n_tokens], [p.truncated]))
+            job.piece = None
+            job.done += 1
+            if job.done == len(job.items):
+                self._embed_done(job)
+
+    def _embed_done(self, job: _EmbedJob) -> None:
         self._embeds.popleft()
         vectors, n_tokens, cut = [], [], []
         for v, n, c in job.parts:
@@ -189,7 +226,7 @@ class EngineCore:
             vectors = np.concatenate(vectors) if len(vectors) > 1 else vectors[0]
         else:                                       # per token: a list of arrays
             vectors = [a for v in vectors for a in v]
-        fut.set_result(EmbedResult(vectors, n_tokens, cut))
+        job.future.set_result(EmbedResult(vectors, n_tokens, cut))
 
     def _snapshot(self) -> EngineStats:
         b = self._batch
@@ -315,11 +352,13 @@ class EngineCore:
     def _step(self) -> None:
         b = self._batch
         error = None
+        t0 = time.perf_counter()
         try:
             out = b.step()
         except LlamaError as e:
             out = []
             error = e
+        self._step_s = 0.8 * self._step_s + 0.2 * (time.perf_counter() - t0)
         per_req: Dict[int, list] = {}
         for sid, text in out:
             req = self._live.get(sid)

@@ -325,6 +325,7 @@ cdef extern from "llama.h" nogil:
     void llama_set_n_threads(llama_context * ctx, int32_t n_threads, int32_t n_threads_batch)
     int32_t llama_n_threads(llama_context * ctx)
     int32_t llama_n_threads_batch(llama_context * ctx)
+    cbool llama_get_causal_attn(const llama_context * ctx)
     void llama_set_abort_callback(llama_context * ctx, ggml_abort_callback abort_callback,
                                   void * abort_callback_data)
     void llama_synchronize(llama_context * ctx)

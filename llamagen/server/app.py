@@ -25,7 +25,9 @@ from llamagen.server.errors import InvalidRequest, NotFound, dumps, install_hand
 from llamagen.server.metrics import CONTENT_TYPE
 from llamagen.server.middleware import BodyLimit, ErrorCount, JsonBody
 from llamagen.server.models import DetokenizeRequest, TokenizeRequest
-from llamagen.server.work import DEFAULT_PREPARE_THREADS, DEFAULT_PREPARE_TIMEOUT, Preparation
+from llamagen.server.work import (
+    DEFAULT_PREPARE_THREADS, DEFAULT_PREPARE_TIMEOUT, Preparation, json_response,
+)
 
 log = logging.getLogger("llamagen.server")
 
@@ -212,7 +214,7 @@ async def tokenize(body: TokenizeRequest, request: Request, engine=Depends(get_e
         return dumps({"tokens": [{"id": t, "piece": engine.detokenize([t])} for t in tokens]})
     # (serialized in the worker too: FastAPI's encoder took seconds on the event loop for the
     # millions of ids of a 15 MB text, issue 35)
-    return Response(await get_state(request).prep.run(work), media_type="application/json")
+    return json_response(await get_state(request).prep.run(work))
 
 
 @_protected.post("/detokenize")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 
 from fastapi import APIRouter, Depends, Request
-from starlette.responses import Response
 
 from llamagen.errors import PromptTooLongError
 from llamagen.server.deps import get_engine, get_state
@@ -13,6 +12,7 @@ from llamagen.server.auth import require_api_key
 from llamagen.server.errors import InvalidRequest, NotServed, dumps
 from llamagen.server.models import EmbeddingRequest, RerankRequest
 from llamagen.server.translate import engine_error
+from llamagen.server.work import json_response
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -79,7 +79,8 @@ async def embeddings(body: EmbeddingRequest, request: Request, engine=Depends(ge
         n = res.total_tokens
         tail = dumps({"model": st.model_name, "usage": {"prompt_tokens": n, "total_tokens": n}})
         return b'{"object":"list","data":[' + b",".join(parts) + b"]," + tail[1:]
-    return Response(await st.prep.run(body), media_type="application/json")
+    # (not timed: the engine's work is done; a 503 would throw it away)
+    return json_response(await st.prep.run(body, timed=False))
 
 
 @router.post("/v1/rerank")
