@@ -14,9 +14,13 @@ what the server's other clients see meanwhile.
    prompt, a thousand embedding inputs, 1,000 prompts x n=128): its status and time, the stream's
    inter-token latency and /health's latency while it ran, and how long a small request sent
    meanwhile took.  Targets: /health p99 <= 250 ms, ITL p99 <= 2x quiet.
+4. ``--grammar-start``: in process, what the engine thread pays to start a sequence with a large
+   grammar (``BatchGenerator.add`` after the preparation worker built it, three times) and the
+   steps that follow, for the heaviest schemas of ``--server``.
 
     python bench/containment.py --memory --server [--streams 4] [--seconds 20] [--json out.json]
     python bench/containment.py --fairness [--threads 1] [--json out.json]
+    python bench/containment.py --grammar-start
 """
 from __future__ import annotations
 
@@ -244,7 +248,7 @@ def unfair() -> dict:
     }
 
 
-def run_fairness(model: str, threads: int, only: str = "") -> dict:
+def run_fairness(model: str, threads: int, only: str = "", extra=()) -> dict:
     import httpx
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from server_util import Server
@@ -252,7 +256,7 @@ def run_fairness(model: str, threads: int, only: str = "") -> dict:
     import tempfile
     log = pathlib.Path(tempfile.mkdtemp()) / "serve.log"
     srv = Server(["--model", model, "--ctx-size", 8192, "--parallel", 4, "--threads", threads,
-                  "--embeddings"], log)
+                  "--embeddings", *extra], log)
     phase = {"name": "warm"}
     itl: dict = {}
     health: dict = {}
@@ -312,12 +316,48 @@ def run_fairness(model: str, threads: int, only: str = "") -> dict:
     return out
 
 
+def run_grammar_start(model: str) -> dict:
+    import llamagen
+    from llamagen import BatchGenerator, Context
+    from llamagen._core import _check_grammar
+    from llamagen.sampling import resolve
+    m = llamagen.Model(model)
+    out = {}
+    for name, schema in (("schema 30x256 optional", heavy_schema()),
+                         ("enum of 4,000", {"enum": [f"value-{i}" for i in range(4000)]})):
+        p = resolve(None, (), {"json_schema": schema, "max_new_tokens": 2})
+        t0 = time.perf_counter()
+        _check_grammar(m, p)                    # what the preparation worker does
+        r = {"gbnf_chars": len(p.gbnf), "build_ms": 1000 * (time.perf_counter() - t0),
+             "add_ms": [], "step_ms": []}
+        with Context(m, n_ctx=2048, n_seq_max=2, n_threads=2) as ctx:
+            b = BatchGenerator(ctx, n_parallel=2)
+            for _ in range(3):
+                t0 = time.perf_counter()
+                sid = b.add("x", p)
+                r["add_ms"].append(1000 * (time.perf_counter() - t0))
+                while b.finish_reason(sid) is None:
+                    t0 = time.perf_counter()
+                    b.step()
+                    r["step_ms"].append(1000 * (time.perf_counter() - t0))
+                b.forget(sid)
+        out[name] = r
+        print(f"  {name:24s} {r['gbnf_chars']:>9,} chars of GBNF   built in {r['build_ms']:6.1f} ms"
+              f"   sequence start " + " / ".join(f"{x:.1f}" for x in r["add_ms"]) + " ms   steps "
+              + " / ".join(f"{x:.1f}" for x in r["step_ms"]) + " ms", flush=True)
+    m.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--server", action="store_true")
     ap.add_argument("--fairness", action="store_true")
+    ap.add_argument("--grammar-start", action="store_true")
     ap.add_argument("--only", default="", help="--fairness: only the cases whose name has this")
+    ap.add_argument("--request-window", type=int, default=None,
+                    help="--fairness: the server's --request-window")
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=1, help="decode threads of the server")
@@ -333,7 +373,11 @@ def main() -> None:
         results["server"] = run_server(model, a.streams, a.seconds, a.threads)
     if a.fairness:
         print("llamagen serve --embeddings, one stream; each unfair request alone:")
-        results["fairness"] = run_fairness(model, a.threads, a.only)
+        extra = ["--request-window", a.request_window] if a.request_window else []
+        results["fairness"] = run_fairness(model, a.threads, a.only, extra)
+    if a.grammar_start:
+        print("starting a sequence with a large grammar (engine thread):")
+        results["grammar_start"] = run_grammar_start(model)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

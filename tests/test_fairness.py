@@ -445,6 +445,31 @@ def test_a_request_of_many_prompts_takes_turns_with_others(srv):
     assert small < big_took / 4, (small, big_took)
 
 
+def test_request_window_bounds_a_requests_sequences_in_the_engine(tiny_model_path, tmp_path):
+    # --request-window 1: a request of many prompts runs them one at a time (on a CPU each
+    # sequence of a step costs about as much as the first: other streams keep ~2x their ITL)
+    s = Server(["--model", tiny_model_path, "--parallel", "3", "--ctx-size", "2048",
+                "--request-window", "1"], tmp_path / "srv.log")
+    try:
+        seen, done = [], threading.Event()
+
+        def poll():
+            while not done.is_set():
+                m = httpx.get(s.url + "/metrics", timeout=10).text
+                seen.extend(float(x) for x in re.findall(r"^\S*num_requests_running\S* (\S+)$", m,
+                                                         re.M))
+        t = threading.Thread(target=poll)
+        t.start()
+        r = _post(s, "/v1/completions", {"prompt": [f"story {i}" for i in range(6)],
+                                         "max_tokens": 48, "temperature": 0, "ignore_eos": True})
+        done.set()
+        t.join()
+        assert r.status_code == 200 and len(r.json()["choices"]) == 6
+        assert max(seen) == 1 and len(seen) > 5, seen
+    finally:
+        assert s.stop() == 0, s.log()
+
+
 def test_a_large_response_goes_out_in_pieces_with_its_length(srv):
     # (written whole, 426 MB of embeddings held the event loop for 2.3 s)
     from llamagen.server.work import RESPONSE_PIECE

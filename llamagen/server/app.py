@@ -44,7 +44,8 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
                prepare_threads: int = DEFAULT_PREPARE_THREADS,
                prepare_timeout: float = DEFAULT_PREPARE_TIMEOUT,
                max_request_sequences: int = DEFAULT_MAX_REQUEST_SEQUENCES,
-               slot_save_path: Optional[str] = None) -> FastAPI:
+               slot_save_path: Optional[str] = None,
+               request_window: Optional[int] = None) -> FastAPI:
     """The server app.
 
     Give either a ready ``engine`` (an AsyncEngine, closed at shutdown only if ``close_engine``)
@@ -57,6 +58,8 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
     ``prepare_timeout``: requests prepared at once in worker threads (template, schema, grammar,
     tokens) and the seconds one may take, waiting included, before it gets a 503.
     ``max_request_sequences``: the most sequences (prompts x n) one request may ask for (400).
+    ``request_window``: sequences of a request of many prompts in the engine at once (None:
+    twice the engine's n_parallel).
     """
     if (engine is None) == (engine_factory is None):
         raise TypeError("create_app needs exactly one of engine and engine_factory")
@@ -71,7 +74,8 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
     state = ServerState(engine=engine, model_name=model_name, api_keys=keys,
                         ping_interval=ping_interval,
                         preparation=Preparation(prepare_threads, prepare_timeout),
-                        max_request_sequences=max_request_sequences)
+                        max_request_sequences=max_request_sequences,
+                        request_window=request_window)
     state.slot_save_path = slot_save_path     # POST /slots/{id}?action=save|restore (slots.py)
 
     @asynccontextmanager

@@ -23,9 +23,11 @@ class ServerState:
 
     def __init__(self, *, engine, model_name: str, api_keys: Iterable[str], ping_interval: float,
                  preparation: Optional[Preparation] = None,
-                 max_request_sequences: int = DEFAULT_MAX_REQUEST_SEQUENCES):
+                 max_request_sequences: int = DEFAULT_MAX_REQUEST_SEQUENCES,
+                 request_window: Optional[int] = None):
         self.engine = engine
         self.max_request_sequences = max_request_sequences     # prompts x n of one request
+        self.request_window = request_window       # its sequences in the engine at once (None: 2 x n_parallel)
         self.prep = preparation or Preparation()     # request preparation off the event loop
         self.load_error: Optional[BaseException] = None
         self.model_name = model_name

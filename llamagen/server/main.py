@@ -100,6 +100,7 @@ def serve(a) -> int:
                      max_body_bytes=a.max_body_size, cors_origins=a.cors_origin or (),
                      prepare_threads=a.prepare_threads, prepare_timeout=a.prepare_timeout,
                      max_request_sequences=a.max_request_sequences,
+                     request_window=a.request_window,
                      slot_save_path=a.slot_save_path)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                             timeout_graceful_shutdown=a.shutdown_grace, lifespan="on",

@@ -115,7 +115,7 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
     response_format(body.response_format, kwargs, origin)
     timer = st.metrics.timer()
     source = await streams.open_source(st.prep, engine, prompts, kwargs, origin, n=n,
-                                       prompt_param="prompt")
+                                       prompt_param="prompt", window=st.request_window)
     echoed = None
     if echo:
         # the text an echo repeats: the prompt as sent (token ids: their text, off the loop)

@@ -185,11 +185,12 @@ async def until_disconnect(request: Request, coro):
 
 async def open_source(prep, engine, prompts: Sequence, kwargs: dict, origin: dict, *,
                       n: int = 1, prompt_param: str = "prompt", add_special: bool = True,
-                      parse_special: bool = True) -> ChunkSource:
+                      parse_special: bool = True, window: Optional[int] = None) -> ChunkSource:
     """Prepare one engine request per prompt off the event loop (``prep``: the server's
     work.Preparation; the engine validates, tokenizes, converts schemas and checks grammars) and
-    return the ChunkSource that submits them, the first window now (twice ``engine.n_parallel``
-    sequences: a request of many prompts takes turns with others); an error is an APIError."""
+    return the ChunkSource that submits them, the first window now (``window`` sequences, default
+    twice ``engine.n_parallel``: a request of many prompts takes turns with others); an error is
+    an APIError."""
 
     def work():
         return [engine.prepare(p, n=n, add_special=add_special, parse_special=parse_special,
@@ -201,7 +202,7 @@ async def open_source(prep, engine, prompts: Sequence, kwargs: dict, origin: dic
     except Exception as e:  # noqa: BLE001 - translated
         raise engine_error(e, {**origin, "n": "n"}, prompt_param) from None
     source = ChunkSource(prepared, engine.stream_prepared, n,
-                         window=max(n, 2 * getattr(engine, "n_parallel", 1)))
+                         window=max(n, window or 2 * getattr(engine, "n_parallel", 1)))
     try:
         source.start()
     except Exception as e:  # noqa: BLE001 - translated
