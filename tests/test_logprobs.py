@@ -196,15 +196,24 @@ def test_score_equals_generation_logprobs(real_ctx):
     assert [t.token for t in echo] == toks and all(len(t.top) == 3 for t in echo[1:])
 
 
-def test_score_side_by_side_equals_alone(real_model):
-    with llamagen.Context(real_model, n_ctx=1024, n_seq_max=3, kv_unified=True) as ctx:
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_score_side_by_side_equals_alone(real_model, deterministic):
+    with llamagen.Context(real_model, n_ctx=1024, n_seq_max=3, kv_unified=True,
+                          deterministic=deterministic) as ctx:
         together = llamagen.score(ctx, TEXTS)
-    with llamagen.Context(real_model, n_ctx=1024) as ctx:
+    with llamagen.Context(real_model, n_ctx=1024, deterministic=deterministic) as ctx:
         alone = [llamagen.score(ctx, [t])[0] for t in TEXTS]
     for a, b in zip(together, alone):
         assert a.tokens == b.tokens
-        assert np.allclose(a.logprobs[1:], b.logprobs[1:], atol=2e-2)
-        assert a.perplexity == pytest.approx(b.perplexity, rel=1e-2)
+        if deterministic:               # batch-invariant kernels: the same numbers
+            assert a.logprobs == b.logprobs
+            continue
+        # llama.cpp's default kernels are not batch-invariant: the texts' cells in one unified
+        # cache put a row's attention blocks elsewhere (measured, gemma3 on an AMD EPYC: equal
+        # everywhere but the last tokens of two texts, 0.04 and 0.116 nats; within 0.02 on a
+        # Sapphire Rapids)
+        assert np.allclose(a.logprobs[1:], b.logprobs[1:], atol=0.15)
+        assert a.perplexity == pytest.approx(b.perplexity, rel=2e-2)
 
 
 def test_score_long_text_in_chunks(real_model):
