@@ -550,10 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the most sequences (prompts x n) one request may ask for; more get 400 "
                         "(default 1024)")
     v.add_argument("--request-window", type=_positive_int, default=None, metavar="N",
-                   help="sequences of one request of many prompts in the engine at once; the next "
-                        "prompt goes in as one ends (default twice --parallel).  Where each "
-                        "sequence of a step costs about as much as the first (a CPU), 1 keeps "
-                        "such a request from slowing other streams by more than about 2x")
+                   help="sequences of one request of many prompts in the engine at once while "
+                        "other requests are there too (alone: twice --parallel); the next prompt "
+                        "goes in as one ends.  Default: 1 when the model runs on the CPU, where "
+                        "each sequence of a step costs about as much as the first (other streams "
+                        "then keep ~2x their latency), twice --parallel on a GPU")
     v.add_argument("--shutdown-grace", type=_non_negative_float, default=10.0, metavar="S",
                    help="on SIGTERM, seconds running requests get to finish; then streams get an "
                         "error event and requests still waiting a 503 (default 10)")

@@ -445,27 +445,54 @@ def test_a_request_of_many_prompts_takes_turns_with_others(srv):
     assert small < big_took / 4, (small, big_took)
 
 
-def test_request_window_bounds_a_requests_sequences_in_the_engine(tiny_model_path, tmp_path):
-    # --request-window 1: a request of many prompts runs them one at a time (on a CPU each
-    # sequence of a step costs about as much as the first: other streams keep ~2x their ITL)
-    s = Server(["--model", tiny_model_path, "--parallel", "3", "--ctx-size", "2048",
-                "--request-window", "1"], tmp_path / "srv.log")
+@pytest.mark.parametrize("window", [None, "2"])
+def test_a_request_of_many_prompts_keeps_to_its_window_while_others_run(tiny_model_path,
+                                                                        tmp_path, window):
+    # on the CPU (default 1) or with --request-window: while another client streams, a request
+    # of many prompts keeps that many in the engine (each sequence of a step costs about as
+    # much as the first there); alone it fills the slots
+    s = Server(["--model", tiny_model_path, "--parallel", "4", "--ctx-size", "2048"]
+               + (["--request-window", window] if window else []), tmp_path / "srv.log")
+    limit = 1 + int(window or 1)
+    def big(tokens):
+        return {"prompt": [f"story {i}" for i in range(8)], "max_tokens": tokens,
+                "temperature": 0, "ignore_eos": True}
     try:
-        seen, done = [], threading.Event()
+        def running(during):
+            seen, done = [], threading.Event()
 
-        def poll():
-            while not done.is_set():
-                m = httpx.get(s.url + "/metrics", timeout=10).text
-                seen.extend(float(x) for x in re.findall(r"^\S*num_requests_running\S* (\S+)$", m,
-                                                         re.M))
-        t = threading.Thread(target=poll)
-        t.start()
-        r = _post(s, "/v1/completions", {"prompt": [f"story {i}" for i in range(6)],
-                                         "max_tokens": 48, "temperature": 0, "ignore_eos": True})
-        done.set()
-        t.join()
-        assert r.status_code == 200 and len(r.json()["choices"]) == 6
-        assert max(seen) == 1 and len(seen) > 5, seen
+            def poll():
+                while not done.is_set():
+                    m = httpx.get(s.url + "/metrics", timeout=10).text
+                    seen.extend(float(x) for x in re.findall(
+                        r"^\S*num_requests_running\S* (\S+)$", m, re.M))
+            t = threading.Thread(target=poll)
+            t.start()
+            try:
+                during()
+            finally:
+                done.set()
+                t.join()
+            return seen
+
+        def alone():
+            r = _post(s, "/v1/completions", big(400))
+            assert r.status_code == 200 and len(r.json()["choices"]) == 8
+        assert max(running(alone)) == 4
+
+        def beside_a_stream():
+            out = {}
+            other = threading.Thread(target=lambda: out.update(r=_post(s, "/v1/completions", {
+                "prompt": "a long story", "max_tokens": 4000, "temperature": 0,
+                "ignore_eos": True})))
+            other.start()
+            time.sleep(0.3)
+            r = _post(s, "/v1/completions", big(60))     # (over before the other one)
+            assert r.status_code == 200 and len(r.json()["choices"]) == 8
+            other.join()
+            assert out["r"].status_code == 200
+        seen = running(beside_a_stream)
+        assert max(seen) == limit and len(seen) > 5, seen
     finally:
         assert s.stop() == 0, s.log()
 

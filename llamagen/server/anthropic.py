@@ -58,7 +58,7 @@ async def messages(body: MessagesRequest, request: Request, engine=Depends(get_e
         kwargs["reasoning_budget"] = budget         # Anthropic's thinking budget, enforced
         origin["reasoning_budget"] = "thinking.budget_tokens"
     timer = st.metrics.timer()
-    source = await streams.open_source(st.prep, engine, [prompt], kwargs, origin,
+    source = await streams.open_source(st, engine, [prompt], kwargs, origin,
                                        prompt_param="messages")
     msg_id = f"msg_{uuid.uuid4().hex}"
     if body.stream:

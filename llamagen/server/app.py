@@ -58,8 +58,9 @@ def create_app(engine=None, *, engine_factory: Optional[Callable[[], object]] = 
     ``prepare_timeout``: requests prepared at once in worker threads (template, schema, grammar,
     tokens) and the seconds one may take, waiting included, before it gets a 503.
     ``max_request_sequences``: the most sequences (prompts x n) one request may ask for (400).
-    ``request_window``: sequences of a request of many prompts in the engine at once (None:
-    twice the engine's n_parallel).
+    ``request_window``: sequences of a request of many prompts in the engine at once while other
+    requests are there too (None: 1 on the CPU, twice the engine's n_parallel on a GPU; alone,
+    twice n_parallel).
     """
     if (engine is None) == (engine_factory is None):
         raise TypeError("create_app needs exactly one of engine and engine_factory")

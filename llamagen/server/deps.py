@@ -3,9 +3,12 @@ state and the engine, as dependencies.  Routers import this module, never app.py
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Iterable, Optional
 
 from fastapi import Request
+
+import llamagen
 
 from llamagen.server.responses_format import ResponseStore
 from llamagen.server.errors import Overloaded
@@ -27,7 +30,10 @@ class ServerState:
                  request_window: Optional[int] = None):
         self.engine = engine
         self.max_request_sequences = max_request_sequences     # prompts x n of one request
-        self.request_window = request_window       # its sequences in the engine at once (None: 2 x n_parallel)
+        # sequences of a request of many prompts in the engine while others are there too
+        # (None: decided by shared_window once the engine is up)
+        self.request_window = request_window
+        self.sources: weakref.WeakSet = weakref.WeakSet()   # requests generating now (streams.py)
         self.prep = preparation or Preparation()     # request preparation off the event loop
         self.load_error: Optional[BaseException] = None
         self.model_name = model_name
@@ -37,6 +43,17 @@ class ServerState:
         self.metrics = Metrics(model_name, lambda: self.engine)
         self.responses = ResponseStore()      # for previous_response_id (Responses API)
         self.slot_save_path: Optional[str] = None     # --slot-save-path (slots.py)
+
+
+    def shared_window(self, engine) -> int:
+        """--request-window, else 1 where the model runs on the CPU (each sequence of a step
+        costs about as much as the first there: others' streams stay within ~2x) and twice the
+        engine's slots on a GPU (extra rows nearly free)."""
+        if self.request_window is None:
+            gpu = getattr(getattr(engine, "model", None), "n_gpu_layers", 0) != 0 and \
+                any(d.type == "gpu" for d in llamagen.backend_devices())
+            self.request_window = 2 * getattr(engine, "n_parallel", 1) if gpu else 1
+        return self.request_window
 
 
 def get_state(request: Request) -> ServerState:

@@ -45,7 +45,7 @@ async def infill_route(body: InfillRequest, request: Request, engine=Depends(get
                                  n_predict=n_predict, n_ctx=int(engine.n_ctx))
     tokens = await st.prep.run(build)
     timer = st.metrics.timer()
-    source = await streams.open_source(st.prep, engine, [tokens], kwargs, origin,
+    source = await streams.open_source(st, engine, [tokens], kwargs, origin,
                                        prompt_param="input_prefix")
 
     def final(text, reason, stop_sequence):

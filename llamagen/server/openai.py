@@ -114,8 +114,8 @@ async def completions(body: CompletionRequest, request: Request, engine=Depends(
         origin["prompt_logprobs"] = "logprobs"
     response_format(body.response_format, kwargs, origin)
     timer = st.metrics.timer()
-    source = await streams.open_source(st.prep, engine, prompts, kwargs, origin, n=n,
-                                       prompt_param="prompt", window=st.request_window)
+    source = await streams.open_source(st, engine, prompts, kwargs, origin, n=n,
+                                       prompt_param="prompt")
     echoed = None
     if echo:
         # the text an echo repeats: the prompt as sent (token ids: their text, off the loop)
@@ -183,7 +183,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     tool_origin(prompt, origin)
     timer = st.metrics.timer()
     n = 1 if body.n is None else body.n
-    source = await streams.open_source(st.prep, engine, [prompt], kwargs, origin, n=n,
+    source = await streams.open_source(st, engine, [prompt], kwargs, origin, n=n,
                                        prompt_param="messages")
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": st.model_name, "system_fingerprint": None}

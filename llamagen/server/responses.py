@@ -78,7 +78,7 @@ async def create_response(body: ResponsesRequest, request: Request, engine=Depen
                 origin[k] = "text.format" + v[len("response_format"):].replace(".json_schema", "")
     tool_origin(prompt, origin)
     timer = st.metrics.timer()
-    source = await streams.open_source(st.prep, engine, [prompt], kwargs, origin,
+    source = await streams.open_source(st, engine, [prompt], kwargs, origin,
                                        prompt_param="input")
     resp_id, created = new_id("resp"), int(time.time())
 

@@ -9,6 +9,7 @@ submits a request's streams; ``collect`` gathers a non-streamed answer.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import AsyncIterator, Optional, Sequence, Union
 
 import anyio
@@ -41,9 +42,13 @@ class ChunkSource:
     ``pending``: prepared requests (one per prompt) submitted with ``submit`` as earlier ones end,
     so that at most ``window`` sequences of this request are in the engine at once (at least one
     prompt): a request of many prompts takes its turns between other clients' requests instead
-    of queueing all its sequences ahead of them."""
+    of queueing all its sequences ahead of them.  While ``peers`` (the server's running sources,
+    this one among them once started) holds others, at most ``shared`` (default ``window``): on
+    a CPU each sequence of a step costs about as much as the first, and every one this request
+    adds slows the other clients' streams."""
 
-    def __init__(self, pending: Sequence, submit, n: int = 1, window: Optional[int] = None):
+    def __init__(self, pending: Sequence, submit, n: int = 1, window: Optional[int] = None,
+                 shared: Optional[int] = None, peers=None):
         self.n = n
         self.streams: list = []
         self._pending = list(pending)
@@ -51,6 +56,10 @@ class ChunkSource:
         self._submit = submit
         self._per_stream = max(1, n)
         self._window = max(1, (window or self._total * self._per_stream) // self._per_stream)
+        self._shared = self._window if shared is None else \
+            min(self._window, max(1, shared // self._per_stream))
+        self._peers = peers if peers is not None else weakref.WeakSet()
+        self._ended = 0
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pumps: list[asyncio.Task] = []
         self._closed = False
@@ -75,10 +84,18 @@ class ChunkSource:
             return
         put(_End(k))
 
+    def _fill(self) -> None:
+        """Submit prompts until the window (alone) or the shared window is in the engine."""
+        window = self._window
+        if self._shared < window and any(p is not self for p in self._peers):
+            window = self._shared
+        while len(self.streams) < self._total and len(self.streams) - self._ended < window:
+            self._open_next()
+
     def start(self) -> None:
         """Submit the first window's requests (an engine error is raised here)."""
-        while len(self.streams) < min(self._window, self._total):
-            self._open_next()
+        self._peers.add(self)
+        self._fill()
 
     async def events(self, ping_interval: Optional[float] = None
                      ) -> AsyncIterator[Union[tuple, None]]:
@@ -101,22 +118,24 @@ class ChunkSource:
                         continue
             if isinstance(item, _End):
                 ended += 1
+                self._ended = ended
                 if self._unfinished.get(item.k, self.n):
                     # every choice ends with a finish_reason; a stream that stops short of it
                     # would otherwise look like a complete, empty answer
                     raise RuntimeError("the engine ended the request without finishing it")
-                if len(self.streams) < self._total:
-                    self._open_next()
+                self._fill()
             elif isinstance(item, _Failed):
                 raise item.exc
             else:
                 if item[1].finish_reason is not None:
                     self._unfinished[item[0]] = self._unfinished.get(item[0], self.n) - 1
                 yield item
+        self._peers.discard(self)     # (every stream ended: no longer a peer of others)
 
     async def aclose(self) -> None:
         """Cancel what still runs.  Shielded: this runs in ``finally`` blocks of cancelled tasks
         (a client disconnect cancels the response task) and must still reach the engine."""
+        self._peers.discard(self)
         if self._closed:
             return
         self._closed = True
@@ -183,26 +202,27 @@ async def until_disconnect(request: Request, coro):
                     pass
 
 
-async def open_source(prep, engine, prompts: Sequence, kwargs: dict, origin: dict, *,
+async def open_source(st, engine, prompts: Sequence, kwargs: dict, origin: dict, *,
                       n: int = 1, prompt_param: str = "prompt", add_special: bool = True,
-                      parse_special: bool = True, window: Optional[int] = None) -> ChunkSource:
-    """Prepare one engine request per prompt off the event loop (``prep``: the server's
-    work.Preparation; the engine validates, tokenizes, converts schemas and checks grammars) and
-    return the ChunkSource that submits them, the first window now (``window`` sequences, default
-    twice ``engine.n_parallel``: a request of many prompts takes turns with others); an error is
-    an APIError."""
+                      parse_special: bool = True) -> ChunkSource:
+    """Prepare one engine request per prompt off the event loop (``st``: the ServerState, whose
+    work.Preparation runs it; the engine validates, tokenizes, converts schemas and checks
+    grammars) and return the ChunkSource that submits them, the first window now (twice
+    ``engine.n_parallel`` sequences, or ``st.shared_window`` while other requests run: a request
+    of many prompts takes turns with others); an error is an APIError."""
 
     def work():
         return [engine.prepare(p, n=n, add_special=add_special, parse_special=parse_special,
                                **kwargs) for p in prompts]
     try:
-        prepared = await prep.run(work)
+        prepared = await st.prep.run(work)
     except APIError:
         raise
     except Exception as e:  # noqa: BLE001 - translated
         raise engine_error(e, {**origin, "n": "n"}, prompt_param) from None
     source = ChunkSource(prepared, engine.stream_prepared, n,
-                         window=max(n, window or 2 * getattr(engine, "n_parallel", 1)))
+                         window=max(n, 2 * getattr(engine, "n_parallel", 1)),
+                         shared=st.shared_window(engine), peers=st.sources)
     try:
         source.start()
     except Exception as e:  # noqa: BLE001 - translated
