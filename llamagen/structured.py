@@ -364,6 +364,9 @@ def normalize(value: Any) -> str:
             parsed = json.loads(value)
         except ValueError as e:
             raise ValueError(f"json_schema is not valid JSON: {e}") from None
+        except RecursionError:      # (json's decoder recurses per level too: found by fuzzing)
+            raise ValueError(f"json_schema nests too deeply to parse (the limit is "
+                             f"{MAX_SCHEMA_DEPTH} levels, fewer on a deep call stack)") from None
     elif isinstance(value, dict):
         parsed = value
     else:

@@ -158,7 +158,8 @@ def test_patches_are_applied_to_the_unpacked_source():
                                                "llama_cpp-0003-jinja-limits.patch",
                                                "llama_cpp-0004-tokenizer-linear-partition.patch",
                                                "llama_cpp-0005-grammar-valid-utf8.patch",
-                                               "llama_cpp-0006-autoparser-output-cap.patch"]
+                                               "llama_cpp-0006-autoparser-output-cap.patch",
+                                               "llama_cpp-0007-grammar-clone-linear.patch"]
     if os.environ.get("LLAMAGEN_LLAMA_CPP_DIR"):
         pytest.skip("built against the user's own llama.cpp checkout (built as it is)")
     cpu = ROOT / "third_party" / "llama.cpp" / "ggml" / "src" / "ggml-cpu"
@@ -170,6 +171,7 @@ def test_patches_are_applied_to_the_unpacked_source():
     assert "lg_budget_scope" in (src / "common" / "jinja" / "utils.h").read_text()
     assert "std::distance(buffer.begin(), it)" not in (src / "src" / "llama-vocab.cpp").read_text()
     assert "C0, C1 and F5-FF never start UTF-8" in (src / "src" / "llama-grammar.cpp").read_text()
+    assert "sorted index of the rules' storage" in (src / "src" / "llama-grammar.cpp").read_text()
     assert "LG_MAX_ANALYSIS_BYTES" in (src / "common" / "chat-auto-parser-helpers.cpp").read_text()
     assert "params->batch_invariant" in (cpu / "tiled" / "tiled.cpp").read_text()
     jinja = ROOT / "third_party" / "llama.cpp" / "common" / "jinja" / "runtime.cpp"

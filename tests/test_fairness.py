@@ -112,6 +112,10 @@ def test_a_schema_nested_near_the_limit_is_a_value_error_not_a_recursion_error()
         return llamagen.SamplingParams(json_schema=deep)
     with pytest.raises(ValueError):
         nested(60)
+    # as JSON text, deeper than json's decoder recurses (the fuzzer found a RecursionError)
+    for d in (995, 3000, 100_000):
+        with pytest.raises(ValueError, match="nests too deeply|must be an object"):
+            llamagen.SamplingParams(json_schema='{"items": ' + "[" * d + "]" * d + "}")
 
 
 # a family of constrained schemas: integers with bounds, strings with lengths or a pattern,
