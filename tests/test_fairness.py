@@ -209,27 +209,33 @@ def test_a_prompt_far_too_long_is_refused_before_it_is_tokenized(tiny_model):
             e.prepare("ab " * 300)
 
 
+def _embed_beside_a_stream(e, texts, max_new_tokens):
+    """Embed ``texts`` on engine ``e`` while a greedy stream runs: (result, the stream's token
+    times during the job, the job's seconds)."""
+    times = []
+
+    def gen():
+        for _ in e.stream_sync("once upon a time", max_new_tokens=max_new_tokens, temp=0,
+                               ignore_eos=True):
+            times.append(time.perf_counter())
+    t = threading.Thread(target=gen)
+    t.start()
+    while not times:
+        time.sleep(0.001)
+    start = time.perf_counter()
+    r = e.embed_sync(texts)
+    end = time.perf_counter()
+    t.join()
+    return r, [x for x in times if start < x < end], end - start
+
+
 def test_an_embedding_job_takes_turns_with_generation(tiny_model):
     with AsyncEngine(tiny_model, n_ctx=1024, n_parallel=2, embeddings=True) as e:
         texts = [f"text number {i} " * 8 for i in range(600)]
         alone = e.embed_sync(texts[:3])
-        times, done = [], {}
-
-        def gen():
-            for c in e.stream_sync("once upon a time", max_new_tokens=200, temp=0,
-                                   ignore_eos=True):
-                times.append(time.perf_counter())
-        t = threading.Thread(target=gen)
-        t.start()
-        while not times:
-            time.sleep(0.001)
-        start = time.perf_counter()
-        r = e.embed_sync(texts)
-        done["t"] = time.perf_counter()
-        t.join()
-        during = [x for x in times if start < x < done["t"]]
+        r, during, took = _embed_beside_a_stream(e, texts, 200)
         # the stream went on while the job ran (it waited for the whole job before)
-        assert len(during) >= 10, (len(during), done["t"] - start)
+        assert len(during) >= 10, (len(during), took)
         assert len(r.vectors) == 600 and len(r.n_tokens) == 600
         # (a text may have gone in pieces: the same vector up to llama.cpp's batch variance)
         assert all(_cos(a, b) > 0.9999 for a, b in zip(r.vectors[:3], alone.vectors))
@@ -341,24 +347,9 @@ def test_a_long_text_takes_turns_with_generation_in_pieces(tiny_model, monkeypat
     with AsyncEngine(tiny_model, n_ctx=2048, n_parallel=2, embeddings=True) as e:
         texts = [LONG * 3] * 3
         alone = e.embed_sync(texts[:1])
-        times = []
-        core = e._core
-
-        def gen():
-            for c in e.stream_sync("once upon a time", max_new_tokens=400, temp=0,
-                                   ignore_eos=True):
-                times.append(time.perf_counter())
-        t = threading.Thread(target=gen)
-        t.start()
-        while not times:
-            time.sleep(0.001)
-        start = time.perf_counter()
-        r = e.embed_sync(texts)
-        end = time.perf_counter()
-        t.join()
-        assert core.n_embed_pieces > 2 * len(texts)          # it went in pieces
-        during = [x for x in times if start < x < end]
-        assert len(during) >= 10, (len(during), end - start)
+        r, during, took = _embed_beside_a_stream(e, texts, 400)
+        assert e._core.n_embed_pieces > 2 * len(texts)          # it went in pieces
+        assert len(during) >= 10, (len(during), took)
         assert r.n_tokens == alone.n_tokens * 3
         for v in r.vectors:
             assert _cos(v, alone.vectors[0]) > 0.9999
