@@ -44,7 +44,6 @@ class ServerState:
         self.responses = ResponseStore()      # for previous_response_id (Responses API)
         self.slot_save_path: Optional[str] = None     # --slot-save-path (slots.py)
 
-
     def shared_window(self, engine) -> int:
         """--request-window, else 1 where the model runs on the CPU (each sequence of a step
         costs about as much as the first there: others' streams stay within ~2x) and twice the
