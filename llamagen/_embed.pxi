@@ -27,6 +27,29 @@ cdef extern from *:
     void common_embd_normalize(const float * inp, float * out, int n, int embd_norm) noexcept nogil
 
 
+cdef vector[llama.llama_token] _embed_tokens(Context ctx, item, Py_ssize_t idx, int32_t limit,
+                                            int32_t n_batch, bint truncate, bint add_special,
+                                            bint parse_special, bint * cut) except *:
+    """Text ``idx``'s tokens for an embedding decode: at most ``limit``, cut there with
+    ``truncate`` (``cut[0]`` says so), else a PromptTooLongError naming the text."""
+    cdef vector[llama.llama_token] t
+    try:
+        t = _prompt_tokens(ctx, item, add_special, parse_special, INT32_MAX)
+    except (ValueError, TypeError) as e:
+        raise _item_error(e, idx) from None
+    cut[0] = <int32_t> t.size() > limit
+    if cut[0]:
+        if not truncate:
+            err = PromptTooLongError(t.size(), limit, f"text {idx} has {t.size()} tokens but "
+                                     f"one decode of this context holds {limit} (n_batch "
+                                     f"{n_batch}, {llama.llama_n_ctx_seq(ctx._ctx)} cells per "
+                                     "sequence): pass truncate=True or use a larger context")
+            err.index = idx
+            raise err
+        t.resize(limit)
+    return t
+
+
 def _embed(Context ctx not None, list items, int norm, bint truncate, bint add_special,
            bint parse_special):
     """See llamagen.embed.  Returns (vectors, n_tokens per text, truncated per text): a float32
@@ -36,7 +59,7 @@ def _embed(Context ctx not None, list items, int norm, bint truncate, bint add_s
     cdef int32_t limit, n_batch, n_pack, n_seq, n_embd, i, j, n, s, first, k, rc = 0
     cdef llama.llama_pooling_type pooling
     cdef llama.llama_batch batch
-    cdef bint have_batch = False, pooled
+    cdef bint have_batch = False, pooled, cut = False
     cdef llama.llama_memory_t mem
     cdef const float * src
     cdef float * out
@@ -68,20 +91,8 @@ def _embed(Context ctx not None, list items, int norm, bint truncate, bint add_s
                              "head (no classifier labels in its GGUF)")
     n_tokens, truncated = [], []
     for idx, item in enumerate(items):
-        try:
-            t = _prompt_tokens(ctx, item, add_special, parse_special, INT32_MAX)
-        except (ValueError, TypeError) as e:
-            raise _item_error(e, idx) from None
-        cut = <int32_t> t.size() > limit
-        if cut:
-            if not truncate:
-                err = PromptTooLongError(t.size(), limit, f"text {idx} has {t.size()} tokens but "
-                                         f"one decode of this context holds {limit} (n_batch "
-                                         f"{n_batch}, {llama.llama_n_ctx_seq(ctx._ctx)} cells per "
-                                         "sequence): pass truncate=True or use a larger context")
-                err.index = idx
-                raise err
-            t.resize(limit)
+        t = _embed_tokens(ctx, item, idx, limit, n_batch, truncate, add_special, parse_special,
+                          &cut)
         toks.push_back(t)
         n_tokens.append(<int> t.size())
         truncated.append(bool(cut))
@@ -262,6 +273,8 @@ cdef class _EmbedText:
 
     def __init__(self, Context ctx not None, item, int norm, bint truncate, bint add_special,
                  bint parse_special):
+        cdef int32_t n_batch
+        cdef bint cut = False
         if not _embed_splits(ctx):
             raise ValueError("this context cannot embed a text in pieces (bidirectional attention "
                              "or rank pooling)")
@@ -271,23 +284,10 @@ cdef class _EmbedText:
         self.n_embd = llama.llama_model_n_embd_out(ctx.model._model)
         # the same tokens, limit and errors as _embed (a text fits one decode there)
         n_batch = min(llama.llama_n_batch(ctx._ctx), llama.llama_n_ctx(ctx._ctx))
-        limit = min(n_batch, llama.llama_n_ctx_seq(ctx._ctx))
-        try:
-            t = _prompt_tokens(ctx, item, add_special, parse_special, INT32_MAX)
-        except (ValueError, TypeError) as e:
-            raise _item_error(e, 0) from None
-        if <int32_t> t.size() > limit:
-            if not truncate:
-                err = PromptTooLongError(t.size(), limit, f"text 0 has {t.size()} tokens but one "
-                                         f"decode of this context holds {limit} (n_batch "
-                                         f"{n_batch}, {llama.llama_n_ctx_seq(ctx._ctx)} cells per "
-                                         "sequence): pass truncate=True or use a larger context")
-                err.index = 0
-                raise err
-            t.resize(limit)
-            self.truncated = True
-        self.toks = t
-        self.n_tokens = <int> t.size()
+        self.toks = _embed_tokens(ctx, item, 0, min(n_batch, llama.llama_n_ctx_seq(ctx._ctx)),
+                                  n_batch, truncate, add_special, parse_special, &cut)
+        self.truncated = cut
+        self.n_tokens = <int> self.toks.size()
         if self.pooling == llama.LLAMA_POOLING_TYPE_NONE:
             self.vectors = [_np.zeros((self.n_tokens, self.n_embd), dtype=_np.float32)]
         else:
