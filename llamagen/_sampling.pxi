@@ -152,16 +152,12 @@ cdef _GrammarProto _grammar_proto(object p, Model model):
     proto.g = _build_grammar(p, model._vocab)
     proto.size = len(p.gbnf)
     if proto.size <= _GRAMMAR_CHARS_KEPT:
-        cache.pop(key, None)
-        cache[key] = proto
-        total = sum([(<_GrammarProto> v).size for v in list(cache.values())])
-        while len(cache) > 1 and (len(cache) > _GRAMMARS_KEPT or total > _GRAMMAR_CHARS_KEPT):
-            try:
-                old = cache.pop(next(iter(cache)))
-            except (KeyError, RuntimeError, StopIteration):   # (another thread trimmed it)
-                break
-            total -= (<_GrammarProto> old).size
+        _lru_put(cache, key, proto, _GRAMMARS_KEPT, _proto_size, _GRAMMAR_CHARS_KEPT)
     return proto
+
+
+def _proto_size(_GrammarProto proto):
+    return proto.size
 
 
 cdef llama.llama_sampler * _grammar_for(object p, Model model) except? NULL:

@@ -67,17 +67,22 @@ def lru_get(cache: dict, key):
     return value
 
 
-def lru_put(cache: dict, key, value, kept: int) -> None:
-    """``cache[key] = value`` as the most recent entry, the oldest dropped past ``kept``.  Threads
-    may do this at once (a server prepares several requests): an entry another thread dropped
-    first, or a dict that changed under the iteration, ends the trimming, not the call."""
+def lru_put(cache: dict, key, value, kept: int, weight=None, max_weight=None) -> None:
+    """``cache[key] = value`` as the most recent entry, the oldest dropped past ``kept`` entries
+    (and, with ``weight``, a function of a value, past ``max_weight`` in all; the newest entry
+    stays).  Threads may do this at once (a server prepares several requests): an entry another
+    thread dropped first, or a dict that changed under the iteration, ends the trimming, not the
+    call."""
     cache.pop(key, None)
     cache[key] = value
-    while len(cache) > kept:
+    total = sum(weight(v) for v in list(cache.values())) if weight is not None else 0
+    while len(cache) > 1 and (len(cache) > kept or (weight is not None and total > max_weight)):
         try:
-            del cache[next(iter(cache))]
+            old = cache.pop(next(iter(cache)))
         except (KeyError, RuntimeError, StopIteration):
             break
+        if weight is not None:
+            total -= weight(old)
 
 
 # the KV cache element types Context(type_k=, type_v=) takes (llama-server's -ctk / -ctv
