@@ -267,6 +267,7 @@ cdef class _EmbedText:
     cdef uint64_t epoch
     cdef vector[float] acc           # pooled: the sum (MEAN) or the vector (CLS, LAST) so far
     cdef vector[float] rows          # the tap's hidden states of one piece
+    cdef vector[float] pooled        # ... pooled
     cdef readonly object vectors     # as _embed returns them for one text
     cdef readonly int n_tokens
     cdef readonly bint truncated
@@ -293,6 +294,7 @@ cdef class _EmbedText:
         else:
             self.vectors = _np.zeros((1, self.n_embd), dtype=_np.float32)
         self.acc.assign(self.n_embd, 0)
+        self.pooled.resize(self.n_embd)
 
     @property
     def finished(self):
@@ -377,19 +379,14 @@ cdef class _EmbedText:
                                     break
                             common_embd_normalize(src, out + <size_t> (done + j) * n_embd,
                                                   n_embd, self.norm)
-                    elif use_tap:
-                        if how == lgembd.POOL_MEAN:
-                            for j in range(k):
-                                src = self.rows.data() + <size_t> j * n_embd
-                                for i in range(n_embd):
-                                    acc[i] += src[i]
-                        elif how == lgembd.POOL_FIRST and done == 0:
-                            lgembd.pool(self.rows.data(), n_embd, 0, k, how, acc)
-                        elif how == lgembd.POOL_LAST and last:
-                            lgembd.pool(self.rows.data(), n_embd, 0, k, how, acc)
                     else:
-                        # llama.cpp pooled this piece: a mean weighs by its length
-                        src = llama.llama_get_embeddings_seq(ctx._ctx, 0)
+                        # this piece's pooled vector (the tap's rows pooled here, else
+                        # llama.cpp's), combined with the earlier pieces': a mean by length
+                        if use_tap:
+                            lgembd.pool(self.rows.data(), n_embd, 0, k, how, self.pooled.data())
+                            src = self.pooled.data()
+                        else:
+                            src = llama.llama_get_embeddings_seq(ctx._ctx, 0)
                         if src == NULL:
                             rc = -100
                         elif how == lgembd.POOL_MEAN:

@@ -493,7 +493,7 @@ def test_a_request_of_many_prompts_keeps_to_its_window_while_others_run(tiny_mod
 
 
 def test_a_large_response_goes_out_in_pieces_with_its_length(srv):
-    # (written whole, 426 MB of embeddings held the event loop for 2.3 s)
+    # (an embeddings answer can be hundreds of MB: written a piece at a time)
     from llamagen.server.work import RESPONSE_PIECE
     r = _post(srv, "/tokenize", {"content": "hello world " * 400_000})
     assert r.status_code == 200

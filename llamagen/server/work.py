@@ -68,8 +68,9 @@ class Preparation:
                              code="preparation_timeout") from None
 
 
-# Responses bigger than this go to the socket a piece at a time: written whole, the per-token
-# vectors of 1,000 embedding inputs (426 MB) held the event loop for 2.3 s (/health's worst)
+# Responses bigger than this go to the socket a piece at a time, the event loop free between
+# pieces (1,000 per-token embedding answers are hundreds of MB: one write would copy them all
+# into the transport's buffer at once)
 RESPONSE_PIECE = 1 << 20
 
 
