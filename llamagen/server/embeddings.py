@@ -75,7 +75,8 @@ async def embeddings(body: EmbeddingRequest, request: Request, engine=Depends(ge
         # JSON bytes, one vector per call (a C encoder call holds the GIL: one call for all of
         # them stopped the event loop for seconds, as FastAPI's encoder did on it, issue 35).
         # orjson writes a float32 array as the shortest text that reads back as the same float32
-        # (json's float64 expansions of 1,000 per-token vectors took 9.4 s and 426 MB; 0.6 s)
+        # (json's float64 text: 0.94 s and 46 MB per 100 vectors of 41 x 576 floats; orjson's
+        # 0.06 s and 26 MB)
         parts = []
         for i, v in enumerate(res.vectors):
             if fmt == "base64":
