@@ -502,12 +502,12 @@ def _cpu() -> str:
     return f"{name}, {os.cpu_count()} CPUs"
 
 
-def _replace_section(section: str) -> None:
+def _replace_section(section: str, heading: str = HEADING) -> None:
     with open(RESULTS_MD) as fh:
         text = fh.read()
-    if HEADING in text:
-        start = text.index(HEADING)
-        nxt = text.find("\n## ", start + len(HEADING))
+    if heading in text:
+        start = text.index(heading)
+        nxt = text.find("\n## ", start + len(heading))
         text = text[:start] + section.rstrip() + "\n" + (text[nxt:] if nxt >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + section.rstrip() + "\n"

@@ -26,14 +26,14 @@ cdef class GenerationState:
     cdef Py_ssize_t _chunk_from             # tokens before the latest step (chunk_logprobs)
     cdef llama.llama_batch _sbatch          # speculative steps: the pending token and its draft
     cdef bint _has_sbatch
-    cdef SpecCost _cost                     # speculative steps: decode time against rows
+    cdef SpecCurve _curve                   # speculative steps: decode time by rows
     cdef tuple _lora                        # its LoRA set (see _adapters.pxi)
 
     def __cinit__(self):
         self._lctx = NULL
         self._ended = False
         self._has_sbatch = False
-        memset(&self._cost, 0, sizeof(SpecCost))
+        memset(&self._curve, 0, sizeof(SpecCurve))
         # a placeholder until gen_begin sets the real one: an instance made without gen_begin
         # (GenerationState.__new__) raises instead of touching NULL
         self._seq = _Seq.__new__(_Seq)
@@ -62,7 +62,7 @@ cdef class GenerationState:
         cdef llama.llama_batch * b = &self._sbatch
         q.out.clear()
         if q.pending >= 0:
-            if q.spec_want(q.spec_budget(_spec_cost_ratio(&self._cost, 1.0))):
+            if q.spec_want(_spec_budget_curve(q, &self._curve)):
                 lgspec.run(q.drafter)
                 k = q.spec_take()
             if k == 0:
@@ -71,7 +71,7 @@ cdef class GenerationState:
                 rc = llama.llama_decode(self._lctx, llama.llama_batch_get_one(&q.pending, 1))
                 if q.drafter != NULL:
                     llama.llama_synchronize(self._lctx)
-                    _spec_cost_add(&self._cost, 1, llama.llama_time_us() - td)
+                    _curve_add(&self._curve, 1, llama.llama_time_us() - td)
             else:
                 for j in range(k + 1):
                     b.token[j] = q.pending if j == 0 else q.draft[j - 1]
@@ -83,7 +83,7 @@ cdef class GenerationState:
                 td = llama.llama_time_us()
                 rc = llama.llama_decode(self._lctx, b[0])
                 llama.llama_synchronize(self._lctx)
-                _spec_cost_add(&self._cost, k + 1, llama.llama_time_us() - td)
+                _curve_add(&self._curve, k + 1, llama.llama_time_us() - td)
             if rc != 0:
                 q.draft.clear()
                 q.finish = FINISH_LENGTH if rc == 1 else FINISH_STOP

@@ -327,17 +327,12 @@ cdef cppclass SeqCore:
                 this.pending = tok
 
 
-    int32_t spec_budget(double r) noexcept nogil:
-        # how many tokens to draft after the pending one this step (0: decode it alone).
-        # Adaptive: the i-th drafted token pays off when the chance it is accepted, alpha^i,
-        # exceeds ``r``, the share of a decode step one more row costs (_spec_cost_ratio): a
-        # drafted row that is rejected is wasted, an accepted one saves a step.  When no draft
-        # pays, drafting pauses, probing with one token after 1, 2, 4, ... 64 steps.
-        cdef int32_t b, k = 0
-        cdef double alpha, p
+    int32_t spec_bound() noexcept nogil:
+        # the most tokens this step may draft after the pending one (0: none)
+        cdef int32_t b
         if this.drafter == NULL or this.pending < 0 or this.finish != FINISH_NONE:
             return 0
-        if this.spec_solo:
+        if this.spec_solo:                      # (a near-tie: this step decodes it alone)
             this.spec_solo = False
             return 0
         b = this.spec_n_max
@@ -345,15 +340,34 @@ cdef cppclass SeqCore:
             b = this.max_new - <int32_t> this.tokens.size() - 1
         if b > this.n_ctx - this.n_past - 1:
             b = this.n_ctx - this.n_past - 1
+        return b if b > 0 else 0
+
+    double spec_alpha() noexcept nogil:
+        # the chance that a drafted token is accepted, from this sequence's decayed counts
+        return (this.spec_s + 1.0) / (this.spec_s + this.spec_f + 2.0)
+
+    int32_t spec_budget(double r) noexcept nogil:
+        # how many tokens to draft after the pending one this step (0: decode it alone), in a
+        # batch.  Adaptive: the i-th drafted token pays off when the chance it is accepted,
+        # alpha^i, exceeds ``r``, the share of a decode step one more row costs
+        # (_spec_cost_ratio): a drafted row that is rejected is wasted, an accepted one saves a
+        # step.  (Single streams choose from a measured cost curve: _spec_budget_curve.)
+        cdef int32_t b = this.spec_bound(), k = 0
+        cdef double alpha, p
         if b <= 0:
             return 0
         if not this.spec_adaptive:
             return b
-        alpha = (this.spec_s + 1.0) / (this.spec_s + this.spec_f + 2.0)
+        alpha = this.spec_alpha()
         p = alpha
         while k < b and p > r:
             k += 1
             p *= alpha
+        return this.spec_or_probe(k)
+
+    int32_t spec_or_probe(int32_t k) noexcept nogil:
+        # ``k`` when a draft pays; else drafting pauses, probing with one token after 1, 2, 4,
+        # ... 64 steps
         if k > 0:
             return k
         if this.spec_pause > 0:

@@ -47,6 +47,90 @@ cdef inline double _spec_cost_ratio(SpecCost * c, double n_gen) noexcept nogil:
     return b / (b + a / (n_gen if n_gen > 1.0 else 1.0))
 
 
+# A single stream's decode time by rows decoded (1..65: the pending token and up to 64 drafted):
+# a decayed mean per row count.  A line fitted to it misleads where the cost is not linear in the
+# rows (gemma3 Q4_K_M on a 2-core EPYC: 1 row 10 ms, 2 rows 20 ms, 8 rows 38 ms, 16 rows 50 ms:
+# each logits row of its 262k-token output matrix costs most of a step until the batch is large
+# enough for its multi-row kernels), so a stream that only ever tried short drafts would never
+# draft the long ones that pay.
+cdef enum:
+    _CURVE_ROWS = 66
+cdef double _CURVE_PRIOR = 0.1             # (below)
+
+cdef struct SpecCurve:
+    double w[_CURVE_ROWS]                   # decayed counts of decodes of i rows
+    double t[_CURVE_ROWS]                   # ... and of their times (us)
+
+
+cdef inline void _curve_add(SpecCurve * c, int32_t rows, double us) noexcept nogil:
+    if 0 < rows < _CURVE_ROWS:
+        c.w[rows] = 0.8 * c.w[rows] + 1.0
+        c.t[rows] = 0.8 * c.t[rows] + us
+
+
+cdef double _curve_cost(SpecCurve * c, int32_t rows) noexcept nogil:
+    """The expected time of a decode of ``rows`` rows: measured where decodes of that size were
+    timed; between two measured sizes the line through them; past the largest, that one plus a
+    prior of a tenth of a one-row decode per row: optimistic (0.1-0.5 was measured on the
+    project's CPUs, docs/speculative.md), so a longer draft is tried and its real cost learned,
+    where a pessimistic prior would never be corrected."""
+    cdef int32_t lo = rows, hi = rows, m = 1
+    cdef double one = 1.0, tl, th
+    while m < _CURVE_ROWS and c.w[m] <= 0.0:
+        m += 1
+    if m < _CURVE_ROWS:                     # a one-row decode, measured or scaled from the prior
+        one = c.t[m] / c.w[m] / (1.0 + _CURVE_PRIOR * (m - 1))
+    while lo >= 1 and c.w[lo] <= 0.0:
+        lo -= 1
+    if lo == rows:
+        return c.t[rows] / c.w[rows]
+    while hi < _CURVE_ROWS and c.w[hi] <= 0.0:
+        hi += 1
+    if lo < 1:
+        return one * (1.0 + _CURVE_PRIOR * (rows - 1))
+    tl = c.t[lo] / c.w[lo]
+    if hi >= _CURVE_ROWS:
+        return tl + _CURVE_PRIOR * one * (rows - lo)
+    th = c.t[hi] / c.w[hi]
+    return tl + (th - tl) * (rows - lo) / (hi - lo)
+
+
+cdef int32_t _spec_budget_curve(SeqCore * q, SpecCurve * c) noexcept nogil:
+    """How many tokens a single stream drafts after its pending one: the k that makes the most
+    tokens per unit of time, (1 + alpha + ... + alpha^k) / cost(k + 1), with alpha the sequence's
+    acceptance rate and cost the measured curve (0: decode the pending token alone, or probe)."""
+    cdef int32_t b = q.spec_bound()
+    if b <= 0:
+        return 0
+    if not q.spec_adaptive:
+        return b
+    return q.spec_or_probe(_curve_best(c, q.spec_alpha(), b))
+
+
+cdef int32_t _curve_best(SpecCurve * c, double alpha, int32_t b) noexcept nogil:
+    cdef int32_t k, best = 0
+    cdef double e = 1.0, p = 1.0, rate, best_rate = 1.0 / _curve_cost(c, 1)
+    for k in range(1, b + 1):
+        p *= alpha
+        e += p
+        rate = e / _curve_cost(c, k + 1)
+        if rate > best_rate:
+            best_rate = rate
+            best = k
+    return best
+
+
+def _spec_plan(dict times, double alpha, int bound):
+    """(tests) The draft length a single stream picks: ``times`` {rows: decode us} measured,
+    ``alpha`` its acceptance rate, ``bound`` the most it may draft; and the curve's estimates
+    for 1..bound + 1 rows."""
+    cdef SpecCurve c
+    memset(&c, 0, sizeof(SpecCurve))
+    for rows, us in times.items():
+        _curve_add(&c, rows, us)
+    return _curve_best(&c, alpha, bound), [_curve_cost(&c, r) for r in range(1, bound + 2)]
+
+
 cdef object _spec_stats(SeqCore * c):
     if c.spec_n_max <= 0:
         return None

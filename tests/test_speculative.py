@@ -190,6 +190,30 @@ def test_a_near_tie_is_decoded_alone(plain_ctx, smollm2):
     assert b.speculative_stats(sid)["near_ties"] == 0 and b.speculative_stats(sid)["accepted"] > 0
 
 
+def test_a_single_stream_drafts_what_its_measured_costs_pay_for():
+    # _spec_plan: the draft length a single stream picks from decode times it measured
+    plan = llamagen._core._spec_plan
+    # only 1- and 2-row decodes timed, the second row as dear as the first (gemma3 on a 2-core
+    # EPYC): longer drafts are priced by the optimistic prior (a tenth of a step per row), so a
+    # well-accepted stream tries them and learns their cost instead of staying at 1 token
+    k, cost = plan({1: 10_000, 2: 20_000}, 0.95, 16)
+    assert k == 16 and cost[:2] == [10_000, 20_000]
+    assert cost[16] == pytest.approx(20_000 + 1_000 * 15)
+    # 17 rows measured at 5 steps: long drafts still pay
+    k, _ = plan({1: 10_000, 2: 20_000, 17: 50_000}, 0.95, 16)
+    assert k >= 12
+    # 17 rows measured at 17 steps (no multi-row kernel): nothing pays; sizes between two
+    # measured ones lie on the line through them
+    k, cost = plan({1: 10_000, 2: 20_000, 17: 170_000}, 0.95, 16)
+    assert k == 0 and cost[8] == pytest.approx(90_000)
+    # cheap rows, low acceptance: a short draft
+    k, _ = plan({1: 10_000, 17: 30_000}, 0.3, 16)
+    assert k == 1
+    # nothing timed yet: the prior alone, in units of a one-row decode
+    k, cost = plan({}, 0.5, 4)
+    assert cost == pytest.approx([1.0, 1.1, 1.2, 1.3, 1.4]) and k == 2
+
+
 def test_stop_strings_and_max_new_tokens_stay_exact(det_ctx, smollm2):
     prompt = copy_prompt(smollm2)
     full, _, _, _ = run(det_ctx, prompt, max_new_tokens=80, temp=0)

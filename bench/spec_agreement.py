@@ -1,0 +1,164 @@
+"""Greedy agreement of speculative decoding with plain decoding, with and without the tie margin.
+
+  python bench/spec_agreement.py [--models smollm2,gemma3] [--tokens 128] [--threads 2] [--no-write]
+
+A verify decode computes the pending token and its draft as one many-row batch; plain decoding
+computes one row per token, and llama.cpp's CPU kernels are not batch-invariant, so a near-tie can
+go the other way.  For each prompt (bench/speculative.py's 18 and 26 more of the same kinds) this
+runs plain greedy decoding (with logprobs: the top-2 margin where a text first differs),
+speculative decoding with ``tie_margin=0`` (every verified row read from the batch) and with the
+default margin (a row whose top two logits are closer is decoded alone), alternating, on one
+default context.  Reports identical texts of each, the cuts the margin made, and decode tokens/s
+(ratios within a prompt).  Writes bench/out/spec_agreement.json and bench/RESULTS.md section 24.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import speculative as S  # noqa: E402  (bench/speculative.py: prompts, models, one stream)
+
+import llamagen  # noqa: E402
+from llamagen import Speculative  # noqa: E402
+
+OUT_JSON = os.path.join(HERE, "out", "spec_agreement.json")
+HEADING = "## 24. Speculative decoding: greedy agreement and the tie margin"
+DEFAULT_TIE = Speculative().tie_margin
+
+
+def spec(tie):
+    return Speculative(type="ngram-simple", ngram_n=S.NGRAM_N, ngram_m=S.NGRAM_M, n_max=S.NGRAM_M,
+                       tie_margin=tie)
+
+
+def prompts():
+    """(kind, instruction): bench/speculative.py's set, then more of each kind."""
+    out = list(S.instructions())
+    for p in S.PARAS:
+        out.append(("rewrite", f"Rewrite the paragraph below in the past tense:\n\n{p}"))
+        out.append(("quotes", f"Number the sentences of the paragraph below, one per line:\n\n{p}"))
+        out.append(("translate", f"Translate the paragraph below into French:\n\n{p}"))
+    for r in S.RECORDS:
+        out.append(("extract", "Write the record below as YAML with the keys number, name, date, "
+                    f"amount and city:\n\n{r}"))
+        out.append(("extract", f"Copy the record below, then give its date in ISO format:\n\n{r}"))
+    for li in S.LISTS:
+        out.append(("translate", f"Sort this list alphabetically, keeping the numbers:\n\n{li}"))
+        out.append(("translate", f"Translate this list into Spanish, keeping the numbers:\n\n{li}"))
+    for c in S.CODE:
+        out.append(("code", "Add type hints to every function in this file and output the whole "
+                    f"file:\n\n{c}"))
+        out.append(("code", f"Rename every function in this file with a 'do_' prefix:\n\n{c}"))
+    for topic in ("a city built on a lake", "the first day at a new school", "a robot that learns to "
+                  "paint", "why bridges are built the way they are", "a storm at sea",
+                  "the history of the bicycle"):
+        out.append(("open", f"Write a short text about {topic}."))
+    return out
+
+
+def bench_model(name, path, tokens, threads):
+    model = llamagen.Model(path)
+    ctx = llamagen.Context(model, n_ctx=4096, n_threads=threads)
+    rows = []
+    for kind, instr in prompts():
+        prompt = S.prompt_for(name, model, instr)
+        plain = S.one_stream(ctx, prompt, tokens, S.GREEDY, None, logprobs=True)
+        plain_tps = [plain["tokens_per_second"]]
+        runs = {}
+        for rep in range(2):            # alternating, medians of two
+            for tie in (0.0, DEFAULT_TIE):
+                r = S.one_stream(ctx, prompt, tokens, S.GREEDY, spec(tie))
+                runs.setdefault(tie, []).append(r)
+            plain_tps.append(S.one_stream(ctx, prompt, tokens, S.GREEDY, None)["tokens_per_second"])
+        row = {"model": name, "kind": kind, "plain_tps": statistics.median(plain_tps)}
+        for tie, rs in runs.items():
+            r = rs[0]
+            key = "tie0" if tie == 0.0 else "tie"
+            row[key] = {"same": r["tokens"] == plain["tokens"], "stable": all(x["tokens"] == r["tokens"] for x in rs),
+                        "divergence": S.divergence(plain, r), "near_ties": r["stats"]["near_ties"],
+                        "accepted": r["stats"]["accepted"], "drafted": r["stats"]["drafted"],
+                        "tps": statistics.median(x["tokens_per_second"] for x in rs)}
+        rows.append(row)
+        S.log(f"{name:8s} {kind:9s} plain {row['plain_tps']:6.1f}  tie0 {row['tie0']['tps']:6.1f} "
+              f"same={row['tie0']['same']}  tie {row['tie']['tps']:6.1f} same={row['tie']['same']} "
+              f"cuts={row['tie']['near_ties']} acc={row['tie']['accepted']}")
+    ctx.close()
+    model.close()
+    return rows
+
+
+def write(res) -> str:
+    L = [HEADING, "",
+         f"Generated by `python bench/spec_agreement.py --tokens {res['tokens']}` on {res['date']}, "
+         f"{res['cpu']}, {res['threads']} threads, nothing else running. Greedy, {res['tokens']} new "
+         "tokens, one default context per model; drafting as in section 18 (`ngram-simple`, n-gram "
+         f"{S.NGRAM_N}, drafts up to {S.NGRAM_M}, adaptive). `tie 0`: every verified row read from "
+         f"the verify batch; `tie {DEFAULT_TIE:g}`: the default `Speculative.tie_margin`, a row whose top "
+         "two logits are closer is decoded alone. Tokens/s: medians of two alternating runs; the x "
+         "columns compare within a prompt (medians of the per-prompt ratios).", "",
+         "| model | prompts | same texts, tie 0 | same texts, tie " + f"{DEFAULT_TIE:g}" +
+         " | rows cut (all prompts) | accepted tie 0 / tie " + f"{DEFAULT_TIE:g}" +
+         " | spec tie 0 x plain | spec tie " + f"{DEFAULT_TIE:g} x plain | tie {DEFAULT_TIE:g} x tie 0 |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in res["models"]:
+        rows = [r for r in res["rows"] if r["model"] == name]
+        n = len(rows)
+        same0 = sum(r["tie0"]["same"] for r in rows)
+        same = sum(r["tie"]["same"] for r in rows)
+        cuts = sum(r["tie"]["near_ties"] for r in rows)
+        acc0 = sum(r["tie0"]["accepted"] for r in rows)
+        acc = sum(r["tie"]["accepted"] for r in rows)
+        x0 = statistics.median(r["tie0"]["tps"] / r["plain_tps"] for r in rows)
+        x = statistics.median(r["tie"]["tps"] / r["plain_tps"] for r in rows)
+        xx = statistics.median(r["tie"]["tps"] / r["tie0"]["tps"] for r in rows)
+        L.append(f"| {name} | {n} | {same0}/{n} | {same}/{n} | {cuts} | {acc0} / {acc} | {x0:.2f} | "
+                 f"{x:.2f} | {xx:.2f} |")
+    L.append("")
+    diffs = []
+    for r in res["rows"]:
+        for key, label in (("tie0", "tie 0"), ("tie", f"tie {DEFAULT_TIE:g}")):
+            d = r[key]["divergence"]
+            if not r[key]["same"] and d:
+                m = "unknown" if d["margin"] is None else f"{d['margin']:.4f} nats"
+                diffs.append(f"{r['model']} {r['kind']} ({label}): token {d['index']}, plain's top-2 "
+                             f"margin {m}")
+    L.append("Divergences: " + ("; ".join(diffs) + "." if diffs else "none."))
+    unstable = [f"{r['model']} {r['kind']}" for r in res["rows"]
+                if not (r["tie0"]["stable"] and r["tie"]["stable"])]
+    if unstable:
+        L.append(f"Runs of one configuration that gave different texts: {', '.join(unstable)}.")
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2,gemma3")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args(argv)
+    paths = S.model_paths()
+    models = a.models.split(",")
+    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": S._cpu(),
+           "threads": a.threads, "tokens": a.tokens, "models": models, "rows": []}
+    for name in models:
+        res["rows"] += bench_model(name, paths[name], a.tokens, a.threads)
+    os.makedirs(os.path.dirname(OUT_JSON), exist_ok=True)
+    with open(OUT_JSON, "w") as fh:
+        json.dump(res, fh, indent=1)
+    section = write(res)
+    print(section)
+    if not a.no_write:
+        S._replace_section(section, HEADING)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
