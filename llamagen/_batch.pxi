@@ -87,7 +87,10 @@ cdef class BatchGenerator:
     cdef dict _drafter_index              # Speculative.key -> index in _drafters
     cdef vector[lgspec.Drafter *] _drafters
     cdef bint _no_drafts                  # this step's retry decodes without drafts
-    cdef SpecCost _cost                   # step time against rows (token-only steps)
+    cdef CostCurve _curve                 # step time by rows (token-only steps)
+    cdef vector[int32_t] _ks              # this step's draft lengths (_spec_plan_batch) ...
+    cdef vector[_Gain] _gains             # ... and its scratch
+    cdef vector[double] _costs
     cdef int32_t _timed_rows              # this step's rows, when the cost model times it (else 0)
     cdef int64_t _timed_us                # ... its decode time; the sampling time is added
     cdef readonly int64_t n_drafted       # drafted tokens verified, over all sequences
@@ -97,7 +100,6 @@ cdef class BatchGenerator:
 
     def __cinit__(self):
         self._has_batch = False
-        memset(&self._cost, 0, sizeof(SpecCost))
         self._ram = new RamCache()
 
     def __init__(self, Context ctx not None, *, n_parallel=None, params=None,
@@ -141,6 +143,7 @@ cdef class BatchGenerator:
             self._n_slots = n_parallel
             self._min_share = min_share
             self._n_batch = llama.llama_n_batch(ctx._ctx)
+            self._curve.reset(self._n_batch)
             self._n_ctx_seq = llama.llama_n_ctx_seq(ctx._ctx)
             self._n_threads = max(1, llama.llama_n_threads(ctx._ctx))
             self._plp_rows = <int32_t> max(1, min(<int64_t> self._n_batch,
@@ -604,7 +607,7 @@ cdef class BatchGenerator:
         cdef bint prompts = True
         cdef SeqCore * q
         cdef bint asked = False, any_spec = False, timed
-        cdef double ratio
+        cdef int32_t k
         cdef int64_t td
         for i in range(self._active.size()):
             q = self._active[i]
@@ -612,10 +615,15 @@ cdef class BatchGenerator:
                 n_gen += 1
                 any_spec = any_spec or q.drafter != NULL
         if any_spec:
-            ratio = _spec_cost_ratio(&self._cost, n_gen)
+            _spec_plan_batch(self._active, &self._curve, self._ks, self._gains, self._costs)
             for i in range(self._active.size()):
                 q = self._active[i]
-                if q.drafter != NULL and q.spec_want(q.spec_budget(ratio)):
+                k = self._ks[i]
+                if k < 0:
+                    continue
+                if q.spec_adaptive:
+                    k = q.spec_or_probe(k)
+                if q.spec_want(k):
                     asked = True
         if asked:
             for i in range(self._drafters.size()):
@@ -758,7 +766,7 @@ cdef class BatchGenerator:
                 if self._timed_rows > 0:
                     # a drafted row costs its decode and its sampling (a large vocabulary's
                     # rows are sampled one by one): the step's whole time against its rows
-                    _spec_cost_add(&self._cost, self._timed_rows, self._timed_us + t_sample)
+                    self._curve.add(self._timed_rows, <double> (self._timed_us + t_sample))
                     self._timed_rows = 0
         ctx._abort.armed = 0
         return rc

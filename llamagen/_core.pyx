@@ -16,7 +16,7 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport INT32_MAX, INT32_MIN, int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset, strlen
 from libcpp cimport bool as cbool
-from libcpp.algorithm cimport binary_search
+from libcpp.algorithm cimport binary_search, sort
 from libcpp.string cimport string
 from libcpp.vector cimport vector
 

@@ -26,14 +26,13 @@ cdef class GenerationState:
     cdef Py_ssize_t _chunk_from             # tokens before the latest step (chunk_logprobs)
     cdef llama.llama_batch _sbatch          # speculative steps: the pending token and its draft
     cdef bint _has_sbatch
-    cdef SpecCurve _curve                   # speculative steps: decode time by rows
+    cdef CostCurve _curve                   # speculative steps: decode time by rows
     cdef tuple _lora                        # its LoRA set (see _adapters.pxi)
 
     def __cinit__(self):
         self._lctx = NULL
         self._ended = False
         self._has_sbatch = False
-        memset(&self._curve, 0, sizeof(SpecCurve))
         # a placeholder until gen_begin sets the real one: an instance made without gen_begin
         # (GenerationState.__new__) raises instead of touching NULL
         self._seq = _Seq.__new__(_Seq)
@@ -62,7 +61,7 @@ cdef class GenerationState:
         cdef llama.llama_batch * b = &self._sbatch
         q.out.clear()
         if q.pending >= 0:
-            if q.spec_want(_spec_budget_curve(q, &self._curve)):
+            if q.drafter != NULL and q.spec_want(_spec_budget_curve(q, &self._curve)):
                 lgspec.run(q.drafter)
                 k = q.spec_take()
             if k == 0:
@@ -71,7 +70,7 @@ cdef class GenerationState:
                 rc = llama.llama_decode(self._lctx, llama.llama_batch_get_one(&q.pending, 1))
                 if q.drafter != NULL:
                     llama.llama_synchronize(self._lctx)
-                    _curve_add(&self._curve, 1, llama.llama_time_us() - td)
+                    self._curve.add(1, <double> (llama.llama_time_us() - td))
             else:
                 for j in range(k + 1):
                     b.token[j] = q.pending if j == 0 else q.draft[j - 1]
@@ -83,7 +82,7 @@ cdef class GenerationState:
                 td = llama.llama_time_us()
                 rc = llama.llama_decode(self._lctx, b[0])
                 llama.llama_synchronize(self._lctx)
-                _curve_add(&self._curve, k + 1, llama.llama_time_us() - td)
+                self._curve.add(k + 1, <double> (llama.llama_time_us() - td))
             if rc != 0:
                 q.draft.clear()
                 q.finish = FINISH_LENGTH if rc == 1 else FINISH_STOP
@@ -429,6 +428,7 @@ cdef GenerationState _start(Context ctx, vector[llama.llama_token] & toks, param
             st._core.drafter = _new_drafter(params.speculative, 1, ctx)
             st._core.owns_drafter = True
             st._sbatch = llama.llama_batch_init(st._core.spec_n_max + 1, 0, 1)
+            st._curve.reset(MAX_DRAFT_ROWS)
             st._has_sbatch = True
         if ctx._epoch != keep_epoch:
             keep = 0

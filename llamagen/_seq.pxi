@@ -346,25 +346,6 @@ cdef cppclass SeqCore:
         # the chance that a drafted token is accepted, from this sequence's decayed counts
         return (this.spec_s + 1.0) / (this.spec_s + this.spec_f + 2.0)
 
-    int32_t spec_budget(double r) noexcept nogil:
-        # how many tokens to draft after the pending one this step (0: decode it alone), in a
-        # batch.  Adaptive: the i-th drafted token pays off when the chance it is accepted,
-        # alpha^i, exceeds ``r``, the share of a decode step one more row costs
-        # (_spec_cost_ratio): a drafted row that is rejected is wasted, an accepted one saves a
-        # step.  (Single streams choose from a measured cost curve: _spec_budget_curve.)
-        cdef int32_t b = this.spec_bound(), k = 0
-        cdef double alpha, p
-        if b <= 0:
-            return 0
-        if not this.spec_adaptive:
-            return b
-        alpha = this.spec_alpha()
-        p = alpha
-        while k < b and p > r:
-            k += 1
-            p *= alpha
-        return this.spec_or_probe(k)
-
     int32_t spec_or_probe(int32_t k) noexcept nogil:
         # ``k`` when a draft pays; else drafting pauses, probing with one token after 1, 2, 4,
         # ... 64 steps

@@ -1,134 +1,209 @@
-# Speculative decoding's shared pieces: the decode-cost model that sets draft lengths, the
+# Speculative decoding's shared pieces: the decode-cost curve that sets draft lengths, the
 # statistics a sequence reports and the drafters (csrc/lg_spec.cpp over llama.cpp's
 # common/speculative.h).  The verification itself is SeqCore.verify (_seq.pxi).  Included by
 # _core.pyx after _seq.pxi.
 
-cdef struct SpecCost:
-    # decode time against rows decoded (t = a + b * rows), fitted over recent decodes with
-    # exponentially decaying weights: what one more verified row costs on this hardware (on 2
-    # CPU cores a row of SmolLM2 Q4_1 costs about half a one-token decode, of gemma3 Q4_K_M a
-    # tenth: measured in docs/speculative.md)
-    double w
-    double sx
-    double sy
-    double sxx
-    double sxy
-
-
-cdef inline void _spec_cost_add(SpecCost * c, double rows, double us) noexcept nogil:
-    c.w = 0.97 * c.w + 1.0
-    c.sx = 0.97 * c.sx + rows
-    c.sy = 0.97 * c.sy + us
-    c.sxx = 0.97 * c.sxx + rows * rows
-    c.sxy = 0.97 * c.sxy + rows * us
-
-
-cdef inline double _spec_cost_ratio(SpecCost * c, double n_gen) noexcept nogil:
-    """b / (b + a / n_gen): the cost of one more row in a step's decode relative to one
-    sequence's share of the step (``n_gen`` sequences decode a token in it).  Until decodes of
-    more than one size have been timed, a prior of a row costing a quarter of a step's fixed
-    part: 1 / (1 + 4 / n_gen) (0.2 alone, 0.67 at 8 sequences, 0.89 at 32: in a batch the fixed
-    part is already shared, and a drafted row is dearer next to it)."""
-    cdef double mx, my, var, b, a
-    cdef double n = n_gen if n_gen > 1.0 else 1.0
-    if c.w < 2.0:
-        return 1.0 / (1.0 + 4.0 / n)
-    mx = c.sx / c.w
-    my = c.sy / c.w
-    var = c.sxx / c.w - mx * mx
-    if var < 0.05:
-        return 1.0 / (1.0 + 4.0 / n)
-    b = (c.sxy / c.w - mx * my) / var
-    a = my - b * mx
-    if b <= 0.0:
-        return 0.02
-    if a < 0.0:
-        a = 0.0
-    return b / (b + a / (n_gen if n_gen > 1.0 else 1.0))
-
-
-# A single stream's decode time by rows decoded (1..65: the pending token and up to 64 drafted):
-# a decayed mean per row count.  A line fitted to it misleads where the cost is not linear in the
-# rows (gemma3 Q4_K_M on a 2-core EPYC: 1 row 10 ms, 2 rows 20 ms, 8 rows 38 ms, 16 rows 50 ms:
-# each logits row of its 262k-token output matrix costs most of a step until the batch is large
-# enough for its multi-row kernels), so a stream that only ever tried short drafts would never
-# draft the long ones that pay.
+# Decode time by the rows a step decodes: a decayed mean per row count.  A line fitted to it
+# misleads where the cost is not linear in the rows (gemma3 Q4_K_M on a 2-core EPYC: 1 row 10 ms,
+# 2 rows 20 ms, 8 rows 38 ms, 16 rows 50 ms: each logits row of its 262k-token output matrix costs
+# most of a step until the batch is large enough for the multi-row kernels), so a stream that
+# only ever tried short drafts would never draft the long ones that pay.
+cdef double _CURVE_PRIOR = 0.1             # (CostCurve.costs)
 cdef enum:
-    _CURVE_ROWS = 66
-cdef double _CURVE_PRIOR = 0.1             # (below)
+    MAX_DRAFT_ROWS = 65                     # a single stream's decode: its pending token, 64 drafted
 
-cdef struct SpecCurve:
-    double w[_CURVE_ROWS]                   # decayed counts of decodes of i rows
-    double t[_CURVE_ROWS]                   # ... and of their times (us)
+cdef cppclass CostCurve:
+    vector[double] w                        # decayed counts of decodes of i rows
+    vector[double] t                        # ... and of their times (us)
+    vector[int32_t] seen                    # row counts measured, ascending (costs' walk)
+
+    void reset(int32_t max_rows) noexcept nogil:
+        this.w.assign(max_rows + 1, 0.0)
+        this.t.assign(max_rows + 1, 0.0)
+        this.seen.clear()
+
+    void add(int32_t rows, double us) noexcept nogil:
+        cdef size_t i = 0
+        if rows <= 0 or rows >= <int32_t> this.w.size():
+            return
+        if this.w[rows] == 0.0:
+            while i < this.seen.size() and this.seen[i] < rows:
+                i += 1
+            this.seen.insert(this.seen.begin() + i, rows)
+        this.w[rows] = 0.8 * this.w[rows] + 1.0
+        this.t[rows] = 0.8 * this.t[rows] + us
+
+    double mean(int32_t rows) noexcept nogil:
+        return this.t[rows] / this.w[rows]
+
+    void costs(int32_t first, int32_t n, double * out) noexcept nogil:
+        # out[i]: the expected time of a decode of first + i rows: measured where decodes of that
+        # size were timed; between two measured sizes the line through them; past the largest,
+        # that one plus a prior of a tenth of a one-row decode per row: optimistic (0.1-0.5 was
+        # measured on the project's CPUs, docs/speculative.md), so a longer draft is tried and
+        # its real cost learned, where a pessimistic prior would never be corrected; below the
+        # smallest, the prior scaled to it (nothing measured: units of a one-row decode)
+        cdef int32_t i, rows, m, lo, hi
+        cdef size_t j = 0
+        cdef double one = 1.0
+        if this.seen.size() > 0:
+            m = this.seen[0]
+            one = this.mean(m) / (1.0 + _CURVE_PRIOR * (m - 1))
+        for i in range(n):
+            rows = first + i
+            while j < this.seen.size() and this.seen[j] < rows:
+                j += 1
+            if j < this.seen.size() and this.seen[j] == rows:
+                out[i] = this.mean(rows)
+            elif j == 0:
+                out[i] = one * (1.0 + _CURVE_PRIOR * (rows - 1))
+            elif j == this.seen.size():
+                lo = this.seen[j - 1]
+                out[i] = this.mean(lo) + _CURVE_PRIOR * one * (rows - lo)
+            else:
+                lo = this.seen[j - 1]
+                hi = this.seen[j]
+                out[i] = this.mean(lo) + (this.mean(hi) - this.mean(lo)) * (rows - lo) / (hi - lo)
 
 
-cdef inline void _curve_add(SpecCurve * c, int32_t rows, double us) noexcept nogil:
-    if 0 < rows < _CURVE_ROWS:
-        c.w[rows] = 0.8 * c.w[rows] + 1.0
-        c.t[rows] = 0.8 * c.t[rows] + us
-
-
-cdef double _curve_cost(SpecCurve * c, int32_t rows) noexcept nogil:
-    """The expected time of a decode of ``rows`` rows: measured where decodes of that size were
-    timed; between two measured sizes the line through them; past the largest, that one plus a
-    prior of a tenth of a one-row decode per row: optimistic (0.1-0.5 was measured on the
-    project's CPUs, docs/speculative.md), so a longer draft is tried and its real cost learned,
-    where a pessimistic prior would never be corrected."""
-    cdef int32_t lo = rows, hi = rows, m = 1
-    cdef double one = 1.0, tl, th
-    while m < _CURVE_ROWS and c.w[m] <= 0.0:
-        m += 1
-    if m < _CURVE_ROWS:                     # a one-row decode, measured or scaled from the prior
-        one = c.t[m] / c.w[m] / (1.0 + _CURVE_PRIOR * (m - 1))
-    while lo >= 1 and c.w[lo] <= 0.0:
-        lo -= 1
-    if lo == rows:
-        return c.t[rows] / c.w[rows]
-    while hi < _CURVE_ROWS and c.w[hi] <= 0.0:
-        hi += 1
-    if lo < 1:
-        return one * (1.0 + _CURVE_PRIOR * (rows - 1))
-    tl = c.t[lo] / c.w[lo]
-    if hi >= _CURVE_ROWS:
-        return tl + _CURVE_PRIOR * one * (rows - lo)
-    th = c.t[hi] / c.w[hi]
-    return tl + (th - tl) * (rows - lo) / (hi - lo)
-
-
-cdef int32_t _spec_budget_curve(SeqCore * q, SpecCurve * c) noexcept nogil:
-    """How many tokens a single stream drafts after its pending one: the k that makes the most
-    tokens per unit of time, (1 + alpha + ... + alpha^k) / cost(k + 1), with alpha the sequence's
-    acceptance rate and cost the measured curve (0: decode the pending token alone, or probe)."""
-    cdef int32_t b = q.spec_bound()
-    if b <= 0:
-        return 0
-    if not q.spec_adaptive:
-        return b
-    return q.spec_or_probe(_curve_best(c, q.spec_alpha(), b))
-
-
-cdef int32_t _curve_best(SpecCurve * c, double alpha, int32_t b) noexcept nogil:
+cdef int32_t _curve_best(CostCurve * c, double a1, double ac, int32_t b) noexcept nogil:
+    """The draft length that makes the most tokens per unit of time for one stream,
+    (1 + a1 * (1 + ac + ... + ac^(k-1))) / cost(k + 1), with a1 the chance a draft's first token
+    is accepted and ac that a later one is (0 <= k <= b)."""
     cdef int32_t k, best = 0
-    cdef double e = 1.0, p = 1.0, rate, best_rate = 1.0 / _curve_cost(c, 1)
+    cdef double e = 1.0, p = a1, rate, best_rate
+    cdef vector[double] cost
+    cost.resize(b + 1)
+    c.costs(1, b + 1, cost.data())
+    best_rate = 1.0 / cost[0]
     for k in range(1, b + 1):
-        p *= alpha
         e += p
-        rate = e / _curve_cost(c, k + 1)
+        p *= ac
+        rate = e / cost[k]
         if rate > best_rate:
             best_rate = rate
             best = k
     return best
 
 
-def _spec_plan(dict times, double alpha, int bound):
-    """(tests) The draft length a single stream picks: ``times`` {rows: decode us} measured,
-    ``alpha`` its acceptance rate, ``bound`` the most it may draft; and the curve's estimates
-    for 1..bound + 1 rows."""
-    cdef SpecCurve c
-    memset(&c, 0, sizeof(SpecCurve))
+cdef int32_t _spec_budget_curve(SeqCore * q, CostCurve * c) noexcept nogil:
+    """How many tokens a single stream drafts after its pending one (0: decode the pending token
+    alone, or probe)."""
+    cdef int32_t b = q.spec_bound()
+    if b <= 0:
+        return 0
+    if not q.spec_adaptive:
+        return b
+    return q.spec_or_probe(_curve_best(c, q.spec_alpha(), q.spec_alpha(), b))
+
+
+cdef struct _Gain:
+    double gain                             # the chance this drafted token is accepted
+    int32_t at                              # its sequence, an index into the step's list
+
+
+cdef bint _gain_gt(const _Gain & a, const _Gain & b) noexcept nogil:
+    return a.gain > b.gain
+
+
+cdef void _spec_plan_batch(vector[SeqCore *] & seqs, CostCurve * c, vector[int32_t] & ks,
+                           vector[_Gain] & gains, vector[double] & cost) noexcept nogil:
+    """Draft lengths for a batch step: ks[i] for seqs[i] (-1: not drafting).  Every generating
+    sequence decodes its pending token; each drafted token adds a row and is worth the chance it
+    is accepted.  Drafted tokens are taken best first while the step's expected tokens per unit
+    of time grow: (pending rows + accepted drafts) / cost(rows), the cost from the batch's own
+    measured curve (a drafted row is dear next to a step's fixed part when few sequences share
+    it, and about a row's share of the step when many do)."""
+    cdef size_t i
+    cdef int32_t j, b, m, best_m = 0, rows = 0
+    cdef double tokens = 0.0, p, rate, best_rate, ac
+    cdef SeqCore * q
+    ks.assign(seqs.size(), -1)
+    gains.clear()
+    for i in range(seqs.size()):
+        q = seqs[i]
+        if q.pending < 0:
+            continue
+        rows += 1
+        tokens += 1.0
+        if q.drafter == NULL:
+            continue
+        b = q.spec_bound()
+        if b <= 0:
+            continue
+        ks[i] = 0
+        p = q.spec_alpha()
+        ac = p
+        if not q.spec_adaptive:
+            ks[i] = b
+            rows += b
+            for j in range(b):
+                tokens += p
+                p *= ac
+            continue
+        for j in range(b):
+            gains.push_back(_Gain(p, <int32_t> i))
+            p *= ac
+    if rows == 0:
+        return
+    sort(gains.begin(), gains.end(), _gain_gt)
+    cost.resize(gains.size() + 1)
+    c.costs(rows, <int32_t> gains.size() + 1, cost.data())
+    best_rate = tokens / cost[0]
+    for m in range(1, <int32_t> gains.size() + 1):
+        tokens += gains[m - 1].gain
+        rate = tokens / cost[m]
+        if rate > best_rate:
+            best_rate = rate
+            best_m = m
+    for m in range(best_m):
+        ks[gains[m].at] += 1
+
+
+def _spec_plan_step(dict times, list seqs, int max_rows=512):
+    """(tests) The draft lengths a batch step picks: ``times`` {rows: step us} measured, ``seqs``
+    [(accepted, cut_short, n_max)] per generating sequence (its decayed counts and bound)."""
+    cdef CostCurve c
+    cdef vector[SeqCore *] qs
+    cdef vector[int32_t] ks
+    cdef vector[_Gain] gains
+    cdef vector[double] cost
+    cdef SeqCore * q
+    c.reset(max_rows)
     for rows, us in times.items():
-        _curve_add(&c, rows, us)
-    return _curve_best(&c, alpha, bound), [_curve_cost(&c, r) for r in range(1, bound + 2)]
+        c.add(rows, us)
+    try:
+        for s, f, n_max in seqs:
+            q = new SeqCore()
+            qs.push_back(q)
+            q.drafter = <lgspec.Drafter *> <size_t> 1    # (never used: the plan only asks whether)
+            q.pending = 0
+            q.n_past = 0
+            q.max_new = 1 << 20
+            q.n_ctx = 1 << 20
+            q.spec_n_max = n_max
+            q.spec_s = s
+            q.spec_f = f
+        _spec_plan_batch(qs, &c, ks, gains, cost)
+        return list(ks)
+    finally:
+        for i in range(qs.size()):
+            qs[i].drafter = NULL
+            del qs[i]
+
+
+def _spec_plan(dict times, double alpha, int bound, double alpha_next=-1.0):
+    """(tests) The draft length a single stream picks: ``times`` {rows: decode us} measured,
+    ``alpha`` the chance a draft's first token is accepted (``alpha_next`` a later one's; default
+    the same), ``bound`` the most it may draft; and the curve's estimates for 1..bound + 1 rows."""
+    cdef CostCurve c
+    cdef vector[double] out
+    c.reset(MAX_DRAFT_ROWS)
+    for rows, us in times.items():
+        c.add(rows, us)
+    out.resize(bound + 1)
+    c.costs(1, bound + 1, out.data())
+    return _curve_best(&c, alpha, alpha if alpha_next < 0 else alpha_next, bound), list(out)
 
 
 cdef object _spec_stats(SeqCore * c):

@@ -214,6 +214,29 @@ def test_a_single_stream_drafts_what_its_measured_costs_pay_for():
     assert cost == pytest.approx([1.0, 1.1, 1.2, 1.3, 1.4]) and k == 2
 
 
+def test_a_batch_drafts_the_rows_its_measured_steps_pay_for():
+    # _spec_plan_step: draft lengths of one step, from step times by rows and each sequence's
+    # decayed (accepted, cut short) counts; the best-accepted drafts are taken first
+    plan = llamagen._core._spec_plan_step
+    good, poor = (20.0, 0.0), (0.0, 50.0)
+    # 8 sequences, rows nearly free past the step's fixed part: the well-accepted draft long,
+    # the poorly accepted ones not at all
+    ks = plan({8: 40_000, 40: 48_000}, [good + (16,)] + [poor + (16,)] * 7)
+    assert ks[0] == 16 and ks[1:] == [0] * 7
+    # rows that cost what a sequence's share of the step costs, up to every draft measured:
+    # nothing pays
+    ks = plan({8: 40_000, 136: 680_000}, [good + (16,)] * 8)
+    assert ks == [0] * 8
+    # the first rows cheap, later ones dear: the same sequences draft a little, alike
+    ks = plan({8: 40_000, 24: 60_000, 40: 120_000, 136: 600_000}, [good + (16,)] * 8)
+    assert max(ks) - min(ks) <= 1 and 0 < min(ks) and max(ks) < 16, ks
+    # sizes past the largest measured one are priced optimistically: tried, then learned
+    ks = plan({8: 40_000, 40: 200_000}, [good + (16,)] * 8)
+    assert min(ks) >= 8, ks
+    # a sequence with nothing left to draft takes no rows
+    assert plan({8: 40_000, 40: 44_000}, [good + (0,)] * 2) == [-1, -1]
+
+
 def test_stop_strings_and_max_new_tokens_stay_exact(det_ctx, smollm2):
     prompt = copy_prompt(smollm2)
     full, _, _, _ = run(det_ctx, prompt, max_new_tokens=80, temp=0)
