@@ -2,7 +2,7 @@
 llama-server --spec-type (same type, same n-gram sizes, same build directory) and llama-cpp-python's
 LlamaPromptLookupDecoding, side by side in one run.
 
-  python bench/speculative.py [--models smollm2,gemma3] [--tokens 128] [--threads 2]
+  python bench/speculative.py [--models smollm2,gemma3] [--tokens 128] [--threads 2] [--row-costs]
                               [--no-server] [--no-lcp] [--no-batch] [--no-write]
 
 Prompt kinds: rewrite a paragraph, extract fields as JSON, translate a list, edit a code file,
@@ -210,6 +210,35 @@ def bench_batch(name, path, prompts, tokens, threads, sizes):
             log(f"{name:8s} batch {size:2d} {mode:7s} plain {out[-1]['plain_tps']:6.1f} spec "
                 f"{out[-1]['spec_tps']:6.1f} t/s  same {same}/{len(items)}")
         ctx.close()
+    model.close()
+    return out
+
+
+def row_costs(name, path, threads, rows=(1, 2, 3, 4, 8, 16), reps=3):
+    """What a decode of k rows with logits costs on this machine: a single stream on a counting
+    prompt whose drafts are all accepted, with fixed drafts of k - 1 tokens (ms per step, best of
+    ``reps``)."""
+    model = llamagen.Model(path)
+    ctx = llamagen.Context(model, n_ctx=4096, n_threads=threads)
+    prompt = "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 " * 8
+    out = {}
+    for k in rows:
+        spec = None if k == 1 else Speculative(type="ngram-simple", ngram_n=4, ngram_m=16,
+                                               n_max=k - 1, adaptive=False)
+        best = None
+        for _ in range(reps):
+            st = llamagen.gen_begin(ctx, prompt, max_new_tokens=96, speculative=spec,
+                                    ignore_eos=True, **GREEDY)
+            steps = len(list(st))
+            st.end()
+            sp = st.speculative_stats
+            if spec is not None and not sp["drafted"] or sp and sp["accepted"] < 0.8 * sp["drafted"]:
+                raise RuntimeError(f"{name}: drafts of {k - 1} were not accepted")
+            ms = st.timings["decode_ms"] / steps
+            best = ms if best is None else min(best, ms)
+        out[k] = best
+        log(f"{name:8s} {k:2d} rows: {best:6.1f} ms per step")
+    ctx.close()
     model.close()
     return out
 
@@ -441,8 +470,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", default="8,32")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--fresh", action="store_true", help="forget the stages an earlier run measured")
+    ap.add_argument("--row-costs", action="store_true",
+                    help="only print what a decode of 1-16 rows with logits costs (ms), per model")
     a = ap.parse_args(argv)
     paths = model_paths()
+    if a.row_costs:
+        for name in a.models.split(","):
+            got = row_costs(name, paths[name], a.threads)
+            print(f"{name}: " + ", ".join(f"{k} rows {v:.1f} ms" for k, v in got.items()))
+        return 0
     prompts = instructions()
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": "python bench/speculative.py " + " ".join(argv if argv is not None else sys.argv[1:]),

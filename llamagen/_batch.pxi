@@ -725,14 +725,14 @@ cdef class BatchGenerator:
                 tid = threadid()
                 q = self._active[self._sampled[i]]
                 if q.draft_idx >= 0:
-                    q.verify(lctx, q.batch_idx, self._cands[tid].data(), False)
+                    q.verify(lctx, q.batch_idx, self._cands[tid].data())
                 else:
                     q.consume(lctx, q.batch_idx, self._cands[tid].data())
         else:
             for i in range(n):
                 q = self._active[self._sampled[i]]
                 if q.draft_idx >= 0:
-                    q.verify(lctx, q.batch_idx, self._cands[0].data(), False)
+                    q.verify(lctx, q.batch_idx, self._cands[0].data())
                 else:
                     q.consume(lctx, q.batch_idx, self._cands[0].data())
         _prompt_rows(lctx, self._active, self._prows, self._n_threads)

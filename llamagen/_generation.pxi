@@ -93,7 +93,7 @@ cdef class GenerationState:
             q.consume(self._lctx, -1, self._cand.data())
         else:
             q.draft_idx = 1
-            q.verify(self._lctx, 0, self._cand.data(), True)
+            q.verify(self._lctx, 0, self._cand.data())
             q.spec_settle(self._lctx, 0)
         self._t_gen_us += llama.llama_time_us() - t0
         return 0

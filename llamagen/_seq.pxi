@@ -86,9 +86,6 @@ cdef cppclass SeqCore:
     int32_t spec_n_max
     int32_t spec_n_min
     bint spec_adaptive
-    float spec_tie                          # greedy single streams: a verified row whose top two
-                                            # logits are closer (nats) is decoded alone instead
-    bint spec_solo                          # ... so the next step decodes the pending token alone
     double spec_s                           # decayed counts of drafted tokens accepted and of
     double spec_f                           # drafts cut short: this sequence's acceptance rate
     int32_t spec_pause                      # steps left without drafting (adaptive back-off)
@@ -100,7 +97,6 @@ cdef cppclass SeqCore:
     int64_t n_drafted                       # totals: tokens drafted and verified, ...
     int64_t n_accepted                      # ... of those accepted, ...
     int64_t n_verified                      # ... and decodes that verified a draft
-    int64_t n_solo                          # verifications cut at a near-tie (spec_tie)
 
     __init__():
         this.chain = NULL
@@ -134,8 +130,6 @@ cdef cppclass SeqCore:
         this.spec_n_max = 0
         this.spec_n_min = 0
         this.spec_adaptive = True
-        this.spec_tie = 0.0
-        this.spec_solo = False
         this.spec_s = 0.0
         this.spec_f = 0.0
         this.spec_pause = 0
@@ -146,7 +140,6 @@ cdef cppclass SeqCore:
         this.n_drafted = 0
         this.n_accepted = 0
         this.n_verified = 0
-        this.n_solo = 0
 
     __dealloc__():
         this.free_samplers()
@@ -332,9 +325,6 @@ cdef cppclass SeqCore:
         cdef int32_t b
         if this.drafter == NULL or this.pending < 0 or this.finish != FINISH_NONE:
             return 0
-        if this.spec_solo:                      # (a near-tie: this step decodes it alone)
-            this.spec_solo = False
-            return 0
         b = this.spec_n_max
         if b > this.max_new - <int32_t> this.tokens.size() - 1:
             b = this.max_new - <int32_t> this.tokens.size() - 1
@@ -386,48 +376,22 @@ cdef cppclass SeqCore:
         this.draft.assign(r.begin(), r.end())
         return <int32_t> this.draft.size()
 
-    bint near_tie(llama.llama_context * lctx, int32_t row, float tie) noexcept nogil:
-        # the row's top two logits are less than ``tie`` apart: a verify batch's many-row
-        # kernels round differently from the one-row decode plain decoding makes (llama.cpp is
-        # not batch-invariant), by up to ~0.3 nats on gemma3, which can flip such a choice
-        cdef llama.llama_token_data heap[3]
-        if tie <= 0.0 or this.n_vocab < 2:
-            return False
-        return lglp.top2_gap(llama.llama_get_logits_ith(lctx, row), this.n_vocab, heap) < tie
-
-    void verify(llama.llama_context * lctx, int32_t idx, llama.llama_token_data * cand,
-                bint solo_ties) noexcept nogil:
+    void verify(llama.llama_context * lctx, int32_t idx, llama.llama_token_data * cand) noexcept nogil:
         # consume() for the pending token's row, then for each drafted token the sampled token
         # equals: its row's logits were computed from exactly the tokens sampling chose, so each
-        # row is sampled as plain decoding would (one RNG draw per emitted token).
-        # ``solo_ties`` (single streams, greedy, spec_tie > 0): a near-tied row is not taken
-        # from the batch; the verification stops before it, its input token stays pending (its
-        # cell goes in spec_settle) and the next step decodes it alone, as plain decoding does.
+        # row is sampled as plain decoding would (one RNG draw per emitted token)
         cdef int32_t i = 0, n = <int32_t> this.draft.size()
-        cdef float tie = this.spec_tie if solo_ties else 0.0
-        cdef bint cut = False
-        if this.near_tie(lctx, idx, tie):
-            cut = True
-        else:
-            this.consume(lctx, idx, cand)
-            while this.finish == FINISH_NONE and i < n and this.pending == this.draft[i]:
-                if this.near_tie(lctx, this.draft_idx + i, tie):
-                    i += 1                      # (accepted: it equals the sampled token)
-                    cut = True
-                    break
-                this.consume(lctx, this.draft_idx + i, cand)
-                i += 1
+        this.consume(lctx, idx, cand)
+        while this.finish == FINISH_NONE and i < n and this.pending == this.draft[i]:
+            this.consume(lctx, this.draft_idx + i, cand)
+            i += 1
         this.n_drafted += n
         this.n_accepted += i
         this.n_verified += 1
         this.spec_acc = i
-        if cut:
-            this.n_solo += 1
-            this.spec_solo = True
-        # acceptance, decayed so that it follows the text (a copied span ends, another begins);
-        # a cut at a near-tie is neither
+        # acceptance, decayed so that it follows the text (a copied span ends, another begins)
         this.spec_s = 0.8 * this.spec_s + i
-        this.spec_f = 0.8 * this.spec_f + (1.0 if i < n and not cut else 0.0)
+        this.spec_f = 0.8 * this.spec_f + (1.0 if i < n else 0.0)
         if i > 0:
             this.spec_backoff = 1
             this.spec_pause = 0
@@ -517,8 +481,6 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
         c.spec_n_max = spec.n_max
         c.spec_n_min = spec.n_min
         c.spec_adaptive = spec.adaptive
-        # (a deterministic context's rows do not depend on the batch: nothing to guard)
-        c.spec_tie = spec.tie_margin if params.greedy and not ctx.deterministic else 0.0
     return q
 
 

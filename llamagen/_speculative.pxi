@@ -211,7 +211,7 @@ cdef object _spec_stats(SeqCore * c):
         return None
     return {"drafted": c.n_drafted, "accepted": c.n_accepted,
             "acceptance_rate": <double> c.n_accepted / c.n_drafted if c.n_drafted else None,
-            "verify_steps": c.n_verified, "near_ties": c.n_solo}
+            "verify_steps": c.n_verified}
 
 
 cdef lgspec.Drafter * _new_drafter(spec, uint32_t n_seq, Context ctx) except NULL:

@@ -98,9 +98,6 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spec-ngram-min-hits", type=int, default=None, metavar="N")
     g.add_argument("--spec-no-adaptive", action="store_true",
                    help="keep the draft length when drafts are rejected")
-    g.add_argument("--spec-tie-margin", type=float, default=None, metavar="NATS",
-                   help="greedy single streams: a verified token whose top two logits are closer "
-                        "than this is decoded alone, as without speculation (default 0.5; 0: off)")
     g.add_argument("--model-draft", "-md", default=None, metavar="PATH",
                    help="a draft model sharing the model's vocabulary (draft-simple)")
 

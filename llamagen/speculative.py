@@ -52,10 +52,7 @@ class Speculative:
     drafts that were mostly rejected the draft length shrinks, down to pausing drafting for a
     while, so text the history does not predict costs little.  ``draft-simple`` drafts with
     ``draft_model`` (a ``llamagen.Model`` sharing the target's vocabulary, in a context of its
-    own that follows each sequence's tokens).  ``tie_margin`` (nats; greedy single streams): a
-    verified row whose two most likely tokens are closer than this is not read from the verify
-    batch; that token is decoded alone, as plain decoding decodes it, so a near-tie that the
-    batch's many-row kernels round the other way does not change the text (0: off)."""
+    own that follows each sequence's tokens)."""
     type: str = "ngram-mod"
     n_max: int = 16
     n_min: int = 0
@@ -64,7 +61,6 @@ class Speculative:
     min_hits: int = 0
     adaptive: bool = True
     draft_model: Any = None
-    tie_margin: float = 0.5
 
     def __post_init__(self):
         s = object.__setattr__
@@ -96,12 +92,6 @@ class Speculative:
         if self.type != "draft-simple" and self.draft_model is not None:
             raise invalid(ValueError, "speculative.draft_model",
                           f"speculative.draft_model is for type 'draft-simple', not {self.type!r}")
-        tm = self.tie_margin
-        if isinstance(tm, bool) or not isinstance(tm, numbers.Real) or not 0.0 <= tm <= 100.0:
-            raise invalid(ValueError if isinstance(tm, numbers.Real) and not isinstance(tm, bool)
-                          else TypeError, "speculative.tie_margin",
-                          f"speculative.tie_margin must be a number of nats from 0 to 100, got {tm!r}")
-        s(self, "tie_margin", float(tm))
         if not isinstance(self.adaptive, bool):
             raise invalid(TypeError, "speculative.adaptive",
                           f"speculative.adaptive must be True or False, got {self.adaptive!r}")
@@ -114,7 +104,7 @@ class Speculative:
     def to_dict(self) -> dict:
         d = {"type": self.type, "n_max": self.n_max, "n_min": self.n_min,
              "ngram_n": self.ngram_n, "ngram_m": self.ngram_m, "min_hits": self.min_hits,
-             "adaptive": self.adaptive, "tie_margin": self.tie_margin}
+             "adaptive": self.adaptive}
         if self.draft_model is not None:
             d["draft_model"] = self.draft_model
         return d
@@ -155,8 +145,7 @@ def from_flags(a, load_model=None) -> Optional[Speculative]:
     elif a.spec_type == "draft-simple":
         raise ValueError("--spec-type draft-simple needs --model-draft (the draft model's path)")
     fields = {"n_max": a.spec_draft_max, "n_min": a.spec_draft_min, "ngram_n": a.spec_ngram_size_n,
-              "ngram_m": a.spec_ngram_size_m, "min_hits": a.spec_ngram_min_hits,
-              "tie_margin": getattr(a, "spec_tie_margin", None)}
+              "ngram_m": a.spec_ngram_size_m, "min_hits": a.spec_ngram_min_hits}
     fields = {k: v for k, v in fields.items() if v is not None}
     if a.spec_type is None or a.spec_type == "none":
         if fields:

@@ -97,13 +97,4 @@ static inline double row(const float * W, int32_t n, int32_t k, int32_t * top_id
     return norm;
 }
 
-// The gap between a row's two largest logits (0 when they tie); ``heap`` has room for 3 entries.
-static inline float top2_gap(const float * W, int32_t n, llama_token_data * heap) noexcept {
-    if (n < 2) {
-        return INFINITY;
-    }
-    lgfs::topk_heap(W, (size_t) n, 2, heap);
-    return heap[0].logit - heap[1].logit;
-}
-
 }  // namespace lglp

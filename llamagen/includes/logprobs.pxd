@@ -10,4 +10,3 @@ cdef extern from "lg_logprobs.h" namespace "lglp" nogil:
     double log_sum_exp(const float * W, size_t n, float mx) noexcept
     double row(const float * W, int32_t n, int32_t k, int32_t * top_ids, float * top_lps,
                llama_token_data * heap) noexcept
-    float top2_gap(const float * W, int32_t n, llama_token_data * heap) noexcept
