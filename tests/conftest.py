@@ -126,3 +126,15 @@ def tiny_ctx(tiny_model):
 def real_ctx(real_model):
     with llamagen.Context(real_model, n_ctx=1024) as ctx:
         yield ctx
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for a test that sends itself Ctrl-C: a process started in the
+    background by a non-interactive shell inherits SIGINT ignored (Python then installs no
+    handler and the signal is lost), and a library an earlier test loaded may have installed
+    its own."""
+    import signal
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)

@@ -485,7 +485,7 @@ def test_two_states_on_one_context_from_two_threads(tiny_ctx):
 # -- Ctrl-C during a long prefill ----------------------------------------------------------------------
 
 @pytest.mark.real_model
-def test_keyboard_interrupt_during_prefill_leaves_context_usable(real_model):
+def test_keyboard_interrupt_during_prefill_leaves_context_usable(real_model, python_sigint):
     with llamagen.Context(real_model, n_ctx=4096, n_batch=4096, n_ubatch=512) as ctx:
         long_prompt = [real_model.bos] + [1000 + (i % 5000) for i in range(4000)]
         timer = threading.Timer(0.3, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
