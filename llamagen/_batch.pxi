@@ -87,10 +87,7 @@ cdef class BatchGenerator:
     cdef dict _drafter_index              # Speculative.key -> index in _drafters
     cdef vector[lgspec.Drafter *] _drafters
     cdef bint _no_drafts                  # this step's retry decodes without drafts
-    cdef CostCurve _curve                 # step time by rows (token-only steps)
-    cdef vector[int32_t] _ks              # this step's draft lengths (_spec_plan_batch) ...
-    cdef vector[_Gain] _gains             # ... and its scratch
-    cdef vector[double] _costs
+    cdef BatchSpec _spec                  # step time by rows (token-only steps), the drafts
     cdef int32_t _timed_rows              # this step's rows, when the cost model times it (else 0)
     cdef int64_t _timed_us                # ... its decode time; the sampling time is added
     cdef readonly int64_t n_drafted       # drafted tokens verified, over all sequences
@@ -143,7 +140,7 @@ cdef class BatchGenerator:
             self._n_slots = n_parallel
             self._min_share = min_share
             self._n_batch = llama.llama_n_batch(ctx._ctx)
-            self._curve.reset(self._n_batch)
+            self._spec.curve.reset(self._n_batch)
             self._n_ctx_seq = llama.llama_n_ctx_seq(ctx._ctx)
             self._n_threads = max(1, llama.llama_n_threads(ctx._ctx))
             self._plp_rows = <int32_t> max(1, min(<int64_t> self._n_batch,
@@ -615,10 +612,10 @@ cdef class BatchGenerator:
                 n_gen += 1
                 any_spec = any_spec or q.drafter != NULL
         if any_spec:
-            _spec_plan_batch(self._active, &self._curve, self._ks, self._gains, self._costs)
+            _spec_plan_batch(self._active, &self._spec)
             for i in range(self._active.size()):
                 q = self._active[i]
-                k = self._ks[i]
+                k = self._spec.ks[i]
                 if k < 0:
                     continue
                 if q.spec_adaptive:
@@ -766,7 +763,7 @@ cdef class BatchGenerator:
                 if self._timed_rows > 0:
                     # a drafted row costs its decode and its sampling (a large vocabulary's
                     # rows are sampled one by one): the step's whole time against its rows
-                    self._curve.add(self._timed_rows, <double> (self._timed_us + t_sample))
+                    self._spec.curve.add(self._timed_rows, <double> (self._timed_us + t_sample))
                     self._timed_rows = 0
         ctx._abort.armed = 0
         return rc

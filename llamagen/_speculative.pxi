@@ -66,19 +66,19 @@ cdef cppclass CostCurve:
                 out[i] = this.mean(lo) + (this.mean(hi) - this.mean(lo)) * (rows - lo) / (hi - lo)
 
 
-cdef int32_t _curve_best(CostCurve * c, double a1, double ac, int32_t b) noexcept nogil:
+cdef int32_t _curve_best(CostCurve * c, double alpha, int32_t b) noexcept nogil:
     """The draft length that makes the most tokens per unit of time for one stream,
-    (1 + a1 * (1 + ac + ... + ac^(k-1))) / cost(k + 1), with a1 the chance a draft's first token
-    is accepted and ac that a later one is (0 <= k <= b)."""
+    (1 + alpha + ... + alpha^k) / cost(k + 1), with alpha the chance a drafted token is accepted
+    (0 <= k <= b)."""
     cdef int32_t k, best = 0
-    cdef double e = 1.0, p = a1, rate, best_rate
+    cdef double e = 1.0, p = alpha, rate, best_rate
     cdef vector[double] cost
     cost.resize(b + 1)
     c.costs(1, b + 1, cost.data())
     best_rate = 1.0 / cost[0]
     for k in range(1, b + 1):
         e += p
-        p *= ac
+        p *= alpha
         rate = e / cost[k]
         if rate > best_rate:
             best_rate = rate
@@ -94,7 +94,7 @@ cdef int32_t _spec_budget_curve(SeqCore * q, CostCurve * c) noexcept nogil:
         return 0
     if not q.spec_adaptive:
         return b
-    return q.spec_or_probe(_curve_best(c, q.spec_alpha(), q.spec_alpha(), b))
+    return q.spec_or_probe(_curve_best(c, q.spec_alpha(), b))
 
 
 cdef struct _Gain:
@@ -106,9 +106,16 @@ cdef bint _gain_gt(const _Gain & a, const _Gain & b) noexcept nogil:
     return a.gain > b.gain
 
 
-cdef void _spec_plan_batch(vector[SeqCore *] & seqs, CostCurve * c, vector[int32_t] & ks,
-                           vector[_Gain] & gains, vector[double] & cost) noexcept nogil:
-    """Draft lengths for a batch step: ks[i] for seqs[i] (-1: not drafting).  Every generating
+cdef cppclass BatchSpec:
+    # a batch's drafting plan: its step-cost curve, this step's draft lengths and their scratch
+    CostCurve curve
+    vector[int32_t] ks
+    vector[_Gain] gains
+    vector[double] cost
+
+
+cdef void _spec_plan_batch(vector[SeqCore *] & seqs, BatchSpec * plan) noexcept nogil:
+    """Draft lengths for a batch step: plan.ks[i] for seqs[i] (-1: not drafting).  Every generating
     sequence decodes its pending token; each drafted token adds a row and is worth the chance it
     is accepted.  Drafted tokens are taken best first while the step's expected tokens per unit
     of time grow: (pending rows + accepted drafts) / cost(rows), the cost from the batch's own
@@ -116,8 +123,12 @@ cdef void _spec_plan_batch(vector[SeqCore *] & seqs, CostCurve * c, vector[int32
     it, and about a row's share of the step when many do)."""
     cdef size_t i
     cdef int32_t j, b, m, best_m = 0, rows = 0
-    cdef double tokens = 0.0, p, rate, best_rate, ac
+    cdef double tokens = 0.0, p, rate, best_rate, alpha
     cdef SeqCore * q
+    cdef CostCurve * c = &plan.curve
+    cdef vector[int32_t] * ks = &plan.ks
+    cdef vector[_Gain] * gains = &plan.gains
+    cdef vector[double] * cost = &plan.cost
     ks.assign(seqs.size(), -1)
     gains.clear()
     for i in range(seqs.size()):
@@ -131,47 +142,44 @@ cdef void _spec_plan_batch(vector[SeqCore *] & seqs, CostCurve * c, vector[int32
         b = q.spec_bound()
         if b <= 0:
             continue
-        ks[i] = 0
-        p = q.spec_alpha()
-        ac = p
+        ks[0][i] = 0
+        alpha = q.spec_alpha()
+        p = alpha
         if not q.spec_adaptive:
-            ks[i] = b
+            ks[0][i] = b
             rows += b
             for j in range(b):
                 tokens += p
-                p *= ac
+                p *= alpha
             continue
         for j in range(b):
             gains.push_back(_Gain(p, <int32_t> i))
-            p *= ac
+            p *= alpha
     if rows == 0:
         return
     sort(gains.begin(), gains.end(), _gain_gt)
     cost.resize(gains.size() + 1)
     c.costs(rows, <int32_t> gains.size() + 1, cost.data())
-    best_rate = tokens / cost[0]
+    best_rate = tokens / cost[0][0]
     for m in range(1, <int32_t> gains.size() + 1):
-        tokens += gains[m - 1].gain
-        rate = tokens / cost[m]
+        tokens += gains[0][m - 1].gain
+        rate = tokens / cost[0][m]
         if rate > best_rate:
             best_rate = rate
             best_m = m
     for m in range(best_m):
-        ks[gains[m].at] += 1
+        ks[0][gains[0][m].at] += 1
 
 
 def _spec_plan_step(dict times, list seqs, int max_rows=512):
     """(tests) The draft lengths a batch step picks: ``times`` {rows: step us} measured, ``seqs``
     [(accepted, cut_short, n_max)] per generating sequence (its decayed counts and bound)."""
-    cdef CostCurve c
+    cdef BatchSpec plan
     cdef vector[SeqCore *] qs
-    cdef vector[int32_t] ks
-    cdef vector[_Gain] gains
-    cdef vector[double] cost
     cdef SeqCore * q
-    c.reset(max_rows)
+    plan.curve.reset(max_rows)
     for rows, us in times.items():
-        c.add(rows, us)
+        plan.curve.add(rows, us)
     try:
         for s, f, n_max in seqs:
             q = new SeqCore()
@@ -184,18 +192,18 @@ def _spec_plan_step(dict times, list seqs, int max_rows=512):
             q.spec_n_max = n_max
             q.spec_s = s
             q.spec_f = f
-        _spec_plan_batch(qs, &c, ks, gains, cost)
-        return list(ks)
+        _spec_plan_batch(qs, &plan)
+        return list(plan.ks)
     finally:
         for i in range(qs.size()):
             qs[i].drafter = NULL
             del qs[i]
 
 
-def _spec_plan(dict times, double alpha, int bound, double alpha_next=-1.0):
+def _spec_plan(dict times, double alpha, int bound):
     """(tests) The draft length a single stream picks: ``times`` {rows: decode us} measured,
-    ``alpha`` the chance a draft's first token is accepted (``alpha_next`` a later one's; default
-    the same), ``bound`` the most it may draft; and the curve's estimates for 1..bound + 1 rows."""
+    ``alpha`` its acceptance rate, ``bound`` the most it may draft; and the curve's estimates
+    for 1..bound + 1 rows."""
     cdef CostCurve c
     cdef vector[double] out
     c.reset(MAX_DRAFT_ROWS)
@@ -203,7 +211,7 @@ def _spec_plan(dict times, double alpha, int bound, double alpha_next=-1.0):
         c.add(rows, us)
     out.resize(bound + 1)
     c.costs(1, bound + 1, out.data())
-    return _curve_best(&c, alpha, alpha if alpha_next < 0 else alpha_next, bound), list(out)
+    return _curve_best(&c, alpha, bound), list(out)
 
 
 cdef object _spec_stats(SeqCore * c):
