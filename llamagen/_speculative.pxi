@@ -72,9 +72,10 @@ cdef int32_t _curve_best(CostCurve * c, double alpha, int32_t b) noexcept nogil:
     (0 <= k <= b)."""
     cdef int32_t k, best = 0
     cdef double e = 1.0, p = alpha, rate, best_rate
-    cdef vector[double] cost
-    cost.resize(b + 1)
-    c.costs(1, b + 1, cost.data())
+    cdef double cost[MAX_DRAFT_ROWS]        # (on the stack: this runs every step)
+    if b > MAX_DRAFT_ROWS - 1:
+        b = MAX_DRAFT_ROWS - 1
+    c.costs(1, b + 1, cost)
     best_rate = 1.0 / cost[0]
     for k in range(1, b + 1):
         e += p
