@@ -19,6 +19,9 @@ cdef enum:
     FINISH_ERROR = 3        # the grammar allows no token (GrammarError)
     FINISH_CANCELLED = 4    # end() before the generation finished
 
+cdef enum:
+    SPEC_RUN = 64           # positions in a run of accepted drafts counted apart (SeqCore.spec_h)
+
 _FINISH_NAMES = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length",
                  FINISH_ERROR: "error", FINISH_CANCELLED: "cancelled"}
 
@@ -88,6 +91,9 @@ cdef cppclass SeqCore:
     bint spec_adaptive
     double spec_s                           # decayed counts of drafted tokens accepted and of
     double spec_f                           # drafts cut short: this sequence's acceptance rate
+    double spec_ha[SPEC_RUN]                # decayed counts, by position in a run of accepted
+    double spec_hr[SPEC_RUN]                # drafts, of drafted tokens accepted and rejected there
+    int32_t spec_off                        # the run position this step's draft starts at
     int32_t spec_pause                      # steps left without drafting (adaptive back-off)
     int32_t spec_backoff                    # the next pause's length
     int32_t spec_acc                        # drafted tokens the latest verify() accepted (-1: none)
@@ -99,6 +105,7 @@ cdef cppclass SeqCore:
     int64_t n_verified                      # ... and decodes that verified a draft
 
     __init__():
+        cdef int32_t i
         this.chain = NULL
         this.fast = NULL
         this.grammar = NULL
@@ -132,6 +139,10 @@ cdef cppclass SeqCore:
         this.spec_adaptive = True
         this.spec_s = 0.0
         this.spec_f = 0.0
+        this.spec_off = 0
+        for i in range(SPEC_RUN):
+            this.spec_ha[i] = 0.0
+            this.spec_hr[i] = 0.0
         this.spec_pause = 0
         this.spec_backoff = 1
         this.spec_acc = -1
@@ -336,11 +347,24 @@ cdef cppclass SeqCore:
         # the chance that a drafted token is accepted, from this sequence's decayed counts
         return (this.spec_s + 1.0) / (this.spec_s + this.spec_f + 2.0)
 
+    double spec_h(int32_t j) noexcept nogil:
+        # the chance that drafted token j is accepted when the ones before it were: copied spans
+        # have lengths, not a constant rate (gemma3 copying code lines: 8 accepted, the 9th
+        # rejected, every time), so the chance is counted by the token's position in the run of
+        # accepted drafts (a run goes on across steps while whole drafts are accepted), with the
+        # sequence's overall rate as the prior where a position has been seen little
+        cdef int32_t p = this.spec_off + j
+        if p >= SPEC_RUN:
+            p = SPEC_RUN - 1
+        return (this.spec_ha[p] + this.spec_alpha()) / (this.spec_ha[p] + this.spec_hr[p] + 1.0)
+
     int32_t spec_or_probe(int32_t k) noexcept nogil:
         # ``k`` when a draft pays; else drafting pauses, probing with one token after 1, 2, 4,
         # ... 64 steps
         if k > 0:
             return k
+        if this.spec_off > 0:
+            return 0                              # mid-run: its positions' counts said no
         if this.spec_pause > 0:
             this.spec_pause -= 1
             return 0
@@ -353,6 +377,7 @@ cdef cppclass SeqCore:
         # ask the drafter for this step's draft (made by lgspec.run); False when not asked
         this.draft.clear()
         if budget <= 0:
+            this.spec_off = 0
             return False
         if not this.spec_begun:
             lgspec.begin(this.drafter, this.dseq, this.prompt.data(), <int32_t> this.prompt.size())
@@ -372,6 +397,7 @@ cdef cppclass SeqCore:
         r = &lgspec.result(this.drafter, this.dseq)
         if <int32_t> r.size() < this.spec_n_min or r.size() == 0:
             this.draft.clear()
+            this.spec_off = 0
             return 0
         this.draft.assign(r.begin(), r.end())
         return <int32_t> this.draft.size()
@@ -389,9 +415,32 @@ cdef cppclass SeqCore:
         this.n_accepted += i
         this.n_verified += 1
         this.spec_acc = i
+        this.spec_learn(n, i)
+
+    void spec_learn(int32_t n, int32_t i) noexcept nogil:
+        # a verified draft of n tokens of which the first i were accepted
+        cdef int32_t j, p
         # acceptance, decayed so that it follows the text (a copied span ends, another begins)
         this.spec_s = 0.8 * this.spec_s + i
         this.spec_f = 0.8 * this.spec_f + (1.0 if i < n else 0.0)
+        # a position's counts decay as it is observed (it follows the text) and slowly besides
+        # (a stale 'rejected here' is tried again, rarely: each try costs a decode of the draft)
+        for j in range(SPEC_RUN):
+            this.spec_ha[j] *= 0.97
+            this.spec_hr[j] *= 0.97
+        for j in range(i + (1 if i < n else 0)):
+            p = this.spec_off + j
+            if p >= SPEC_RUN:
+                p = SPEC_RUN - 1
+            this.spec_ha[p] *= 0.8
+            this.spec_hr[p] *= 0.8
+            if j < i:
+                this.spec_ha[p] += 1.0
+            else:
+                this.spec_hr[p] += 1.0
+        # a whole draft accepted: the next one goes on with the run, after the token sampled
+        # past it (whose own match is not known)
+        this.spec_off = this.spec_off + n + 1 if i == n else 0
         if i > 0:
             this.spec_backoff = 1
             this.spec_pause = 0

@@ -66,20 +66,20 @@ cdef cppclass CostCurve:
                 out[i] = this.mean(lo) + (this.mean(hi) - this.mean(lo)) * (rows - lo) / (hi - lo)
 
 
-cdef int32_t _curve_best(CostCurve * c, double alpha, int32_t b) noexcept nogil:
+cdef int32_t _curve_best(CostCurve * c, const double * h, int32_t b) noexcept nogil:
     """The draft length that makes the most tokens per unit of time for one stream,
-    (1 + alpha + ... + alpha^k) / cost(k + 1), with alpha the chance a drafted token is accepted
-    (0 <= k <= b)."""
+    (1 + h0 + h0 h1 + ... + h0 ... h(k-1)) / cost(k + 1), with h[j] the chance drafted token j is
+    accepted when the ones before it were (0 <= k <= b)."""
     cdef int32_t k, best = 0
-    cdef double e = 1.0, p = alpha, rate, best_rate
+    cdef double e = 1.0, p = 1.0, rate, best_rate
     cdef double cost[MAX_DRAFT_ROWS]        # (on the stack: this runs every step)
     if b > MAX_DRAFT_ROWS - 1:
         b = MAX_DRAFT_ROWS - 1
     c.costs(1, b + 1, cost)
     best_rate = 1.0 / cost[0]
     for k in range(1, b + 1):
+        p *= h[k - 1]
         e += p
-        p *= alpha
         rate = e / cost[k]
         if rate > best_rate:
             best_rate = rate
@@ -90,12 +90,17 @@ cdef int32_t _curve_best(CostCurve * c, double alpha, int32_t b) noexcept nogil:
 cdef int32_t _spec_budget_curve(SeqCore * q, CostCurve * c) noexcept nogil:
     """How many tokens a single stream drafts after its pending one (0: decode the pending token
     alone, or probe)."""
-    cdef int32_t b = q.spec_bound()
+    cdef int32_t j, b = q.spec_bound()
+    cdef double h[MAX_DRAFT_ROWS]
     if b <= 0:
         return 0
     if not q.spec_adaptive:
         return b
-    return q.spec_or_probe(_curve_best(c, q.spec_alpha(), b))
+    if b > MAX_DRAFT_ROWS - 1:
+        b = MAX_DRAFT_ROWS - 1
+    for j in range(b):
+        h[j] = q.spec_h(j)
+    return q.spec_or_probe(_curve_best(c, h, b))
 
 
 cdef struct _Gain:
@@ -124,7 +129,7 @@ cdef void _spec_plan_batch(vector[SeqCore *] & seqs, BatchSpec * plan) noexcept 
     it, and about a row's share of the step when many do)."""
     cdef size_t i
     cdef int32_t j, b, m, best_m = 0, rows = 0
-    cdef double tokens = 0.0, p, rate, best_rate, alpha
+    cdef double tokens = 0.0, p, rate, best_rate
     cdef SeqCore * q
     cdef CostCurve * c = &plan.curve
     cdef vector[int32_t] * ks = &plan.ks
@@ -144,18 +149,17 @@ cdef void _spec_plan_batch(vector[SeqCore *] & seqs, BatchSpec * plan) noexcept 
         if b <= 0:
             continue
         ks[0][i] = 0
-        alpha = q.spec_alpha()
-        p = alpha
+        p = 1.0
         if not q.spec_adaptive:
             ks[0][i] = b
             rows += b
             for j in range(b):
+                p *= q.spec_h(j)
                 tokens += p
-                p *= alpha
             continue
         for j in range(b):
+            p *= q.spec_h(j)
             gains.push_back(_Gain(p, <int32_t> i))
-            p *= alpha
     if rows == 0:
         return
     sort(gains.begin(), gains.end(), _gain_gt)
@@ -201,18 +205,40 @@ def _spec_plan_step(dict times, list seqs, int max_rows=512):
             del qs[i]
 
 
+def _spec_runs(list verified, dict times=None, int bound=16):
+    """(tests) A sequence's acceptance model after ``verified`` [(drafted, accepted)] outcomes, in
+    order (a whole draft accepted carries its run on to the next): the run position the next
+    draft starts at, the chance of acceptance of each of its ``bound`` tokens, and the length a
+    single stream drafts there given ``times`` {rows: decode us} (None: not asked)."""
+    cdef SeqCore q
+    cdef CostCurve c
+    cdef vector[double] h
+    cdef int32_t j, k = -1
+    for n, i in verified:
+        q.spec_learn(n, i)
+    for j in range(bound):
+        h.push_back(q.spec_h(j))
+    if times is not None:
+        c.reset(MAX_DRAFT_ROWS)
+        for rows, us in times.items():
+            c.add(rows, us)
+        k = _curve_best(&c, h.data(), bound)
+    return q.spec_off, list(h), k
+
+
 def _spec_plan(dict times, double alpha, int bound):
     """(tests) The draft length a single stream picks: ``times`` {rows: decode us} measured,
     ``alpha`` its acceptance rate, ``bound`` the most it may draft; and the curve's estimates
     for 1..bound + 1 rows."""
     cdef CostCurve c
     cdef vector[double] out
+    cdef vector[double] h = vector[double](max(bound, 1), alpha)
     c.reset(MAX_DRAFT_ROWS)
     for rows, us in times.items():
         c.add(rows, us)
     out.resize(bound + 1)
     c.costs(1, bound + 1, out.data())
-    return _curve_best(&c, alpha, bound), list(out)
+    return _curve_best(&c, h.data(), bound), list(out)
 
 
 cdef object _spec_stats(SeqCore * c):

@@ -175,6 +175,32 @@ def test_a_single_stream_drafts_what_its_measured_costs_pay_for():
     assert cost == pytest.approx([1.0, 1.1, 1.2, 1.3, 1.4]) and k == 2
 
 
+def test_acceptance_is_counted_by_position_in_a_run_of_accepted_drafts():
+    # _spec_runs: a sequence's acceptance model after verified (drafted, accepted) outcomes
+    runs = llamagen._core._spec_runs
+    # nothing verified: every position at the prior rate (1 + 0) / (0 + 0 + 2)
+    off, h, _ = runs([])
+    assert off == 0 and h == pytest.approx([0.5] * 16)
+    # gemma3 copying code lines: drafts of 12, the first 8 accepted, every time; a geometric rate
+    # (0.89 here) would have every position alike, the counts put the break at the 9th token
+    times = {1: 10_000, 8: 37_000, 9: 39_000, 13: 57_000}
+    off, h, k = runs([(12, 8)] * 5, times)
+    assert off == 0
+    assert min(h[:8]) > 0.85 and h[8] < 0.3
+    assert k == 8                 # the whole line and no more (12 rows cost what 8 tokens save)
+    # the same line drafted 7 long, all accepted: the run goes on at position 8 (7 drafted, then
+    # the token sampled past them), where drafts fail: the next step drafts nothing
+    off, h, k = runs([(12, 8)] * 5 + [(7, 7)], times)
+    assert off == 8 and h[0] < 0.3 and k == 0
+    # a long copy: whole drafts accepted carry the run on; positions past the counted ones share
+    # the last count
+    off, h, k = runs([(16, 16)] * 6, times)
+    assert off == 6 * 17 and min(h) > 0.9 and k == 16
+    # a rejection ends the run
+    off, _, _ = runs([(16, 16), (16, 3)])
+    assert off == 0
+
+
 def test_a_batch_drafts_the_rows_its_measured_steps_pay_for():
     # _spec_plan_step: draft lengths of one step, from step times by rows and each sequence's
     # decayed (accepted, cut short) counts; the best-accepted drafts are taken first
