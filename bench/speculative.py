@@ -365,13 +365,20 @@ def write(res) -> str:
          f"{res['tokens']} new tokens (prefill excluded), medians over the prompts of each kind.", ""]
     L += ["**One stream** (ratios: speculative llamagen over plain llamagen, and over llama-server "
           "with the same drafter):", "",
-          "| model | kind | mode | llamagen plain | llamagen spec | x plain | accepted | llama-server plain | llama-server spec | x llama-server spec | lcp plain | lcp lookup |",
-          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "| model | kind | mode | llamagen plain | llamagen spec | x plain | accepted | llama-server plain | llama-server spec | x llama-server spec | same text as llama-server | lcp plain | lcp lookup |",
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, g in res["single_groups"].items():
         L.append(f"| {key[0]} | {key[1]} | {key[2]} | {fmt(g['plain'])} | {fmt(g['spec'])} | "
                  f"{fmt(g['x_plain'], 2)} | {g['accepted']} | {fmt(g.get('ls_plain'))} | "
-                 f"{fmt(g.get('ls_spec'))} | {fmt(g.get('x_ls'), 2)} | {fmt(g.get('lcp_plain'))} | "
+                 f"{fmt(g.get('ls_spec'))} | {fmt(g.get('x_ls'), 2)} | {g.get('ls_text', '-')} | "
+                 f"{fmt(g.get('lcp_plain'))} | "
                  f"{fmt(g.get('lcp_lookup'))} |")
+    L += ["", "Same text as llama-server: greedy prompts whose plain llamagen text is llama-server's "
+          "plain text. The two split a prompt into decode batches differently (llamagen decodes "
+          "its last token alone, as after a cached prefix, so that a cached and a cold prompt give "
+          "the same text; llama-server with the rest of the prompt), the rounding differs, and a "
+          "near-tie can go either way: where the texts differ, so does what there is to draft, "
+          "and the x llama-server ratio compares different work."]
     L += ["", f"Greedy agreement with plain decoding (default contexts, one stream): "
           f"{res['agree']['same']}/{res['agree']['n']} identical texts. "]
     for d in res["agree"]["divergences"]:
@@ -413,7 +420,8 @@ def group_single(rows, ls, lcp):
     for r in rows:
         key = (r["model"], r["kind"], r["mode"])
         g = groups.setdefault(key, {"plain": [], "spec": [], "accepted": 0, "drafted": 0,
-                                    "ls_plain": [], "ls_spec": [], "lcp_plain": [], "lcp_lookup": []})
+                                    "ls_plain": [], "ls_spec": [], "lcp_plain": [], "lcp_lookup": [],
+                                    "ls_same": 0, "ls_n": 0})
         g["plain"].append(r["plain"]["tokens_per_second"])
         g["spec"].append(r["spec"]["tokens_per_second"])
         g["accepted"] += r["spec"]["stats"]["accepted"]
@@ -422,6 +430,12 @@ def group_single(rows, ls, lcp):
             x = ls.get((r["kind"], r["mode"], r["prompt"], label)) if ls else None
             if x:
                 g[f"ls_{label}"].append(x["tokens_per_second"])
+                if label == "plain" and r["mode"] == "greedy":
+                    # the same greedy text? (llama-server decodes a prompt's last token with the
+                    # prompt, llamagen alone: a near-tie can go either way, and the texts, so
+                    # what there is to draft, differ)
+                    g["ls_n"] += 1
+                    g["ls_same"] += x["text"] == r["plain"]["text"]
         for x in lcp or ():
             if x["model"] == r["model"] and x["kind"] == r["kind"] and x["mode"] == r["mode"] \
                     and x["prompt_id"] == r["prompt_id"]:
@@ -432,6 +446,7 @@ def group_single(rows, ls, lcp):
         m["x_plain"] = m["spec"] / m["plain"] if m["plain"] else None
         m["x_ls"] = m["spec"] / m["ls_spec"] if m.get("ls_spec") else None
         m["accepted"] = f"{g['accepted']}/{g['drafted']}"
+        m["ls_text"] = f"{g['ls_same']}/{g['ls_n']}" if g["ls_n"] else "-"
         out[key] = m
     return out
 
