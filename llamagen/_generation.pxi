@@ -27,12 +27,14 @@ cdef class GenerationState:
     cdef llama.llama_batch _sbatch          # speculative steps: the pending token and its draft
     cdef bint _has_sbatch
     cdef CostCurve _curve                   # speculative steps: decode time by rows
+    cdef SpecMemory * _mem                  # ... and the context's memory of it (NULL: none)
     cdef tuple _lora                        # its LoRA set (see _adapters.pxi)
 
     def __cinit__(self):
         self._lctx = NULL
         self._ended = False
         self._has_sbatch = False
+        self._mem = NULL
         # a placeholder until gen_begin sets the real one: an instance made without gen_begin
         # (GenerationState.__new__) raises instead of touching NULL
         self._seq = _Seq.__new__(_Seq)
@@ -95,6 +97,7 @@ cdef class GenerationState:
             q.draft_idx = 1
             q.verify(self._lctx, 0, self._cand.data())
             q.spec_settle(self._lctx, 0)
+            self._mem.save(&self._curve, q)
         self._t_gen_us += llama.llama_time_us() - t0
         return 0
 
@@ -428,7 +431,8 @@ cdef GenerationState _start(Context ctx, vector[llama.llama_token] & toks, param
             st._core.drafter = _new_drafter(params.speculative, 1, ctx)
             st._core.owns_drafter = True
             st._sbatch = llama.llama_batch_init(st._core.spec_n_max + 1, 0, 1)
-            st._curve.reset(MAX_DRAFT_ROWS)
+            st._mem = _spec_memory(ctx)
+            st._mem.load(&st._curve, st._core)
             st._has_sbatch = True
         if ctx._epoch != keep_epoch:
             keep = 0
@@ -476,3 +480,27 @@ def _generate_n(Context ctx not None, prompt, list params, bint add_special=True
             st._free_samplers()
         epoch = ctx._epoch
     return out
+
+
+def _spec_learned(obj):
+    """(tests) What a Context remembers of its latest speculative stream, or what a
+    GenerationState knows now: {rows: mean decode us} measured, and the decayed (accepted,
+    cut short) counts; None where nothing was learned."""
+    cdef CostCurve * c
+    cdef GenerationState st
+    cdef SpecMemory * m
+    if isinstance(obj, Context):
+        if (<Context> obj)._spec_memory is None:
+            return None
+        m = &(<_SpecMemory> (<Context> obj)._spec_memory).m
+        if not m.has:
+            return None
+        c = &m.curve
+        s, f = m.s, m.f
+    else:
+        st = <GenerationState?> obj
+        if st._mem == NULL:
+            return None
+        c = &st._curve
+        s, f = st._core.spec_s, st._core.spec_f
+    return {"rows": {r: c.mean(r) for r in c.seen}, "accepted": s, "cut_short": f}

@@ -157,7 +157,8 @@ def _gen_resume(Context ctx not None, source, lora=None):
             q.drafter = _new_drafter(params.speculative, 1, ctx)
             q.owns_drafter = True
             st._sbatch = llama.llama_batch_init(q.spec_n_max + 1, 0, 1)
-            st._curve.reset(MAX_DRAFT_ROWS)
+            st._mem = _spec_memory(ctx)
+            st._mem.load(&st._curve, q)
             st._has_sbatch = True
         st._n_reused = n_past
     finally:

@@ -87,6 +87,51 @@ cdef int32_t _curve_best(CostCurve * c, const double * h, int32_t b) noexcept no
     return best
 
 
+cdef cppclass SpecMemory:
+    # what a context's latest speculative stream learned, for the next one: decode costs (the
+    # hardware's and the model's: kept) and acceptance (the text's: carried at half weight, so
+    # that a new text soon has its own)
+    CostCurve curve
+    double s
+    double f
+    double ha[SPEC_RUN]
+    double hr[SPEC_RUN]
+    bint has
+
+    void save(CostCurve * c, SeqCore * q) noexcept nogil:
+        cdef int32_t j
+        this.curve = c[0]
+        this.s = q.spec_s
+        this.f = q.spec_f
+        for j in range(SPEC_RUN):
+            this.ha[j] = q.spec_ha[j]
+            this.hr[j] = q.spec_hr[j]
+        this.has = True
+
+    void load(CostCurve * c, SeqCore * q) noexcept nogil:
+        cdef int32_t j
+        c.reset(MAX_DRAFT_ROWS)
+        if not this.has:
+            return
+        c[0] = this.curve
+        q.spec_s = 0.5 * this.s
+        q.spec_f = 0.5 * this.f
+        for j in range(SPEC_RUN):
+            q.spec_ha[j] = 0.5 * this.ha[j]
+            q.spec_hr[j] = 0.5 * this.hr[j]
+
+
+cdef class _SpecMemory:
+    cdef SpecMemory m
+
+
+cdef SpecMemory * _spec_memory(Context ctx):
+    """The context's SpecMemory (made on first use)."""
+    if ctx._spec_memory is None:
+        ctx._spec_memory = _SpecMemory()
+    return &(<_SpecMemory> ctx._spec_memory).m
+
+
 cdef int32_t _spec_budget_curve(SeqCore * q, CostCurve * c) noexcept nogil:
     """How many tokens a single stream drafts after its pending one (0: decode the pending token
     alone, or probe)."""

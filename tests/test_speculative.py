@@ -201,6 +201,33 @@ def test_acceptance_is_counted_by_position_in_a_run_of_accepted_drafts():
     assert off == 0
 
 
+def test_a_context_remembers_what_its_last_stream_learned(smollm2):
+    # decode costs are the hardware's and the model's: a new stream on the same context starts
+    # with them; acceptance is the text's: carried at half weight
+    learned = llamagen._core._spec_learned
+    with llamagen.Context(smollm2, n_ctx=2048, deterministic=True) as ctx:
+        assert learned(ctx) is None
+        prompt = copy_prompt(smollm2)
+        plain, _, _, _ = run(ctx, prompt, max_new_tokens=60, temp=0)
+        assert learned(ctx) is None                 # (no drafting: nothing learned)
+        _, _, _, first = run(ctx, prompt, max_new_tokens=60, temp=0, speculative=SIMPLE)
+        assert first.speculative_stats["accepted"] > 10
+        mem = learned(ctx)
+        assert mem == learned(first)
+        assert 1 in mem["rows"] and max(mem["rows"]) > 2 and mem["accepted"] > 2
+        st = llamagen.gen_begin(ctx, prompt, max_new_tokens=60, temp=0, speculative=SIMPLE)
+        got = learned(st)                           # (before its first step)
+        assert got["rows"] == pytest.approx(mem["rows"])
+        assert got["accepted"] == pytest.approx(mem["accepted"] / 2)
+        assert got["cut_short"] == pytest.approx(mem["cut_short"] / 2)
+        # what it carried changes how much it drafts, never the text (a deterministic context:
+        # verify batches round as single rows do)
+        assert "".join(st) + st.end() == plain
+        assert learned(llamagen.gen_begin(ctx, prompt, max_new_tokens=4)) is None
+    with llamagen.Context(smollm2, n_ctx=2048) as other:
+        assert learned(other) is None               # (per context)
+
+
 def test_a_batch_drafts_the_rows_its_measured_steps_pay_for():
     # _spec_plan_step: draft lengths of one step, from step times by rows and each sequence's
     # decayed (accepted, cut short) counts; the best-accepted drafts are taken first
