@@ -98,6 +98,11 @@ cdef cppclass SpecMemory:
     double hr[SPEC_RUN]
     bint has
 
+    __init__():
+        this.has = False
+        this.s = 0.0
+        this.f = 0.0
+
     void save(CostCurve * c, SeqCore * q) noexcept nogil:
         cdef int32_t j
         this.curve = c[0]
