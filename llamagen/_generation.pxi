@@ -61,13 +61,18 @@ cdef class GenerationState:
         cdef int32_t rc, k = 0, j
         cdef int64_t t0 = llama.llama_time_us(), td = 0
         cdef llama.llama_batch * b = &self._sbatch
+        cdef bint asked = False
         q.out.clear()
         if q.pending >= 0:
             if q.drafter != NULL and q.spec_want(_spec_budget_curve(q, &self._curve)):
+                # a step's cost includes drafting: nothing for an n-gram lookup, a draft model's
+                # decodes for draft-simple (so a draft model that is not accepted stops paying)
+                asked = True
+                td = llama.llama_time_us()
                 lgspec.run(q.drafter)
                 k = q.spec_take()
             if k == 0:
-                if q.drafter != NULL:
+                if q.drafter != NULL and not asked:
                     td = llama.llama_time_us()
                 rc = llama.llama_decode(self._lctx, llama.llama_batch_get_one(&q.pending, 1))
                 if q.drafter != NULL:
@@ -81,7 +86,6 @@ cdef class GenerationState:
                     b.seq_id[j][0] = 0
                     b.logits[j] = 1
                 b.n_tokens = k + 1
-                td = llama.llama_time_us()
                 rc = llama.llama_decode(self._lctx, b[0])
                 llama.llama_synchronize(self._lctx)
                 self._curve.add(k + 1, <double> (llama.llama_time_us() - td))
