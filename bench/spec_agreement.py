@@ -153,13 +153,7 @@ def main(argv=None) -> int:
            "threads": a.threads, "tokens": a.tokens, "models": models, "rows": []}
     for name in models:
         res["rows"] += bench_model(name, paths[name], a.tokens, a.threads)
-    os.makedirs(os.path.dirname(OUT_JSON), exist_ok=True)
-    with open(OUT_JSON, "w") as fh:
-        json.dump(res, fh, indent=1)
-    section = write(res)
-    print(section)
-    if not a.no_write:
-        S._replace_section(section, HEADING)
+    S.publish(res, OUT_JSON, write(res), HEADING, not a.no_write)
     return 0
 
 

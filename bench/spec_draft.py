@@ -15,7 +15,6 @@ prompts as chat turns, one stream: decode tokens/s against plain decoding and ag
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -111,13 +110,7 @@ def main(argv=None) -> int:
         rows.append(row)
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": S._cpu(),
            "threads": a.threads, "tokens": a.tokens, "configs": list(configs), "rows": rows}
-    os.makedirs(os.path.dirname(OUT_JSON), exist_ok=True)
-    with open(OUT_JSON, "w") as fh:
-        json.dump(res, fh, indent=1)
-    section = write(res)
-    print(section)
-    if not a.no_write:
-        S._replace_section(section, HEADING)
+    S.publish(res, OUT_JSON, write(res), HEADING, not a.no_write)
     return 0
 
 

@@ -553,6 +553,17 @@ def _cpu() -> str:
     return f"{name}, {os.cpu_count()} CPUs"
 
 
+def publish(res, out_json: str, section: str, heading: str, write_md: bool = True) -> None:
+    """Save a run's results as JSON, print its RESULTS.md section and (``write_md``) put it there
+    (bench/spec_agreement.py and bench/spec_draft.py share this)."""
+    os.makedirs(os.path.dirname(out_json), exist_ok=True)
+    with open(out_json, "w") as fh:
+        json.dump(res, fh, indent=1)
+    print(section)
+    if write_md:
+        _replace_section(section, heading)
+
+
 def _replace_section(section: str, heading: str = HEADING) -> None:
     with open(RESULTS_MD) as fh:
         text = fh.read()
