@@ -88,6 +88,7 @@ cdef class BatchGenerator:
     cdef vector[lgspec.Drafter *] _drafters
     cdef bint _no_drafts                  # this step's retry decodes without drafts
     cdef BatchSpec _spec                  # step time by rows (token-only steps), the drafts
+    cdef SpecMemory _accepted             # the latest verified sequence's acceptance (rates only)
     cdef int32_t _timed_rows              # this step's rows, when the cost model times it (else 0)
     cdef int64_t _timed_us                # ... its decode time; the sampling time is added
     cdef readonly int64_t n_drafted       # drafted tokens verified, over all sequences
@@ -740,6 +741,7 @@ cdef class BatchGenerator:
                 self.n_drafted += <int64_t> q.draft.size()
                 self.n_accepted += q.spec_acc
                 q.spec_settle(lctx, q.slot)
+                self._accepted.save_rates(q)
 
     cdef int _decode_group(self) noexcept:
         """Decode and sample the sequences in ``_active`` (lock held).  Ctrl-C aborts a long decode
@@ -796,6 +798,9 @@ cdef class BatchGenerator:
                     q.c.drafter = self._drafter_for(q.params.speculative)
                     q.c.dseq = slot
                     q.c.spec_begun = False
+                    # a new sequence starts from what the batch's latest verified one knew, at
+                    # half weight (as a single stream from its context's last: SpecMemory)
+                    self._accepted.load_rates(q.c)
             first = None
             mixed = False
             self._live.clear()
@@ -897,3 +902,16 @@ cdef class BatchGenerator:
             if not self._step():
                 raise StopIteration
         return self._ready.popleft()
+
+
+def _spec_batch_learned(BatchGenerator b, seq_id=None):
+    """(tests) The acceptance a batch's next sequence starts from (at half weight), or
+    ``seq_id``'s own now: the decayed (accepted, cut short) counts; None where nothing was
+    learned."""
+    cdef SeqCore * q
+    if seq_id is None:
+        if not b._accepted.has:
+            return None
+        return {"accepted": b._accepted.s, "cut_short": b._accepted.f}
+    q = b._get(seq_id).c
+    return {"accepted": q.spec_s, "cut_short": q.spec_f}

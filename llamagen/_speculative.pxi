@@ -104,8 +104,11 @@ cdef cppclass SpecMemory:
         this.f = 0.0
 
     void save(CostCurve * c, SeqCore * q) noexcept nogil:
-        cdef int32_t j
         this.curve = c[0]
+        this.save_rates(q)
+
+    void save_rates(SeqCore * q) noexcept nogil:
+        cdef int32_t j
         this.s = q.spec_s
         this.f = q.spec_f
         for j in range(SPEC_RUN):
@@ -114,11 +117,15 @@ cdef cppclass SpecMemory:
         this.has = True
 
     void load(CostCurve * c, SeqCore * q) noexcept nogil:
-        cdef int32_t j
         c.reset(MAX_DRAFT_ROWS)
+        if this.has:
+            c[0] = this.curve
+            this.load_rates(q)
+
+    void load_rates(SeqCore * q) noexcept nogil:
+        cdef int32_t j
         if not this.has:
             return
-        c[0] = this.curve
         q.spec_s = 0.5 * this.s
         q.spec_f = 0.5 * this.f
         for j in range(SPEC_RUN):

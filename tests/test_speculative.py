@@ -228,6 +228,31 @@ def test_a_context_remembers_what_its_last_stream_learned(smollm2):
         assert learned(other) is None               # (per context)
 
 
+def test_a_batch_carries_acceptance_to_its_next_sequence(smollm2):
+    # a BatchGenerator's new sequence starts from what its latest verified sequence knew, at
+    # half weight (the server's sequences are a batch's)
+    learned = llamagen._core._spec_batch_learned
+    prompt = copy_prompt(smollm2)
+    with llamagen.Context(smollm2, n_ctx=2048, deterministic=True) as ctx:
+        plain = llamagen.generate(ctx, prompt, max_new_tokens=60, temp=0)
+        b = llamagen.BatchGenerator(ctx)
+        assert learned(b) is None
+        first = b.add(prompt, max_new_tokens=60, temp=0, speculative=SIMPLE)
+        while len(b):
+            b.step()
+        assert b.speculative_stats(first)["accepted"] > 10
+        mem = learned(b)
+        assert mem is not None and mem["accepted"] > 2
+        second = b.add(prompt, max_new_tokens=60, temp=0, speculative=SIMPLE)
+        text = "".join(c for _, c in b.step())      # (admitted and prefilled: nothing verified)
+        got = learned(b, second)
+        assert got["accepted"] == pytest.approx(mem["accepted"] / 2)
+        assert got["cut_short"] == pytest.approx(mem["cut_short"] / 2)
+        while len(b):
+            text += "".join(c for _, c in b.step())
+        assert text == plain                        # (what it carried never changes the text)
+
+
 def test_a_batch_drafts_the_rows_its_measured_steps_pay_for():
     # _spec_plan_step: draft lengths of one step, from step times by rows and each sequence's
     # decayed (accepted, cut short) counts; the best-accepted drafts are taken first
