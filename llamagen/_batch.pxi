@@ -187,14 +187,6 @@ cdef class BatchGenerator:
         del self._ram
         self._ram = NULL
 
-    cdef lgspec.Drafter * _drafter_for(self, spec) except NULL:
-        """The batch's drafter for ``spec``'s kind (made on first use, one seq per slot)."""
-        i = self._drafter_index.get(spec.key)
-        if i is None:
-            self._drafters.push_back(_new_drafter(spec, <uint32_t> self._n_slots, self._context))
-            i = self._drafter_index[spec.key] = self._drafters.size() - 1
-        return self._drafters[<size_t> i]
-
     # -- adding and inspecting sequences -----------------------------------------------------
 
     def add(self, prompt, params=None, **overrides):
@@ -604,32 +596,12 @@ cdef class BatchGenerator:
         cdef size_t i
         cdef bint prompts = True
         cdef SeqCore * q
-        cdef bint asked = False, any_spec = False, timed
-        cdef int32_t k
+        cdef bint any_spec, timed
         cdef int64_t td
         for i in range(self._active.size()):
-            q = self._active[i]
-            if q.pending >= 0:
+            if self._active[i].pending >= 0:
                 n_gen += 1
-                any_spec = any_spec or q.drafter != NULL
-        if any_spec:
-            _spec_plan_batch(self._active, &self._spec)
-            for i in range(self._active.size()):
-                q = self._active[i]
-                k = self._spec.ks[i]
-                if k < 0:
-                    continue
-                if q.spec_adaptive:
-                    k = q.spec_or_probe(k)
-                if q.spec_want(k):
-                    asked = True
-        if asked:
-            for i in range(self._drafters.size()):
-                lgspec.run(self._drafters[i])
-            for i in range(self._active.size()):
-                q = self._active[i]
-                if q.spec_asked:
-                    q.spec_take()
+        any_spec = _batch_draft(self)          # (_batch_spec.pxi)
         limit = n_gen
         self._no_drafts = False
         while True:
@@ -734,14 +706,7 @@ cdef class BatchGenerator:
                 else:
                     q.consume(lctx, q.batch_idx, self._cands[0].data())
         _prompt_rows(lctx, self._active, self._prows, self._n_threads)
-        for i in range(n):
-            # (one thread: the KV cache and the shared drafters)
-            q = self._active[self._sampled[i]]
-            if q.spec_acc >= 0:
-                self.n_drafted += <int64_t> q.draft.size()
-                self.n_accepted += q.spec_acc
-                q.spec_settle(lctx, q.slot)
-                self._accepted.save_rates(q)
+        _batch_settle(self)
 
     cdef int _decode_group(self) noexcept:
         """Decode and sample the sequences in ``_active`` (lock held).  Ctrl-C aborts a long decode
@@ -795,12 +760,7 @@ cdef class BatchGenerator:
                 if q.c.backend:
                     q.c.attach(ctx._attach(slot, q.c.chain))
                 if q.c.spec_n_max > 0:
-                    q.c.drafter = self._drafter_for(q.params.speculative)
-                    q.c.dseq = slot
-                    q.c.spec_begun = False
-                    # a new sequence starts from what the batch's latest verified one knew, at
-                    # half weight (as a single stream from its context's last: SpecMemory)
-                    self._accepted.load_rates(q.c)
+                    _batch_admit_drafting(self, q, slot)
             first = None
             mixed = False
             self._live.clear()
@@ -903,15 +863,3 @@ cdef class BatchGenerator:
                 raise StopIteration
         return self._ready.popleft()
 
-
-def _spec_batch_learned(BatchGenerator b, seq_id=None):
-    """(tests) The acceptance a batch's next sequence starts from (at half weight), or
-    ``seq_id``'s own now: the decayed (accepted, cut short) counts; None where nothing was
-    learned."""
-    cdef SeqCore * q
-    if seq_id is None:
-        if not b._accepted.has:
-            return None
-        return {"accepted": b._accepted.s, "cut_short": b._accepted.f}
-    q = b._get(seq_id).c
-    return {"accepted": q.spec_s, "cut_short": q.spec_f}

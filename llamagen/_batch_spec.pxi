@@ -1,0 +1,81 @@
+# Speculation in a BatchGenerator (a "coding:" in the first two lines would be read as an
+# encoding): one drafter per kind of Speculative shared by its slots, each step's drafts (planned together: _spec_plan_batch), and what a verified step
+# leaves.  Module-level functions of the batch (they read its attributes).  Included by
+# _core.pyx after _batch.pxi; the verification itself is SeqCore.verify (_seq.pxi).
+
+
+cdef int _batch_admit_drafting(BatchGenerator self, _Seq q, int32_t slot) except -1:
+    """``q`` took ``slot``: its drafter (the batch's for its kind, made on first use, one
+    sequence per slot), and the acceptance it starts from: what the batch's latest verified
+    sequence knew, at half weight (as a single stream from its context's last: SpecMemory)."""
+    spec = q.params.speculative
+    i = self._drafter_index.get(spec.key)
+    if i is None:
+        self._drafters.push_back(_new_drafter(spec, <uint32_t> self._n_slots, self._context))
+        i = self._drafter_index[spec.key] = self._drafters.size() - 1
+    q.c.drafter = self._drafters[<size_t> i]
+    q.c.dseq = slot
+    q.c.spec_begun = False
+    self._accepted.load_rates(q.c)
+    return 0
+
+
+cdef bint _batch_draft(BatchGenerator self) noexcept nogil:
+    """This step's drafts: lengths planned over the active sequences, the drafters run once
+    each.  True when any generating sequence drafts (the step is then timed for the cost
+    curve)."""
+    cdef size_t i
+    cdef SeqCore * q
+    cdef int32_t k
+    cdef bint any_spec = False, asked = False
+    for i in range(self._active.size()):
+        q = self._active[i]
+        if q.pending >= 0 and q.drafter != NULL:
+            any_spec = True
+    if not any_spec:
+        return False
+    _spec_plan_batch(self._active, &self._spec)
+    for i in range(self._active.size()):
+        q = self._active[i]
+        k = self._spec.ks[i]
+        if k < 0:
+            continue
+        if q.spec_adaptive:
+            k = q.spec_or_probe(k)
+        if q.spec_want(k):
+            asked = True
+    if asked:
+        for i in range(self._drafters.size()):
+            lgspec.run(self._drafters[i])
+        for i in range(self._active.size()):
+            q = self._active[i]
+            if q.spec_asked:
+                q.spec_take()
+    return True
+
+
+cdef void _batch_settle(BatchGenerator self) noexcept nogil:
+    """After sampling (one thread: the KV cache and the shared drafters): each verified
+    sequence's rejected cells go, its drafter learns what was accepted, the batch its rates."""
+    cdef size_t i
+    cdef SeqCore * q
+    for i in range(self._sampled.size()):
+        q = self._active[self._sampled[i]]
+        if q.spec_acc >= 0:
+            self.n_drafted += <int64_t> q.draft.size()
+            self.n_accepted += q.spec_acc
+            q.spec_settle(self._context._ctx, q.slot)
+            self._accepted.save_rates(q)
+
+
+def _spec_batch_learned(BatchGenerator b, seq_id=None):
+    """(tests) The acceptance a batch's next sequence starts from (at half weight), or
+    ``seq_id``'s own now: the decayed (accepted, cut short) counts; None where nothing was
+    learned."""
+    cdef SeqCore * q
+    if seq_id is None:
+        if not b._accepted.has:
+            return None
+        return {"accepted": b._accepted.s, "cut_short": b._accepted.f}
+    q = b._get(seq_id).c
+    return {"accepted": q.spec_s, "cut_short": q.spec_f}
