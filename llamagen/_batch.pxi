@@ -596,7 +596,7 @@ cdef class BatchGenerator:
         cdef size_t i
         cdef bint prompts = True
         cdef SeqCore * q
-        cdef bint any_spec, timed
+        cdef bint any_spec, timed, exact
         cdef int64_t td
         for i in range(self._active.size()):
             if self._active[i].pending >= 0:
@@ -614,7 +614,12 @@ cdef class BatchGenerator:
                 if self._active[i].fed_now > 0:
                     timed = False
             td = llama.llama_time_us()
+            exact = any_spec and _batch_one_row(self)     # (_batch_spec.pxi)
+            if exact:
+                lgctx.set_one_row(lctx, True)
             rc = llama.llama_decode(lctx, self._batch)
+            if exact:
+                lgctx.set_one_row(lctx, False)
             self._timed_rows = 0
             if rc == 0 and timed:
                 llama.llama_synchronize(lctx)

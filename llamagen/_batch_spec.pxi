@@ -54,6 +54,22 @@ cdef bint _batch_draft(BatchGenerator self) noexcept nogil:
     return True
 
 
+cdef bint _batch_one_row(BatchGenerator self) noexcept nogil:
+    """Whether this step's decode takes one-row kernels (Speculative.exact): when its rows are
+    one sequence's pending token and draft, so that they come out as that sequence's plain
+    one-row decodes would (a step with other sequences' rows is a many-row batch either way)."""
+    cdef size_t i
+    cdef SeqCore * q
+    cdef SeqCore * only = NULL
+    for i in range(self._active.size()):
+        q = self._active[i]
+        if q.batch_idx >= 0 or q.fed_now > 0:
+            if only != NULL:
+                return False
+            only = q
+    return only != NULL and only.draft_idx >= 0 and only.fed_now == 0 and only.spec_exact
+
+
 cdef void _batch_settle(BatchGenerator self) noexcept nogil:
     """After sampling (one thread: the KV cache and the shared drafters): each verified
     sequence's rejected cells go, its drafter learns what was accepted, the batch its rates."""

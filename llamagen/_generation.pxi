@@ -86,8 +86,12 @@ cdef class GenerationState:
                     b.seq_id[j][0] = 0
                     b.logits[j] = 1
                 b.n_tokens = k + 1
+                if q.spec_exact:
+                    lgctx.set_one_row(self._lctx, True)
                 rc = llama.llama_decode(self._lctx, b[0])
                 llama.llama_synchronize(self._lctx)
+                if q.spec_exact:
+                    lgctx.set_one_row(self._lctx, False)
                 self._curve.add(k + 1, <double> (llama.llama_time_us() - td))
             if rc != 0:
                 q.draft.clear()

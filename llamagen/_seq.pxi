@@ -89,6 +89,7 @@ cdef cppclass SeqCore:
     int32_t spec_n_max
     int32_t spec_n_min
     bint spec_adaptive
+    bint spec_exact                         # verify with one-row kernels (Speculative.exact)
     double spec_s                           # decayed counts of drafted tokens accepted and of
     double spec_f                           # drafts cut short: this sequence's acceptance rate
     double spec_ha[SPEC_RUN]                # decayed counts, by position in a run of accepted
@@ -530,6 +531,8 @@ cdef _Seq _new_seq(Context ctx, object params, int32_t n_prompt, int32_t n_ctx):
         c.spec_n_max = spec.n_max
         c.spec_n_min = spec.n_min
         c.spec_adaptive = spec.adaptive
+        # (a deterministic context's kernels are batch-invariant already)
+        c.spec_exact = spec.exact and not ctx.deterministic
     return q
 
 

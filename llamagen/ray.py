@@ -243,7 +243,7 @@ class GenerateStage:
             self.draft_model = Model(_model_path(draft_model), **dict(model_kwargs or {}))
             spec = self.params.speculative
             fields = {k: v for k, v in (spec.to_dict() if spec is not None else {}).items()
-                      if k in ("n_max", "n_min", "adaptive")}
+                      if k in ("n_max", "n_min", "adaptive", "exact")}
             self.params = self.params.replace(speculative=Speculative(
                 type="draft-simple", draft_model=self.draft_model, **fields))
         ckw = dict(context_kwargs or {})

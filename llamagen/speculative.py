@@ -52,7 +52,11 @@ class Speculative:
     drafts that were mostly rejected the draft length shrinks, down to pausing drafting for a
     while, so text the history does not predict costs little.  ``draft-simple`` drafts with
     ``draft_model`` (a ``llamagen.Model`` sharing the target's vocabulary, in a context of its
-    own that follows each sequence's tokens)."""
+    own that follows each sequence's tokens).  ``exact``: a verify decode computes each of its rows
+    with the kernels a one-row decode takes (CPU), so its logits are plain decoding's bit for bit
+    and so is the text, greedy or seeded; False takes the faster many-row kernels, whose rounding
+    can flip a near-tie (docs/speculative.md).  It applies to single streams and to batch steps
+    holding one sequence (a step with several sequences is a many-row batch either way)."""
     type: str = "ngram-mod"
     n_max: int = 16
     n_min: int = 0
@@ -61,6 +65,7 @@ class Speculative:
     min_hits: int = 0
     adaptive: bool = True
     draft_model: Any = None
+    exact: bool = True
 
     def __post_init__(self):
         s = object.__setattr__
@@ -95,6 +100,9 @@ class Speculative:
         if not isinstance(self.adaptive, bool):
             raise invalid(TypeError, "speculative.adaptive",
                           f"speculative.adaptive must be True or False, got {self.adaptive!r}")
+        if not isinstance(self.exact, bool):
+            raise invalid(TypeError, "speculative.exact",
+                          f"speculative.exact must be True or False, got {self.exact!r}")
 
     @property
     def key(self) -> tuple:
@@ -104,7 +112,7 @@ class Speculative:
     def to_dict(self) -> dict:
         d = {"type": self.type, "n_max": self.n_max, "n_min": self.n_min,
              "ngram_n": self.ngram_n, "ngram_m": self.ngram_m, "min_hits": self.min_hits,
-             "adaptive": self.adaptive}
+             "adaptive": self.adaptive, "exact": self.exact}
         if self.draft_model is not None:
             d["draft_model"] = self.draft_model
         return d
@@ -152,7 +160,7 @@ def from_flags(a, load_model=None) -> Optional[Speculative]:
             raise ValueError("--spec-draft-max and the other --spec-* flags need --spec-type")
         return None
     try:
-        Speculative(type=a.spec_type, adaptive=not a.spec_no_adaptive,
+        Speculative(type=a.spec_type, adaptive=not a.spec_no_adaptive, exact=not a.spec_no_exact,
                     draft_model=object() if draft else None, **fields)
     except (ValueError, TypeError) as e:
         flag = "--spec-" + str(getattr(e, "field", "type")).split(".")[-1].replace("_", "-")
@@ -165,7 +173,8 @@ def from_flags(a, load_model=None) -> Optional[Speculative]:
         except Exception as e:  # noqa: BLE001 - a load failure of any kind, one message
             raise ValueError(f"--model-draft {draft!r}: {e}") from None
     try:
-        return Speculative(type=a.spec_type, adaptive=not a.spec_no_adaptive, **fields)
+        return Speculative(type=a.spec_type, adaptive=not a.spec_no_adaptive,
+                           exact=not a.spec_no_exact, **fields)
     except (ValueError, TypeError) as e:
         flag = "--spec-" + str(getattr(e, "field", "type")).split(".")[-1].replace("_", "-")
         raise ValueError(f"{flag}: {e}") from None

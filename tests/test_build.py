@@ -159,7 +159,8 @@ def test_patches_are_applied_to_the_unpacked_source():
                                                "llama_cpp-0004-tokenizer-linear-partition.patch",
                                                "llama_cpp-0005-grammar-valid-utf8.patch",
                                                "llama_cpp-0006-autoparser-output-cap.patch",
-                                               "llama_cpp-0007-grammar-clone-linear.patch"]
+                                               "llama_cpp-0007-grammar-clone-linear.patch",
+                                               "llama_cpp-0008-ggml-cpu-one-row.patch"]
     if os.environ.get("LLAMAGEN_LLAMA_CPP_DIR"):
         pytest.skip("built against the user's own llama.cpp checkout (built as it is)")
     cpu = ROOT / "third_party" / "llama.cpp" / "ggml" / "src" / "ggml-cpu"
@@ -174,6 +175,7 @@ def test_patches_are_applied_to_the_unpacked_source():
     assert "sorted index of the rules' storage" in (src / "src" / "llama-grammar.cpp").read_text()
     assert "LG_MAX_ANALYSIS_BYTES" in (src / "common" / "chat-auto-parser-helpers.cpp").read_text()
     assert "params->batch_invariant" in (cpu / "tiled" / "tiled.cpp").read_text()
+    assert "params->one_row" in (cpu / "llamafile" / "sgemm.cpp").read_text()
     jinja = ROOT / "third_party" / "llama.cpp" / "common" / "jinja" / "runtime.cpp"
     assert "lg_macro_depth" in jinja.read_text()
     # the unpacked tree is stamped with the pin and the patches: a changed patch unpacks afresh

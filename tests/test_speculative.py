@@ -366,6 +366,57 @@ def test_batches_equal_plain_and_every_sequence_drafts(det_ctx, smollm2):
     assert stats["accepted_draft_tokens"] > 0 and stats["draft_tokens"] >= stats["accepted_draft_tokens"]
 
 
+# -- exact verification on default contexts -------------------------------------------------------
+
+# gemma3-270m (repacked Q4_K layers, a Q8_0 output matrix): a many-row verify batch takes other
+# kernels than one-row decodes (4-row gemm, llamafile's sgemm), so its rows round differently,
+# unless Speculative.exact (the default) computes each row with the one-row kernels
+COPY_GEMMA = f"Repeat the paragraph below exactly:\n\n{PARAGRAPH}\n\nAnswer:\n"
+# (fixed-length drafts: what is drafted, so accepted, does not depend on measured timings)
+FIXED = dict(type="ngram-simple", ngram_n=4, ngram_m=16, adaptive=False)
+
+
+def _lps(logprobs):
+    return [(x.token, x.logprob) for x in logprobs]
+
+
+@pytest.mark.parametrize("sampling", [dict(temp=0), dict(temp=0.8, top_k=40, seed=3)],
+                         ids=["greedy", "seeded"])
+def test_exact_verification_gives_plain_logprobs_bit_for_bit(real_model, sampling):
+    kw = dict(max_new_tokens=64, logprobs=1, **sampling)
+    with llamagen.Context(real_model, n_ctx=1024) as ctx:
+        assert not ctx.deterministic
+        _, toks, _, plain = run(ctx, COPY_GEMMA, **kw)
+        _, etoks, _, ex = run(ctx, COPY_GEMMA, speculative=Speculative(**FIXED), **kw)
+        _, _, _, loose = run(ctx, COPY_GEMMA, speculative=Speculative(exact=False, **FIXED), **kw)
+    assert ex.speculative_stats["accepted"] > 10, ex.speculative_stats
+    assert loose.speculative_stats["accepted"] > 10, loose.speculative_stats
+    assert etoks == toks
+    assert _lps(ex.logprobs) == _lps(plain.logprobs)
+    # (the kernels matter: without exact the verified rows' logprobs move)
+    assert _lps(loose.logprobs) != _lps(plain.logprobs)
+
+
+def test_exact_verification_in_a_batch_of_one_sequence(real_model):
+    # a batch whose step holds one sequence's pending token and draft (llamagen serve at one
+    # stream) verifies with one-row kernels too
+    kw = dict(max_new_tokens=64, temp=0, logprobs=1)
+
+    def one(ctx, spec):
+        stats = {}
+        r, = llamagen.map_generate(ctx, [COPY_GEMMA], batch_size=1, speculative=spec,
+                                   stats=stats, **kw)
+        return _lps(r.logprobs), stats.get("accepted_draft_tokens", 0)
+
+    with llamagen.Context(real_model, n_ctx=2048, n_seq_max=2) as ctx:
+        plain, _ = one(ctx, None)
+        ex, n_ex = one(ctx, Speculative(**FIXED))
+        loose, n_loose = one(ctx, Speculative(exact=False, **FIXED))
+    assert n_ex > 10 and n_loose > 10, (n_ex, n_loose)
+    assert ex == plain
+    assert loose != plain
+
+
 # -- the engine and the server ---------------------------------------------------------------------
 
 def test_engine_speculates_and_a_rejected_draft_leaves_the_cache_clean(smollm2):

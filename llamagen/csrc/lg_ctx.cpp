@@ -90,4 +90,14 @@ void set_batch_invariant(llama_context * ctx, bool on) noexcept {
     }
 }
 
+void set_one_row(llama_context * ctx, bool on) noexcept {
+    ggml_backend_sched_t sched = ctx->get_sched();
+    for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
+        ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
+        if (ggml_backend_is_cpu(b)) {
+            ggml_backend_cpu_set_one_row(b, on);
+        }
+    }
+}
+
 }  // namespace lgctx

@@ -24,4 +24,9 @@ int compact(llama_context * ctx, const int32_t * seqs, int n_seqs, int32_t follo
 // (GPU) backends are not reached: Context refuses deterministic=True with GPU layers.
 void set_batch_invariant(llama_context * ctx, bool on) noexcept;
 
+// One-row kernels for every row on every CPU backend of ``ctx`` (our ggml-cpu patch 0008): each
+// row of a many-row batch computed as a one-row batch computes it, so a speculative verify batch
+// gives the logits (and writes the KV cells) that plain decoding would.
+void set_one_row(llama_context * ctx, bool on) noexcept;
+
 }  // namespace lgctx

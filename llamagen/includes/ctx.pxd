@@ -8,3 +8,4 @@ from llamagen.includes.llama cimport llama_context
 cdef extern from "lg_ctx.h" namespace "lgctx" nogil:
     int compact(llama_context * ctx, const int32_t * seqs, int n_seqs, int32_t follow) noexcept
     void set_batch_invariant(llama_context * ctx, bint on) noexcept
+    void set_one_row(llama_context * ctx, bint on) noexcept

@@ -57,7 +57,7 @@ class LlamagenSampling(_Body):
     seed: Optional[int] = None
     logit_bias: Optional[dict[str, float]] = None     # {token id: bias}, as in OpenAI's API
     # speculative decoding: a type name or {type, n_max, n_min, ngram_n, ngram_m, min_hits,
-    # adaptive} (llamagen.Speculative), or llama-server's dotted fields; merged into the server's
+    # adaptive, exact} (llamagen.Speculative), or llama-server's dotted fields; merged into the server's
     # --spec-type default
     speculative: Optional[Union[str, dict[str, Any]]] = None
     speculative_type: Optional[str] = Field(default=None, alias="speculative.type")
