@@ -88,7 +88,7 @@ cdef class BatchGenerator:
     cdef vector[lgspec.Drafter *] _drafters
     cdef bint _no_drafts                  # this step's retry decodes without drafts
     cdef BatchSpec _spec                  # step time by rows (token-only steps), the drafts
-    cdef SpecMemory _accepted             # the latest verified sequence's acceptance (rates only)
+    cdef vector[SpecMemory] _accepted     # per drafter: its latest verified sequence's acceptance
     cdef int32_t _timed_rows              # this step's rows, when the cost model times it (else 0)
     cdef int64_t _timed_us                # ... its decode time; the sampling time is added
     cdef readonly int64_t n_drafted       # drafted tokens verified, over all sequences
@@ -184,6 +184,7 @@ cdef class BatchGenerator:
         for i in range(self._drafters.size()):
             lgspec.destroy(self._drafters[i])
         self._drafters.clear()
+        self._accepted.clear()
         del self._ram
         self._ram = NULL
 

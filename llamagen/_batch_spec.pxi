@@ -12,11 +12,12 @@ cdef int _batch_admit_drafting(BatchGenerator self, _Seq q, int32_t slot) except
     i = self._drafter_index.get(spec.key)
     if i is None:
         self._drafters.push_back(_new_drafter(spec, <uint32_t> self._n_slots, self._context))
+        self._accepted.resize(self._drafters.size())
         i = self._drafter_index[spec.key] = self._drafters.size() - 1
     q.c.drafter = self._drafters[<size_t> i]
     q.c.dseq = slot
     q.c.spec_begun = False
-    self._accepted.load_rates(q.c)
+    self._accepted[<size_t> i].load_rates(q.c)
     return 0
 
 
@@ -73,7 +74,7 @@ cdef bint _batch_one_row(BatchGenerator self) noexcept nogil:
 cdef void _batch_settle(BatchGenerator self) noexcept nogil:
     """After sampling (one thread: the KV cache and the shared drafters): each verified
     sequence's rejected cells go, its drafter learns what was accepted, the batch its rates."""
-    cdef size_t i
+    cdef size_t i, j
     cdef SeqCore * q
     for i in range(self._sampled.size()):
         q = self._active[self._sampled[i]]
@@ -81,7 +82,9 @@ cdef void _batch_settle(BatchGenerator self) noexcept nogil:
             self.n_drafted += <int64_t> q.draft.size()
             self.n_accepted += q.spec_acc
             q.spec_settle(self._context._ctx, q.slot)
-            self._accepted.save_rates(q)
+            for j in range(self._drafters.size()):
+                if self._drafters[j] == q.drafter:
+                    self._accepted[j].save_rates(q)
 
 
 def _spec_batch_learned(BatchGenerator b, seq_id=None):
@@ -89,9 +92,11 @@ def _spec_batch_learned(BatchGenerator b, seq_id=None):
     ``seq_id``'s own now: the decayed (accepted, cut short) counts; None where nothing was
     learned."""
     cdef SeqCore * q
+    cdef size_t i
     if seq_id is None:
-        if not b._accepted.has:
-            return None
-        return {"accepted": b._accepted.s, "cut_short": b._accepted.f}
+        for i in range(b._accepted.size()):
+            if b._accepted[i].has:
+                return {"accepted": b._accepted[i].s, "cut_short": b._accepted[i].f}
+        return None
     q = b._get(seq_id).c
     return {"accepted": q.spec_s, "cut_short": q.spec_f}

@@ -28,6 +28,7 @@ cdef class GenerationState:
     cdef bint _has_sbatch
     cdef CostCurve _curve                   # speculative steps: decode time by rows
     cdef SpecMemory * _mem                  # ... and the context's memory of it (NULL: none)
+    cdef object _mem_ref                    # ... its owner (_SpecMemory)
     cdef tuple _lora                        # its LoRA set (see _adapters.pxi)
 
     def __cinit__(self):
@@ -70,6 +71,7 @@ cdef class GenerationState:
                 asked = True
                 td = llama.llama_time_us()
                 lgspec.run(q.drafter)
+                q.n_caught_up = lgspec.caught_up(q.drafter)
                 k = q.spec_take()
             if k == 0:
                 if q.drafter != NULL and not asked:
@@ -439,7 +441,9 @@ cdef GenerationState _start(Context ctx, vector[llama.llama_token] & toks, param
             st._core.drafter = _new_drafter(params.speculative, 1, ctx)
             st._core.owns_drafter = True
             st._sbatch = llama.llama_batch_init(st._core.spec_n_max + 1, 0, 1)
-            st._mem = _spec_memory(ctx)
+            # (a reference: the context replaces its memory when another drafter comes)
+            st._mem_ref = _spec_memory(ctx, params.speculative)
+            st._mem = &(<_SpecMemory> st._mem_ref).m
             st._mem.load(&st._curve, st._core)
             st._has_sbatch = True
         if ctx._epoch != keep_epoch:
@@ -488,6 +492,12 @@ def _generate_n(Context ctx not None, prompt, list params, bint add_special=True
             st._free_samplers()
         epoch = ctx._epoch
     return out
+
+
+def _spec_caught_up(GenerationState st):
+    """(tests) Generated tokens a draft model's context decoded to catch up with the stream
+    (those its drafting left decoded are kept: csrc/lg_spec.cpp run())."""
+    return st._core.n_caught_up
 
 
 def _spec_learned(obj):

@@ -104,6 +104,7 @@ cdef cppclass SeqCore:
     int64_t n_drafted                       # totals: tokens drafted and verified, ...
     int64_t n_accepted                      # ... of those accepted, ...
     int64_t n_verified                      # ... and decodes that verified a draft
+    int64_t n_caught_up                     # single streams, draft-simple: lgspec.caught_up
 
     __init__():
         cdef int32_t i
@@ -152,6 +153,7 @@ cdef cppclass SeqCore:
         this.n_drafted = 0
         this.n_accepted = 0
         this.n_verified = 0
+        this.n_caught_up = 0
 
     __dealloc__():
         this.free_samplers()

@@ -224,6 +224,13 @@ def test_a_context_remembers_what_its_last_stream_learned(smollm2):
         # verify batches round as single rows do)
         assert "".join(st) + st.end() == plain
         assert learned(llamagen.gen_begin(ctx, prompt, max_new_tokens=4)) is None
+        # another drafter starts afresh (its acceptance and step costs are its own), and what
+        # the context remembers is then that drafter's
+        other_kind = Speculative(type="ngram-simple", ngram_n=3, ngram_m=16)
+        fresh = llamagen.gen_begin(ctx, prompt, max_new_tokens=60, temp=0, speculative=other_kind)
+        assert learned(fresh) == {"rows": {}, "accepted": 0, "cut_short": 0}
+        assert "".join(fresh) + fresh.end() == plain
+        assert learned(ctx) == learned(fresh) != mem
     with llamagen.Context(smollm2, n_ctx=2048) as other:
         assert learned(other) is None               # (per context)
 
@@ -555,6 +562,23 @@ def test_draft_model_greedy_and_seeded_equal_plain(tiny_pair, smollm2, det_ctx):
     a, at, _, _ = run(det_ctx, prompt, max_new_tokens=48, temp=0)
     b, bt, _, st = run(det_ctx, prompt, max_new_tokens=48, temp=0, speculative=_draft(smollm2, n_max=8))
     assert (b, bt) == (a, at) and st.speculative_stats["accepted"] > 30
+
+
+def test_a_draft_models_accepted_tokens_are_not_decoded_twice(tiny_pair):
+    # the draft context keeps the cells its drafting decoded (the pending token and the draft but
+    # its last token): the target accepts a prefix of them, which the next ask finds decoded
+    # (llama-server decodes them again); only what drafting did not decode catches up
+    t, same, _ = tiny_pair
+    with llamagen.Context(t, n_ctx=512, deterministic=True) as ctx:
+        st = llamagen.gen_begin(ctx, "hello world", max_new_tokens=80, temp=0, ignore_eos=True,
+                                speculative=_draft(same, n_max=6))
+        text = "".join(st)
+        caught = llamagen._core._spec_caught_up(st)
+        s = st.speculative_stats
+        st.end()
+    assert text and s["accepted"] == s["drafted"] > 40, s
+    # each verify step left one token undecoded there (its draft's last); before: all ~80 tokens
+    assert 0 < caught <= s["verify_steps"] + 2, (caught, s)
 
 
 def test_draft_model_in_batches_and_a_rejected_draft_leaves_no_trace(tiny_pair):

@@ -23,6 +23,7 @@ struct Drafter {
     bool any = false;         // want() was called since the last run()
     llama_context * ctx_dft = nullptr;      // draft-simple: owned
     uint32_t n_batch = 512;
+    int64_t n_caught_up = 0;  // draft-simple: history tokens sync_draft decoded (after the prompt)
 };
 
 // ``d`` (its params set) started by llama.cpp for ``n_seq`` sequences; on a refusal or an
@@ -148,6 +149,7 @@ static bool sync_draft(Drafter * d) {
         if (p < q.hist.size()) {
             todo.emplace_back(s, (int32_t) p);
             total += q.hist.size() - p;
+            d->n_caught_up += (int64_t) (q.hist.size() - std::max<size_t>(p, q.n_prompt));
         }
     }
     if (total == 0) {
@@ -235,17 +237,31 @@ void run(Drafter * d) noexcept {
         }
     } catch (...) {
     }
-    // drafting decoded the pending token and the draft in the draft context: cut back to the
-    // history (what the target accepts is decoded by the next sync)
+    // drafting decoded the pending token and the draft in the draft context (all of the draft
+    // but perhaps its last token: llama.cpp decodes a drafted token only to draft the next one).
+    // Keep those cells: the target accepts the pending token and a prefix of the draft, which
+    // the next sync then finds decoded (llama-server decodes them again); the rest goes there.
     llama_memory_t mem = llama_get_memory(d->ctx_dft);
     for (int32_t s : wanted) {
-        llama_memory_seq_rm(mem, s, (llama_pos) d->seqs[s].dft.size(), -1);
-        common_speculative_get_draft_params(d->spec, s).drafting = false;
+        Seq & q = d->seqs[s];
+        auto & dp = common_speculative_get_draft_params(d->spec, s);
+        if (q.dft.size() == q.hist.size() && dp.pos0 == (llama_pos) q.hist.size()) {
+            q.dft.push_back(dp.id_last);
+            if (!q.draft.empty()) {
+                q.dft.insert(q.dft.end(), q.draft.begin(), q.draft.end() - 1);
+            }
+        }
+        llama_memory_seq_rm(mem, s, (llama_pos) q.dft.size(), -1);
+        dp.drafting = false;
     }
 }
 
 const std::vector<int32_t> & result(Drafter * d, int32_t seq) noexcept {
     return d->seqs[seq].draft;
+}
+
+int64_t caught_up(Drafter * d) noexcept {
+    return d->n_caught_up;
 }
 
 void accept(Drafter * d, int32_t seq, int32_t n_accepted) noexcept {

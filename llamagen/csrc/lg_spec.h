@@ -44,6 +44,10 @@ void run(Drafter * d) noexcept;
 // The draft run() made for ``seq`` (empty when it found none); cleared by the next want().
 const std::vector<int32_t> & result(Drafter * d, int32_t seq) noexcept;
 
+// draft-simple: generated tokens the draft context had to decode to catch up with the histories
+// (those drafting left decoded are kept); 0 for n-gram drafters.  For tests and benchmarks.
+int64_t caught_up(Drafter * d) noexcept;
+
 // ``n_accepted`` tokens of ``seq``'s last draft were accepted (the drafter adapts).
 void accept(Drafter * d, int32_t seq, int32_t n_accepted) noexcept;
 

@@ -1,7 +1,7 @@
 # Raw declarations of the drafter wrapper (n-gram and draft-model) (llamagen/csrc/lg_spec.h, over llama.cpp's
 # common/speculative.h).  No logic here: cimport as a namespace
 # (`from llamagen.includes cimport spec as lgspec`).
-from libc.stdint cimport int32_t, uint32_t
+from libc.stdint cimport int32_t, int64_t, uint32_t
 from libcpp.string cimport string
 from libcpp.vector cimport vector
 
@@ -23,3 +23,4 @@ cdef extern from "lg_spec.h" namespace "lgspec" nogil:
     void run(Drafter * d) noexcept
     const vector[int32_t] & result(Drafter * d, int32_t seq) noexcept
     void accept(Drafter * d, int32_t seq, int32_t n_accepted) noexcept
+    int64_t caught_up(Drafter * d) noexcept
