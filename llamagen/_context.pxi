@@ -128,7 +128,7 @@ cdef class Context:
     cdef tuple _lora_applied
     cdef tuple _resume_lora
     cdef object _cvec                # (ControlVector, layer_start, layer_end) applied, or None
-    cdef object _spec_memory         # _SpecMemory: what the last speculative stream learned
+    cdef object _spec_memory         # {drafter: _SpecMemory}: what its last stream learned
     cdef object __weakref__
 
     def __cinit__(self):

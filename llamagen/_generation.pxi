@@ -508,9 +508,11 @@ def _spec_learned(obj):
     cdef GenerationState st
     cdef SpecMemory * m
     if isinstance(obj, Context):
-        if (<Context> obj)._spec_memory is None:
+        mems = (<Context> obj)._spec_memory
+        if not mems:
             return None
-        m = &(<_SpecMemory> (<Context> obj)._spec_memory).m
+        last = next(reversed(mems.values()))       # (the latest used drafter's)
+        m = &(<_SpecMemory> last).m
         if not m.has:
             return None
         c = &m.curve

@@ -138,17 +138,28 @@ cdef class _SpecMemory:
     cdef object key                         # the drafting it was learned with
 
 
+cdef int _SPEC_MEMORIES = 8                 # drafters a context remembers
+
+
 cdef _SpecMemory _spec_memory(Context ctx, spec):
-    """The context's SpecMemory for drafting like ``spec`` (a Speculative): what a stream that
-    drafted the same way learned.  Another drafter starts afresh: its acceptance, and a step's
-    cost (it includes drafting: a draft model's decodes), are its own (a 4-layer draft after the
-    target drafting for itself, accepted 98 %, drafted 5 tokens a step for 48 steps, 0.20x)."""
-    cdef _SpecMemory m = ctx._spec_memory
+    """The context's SpecMemory for drafting like ``spec`` (a Speculative): what the latest
+    stream that drafted the same way learned.  Each drafter has its own: its acceptance, and a
+    step's cost (it includes drafting: a draft model's decodes), are its own (a 4-layer draft
+    after the target drafting for itself, accepted 98 %, drafted 5 tokens a step for 48 steps,
+    0.20x).  ``ctx._spec_memory``: {key: _SpecMemory}, the latest used last."""
+    cdef _SpecMemory m
     key = (spec.type, spec.ngram_n, spec.ngram_m, spec.min_hits,
            None if spec.draft_model is None else id(spec.draft_model))
-    if m is None or m.key != key:
-        m = ctx._spec_memory = _SpecMemory()
+    if ctx._spec_memory is None:
+        ctx._spec_memory = {}
+    mems = ctx._spec_memory
+    m = mems.pop(key, None)
+    if m is None:
+        m = _SpecMemory()
         m.key = key
+        while len(mems) >= _SPEC_MEMORIES:
+            del mems[next(iter(mems))]
+    mems[key] = m
     return m
 
 

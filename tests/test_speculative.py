@@ -223,6 +223,7 @@ def test_a_context_remembers_what_its_last_stream_learned(smollm2):
         # what it carried changes how much it drafts, never the text (a deterministic context:
         # verify batches round as single rows do)
         assert "".join(st) + st.end() == plain
+        mem = learned(ctx)
         assert learned(llamagen.gen_begin(ctx, prompt, max_new_tokens=4)) is None
         # another drafter starts afresh (its acceptance and step costs are its own), and what
         # the context remembers is then that drafter's
@@ -231,6 +232,10 @@ def test_a_context_remembers_what_its_last_stream_learned(smollm2):
         assert learned(fresh) == {"rows": {}, "accepted": 0, "cut_short": 0}
         assert "".join(fresh) + fresh.end() == plain
         assert learned(ctx) == learned(fresh) != mem
+        # ... while the first drafter's is kept for its next stream
+        again = llamagen.gen_begin(ctx, prompt, max_new_tokens=60, temp=0, speculative=SIMPLE)
+        assert learned(again)["accepted"] == pytest.approx(mem["accepted"] / 2)
+        assert "".join(again) + again.end() == plain
     with llamagen.Context(smollm2, n_ctx=2048) as other:
         assert learned(other) is None               # (per context)
 

@@ -80,24 +80,23 @@ int compact(llama_context * ctx, const int32_t * seqs, int n_seqs, int32_t follo
     return 0;
 }
 
-void set_batch_invariant(llama_context * ctx, bool on) noexcept {
+// ``set(b, on)`` on every CPU backend of ``ctx`` (ggml-cpu's flags; other backends are not reached)
+static void each_cpu_backend(llama_context * ctx, void (*set)(ggml_backend_t, bool), bool on) noexcept {
     ggml_backend_sched_t sched = ctx->get_sched();
     for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
         ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
         if (ggml_backend_is_cpu(b)) {
-            ggml_backend_cpu_set_batch_invariant(b, on);
+            set(b, on);
         }
     }
 }
 
+void set_batch_invariant(llama_context * ctx, bool on) noexcept {
+    each_cpu_backend(ctx, ggml_backend_cpu_set_batch_invariant, on);
+}
+
 void set_one_row(llama_context * ctx, bool on) noexcept {
-    ggml_backend_sched_t sched = ctx->get_sched();
-    for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
-        ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
-        if (ggml_backend_is_cpu(b)) {
-            ggml_backend_cpu_set_one_row(b, on);
-        }
-    }
+    each_cpu_backend(ctx, ggml_backend_cpu_set_one_row, on);
 }
 
 }  // namespace lgctx
