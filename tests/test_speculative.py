@@ -74,6 +74,7 @@ def run(ctx, prompt, **kw):
     (dict(ngram_n=-1), "speculative.ngram_n"),
     (dict(type="ngram-mod", ngram_n=1), "speculative.ngram_n"),
     (dict(bogus=1), "speculative.bogus"),
+    (dict(exact=1), "speculative.exact"),
 ])
 def test_a_bad_configuration_names_its_field(value, field):
     with pytest.raises(InvalidParamError) as e:
@@ -92,6 +93,8 @@ def test_configuration_types_and_forms():
     assert SamplingParams(speculative="ngram-cache").speculative == Speculative(type="ngram-cache")
     assert SamplingParams(speculative="none").speculative is None
     assert SamplingParams(speculative={"type": "ngram-simple", "n_max": 4}).speculative.n_max == 4
+    assert Speculative().exact is True          # (verify decodes give plain decoding's logits)
+    assert SamplingParams(speculative={"type": "ngram-simple", "exact": False}).speculative.exact is False
     with pytest.raises(InvalidParamError) as e:
         SamplingParams(speculative="ngram-mod", sampler_impl="backend")
     assert e.value.field == "speculative"
