@@ -68,7 +68,7 @@ cdef bint _batch_one_row(BatchGenerator self) noexcept nogil:
             if only != NULL:
                 return False
             only = q
-    return only != NULL and only.draft_idx >= 0 and only.fed_now == 0 and only.spec_exact
+    return only != NULL and only.draft_idx >= 0 and only.spec_exact
 
 
 cdef void _batch_settle(BatchGenerator self) noexcept nogil:

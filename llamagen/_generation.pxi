@@ -441,7 +441,7 @@ cdef GenerationState _start(Context ctx, vector[llama.llama_token] & toks, param
             st._core.drafter = _new_drafter(params.speculative, 1, ctx)
             st._core.owns_drafter = True
             st._sbatch = llama.llama_batch_init(st._core.spec_n_max + 1, 0, 1)
-            # (a reference: the context replaces its memory when another drafter comes)
+            # (a reference: the context drops a drafter's memory 8 drafters later)
             st._mem_ref = _spec_memory(ctx, params.speculative)
             st._mem = &(<_SpecMemory> st._mem_ref).m
             st._mem.load(&st._curve, st._core)

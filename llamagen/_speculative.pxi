@@ -135,7 +135,6 @@ cdef cppclass SpecMemory:
 
 cdef class _SpecMemory:
     cdef SpecMemory m
-    cdef object key                         # the drafting it was learned with
 
 
 cdef int _SPEC_MEMORIES = 8                 # drafters a context remembers
@@ -156,7 +155,6 @@ cdef _SpecMemory _spec_memory(Context ctx, spec):
     m = mems.pop(key, None)
     if m is None:
         m = _SpecMemory()
-        m.key = key
         while len(mems) >= _SPEC_MEMORIES:
             del mems[next(iter(mems))]
     mems[key] = m
