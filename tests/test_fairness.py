@@ -481,7 +481,13 @@ def test_a_request_of_many_prompts_keeps_to_its_window_while_others_run(tiny_mod
                 "prompt": "a long story", "max_tokens": 4000, "temperature": 0,
                 "ignore_eos": True})))
             other.start()
-            time.sleep(0.3)
+            # (as soon as it runs: its ~500 tokens, a slot's context, take the tiny model well
+            # under a second, so a fixed pause could let it end first under a busy suite)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(float(x) >= 1 for x in re.findall(
+                    r"^\S*num_requests_running\S* (\S+)$",
+                    httpx.get(s.url + "/metrics", timeout=10).text, re.M)):
+                time.sleep(0.005)
             r = _post(s, "/v1/completions", big(60))     # (over before the other one)
             assert r.status_code == 200 and len(r.json()["choices"]) == 8
             other.join()
