@@ -6,19 +6,35 @@
 
 cdef int _batch_admit_drafting(BatchGenerator self, _Seq q, int32_t slot) except -1:
     """``q`` took ``slot``: its drafter (the batch's for its kind, made on first use, one
-    sequence per slot), and the acceptance it starts from: what the batch's latest verified
-    sequence knew, at half weight (as a single stream from its context's last: SpecMemory)."""
+    sequence per slot), and the acceptance it starts from: what the latest verified sequence of
+    that drafter on the context knew (this batch's, an earlier batch's or stream's), at half
+    weight (SpecMemory)."""
     spec = q.params.speculative
     i = self._drafter_index.get(spec.key)
     if i is None:
         self._drafters.push_back(_new_drafter(spec, <uint32_t> self._n_slots, self._context))
-        self._accepted.resize(self._drafters.size())
+        mem = _spec_memory(self._context, spec)
+        self._accepted_refs.append(mem)
+        self._accepted.push_back(&(<_SpecMemory> mem).m)
         i = self._drafter_index[spec.key] = self._drafters.size() - 1
     q.c.drafter = self._drafters[<size_t> i]
     q.c.dseq = slot
     q.c.spec_begun = False
     self._accepted[<size_t> i].load_rates(q.c)
     return 0
+
+
+cdef _SpecMemory _batch_curve_memory(Context ctx, int32_t n_batch, CostCurve * c):
+    """The context's batch step-cost curve, loaded into ``c``: a batch step's cost (decode and
+    sampling, by rows) is the model's and the machine's, not a drafter's or a batch's, so the
+    next BatchGenerator on the context (a pipeline's next map_generate) starts from what the
+    last one measured instead of from nothing."""
+    cdef _SpecMemory m = ctx._batch_curve
+    if m is None or <int32_t> m.m.curve.w.size() != n_batch + 1:
+        m = ctx._batch_curve = _SpecMemory()
+        m.m.curve.reset(n_batch)
+    c[0] = m.m.curve
+    return m
 
 
 cdef bint _batch_draft(BatchGenerator self) noexcept nogil:
@@ -90,7 +106,7 @@ cdef void _batch_settle(BatchGenerator self) noexcept nogil:
 def _spec_batch_learned(BatchGenerator b, seq_id=None):
     """(tests) The acceptance a batch's next sequence starts from (at half weight), or
     ``seq_id``'s own now: the decayed (accepted, cut short) counts; None where nothing was
-    learned."""
+    learned.  ``seq_id="curve"``: the batch's step-cost curve, {rows: mean step us}."""
     cdef SeqCore * q
     cdef size_t i
     if seq_id is None:
@@ -98,5 +114,7 @@ def _spec_batch_learned(BatchGenerator b, seq_id=None):
             if b._accepted[i].has:
                 return {"accepted": b._accepted[i].s, "cut_short": b._accepted[i].f}
         return None
+    if seq_id == "curve":
+        return {r: b._spec.curve.mean(r) for r in b._spec.curve.seen}
     q = b._get(seq_id).c
     return {"accepted": q.spec_s, "cut_short": q.spec_f}

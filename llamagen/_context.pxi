@@ -129,6 +129,7 @@ cdef class Context:
     cdef tuple _resume_lora
     cdef object _cvec                # (ControlVector, layer_start, layer_end) applied, or None
     cdef object _spec_memory         # {drafter: _SpecMemory}: what its last stream learned
+    cdef object _batch_curve         # _SpecMemory: batch step costs (_batch_curve_memory)
     cdef object __weakref__
 
     def __cinit__(self):

@@ -23,10 +23,22 @@ cdef cppclass CostCurve:
         this.seen.clear()
 
     void add(int32_t rows, double us) noexcept nogil:
+        this.record(rows, us, True)
+
+    void record(int32_t rows, double us, bint clamp_first) noexcept nogil:
         cdef size_t i = 0
+        cdef double guess
         if rows <= 0 or rows >= <int32_t> this.w.size():
             return
         if this.w[rows] == 0.0:
+            # a size's first decode is often its slowest (gemma3, a fresh context's first 17-row
+            # verify: 80-84 ms, later ones 68-71): kept as measured, it would keep that size from
+            # being chosen, so never measured again; kept at no more than the curve's guess, the
+            # size is tried again and its later decodes set its cost
+            if clamp_first and this.seen.size() > 0:
+                this.costs(rows, 1, &guess)
+                if guess < us:
+                    us = guess
             while i < this.seen.size() and this.seen[i] < rows:
                 i += 1
             this.seen.insert(this.seen.begin() + i, rows)
@@ -118,9 +130,9 @@ cdef cppclass SpecMemory:
 
     void load(CostCurve * c, SeqCore * q) noexcept nogil:
         c.reset(MAX_DRAFT_ROWS)
-        if this.has:
+        if this.has and this.curve.w.size() > 0:     # (a batch saves only rates)
             c[0] = this.curve
-            this.load_rates(q)
+        this.load_rates(q)
 
     void load_rates(SeqCore * q) noexcept nogil:
         cdef int32_t j
@@ -258,7 +270,7 @@ def _spec_plan_step(dict times, list seqs, int max_rows=512):
     cdef SeqCore * q
     plan.curve.reset(max_rows)
     for rows, us in times.items():
-        plan.curve.add(rows, us)
+        plan.curve.record(rows, us, False)
     try:
         for s, f, n_max in seqs:
             q = new SeqCore()
@@ -295,20 +307,23 @@ def _spec_runs(list verified, dict times=None, int bound=16):
     if times is not None:
         c.reset(MAX_DRAFT_ROWS)
         for rows, us in times.items():
-            c.add(rows, us)
+            c.record(rows, us, False)
         k = _curve_best(&c, h.data(), bound)
     return q.spec_off, list(h), k
 
 
-def _spec_plan(dict times, double alpha, int bound):
+def _spec_plan(dict times, double alpha, int bound, dict firsts=None):
     """(tests) The draft length a single stream picks: ``times`` {rows: decode us} measured,
     ``alpha`` its acceptance rate, ``bound`` the most it may draft; and the curve's estimates
-    for 1..bound + 1 rows."""
+    for 1..bound + 1 rows.  ``firsts``: then decodes of sizes not measured before, as a stream's
+    steps add them (CostCurve.add)."""
     cdef CostCurve c
     cdef vector[double] out
     cdef vector[double] h = vector[double](max(bound, 1), alpha)
     c.reset(MAX_DRAFT_ROWS)
     for rows, us in times.items():
+        c.record(rows, us, False)
+    for rows, us in (firsts or {}).items():
         c.add(rows, us)
     out.resize(bound + 1)
     c.costs(1, bound + 1, out.data())

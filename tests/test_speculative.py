@@ -176,6 +176,17 @@ def test_a_single_stream_drafts_what_its_measured_costs_pay_for():
     # nothing timed yet: the prior alone, in units of a one-row decode
     k, cost = plan({}, 0.5, 4)
     assert cost == pytest.approx([1.0, 1.1, 1.2, 1.3, 1.4]) and k == 2
+    # a size's first decode is often its slowest (a fresh context's first 17-row verify: 80-84
+    # ms, later ones 68-71): it counts at no more than the curve's guess, so the size is tried
+    # again (as measured, 17 rows at 90 ms would have kept drafts at 12 for good)
+    k, cost = plan({1: 10_000, 13: 40_000}, 0.99, 16)
+    assert k == 16 and cost[16] == pytest.approx(44_000)
+    k, cost = plan({1: 10_000, 13: 40_000}, 0.99, 16, firsts={17: 90_000})
+    assert k == 16 and cost[16] == pytest.approx(44_000)
+    assert plan({1: 10_000, 13: 40_000, 17: 90_000}, 0.99, 16)[0] == 12
+    # ... and a first decode cheaper than the guess counts as measured
+    k, cost = plan({1: 10_000, 13: 40_000}, 0.99, 16, firsts={17: 41_000})
+    assert cost[16] == 41_000
 
 
 def test_acceptance_is_counted_by_position_in_a_run_of_accepted_drafts():
@@ -266,6 +277,24 @@ def test_a_batch_carries_acceptance_to_its_next_sequence(smollm2):
         while len(b):
             text += "".join(c for _, c in b.step())
         assert text == plain                        # (what it carried never changes the text)
+        # the next BatchGenerator on the context (a pipeline's next map_generate) starts from
+        # the batch's step costs (the model's and the machine's) and from the acceptance its
+        # drafter last had there; so does a single stream drafting the same way
+        curve = learned(b, "curve")
+        mem = learned(b)
+        assert len(curve) >= 2
+        b2 = llamagen.BatchGenerator(ctx)
+        assert learned(b2, "curve") == curve
+        third = b2.add(prompt, max_new_tokens=60, temp=0, speculative=SIMPLE)
+        text = "".join(c for _, c in b2.step())
+        assert learned(b2, third)["accepted"] == pytest.approx(mem["accepted"] / 2)
+        while len(b2):
+            text += "".join(c for _, c in b2.step())
+        assert text == plain and b2.speculative_stats(third)["accepted"] > 10
+        st = llamagen.gen_begin(ctx, prompt, max_new_tokens=60, temp=0, speculative=SIMPLE)
+        got = llamagen._core._spec_learned(st)
+        assert got["accepted"] == pytest.approx(learned(b2)["accepted"] / 2)
+        assert "".join(st) + st.end() == plain
 
 
 def test_a_batch_drafts_the_rows_its_measured_steps_pay_for():
