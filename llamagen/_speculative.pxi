@@ -28,15 +28,26 @@ cdef cppclass CostCurve:
     void record(int32_t rows, double us, bint clamp_first) noexcept nogil:
         cdef size_t i = 0
         cdef double guess
+        cdef int32_t lo, hi, n = <int32_t> this.seen.size()
         if rows <= 0 or rows >= <int32_t> this.w.size():
             return
         if this.w[rows] == 0.0:
             # a size's first decode is often its slowest (gemma3, a fresh context's first 17-row
             # verify: 80-84 ms, later ones 68-71): kept as measured, it would keep that size from
-            # being chosen, so never measured again; kept at no more than the curve's guess, the
-            # size is tried again and its later decodes set its cost
-            if clamp_first and this.seen.size() > 0:
-                this.costs(rows, 1, &guess)
+            # being chosen, so never measured again; kept at no more than what the measured
+            # sizes say (the line through its neighbours, or past the largest, through the two
+            # largest: not costs()'s optimistic prior, which a batch's many sizes would ratchet
+            # down, each new size stored at the prior and the next priced from it), the size is
+            # tried again and its later decodes set its cost
+            if clamp_first and n >= 2 and rows > this.seen[0]:
+                hi = this.seen[n - 1]
+                if rows < hi:
+                    this.costs(rows, 1, &guess)
+                else:
+                    lo = this.seen[n - 2]
+                    guess = this.mean(hi) + (this.mean(hi) - this.mean(lo)) * (rows - hi) / (hi - lo)
+                    if guess < this.mean(hi):
+                        guess = this.mean(hi)       # (more rows never cost less)
                 if guess < us:
                     us = guess
             while i < this.seen.size() and this.seen[i] < rows:

@@ -177,16 +177,26 @@ def test_a_single_stream_drafts_what_its_measured_costs_pay_for():
     k, cost = plan({}, 0.5, 4)
     assert cost == pytest.approx([1.0, 1.1, 1.2, 1.3, 1.4]) and k == 2
     # a size's first decode is often its slowest (a fresh context's first 17-row verify: 80-84
-    # ms, later ones 68-71): it counts at no more than the curve's guess, so the size is tried
-    # again (as measured, 17 rows at 90 ms would have kept drafts at 12 for good)
+    # ms, later ones 68-71): it counts at no more than the line through the two largest measured
+    # sizes says, so the size is tried again (as measured, 17 rows at 90 ms would have kept
+    # drafts at 12 for good)
+    times = {1: 10_000, 9: 36_000, 13: 45_000}
+    k, cost = plan(times, 0.99, 16, firsts={17: 90_000})
+    assert k == 16 and cost[16] == pytest.approx(54_000)
+    assert plan({**times, 17: 90_000}, 0.99, 16)[0] == 12
+    # ... a first decode cheaper than that counts as measured
+    k, cost = plan(times, 0.99, 16, firsts={17: 50_000})
+    assert cost[16] == 50_000
+    # ... between two measured sizes, the line through them
+    k, cost = plan(times, 0.99, 16, firsts={11: 60_000})
+    assert cost[10] == pytest.approx(40_500)
+    # ... and never the optimistic prior (a tenth of a step per row past the largest: a batch's
+    # many sizes, each first stored at it, ratcheted the curve down and drafted 2x the rows at
+    # 0.68x plain)
     k, cost = plan({1: 10_000, 13: 40_000}, 0.99, 16)
-    assert k == 16 and cost[16] == pytest.approx(44_000)
-    k, cost = plan({1: 10_000, 13: 40_000}, 0.99, 16, firsts={17: 90_000})
-    assert k == 16 and cost[16] == pytest.approx(44_000)
-    assert plan({1: 10_000, 13: 40_000, 17: 90_000}, 0.99, 16)[0] == 12
-    # ... and a first decode cheaper than the guess counts as measured
-    k, cost = plan({1: 10_000, 13: 40_000}, 0.99, 16, firsts={17: 41_000})
-    assert cost[16] == 41_000
+    assert cost[16] == pytest.approx(44_000)
+    k, cost = plan({1: 10_000, 13: 40_000}, 0.99, 16, firsts={17: 60_000})
+    assert cost[16] == pytest.approx(50_000)
 
 
 def test_acceptance_is_counted_by_position_in_a_run_of_accepted_drafts():
