@@ -176,6 +176,7 @@ def test_patches_are_applied_to_the_unpacked_source():
     assert "LG_MAX_ANALYSIS_BYTES" in (src / "common" / "chat-auto-parser-helpers.cpp").read_text()
     assert "params->batch_invariant" in (cpu / "tiled" / "tiled.cpp").read_text()
     assert "params->one_row" in (cpu / "llamafile" / "sgemm.cpp").read_text()
+    assert "lg_vec_dot_q5_0_q8_0_x2" in (cpu / "ggml-cpu.c").read_text()
     jinja = ROOT / "third_party" / "llama.cpp" / "common" / "jinja" / "runtime.cpp"
     assert "lg_macro_depth" in jinja.read_text()
     # the unpacked tree is stamped with the pin and the patches: a changed patch unpacks afresh
