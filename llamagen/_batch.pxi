@@ -92,7 +92,7 @@ cdef class BatchGenerator:
     # drafter (_spec_memory: the next batch or stream on the context starts from it)
     cdef vector[SpecMemory *] _accepted
     cdef list _accepted_refs              # (owners of _accepted's pointers)
-    cdef _SpecMemory _curve_mem           # the context's batch step-cost curve (_spec_curve_keep)
+    cdef _SpecMemory _curve_mem           # the context's batch step-cost curve (_batch_curve_memory)
     cdef int32_t _timed_rows              # this step's rows, when the cost model times it (else 0)
     cdef int64_t _timed_us                # ... its decode time; the sampling time is added
     cdef readonly int64_t n_drafted       # drafted tokens verified, over all sequences
