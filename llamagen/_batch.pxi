@@ -92,7 +92,7 @@ cdef class BatchGenerator:
     # drafter (_spec_memory: the next batch or stream on the context starts from it)
     cdef vector[SpecMemory *] _accepted
     cdef list _accepted_refs              # (owners of _accepted's pointers)
-    cdef _SpecMemory _curve_mem           # the context's batch step-cost curve (_batch_curve_memory)
+    cdef _SpecMemory _curve_mem           # (owner of _spec.curve: the context's, _batch_curve_memory)
     cdef int32_t _timed_rows              # this step's rows, when the cost model times it (else 0)
     cdef int64_t _timed_us                # ... its decode time; the sampling time is added
     cdef readonly int64_t n_drafted       # drafted tokens verified, over all sequences
@@ -102,6 +102,7 @@ cdef class BatchGenerator:
 
     def __cinit__(self):
         self._has_batch = False
+        self._spec.curve = NULL
         self._ram = new RamCache()
 
     def __init__(self, Context ctx not None, *, n_parallel=None, params=None,
@@ -145,7 +146,8 @@ cdef class BatchGenerator:
             self._n_slots = n_parallel
             self._min_share = min_share
             self._n_batch = llama.llama_n_batch(ctx._ctx)
-            self._curve_mem = _batch_curve_memory(ctx, self._n_batch, &self._spec.curve)
+            self._curve_mem = _batch_curve_memory(ctx, self._n_batch)
+            self._spec.curve = &self._curve_mem.m.curve
             self._accepted_refs = []
             self._n_ctx_seq = llama.llama_n_ctx_seq(ctx._ctx)
             self._n_threads = max(1, llama.llama_n_threads(ctx._ctx))
@@ -743,7 +745,6 @@ cdef class BatchGenerator:
                     # rows are sampled one by one): the step's whole time against its rows
                     self._spec.curve.add(self._timed_rows, <double> (self._timed_us + t_sample))
                     self._timed_rows = 0
-                    self._curve_mem.m.curve = self._spec.curve
         ctx._abort.armed = 0
         return rc
 

@@ -24,16 +24,15 @@ cdef int _batch_admit_drafting(BatchGenerator self, _Seq q, int32_t slot) except
     return 0
 
 
-cdef _SpecMemory _batch_curve_memory(Context ctx, int32_t n_batch, CostCurve * c):
-    """The context's batch step-cost curve, loaded into ``c``: a batch step's cost (decode and
-    sampling, by rows) is the model's and the machine's, not a drafter's or a batch's, so the
-    next BatchGenerator on the context (a pipeline's next map_generate) starts from what the
-    last one measured instead of from nothing."""
+cdef _SpecMemory _batch_curve_memory(Context ctx, int32_t n_batch):
+    """The context's batch step-cost curve (in a _SpecMemory's ``curve``), which its
+    BatchGenerators measure into: a batch step's cost (decode and sampling, by rows) is the
+    model's and the machine's, not a drafter's or a batch's, so the next BatchGenerator on the
+    context (a pipeline's next map_generate) starts from what the last one measured."""
     cdef _SpecMemory m = ctx._batch_curve
     if m is None or <int32_t> m.m.curve.w.size() != n_batch + 1:
         m = ctx._batch_curve = _SpecMemory()
         m.m.curve.reset(n_batch)
-    c[0] = m.m.curve
     return m
 
 

@@ -207,8 +207,9 @@ cdef struct _Gain:
 
 # A many-row step's rows are drafted up to a multiple of 4: ggml-cpu's many-row kernels work in
 # tiles of 4 rows (the repacked gemm, sgemm) and take the rest row by row, so 9-11 rows cost
-# more than 12 (gemma3 Q4_K_M, batch of 8, 2-core EPYC, ms: 8 39, 9 53, 11 65, 12 51, 13 62,
-# 15 73, 16 56, 19 79, 20 66); and a quarter of the sizes is a quarter of the curve to learn.
+# more than 12 (gemma3 Q4_K_M, batch of 8, 2-core EPYC, one run's curve, ms: 8 40, 9 52, 11 64,
+# 12 51, 13 64, 15 74, 16 57, 19 80, 20 65); and a quarter of the sizes is a quarter of the
+# curve to learn.
 cdef int32_t _ROW_MULTIPLE = 4
 
 
@@ -217,8 +218,9 @@ cdef bint _gain_gt(const _Gain & a, const _Gain & b) noexcept nogil:
 
 
 cdef cppclass BatchSpec:
-    # a batch's drafting plan: its step-cost curve, this step's draft lengths and their scratch
-    CostCurve curve
+    # a batch's drafting plan: its step-cost curve (the context's: _batch_curve_memory), this
+    # step's draft lengths and their scratch
+    CostCurve * curve
     vector[int32_t] ks
     vector[_Gain] gains
     vector[double] cost
@@ -235,7 +237,7 @@ cdef void _spec_plan_batch(vector[SeqCore *] & seqs, BatchSpec * plan) noexcept 
     cdef int32_t j, b, m, best_m = 0, rows = 0
     cdef double tokens = 0.0, p, rate, best_rate
     cdef SeqCore * q
-    cdef CostCurve * c = &plan.curve
+    cdef CostCurve * c = plan.curve
     cdef vector[int32_t] * ks = &plan.ks
     cdef vector[_Gain] * gains = &plan.gains
     cdef vector[double] * cost = &plan.cost
@@ -288,6 +290,8 @@ def _spec_plan_step(dict times, list seqs, int max_rows=512):
     cdef BatchSpec plan
     cdef vector[SeqCore *] qs
     cdef SeqCore * q
+    cdef _SpecMemory mem = _SpecMemory()
+    plan.curve = &mem.m.curve
     plan.curve.reset(max_rows)
     for rows, us in times.items():
         plan.curve.record(rows, us, False)

@@ -100,7 +100,8 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="keep the draft length when drafts are rejected")
     g.add_argument("--spec-no-exact", action="store_true",
                    help="verify drafts with many-row kernels: faster on weight types without "
-                        "a two-row kernel, but a text can leave plain decoding's at a near-tie "
+                        "patch 0008's multi-row kernels (Q4_K, Q6_K), but a text can leave plain "
+                        "decoding's at a near-tie "
                         "(docs/speculative.md)")
     g.add_argument("--model-draft", "-md", default=None, metavar="PATH",
                    help="a draft model sharing the model's vocabulary (draft-simple)")

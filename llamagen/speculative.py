@@ -54,8 +54,9 @@ class Speculative:
     ``draft_model`` (a ``llamagen.Model`` sharing the target's vocabulary, in a context of its
     own that follows each sequence's tokens).  ``exact``: a verify decode computes each of its rows
     with the kernels a one-row decode takes (CPU), so its logits are plain decoding's bit for bit
-    and so is the text, greedy or seeded; False takes the many-row kernels (faster for weight types
-    without patch 0008's two-row kernel), whose rounding can flip a near-tie (docs/speculative.md).  It applies to single streams and to batch steps
+    and so is the text, greedy or seeded; False takes the many-row kernels (faster for weight
+    types patch 0008 has no multi-row one-row-mode kernel for: Q4_K, Q6_K), whose rounding can
+    flip a near-tie (docs/speculative.md).  It applies to single streams and to batch steps
     holding one sequence (a step with several sequences is a many-row batch either way)."""
     type: str = "ngram-mod"
     n_max: int = 16
