@@ -160,7 +160,8 @@ def test_patches_are_applied_to_the_unpacked_source():
                                                "llama_cpp-0005-grammar-valid-utf8.patch",
                                                "llama_cpp-0006-autoparser-output-cap.patch",
                                                "llama_cpp-0007-grammar-clone-linear.patch",
-                                               "llama_cpp-0008-ggml-cpu-one-row.patch"]
+                                               "llama_cpp-0008-ggml-cpu-one-row.patch",
+                                               "llama_cpp-0009-ggml-cpu-sgemm-vnni512.patch"]
     if os.environ.get("LLAMAGEN_LLAMA_CPP_DIR"):
         pytest.skip("built against the user's own llama.cpp checkout (built as it is)")
     cpu = ROOT / "third_party" / "llama.cpp" / "ggml" / "src" / "ggml-cpu"
@@ -177,6 +178,7 @@ def test_patches_are_applied_to_the_unpacked_source():
     assert "params->batch_invariant" in (cpu / "tiled" / "tiled.cpp").read_text()
     assert "params->one_row" in (cpu / "llamafile" / "sgemm.cpp").read_text()
     assert "lg_vec_dot_q5_0_q8_0_x2" in (cpu / "ggml-cpu.c").read_text()
+    assert "void lg_matmul(int64_t m, int64_t n)" in (cpu / "llamafile" / "sgemm.cpp").read_text()
     jinja = ROOT / "third_party" / "llama.cpp" / "common" / "jinja" / "runtime.cpp"
     assert "lg_macro_depth" in jinja.read_text()
     # the unpacked tree is stamped with the pin and the patches: a changed patch unpacks afresh
