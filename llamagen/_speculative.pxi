@@ -206,10 +206,10 @@ cdef struct _Gain:
 
 
 # A many-row step's rows are drafted up to a multiple of 4: ggml-cpu's many-row kernels work in
-# tiles of 4 rows (the repacked gemm, sgemm) and take the rest row by row, so 9-11 rows cost
-# more than 12 (gemma3 Q4_K_M, batch of 8, 2-core EPYC, one run's curve, ms: 8 40, 9 52, 11 64,
-# 12 51, 13 64, 15 74, 16 57, 19 80, 20 65); and a quarter of the sizes is a quarter of the
-# curve to learn.
+# tiles of 4 rows and take the rest row by row (the repacked Q4_K gemm; llamafile's sgemm too
+# without patch 0009's AVX-512 path: then 9-11 rows cost more than 12, gemma3 Q4_K_M, 2-core
+# EPYC, ms: 8 40, 9 52, 11 64, 12 51); and a quarter of the sizes is a quarter of the curve to
+# learn (with patch 0009, gemma3 at 8 sequences: 321-343 t/s with the multiple, 316-332 without).
 cdef int32_t _ROW_MULTIPLE = 4
 
 
