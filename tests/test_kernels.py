@@ -1,11 +1,14 @@
 """Our CPU kernels (patches under third_party/) against the ones they replace, bit for bit."""
 from __future__ import annotations
 
+import pytest
+
 from script_util import run_script
 
-# a batch's decodes at several row counts (prefills of ~100 rows, then steps of 2-12 rows: full
-# tiles of 8 and every remainder) on gemma3, whose Q4_K_M has Q8_0 (its 262k-row output matrix)
-# and Q5_0 (its 640-wide rows) weights: every token and top-3 logprob, as exact floats
+# a batch's decodes at several row counts (prefills of ~40 rows, then steps of 2-12 rows: full
+# tiles and every remainder), every token and top-3 logprob as exact floats.  gemma3's Q4_K_M has
+# Q8_0 (its 262k-row output matrix) and Q5_0 (its 640-wide rows) weights, SmolLM2's Q4_1 layers
+# and a Q8_0 output matrix
 _BATCHES = """
 import hashlib, struct
 model = llamagen.Model(MODEL)
@@ -33,11 +36,16 @@ def _hashes(model_path, env):
     return [line for line in out.splitlines() if line.startswith("SIZE ")]
 
 
-def test_many_row_q8_0_products_equal_llamafiles_bit_for_bit(real_model_path):
-    # patch 0009: with AVX-512 VNNI, llamafile's Q8_0/Q5_0 products go through lg_matmul; with
-    # LLAMAGEN_TINYBLAS_REF=1, through its own mnpack (without AVX-512 VNNI both are mnpack's)
-    ref = _hashes(real_model_path, {"LLAMAGEN_TINYBLAS_REF": "1"})
-    ours = _hashes(real_model_path, {})
+@pytest.mark.parametrize("which", ["gemma3", "smollm2"])
+def test_many_row_products_equal_the_reference_kernels_bit_for_bit(real_model_path, smollm2_path,
+                                                                   which):
+    # patch 0009: with AVX-512 VNNI, llamafile's Q8_0/Q5_0 products go through lg_matmul and Q4_1
+    # through lgQ41; with LLAMAGEN_TINYBLAS_REF=1, through llamafile's mnpack and ggml's vec_dot
+    # (without AVX-512 VNNI both runs take those).  One-row mode's use of them is checked
+    # against plain decoding by tests/test_speculative.py (exact verification)
+    path = real_model_path if which == "gemma3" else smollm2_path
+    ref = _hashes(path, {"LLAMAGEN_TINYBLAS_REF": "1"})
+    ours = _hashes(path, {})
     assert len(ref) == 6
     assert ours == ref
 
