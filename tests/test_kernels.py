@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+import llamagen
 from script_util import run_script
+from tiny_gguf import QUANTIZABLE, write_tiny_gguf
 
 # a batch's decodes at several row counts (prefills of ~40 rows, then steps of 2-12 rows: full
 # tiles and every remainder), every token and top-3 logprob as exact floats.  gemma3's Q4_K_M has
@@ -27,25 +29,54 @@ for size in (2, 3, 5, 7, 9, 12):
                 h.update(struct.pack("if", t.token, t.logprob))
     print("SIZE", size, h.hexdigest())
     ctx.close()
+# exact speculative verification: its many-row decodes take the one-row kernels (patch 0009's
+# for Q8_0, Q5_0, Q4_0 and Q4_1 on AVX-512 VNNI, vec_dot's with the reference switch)
+ctx = llamagen.Context(model, n_ctx=1024, n_threads=2)
+spec = llamagen.Speculative(type="ngram-simple", ngram_n=2, ngram_m=8, n_max=8, adaptive=False)
+st = llamagen.gen_begin(ctx, prompts[0] + " " + prompts[0], max_new_tokens=48, temp=0, logprobs=3,
+                        speculative=spec, ignore_eos=True)
+"".join(st)
+st.end()
+h = hashlib.md5(str(st.tokens).encode())
+for lp in st.logprobs:
+    h.update(struct.pack("f", lp.logprob))
+    for t in lp.top:
+        h.update(struct.pack("if", t.token, t.logprob))
+print("STREAM", h.hexdigest())
+print("DRAFTED", st.speculative_stats["drafted"])
 """
 
 
 def _hashes(model_path, env):
     rc, out = run_script(_BATCHES, env_extra=env, MODEL=str(model_path))
     assert rc == 0, out
-    return [line for line in out.splitlines() if line.startswith("SIZE ")]
+    lines = out.splitlines()
+    drafted = next(int(x.split()[1]) for x in lines if x.startswith("DRAFTED "))
+    assert drafted > 0                  # (the stream's verify decodes had several rows)
+    return [x for x in lines if x.startswith(("SIZE ", "STREAM "))]
 
 
-@pytest.mark.parametrize("which", ["gemma3", "smollm2"])
-def test_many_row_products_equal_the_reference_kernels_bit_for_bit(real_model_path, smollm2_path,
-                                                                   which):
-    # patch 0009: with AVX-512 VNNI, llamafile's Q8_0/Q5_0 products go through lg_matmul and Q4_1
-    # through lgQ41; with LLAMAGEN_TINYBLAS_REF=1, through llamafile's mnpack and ggml's vec_dot
-    # (without AVX-512 VNNI both runs take those).  One-row mode's use of them is checked
-    # against plain decoding by tests/test_speculative.py (exact verification)
-    path = real_model_path if which == "gemma3" else smollm2_path
+@pytest.fixture(scope="module")
+def tiny_q4_0(tmp_path_factory):
+    # every weight Q4_0, which no real model here has (pure: not the default mix)
+    folder = tmp_path_factory.mktemp("kernels")
+    src = write_tiny_gguf(folder / "src.gguf", seed=7, **QUANTIZABLE)
+    dst = folder / "q4_0.gguf"
+    llamagen.quantize(src, dst, "Q4_0", pure=True)
+    return dst
+
+
+@pytest.mark.parametrize("which", ["gemma3", "smollm2", "tiny-q4_0"])
+def test_many_row_products_equal_the_reference_kernels_bit_for_bit(request, which):
+    # patch 0009: with AVX-512 VNNI, llamafile's Q8_0/Q5_0/Q4_0 products go through lg_matmul and
+    # Q4_1 through lgQ41, in batches and in exact verification's one-row mode; with
+    # LLAMAGEN_TINYBLAS_REF=1, through llamafile's mnpack and ggml's vec_dot (without AVX-512
+    # VNNI both runs take those).  tests/test_speculative.py checks exact verification against
+    # plain decoding too
+    path = request.getfixturevalue({"gemma3": "real_model_path", "smollm2": "smollm2_path",
+                                    "tiny-q4_0": "tiny_q4_0"}[which])
     ref = _hashes(path, {"LLAMAGEN_TINYBLAS_REF": "1"})
     ours = _hashes(path, {})
-    assert len(ref) == 6
+    assert len(ref) == 7
     assert ours == ref
 
