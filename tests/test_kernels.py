@@ -57,24 +57,31 @@ def _hashes(model_path, env):
 
 
 @pytest.fixture(scope="module")
-def tiny_q4_0(tmp_path_factory):
-    # every weight Q4_0, which no real model here has (pure: not the default mix)
+def tiny_quantized(tmp_path_factory):
+    """tiny_quantized(type) -> a tiny model with every weight in ``type`` (pure: not the default
+    mix), for the types no real model here has."""
     folder = tmp_path_factory.mktemp("kernels")
     src = write_tiny_gguf(folder / "src.gguf", seed=7, **QUANTIZABLE)
-    dst = folder / "q4_0.gguf"
-    llamagen.quantize(src, dst, "Q4_0", pure=True)
-    return dst
+
+    def make(ftype):
+        dst = folder / f"{ftype}.gguf"
+        if not dst.exists():
+            llamagen.quantize(src, dst, ftype, pure=True)
+        return dst
+    return make
 
 
-@pytest.mark.parametrize("which", ["gemma3", "smollm2", "tiny-q4_0"])
+@pytest.mark.parametrize("which", ["gemma3", "smollm2", "Q4_0", "IQ4_NL"])
 def test_many_row_products_equal_the_reference_kernels_bit_for_bit(request, which):
     # patch 0009: with AVX-512 VNNI, llamafile's Q8_0/Q5_0/Q4_0 products go through lg_matmul and
     # Q4_1 through lgQ41, in batches and in exact verification's one-row mode; with
     # LLAMAGEN_TINYBLAS_REF=1, through llamafile's mnpack and ggml's vec_dot (without AVX-512
     # VNNI both runs take those).  tests/test_speculative.py checks exact verification against
     # plain decoding too
-    path = request.getfixturevalue({"gemma3": "real_model_path", "smollm2": "smollm2_path",
-                                    "tiny-q4_0": "tiny_q4_0"}[which])
+    if which in ("gemma3", "smollm2"):
+        path = request.getfixturevalue("real_model_path" if which == "gemma3" else "smollm2_path")
+    else:
+        path = request.getfixturevalue("tiny_quantized")(which)
     ref = _hashes(path, {"LLAMAGEN_TINYBLAS_REF": "1"})
     ours = _hashes(path, {})
     assert len(ref) == 7
