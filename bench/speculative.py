@@ -330,11 +330,13 @@ def servers(path, tokens, threads, prompts_text, streams_list=(1, 8)):
                 with srv:
                     for streams in streams_list:
                         def one(i):
+                            # (ignore_eos: both servers decode the same lengths, where their
+                            # texts may end at different places)
                             body = {"prompt": prompts_text[i % len(prompts_text)], "max_tokens": tokens,
-                                    "temperature": 0.0, "seed": 42}
+                                    "temperature": 0.0, "seed": 42, "ignore_eos": True}
                             j = httpx.post(srv.url + "/v1/completions", json=body, timeout=600).json()
                             return j["usage"]["completion_tokens"]
-                        n_req = streams * 2
+                        n_req = streams * 4
                         t0 = time.perf_counter()
                         with concurrent.futures.ThreadPoolExecutor(streams) as ex:
                             n = sum(ex.map(one, range(n_req)))
@@ -398,7 +400,8 @@ def write(res) -> str:
                      f"{b['accepted']} / {b['drafted']} | {b['same']}/{b['n']} |")
     if res.get("servers"):
         _table(L, "**Servers** (SmolLM2, 8 slots, greedy `/v1/completions` of the repetitive "
-               "prompts, 2 requests per stream, aggregate completion tokens/s):",
+               "prompts, 4 requests per stream of 128 tokens each (`ignore_eos`), aggregate "
+               "completion tokens/s, prefill included):",
                ["streams:", "llamagen plain:", "llamagen spec:", "llama-server plain:",
                 "llama-server spec:", "llamagen spec / llama-server spec:"])
         by = {(s["server"], s["label"], s["streams"]): s["tokens_per_second"] for s in res["servers"]}
