@@ -8,8 +8,9 @@ kernel it replaces (tests/test_kernels.py); ``LLAMAGEN_TINYBLAS_REF=1`` keeps th
 mnpack, ggml's vec_dot).  Each round runs both, one after the other, in fresh interpreters of one
 build, on gemma3-270m Q4_K_M (Q8_0 output matrix, Q5_0 and Q4_K layers) and SmolLM2-135M Q4_1:
 - a plain batch step of N sequences (N rows with logits; median of 24 steps),
-- an exact speculative verify of N rows (one stream, fixed drafts of N - 1 on a counting prompt
-  whose drafts are all accepted: the one-row kernels; median over the steps),
+- an exact speculative verify of N rows (bench/speculative.py's row_costs: one stream, fixed
+  drafts of N - 1 on a counting prompt whose drafts are all accepted, the one-row kernels; best of
+  3 streams' decode time per step),
 - a prefill of ~750 tokens (tokens/s, median of 3).
 Writes bench/out/kernels.json and bench/RESULTS.md section 26 (ranges over the rounds).
 """
@@ -54,28 +55,9 @@ for n in BATCH_ROWS:
     while len(b):
         b.step()
     ctx.close()
+# (bench/speculative.py's row costs: fixed drafts of rows - 1 on a counting prompt, all accepted)
+out["verify"] = S.row_costs("kernels", PATH, THREADS, rows=VERIFY_ROWS)
 ctx = llamagen.Context(model, n_ctx=4096, n_threads=THREADS)
-counting = "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 " * 8
-for rows in VERIFY_ROWS:
-    spec = llamagen.Speculative(type="ngram-simple", ngram_n=4, ngram_m=16, n_max=rows - 1,
-                                adaptive=False)
-    ts = []
-    for _ in range(2):
-        st = llamagen.gen_begin(ctx, counting, max_new_tokens=120, speculative=spec, temp=0,
-                                ignore_eos=True)
-        last = 0
-        while True:
-            t0 = time.perf_counter()
-            try:
-                next(st)
-            except StopIteration:
-                break
-            d = st.speculative_stats["drafted"] - last
-            last += d
-            if d == rows - 1:
-                ts.append((time.perf_counter() - t0) * 1000)
-        st.end()
-    out["verify"][rows] = statistics.median(ts)
 long = " ".join(S.PARAS) * 4
 pf = []
 for _ in range(3):
@@ -146,7 +128,7 @@ def main(argv=None) -> int:
         r = {"ref": [], "ours": []}
         for i in range(a.rounds):
             for key, ref in (("ref", True), ("ours", False)):
-                r[key].append(json.loads(json.dumps(probe(paths[name], ref, a.threads))))
+                r[key].append(probe(paths[name], ref, a.threads))
                 x = r[key][-1]
                 S.log(f"{name} round {i} {key:4s} batch {x['batch']} verify {x['verify']} "
                       f"prefill {x['prefill']:.0f}")

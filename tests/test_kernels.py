@@ -7,7 +7,7 @@ import llamagen
 from script_util import run_script
 from tiny_gguf import QUANTIZABLE, write_tiny_gguf
 
-# a batch's decodes at several row counts (prefills of ~40 rows, then steps of 2-12 rows: full
+# a batch's decodes at several row counts (the prompts' prefills, then steps of 2-12 rows: full
 # tiles and every remainder), every token and top-3 logprob as exact floats.  gemma3's Q4_K_M has
 # Q8_0 (its 262k-row output matrix) and Q5_0 (its 640-wide rows) weights, SmolLM2's Q4_1 layers
 # and a Q8_0 output matrix
