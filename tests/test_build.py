@@ -161,12 +161,14 @@ def test_patches_are_applied_to_the_unpacked_source():
                                                "llama_cpp-0006-autoparser-output-cap.patch",
                                                "llama_cpp-0007-grammar-clone-linear.patch",
                                                "llama_cpp-0008-ggml-cpu-one-row.patch",
-                                               "llama_cpp-0009-ggml-cpu-sgemm-vnni512.patch"]
+                                               "llama_cpp-0009-ggml-cpu-sgemm-vnni512.patch",
+                                               "llama_cpp-0010-ggml-cpu-fa-mask-scan.patch"]
     if os.environ.get("LLAMAGEN_LLAMA_CPP_DIR"):
         pytest.skip("built against the user's own llama.cpp checkout (built as it is)")
     cpu = ROOT / "third_party" / "llama.cpp" / "ggml" / "src" / "ggml-cpu"
     ops = (cpu / "ops.cpp").read_text()
     assert "LLAMAGEN_FA_SPLIT_KV" in ops
+    assert "lg_fa_next_unmasked" in ops
     assert "ggml_compute_forward_flash_attn_ext_f16_canonical" in ops
     assert "batch_invariant" in (cpu / "repack.cpp").read_text()
     src = ROOT / "third_party" / "llama.cpp"

@@ -87,3 +87,54 @@ def test_many_row_products_equal_the_reference_kernels_bit_for_bit(request, whic
     assert len(ref) == 7
     assert ours == ref
 
+
+
+# attention over a unified cache of several sequences: prompts of 9-150 tokens join running
+# sequences (prefill chunks of 64+ rows take the tiled kernel, decode rows the one-row one), in a
+# plain batch, a batch-invariant context (the canonical kernel) and a batch verifying exact drafts
+# (one-row mode).  Every row's mask is mostly other sequences' cells.
+_ATTENTION = """
+import hashlib, struct
+model = llamagen.Model(MODEL)
+words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+prompts = [" ".join(f"{words[(i * 5 + j) % 12]} {(i * 13 + j) % 37}" for j in range(3 + 12 * i))
+           for i in range(12)]
+def digest(results):
+    h = hashlib.md5()
+    for r in results:
+        h.update(str(r.tokens).encode())
+        for lp in r.logprobs:
+            h.update(struct.pack("f", lp.logprob))
+            for t in lp.top:
+                h.update(struct.pack("if", t.token, t.logprob))
+    return h.hexdigest()
+for label, kw in (("plain", {}), ("invariant", {"deterministic": True})):
+    ctx = llamagen.Context(model, n_ctx=4096, n_seq_max=6, kv_unified=True, n_threads=2, **kw)
+    print(label.upper(), digest(llamagen.map_generate(ctx, prompts, batch_size=6, max_new_tokens=12,
+                                                      logprobs=3, temp=0)))
+    ctx.close()
+ctx = llamagen.Context(model, n_ctx=4096, n_seq_max=6, kv_unified=True, n_threads=2)
+spec = llamagen.Speculative(type="ngram-simple", ngram_n=2, ngram_m=8, n_max=6, adaptive=False)
+stats = {}
+print("EXACT", digest(llamagen.map_generate(ctx, [p + " . " + p for p in prompts[2:8]], batch_size=6,
+                                            max_new_tokens=24, logprobs=3, temp=0, ignore_eos=True,
+                                            speculative=spec, stats=stats)))
+print("DRAFTED", stats["accepted_draft_tokens"])
+"""
+
+
+@pytest.mark.parametrize("which", ["gemma3", "smollm2"])
+def test_attention_mask_scan_equals_the_reference_bit_for_bit(request, which):
+    # patch 0010: flash attention skips the -inf mask entries (other sequences' cells, the causal
+    # future) 32 at a time; LLAMAGEN_FA_MASK_REF=1 tests each entry as llama.cpp does.  gemma3's
+    # sliding-window layers mask more than causality
+    path = request.getfixturevalue("real_model_path" if which == "gemma3" else "smollm2_path")
+    runs = []
+    for env in ({"LLAMAGEN_FA_MASK_REF": "1"}, {}):
+        rc, out = run_script(_ATTENTION, env_extra=env, MODEL=str(path))
+        assert rc == 0, out
+        lines = out.splitlines()
+        assert int(next(x for x in lines if x.startswith("DRAFTED ")).split()[1]) > 0
+        runs.append([x for x in lines if x.startswith(("PLAIN ", "INVARIANT ", "EXACT "))])
+    assert len(runs[0]) == 3
+    assert runs[1] == runs[0]
