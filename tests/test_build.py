@@ -162,7 +162,7 @@ def test_patches_are_applied_to_the_unpacked_source():
                                                "llama_cpp-0007-grammar-clone-linear.patch",
                                                "llama_cpp-0008-ggml-cpu-one-row.patch",
                                                "llama_cpp-0009-ggml-cpu-sgemm-vnni512.patch",
-                                               "llama_cpp-0010-ggml-cpu-fa-mask-scan.patch"]
+                                               "llama_cpp-0010-ggml-cpu-fa-unified-cache.patch"]
     if os.environ.get("LLAMAGEN_LLAMA_CPP_DIR"):
         pytest.skip("built against the user's own llama.cpp checkout (built as it is)")
     cpu = ROOT / "third_party" / "llama.cpp" / "ggml" / "src" / "ggml-cpu"

@@ -138,3 +138,26 @@ def test_attention_mask_scan_equals_the_reference_bit_for_bit(request, which):
         runs.append([x for x in lines if x.startswith(("PLAIN ", "INVARIANT ", "EXACT "))])
     assert len(runs[0]) == 3
     assert runs[1] == runs[0]
+
+
+def test_many_sequences_on_a_unified_cache_decode_as_on_their_own_streams(smollm2_model):
+    # patch 0010: on a unified cache a tile of the tiled attention kernel holds one sequence's
+    # rows, and a sequence's few rows (a decode row, a short prompt) take the one-row kernel, as
+    # on per-sequence KV streams, where each stream's rows are alone.  SmolLM2's products give a
+    # row the same bits whatever rows are beside it, so 64 sequences decoding together agree with
+    # the streams (here 64 of 64; 44 when the tiles mixed every sequence's rows)
+    animals = "cat dog bird fox cow owl bee ant elk yak emu eel".split()
+    prompts = [f"Write one sentence about a {animals[i % 12]} named {chr(65 + i % 26)}{i}."
+               for i in range(64)]
+    texts = {}
+    for unified in (True, False):
+        ctx = llamagen.Context(smollm2_model, n_ctx=64 * 96, n_seq_max=64, kv_unified=unified,
+                               n_threads=2)
+        try:
+            texts[unified] = [r.tokens for r in llamagen.map_generate(
+                ctx, prompts, batch_size=64, max_new_tokens=12, temp=0, ignore_eos=True)]
+        finally:
+            ctx.close()
+    assert all(len(t) == 12 for t in texts[True])
+    same = sum(a == b for a, b in zip(texts[True], texts[False]))
+    assert same >= 60, f"{same} of 64 texts as on per-sequence streams"
