@@ -328,6 +328,9 @@ def servers(path, tokens, threads, prompts_text, streams_list=(1, 8)):
             os.environ["PYTHONPATH"] = ROOT + (os.pathsep + env_pp if env_pp else "")
             try:
                 with srv:
+                    # one request first, not timed: neither server's first-request costs count
+                    httpx.post(srv.url + "/v1/completions", json={
+                        "prompt": prompts_text[0], "max_tokens": 8, "temperature": 0.0}, timeout=600)
                     for streams in streams_list:
                         def one(i):
                             # (ignore_eos: both servers decode the same lengths, where their
