@@ -4,7 +4,8 @@
 
 third_party/llama_cpp-0010-ggml-cpu-fa-unified-cache.patch makes the CPU attention pay for a
 row's own cells: it skips -inf mask entries 32 at a time and keeps each tile of the tiled kernel
-to one sequence's rows (a sequence's fewer than 16 rows take the one-row kernel).
+to one sequence's rows (a sequence with fewer than 64 rows in the ubatch takes the one-row
+kernel), its KV tiles starting at the sequence's first cell.
 ``LLAMAGEN_FA_MASK_REF=1`` with ``LLAMAGEN_FA_MIXED_TILES=1`` runs the attention as llama.cpp has
 it.  Each round runs both, one after the other, in fresh interpreters of one build, on
 gemma3-270m Q4_K_M and SmolLM2-135M Q4_1:

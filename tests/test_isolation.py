@@ -116,6 +116,35 @@ def test_engine_answer_is_the_same_when_idle_caches_widen_the_attention_window(s
     _same(before, after)
 
 
+def _long_prompt(i, n_words):
+    words = "river stone lamp garden window letter silver morning harbor candle".split()
+    return " ".join(f"{words[(i * 3 + j) % 10]} {j % 17}" for j in range(n_words)) + "."
+
+
+def _ask_text(engine, text):
+    r = engine.generate_sync(text, max_new_tokens=N_NEW, temp=0, logprobs=1, ignore_eos=True)
+    return r.tokens, [t.logprob for t in r.choices[0].logprobs], r.usage.cached_tokens
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_engine_answer_to_a_long_prompt_is_the_same_after_other_requests(request, which):
+    # a prompt of 64+ tokens takes ggml's tiled attention, whose 64-cell KV tiles each rescale
+    # the running sums once: with idle caches in front, the prompt's cells started after theirs
+    # instead of at cell 0, the tiles cut them elsewhere, and the answer changed (SmolLM2: up to
+    # 1.6 nats, another text).  Patch 0010 starts the KV tiles at the sequence's first cell
+    model = request.getfixturevalue("smollm2" if which == "smollm2" else "real_model")
+    q = _long_prompt(2, 74)
+    with _engine(model) as e:
+        before = _ask_text(e, q)
+    with _engine(model) as e:
+        for i in (0, 1, 3):
+            _ask_text(e, _long_prompt(i, 40 + 17 * i))
+        assert e.stats().kv_used > 300
+        after = _ask_text(e, q)
+    assert after[2] == 0                    # (prefilled, not a cache hit)
+    _same(before, after)
+
+
 def test_engine_answer_is_the_same_when_an_evicted_cache_left_a_hole(smollm2):
     # a long request, then the question sampled (its cache is the prefix the question reuses), and
     # the long one's cache evicted by the budget: free cells before the reused prefix

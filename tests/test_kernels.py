@@ -161,3 +161,26 @@ def test_many_sequences_on_a_unified_cache_decode_as_on_their_own_streams(smollm
     assert all(len(t) == 12 for t in texts[True])
     same = sum(a == b for a, b in zip(texts[True], texts[False]))
     assert same >= 60, f"{same} of 64 texts as on per-sequence streams"
+
+
+def test_engine_and_stream_agree_on_prompts_the_tiles_split(smollm2_model):
+    # patch 0010: a sequence's rows take the tiled kernel when it has Q_TILE_SZ (64) or more in
+    # the ubatch, else the one-row kernel, however the threads' chunks cut them.  Deciding per
+    # chunk sent a long prompt's last few rows in a chunk to the one-row kernel: the engine
+    # (which decodes a prompt's last token alone) and a stream (all of it at once) cut a
+    # 131-token prompt differently, and 5 of 6 such greedy texts differed
+    words = "river stone lamp garden window letter silver morning harbor candle".split()
+    prompts = [" ".join(f"{words[(i * 3 + j) % 10]} {j % 17}" for j in range(40 + 17 * i)) + "."
+               for i in range(5)]
+    ctx = llamagen.Context(smollm2_model, n_ctx=2048, n_threads=2)
+    eng = llamagen.AsyncEngine(smollm2_model, n_ctx=4096, n_parallel=4, n_threads=2)
+    try:
+        for p in prompts:
+            st = llamagen.gen_begin(ctx, p, max_new_tokens=24, temp=0, ignore_eos=True)
+            "".join(st)
+            st.end()
+            res = eng.generate_sync(p, max_new_tokens=24, temp=0, ignore_eos=True)
+            assert res.choices[0].tokens == st.tokens, len(smollm2_model.tokenize(p))
+    finally:
+        eng.close()
+        ctx.close()
