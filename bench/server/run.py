@@ -107,13 +107,16 @@ def _bench_run_module():
 
 
 def llama_server_path(build: bool = True) -> str | None:
-    """The llama-server binary of this checkout's CMake build dir; built when missing and ``build``."""
+    """The llama-server binary of this checkout's CMake build dir; with ``build``, built or brought
+    up to date first (a binary from before a patch changed would run other kernels than llamagen:
+    earlier figures here compared against one)."""
     sys.path.insert(0, os.path.join(BENCH, "native"))
     from build import build_dir, build_targets
     exe = os.path.join(build_dir(), "bin", "llama-server")
-    if os.path.exists(exe) or not build:
+    if not build:
         return exe if os.path.exists(exe) else None
-    log("building llama-server (a few minutes on 2 cores) ...")
+    if not os.path.exists(exe):
+        log("building llama-server (a few minutes on 2 cores) ...")
     build_targets("llama-server", jobs=int(os.environ.get("LLAMAGEN_JOBS", "0")) or None)
     return exe if os.path.exists(exe) else None
 
