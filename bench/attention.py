@@ -19,18 +19,14 @@ Writes bench/out/attention.json and bench/RESULTS.md section 27 (ranges over the
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import ab  # noqa: E402  (fresh-interpreter probes)
 import speculative as S  # noqa: E402  (models, prompts, row costs, publish)
 
 OUT_JSON = os.path.join(HERE, "out", "attention.json")
@@ -63,17 +59,8 @@ for n, cells in SHAPES:
             t0 = time.perf_counter(); b.step(); ts.append(time.perf_counter() - t0)
         out["step"][f"{n}x{cells}/{'unified' if unified else 'streams'}"] = statistics.median(ts) * 1000
         ctx.close()
-out["verify"] = S.row_costs("attention", PATH, THREADS, rows=VERIFY_ROWS)
-ctx = llamagen.Context(model, n_ctx=4096, n_threads=THREADS)
-long = " ".join(S.PARAS) * 4
-pf = []
-for _ in range(3):
-    st = llamagen.gen_begin(ctx, long, max_new_tokens=1, temp=0)
-    list(st); st.end()
-    pf.append(st.timings["prefill_tokens_per_second"])
-ctx.close()
-out["prefill"] = statistics.median(pf)
-out["prefill_tokens"] = st.timings["n_prompt_tokens"]
+"""
+_PROBE += ab.VERIFY_AND_PREFILL + r"""
 texts = [S.prompt_for(NAME, model, i) for k, i in S.instructions() if k not in S.OPEN_KINDS]
 items = [texts[i % len(texts)] for i in range(32)]
 for unified in (True, False):
@@ -88,24 +75,9 @@ print("RESULT " + json.dumps(out))
 
 
 def probe(name: str, path: str, ref: bool, threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for k in ("LLAMAGEN_FA_MASK_REF", "LLAMAGEN_FA_MIXED_TILES"):
-        env.pop(k, None)
-        if ref:
-            env[k] = "1"
-    head = (f"ROOT = {ROOT!r}\nHERE = {HERE!r}\nPATH = {path!r}\nNAME = {name!r}\n"
-            f"THREADS = {threads}\nSHAPES = {SHAPES!r}\nVERIFY_ROWS = {VERIFY_ROWS!r}\n")
-    p = subprocess.run([sys.executable, "-"], input=head + _PROBE, capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=1800)
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if p.returncode != 0 or line is None:
-        raise RuntimeError(f"probe failed ({p.returncode}): {p.stderr[-2000:]}")
-    return json.loads(line[len("RESULT "):])
-
-
-def _rng(xs, nd=1):
-    lo, hi = min(xs), max(xs)
-    return f"{lo:.{nd}f}" if round(lo, nd) == round(hi, nd) else f"{lo:.{nd}f}-{hi:.{nd}f}"
+    switches = ("LLAMAGEN_FA_MASK_REF", "LLAMAGEN_FA_MIXED_TILES")
+    return ab.probe(_PROBE, {k: "1" for k in switches} if ref else {}, switches, PATH=path,
+                    NAME=name, THREADS=threads, SHAPES=SHAPES, VERIFY_ROWS=VERIFY_ROWS)
 
 
 def write(res) -> str:
@@ -122,7 +94,7 @@ def write(res) -> str:
 
     def row(name, label, a, b, nd=1, higher=False):
         x = statistics.median(b) / statistics.median(a) if higher else statistics.median(a) / statistics.median(b)
-        L.append(f"| {name} | {label} | {_rng(a, nd)} | {_rng(b, nd)} | {x:.2f} |")
+        L.append(f"| {name} | {label} | {ab.rng(a, nd)} | {ab.rng(b, nd)} | {x:.2f} |")
 
     for name, r in res["models"].items():
         ref, ours = r["ref"], r["ours"]
@@ -144,26 +116,8 @@ def write(res) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--models", default="gemma3,smollm2")
-    ap.add_argument("--no-write", action="store_true")
-    a = ap.parse_args(argv)
-    paths = S.model_paths()
-    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": S._cpu(),
-           "threads": a.threads, "rounds": a.rounds, "models": {}}
-    for name in a.models.split(","):
-        r = {"ref": [], "ours": []}
-        for i in range(a.rounds):
-            for key, ref in (("ref", True), ("ours", False)):
-                r[key].append(probe(name, paths[name], ref, a.threads))
-                x = r[key][-1]
-                S.log(f"{name} round {i} {key:4s} step {x['step']} verify {x['verify']} "
-                      f"prefill {x['prefill']:.0f} map {x['map']}")
-        res["models"][name] = r
-    S.publish(res, OUT_JSON, write(res), HEADING, not a.no_write)
-    return 0
+    return ab.main(argv, __doc__, "gemma3,smollm2", probe,
+                   lambda x: f"step {x['step']} verify {x['verify']} prefill {x['prefill']:.0f} map {x['map']}", write, OUT_JSON, HEADING)
 
 
 if __name__ == "__main__":

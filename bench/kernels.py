@@ -16,18 +16,14 @@ Writes bench/out/kernels.json and bench/RESULTS.md section 26 (ranges over the r
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import ab  # noqa: E402  (fresh-interpreter probes)
 import speculative as S  # noqa: E402  (models, prompts, publish)
 
 OUT_JSON = os.path.join(HERE, "out", "kernels.json")
@@ -55,39 +51,14 @@ for n in BATCH_ROWS:
     while len(b):
         b.step()
     ctx.close()
-# (bench/speculative.py's row costs: fixed drafts of rows - 1 on a counting prompt, all accepted)
-out["verify"] = S.row_costs("kernels", PATH, THREADS, rows=VERIFY_ROWS)
-ctx = llamagen.Context(model, n_ctx=4096, n_threads=THREADS)
-long = " ".join(S.PARAS) * 4
-pf = []
-for _ in range(3):
-    st = llamagen.gen_begin(ctx, long, max_new_tokens=1, temp=0)
-    list(st); st.end()
-    pf.append(st.timings["prefill_tokens_per_second"])
-out["prefill"] = statistics.median(pf)
-out["prefill_tokens"] = st.timings["n_prompt_tokens"]
-print("RESULT " + json.dumps(out))
+"""
+_PROBE += ab.VERIFY_AND_PREFILL + """print("RESULT " + json.dumps(out))
 """
 
 
 def probe(path: str, ref: bool, threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("LLAMAGEN_TINYBLAS_REF", None)
-    if ref:
-        env["LLAMAGEN_TINYBLAS_REF"] = "1"
-    head = (f"ROOT = {ROOT!r}\nHERE = {HERE!r}\nPATH = {path!r}\nTHREADS = {threads}\n"
-            f"BATCH_ROWS = {BATCH_ROWS!r}\nVERIFY_ROWS = {VERIFY_ROWS!r}\n")
-    p = subprocess.run([sys.executable, "-"], input=head + _PROBE, capture_output=True, text=True,
-                       env=env, cwd=ROOT, timeout=900)
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if p.returncode != 0 or line is None:
-        raise RuntimeError(f"probe failed ({p.returncode}): {p.stderr[-2000:]}")
-    return json.loads(line[len("RESULT "):])
-
-
-def _rng(xs, nd=1):
-    lo, hi = min(xs), max(xs)
-    return f"{lo:.{nd}f}" if round(lo, nd) == round(hi, nd) else f"{lo:.{nd}f}-{hi:.{nd}f}"
+    return ab.probe(_PROBE, {"LLAMAGEN_TINYBLAS_REF": "1"} if ref else {}, ("LLAMAGEN_TINYBLAS_REF",),
+                    900, PATH=path, THREADS=threads, BATCH_ROWS=BATCH_ROWS, VERIFY_ROWS=VERIFY_ROWS)
 
 
 def write(res) -> str:
@@ -106,35 +77,18 @@ def write(res) -> str:
             for n in rows_list:
                 a = [x[kind][str(n)] for x in ref]
                 b = [x[kind][str(n)] for x in ours]
-                L.append(f"| {name} | {label.format(n)} | {_rng(a)} | {_rng(b)} | "
+                L.append(f"| {name} | {label.format(n)} | {ab.rng(a)} | {ab.rng(b)} | "
                          f"{statistics.median(a) / statistics.median(b):.2f} |")
         a = [x["prefill"] for x in ref]
         b = [x["prefill"] for x in ours]
-        L.append(f"| {name} | prefill, {ref[0]['prefill_tokens']} tokens (tokens/s) | {_rng(a, 0)} | "
-                 f"{_rng(b, 0)} | {statistics.median(b) / statistics.median(a):.2f} |")
+        L.append(f"| {name} | prefill, {ref[0]['prefill_tokens']} tokens (tokens/s) | {ab.rng(a, 0)} | "
+                 f"{ab.rng(b, 0)} | {statistics.median(b) / statistics.median(a):.2f} |")
     return "\n".join(L) + "\n"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-write", action="store_true")
-    a = ap.parse_args(argv)
-    paths = S.model_paths()
-    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": S._cpu(),
-           "threads": a.threads, "rounds": a.rounds, "models": {}}
-    for name in ("gemma3", "smollm2"):
-        r = {"ref": [], "ours": []}
-        for i in range(a.rounds):
-            for key, ref in (("ref", True), ("ours", False)):
-                r[key].append(probe(paths[name], ref, a.threads))
-                x = r[key][-1]
-                S.log(f"{name} round {i} {key:4s} batch {x['batch']} verify {x['verify']} "
-                      f"prefill {x['prefill']:.0f}")
-        res["models"][name] = r
-    S.publish(res, OUT_JSON, write(res), HEADING, not a.no_write)
-    return 0
+    return ab.main(argv, __doc__, "gemma3,smollm2", lambda name, path, ref, threads: probe(path, ref, threads),
+                   lambda x: f"batch {x['batch']} verify {x['verify']} prefill {x['prefill']:.0f}", write, OUT_JSON, HEADING)
 
 
 if __name__ == "__main__":
