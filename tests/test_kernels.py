@@ -88,7 +88,6 @@ def test_many_row_products_equal_the_reference_kernels_bit_for_bit(request, whic
     assert ours == ref
 
 
-
 # attention over a unified cache of several sequences: prompts of 9-150 tokens join running
 # sequences (prefill chunks of 64+ rows take the tiled kernel, decode rows the one-row one), in a
 # plain batch, a batch-invariant context (the canonical kernel) and a batch verifying exact drafts
