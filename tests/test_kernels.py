@@ -164,10 +164,11 @@ def test_many_sequences_on_a_unified_cache_decode_as_on_their_own_streams(smollm
 
 def test_engine_and_stream_agree_on_prompts_the_tiles_split(smollm2_model):
     # patch 0010: a sequence's rows take the tiled kernel when it has Q_TILE_SZ (64) or more in
-    # the ubatch, else the one-row kernel, however the threads' chunks cut them.  Deciding per
-    # chunk sent a long prompt's last few rows in a chunk to the one-row kernel: the engine
-    # (which decodes a prompt's last token alone) and a stream (all of it at once) cut a
-    # 131-token prompt differently, and 5 of 6 such greedy texts differed
+    # the ubatch, else the one-row kernel, however the threads' chunks cut them, and its KV tiles
+    # start at its first cell.  Deciding per chunk sent a prompt's last few rows in a chunk to the
+    # one-row kernel (5 of 6 of bench/speculative.py's prompts then gave the engine another text
+    # than a stream); cutting KV tiles from cell 0 made the engine, whose idle caches hold the
+    # earlier prompts' cells in front of this one's, differ from a stream at 252 tokens
     words = "river stone lamp garden window letter silver morning harbor candle".split()
     prompts = [" ".join(f"{words[(i * 3 + j) % 10]} {j % 17}" for j in range(40 + 17 * i)) + "."
                for i in range(5)]
